@@ -1,0 +1,57 @@
+# lmserve: `make run` serves the default model repository, `make test` runs every test.
+SHELL := /bin/bash
+ORT_VERSION := 1.31.1
+CACHE := .cache
+ORT_DIR := $(CACHE)/onnxruntime-$(ORT_VERSION)
+ORT_LIB := $(ORT_DIR)/libonnxruntime.so
+PY_VENV := $(CACHE)/pyclient
+export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
+
+.PHONY: run test test-rust test-python bench models onnxruntime onnxruntime-gpu pyclient lint clean
+
+run: $(ORT_LIB)
+	cargo run --release -- serve
+
+test: $(ORT_LIB) $(PY_VENV)/ok
+	cargo test --release -- --test-threads=2
+	$(PY_VENV)/bin/python -m pytest -q tests/python
+
+bench: $(ORT_LIB)
+	cargo run --release --bin lmserve-bench
+
+# The ONNX Runtime shared library, from the CPU wheel on PyPI (ort loads it at run time).
+onnxruntime: $(ORT_LIB)
+$(ORT_LIB):
+	mkdir -p $(ORT_DIR)/wheel
+	python3 -m pip download --quiet --no-deps --only-binary :all: \
+	  --dest $(ORT_DIR)/wheel onnxruntime==$(ORT_VERSION)
+	python3 -m zipfile -e $(ORT_DIR)/wheel/onnxruntime-$(ORT_VERSION)-*.whl $(ORT_DIR)/wheel/unpacked
+	cp $(ORT_DIR)/wheel/unpacked/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
+	rm -rf $(ORT_DIR)/wheel
+
+# The CUDA 13 build, for GPU hosts: `make onnxruntime-gpu`, then point ORT_DYLIB_PATH at it.
+onnxruntime-gpu:
+	mkdir -p $(CACHE)/onnxruntime-gpu-$(ORT_VERSION)/wheel
+	python3 -m pip download --quiet --no-deps --only-binary :all: \
+	  --dest $(CACHE)/onnxruntime-gpu-$(ORT_VERSION)/wheel onnxruntime-gpu==$(ORT_VERSION)
+	python3 -m zipfile -e $(CACHE)/onnxruntime-gpu-$(ORT_VERSION)/wheel/*.whl $(CACHE)/onnxruntime-gpu-$(ORT_VERSION)/unpacked
+	@echo "ORT_DYLIB_PATH=$(abspath $(CACHE))/onnxruntime-gpu-$(ORT_VERSION)/unpacked/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)"
+
+# Python gRPC client used by the cross-language tests.
+pyclient: $(PY_VENV)/ok
+$(PY_VENV)/ok: tests/python/requirements.txt
+	python3 -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet -r tests/python/requirements.txt
+	touch $@
+
+# Retrains and re-exports the default models (large PyTorch install; not part of `make test`).
+models:
+	bash models/build.sh
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+clean:
+	cargo clean
+	rm -rf $(CACHE)

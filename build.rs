@@ -1,0 +1,19 @@
+//! Generates the gRPC server and client code for `proto/lmserve/v1` into OUT_DIR.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A vendored protoc keeps the build free of system packages.
+    // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("lmserve_descriptor.bin"))
+        .compile_protos(
+            &[
+                "proto/lmserve/v1/inference.proto",
+                "proto/lmserve/v1/models.proto",
+            ],
+            &["proto"],
+        )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

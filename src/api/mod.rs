@@ -1,0 +1,16 @@
+//! The gRPC surface: one file per tonic service, proto <-> domain conversion, and the single
+//! mapping from domain errors to gRPC status codes. The only module that names tonic types.
+
+pub mod convert;
+pub mod inference;
+pub mod models;
+pub mod status;
+
+/// Code generated from `proto/lmserve/v1` by build.rs.
+pub mod proto {
+    tonic::include_proto!("lmserve.v1");
+
+    /// The encoded descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("lmserve_descriptor");
+}

@@ -1,0 +1,308 @@
+//! Typed configuration, layered by figment: built-in defaults < `lmserve.toml` <
+//! `LMSERVE_*` environment < command-line flags. The only module that reads the environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable the server reads as configuration.
+pub const ENV_PREFIX: &str = "LMSERVE_";
+/// Separates nested keys in environment variables: `LMSERVE_BATCHING__MAX_BATCH_SIZE`.
+pub const ENV_NESTING: &str = "__";
+/// Where ort looks for the ONNX Runtime shared library when the config names none.
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+/// The config file read from the working directory when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "lmserve.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub repository: RepositoryConfig,
+    pub runtime: RuntimeConfig,
+    pub batching: BatchingConfig,
+    pub limits: LimitsConfig,
+    pub logging: LoggingConfig,
+    /// Per-model overrides of the runtime settings, keyed by model name.
+    pub models: BTreeMap<String, ModelOverrides>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// Prometheus `/metrics` listen address; unset disables the exporter.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// Folder holding `<model>/<version>/model.toml`.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Path of `libonnxruntime.so`; unset: `ORT_DYLIB_PATH`, then the Makefile's cache folder.
+    pub ort_library: Option<PathBuf>,
+    /// Threads ONNX Runtime uses inside one operator, per session.
+    pub intra_threads: usize,
+    /// Session instances per model version; each runs one batch at a time.
+    pub sessions_per_model: usize,
+    /// Execution providers tried in order, e.g. `["cuda:0", "cpu"]`.
+    pub execution_providers: Vec<String>,
+    /// A provider that must register; when it cannot, startup fails instead of falling back.
+    pub required_provider: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most rows (texts) in one session run.
+    pub max_batch_size: usize,
+    /// Most padded tokens (rows × longest row) in one session run.
+    pub max_batch_tokens: usize,
+    /// How long the first text of a batch waits for company, in microseconds.
+    pub max_wait_micros: u64,
+    /// Padding a batch may carry, as a share of its real tokens; texts of very different
+    /// lengths then run in separate batches instead of padding each other.
+    pub max_padding_ratio: f64,
+    /// Texts waiting per model before new requests get RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most texts in one Embed or Classify request.
+    pub max_texts_per_request: usize,
+    /// Most bytes in one input text.
+    pub max_text_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info,ort=warn`.
+    pub filter: String,
+}
+
+/// Settings one model may change; unset fields inherit `[runtime]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelOverrides {
+    pub intra_threads: Option<usize>,
+    pub sessions_per_model: Option<usize>,
+    pub execution_providers: Option<Vec<String>>,
+    pub required_provider: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for RepositoryConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("models/repository"),
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            ort_library: None,
+            intra_threads: 1,
+            sessions_per_model: 2,
+            execution_providers: vec!["cpu".to_owned()],
+            required_provider: None,
+        }
+    }
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_batch_tokens: 16_384,
+            max_wait_micros: 500,
+            max_padding_ratio: 0.3,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_texts_per_request: 256,
+            max_text_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info,ort=warn".to_owned(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            repository: RepositoryConfig::default(),
+            runtime: RuntimeConfig::default(),
+            batching: BatchingConfig::default(),
+            limits: LimitsConfig::default(),
+            logging: LoggingConfig::default(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+/// The runtime settings one model version is loaded with, after overrides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRuntime {
+    pub intra_threads: usize,
+    pub sessions: usize,
+    pub execution_providers: Vec<String>,
+    pub required_provider: Option<String>,
+}
+
+impl Config {
+    /// Layers the config file (when present), the environment and `overrides` over the defaults.
+    /// `file` names an explicit config file, which must exist.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, figment::Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        figment = match file {
+            Some(path) => figment.merge(Toml::file_exact(path)),
+            None => figment.merge(Toml::file(DEFAULT_CONFIG_FILE)),
+        };
+        figment
+            .merge(Env::prefixed(ENV_PREFIX).split(ENV_NESTING))
+            .merge(overrides)
+            .extract()
+    }
+
+    /// The runtime settings for `model`, its overrides applied over `[runtime]`.
+    pub fn model_runtime(&self, model: &str) -> ModelRuntime {
+        let overrides = self.models.get(model).cloned().unwrap_or_default();
+        ModelRuntime {
+            intra_threads: overrides
+                .intra_threads
+                .unwrap_or(self.runtime.intra_threads)
+                .max(1),
+            sessions: overrides
+                .sessions_per_model
+                .unwrap_or(self.runtime.sessions_per_model)
+                .max(1),
+            execution_providers: overrides
+                .execution_providers
+                .unwrap_or_else(|| self.runtime.execution_providers.clone()),
+            required_provider: overrides
+                .required_provider
+                .or_else(|| self.runtime.required_provider.clone()),
+        }
+    }
+
+    /// The ONNX Runtime library: config, then `ORT_DYLIB_PATH`, then the cache folder `make onnxruntime` fills.
+    pub fn ort_library_candidates(&self) -> Vec<PathBuf> {
+        let mut candidates = Vec::new();
+        if let Some(path) = &self.runtime.ort_library {
+            candidates.push(path.clone());
+        }
+        if let Some(path) = std::env::var_os(ORT_DYLIB_ENV) {
+            candidates.push(PathBuf::from(path));
+        }
+        candidates.push(PathBuf::from(crate::runtime::library::CACHED_LIBRARY));
+        candidates
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn layers_apply_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                DEFAULT_CONFIG_FILE,
+                "[batching]\nmax_batch_size = 8\nmax_wait_micros = 7\n",
+            )?;
+            jail.set_env("LMSERVE_BATCHING__MAX_BATCH_SIZE", "16");
+            let flags = Figment::from(Serialized::default("server.grpc_addr", "127.0.0.1:1"));
+            let config = Config::load(None, flags)?;
+            assert_eq!(
+                config.batching.max_batch_size, 16,
+                "environment beats the file"
+            );
+            assert_eq!(
+                config.batching.max_wait_micros, 7,
+                "the file beats the defaults"
+            );
+            assert_eq!(
+                config.server.grpc_addr,
+                SocketAddr::from(([127, 0, 0, 1], 1))
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        Jail::expect_with(|jail| {
+            jail.create_file(DEFAULT_CONFIG_FILE, "[batching]\nmax_batch = 8\n")?;
+            assert!(Config::load(None, Figment::new()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn model_overrides_inherit_runtime() {
+        let mut config = Config::default();
+        config.models.insert(
+            "m".into(),
+            ModelOverrides {
+                sessions_per_model: Some(3),
+                ..Default::default()
+            },
+        );
+        let runtime = config.model_runtime("m");
+        assert_eq!(runtime.sessions, 3);
+        assert_eq!(runtime.intra_threads, config.runtime.intra_threads);
+        assert_eq!(
+            config.model_runtime("other").sessions,
+            config.runtime.sessions_per_model
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! The errors a request can meet, classified once; `api::status` maps each to a gRPC code.
+
+use std::fmt;
+
+/// The work a request asks of a model.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Generate,
+    Embed,
+    Classify,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Generate => "generate",
+            Task::Embed => "embed",
+            Task::Classify => "classify",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is out of range; the message names the field, the limit and the value.
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("model `{name}` is not in the repository")]
+    ModelNotFound { name: String },
+    #[error("model `{model}` has no version `{version}`; versions: [{available}]")]
+    VersionNotFound {
+        model: String,
+        version: String,
+        available: String,
+    },
+    #[error("model `{model}@{version}` does not serve {task}; it serves [{served}]")]
+    TaskNotServed {
+        model: String,
+        version: String,
+        task: Task,
+        served: String,
+    },
+    #[error("model `{model}@{version}` is not available: {reason}")]
+    ModelUnavailable {
+        model: String,
+        version: String,
+        reason: String,
+    },
+    #[error("model `{model}` queue is full ({capacity} texts waiting); retry later")]
+    QueueFull { model: String, capacity: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A fault inside the server (a session run failed, a worker died); never the client's doing.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A short label for metrics: what kind of failure this was.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => "not_found",
+            Error::TaskNotServed { .. } => "task_not_served",
+            Error::ModelUnavailable { .. } => "unavailable",
+            Error::QueueFull { .. } => "queue_full",
+            Error::ShuttingDown => "shutting_down",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<ort::Error> for Error {
+    fn from(error: ort::Error) -> Self {
+        Error::Internal(format!("onnxruntime: {error}"))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

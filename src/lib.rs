@@ -1,0 +1,15 @@
+//! lmserve: a gRPC model server for ONNX language models.
+//!
+//! The request path runs down this list; dependencies point down it only:
+//! `api` (tonic) → `tasks` → `registry` → `scheduling` → `runtime` (ort).
+//! `config`, `telemetry` and `error` are leaves anyone may use.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod registry;
+pub mod runtime;
+pub mod scheduling;
+pub mod tasks;
+pub mod telemetry;

@@ -1,0 +1,110 @@
+//! The `lmserve` command: `lmserve serve` runs the server (the default when no command is given).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use figment::Figment;
+use figment::providers::Serialized;
+use lmserve::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "lmserve",
+    version,
+    about = "gRPC model server for ONNX language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the models in the repository over gRPC.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// Config file (TOML); default: ./lmserve.toml when present.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// gRPC listen address, e.g. 0.0.0.0:50051 (port 0 picks a free port).
+    #[arg(long)]
+    grpc_addr: Option<SocketAddr>,
+    /// Prometheus metrics listen address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Do not start the metrics exporter.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Model repository folder.
+    #[arg(long)]
+    repository: Option<PathBuf>,
+    /// ONNX Runtime shared library (libonnxruntime.so).
+    #[arg(long)]
+    ort_library: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+}
+
+fn parse_log_format(value: &str) -> Result<LogFormat, String> {
+    match value {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("`{other}` is not a log format; use text or json")),
+    }
+}
+
+impl ServeArgs {
+    /// Flags the user gave, as the top configuration layer.
+    fn overrides(&self) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(addr) = self.grpc_addr {
+            figment = figment.merge(Serialized::default("server.grpc_addr", addr));
+        }
+        if let Some(addr) = self.metrics_addr {
+            figment = figment.merge(Serialized::default("server.metrics_addr", addr));
+        }
+        if self.no_metrics {
+            figment = figment.merge(Serialized::default(
+                "server.metrics_addr",
+                Option::<SocketAddr>::None,
+            ));
+        }
+        if let Some(path) = &self.repository {
+            figment = figment.merge(Serialized::default("repository.path", path));
+        }
+        if let Some(path) = &self.ort_library {
+            figment = figment.merge(Serialized::default("runtime.ort_library", path));
+        }
+        if let Some(format) = self.log_format {
+            figment = figment.merge(Serialized::default("logging.format", format));
+        }
+        figment
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lmserve: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref(), args.overrides())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(lmserve::app::serve(config))
+}

@@ -1,0 +1,73 @@
+//! Reads the model repository folder: `<model>/<version>/` with numeric version folders.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// One version folder found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionDir {
+    pub model: String,
+    pub version: u64,
+    pub path: PathBuf,
+}
+
+/// Lists every `<model>/<version>/` under `root`, ordered by model name then version.
+/// Folders whose name is not a number are not versions and are skipped with a log line.
+pub fn scan(root: &Path) -> anyhow::Result<Vec<VersionDir>> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(root)
+        .with_context(|| format!("reading the model repository {}", root.display()))?;
+    for model_entry in entries {
+        let model_entry = model_entry?;
+        if !model_entry.file_type()?.is_dir() {
+            continue;
+        }
+        let Some(model) = model_entry.file_name().to_str().map(str::to_owned) else {
+            tracing::warn!(path = %model_entry.path().display(), "skipping a model folder whose name is not UTF-8");
+            continue;
+        };
+        if model.starts_with('.') {
+            continue;
+        }
+        for version_entry in std::fs::read_dir(model_entry.path())? {
+            let version_entry = version_entry?;
+            if !version_entry.file_type()?.is_dir() {
+                continue;
+            }
+            let name = version_entry.file_name();
+            match name.to_str().and_then(|name| name.parse::<u64>().ok()) {
+                Some(version) => found.push(VersionDir {
+                    model: model.clone(),
+                    version,
+                    path: version_entry.path(),
+                }),
+                None => {
+                    tracing::warn!(path = %version_entry.path().display(), "skipping a folder that is not a numeric version")
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_numeric_versions_in_order() {
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["b/2", "b/10", "a/1", "a/notes", ".hidden/1"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        std::fs::write(root.path().join("README.md"), "x").unwrap();
+        let found: Vec<_> = scan(root.path())
+            .unwrap()
+            .into_iter()
+            .map(|v| format!("{}@{}", v.model, v.version))
+            .collect();
+        assert_eq!(found, ["a@1", "b@2", "b@10"]);
+    }
+}

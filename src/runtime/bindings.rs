@@ -1,0 +1,38 @@
+//! Which graph tensor plays which role in a model: what to feed and what to read back.
+
+/// A tensor that is produced by one step and fed back at the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatePair {
+    pub output: String,
+    pub input: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bindings {
+    pub input_ids: String,
+    pub attention_mask: Option<String>,
+    pub position_ids: Option<String>,
+    /// Segment ids, fed as zeros.
+    pub token_type_ids: Option<String>,
+    /// Next-token logits `[B,T,V]` for decoders and RNNs; class logits `[B,C]` for encoders.
+    pub logits: Option<String>,
+    /// Per-token states `[B,T,H]` for embeddings.
+    pub hidden_states: Option<String>,
+    pub state: Vec<StatePair>,
+}
+
+impl Bindings {
+    /// Whether the server knows what to feed the graph input `name`.
+    pub fn feeds(&self, name: &str) -> bool {
+        self.input_ids == name
+            || self.attention_mask.as_deref() == Some(name)
+            || self.position_ids.as_deref() == Some(name)
+            || self.token_type_ids.as_deref() == Some(name)
+            || self.state.iter().any(|pair| pair.input == name)
+    }
+
+    /// Whether the model carries state (a KV cache or a recurrent state) between steps.
+    pub fn has_state(&self) -> bool {
+        !self.state.is_empty()
+    }
+}

@@ -1,0 +1,10 @@
+//! ONNX Runtime: the shared library, sessions on worker threads, execution providers, tensors.
+
+pub mod bindings;
+pub mod encoder;
+pub mod library;
+pub mod providers;
+pub mod session;
+pub mod warmup;
+
+pub use session::{SessionPool, TensorSpec};

@@ -1,0 +1,50 @@
+//! One throwaway run per session at load time: it proves the graph accepts the inputs the
+//! bindings will feed, and pays ONNX Runtime's first-run costs before traffic arrives.
+
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+
+use super::bindings::Bindings;
+use super::session::TensorSpec;
+
+/// Runs one token through `session`, with empty (or zero) carried state.
+pub fn run(
+    session: &mut Session,
+    bindings: &Bindings,
+    inputs: &[TensorSpec],
+    token: i64,
+) -> ort::Result<()> {
+    let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+    for spec in inputs {
+        let value: DynValue = if spec.name == bindings.input_ids {
+            Tensor::from_array(([1_usize, 1], vec![token]))?.into_dyn()
+        } else if bindings.position_ids.as_deref() == Some(&spec.name)
+            || bindings.token_type_ids.as_deref() == Some(&spec.name)
+        {
+            Tensor::from_array(([1_usize, 1], vec![0_i64]))?.into_dyn()
+        } else if bindings.attention_mask.as_deref() == Some(&spec.name) {
+            Tensor::from_array(([1_usize, 1], vec![1_i64]))?.into_dyn()
+        } else {
+            // Carried state: batch 1, every other dynamic axis (the past length) empty.
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, &dim)| {
+                    if dim >= 0 {
+                        dim as usize
+                    } else if axis == 0 {
+                        1
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let len = shape.iter().product();
+            Tensor::from_array((shape, vec![0.0_f32; len]))?.into_dyn()
+        };
+        values.push((spec.name.clone(), value));
+    }
+    session.run(values)?;
+    Ok(())
+}

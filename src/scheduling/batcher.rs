@@ -1,0 +1,227 @@
+//! The dynamic batcher for one encoder model version: a handle that queues texts, and a loop
+//! that waits for a free session, lets a batch gather for at most `max_wait`, and runs it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, oneshot};
+use tracing::{Instrument, Span};
+
+use super::batch_state::{BatchLimits, BatchState};
+use crate::error::{Error, Result};
+use crate::runtime::SessionPool;
+use crate::runtime::bindings::Bindings;
+use crate::runtime::encoder::{self, EncoderRow, EncoderRowOutput};
+use crate::telemetry::metrics::{self, ModelLabels};
+
+/// How the batcher forms batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherSettings {
+    pub limits: BatchLimits,
+    pub max_wait: Duration,
+    pub queue_capacity: usize,
+}
+
+struct Pending {
+    row: EncoderRow,
+    reply: oneshot::Sender<Result<EncoderRowOutput>>,
+    enqueued: Instant,
+    span: Span,
+}
+
+struct Shared {
+    state: Mutex<BatchState<Pending>>,
+    work: Notify,
+    labels: ModelLabels,
+}
+
+/// Queues texts for the batcher; cheap to clone.
+#[derive(Clone)]
+pub struct BatcherHandle {
+    shared: Arc<Shared>,
+}
+
+pub struct Batcher;
+
+impl Batcher {
+    /// Starts the batching loop for `pool` on the current tokio runtime; it ends when every
+    /// handle is dropped.
+    pub fn spawn(
+        pool: Arc<SessionPool>,
+        bindings: Arc<Bindings>,
+        pad_id: i64,
+        settings: BatcherSettings,
+        labels: ModelLabels,
+    ) -> BatcherHandle {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(BatchState::new(settings.queue_capacity)),
+            work: Notify::new(),
+            labels,
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let runner = Runner {
+                pool,
+                bindings,
+                pad_id,
+                settings,
+            };
+            runner.run(weak).await;
+        });
+        BatcherHandle { shared }
+    }
+}
+
+impl BatcherHandle {
+    /// Runs `rows` (one per text) in whatever batches the loop forms, and returns their outputs
+    /// in the same order. All rows are queued or none: a full queue is RESOURCE_EXHAUSTED.
+    pub async fn submit(&self, rows: Vec<EncoderRow>) -> Result<Vec<EncoderRowOutput>> {
+        let now = Instant::now();
+        let mut receivers = Vec::with_capacity(rows.len());
+        let items = rows
+            .into_iter()
+            .map(|row| {
+                let (reply, receiver) = oneshot::channel();
+                receivers.push(receiver);
+                let tokens = row.ids.len();
+                (
+                    Pending {
+                        row,
+                        reply,
+                        enqueued: now,
+                        span: Span::current(),
+                    },
+                    tokens,
+                )
+            })
+            .collect();
+        {
+            let mut state = self.shared.state.lock().expect("batch state lock");
+            let capacity = state.capacity();
+            if state.append(items).is_err() {
+                metrics::queue_rejected(&self.shared.labels);
+                return Err(Error::QueueFull {
+                    model: self.shared.labels.model.clone(),
+                    capacity,
+                });
+            }
+            metrics::queue_depth(&self.shared.labels, state.len());
+        }
+        self.shared.work.notify_one();
+        let mut outputs = Vec::with_capacity(receivers.len());
+        for receiver in receivers {
+            let output = receiver
+                .await
+                .map_err(|_| Error::Internal("the batcher dropped a request".into()))??;
+            outputs.push(output);
+        }
+        Ok(outputs)
+    }
+}
+
+struct Runner {
+    pool: Arc<SessionPool>,
+    bindings: Arc<Bindings>,
+    pad_id: i64,
+    settings: BatcherSettings,
+}
+
+impl Runner {
+    async fn run(self, shared: std::sync::Weak<Shared>) {
+        loop {
+            let lease = self.pool.acquire().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let batch = self.gather(&shared).await;
+            if batch.is_empty() {
+                continue;
+            }
+            let bindings = Arc::clone(&self.bindings);
+            let pad_id = self.pad_id;
+            let labels = shared.labels.clone();
+            let span = tracing::info_span!("batch", model = %labels.model, version = %labels.version, size = batch.len());
+            for pending in &batch {
+                span.follows_from(pending.span.id());
+            }
+            drop(shared);
+            tokio::spawn(
+                async move {
+                    let rows: Vec<EncoderRow> =
+                        batch.iter().map(|pending| pending.row.clone()).collect();
+                    metrics::batch_formed(&labels, rows.len(), padded_tokens(&rows));
+                    let started = Instant::now();
+                    for pending in &batch {
+                        metrics::queue_time(&labels, started - pending.enqueued);
+                    }
+                    let result = lease
+                        .run(move |session| encoder::run(session, &bindings, pad_id, &rows))
+                        .await;
+                    metrics::inference_time(&labels, started.elapsed());
+                    deliver(batch, result);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// Waits for work, lets the batch gather for at most `max_wait`, then takes it.
+    async fn gather(&self, shared: &Shared) -> Vec<Pending> {
+        loop {
+            let oldest = {
+                let mut state = shared.state.lock().expect("batch state lock");
+                // Texts whose caller went away (cancelled, deadline passed) are not worth a run.
+                state.retain(|pending| !pending.reply.is_closed());
+                state.front().map(|pending| pending.enqueued)
+            };
+            match oldest {
+                Some(enqueued) => {
+                    let deadline = enqueued + self.settings.max_wait;
+                    while self.queued(shared) < self.settings.limits.max_batch_size
+                        && Instant::now() < deadline
+                    {
+                        let _ =
+                            tokio::time::timeout_at(deadline.into(), shared.work.notified()).await;
+                    }
+                    let mut state = shared.state.lock().expect("batch state lock");
+                    let batch = state.next_batch(&self.settings.limits);
+                    metrics::queue_depth(&shared.labels, state.len());
+                    return batch.into_iter().map(|queued| queued.item).collect();
+                }
+                None => shared.work.notified().await,
+            }
+        }
+    }
+
+    fn queued(&self, shared: &Shared) -> usize {
+        shared.state.lock().expect("batch state lock").len()
+    }
+}
+
+fn padded_tokens(rows: &[EncoderRow]) -> usize {
+    rows.iter().map(|row| row.ids.len()).max().unwrap_or(0) * rows.len()
+}
+
+fn deliver(batch: Vec<Pending>, result: Result<ort::Result<Vec<EncoderRowOutput>>>) {
+    match result {
+        Ok(Ok(outputs)) => {
+            for (pending, output) in batch.into_iter().zip(outputs) {
+                // A caller that went away meanwhile simply does not read its row.
+                let _ = pending.reply.send(Ok(output));
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "batch run failed");
+            for pending in batch {
+                let _ = pending
+                    .reply
+                    .send(Err(Error::Internal(format!("onnxruntime: {error}"))));
+            }
+        }
+        Err(error) => {
+            for pending in batch {
+                let _ = pending.reply.send(Err(Error::Internal(error.to_string())));
+            }
+        }
+    }
+}

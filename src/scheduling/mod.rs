@@ -1,0 +1,8 @@
+//! Per-model schedulers: a dynamic batcher that merges concurrent embed/classify texts into one
+//! session run, grouped by length so padding does not eat the gain.
+
+pub mod batch_state;
+pub mod batcher;
+
+pub use batch_state::{BatchLimits, BatchState};
+pub use batcher::{Batcher, BatcherHandle};

@@ -1,0 +1,176 @@
+//! Classify: tokenize, batch, and turn class logits into ranked label scores.
+
+use super::text::{self, Truncate};
+use super::{RequestMetrics, ServedBy, check_texts};
+use crate::config::LimitsConfig;
+use crate::error::{Error, Result, Task};
+use crate::registry::Registry;
+use crate::runtime::encoder::EncoderRow;
+use crate::telemetry::metrics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScoreKind {
+    #[default]
+    Probability,
+    Raw,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassifyParams {
+    pub model: String,
+    pub texts: Vec<String>,
+    /// `None`: every label.
+    pub top_k: Option<u32>,
+    pub scores: ScoreKind,
+    pub truncate: Truncate,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelScore {
+    pub label: String,
+    pub index: usize,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    /// Ordered by descending score.
+    pub labels: Vec<LabelScore>,
+    pub token_count: usize,
+    pub truncated: bool,
+    pub multi_label: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifyOutput {
+    pub classifications: Vec<Classification>,
+    pub served_by: ServedBy,
+}
+
+pub async fn classify(
+    registry: &Registry,
+    limits: &LimitsConfig,
+    params: ClassifyParams,
+) -> Result<ClassifyOutput> {
+    let mut request = RequestMetrics::start(Task::Classify.as_str());
+    let result = async {
+        check_texts(&params.texts, limits)?;
+        if params.top_k == Some(0) {
+            return Err(Error::invalid(
+                "top_k",
+                "must be at least 1 when set; got 0",
+            ));
+        }
+        let model = registry.resolve(&params.model, Some(Task::Classify))?;
+        request.model(&model);
+        let settings =
+            model.manifest.classify.as_ref().ok_or_else(|| {
+                Error::Internal(format!("{} has no [classify] section", model.name))
+            })?;
+
+        let encoded = text::encode_all(&model, params.texts, params.truncate).await?;
+        metrics::input_tokens(
+            &model.labels,
+            Task::Classify.as_str(),
+            encoded.iter().map(|e| e.ids.len()).sum(),
+        );
+        let rows = encoded
+            .iter()
+            .map(|e| EncoderRow {
+                ids: e.ids.clone(),
+                pooling: None,
+                logits: true,
+            })
+            .collect();
+        let batcher = model
+            .batcher
+            .as_ref()
+            .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+        let outputs = batcher.submit(rows).await?;
+
+        let top_k = params.top_k.map_or(settings.labels.len(), |k| k as usize);
+        let classifications = outputs
+            .into_iter()
+            .zip(encoded)
+            .map(|(output, encoded)| {
+                let logits = output
+                    .logits
+                    .ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
+                if logits.len() != settings.labels.len() {
+                    return Err(Error::Internal(format!(
+                        "the model returned {} scores for {} labels",
+                        logits.len(),
+                        settings.labels.len()
+                    )));
+                }
+                let scores = match (params.scores, settings.multi_label) {
+                    (ScoreKind::Raw, _) => logits,
+                    (ScoreKind::Probability, false) => softmax(&logits),
+                    (ScoreKind::Probability, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
+                };
+                Ok(Classification {
+                    labels: rank(&scores, &settings.labels, top_k),
+                    token_count: encoded.ids.len(),
+                    truncated: encoded.truncated,
+                    multi_label: settings.multi_label,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClassifyOutput {
+            classifications,
+            served_by: ServedBy::of(&model),
+        })
+    }
+    .await;
+    request.finish(result)
+}
+
+/// Labels with their scores, best first, at most `top_k`.
+fn rank(scores: &[f32], labels: &[String], top_k: usize) -> Vec<LabelScore> {
+    let mut ranked: Vec<LabelScore> = scores
+        .iter()
+        .zip(labels)
+        .enumerate()
+        .map(|(index, (&score, label))| LabelScore {
+            label: label.clone(),
+            index,
+            score,
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+    ranked.truncate(top_k);
+    ranked
+}
+
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_survives_large_logits() {
+        let probabilities = softmax(&[1000.0, 1000.0]);
+        assert_eq!(probabilities, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn ranks_best_first_and_cuts_to_top_k() {
+        let labels = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let ranked = rank(&[0.1, 0.7, 0.2], &labels, 2);
+        assert_eq!(
+            ranked.iter().map(|l| l.label.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        assert_eq!(ranked[0].index, 1);
+    }
+}

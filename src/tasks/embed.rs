@@ -1,0 +1,121 @@
+//! Embed: tokenize, batch through the model's dynamic batcher, pool, normalise.
+
+use std::time::Instant;
+
+use super::text::{self, Truncate};
+use super::{RequestMetrics, ServedBy, check_texts};
+use crate::config::LimitsConfig;
+use crate::error::{Error, Result, Task};
+use crate::registry::Registry;
+use crate::runtime::encoder::{EncoderRow, Pooling};
+use crate::telemetry::metrics;
+
+#[derive(Debug, Clone)]
+pub struct EmbedParams {
+    pub model: String,
+    pub texts: Vec<String>,
+    /// `None`: the manifest's default.
+    pub normalize: Option<bool>,
+    /// `None`: the manifest's default.
+    pub pooling: Option<Pooling>,
+    pub truncate: Truncate,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedding {
+    pub values: Vec<f32>,
+    pub token_count: usize,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedOutput {
+    pub embeddings: Vec<Embedding>,
+    pub served_by: ServedBy,
+}
+
+pub async fn embed(
+    registry: &Registry,
+    limits: &LimitsConfig,
+    params: EmbedParams,
+) -> Result<EmbedOutput> {
+    let mut request = RequestMetrics::start(Task::Embed.as_str());
+    let result = async {
+        check_texts(&params.texts, limits)?;
+        let model = registry.resolve(&params.model, Some(Task::Embed))?;
+        request.model(&model);
+        let settings = model.manifest.embed_settings();
+        let pooling = params.pooling.unwrap_or(settings.pooling);
+        let normalize = params.normalize.unwrap_or(settings.normalize);
+
+        let started = Instant::now();
+        let encoded = text::encode_all(&model, params.texts, params.truncate).await?;
+        metrics::tokenize_time(&model.labels, started.elapsed());
+        metrics::input_tokens(
+            &model.labels,
+            Task::Embed.as_str(),
+            encoded.iter().map(|e| e.ids.len()).sum(),
+        );
+
+        let rows = encoded
+            .iter()
+            .map(|e| EncoderRow {
+                ids: e.ids.clone(),
+                pooling: Some(pooling),
+                logits: false,
+            })
+            .collect();
+        let batcher = model
+            .batcher
+            .as_ref()
+            .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+        let outputs = batcher.submit(rows).await?;
+
+        let embeddings = outputs
+            .into_iter()
+            .zip(encoded)
+            .map(|(output, encoded)| {
+                let mut values = output
+                    .pooled
+                    .ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
+                if normalize {
+                    l2_normalize(&mut values);
+                }
+                Ok(Embedding {
+                    values,
+                    token_count: encoded.ids.len(),
+                    truncated: encoded.truncated,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EmbedOutput {
+            embeddings,
+            served_by: ServedBy::of(&model),
+        })
+    }
+    .await;
+    request.finish(result)
+}
+
+/// Scales `values` to unit length; a zero vector stays zero.
+pub fn l2_normalize(values: &mut [f32]) {
+    let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        values.iter_mut().for_each(|v| *v /= norm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_to_unit_length() {
+        let mut values = [3.0, 4.0];
+        l2_normalize(&mut values);
+        assert_eq!(values, [0.6, 0.8]);
+        let mut zero = [0.0, 0.0];
+        l2_normalize(&mut zero);
+        assert_eq!(zero, [0.0, 0.0]);
+    }
+}

@@ -1,0 +1,168 @@
+//! The metrics catalogue: every metric lmserve exports, declared once with its unit and help
+//! text, and recorded through typed helpers so label sets stay consistent.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+pub const REQUESTS_TOTAL: &str = "lmserve_requests_total";
+pub const REQUEST_SECONDS: &str = "lmserve_request_duration_seconds";
+pub const QUEUE_SECONDS: &str = "lmserve_queue_duration_seconds";
+pub const TOKENIZE_SECONDS: &str = "lmserve_tokenize_duration_seconds";
+pub const INFERENCE_SECONDS: &str = "lmserve_inference_duration_seconds";
+pub const BATCH_SIZE: &str = "lmserve_batch_size_rows";
+pub const BATCH_TOKENS: &str = "lmserve_batch_padded_tokens";
+pub const QUEUE_DEPTH: &str = "lmserve_queue_depth_texts";
+pub const QUEUE_REJECTED_TOTAL: &str = "lmserve_queue_rejected_total";
+pub const INPUT_TOKENS_TOTAL: &str = "lmserve_input_tokens_total";
+pub const MODELS_LOADED: &str = "lmserve_models_loaded";
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
+];
+
+/// Labels that identify one model version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelLabels {
+    pub model: String,
+    pub version: String,
+}
+
+/// How a request ended, for `lmserve_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error(&'static str),
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error(kind) => kind,
+        }
+    }
+}
+
+/// Starts the Prometheus exporter on `addr` and describes every metric.
+pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), SIZE_BUCKETS)?
+        .install()
+        .map_err(|error| anyhow::anyhow!("cannot start the metrics exporter on {addr}: {error}"))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests by model, version, task and outcome."
+    );
+    describe_histogram!(
+        REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time from request arrival to response, by model, version and task."
+    );
+    describe_histogram!(
+        QUEUE_SECONDS,
+        Unit::Seconds,
+        "Time a text waited in the batch queue."
+    );
+    describe_histogram!(
+        TOKENIZE_SECONDS,
+        Unit::Seconds,
+        "Time spent tokenizing one request."
+    );
+    describe_histogram!(
+        INFERENCE_SECONDS,
+        Unit::Seconds,
+        "Time of one session run (one batch)."
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Rows in one session run.");
+    describe_histogram!(
+        BATCH_TOKENS,
+        Unit::Count,
+        "Padded tokens (rows x longest row) in one session run."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Texts waiting in the batch queue."
+    );
+    describe_counter!(
+        QUEUE_REJECTED_TOTAL,
+        Unit::Count,
+        "Requests refused because the queue was full."
+    );
+    describe_counter!(
+        INPUT_TOKENS_TOTAL,
+        Unit::Count,
+        "Tokens fed to models, by model, version and task."
+    );
+    describe_gauge!(MODELS_LOADED, Unit::Count, "Model versions by load state.");
+}
+
+pub fn request_finished(
+    labels: &ModelLabels,
+    task: &'static str,
+    outcome: Outcome,
+    elapsed: Duration,
+) {
+    counter!(REQUESTS_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone(), "task" => task, "outcome" => outcome.as_str()).increment(1);
+    histogram!(REQUEST_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone(), "task" => task).record(elapsed);
+}
+
+/// A request that failed before a model version was chosen (unknown model, bad argument).
+pub fn request_rejected(task: &'static str, kind: &'static str) {
+    counter!(REQUESTS_TOTAL, "model" => "", "version" => "", "task" => task, "outcome" => kind)
+        .increment(1);
+}
+
+pub fn input_tokens(labels: &ModelLabels, task: &'static str, tokens: usize) {
+    counter!(INPUT_TOKENS_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone(), "task" => task).increment(tokens as u64);
+}
+
+pub fn tokenize_time(labels: &ModelLabels, elapsed: Duration) {
+    histogram!(TOKENIZE_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
+}
+
+pub fn queue_time(labels: &ModelLabels, elapsed: Duration) {
+    histogram!(QUEUE_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone())
+        .record(elapsed);
+}
+
+pub fn inference_time(labels: &ModelLabels, elapsed: Duration) {
+    histogram!(INFERENCE_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
+}
+
+pub fn batch_formed(labels: &ModelLabels, rows: usize, padded_tokens: usize) {
+    histogram!(BATCH_SIZE, "model" => labels.model.clone(), "version" => labels.version.clone())
+        .record(rows as f64);
+    histogram!(BATCH_TOKENS, "model" => labels.model.clone(), "version" => labels.version.clone())
+        .record(padded_tokens as f64);
+}
+
+pub fn queue_depth(labels: &ModelLabels, depth: usize) {
+    gauge!(QUEUE_DEPTH, "model" => labels.model.clone(), "version" => labels.version.clone())
+        .set(depth as f64);
+}
+
+pub fn queue_rejected(labels: &ModelLabels) {
+    counter!(QUEUE_REJECTED_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone()).increment(1);
+}
+
+pub fn models_loaded(state: &'static str, count: usize) {
+    gauge!(MODELS_LOADED, "state" => state).set(count as f64);
+}
