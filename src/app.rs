@@ -57,6 +57,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let inference = InferenceServer::new(InferenceService::new(
         Arc::clone(&registry),
         config.limits.clone(),
+        config.generation.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let models = ModelsServer::new(ModelsService::new(Arc::clone(&registry)));

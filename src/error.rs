@@ -59,6 +59,9 @@ pub enum Error {
     QueueFull { model: String, capacity: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The caller went away before the work finished; recorded, never sent.
+    #[error("cancelled by the caller")]
+    Cancelled,
     /// A fault inside the server (a session run failed, a worker died); never the client's doing.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,6 +84,7 @@ impl Error {
             Error::ModelUnavailable { .. } => "unavailable",
             Error::QueueFull { .. } => "queue_full",
             Error::ShuttingDown => "shutting_down",
+            Error::Cancelled => "cancelled",
             Error::Internal(_) => "internal",
         }
     }

@@ -10,9 +10,10 @@ use tracing::Instrument;
 use super::convert;
 use super::proto::inference_server::Inference;
 use super::proto::{self};
-use crate::config::LimitsConfig;
+use super::generate;
+use crate::config::{GenerationConfig, LimitsConfig};
 use crate::registry::Registry;
-use crate::tasks::{classify, embed, tokenize};
+use crate::tasks::{classify, embed, generate as generation, tokenize};
 
 /// Requests of one stream in flight at once; responses still leave in request order.
 const STREAM_PIPELINE_DEPTH: usize = 8;
@@ -23,11 +24,12 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct InferenceService {
     registry: Arc<Registry>,
     limits: LimitsConfig,
+    generation: GenerationConfig,
 }
 
 impl InferenceService {
-    pub fn new(registry: Arc<Registry>, limits: LimitsConfig) -> Self {
-        Self { registry, limits }
+    pub fn new(registry: Arc<Registry>, limits: LimitsConfig, generation: GenerationConfig) -> Self {
+        Self { registry, limits, generation }
     }
 
     async fn embed_one(
@@ -86,6 +88,22 @@ where
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
+    async fn generate(&self, request: Request<proto::GenerateRequest>) -> Result<Response<proto::GenerateResponse>, Status> {
+        let params = generate::params(request.into_inner());
+        let span = tracing::info_span!("generate", model = %params.model);
+        let output = generation::generate(&self.registry, &self.generation, params).instrument(span).await?;
+        Ok(Response::new(generate::response(output)))
+    }
+
+    type GenerateStreamStream = generate::GenerateEventStream;
+
+    async fn generate_stream(&self, request: Request<proto::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let params = generate::params(request.into_inner());
+        let span = tracing::info_span!("generate_stream", model = %params.model);
+        let stream = generation::start(&self.registry, &self.generation, params).instrument(span).await?;
+        Ok(Response::new(generate::stream(stream)))
+    }
+
     async fn embed(
         &self,
         request: Request<proto::EmbedRequest>,

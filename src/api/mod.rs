@@ -2,6 +2,7 @@
 //! mapping from domain errors to gRPC status codes. The only module that names tonic types.
 
 pub mod convert;
+pub mod generate;
 pub mod inference;
 pub mod models;
 pub mod status;

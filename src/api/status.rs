@@ -13,6 +13,7 @@ impl From<Error> for Status {
             Error::TaskNotServed { .. } => Code::FailedPrecondition,
             Error::ModelUnavailable { .. } | Error::ShuttingDown => Code::Unavailable,
             Error::QueueFull { .. } => Code::ResourceExhausted,
+            Error::Cancelled => Code::Cancelled,
             Error::Internal(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

@@ -25,6 +25,7 @@ pub struct Config {
     pub repository: RepositoryConfig,
     pub runtime: RuntimeConfig,
     pub batching: BatchingConfig,
+    pub generation: GenerationConfig,
     pub limits: LimitsConfig,
     pub logging: LoggingConfig,
     /// Per-model overrides of the runtime settings, keyed by model name.
@@ -78,6 +79,49 @@ pub struct BatchingConfig {
     pub max_padding_ratio: f64,
     /// Texts waiting per model before new requests get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+}
+
+/// Continuous batching and the limits of a Generate request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Most sequences decoded together per model.
+    pub max_batch_size: usize,
+    /// Most tokens (prompt plus the most each may generate) in flight per model.
+    pub max_total_tokens: usize,
+    /// Most waiting sequences prefilled in one run between decode steps.
+    pub max_prefill_batch: usize,
+    /// Sequences waiting per model before new requests get RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Tokens generated when a request does not say.
+    pub default_max_new_tokens: usize,
+    /// Most tokens a request may ask for.
+    pub max_new_tokens: usize,
+    /// Most sequences (`n`) per request.
+    pub max_sequences: usize,
+    /// Most stop sequences, and most stop token ids, per request.
+    pub max_stop_sequences: usize,
+    /// Longest stop sequence, in bytes.
+    pub max_stop_sequence_bytes: usize,
+    /// Most alternatives (`top_logprobs`) per token.
+    pub max_top_logprobs: usize,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_total_tokens: 32_768,
+            max_prefill_batch: 8,
+            queue_capacity: 1024,
+            default_max_new_tokens: 64,
+            max_new_tokens: 2048,
+            max_sequences: 8,
+            max_stop_sequences: 8,
+            max_stop_sequence_bytes: 256,
+            max_top_logprobs: 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -181,6 +225,7 @@ impl Default for Config {
             repository: RepositoryConfig::default(),
             runtime: RuntimeConfig::default(),
             batching: BatchingConfig::default(),
+            generation: GenerationConfig::default(),
             limits: LimitsConfig::default(),
             logging: LoggingConfig::default(),
             models: BTreeMap::new(),

@@ -16,7 +16,9 @@ use crate::config::Config;
 use crate::error::{Error, Result, Task};
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
+use crate::runtime::decoder::DecoderModel;
 use crate::scheduling::batcher::{Batcher, BatcherSettings};
+use crate::scheduling::continuous::{ContinuousLimits, ContinuousScheduler};
 use crate::scheduling::{BatchLimits, BatcherHandle};
 use crate::telemetry::metrics::{self, ModelLabels};
 use manifest::{Family, Manifest};
@@ -26,12 +28,16 @@ pub struct ModelVersion {
     pub name: String,
     pub version: u64,
     pub manifest: Manifest,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
+    /// Size of the token space: the larger of the tokenizer's vocabulary and the logits width.
+    pub vocab_size: usize,
     pub pool: Arc<SessionPool>,
     pub bindings: Arc<Bindings>,
     pub pad_id: i64,
     /// The dynamic batcher, for encoders.
     pub batcher: Option<BatcherHandle>,
+    /// The continuous batcher, for decoders and RNNs.
+    pub generator: Option<ContinuousScheduler>,
     pub labels: ModelLabels,
 }
 
@@ -103,33 +109,10 @@ impl Registry {
             let loaded =
                 tokio::task::spawn_blocking(move || loader::load(environment, &path, &runtime))
                     .await?;
-            match loaded {
-                Ok(parts) => {
-                    let labels = ModelLabels {
-                        model: slot.model.clone(),
-                        version: slot.version.to_string(),
-                    };
-                    let batcher = (parts.manifest.family == Family::Encoder).then(|| {
-                        Batcher::spawn(
-                            Arc::clone(&parts.pool),
-                            Arc::clone(&parts.bindings),
-                            parts.pad_id,
-                            self.batcher_settings(),
-                            labels.clone(),
-                        )
-                    });
-                    tracing::info!(model = %slot.model, version = slot.version, provider = %parts.pool.provider(), sessions = parts.pool.size(), "model ready");
-                    slot.set(LoadState::Ready(Arc::new(ModelVersion {
-                        name: slot.model.clone(),
-                        version: slot.version,
-                        manifest: parts.manifest,
-                        tokenizer: parts.tokenizer,
-                        pool: parts.pool,
-                        bindings: parts.bindings,
-                        pad_id: parts.pad_id,
-                        batcher,
-                        labels,
-                    })));
+            match loaded.and_then(|parts| self.serve(&slot, parts)) {
+                Ok(model) => {
+                    tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), "model ready");
+                    slot.set(LoadState::Ready(Arc::new(model)));
                 }
                 Err(error) => {
                     let reason = format!("{error:#}");
@@ -143,6 +126,49 @@ impl Registry {
         }
         self.record_load_states();
         Ok(())
+    }
+
+    /// Attaches the scheduler the model's family needs.
+    fn serve(&self, slot: &Slot, parts: loader::LoadedParts) -> anyhow::Result<ModelVersion> {
+        let labels = ModelLabels { model: slot.model.clone(), version: slot.version.to_string() };
+        let (mut batcher, mut generator) = (None, None);
+        match parts.manifest.family {
+            Family::Encoder => {
+                batcher = Some(Batcher::spawn(Arc::clone(&parts.pool), Arc::clone(&parts.bindings), parts.pad_id, self.batcher_settings(), labels.clone()));
+            }
+            Family::Decoder | Family::Rnn => {
+                let recurrent = parts.manifest.family == Family::Rnn;
+                let decoder = DecoderModel::new(Arc::clone(&parts.bindings), parts.pool.inputs(), recurrent, parts.pad_id).map_err(anyhow::Error::msg)?;
+                let generation = &self.config.generation;
+                let limits = ContinuousLimits {
+                    max_batch_size: generation.max_batch_size.max(1),
+                    max_total_tokens: generation.max_total_tokens.max(1),
+                    max_prefill_batch: generation.max_prefill_batch.max(1),
+                };
+                generator = Some(ContinuousScheduler::spawn(decoder, Arc::clone(&parts.pool), limits, generation.queue_capacity.max(1), labels.clone())?);
+            }
+        }
+        let logits_width = parts
+            .bindings
+            .logits
+            .as_ref()
+            .and_then(|name| parts.pool.outputs().iter().find(|spec| &spec.name == name))
+            .and_then(|spec| spec.shape.last().copied())
+            .filter(|&dim| dim > 0)
+            .unwrap_or(0) as usize;
+        Ok(ModelVersion {
+            name: slot.model.clone(),
+            version: slot.version,
+            vocab_size: parts.tokenizer.get_vocab_size(true).max(logits_width),
+            tokenizer: Arc::new(parts.tokenizer),
+            manifest: parts.manifest,
+            pool: parts.pool,
+            bindings: parts.bindings,
+            pad_id: parts.pad_id,
+            batcher,
+            generator,
+            labels,
+        })
     }
 
     fn batcher_settings(&self) -> BatcherSettings {

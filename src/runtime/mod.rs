@@ -1,6 +1,7 @@
 //! ONNX Runtime: the shared library, sessions on worker threads, execution providers, tensors.
 
 pub mod bindings;
+pub mod decoder;
 pub mod encoder;
 pub mod library;
 pub mod providers;

@@ -149,6 +149,11 @@ impl SessionPool {
         Ok(())
     }
 
+    /// Session `index`, locked, for a scheduler that owns it outright (the decode loop).
+    pub fn session(&self, index: usize) -> std::sync::MutexGuard<'_, Session> {
+        self.sessions[index].lock().expect("session lock")
+    }
+
     /// Waits until a session is free.
     pub async fn acquire(self: &Arc<Self>) -> SessionLease {
         let permit = Arc::clone(&self.permits)
@@ -217,7 +222,7 @@ fn spec(name: &str, dtype: &ort::value::ValueType) -> TensorSpec {
     match dtype {
         ort::value::ValueType::Tensor { ty, shape, .. } => TensorSpec {
             name: name.to_owned(),
-            dtype: ty.to_string(),
+            dtype: format!("{ty:?}").to_ascii_lowercase(),
             shape: shape.to_vec(),
         },
         other => TensorSpec {

@@ -2,6 +2,7 @@
 
 pub mod classify;
 pub mod embed;
+pub mod generate;
 pub mod text;
 pub mod tokenize;
 

@@ -20,6 +20,11 @@ pub const QUEUE_DEPTH: &str = "lmserve_queue_depth_texts";
 pub const QUEUE_REJECTED_TOTAL: &str = "lmserve_queue_rejected_total";
 pub const INPUT_TOKENS_TOTAL: &str = "lmserve_input_tokens_total";
 pub const MODELS_LOADED: &str = "lmserve_models_loaded";
+pub const PREFILL_SECONDS: &str = "lmserve_prefill_duration_seconds";
+pub const DECODE_STEP_SECONDS: &str = "lmserve_decode_step_duration_seconds";
+pub const DECODE_BATCH_SIZE: &str = "lmserve_decode_batch_size_sequences";
+pub const GENERATED_TOKENS_TOTAL: &str = "lmserve_generated_tokens_total";
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "lmserve_time_to_first_token_seconds";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -58,6 +63,7 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), SIZE_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(DECODE_BATCH_SIZE.into()), SIZE_BUCKETS)?
         .install()
         .map_err(|error| anyhow::anyhow!("cannot start the metrics exporter on {addr}: {error}"))?;
     describe();
@@ -112,6 +118,11 @@ fn describe() {
         "Tokens fed to models, by model, version and task."
     );
     describe_gauge!(MODELS_LOADED, Unit::Count, "Model versions by load state.");
+    describe_histogram!(PREFILL_SECONDS, Unit::Seconds, "Time of one prefill run (prompts joining the decode batch).");
+    describe_histogram!(DECODE_STEP_SECONDS, Unit::Seconds, "Time of one decode step over the whole batch.");
+    describe_histogram!(DECODE_BATCH_SIZE, Unit::Count, "Sequences in one decode step.");
+    describe_counter!(GENERATED_TOKENS_TOTAL, Unit::Count, "Tokens generated, by model and version.");
+    describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Time from request arrival to its first generated token.");
 }
 
 pub fn request_finished(
@@ -165,4 +176,21 @@ pub fn queue_rejected(labels: &ModelLabels) {
 
 pub fn models_loaded(state: &'static str, count: usize) {
     gauge!(MODELS_LOADED, "state" => state).set(count as f64);
+}
+
+pub fn prefill_time(labels: &ModelLabels, elapsed: Duration) {
+    histogram!(PREFILL_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
+}
+
+pub fn decode_step(labels: &ModelLabels, elapsed: Duration, sequences: usize) {
+    histogram!(DECODE_STEP_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
+    histogram!(DECODE_BATCH_SIZE, "model" => labels.model.clone(), "version" => labels.version.clone()).record(sequences as f64);
+}
+
+pub fn generated_tokens(labels: &ModelLabels, tokens: usize) {
+    counter!(GENERATED_TOKENS_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone()).increment(tokens as u64);
+}
+
+pub fn time_to_first_token(labels: &ModelLabels, elapsed: Duration) {
+    histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
 }

@@ -1,0 +1,9 @@
+//! Continuous batching for generation: one scheduler thread per model version runs every decode
+//! step over all active sequences at once; new sequences are prefilled and join between steps,
+//! finished or abandoned ones leave, and nobody waits for the longest generation to end.
+
+pub mod scheduler;
+pub mod state;
+
+pub use scheduler::{ContinuousScheduler, Decision, GenerationJob, SequenceDriver, StopCause};
+pub use state::ContinuousLimits;

@@ -1,0 +1,261 @@
+//! The scheduler: a handle that queues sequences, and a loop on its own thread that admits,
+//! prefills, steps and retires them. The per-sequence policy (sampling, stop conditions,
+//! streaming to the caller) lives behind `SequenceDriver`, so this file only schedules.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use super::state::{AdmissionQueue, ContinuousLimits, Waiting};
+use crate::error::{Error, Result};
+use crate::runtime::SessionPool;
+use crate::runtime::decoder::{DecodeBatch, DecoderModel};
+use crate::telemetry::metrics::{self, ModelLabels};
+
+/// What the driver chose at one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub token: i64,
+    /// The sequence ends with this token; it is not fed to the model.
+    pub finished: bool,
+}
+
+/// Why a sequence left before it finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCause {
+    Cancelled,
+    Failed(String),
+}
+
+/// One sequence's policy, called on the scheduler thread: it must not block.
+pub trait SequenceDriver: Send {
+    /// The sequence left the queue and its prompt is about to run.
+    fn started(&mut self);
+    /// Chooses the next token from this sequence's logits.
+    fn next(&mut self, logits: &[f32]) -> Decision;
+    /// The caller went away (cancelled, disconnected, deadline passed).
+    fn abandoned(&self) -> bool;
+    /// The sequence was dropped before it finished.
+    fn stopped(&mut self, cause: StopCause);
+}
+
+pub struct GenerationJob {
+    pub prompt: Vec<i64>,
+    /// Prompt tokens plus the most this sequence may generate.
+    pub reserved_tokens: usize,
+    pub driver: Box<dyn SequenceDriver>,
+}
+
+struct Shared {
+    queue: Mutex<AdmissionQueue<GenerationJob>>,
+    wake: Condvar,
+    closed: AtomicBool,
+    labels: ModelLabels,
+}
+
+/// Owns the scheduler thread of one model version; dropping it stops the thread once the
+/// sequences in flight are done.
+pub struct ContinuousScheduler {
+    shared: Arc<Shared>,
+}
+
+impl ContinuousScheduler {
+    pub fn spawn(decoder: DecoderModel, pool: Arc<SessionPool>, limits: ContinuousLimits, queue_capacity: usize, labels: ModelLabels) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
+            wake: Condvar::new(),
+            closed: AtomicBool::new(false),
+            labels: labels.clone(),
+        });
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("decode-{}@{}", labels.model, labels.version))
+            .spawn(move || Loop { decoder, pool, limits, shared: thread_shared, batch: DecodeBatch::empty(), rows: Vec::new() }.run())?;
+        Ok(Self { shared })
+    }
+
+    /// Queues every sequence of one request, or none: a full queue is RESOURCE_EXHAUSTED.
+    pub fn submit(&self, jobs: Vec<GenerationJob>) -> Result<()> {
+        let waiting = jobs.into_iter().map(|job| Waiting { reserved_tokens: job.reserved_tokens, job }).collect();
+        let mut queue = self.shared.queue.lock().expect("queue lock");
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let capacity = queue.capacity();
+        if queue.append(waiting).is_err() {
+            metrics::queue_rejected(&self.shared.labels);
+            return Err(Error::QueueFull { model: self.shared.labels.model.clone(), capacity });
+        }
+        metrics::queue_depth(&self.shared.labels, queue.len());
+        drop(queue);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for ContinuousScheduler {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+    }
+}
+
+/// A running sequence: its driver and its token reservation.
+struct Active {
+    driver: Box<dyn SequenceDriver>,
+    reserved_tokens: usize,
+}
+
+struct Loop {
+    decoder: DecoderModel,
+    pool: Arc<SessionPool>,
+    limits: ContinuousLimits,
+    shared: Arc<Shared>,
+    batch: DecodeBatch,
+    /// Row-aligned with `batch`.
+    rows: Vec<Active>,
+}
+
+impl Loop {
+    fn run(mut self) {
+        loop {
+            let Some(admitted) = self.wait_and_admit() else { return };
+            if !admitted.is_empty() {
+                self.prefill(admitted);
+            }
+            let abandoned = self.rows.iter().map(|active| active.driver.abandoned()).collect();
+            self.retire(abandoned, Some(StopCause::Cancelled));
+            if !self.batch.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Blocks while there is nothing to do; returns the sequences that may join now, or
+    /// `None` once the scheduler is closed and idle.
+    fn wait_and_admit(&mut self) -> Option<Vec<Waiting<GenerationJob>>> {
+        let mut queue = self.shared.queue.lock().expect("queue lock");
+        loop {
+            for mut job in queue.remove_where(|job| job.driver.abandoned()) {
+                job.driver.stopped(StopCause::Cancelled);
+            }
+            if !self.batch.is_empty() || !queue.is_empty() {
+                break;
+            }
+            if self.shared.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            queue = self.shared.wake.wait(queue).expect("queue lock");
+        }
+        let reserved: usize = self.rows.iter().map(|active| active.reserved_tokens).sum();
+        let admitted = queue.admit(self.rows.len(), reserved, &self.limits);
+        metrics::queue_depth(&self.shared.labels, queue.len());
+        Some(admitted)
+    }
+
+    fn prefill(&mut self, admitted: Vec<Waiting<GenerationJob>>) {
+        let mut prompts = Vec::with_capacity(admitted.len());
+        let mut joining = Vec::with_capacity(admitted.len());
+        for waiting in admitted {
+            let mut job = waiting.job;
+            job.driver.started();
+            prompts.push(job.prompt);
+            joining.push(Active { driver: job.driver, reserved_tokens: waiting.reserved_tokens });
+        }
+        let started = Instant::now();
+        let result = {
+            let mut session = self.pool.session(0);
+            self.decoder.prefill(&mut session, prompts)
+        };
+        metrics::prefill_time(&self.shared.labels, started.elapsed());
+        let (mut new_batch, logits) = match result {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::error!(%error, "prefill failed");
+                for mut active in joining {
+                    active.driver.stopped(StopCause::Failed(error.to_string()));
+                }
+                return;
+            }
+        };
+        let mut keep = Vec::with_capacity(joining.len());
+        for (index, (active, logits)) in joining.iter_mut().zip(&logits).enumerate() {
+            let decision = active.driver.next(logits);
+            new_batch.push_token(index, decision.token);
+            if !decision.finished {
+                keep.push(index);
+            }
+        }
+        let joining: Vec<Active> = joining.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, a)| a).collect();
+        let merged = self
+            .decoder
+            .filter(new_batch, &keep)
+            .and_then(|new_batch| self.decoder.concat(std::mem::replace(&mut self.batch, DecodeBatch::empty()), new_batch));
+        match merged {
+            Ok(batch) => {
+                self.batch = batch;
+                self.rows.extend(joining);
+            }
+            Err(error) => self.fail_all(error.to_string(), joining),
+        }
+    }
+
+    fn step(&mut self) {
+        let started = Instant::now();
+        let result = {
+            let mut session = self.pool.session(0);
+            self.decoder.step(&mut session, &mut self.batch)
+        };
+        metrics::decode_step(&self.shared.labels, started.elapsed(), self.rows.len());
+        match result {
+            Ok(logits) => {
+                let mut finished = vec![false; self.rows.len()];
+                for (index, (active, logits)) in self.rows.iter_mut().zip(&logits).enumerate() {
+                    let decision = active.driver.next(logits);
+                    self.batch.push_token(index, decision.token);
+                    finished[index] = decision.finished;
+                }
+                self.retire(finished, None);
+            }
+            Err(error) => {
+                tracing::error!(%error, "decode step failed");
+                let rows = std::mem::take(&mut self.rows);
+                self.batch = DecodeBatch::empty();
+                self.fail_all(error.to_string(), rows);
+            }
+        }
+    }
+
+    /// Removes the rows flagged in `leaving`, telling their drivers `cause` when given.
+    fn retire(&mut self, leaving: Vec<bool>, cause: Option<StopCause>) {
+        if !leaving.contains(&true) {
+            return;
+        }
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut kept_rows = Vec::with_capacity(self.rows.len());
+        for (index, mut active) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+            if leaving[index] {
+                if let Some(cause) = &cause {
+                    active.driver.stopped(cause.clone());
+                }
+            } else {
+                keep.push(index);
+                kept_rows.push(active);
+            }
+        }
+        let batch = std::mem::replace(&mut self.batch, DecodeBatch::empty());
+        match self.decoder.filter(batch, &keep) {
+            Ok(batch) => {
+                self.batch = batch;
+                self.rows = kept_rows;
+            }
+            Err(error) => self.fail_all(error.to_string(), kept_rows),
+        }
+    }
+
+    fn fail_all(&mut self, message: String, rows: Vec<Active>) {
+        for mut active in rows {
+            active.driver.stopped(StopCause::Failed(message.clone()));
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The per-sequence policy the continuous scheduler calls at every step: choose the token,
+//! decide whether the sequence ends, and send the caller what it produced.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::sampling::{Sampler, log_softmax, top_n};
+use super::text::TextStream;
+use crate::scheduling::continuous::{Decision, SequenceDriver, StopCause};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    Eos,
+    StopSequence,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenChoice {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    pub choice: TokenChoice,
+    /// The most likely alternatives at this step, best first.
+    pub top: Vec<TokenChoice>,
+}
+
+/// What a sequence tells its caller, in order: `Started`, then `Token`s, then `Finished` (or
+/// `Failed`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Started { index: usize, at: Instant },
+    Token { index: usize, token: GeneratedToken, text: String },
+    Finished { index: usize, reason: FinishReason, text: String, stop_sequence: Option<String> },
+    Failed { index: usize, message: String },
+}
+
+/// How one sequence decides when it is done.
+#[derive(Debug, Clone)]
+pub struct StopRules {
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    /// The model's end-of-sequence ids (unless ignored) and the caller's stop ids.
+    pub stop_ids: Vec<i64>,
+    pub top_logprobs: usize,
+}
+
+pub struct Driver {
+    index: usize,
+    sampler: Sampler,
+    text: TextStream,
+    tokenizer: Arc<Tokenizer>,
+    rules: StopRules,
+    generated: usize,
+    events: UnboundedSender<Event>,
+}
+
+impl Driver {
+    pub fn new(index: usize, sampler: Sampler, text: TextStream, tokenizer: Arc<Tokenizer>, rules: StopRules, events: UnboundedSender<Event>) -> Self {
+        Self { index, sampler, text, tokenizer, rules, generated: 0, events }
+    }
+
+    fn choice(&self, id: usize, log_probs: &[f32]) -> TokenChoice {
+        TokenChoice {
+            id: id as u32,
+            text: self.tokenizer.decode(&[id as u32], false).unwrap_or_default(),
+            logprob: log_probs.get(id).copied().unwrap_or(f32::NEG_INFINITY),
+        }
+    }
+
+    fn send(&self, event: Event) {
+        // A caller that went away is noticed through `abandoned`; nothing to do here.
+        let _ = self.events.send(event);
+    }
+}
+
+impl SequenceDriver for Driver {
+    fn started(&mut self) {
+        self.send(Event::Started { index: self.index, at: Instant::now() });
+    }
+
+    fn next(&mut self, logits: &[f32]) -> Decision {
+        let banned: &[i64] = if self.generated < self.rules.min_new_tokens { &self.rules.stop_ids } else { &[] };
+        let token = self.sampler.choose(logits, banned);
+        self.sampler.observe(token);
+        self.generated += 1;
+
+        let log_probs = log_softmax(logits);
+        let top = top_n(&log_probs, self.rules.top_logprobs).into_iter().map(|(id, _)| self.choice(id, &log_probs)).collect();
+        let generated = GeneratedToken { choice: self.choice(token as usize, &log_probs), top };
+
+        // End-of-sequence and stop ids end the sequence without adding text.
+        if self.rules.stop_ids.contains(&token) {
+            let text = self.text.finish();
+            self.send(Event::Token { index: self.index, token: generated, text: String::new() });
+            self.send(Event::Finished { index: self.index, reason: FinishReason::Eos, text, stop_sequence: None });
+            return Decision { token, finished: true };
+        }
+        let delta = self.text.push(&self.tokenizer, token as u32);
+        self.send(Event::Token { index: self.index, token: generated, text: delta.text });
+        if let Some(stop) = delta.stopped_by {
+            self.send(Event::Finished { index: self.index, reason: FinishReason::StopSequence, text: String::new(), stop_sequence: Some(stop) });
+            return Decision { token, finished: true };
+        }
+        if self.generated >= self.rules.max_new_tokens {
+            let text = self.text.finish();
+            self.send(Event::Finished { index: self.index, reason: FinishReason::Length, text, stop_sequence: None });
+            return Decision { token, finished: true };
+        }
+        Decision { token, finished: false }
+    }
+
+    fn abandoned(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    fn stopped(&mut self, cause: StopCause) {
+        match cause {
+            StopCause::Cancelled => self.send(Event::Finished {
+                index: self.index,
+                reason: FinishReason::Cancelled,
+                text: String::new(),
+                stop_sequence: None,
+            }),
+            StopCause::Failed(message) => self.send(Event::Failed { index: self.index, message }),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Generate: validate, tokenize the prompt, hand one driver per sequence to the model's
+//! continuous scheduler, and follow the events it sends back — as a stream, or collected.
+
+pub mod driver;
+pub mod params;
+pub mod sampling;
+pub mod text;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use self::driver::{Driver, Event, FinishReason, GeneratedToken, StopRules};
+use self::params::{GenerateParams, Prompt};
+use self::sampling::Sampler;
+use self::text::TextStream;
+use super::{RequestMetrics, ServedBy};
+use crate::config::GenerationConfig;
+use crate::error::{Error, Result, Task};
+use crate::registry::{ModelVersion, Registry};
+use crate::scheduling::continuous::GenerationJob;
+use crate::telemetry::metrics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    pub queue: Duration,
+    pub time_to_first_token: Duration,
+    pub total: Duration,
+}
+
+/// A generation in progress: the events of all its sequences, in the order they happened.
+pub struct GenerationStream {
+    pub served_by: ServedBy,
+    pub prompt_tokens: usize,
+    pub sequences: usize,
+    events: mpsc::UnboundedReceiver<Event>,
+    arrived: Instant,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    finished_sequences: usize,
+    generated_tokens: usize,
+    metrics: Option<RequestMetrics>,
+    model: Arc<ModelVersion>,
+}
+
+impl GenerationStream {
+    /// The next event, or `None` once every sequence has finished.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.finished_sequences == self.sequences {
+            return None;
+        }
+        let event = self.events.recv().await;
+        match &event {
+            Some(Event::Started { at, .. }) => {
+                self.started.get_or_insert(*at);
+            }
+            Some(Event::Token { .. }) => {
+                self.generated_tokens += 1;
+                if self.first_token.is_none() {
+                    let now = Instant::now();
+                    self.first_token = Some(now);
+                    metrics::time_to_first_token(&self.model.labels, now - self.arrived);
+                }
+            }
+            Some(Event::Finished { .. }) | Some(Event::Failed { .. }) => {
+                self.finished_sequences += 1;
+                if self.finished_sequences == self.sequences {
+                    self.close(&event);
+                }
+            }
+            None => {
+                self.finished_sequences = self.sequences;
+                let failure = Event::Failed { index: 0, message: "the scheduler stopped".into() };
+                self.close(&Some(failure.clone()));
+                return Some(failure);
+            }
+        }
+        event
+    }
+
+    /// Whether every sequence has finished.
+    pub fn is_done(&self) -> bool {
+        self.finished_sequences == self.sequences
+    }
+
+    /// Tokens generated so far over all sequences.
+    pub fn generated_tokens(&self) -> usize {
+        self.generated_tokens
+    }
+
+    /// Where the time went, as far as it has gone.
+    pub fn timings(&self) -> Timings {
+        let now = Instant::now();
+        Timings {
+            queue: self.started.unwrap_or(now) - self.arrived,
+            time_to_first_token: self.first_token.unwrap_or(now) - self.arrived,
+            total: now - self.arrived,
+        }
+    }
+
+    fn close(&mut self, last: &Option<Event>) {
+        metrics::generated_tokens(&self.model.labels, self.generated_tokens);
+        if let Some(request) = self.metrics.take() {
+            let result = match last {
+                Some(Event::Failed { message, .. }) => Err(Error::Internal(message.clone())),
+                _ => Ok(()),
+            };
+            let _ = request.finish(result);
+        }
+    }
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        // Dropped before the end: the caller cancelled or went away.
+        if let Some(request) = self.metrics.take() {
+            let _ = request.finish::<()>(Err(Error::Cancelled));
+        }
+    }
+}
+
+/// Starts generating; the returned stream yields the events.
+pub async fn start(registry: &Registry, config: &GenerationConfig, params: GenerateParams) -> Result<GenerationStream> {
+    let mut request = RequestMetrics::start(Task::Generate.as_str());
+    let arrived = Instant::now();
+    let prepared = (|| {
+        let checked = params.check(config)?;
+        let model = registry.resolve(&params.model, Some(Task::Generate))?;
+        request.model(&model);
+        let prompt = prompt_ids(&model, params.prompt.clone(), params.truncate_prompt)?;
+        Ok((checked, model, prompt))
+    })();
+    let (checked, model, prompt) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return Err(request.finish::<()>(Err(error)).unwrap_err()),
+    };
+    let context_left = model.manifest.max_length - prompt.len();
+    let max_new_tokens = checked.max_new_tokens.min(context_left);
+    let mut stop_ids: Vec<i64> = checked.stop_token_ids.iter().map(|&id| i64::from(id)).collect();
+    if !checked.ignore_eos {
+        stop_ids.extend(model.manifest.eos_token_ids.iter().map(|&id| i64::from(id)));
+    }
+    let rules = StopRules { max_new_tokens, min_new_tokens: checked.min_new_tokens.min(max_new_tokens), stop_ids, top_logprobs: checked.top_logprobs };
+    metrics::input_tokens(&model.labels, Task::Generate.as_str(), prompt.len() * checked.n);
+
+    let (sender, events) = mpsc::unbounded_channel();
+    let vocab = model.tokenizer.get_vocab_size(true).max(model.vocab_size);
+    let prompt_u32: Vec<u32> = prompt.iter().map(|&id| id as u32).collect();
+    let jobs = (0..checked.n)
+        .map(|index| {
+            let seed = checked.seed.map_or_else(rand::random, |seed| seed.wrapping_add(index as u64));
+            let sampler = Sampler::new(checked.sampling.clone(), seed, vocab, &prompt);
+            let text = TextStream::new(&prompt_u32, checked.stop.clone());
+            let driver = Driver::new(index, sampler, text, Arc::clone(&model.tokenizer), rules.clone(), sender.clone());
+            GenerationJob { prompt: prompt.clone(), reserved_tokens: prompt.len() + max_new_tokens, driver: Box::new(driver) }
+        })
+        .collect();
+    let scheduler = model.generator.as_ref().ok_or_else(|| Error::Internal(format!("{} has no scheduler", model.name)));
+    let submitted = scheduler.and_then(|scheduler| scheduler.submit(jobs));
+    if let Err(error) = submitted {
+        return Err(request.finish::<()>(Err(error)).unwrap_err());
+    }
+    Ok(GenerationStream {
+        served_by: ServedBy::of(&model),
+        prompt_tokens: prompt.len(),
+        sequences: checked.n,
+        events,
+        arrived,
+        started: None,
+        first_token: None,
+        finished_sequences: 0,
+        generated_tokens: 0,
+        metrics: Some(request),
+        model,
+    })
+}
+
+/// One finished sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    pub index: usize,
+    pub text: String,
+    pub tokens: Vec<GeneratedToken>,
+    pub finish_reason: Option<FinishReason>,
+    pub stop_sequence: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOutput {
+    pub sequences: Vec<Sequence>,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub timings: Timings,
+    pub served_by: ServedBy,
+}
+
+/// Generates to the end and returns everything at once; the text of each sequence is the
+/// concatenation of the deltas a stream would have carried.
+pub async fn generate(registry: &Registry, config: &GenerationConfig, params: GenerateParams) -> Result<GenerateOutput> {
+    let mut stream = start(registry, config, params).await?;
+    let mut sequences: Vec<Sequence> = (0..stream.sequences)
+        .map(|index| Sequence { index, text: String::new(), tokens: Vec::new(), finish_reason: None, stop_sequence: None })
+        .collect();
+    while let Some(event) = stream.next().await {
+        match event {
+            Event::Started { .. } => {}
+            Event::Token { index, token, text } => {
+                sequences[index].text.push_str(&text);
+                sequences[index].tokens.push(token);
+            }
+            Event::Finished { index, reason, text, stop_sequence } => {
+                sequences[index].text.push_str(&text);
+                sequences[index].finish_reason = Some(reason);
+                sequences[index].stop_sequence = stop_sequence;
+            }
+            Event::Failed { message, .. } => return Err(Error::Internal(message)),
+        }
+    }
+    Ok(GenerateOutput {
+        prompt_tokens: stream.prompt_tokens,
+        generated_tokens: stream.generated_tokens(),
+        timings: stream.timings(),
+        served_by: stream.served_by.clone(),
+        sequences,
+    })
+}
+
+/// The prompt as token ids, within the model's context (leaving room for one new token).
+fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
+    let vocab = model.vocab_size;
+    let ids: Vec<i64> = match prompt {
+        None => return Err(Error::invalid("prompt", "is missing; set text or token_ids")),
+        Some(Prompt::Text(text)) => {
+            let encoding = model.tokenizer.encode(text.as_str(), false).map_err(|error| Error::invalid("prompt.text", format!("cannot be tokenized: {error}")))?;
+            encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
+        }
+        Some(Prompt::Ids(ids)) => {
+            if let Some((index, id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+                return Err(Error::invalid(format!("prompt.token_ids[{index}]"), format!("{id} is outside the vocabulary of {vocab} tokens")));
+            }
+            ids.into_iter().map(i64::from).collect()
+        }
+    };
+    if ids.is_empty() {
+        return Err(Error::invalid("prompt", "has no tokens; send a non-empty prompt"));
+    }
+    let room = model.manifest.max_length.saturating_sub(1);
+    if ids.len() <= room {
+        return Ok(ids);
+    }
+    if truncate {
+        return Ok(ids[ids.len() - room..].to_vec());
+    }
+    Err(Error::invalid(
+        "prompt",
+        format!(
+            "{} tokens leaves no room in the model's context of {} tokens; shorten it or set truncate_prompt to cut it from the left",
+            ids.len(),
+            model.manifest.max_length
+        ),
+    ))
+}

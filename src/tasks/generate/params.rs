@@ -1,0 +1,207 @@
+//! Generation parameters as a client sends them, and their validation: every bad value is an
+//! INVALID_ARGUMENT naming the field, the limit and the value.
+
+use super::sampling::SamplingConfig;
+use crate::config::GenerationConfig;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Everything a Generate request asks for, before validation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerateParams {
+    pub model: String,
+    pub prompt: Option<Prompt>,
+    pub truncate_prompt: bool,
+    pub max_new_tokens: Option<u32>,
+    pub min_new_tokens: u32,
+    pub do_sample: bool,
+    pub temperature: Option<f32>,
+    pub top_k: u32,
+    pub top_p: Option<f32>,
+    pub typical_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub seed: Option<u64>,
+    pub n: u32,
+    pub top_logprobs: u32,
+}
+
+/// The model-independent part of a request, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub sampling: SamplingConfig,
+    /// As asked, already within the server's limit; the model's context may lower it.
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub seed: Option<u64>,
+    pub n: usize,
+    pub top_logprobs: usize,
+}
+
+fn check_unit_interval(field: &str, value: Option<f32>) -> Result<f32> {
+    match value {
+        None => Ok(1.0),
+        Some(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        Some(v) => Err(Error::invalid(field, format!("must be in (0, 1]; got {v}"))),
+    }
+}
+
+fn check_penalty(field: &str, value: f32) -> Result<f32> {
+    if (-2.0..=2.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::invalid(field, format!("must be in [-2, 2]; got {value}")))
+    }
+}
+
+impl GenerateParams {
+    pub fn check(&self, limits: &GenerationConfig) -> Result<Checked> {
+        let max_new_tokens = match self.max_new_tokens {
+            None => limits.default_max_new_tokens,
+            Some(0) => return Err(Error::invalid("parameters.max_new_tokens", "must be at least 1; got 0")),
+            Some(v) if v as usize > limits.max_new_tokens => {
+                return Err(Error::invalid(
+                    "parameters.max_new_tokens",
+                    format!("{v} is over the server's limit of {}", limits.max_new_tokens),
+                ));
+            }
+            Some(v) => v as usize,
+        };
+        let min_new_tokens = self.min_new_tokens as usize;
+        if min_new_tokens > max_new_tokens {
+            return Err(Error::invalid(
+                "parameters.min_new_tokens",
+                format!("{min_new_tokens} is more than max_new_tokens ({max_new_tokens})"),
+            ));
+        }
+        let temperature = match self.temperature {
+            None => 1.0,
+            Some(t) if t > 0.0 && t.is_finite() => t,
+            Some(t) => {
+                return Err(Error::invalid(
+                    "parameters.temperature",
+                    format!("must be > 0; got {t} (for greedy decoding leave do_sample false)"),
+                ));
+            }
+        };
+        let repetition_penalty = match self.repetition_penalty {
+            None => 1.0,
+            Some(p) if p > 0.0 && p.is_finite() => p,
+            Some(p) => return Err(Error::invalid("parameters.repetition_penalty", format!("must be > 0; got {p}"))),
+        };
+        let n = match self.n {
+            0 => 1,
+            n if n as usize > limits.max_sequences => {
+                return Err(Error::invalid("parameters.n", format!("{n} is over the limit of {} sequences", limits.max_sequences)));
+            }
+            n => n as usize,
+        };
+        if self.top_logprobs as usize > limits.max_top_logprobs {
+            return Err(Error::invalid(
+                "parameters.top_logprobs",
+                format!("{} is over the limit of {}", self.top_logprobs, limits.max_top_logprobs),
+            ));
+        }
+        if self.stop.len() > limits.max_stop_sequences {
+            return Err(Error::invalid(
+                "parameters.stop",
+                format!("{} stop sequences is over the limit of {}", self.stop.len(), limits.max_stop_sequences),
+            ));
+        }
+        for (index, stop) in self.stop.iter().enumerate() {
+            if stop.is_empty() {
+                return Err(Error::invalid(format!("parameters.stop[{index}]"), "is empty"));
+            }
+            if stop.len() > limits.max_stop_sequence_bytes {
+                return Err(Error::invalid(
+                    format!("parameters.stop[{index}]"),
+                    format!("{} bytes is over the limit of {}", stop.len(), limits.max_stop_sequence_bytes),
+                ));
+            }
+        }
+        if self.stop_token_ids.len() > limits.max_stop_sequences {
+            return Err(Error::invalid(
+                "parameters.stop_token_ids",
+                format!("{} ids is over the limit of {}", self.stop_token_ids.len(), limits.max_stop_sequences),
+            ));
+        }
+        let sampling = SamplingConfig {
+            do_sample: self.do_sample,
+            temperature,
+            top_k: self.top_k as usize,
+            top_p: check_unit_interval("parameters.top_p", self.top_p)?,
+            typical_p: check_unit_interval("parameters.typical_p", self.typical_p)?,
+            repetition_penalty,
+            frequency_penalty: check_penalty("parameters.frequency_penalty", self.frequency_penalty)?,
+            presence_penalty: check_penalty("parameters.presence_penalty", self.presence_penalty)?,
+        };
+        Ok(Checked {
+            sampling,
+            max_new_tokens,
+            min_new_tokens,
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token_ids.clone(),
+            ignore_eos: self.ignore_eos,
+            seed: self.seed,
+            n,
+            top_logprobs: self.top_logprobs as usize,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(params: GenerateParams) -> String {
+        match params.check(&GenerationConfig::default()) {
+            Err(Error::InvalidArgument { field, message }) => format!("{field}: {message}"),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_greedy_with_the_default_length() {
+        let checked = GenerateParams::default().check(&GenerationConfig::default()).unwrap();
+        assert!(!checked.sampling.do_sample);
+        assert_eq!(checked.max_new_tokens, GenerationConfig::default().default_max_new_tokens);
+        assert_eq!(checked.n, 1);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_field_limit_and_value() {
+        let base = GenerateParams::default();
+        let cases = [
+            (GenerateParams { max_new_tokens: Some(0), ..base.clone() }, "parameters.max_new_tokens: must be at least 1; got 0"),
+            (GenerateParams { max_new_tokens: Some(100_000), ..base.clone() }, "100000 is over the server's limit of"),
+            (GenerateParams { max_new_tokens: Some(5), min_new_tokens: 6, ..base.clone() }, "parameters.min_new_tokens: 6 is more than max_new_tokens (5)"),
+            (GenerateParams { temperature: Some(0.0), ..base.clone() }, "parameters.temperature: must be > 0; got 0"),
+            (GenerateParams { top_p: Some(1.5), ..base.clone() }, "parameters.top_p: must be in (0, 1]; got 1.5"),
+            (GenerateParams { top_p: Some(0.0), ..base.clone() }, "parameters.top_p: must be in (0, 1]; got 0"),
+            (GenerateParams { typical_p: Some(-1.0), ..base.clone() }, "parameters.typical_p"),
+            (GenerateParams { repetition_penalty: Some(0.0), ..base.clone() }, "parameters.repetition_penalty: must be > 0; got 0"),
+            (GenerateParams { frequency_penalty: 3.0, ..base.clone() }, "parameters.frequency_penalty: must be in [-2, 2]; got 3"),
+            (GenerateParams { presence_penalty: -2.5, ..base.clone() }, "parameters.presence_penalty"),
+            (GenerateParams { n: 1000, ..base.clone() }, "parameters.n: 1000 is over the limit"),
+            (GenerateParams { top_logprobs: 1000, ..base.clone() }, "parameters.top_logprobs: 1000 is over the limit"),
+            (GenerateParams { stop: vec!["a".into(); 100], ..base.clone() }, "parameters.stop: 100 stop sequences"),
+            (GenerateParams { stop: vec![String::new()], ..base.clone() }, "parameters.stop[0]: is empty"),
+        ];
+        for (params, expected) in cases {
+            let error = error_of(params);
+            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Incremental detokenization: turns generated ids into text deltas that are always whole UTF-8
+//! characters and never show a stop sequence, or any part of one, to the client.
+
+use tokenizers::Tokenizer;
+
+/// Prompt tokens decoded along with the output, so tokenizers that treat a leading word
+/// differently (SentencePiece's space marker) decode the first output token as in context.
+const PROMPT_CONTEXT_TOKENS: usize = 5;
+/// What a byte-level decoder emits for an incomplete UTF-8 sequence.
+const REPLACEMENT: char = '\u{FFFD}';
+
+pub struct TextStream {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    /// Decoded text held back because it might begin a stop sequence.
+    held: String,
+    stops: Vec<String>,
+}
+
+/// What one new token adds to the text.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TextDelta {
+    /// Text safe to show now; may be empty.
+    pub text: String,
+    /// The stop sequence that ended generation; its text and what follows are not shown.
+    pub stopped_by: Option<String>,
+}
+
+impl TextStream {
+    pub fn new(prompt: &[u32], stops: Vec<String>) -> Self {
+        let context = &prompt[prompt.len().saturating_sub(PROMPT_CONTEXT_TOKENS)..];
+        Self { ids: context.to_vec(), prefix_offset: 0, read_offset: context.len(), held: String::new(), stops }
+    }
+
+    /// Adds one generated token.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> TextDelta {
+        self.ids.push(id);
+        let decoded = self.decode_new(tokenizer);
+        self.held.push_str(&decoded);
+        if let Some((at, stop)) = self.first_stop() {
+            let text = self.held[..at].to_owned();
+            self.held.clear();
+            return TextDelta { text, stopped_by: Some(stop) };
+        }
+        let keep = self.stop_prefix_len();
+        let text = self.held[..self.held.len() - keep].to_owned();
+        self.held.drain(..self.held.len() - keep);
+        TextDelta { text, stopped_by: None }
+    }
+
+    /// Ends the stream without a stop sequence: whatever was held back is shown.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+
+    fn decode_new(&mut self, tokenizer: &Tokenizer) -> String {
+        let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = decode(&self.ids[self.prefix_offset..]);
+        if full.len() > prefix.len() && !full.ends_with(REPLACEMENT) {
+            if let Some(new) = full.get(prefix.len()..) {
+                self.prefix_offset = self.read_offset;
+                self.read_offset = self.ids.len();
+                return new.to_owned();
+            }
+        }
+        String::new()
+    }
+
+    /// The earliest stop sequence in the held text, with its byte position.
+    fn first_stop(&self) -> Option<(usize, String)> {
+        self.stops
+            .iter()
+            .filter_map(|stop| self.held.find(stop.as_str()).map(|at| (at, stop.clone())))
+            .min_by_key(|(at, _)| *at)
+    }
+
+    /// Length of the longest tail of the held text that could still grow into a stop sequence.
+    fn stop_prefix_len(&self) -> usize {
+        let mut keep = 0;
+        for stop in &self.stops {
+            for (end, _) in stop.char_indices().skip(1) {
+                if end > keep && self.held.ends_with(&stop[..end]) {
+                    keep = end;
+                }
+            }
+        }
+        keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed GPT-2-style byte-level BPE: characters outside its corpus split into bytes.
+    fn byte_tokenizer() -> Tokenizer {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/repository/tiny-gpt2/1/tokenizer.json");
+        Tokenizer::from_file(path).unwrap()
+    }
+
+    fn ids(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
+        tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+    }
+
+    #[test]
+    fn holds_split_characters_until_complete() {
+        let tokenizer = byte_tokenizer();
+        let text = "so 😀 and 雪";
+        let ids = ids(&tokenizer, text);
+        let mut stream = TextStream::new(&[], vec![]);
+        let deltas: Vec<String> = ids.iter().map(|&id| stream.push(&tokenizer, id).text).collect();
+        assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)), "{deltas:?}");
+        assert!(deltas.iter().any(String::is_empty), "a split character is held: {deltas:?}");
+        assert_eq!(deltas.concat(), text);
+    }
+
+    #[test]
+    fn stop_sequences_never_leak() {
+        let tokenizer = byte_tokenizer();
+        let mut stream = TextStream::new(&[], vec!["END".into()]);
+        let mut shown = String::new();
+        let mut stopped = None;
+        for id in ids(&tokenizer, "abc ENxEND tail") {
+            let delta = stream.push(&tokenizer, id);
+            shown.push_str(&delta.text);
+            assert!(!shown.contains("EN") || shown.ends_with("ENx") || shown.contains("ENx"), "{shown:?}");
+            if delta.stopped_by.is_some() {
+                stopped = delta.stopped_by;
+                break;
+            }
+        }
+        assert_eq!(shown, "abc ENx");
+        assert_eq!(stopped.as_deref(), Some("END"));
+    }
+
+    #[test]
+    fn finish_releases_held_text() {
+        let tokenizer = byte_tokenizer();
+        let mut stream = TextStream::new(&[], vec!["STOP".into()]);
+        let mut shown = String::new();
+        for id in ids(&tokenizer, "go ST") {
+            shown.push_str(&stream.push(&tokenizer, id).text);
+        }
+        assert_eq!(shown, "go ");
+        shown.push_str(&stream.finish());
+        assert_eq!(shown, "go ST");
+    }
+}

@@ -1,0 +1,168 @@
+//! Test harness: the real `lmserve` binary on an ephemeral port, and clients for it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lmserve::api::proto::inference_client::InferenceClient;
+use lmserve::api::proto::models_client::ModelsClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub const REPOSITORY: &str = "models/repository";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn repository() -> PathBuf {
+    root().join(REPOSITORY)
+}
+
+/// A running server process; killed when dropped.
+pub struct TestServer {
+    child: Child,
+    pub addr: String,
+    pub stderr_path: PathBuf,
+    _logs: tempfile::TempDir,
+}
+
+pub struct ServerOptions {
+    pub repository: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { repository: repository(), env: Vec::new(), args: Vec::new() }
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(ServerOptions::default()).await
+    }
+
+    /// Starts the binary and waits until the health check says SERVING.
+    pub async fn start_with(options: ServerOptions) -> Self {
+        let logs = tempfile::tempdir().unwrap();
+        let stderr_path = logs.path().join("stderr.log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lmserve"));
+        command
+            .current_dir(root())
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", "--repository"])
+            .arg(&options.repository)
+            .args(&options.args)
+            .env("LMSERVE_LOGGING__FILTER", "info,ort=error")
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        let mut child = command.spawn().expect("start lmserve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = match line.trim().strip_prefix("lmserve listening grpc=") {
+            Some(addr) => addr.to_owned(),
+            None => {
+                let _ = child.wait();
+                panic!("server did not start: {line:?}\n{}", std::fs::read_to_string(&stderr_path).unwrap_or_default())
+            }
+        };
+        let server = Self { child, addr, stderr_path, _logs: logs };
+        server.wait_serving().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn inference(&self) -> InferenceClient<Channel> {
+        InferenceClient::new(self.channel().await).max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn models(&self) -> ModelsClient<Channel> {
+        ModelsClient::new(self.channel().await)
+    }
+
+    pub async fn health(&self, service: &str) -> ServingStatus {
+        let mut client = HealthClient::new(self.channel().await);
+        let response = client.check(HealthCheckRequest { service: service.into() }).await.unwrap();
+        ServingStatus::try_from(response.into_inner().status).unwrap()
+    }
+
+    async fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let mut client = HealthClient::new(channel);
+                if let Ok(response) = client.check(HealthCheckRequest { service: String::new() }).await {
+                    if response.into_inner().status == ServingStatus::Serving as i32 {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server never became SERVING:\n{}", self.stderr());
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with `args`, returning (success, stdout + stderr).
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_lmserve"))
+        .current_dir(root())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run lmserve");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// The committed reference outputs of one model.
+pub fn reference(model: &str) -> serde_json::Value {
+    let path = repository().join(model).join("1").join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Copies one model version into `dest/<name>/<version>`.
+pub fn copy_version(model: &str, version: &str, dest: &Path, name: &str, new_version: &str) {
+    let from = repository().join(model).join(version);
+    let to = dest.join(name).join(new_version);
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}

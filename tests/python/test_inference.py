@@ -1,0 +1,76 @@
+"""A Python grpcio client against the real server: Embed, Classify, Tokenize, health, reflection."""
+
+import json
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lmserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "models" / "repository"
+
+
+def reference(model):
+    return json.loads((REPOSITORY / model / "1" / "reference.json").read_text())
+
+
+def test_embed_matches_reference(channel):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    cases = reference("tiny-encoder")["embed"]["cases"]
+    response = stub.Embed(inference_pb2.EmbedRequest(model="tiny-encoder", texts=[c["text"] for c in cases]))
+    assert response.served_by.model == "tiny-encoder"
+    assert len(response.embeddings) == len(cases)
+    for case, embedding in zip(cases, response.embeddings):
+        diff = max(abs(a - b) for a, b in zip(embedding.values, case["embedding"]))
+        assert diff <= 1e-4, (case["text"], diff)
+        assert math.isclose(math.sqrt(sum(v * v for v in embedding.values)), 1.0, abs_tol=1e-4)
+
+
+def test_classify_matches_reference(channel):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    ref = reference("tiny-encoder")["classify"]
+    response = stub.Classify(inference_pb2.ClassifyRequest(model="tiny-encoder", texts=[c["text"] for c in ref["cases"]]))
+    for case, classification in zip(ref["cases"], response.classifications):
+        for label in classification.labels:
+            assert label.label == ref["labels"][label.index]
+            assert abs(label.score - case["probabilities"][label.index]) <= 1e-4
+
+
+def test_tokenize_round_trip(channel):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    text = "What light through yonder window breaks?"
+    tokens = stub.Tokenize(inference_pb2.TokenizeRequest(model="tiny-gpt2", text=text)).tokens
+    assert "".join(text[t.start:t.end] for t in tokens) == text
+    decoded = stub.Detokenize(inference_pb2.DetokenizeRequest(model="tiny-gpt2", ids=[t.id for t in tokens]))
+    assert decoded.text == text
+
+
+def test_errors_carry_codes(channel):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.Embed(inference_pb2.EmbedRequest(model="no-such-model", texts=["x"]))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as bad_top_k:
+        stub.Classify(inference_pb2.ClassifyRequest(model="tiny-encoder", texts=["x"], top_k=0))
+    assert bad_top_k.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_k" in bad_top_k.value.details()
+
+
+def test_health_and_models(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "lmserve.v1.Inference", "lmserve.v1.Models"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING, service
+    models = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest())
+    assert "tiny-encoder" in [m.name for m in models.models]
+
+
+def test_reflection_v1alpha_lists_services(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = [s.name for s in next(responses).list_services_response.service]
+    assert "lmserve.v1.Inference" in names
