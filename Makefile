@@ -17,7 +17,8 @@ test: $(ORT_LIB) $(PY_VENV)/ok
 	$(PY_VENV)/bin/python -m pytest -q tests/python
 
 bench: $(ORT_LIB)
-	cargo run --release --bin lmserve-bench
+	cargo bench --bench embed
+	cargo bench --bench generate
 
 # The ONNX Runtime shared library, from the CPU wheel on PyPI (ort loads it at run time).
 onnxruntime: $(ORT_LIB)

@@ -1,4 +1,5 @@
-//! The `lmserve` command: `lmserve serve` runs the server (the default when no command is given).
+//! The `lmserve` command: `lmserve serve` runs the server (the default when no command is
+//! given); `generate`, `embed` and `classify` are clients of a running server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +7,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
+use lmserve::api::client;
+use lmserve::api::proto::GenerationParameters;
 use lmserve::config::{Config, LogFormat};
 
 #[derive(Parser)]
@@ -23,6 +26,54 @@ struct Cli {
 enum Command {
     /// Serve the models in the repository over gRPC.
     Serve(ServeArgs),
+    /// Generate text with a running server, printing tokens as they arrive.
+    Generate(GenerateArgs),
+    /// Embed texts with a running server (one JSON array per line).
+    Embed(TextsArgs),
+    /// Classify texts with a running server.
+    Classify(TextsArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Server address.
+    #[arg(long, default_value = client::DEFAULT_ADDR)]
+    addr: String,
+    /// Model, "name" or "name@version".
+    #[arg(long, short)]
+    model: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: u32,
+    /// Sample instead of greedy decoding.
+    #[arg(long)]
+    sample: bool,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the text contains this (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// The prompt.
+    prompt: String,
+}
+
+#[derive(clap::Args)]
+struct TextsArgs {
+    /// Server address.
+    #[arg(long, default_value = client::DEFAULT_ADDR)]
+    addr: String,
+    /// Model, "name" or "name@version".
+    #[arg(long, short)]
+    model: String,
+    /// The texts.
+    #[arg(required = true)]
+    texts: Vec<String>,
 }
 
 #[derive(clap::Args, Default)]
@@ -37,7 +88,7 @@ struct ServeArgs {
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
     /// Do not start the metrics exporter.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "metrics_addr")]
     no_metrics: bool,
     /// Model repository folder.
     #[arg(long)]
@@ -91,6 +142,21 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
+        Command::Generate(args) => {
+            let parameters = GenerationParameters {
+                max_new_tokens: Some(args.max_new_tokens),
+                do_sample: args.sample,
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                seed: args.seed,
+                stop: args.stop,
+                ..Default::default()
+            };
+            run_client(client::generate(&args.addr, args.model, args.prompt, parameters))
+        }
+        Command::Embed(args) => run_client(client::embed(&args.addr, args.model, args.texts)),
+        Command::Classify(args) => run_client(client::classify(&args.addr, args.model, args.texts)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -99,6 +165,10 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn run_client(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -111,7 +111,9 @@ async fn a_model_that_failed_to_load_is_unavailable_and_the_others_serve() {
     copy_version("tiny-encoder", "1", repository.path(), "mismatch", "1");
     let manifest_path = repository.path().join("mismatch/1/model.toml");
     let manifest = std::fs::read_to_string(&manifest_path).unwrap();
-    std::fs::write(&manifest_path, format!("{manifest}\n[tensors]\nhidden_states = \"no_such_output\"\n")).unwrap();
+    let manifest = manifest.replace("hidden_states = \"last_hidden_state\"", "hidden_states = \"no_such_output\"");
+    assert!(manifest.contains("no_such_output"));
+    std::fs::write(&manifest_path, manifest).unwrap();
     // A second, broken version of the good model: the latest ready version still serves.
     copy_version("tiny-encoder", "1", repository.path(), "good", "2");
     std::fs::write(repository.path().join("good/2/model.onnx"), b"garbage").unwrap();

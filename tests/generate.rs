@@ -302,3 +302,41 @@ async fn cancelling_a_stream_frees_its_slot() {
     let after = tokio::time::timeout(Duration::from_secs(20), short(&mut c)).await.expect("slot freed after a deadline");
     assert_eq!(after.sequences[0].tokens.len(), 3);
 }
+
+/// A short request admitted while a long generation runs finishes first: it joins the batch
+/// between steps instead of waiting for the long one to end.
+#[tokio::test]
+async fn a_long_generation_never_blocks_a_short_one() {
+    let server = TestServer::start().await;
+    let mut client = server.inference().await;
+    let long = request("tiny-gpt2", "To be", greedy(250));
+    let mut stream = client.generate_stream(long).await.unwrap().into_inner();
+    assert!(stream.next().await.unwrap().unwrap().token.is_some());
+    let short = client.generate(request("tiny-lstm", "Hello", greedy(3))).await.unwrap().into_inner();
+    assert_eq!(short.sequences[0].tokens.len(), 3);
+    let short_same_model = client.generate(request("tiny-gpt2", "Hello", greedy(3))).await.unwrap().into_inner();
+    assert_eq!(short_same_model.sequences[0].tokens.len(), 3);
+    // The long generation is still going.
+    let mut remaining = 0;
+    while let Some(message) = stream.next().await {
+        if message.unwrap().token.is_some() {
+            remaining += 1;
+        }
+    }
+    assert!(remaining > 100, "the long stream had only {remaining} tokens left; the short one waited for it");
+}
+
+#[tokio::test]
+async fn a_full_generation_queue_is_resource_exhausted() {
+    let server = TestServer::start_with(common::ServerOptions {
+        env: vec![("LMSERVE_GENERATION__QUEUE_CAPACITY".into(), "2".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+    let error = client.generate(request("tiny-gpt2", "Hello", GenerationParameters { n: 3, ..greedy(3) })).await.unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(error.message().contains("tiny-gpt2") && error.message().contains('2'), "{}", error.message());
+    let fine = client.generate(request("tiny-gpt2", "Hello", GenerationParameters { n: 2, ..greedy(3) })).await.unwrap().into_inner();
+    assert_eq!(fine.sequences.len(), 2);
+}

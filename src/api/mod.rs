@@ -1,6 +1,7 @@
 //! The gRPC surface: one file per tonic service, proto <-> domain conversion, and the single
 //! mapping from domain errors to gRPC status codes. The only module that names tonic types.
 
+pub mod client;
 pub mod convert;
 pub mod generate;
 pub mod inference;

@@ -324,6 +324,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("lmserve.example.toml");
+        Jail::expect_with(|_| {
+            assert_eq!(Config::load(Some(&path), Figment::new())?, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         Jail::expect_with(|jail| {
             jail.create_file(DEFAULT_CONFIG_FILE, "[batching]\nmax_batch = 8\n")?;

@@ -55,8 +55,9 @@ impl TestServer {
         let mut command = Command::new(env!("CARGO_BIN_EXE_lmserve"));
         command
             .current_dir(root())
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", "--repository"])
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--repository"])
             .arg(&options.repository)
+            .args((!options.args.iter().any(|arg| arg == "--metrics-addr")).then_some("--no-metrics"))
             .args(&options.args)
             .env("LMSERVE_LOGGING__FILTER", "info,ort=error")
             .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -33,14 +33,14 @@ sys.path.insert(0, str(GENERATED))
 
 
 def _binary() -> Path:
-    explicit = os.environ.get("LMSERVE_BIN")
+    explicit = os.environ.get("TEST_SERVER_BIN")
     if explicit:
         return Path(explicit)
     for profile in ("release", "debug"):
         candidate = ROOT / "target" / profile / "lmserve"
         if candidate.exists():
             return candidate
-    raise RuntimeError("build lmserve first (cargo build --release) or set LMSERVE_BIN")
+    raise RuntimeError("build lmserve first (cargo build --release) or set TEST_SERVER_BIN")
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def server_address():
     env = dict(os.environ, LMSERVE_LOGGING__FILTER="warn")
     process = subprocess.Popen(
         [str(_binary()), "serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=None, text=True,
     )
     try:
         line = process.stdout.readline().strip()
