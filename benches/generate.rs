@@ -13,10 +13,13 @@ use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::{GenerateRequest, GenerationParameters};
 use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor};
 
 const MODEL: &str = "tiny-gpt2";
 const NEW_TOKENS: usize = 128;
+/// Each figure is the median of this many runs; one run of a tiny model is too short to trust.
+const REPEATS: usize = 7;
 const PROMPTS: [&str; 4] = ["To be, or not to be", "ROMEO.", "My lord, the queen", "What light through yonder window breaks"];
 
 /// The plain greedy loop with a KV cache: what one sequence costs with nothing around it.
@@ -82,78 +85,100 @@ fn direct_loop(session: &mut Session, prompts: &[Vec<i64>], layers: usize, heads
     (start.elapsed(), first_token)
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn main() {
     let environment = common::ort_environment();
     let dir = common::model_dir(MODEL);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let prompts: Vec<Vec<i64>> = PROMPTS.iter().map(|p| tokenizer.encode(*p, false).unwrap().get_ids().iter().map(|&i| i64::from(i)).collect()).collect();
-    let mut session = Session::builder(environment)
-        .unwrap()
-        .with_intra_threads(cores)
-        .unwrap()
-        .commit_from_file(dir.join("model.onnx"))
-        .unwrap();
-    let past = session.inputs().iter().find(|i| i.name() == "past_key_values.0.key").unwrap().dtype().tensor_shape().unwrap().to_vec();
-    let layers = session.inputs().iter().filter(|i| i.name().ends_with(".key")).count();
-    let (heads, head_dim) = (past[1] as usize, past[3] as usize);
-
-    println!("Generate benchmark: {MODEL}, {NEW_TOKENS} new tokens per sequence, greedy, {cores} cores");
-    direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
-    let (elapsed, first) = direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
-    let direct_single = NEW_TOKENS as f64 / elapsed.as_secs_f64();
-    common::print_row("in-process greedy loop, 1 sequence", direct_single, "tokens/s", None);
-    println!("{:<58} {:>9.2} ms", "  time to first token", first.as_secs_f64() * 1e3);
     let batch16: Vec<Vec<i64>> = (0..16).map(|i| prompts[i % prompts.len()].clone()).collect();
-    let (elapsed, _) = direct_loop(&mut session, &batch16, layers, heads, head_dim);
-    let direct_static = (16 * NEW_TOKENS) as f64 / elapsed.as_secs_f64();
-    common::print_row("in-process greedy loop, static batch of 16", direct_static, "tokens/s", Some((direct_single, "of 1 sequence")));
-    drop(session);
+    let build = |threads: usize| {
+        Session::builder(environment)
+            .unwrap()
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .unwrap()
+            .with_intra_threads(threads)
+            .unwrap()
+            .commit_from_file(dir.join("model.onnx"))
+            .unwrap()
+    };
+    let probe = build(1);
+    let past = probe.inputs().iter().find(|i| i.name() == "past_key_values.0.key").unwrap().dtype().tensor_shape().unwrap().to_vec();
+    let layers = probe.inputs().iter().filter(|i| i.name().ends_with(".key")).count();
+    let (heads, head_dim) = (past[1] as usize, past[3] as usize);
+    drop(probe);
 
+    println!("Generate benchmark: {MODEL}, {NEW_TOKENS} new tokens per sequence, greedy, {cores} cores.");
+    println!("Server and in-process runs alternate, {REPEATS} of each; figures are medians.");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async {
-        let server = common::Server::start(&[("LMSERVE_RUNTIME__INTRA_THREADS", &cores.to_string())]).await;
-        let client = InferenceClient::new(server.channel().await);
-        let stream_once = |index: usize| {
-            let mut client = client.clone();
-            async move {
-                let request = GenerateRequest {
-                    model: MODEL.into(),
-                    prompt: Some(Prompt::Text(PROMPTS[index % PROMPTS.len()].into())),
-                    parameters: Some(GenerationParameters { max_new_tokens: Some(NEW_TOKENS as u32), ignore_eos: true, ..Default::default() }),
-                    truncate_prompt: false,
-                };
-                let start = Instant::now();
-                let mut stream = client.generate_stream(request).await.unwrap().into_inner();
-                let mut first = None;
-                let mut tokens = 0;
-                while let Some(message) = stream.next().await {
-                    if message.unwrap().token.is_some() {
-                        tokens += 1;
-                        first.get_or_insert_with(|| start.elapsed());
-                    }
-                }
-                (tokens, first.unwrap_or_default())
-            }
-        };
-        stream_once(0).await;
-        println!("server (GenerateStream, {cores} intra-op threads):");
-        let mut single = 0.0;
-        for streams in [1, 4, 16] {
-            let start = Instant::now();
-            let results = join_all((0..streams).map(stream_once)).await;
-            let elapsed = start.elapsed().as_secs_f64();
+    for threads in [1, cores] {
+        let mut session = build(threads);
+        let server = runtime.block_on(common::Server::start(&[("LMSERVE_RUNTIME__INTRA_THREADS", threads.to_string().as_str())]));
+        let client = runtime.block_on(async { InferenceClient::new(server.channel().await) });
+        let streams = |count: usize| {
+            let client = client.clone();
+            let started = Instant::now();
+            let results = runtime.block_on(join_all((0..count).map(|index| stream_once(client.clone(), index))));
             let tokens: usize = results.iter().map(|r| r.0).sum();
-            let rate = tokens as f64 / elapsed;
-            let ttft = results.iter().map(|r| r.1.as_secs_f64()).sum::<f64>() / streams as f64;
-            if streams == 1 {
-                single = rate;
-                common::print_row("  1 stream", rate, "tokens/s", Some((direct_single, "of the in-process loop")));
-            } else {
-                common::print_row(&format!("  {streams} streams"), rate, "tokens/s", Some((single, "of 1 stream")));
-                common::print_row("", rate, "tokens/s", Some((direct_static, "of the in-process static batch of 16")));
-            }
-            println!("{:<58} {:>9.2} ms", "    mean time to first token", ttft * 1e3);
+            let ttft = results.iter().map(|r| r.1.as_secs_f64()).sum::<f64>() / count as f64;
+            (tokens as f64 / started.elapsed().as_secs_f64(), ttft)
+        };
+        // Warm both paths.
+        direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
+        streams(1);
+
+        let (mut direct, mut direct_ttft, mut server_single, mut server_ttft, mut ratios) = (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..REPEATS {
+            let (elapsed, first) = direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
+            let rate = NEW_TOKENS as f64 / elapsed.as_secs_f64();
+            let (served, ttft) = streams(1);
+            ratios.push(served / rate);
+            direct.push(rate);
+            direct_ttft.push(first.as_secs_f64());
+            server_single.push(served);
+            server_ttft.push(ttft);
         }
-    });
+        let direct_static = median((0..REPEATS).map(|_| (16 * NEW_TOKENS) as f64 / direct_loop(&mut session, &batch16, layers, heads, head_dim).0.as_secs_f64()).collect());
+        let single = median(server_single.clone());
+        println!("\n{threads} intra-op thread(s):");
+        common::print_row("  in-process greedy loop, 1 sequence", median(direct.clone()), "tokens/s", None);
+        println!("{:<58} {:>9.2} ms", "    time to first token", median(direct_ttft) * 1e3);
+        common::print_row("  in-process greedy loop, static batch of 16", direct_static, "tokens/s", Some((median(direct), "of 1 sequence")));
+        common::print_row("  server, 1 stream", single, "tokens/s", None);
+        println!("{:<58} {:>9.2}x of the in-process loop (median of paired runs)", "", median(ratios));
+        println!("{:<58} {:>9.2} ms", "    mean time to first token", median(server_ttft) * 1e3);
+        for count in [4, 16] {
+            let runs: Vec<(f64, f64)> = (0..REPEATS).map(|_| streams(count)).collect();
+            let rate = median(runs.iter().map(|r| r.0).collect());
+            common::print_row(&format!("  server, {count} streams"), rate, "tokens/s", Some((single, "of 1 stream")));
+            println!("{:<58} {:>9.2}x of the in-process static batch of 16", "", rate / direct_static);
+            println!("{:<58} {:>9.2} ms", "    mean time to first token", median(runs.iter().map(|r| r.1).collect()) * 1e3);
+        }
+    }
+}
+
+/// One streamed generation: (tokens received, time to the first one).
+async fn stream_once(mut client: InferenceClient<tonic::transport::Channel>, index: usize) -> (usize, Duration) {
+    let request = GenerateRequest {
+        model: MODEL.into(),
+        prompt: Some(Prompt::Text(PROMPTS[index % PROMPTS.len()].into())),
+        parameters: Some(GenerationParameters { max_new_tokens: Some(NEW_TOKENS as u32), ignore_eos: true, ..Default::default() }),
+        truncate_prompt: false,
+    };
+    let start = Instant::now();
+    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+    let mut first = None;
+    let mut tokens = 0;
+    while let Some(message) = stream.next().await {
+        if message.unwrap().token.is_some() {
+            tokens += 1;
+            first.get_or_insert_with(|| start.elapsed());
+        }
+    }
+    (tokens, first.unwrap_or_default())
 }

@@ -70,7 +70,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .add_service(reflection_v1alpha)
             .add_service(inference)
             .add_service(models)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming(listener), async {
                 let _ = stop_rx.await;
             }),
     );
@@ -93,6 +93,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off: a streamed token is a small write that
+/// must leave at once, not wait up to 40 ms for the peer's delayed ACK.
+fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|connection| {
+        if let Ok(stream) = &connection {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
+            }
+        }
+        connection
+    })
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

@@ -193,7 +193,7 @@ impl Default for BatchingConfig {
         Self {
             max_batch_size: 32,
             max_batch_tokens: 16_384,
-            max_wait_micros: 500,
+            max_wait_micros: 0,
             max_padding_ratio: 0.3,
             queue_capacity: 4096,
         }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::sampling::{Sampler, log_softmax, top_n};
+use super::sampling::{Sampler, log_softmax, log_sum_exp, top_n};
 use super::text::TextStream;
 use crate::scheduling::continuous::{Decision, SequenceDriver, StopCause};
 
@@ -68,12 +68,8 @@ impl Driver {
         Self { index, sampler, text, tokenizer, rules, generated: 0, events }
     }
 
-    fn choice(&self, id: usize, log_probs: &[f32]) -> TokenChoice {
-        TokenChoice {
-            id: id as u32,
-            text: self.tokenizer.decode(&[id as u32], false).unwrap_or_default(),
-            logprob: log_probs.get(id).copied().unwrap_or(f32::NEG_INFINITY),
-        }
+    fn choice(&self, id: usize, logprob: f32) -> TokenChoice {
+        TokenChoice { id: id as u32, text: self.tokenizer.decode(&[id as u32], false).unwrap_or_default(), logprob }
     }
 
     fn send(&self, event: Event) {
@@ -93,9 +89,15 @@ impl SequenceDriver for Driver {
         self.sampler.observe(token);
         self.generated += 1;
 
-        let log_probs = log_softmax(logits);
-        let top = top_n(&log_probs, self.rules.top_logprobs).into_iter().map(|(id, _)| self.choice(id, &log_probs)).collect();
-        let generated = GeneratedToken { choice: self.choice(token as usize, &log_probs), top };
+        let log_normalizer = log_sum_exp(logits);
+        let top = if self.rules.top_logprobs == 0 {
+            Vec::new()
+        } else {
+            let log_probs = log_softmax(logits);
+            top_n(&log_probs, self.rules.top_logprobs).into_iter().map(|(id, logprob)| self.choice(id, logprob)).collect()
+        };
+        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |logit| logit - log_normalizer);
+        let generated = GeneratedToken { choice: self.choice(token as usize, logprob), top };
 
         // End-of-sequence and stop ids end the sequence without adding text.
         if self.rules.stop_ids.contains(&token) {

@@ -23,6 +23,12 @@ pub struct SamplingConfig {
     pub presence_penalty: f32,
 }
 
+impl SamplingConfig {
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+    }
+}
+
 impl Default for SamplingConfig {
     fn default() -> Self {
         Self {
@@ -72,6 +78,9 @@ impl Sampler {
 
     /// Picks the next token. `banned` tokens (EOS before `min_new_tokens`) cannot be chosen.
     pub fn choose(&mut self, logits: &[f32], banned: &[i64]) -> i64 {
+        if !self.config.do_sample && banned.is_empty() && !self.config.has_penalties() {
+            return argmax(logits) as i64;
+        }
         let scores = &mut self.scratch;
         scores.clear();
         scores.extend_from_slice(logits);
@@ -175,10 +184,15 @@ fn typical_filter(candidates: Vec<(usize, f32)>, probabilities: Vec<f32>, mass: 
     (candidates, probabilities)
 }
 
+/// `ln(Σ exp(x))`, computed without overflow: a token's log-probability is its logit minus this.
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln() + max
+}
+
 /// Natural-log probabilities of `logits`.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln() + max;
+    let log_sum = log_sum_exp(logits);
     logits.iter().map(|&x| x - log_sum).collect()
 }
 
