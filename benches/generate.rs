@@ -168,7 +168,7 @@ async fn stream_once(mut client: InferenceClient<tonic::transport::Channel>, ind
         model: MODEL.into(),
         prompt: Some(Prompt::Text(PROMPTS[index % PROMPTS.len()].into())),
         parameters: Some(GenerationParameters { max_new_tokens: Some(NEW_TOKENS as u32), ignore_eos: true, ..Default::default() }),
-        truncate_prompt: false,
+        ..Default::default()
     };
     let start = Instant::now();
     let mut stream = client.generate_stream(request).await.unwrap().into_inner();

@@ -33,7 +33,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(addr) = config.server.metrics_addr {
         telemetry::metrics::install(addr)?;
     }
-    let registry = Arc::new(Registry::scan(config.clone())?);
+    let registry = Arc::new(Registry::open(config.clone())?);
 
     let listener = TcpListener::bind(config.server.grpc_addr)
         .await
@@ -77,6 +77,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Load while the health check says NOT_SERVING, so orchestrators wait for warm models.
     registry.load_all(environment).await?;
+    tokio::spawn(Arc::clone(&registry).watch());
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!("all models loaded; serving");
 

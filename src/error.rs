@@ -55,6 +55,11 @@ pub enum Error {
         version: String,
         reason: String,
     },
+    #[error("route `{name}` does not exist")]
+    RouteNotFound { name: String },
+    /// The request conflicts with the server's state (e.g. unloading a version a route uses).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("model `{model}` queue is full ({capacity} texts waiting); retry later")]
     QueueFull { model: String, capacity: usize },
     #[error("the server is shutting down")]
@@ -79,7 +84,8 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::InvalidArgument { .. } => "invalid_argument",
-            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => "not_found",
+            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::RouteNotFound { .. } => "not_found",
+            Error::FailedPrecondition(_) => "failed_precondition",
             Error::TaskNotServed { .. } => "task_not_served",
             Error::ModelUnavailable { .. } => "unavailable",
             Error::QueueFull { .. } => "queue_full",

@@ -20,7 +20,7 @@ async fn generate_embed_and_classify_from_the_command_line() {
             model: "tiny-gpt2".into(),
             prompt: Some(Prompt::Text("To be, or not".into())),
             parameters: Some(GenerationParameters { max_new_tokens: Some(12), ..Default::default() }),
-            truncate_prompt: false,
+            ..Default::default()
         })
         .await
         .unwrap()

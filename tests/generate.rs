@@ -15,7 +15,7 @@ use tonic::Code;
 const GENERATORS: [&str; 3] = ["tiny-gpt2", "tiny-lstm", "tiny-transformer-lm"];
 
 fn request(model: &str, prompt: &str, parameters: GenerationParameters) -> GenerateRequest {
-    GenerateRequest { model: model.into(), prompt: Some(Prompt::Text(prompt.into())), parameters: Some(parameters), truncate_prompt: false }
+    GenerateRequest { model: model.into(), prompt: Some(Prompt::Text(prompt.into())), parameters: Some(parameters), ..Default::default() }
 }
 
 fn greedy(max_new_tokens: u32) -> GenerationParameters {
@@ -203,7 +203,7 @@ async fn prompts_as_token_ids_and_left_truncation() {
         model: "tiny-gpt2".into(),
         prompt: Some(Prompt::TokenIds(lmserve::api::proto::TokenIds { ids: prompt_ids })),
         parameters: Some(greedy(24)),
-        truncate_prompt: false,
+        ..Default::default()
     };
     let response = client.generate(by_ids).await.unwrap().into_inner();
     assert_eq!(ids(&response, 0), expected_ids(&case["greedy_ids"]));

@@ -117,7 +117,7 @@ async fn metrics_count_requests_by_model_and_outcome() {
 
     let body = http_get(metrics_port, "/metrics").await;
     for needle in [
-        r#"lmserve_requests_total{model="tiny-encoder",version="1",task="embed",outcome="ok"} 1"#,
+        r#"lmserve_requests_total{model="tiny-encoder",version="1",route="",arm="",task="embed",outcome="ok"} 1"#,
         r#"outcome="not_found""#,
         "lmserve_batch_size_rows_bucket",
         "lmserve_inference_duration_seconds_bucket",

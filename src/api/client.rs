@@ -27,7 +27,7 @@ fn status(error: tonic::Status) -> anyhow::Error {
 /// Streams a generation to stdout, token by token as the server produces them.
 pub async fn generate(addr: &str, model: String, prompt: String, parameters: GenerationParameters) -> anyhow::Result<()> {
     let mut client = connect(addr).await?;
-    let request = proto::GenerateRequest { model, prompt: Some(Prompt::Text(prompt.clone())), parameters: Some(parameters), truncate_prompt: false };
+    let request = proto::GenerateRequest { model, prompt: Some(Prompt::Text(prompt.clone())), parameters: Some(parameters), truncate_prompt: false, route_key: String::new() };
     let mut stream = client.generate_stream(request).await.map_err(status)?.into_inner();
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{prompt}")?;

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -13,6 +14,7 @@ use super::proto::{self};
 use super::generate;
 use crate::config::{GenerationConfig, LimitsConfig};
 use crate::registry::Registry;
+use crate::tasks::routing::Routing;
 use crate::tasks::{classify, embed, generate as generation, tokenize};
 
 /// Requests of one stream in flight at once; responses still leave in request order.
@@ -32,28 +34,27 @@ impl InferenceService {
         Self { registry, limits, generation }
     }
 
-    async fn embed_one(
-        &self,
-        request: proto::EmbedRequest,
-    ) -> Result<proto::EmbedResponse, Status> {
+    /// The routing key and pin of a request: its `route_key` field, else the configured headers.
+    fn routing(&self, metadata: &MetadataMap, route_key: &str) -> Routing {
+        let config = &self.registry.config().routing;
+        let header = |name: &str| metadata.get(name).and_then(|value| value.to_str().ok()).map(str::to_owned);
+        let key = if route_key.is_empty() { header(&config.key_header) } else { Some(route_key.to_owned()) };
+        Routing { key, pin: header(&config.pin_header) }
+    }
+
+    async fn embed_one(&self, request: proto::EmbedRequest, metadata: &MetadataMap) -> Result<proto::EmbedResponse, Status> {
+        let routing = self.routing(metadata, &request.route_key);
         let params = convert::embed_params(request)?;
         let span = tracing::info_span!("embed", model = %params.model, texts = params.texts.len());
-        let output = embed::embed(&self.registry, &self.limits, params)
-            .instrument(span)
-            .await?;
+        let output = embed::embed(&self.registry, &self.limits, params, &routing).instrument(span).await?;
         Ok(convert::embed_response(output))
     }
 
-    async fn classify_one(
-        &self,
-        request: proto::ClassifyRequest,
-    ) -> Result<proto::ClassifyResponse, Status> {
+    async fn classify_one(&self, request: proto::ClassifyRequest, metadata: &MetadataMap) -> Result<proto::ClassifyResponse, Status> {
+        let routing = self.routing(metadata, &request.route_key);
         let params = convert::classify_params(request)?;
-        let span =
-            tracing::info_span!("classify", model = %params.model, texts = params.texts.len());
-        let output = classify::classify(&self.registry, &self.limits, params)
-            .instrument(span)
-            .await?;
+        let span = tracing::info_span!("classify", model = %params.model, texts = params.texts.len());
+        let output = classify::classify(&self.registry, &self.limits, params, &routing).instrument(span).await?;
         Ok(convert::classify_response(output))
     }
 }
@@ -89,53 +90,44 @@ where
 #[tonic::async_trait]
 impl Inference for InferenceService {
     async fn generate(&self, request: Request<proto::GenerateRequest>) -> Result<Response<proto::GenerateResponse>, Status> {
-        let params = generate::params(request.into_inner());
+        let (metadata, _, request) = request.into_parts();
+        let routing = self.routing(&metadata, &request.route_key);
+        let params = generate::params(request);
         let span = tracing::info_span!("generate", model = %params.model);
-        let output = generation::generate(&self.registry, &self.generation, params).instrument(span).await?;
+        let output = generation::generate(&self.registry, &self.generation, params, &routing).instrument(span).await?;
         Ok(Response::new(generate::response(output)))
     }
 
     type GenerateStreamStream = generate::GenerateEventStream;
 
     async fn generate_stream(&self, request: Request<proto::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let params = generate::params(request.into_inner());
+        let (metadata, _, request) = request.into_parts();
+        let routing = self.routing(&metadata, &request.route_key);
+        let params = generate::params(request);
         let span = tracing::info_span!("generate_stream", model = %params.model);
-        let stream = generation::start(&self.registry, &self.generation, params).instrument(span).await?;
+        let stream = generation::start(&self.registry, &self.generation, params, &routing).instrument(span).await?;
         Ok(Response::new(generate::stream(stream)))
     }
 
-    async fn embed(
-        &self,
-        request: Request<proto::EmbedRequest>,
-    ) -> Result<Response<proto::EmbedResponse>, Status> {
-        self.embed_one(request.into_inner())
-            .await
-            .map(Response::new)
+    async fn embed(&self, request: Request<proto::EmbedRequest>) -> Result<Response<proto::EmbedResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        self.embed_one(request, &metadata).await.map(Response::new)
     }
 
     type EmbedStreamStream = ResponseStream<proto::EmbedResponse>;
 
-    async fn embed_stream(
-        &self,
-        request: Request<Streaming<proto::EmbedRequest>>,
-    ) -> Result<Response<Self::EmbedStreamStream>, Status> {
-        let service = self.clone();
-        Ok(Response::new(ordered(
-            request.into_inner(),
-            move |message| {
-                let service = service.clone();
-                async move { service.embed_one(message).await }
-            },
-        )))
+    async fn embed_stream(&self, request: Request<Streaming<proto::EmbedRequest>>) -> Result<Response<Self::EmbedStreamStream>, Status> {
+        let (metadata, _, requests) = request.into_parts();
+        let (service, metadata) = (self.clone(), Arc::new(metadata));
+        Ok(Response::new(ordered(requests, move |message| {
+            let (service, metadata) = (service.clone(), Arc::clone(&metadata));
+            async move { service.embed_one(message, &metadata).await }
+        })))
     }
 
-    async fn classify(
-        &self,
-        request: Request<proto::ClassifyRequest>,
-    ) -> Result<Response<proto::ClassifyResponse>, Status> {
-        self.classify_one(request.into_inner())
-            .await
-            .map(Response::new)
+    async fn classify(&self, request: Request<proto::ClassifyRequest>) -> Result<Response<proto::ClassifyResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        self.classify_one(request, &metadata).await.map(Response::new)
     }
 
     type ClassifyStreamStream = ResponseStream<proto::ClassifyResponse>;
@@ -144,14 +136,12 @@ impl Inference for InferenceService {
         &self,
         request: Request<Streaming<proto::ClassifyRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        let service = self.clone();
-        Ok(Response::new(ordered(
-            request.into_inner(),
-            move |message| {
-                let service = service.clone();
-                async move { service.classify_one(message).await }
-            },
-        )))
+        let (metadata, _, requests) = request.into_parts();
+        let (service, metadata) = (self.clone(), Arc::new(metadata));
+        Ok(Response::new(ordered(requests, move |message| {
+            let (service, metadata) = (service.clone(), Arc::clone(&metadata));
+            async move { service.classify_one(message, &metadata).await }
+        })))
     }
 
     async fn tokenize(

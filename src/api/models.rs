@@ -8,6 +8,7 @@ use super::proto::models_server::Models;
 use super::proto::{self};
 use crate::error::{Error, Task};
 use crate::registry::manifest::{Family, Manifest};
+use crate::config::routes::{ArmConfig, RouteConfig, ShadowConfig};
 use crate::registry::{LoadState, Registry, Slot, parse_target};
 
 pub struct ModelsService {
@@ -22,6 +23,40 @@ impl ModelsService {
 
 #[tonic::async_trait]
 impl Models for ModelsService {
+    async fn load_model(&self, request: Request<proto::LoadModelRequest>) -> Result<Response<proto::ModelInfo>, Status> {
+        let request = request.into_inner();
+        self.registry.load_model(&request.name, request.version).await?;
+        self.get_model(Request::new(proto::GetModelRequest { name: request.name })).await
+    }
+
+    async fn unload_model(&self, request: Request<proto::UnloadModelRequest>) -> Result<Response<proto::UnloadModelResponse>, Status> {
+        let request = request.into_inner();
+        let versions = self.registry.unload_model(&request.name, request.version)?;
+        Ok(Response::new(proto::UnloadModelResponse { versions: versions.iter().map(u64::to_string).collect() }))
+    }
+
+    async fn set_route(&self, request: Request<proto::SetRouteRequest>) -> Result<Response<proto::Route>, Status> {
+        let route = request.into_inner().route.ok_or_else(|| Error::invalid("route", "is missing"))?;
+        let (name, config) = route_config(route)?;
+        self.registry.set_route(&name, config)?;
+        Ok(Response::new(route_message(&name, &self.registry.get_route(&name)?)))
+    }
+
+    async fn delete_route(&self, request: Request<proto::DeleteRouteRequest>) -> Result<Response<proto::DeleteRouteResponse>, Status> {
+        self.registry.delete_route(&request.into_inner().name)?;
+        Ok(Response::new(proto::DeleteRouteResponse {}))
+    }
+
+    async fn get_route(&self, request: Request<proto::GetRouteRequest>) -> Result<Response<proto::Route>, Status> {
+        let name = request.into_inner().name;
+        Ok(Response::new(route_message(&name, &self.registry.get_route(&name)?)))
+    }
+
+    async fn list_routes(&self, _: Request<proto::ListRoutesRequest>) -> Result<Response<proto::ListRoutesResponse>, Status> {
+        let routes = self.registry.list_routes().iter().map(|(name, route)| route_message(name, route)).collect();
+        Ok(Response::new(proto::ListRoutesResponse { routes }))
+    }
+
     async fn list_models(
         &self,
         _: Request<proto::ListModelsRequest>,
@@ -131,4 +166,41 @@ fn describe_manifest(info: &mut proto::ModelVersion, manifest: &Manifest) {
         .map(|c| c.labels.clone())
         .unwrap_or_default();
     info.description = manifest.description.clone();
+}
+
+fn task_from_proto(value: i32) -> crate::error::Result<Task> {
+    match proto::Task::try_from(value) {
+        Ok(proto::Task::Generate) => Ok(Task::Generate),
+        Ok(proto::Task::Embed) => Ok(Task::Embed),
+        Ok(proto::Task::Classify) => Ok(Task::Classify),
+        Ok(proto::Task::Unspecified) | Err(_) => {
+            Err(Error::invalid("route.task", format!("must be TASK_GENERATE, TASK_EMBED or TASK_CLASSIFY; got {value}")))
+        }
+    }
+}
+
+fn task_to_proto(task: Task) -> i32 {
+    (match task {
+        Task::Generate => proto::Task::Generate,
+        Task::Embed => proto::Task::Embed,
+        Task::Classify => proto::Task::Classify,
+    }) as i32
+}
+
+fn route_config(route: proto::Route) -> crate::error::Result<(String, RouteConfig)> {
+    let config = RouteConfig {
+        task: task_from_proto(route.task)?,
+        arms: route.arms.into_iter().map(|arm| ArmConfig { target: arm.target, weight: arm.weight }).collect(),
+        shadow: route.shadow.map(|shadow| ShadowConfig { target: shadow.target, percent: shadow.percent }),
+    };
+    Ok((route.name, config))
+}
+
+fn route_message(name: &str, route: &RouteConfig) -> proto::Route {
+    proto::Route {
+        name: name.to_owned(),
+        task: task_to_proto(route.task),
+        arms: route.arms.iter().map(|arm| proto::RouteArm { target: arm.target.clone(), weight: arm.weight }).collect(),
+        shadow: route.shadow.as_ref().map(|shadow| proto::ShadowArm { target: shadow.target.clone(), percent: shadow.percent }),
+    }
 }

@@ -9,6 +9,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+pub mod routes;
+
+use routes::RouteConfig;
+
 /// Prefix of every environment variable the server reads as configuration.
 pub const ENV_PREFIX: &str = "LMSERVE_";
 /// Separates nested keys in environment variables: `LMSERVE_BATCHING__MAX_BATCH_SIZE`.
@@ -17,6 +21,8 @@ pub const ENV_NESTING: &str = "__";
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 /// The config file read from the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "lmserve.toml";
+/// The state file, beside the config file, when `state.path` is not set.
+pub const DEFAULT_STATE_FILE: &str = "lmserve-state.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -28,8 +34,44 @@ pub struct Config {
     pub generation: GenerationConfig,
     pub limits: LimitsConfig,
     pub logging: LoggingConfig,
+    pub routing: RoutingConfig,
+    pub state: StateConfig,
     /// Per-model overrides of the runtime settings, keyed by model name.
     pub models: BTreeMap<String, ModelOverrides>,
+    /// Routes defined at startup, keyed by route name.
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// How requests find a route's arm.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// gRPC metadata header carrying the sticky routing key (a request's `route_key` wins).
+    pub key_header: String,
+    /// gRPC metadata header pinning an arm by target or index, for debugging.
+    pub pin_header: String,
+    /// Shadow requests running at once; more are dropped (and counted), never queued.
+    pub shadow_concurrency: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self { key_header: "x-lmserve-route-key".into(), pin_header: "x-lmserve-route-arm".into(), shadow_concurrency: 4 }
+    }
+}
+
+/// Where route and load changes made through the API are kept across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// The state file; unset: no persistence.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self { path: Some(PathBuf::from(DEFAULT_STATE_FILE)) }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -48,6 +90,8 @@ pub struct ServerConfig {
 pub struct RepositoryConfig {
     /// Folder holding `<model>/<version>/model.toml`.
     pub path: PathBuf,
+    /// How often to rescan the folder for added and removed versions, in milliseconds; 0: never.
+    pub poll_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -152,6 +196,8 @@ pub struct LoggingConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelOverrides {
+    /// Which versions to load: "all" (default), "latest", "latest:N", or a list like "1,3".
+    pub versions: Option<String>,
     pub intra_threads: Option<usize>,
     pub sessions_per_model: Option<usize>,
     pub execution_providers: Option<Vec<String>>,
@@ -172,6 +218,7 @@ impl Default for RepositoryConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("models/repository"),
+            poll_interval_ms: 0,
         }
     }
 }
@@ -228,7 +275,10 @@ impl Default for Config {
             generation: GenerationConfig::default(),
             limits: LimitsConfig::default(),
             logging: LoggingConfig::default(),
+            routing: RoutingConfig::default(),
+            state: StateConfig::default(),
             models: BTreeMap::new(),
+            routes: BTreeMap::new(),
         }
     }
 }
@@ -278,6 +328,14 @@ impl Config {
         }
     }
 
+    /// The version policy of `model`.
+    pub fn version_policy(&self, model: &str) -> Result<VersionPolicy, String> {
+        match self.models.get(model).and_then(|m| m.versions.as_deref()) {
+            None => Ok(VersionPolicy::All),
+            Some(text) => VersionPolicy::parse(text).map_err(|reason| format!("models.{model}.versions: {reason}")),
+        }
+    }
+
     /// The ONNX Runtime library: config, then `ORT_DYLIB_PATH`, then the cache folder `make onnxruntime` fills.
     pub fn ort_library_candidates(&self) -> Vec<PathBuf> {
         let mut candidates = Vec::new();
@@ -289,6 +347,45 @@ impl Config {
         }
         candidates.push(PathBuf::from(crate::runtime::library::CACHED_LIBRARY));
         candidates
+    }
+}
+
+/// Which of a model's versions are loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    All,
+    Latest(usize),
+    Specific(Vec<u64>),
+}
+
+impl VersionPolicy {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "all" {
+            return Ok(VersionPolicy::All);
+        }
+        if text == "latest" {
+            return Ok(VersionPolicy::Latest(1));
+        }
+        if let Some(count) = text.strip_prefix("latest:") {
+            return match count.trim().parse::<usize>() {
+                Ok(count) if count > 0 => Ok(VersionPolicy::Latest(count)),
+                _ => Err(format!("`{text}`: latest:N needs N of at least 1")),
+            };
+        }
+        text.split(',')
+            .map(|part| part.trim().parse::<u64>().map_err(|_| format!("`{text}` is not all, latest, latest:N or a list like 1,3")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(VersionPolicy::Specific)
+    }
+
+    /// The versions of `available` (ascending) this policy selects.
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        match self {
+            VersionPolicy::All => available.to_vec(),
+            VersionPolicy::Latest(count) => available[available.len().saturating_sub(*count)..].to_vec(),
+            VersionPolicy::Specific(wanted) => available.iter().copied().filter(|v| wanted.contains(v)).collect(),
+        }
     }
 }
 
@@ -339,6 +436,17 @@ mod tests {
             assert!(Config::load(None, Figment::new()).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn version_policies_select_versions() {
+        let available = [1, 2, 5];
+        assert_eq!(VersionPolicy::parse("all").unwrap().select(&available), vec![1, 2, 5]);
+        assert_eq!(VersionPolicy::parse("latest").unwrap().select(&available), vec![5]);
+        assert_eq!(VersionPolicy::parse("latest:2").unwrap().select(&available), vec![2, 5]);
+        assert_eq!(VersionPolicy::parse("1, 5,9").unwrap().select(&available), vec![1, 5]);
+        assert!(VersionPolicy::parse("latest:0").is_err());
+        assert!(VersionPolicy::parse("newest").is_err());
     }
 
     #[test]

@@ -1,14 +1,19 @@
-//! The model registry: which models and versions exist, their load state, and how a request's
-//! `model` field ("name" or "name@version") resolves to a loaded version.
+//! The model registry: which models and versions exist, their load state, the route table,
+//! and how a request's `model` field ("name", "name@version" or a route) resolves to a loaded
+//! version. Loading and unloading live in `lifecycle`, routes in `route_table`.
 
 pub mod bindings;
+mod lifecycle;
 pub mod loader;
 pub mod manifest;
 pub mod repository;
+mod route_table;
+pub mod routes;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use tokenizers::Tokenizer;
 
@@ -16,12 +21,14 @@ use crate::config::Config;
 use crate::error::{Error, Result, Task};
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
-use crate::runtime::decoder::DecoderModel;
-use crate::scheduling::batcher::{Batcher, BatcherSettings};
-use crate::scheduling::continuous::{ContinuousLimits, ContinuousScheduler};
-use crate::scheduling::{BatchLimits, BatcherHandle};
-use crate::telemetry::metrics::{self, ModelLabels};
-use manifest::{Family, Manifest};
+use crate::scheduling::Batcher;
+use crate::scheduling::continuous::ContinuousScheduler;
+use crate::telemetry::metrics::ModelLabels;
+use manifest::Manifest;
+use routes::RouteConfig;
+use state::PersistedState;
+
+pub use route_table::{RouteRequest, Routed};
 
 /// A loaded, warmed-up model version ready to serve.
 pub struct ModelVersion {
@@ -35,7 +42,7 @@ pub struct ModelVersion {
     pub bindings: Arc<Bindings>,
     pub pad_id: i64,
     /// The dynamic batcher, for encoders.
-    pub batcher: Option<BatcherHandle>,
+    pub batcher: Option<Batcher>,
     /// The continuous batcher, for decoders and RNNs.
     pub generator: Option<ContinuousScheduler>,
     pub labels: ModelLabels,
@@ -61,7 +68,7 @@ impl Slot {
         self.state.read().expect("slot lock").clone()
     }
 
-    fn set(&self, state: LoadState) {
+    pub(crate) fn set(&self, state: LoadState) {
         *self.state.write().expect("slot lock") = state;
     }
 }
@@ -69,133 +76,40 @@ impl Slot {
 pub struct Registry {
     config: Config,
     models: RwLock<BTreeMap<String, BTreeMap<u64, Arc<Slot>>>>,
+    routes: RwLock<BTreeMap<String, RouteConfig>>,
+    /// What the API changed, as last written to the state file.
+    persisted: Mutex<PersistedState>,
+    /// Set once the first load starts; later loads (API, watch) reuse it.
+    environment: OnceLock<&'static ort::environment::Environment>,
+    /// Shadow requests running now; a full semaphore drops new shadow copies.
+    shadow_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Registry {
-    /// Scans the repository; every version starts out `Loading`.
-    pub fn scan(config: Config) -> anyhow::Result<Self> {
-        let mut models: BTreeMap<String, BTreeMap<u64, Arc<Slot>>> = BTreeMap::new();
-        for dir in repository::scan(&config.repository.path)? {
-            let slot = Slot {
-                model: dir.model.clone(),
-                version: dir.version,
-                path: dir.path,
-                state: RwLock::new(LoadState::Loading),
-            };
-            models
-                .entry(dir.model)
-                .or_default()
-                .insert(dir.version, Arc::new(slot));
-        }
-        if models.is_empty() {
-            tracing::warn!(path = %config.repository.path.display(), "the model repository holds no model versions");
-        }
-        Ok(Self {
+    /// Reads the state file (a corrupt one is an error naming it) and scans the repository;
+    /// the versions to serve start out `Loading`.
+    pub fn open(config: Config) -> anyhow::Result<Self> {
+        let persisted = match &config.state.path {
+            Some(path) => state::read(path)?.unwrap_or_default(),
+            None => PersistedState::default(),
+        };
+        let registry = Self {
+            models: RwLock::new(BTreeMap::new()),
+            routes: RwLock::new(BTreeMap::new()),
+            persisted: Mutex::new(persisted),
+            environment: OnceLock::new(),
+            shadow_permits: Arc::new(tokio::sync::Semaphore::new(config.routing.shadow_concurrency)),
             config,
-            models: RwLock::new(models),
-        })
+        };
+        registry.add_wanted_slots()?;
+        if registry.slots().is_empty() {
+            tracing::warn!(path = %registry.config.repository.path.display(), "the model repository holds no model versions to serve");
+        }
+        Ok(registry)
     }
 
-    /// Loads every version, one after another on a blocking thread. A version that fails is
-    /// marked failed with its reason; the others serve. Fails only when a required execution
-    /// provider is missing, which no model can work around.
-    pub async fn load_all(
-        &self,
-        environment: &'static ort::environment::Environment,
-    ) -> anyhow::Result<()> {
-        for slot in self.slots() {
-            let runtime = self.config.model_runtime(&slot.model);
-            let path = slot.path.clone();
-            let loaded =
-                tokio::task::spawn_blocking(move || loader::load(environment, &path, &runtime))
-                    .await?;
-            match loaded.and_then(|parts| self.serve(&slot, parts)) {
-                Ok(model) => {
-                    tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), "model ready");
-                    slot.set(LoadState::Ready(Arc::new(model)));
-                }
-                Err(error) => {
-                    let reason = format!("{error:#}");
-                    if reason.contains("required execution provider") {
-                        anyhow::bail!("{}@{}: {reason}", slot.model, slot.version);
-                    }
-                    tracing::error!(model = %slot.model, version = slot.version, %reason, "model failed to load");
-                    slot.set(LoadState::Failed(reason));
-                }
-            }
-        }
-        self.record_load_states();
-        Ok(())
-    }
-
-    /// Attaches the scheduler the model's family needs.
-    fn serve(&self, slot: &Slot, parts: loader::LoadedParts) -> anyhow::Result<ModelVersion> {
-        let labels = ModelLabels { model: slot.model.clone(), version: slot.version.to_string() };
-        let (mut batcher, mut generator) = (None, None);
-        match parts.manifest.family {
-            Family::Encoder => {
-                batcher = Some(Batcher::spawn(Arc::clone(&parts.pool), Arc::clone(&parts.bindings), parts.pad_id, self.batcher_settings(), labels.clone()));
-            }
-            Family::Decoder | Family::Rnn => {
-                let recurrent = parts.manifest.family == Family::Rnn;
-                let decoder = DecoderModel::new(Arc::clone(&parts.bindings), parts.pool.inputs(), recurrent, parts.pad_id).map_err(anyhow::Error::msg)?;
-                let generation = &self.config.generation;
-                let limits = ContinuousLimits {
-                    max_batch_size: generation.max_batch_size.max(1),
-                    max_total_tokens: generation.max_total_tokens.max(1),
-                    max_prefill_batch: generation.max_prefill_batch.max(1),
-                };
-                generator = Some(ContinuousScheduler::spawn(decoder, Arc::clone(&parts.pool), limits, generation.queue_capacity.max(1), labels.clone())?);
-            }
-        }
-        let logits_width = parts
-            .bindings
-            .logits
-            .as_ref()
-            .and_then(|name| parts.pool.outputs().iter().find(|spec| &spec.name == name))
-            .and_then(|spec| spec.shape.last().copied())
-            .filter(|&dim| dim > 0)
-            .unwrap_or(0) as usize;
-        Ok(ModelVersion {
-            name: slot.model.clone(),
-            version: slot.version,
-            vocab_size: parts.tokenizer.get_vocab_size(true).max(logits_width),
-            tokenizer: Arc::new(parts.tokenizer),
-            manifest: parts.manifest,
-            pool: parts.pool,
-            bindings: parts.bindings,
-            pad_id: parts.pad_id,
-            batcher,
-            generator,
-            labels,
-        })
-    }
-
-    fn batcher_settings(&self) -> BatcherSettings {
-        let batching = &self.config.batching;
-        BatcherSettings {
-            limits: BatchLimits {
-                max_batch_size: batching.max_batch_size.max(1),
-                max_batch_tokens: batching.max_batch_tokens.max(1),
-                max_padding_ratio: batching.max_padding_ratio.max(0.0),
-            },
-            max_wait: std::time::Duration::from_micros(batching.max_wait_micros),
-            queue_capacity: batching.queue_capacity.max(1),
-        }
-    }
-
-    fn record_load_states(&self) {
-        let (mut ready, mut failed, mut loading) = (0, 0, 0);
-        for slot in self.slots() {
-            match slot.state() {
-                LoadState::Ready(_) => ready += 1,
-                LoadState::Failed(_) => failed += 1,
-                LoadState::Loading => loading += 1,
-            }
-        }
-        metrics::models_loaded("ready", ready);
-        metrics::models_loaded("failed", failed);
-        metrics::models_loaded("loading", loading);
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Every version slot, ordered by model then version.

@@ -1,6 +1,7 @@
 //! The dynamic batcher for one encoder model version: a handle that queues texts, and a loop
 //! that waits for a free session, lets a batch gather for at most `max_wait`, and runs it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,47 +33,37 @@ struct Pending {
 struct Shared {
     state: Mutex<BatchState<Pending>>,
     work: Notify,
+    closed: AtomicBool,
     labels: ModelLabels,
 }
 
-/// Queues texts for the batcher; cheap to clone.
-#[derive(Clone)]
-pub struct BatcherHandle {
+/// Queues texts for one model version's batching loop. Dropping it stops the loop once the
+/// texts already queued have run.
+pub struct Batcher {
     shared: Arc<Shared>,
 }
 
-pub struct Batcher;
-
-impl Batcher {
-    /// Starts the batching loop for `pool` on the current tokio runtime; it ends when every
-    /// handle is dropped.
-    pub fn spawn(
-        pool: Arc<SessionPool>,
-        bindings: Arc<Bindings>,
-        pad_id: i64,
-        settings: BatcherSettings,
-        labels: ModelLabels,
-    ) -> BatcherHandle {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(BatchState::new(settings.queue_capacity)),
-            work: Notify::new(),
-            labels,
-        });
-        let weak = Arc::downgrade(&shared);
-        tokio::spawn(async move {
-            let runner = Runner {
-                pool,
-                bindings,
-                pad_id,
-                settings,
-            };
-            runner.run(weak).await;
-        });
-        BatcherHandle { shared }
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.work.notify_one();
     }
 }
 
-impl BatcherHandle {
+impl Batcher {
+    /// Starts the batching loop for `pool` on the current tokio runtime.
+    pub fn spawn(pool: Arc<SessionPool>, bindings: Arc<Bindings>, pad_id: i64, settings: BatcherSettings, labels: ModelLabels) -> Batcher {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(BatchState::new(settings.queue_capacity)),
+            work: Notify::new(),
+            closed: AtomicBool::new(false),
+            labels,
+        });
+        let runner = Runner { pool, bindings, pad_id, settings, shared: Arc::clone(&shared) };
+        tokio::spawn(runner.run());
+        Batcher { shared }
+    }
+
     /// Runs `rows` (one per text) in whatever batches the loop forms, and returns their outputs
     /// in the same order. All rows are queued or none: a full queue is RESOURCE_EXHAUSTED.
     pub async fn submit(&self, rows: Vec<EncoderRow>) -> Result<Vec<EncoderRowOutput>> {
@@ -124,16 +115,15 @@ struct Runner {
     bindings: Arc<Bindings>,
     pad_id: i64,
     settings: BatcherSettings,
+    shared: Arc<Shared>,
 }
 
 impl Runner {
-    async fn run(self, shared: std::sync::Weak<Shared>) {
+    async fn run(self) {
         loop {
             let lease = self.pool.acquire().await;
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            let batch = self.gather(&shared).await;
+            let shared = &self.shared;
+            let Some(batch) = self.gather(shared).await else { return };
             if batch.is_empty() {
                 continue;
             }
@@ -144,7 +134,6 @@ impl Runner {
             for pending in &batch {
                 span.follows_from(pending.span.id());
             }
-            drop(shared);
             tokio::spawn(
                 async move {
                     let rows: Vec<EncoderRow> =
@@ -165,8 +154,9 @@ impl Runner {
         }
     }
 
-    /// Waits for work, lets the batch gather for at most `max_wait`, then takes it.
-    async fn gather(&self, shared: &Shared) -> Vec<Pending> {
+    /// Waits for work, lets the batch gather for at most `max_wait`, then takes it; `None` once
+    /// the batcher is closed and its queue is empty.
+    async fn gather(&self, shared: &Shared) -> Option<Vec<Pending>> {
         loop {
             let oldest = {
                 let mut state = shared.state.lock().expect("batch state lock");
@@ -186,8 +176,9 @@ impl Runner {
                     let mut state = shared.state.lock().expect("batch state lock");
                     let batch = state.next_batch(&self.settings.limits);
                     metrics::queue_depth(&shared.labels, state.len());
-                    return batch.into_iter().map(|queued| queued.item).collect();
+                    return Some(batch.into_iter().map(|queued| queued.item).collect());
                 }
+                None if shared.closed.load(Ordering::Acquire) => return None,
                 None => shared.work.notified().await,
             }
         }

@@ -7,4 +7,4 @@ pub mod batcher;
 pub mod continuous;
 
 pub use batch_state::{BatchLimits, BatchState};
-pub use batcher::{Batcher, BatcherHandle};
+pub use batcher::Batcher;

@@ -1,10 +1,13 @@
 //! Classify: tokenize, batch, and turn class logits into ranked label scores.
 
+use std::sync::Arc;
+
+use super::routing::{self, Routing};
 use super::text::{self, Truncate};
 use super::{RequestMetrics, ServedBy, check_texts};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
-use crate::registry::Registry;
+use crate::registry::{ModelVersion, Registry};
 use crate::runtime::encoder::EncoderRow;
 use crate::telemetry::metrics;
 
@@ -51,6 +54,7 @@ pub async fn classify(
     registry: &Registry,
     limits: &LimitsConfig,
     params: ClassifyParams,
+    routing: &Routing,
 ) -> Result<ClassifyOutput> {
     let mut request = RequestMetrics::start(Task::Classify.as_str());
     let result = async {
@@ -61,68 +65,48 @@ pub async fn classify(
                 "must be at least 1 when set; got 0",
             ));
         }
-        let model = registry.resolve(&params.model, Some(Task::Classify))?;
-        request.model(&model);
-        let settings =
-            model.manifest.classify.as_ref().ok_or_else(|| {
-                Error::Internal(format!("{} has no [classify] section", model.name))
-            })?;
-
-        let encoded = text::encode_all(&model, params.texts, params.truncate).await?;
-        metrics::input_tokens(
-            &model.labels,
-            Task::Classify.as_str(),
-            encoded.iter().map(|e| e.ids.len()).sum(),
-        );
-        let rows = encoded
-            .iter()
-            .map(|e| EncoderRow {
-                ids: e.ids.clone(),
-                pooling: None,
-                logits: true,
-            })
-            .collect();
-        let batcher = model
-            .batcher
-            .as_ref()
-            .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
-        let outputs = batcher.submit(rows).await?;
-
-        let top_k = params.top_k.map_or(settings.labels.len(), |k| k as usize);
-        let classifications = outputs
-            .into_iter()
-            .zip(encoded)
-            .map(|(output, encoded)| {
-                let logits = output
-                    .logits
-                    .ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
-                if logits.len() != settings.labels.len() {
-                    return Err(Error::Internal(format!(
-                        "the model returned {} scores for {} labels",
-                        logits.len(),
-                        settings.labels.len()
-                    )));
-                }
-                let scores = match (params.scores, settings.multi_label) {
-                    (ScoreKind::Raw, _) => logits,
-                    (ScoreKind::Probability, false) => softmax(&logits),
-                    (ScoreKind::Probability, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
-                };
-                Ok(Classification {
-                    labels: rank(&scores, &settings.labels, top_k),
-                    token_count: encoded.ids.len(),
-                    truncated: encoded.truncated,
-                    multi_label: settings.multi_label,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ClassifyOutput {
-            classifications,
-            served_by: ServedBy::of(&model),
-        })
+        let (model, served_by) = routing::route(registry, &params.model, Task::Classify, routing, &mut request, |shadow| {
+            let params = params.clone();
+            async move { classify_on(&shadow, params).await }
+        })?;
+        let classifications = classify_on(&model, params).await?;
+        Ok(ClassifyOutput { classifications, served_by })
     }
     .await;
     request.finish(result)
+}
+
+/// Classifies on one model version.
+async fn classify_on(model: &Arc<ModelVersion>, params: ClassifyParams) -> Result<Vec<Classification>> {
+    let settings = model.manifest.classify.as_ref().ok_or_else(|| Error::Internal(format!("{} has no [classify] section", model.name)))?;
+    let encoded = text::encode_all(model, params.texts, params.truncate).await?;
+    metrics::input_tokens(&model.labels, Task::Classify.as_str(), encoded.iter().map(|e| e.ids.len()).sum());
+    let rows = encoded.iter().map(|e| EncoderRow { ids: e.ids.clone(), pooling: None, logits: true }).collect();
+    let batcher = model.batcher.as_ref().ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+    let outputs = batcher.submit(rows).await?;
+
+    let top_k = params.top_k.map_or(settings.labels.len(), |k| k as usize);
+    outputs
+        .into_iter()
+        .zip(encoded)
+        .map(|(output, encoded)| {
+            let logits = output.logits.ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
+            if logits.len() != settings.labels.len() {
+                return Err(Error::Internal(format!("the model returned {} scores for {} labels", logits.len(), settings.labels.len())));
+            }
+            let scores = match (params.scores, settings.multi_label) {
+                (ScoreKind::Raw, _) => logits,
+                (ScoreKind::Probability, false) => softmax(&logits),
+                (ScoreKind::Probability, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
+            };
+            Ok(Classification {
+                labels: rank(&scores, &settings.labels, top_k),
+                token_count: encoded.ids.len(),
+                truncated: encoded.truncated,
+                multi_label: settings.multi_label,
+            })
+        })
+        .collect()
 }
 
 /// Labels with their scores, best first, at most `top_k`.

@@ -2,11 +2,14 @@
 
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use super::routing::{self, Routing};
 use super::text::{self, Truncate};
 use super::{RequestMetrics, ServedBy, check_texts};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
-use crate::registry::Registry;
+use crate::registry::{ModelVersion, Registry};
 use crate::runtime::encoder::{EncoderRow, Pooling};
 use crate::telemetry::metrics;
 
@@ -34,67 +37,46 @@ pub struct EmbedOutput {
     pub served_by: ServedBy,
 }
 
-pub async fn embed(
-    registry: &Registry,
-    limits: &LimitsConfig,
-    params: EmbedParams,
-) -> Result<EmbedOutput> {
+pub async fn embed(registry: &Registry, limits: &LimitsConfig, params: EmbedParams, routing: &Routing) -> Result<EmbedOutput> {
     let mut request = RequestMetrics::start(Task::Embed.as_str());
     let result = async {
         check_texts(&params.texts, limits)?;
-        let model = registry.resolve(&params.model, Some(Task::Embed))?;
-        request.model(&model);
-        let settings = model.manifest.embed_settings();
-        let pooling = params.pooling.unwrap_or(settings.pooling);
-        let normalize = params.normalize.unwrap_or(settings.normalize);
-
-        let started = Instant::now();
-        let encoded = text::encode_all(&model, params.texts, params.truncate).await?;
-        metrics::tokenize_time(&model.labels, started.elapsed());
-        metrics::input_tokens(
-            &model.labels,
-            Task::Embed.as_str(),
-            encoded.iter().map(|e| e.ids.len()).sum(),
-        );
-
-        let rows = encoded
-            .iter()
-            .map(|e| EncoderRow {
-                ids: e.ids.clone(),
-                pooling: Some(pooling),
-                logits: false,
-            })
-            .collect();
-        let batcher = model
-            .batcher
-            .as_ref()
-            .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
-        let outputs = batcher.submit(rows).await?;
-
-        let embeddings = outputs
-            .into_iter()
-            .zip(encoded)
-            .map(|(output, encoded)| {
-                let mut values = output
-                    .pooled
-                    .ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
-                if normalize {
-                    l2_normalize(&mut values);
-                }
-                Ok(Embedding {
-                    values,
-                    token_count: encoded.ids.len(),
-                    truncated: encoded.truncated,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(EmbedOutput {
-            embeddings,
-            served_by: ServedBy::of(&model),
-        })
+        let (model, served_by) = routing::route(registry, &params.model, Task::Embed, routing, &mut request, |shadow| {
+            let params = params.clone();
+            async move { embed_on(&shadow, params).await }
+        })?;
+        let embeddings = embed_on(&model, params).await?;
+        Ok(EmbedOutput { embeddings, served_by })
     }
     .await;
     request.finish(result)
+}
+
+/// Embeds on one model version.
+async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<Embedding>> {
+    let settings = model.manifest.embed_settings();
+    let pooling = params.pooling.unwrap_or(settings.pooling);
+    let normalize = params.normalize.unwrap_or(settings.normalize);
+
+    let started = Instant::now();
+    let encoded = text::encode_all(model, params.texts, params.truncate).await?;
+    metrics::tokenize_time(&model.labels, started.elapsed());
+    metrics::input_tokens(&model.labels, Task::Embed.as_str(), encoded.iter().map(|e| e.ids.len()).sum());
+
+    let rows = encoded.iter().map(|e| EncoderRow { ids: e.ids.clone(), pooling: Some(pooling), logits: false }).collect();
+    let batcher = model.batcher.as_ref().ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+    let outputs = batcher.submit(rows).await?;
+    outputs
+        .into_iter()
+        .zip(encoded)
+        .map(|(output, encoded)| {
+            let mut values = output.pooled.ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
+            if normalize {
+                l2_normalize(&mut values);
+            }
+            Ok(Embedding { values, token_count: encoded.ids.len(), truncated: encoded.truncated })
+        })
+        .collect()
 }
 
 /// Scales `values` to unit length; a zero vector stays zero.

@@ -3,6 +3,7 @@
 pub mod classify;
 pub mod embed;
 pub mod generate;
+pub mod routing;
 pub mod text;
 pub mod tokenize;
 
@@ -12,19 +13,18 @@ use crate::error::{Error, Result};
 use crate::registry::ModelVersion;
 use crate::telemetry::metrics::{self, ModelLabels, Outcome};
 
-/// The model version that served a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The model version that served a request, and the route arm that chose it (if any).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServedBy {
     pub model: String,
     pub version: String,
+    pub route: String,
+    pub arm: String,
 }
 
 impl ServedBy {
     pub fn of(model: &ModelVersion) -> Self {
-        Self {
-            model: model.name.clone(),
-            version: model.version.to_string(),
-        }
+        Self { model: model.name.clone(), version: model.version.to_string(), ..Default::default() }
     }
 }
 
@@ -33,6 +33,7 @@ pub(crate) struct RequestMetrics {
     task: &'static str,
     started: Instant,
     labels: Option<ModelLabels>,
+    route: (String, String),
 }
 
 impl RequestMetrics {
@@ -41,7 +42,12 @@ impl RequestMetrics {
             task,
             started: Instant::now(),
             labels: None,
+            route: Default::default(),
         }
+    }
+
+    pub fn route(&mut self, route: &str, arm: &str) {
+        self.route = (route.to_owned(), arm.to_owned());
     }
 
     pub fn model(&mut self, model: &ModelVersion) {
@@ -55,7 +61,8 @@ impl RequestMetrics {
         };
         match (&self.labels, &result) {
             (Some(labels), _) => {
-                metrics::request_finished(labels, self.task, outcome, self.started.elapsed())
+                let route = metrics::RouteLabels { route: &self.route.0, arm: &self.route.1 };
+                metrics::request_finished(labels, route, self.task, outcome, self.started.elapsed())
             }
             (None, Err(error)) => metrics::request_rejected(self.task, error.kind()),
             (None, Ok(_)) => {}

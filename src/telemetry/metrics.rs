@@ -20,6 +20,8 @@ pub const QUEUE_DEPTH: &str = "lmserve_queue_depth_texts";
 pub const QUEUE_REJECTED_TOTAL: &str = "lmserve_queue_rejected_total";
 pub const INPUT_TOKENS_TOTAL: &str = "lmserve_input_tokens_total";
 pub const MODELS_LOADED: &str = "lmserve_models_loaded";
+pub const SHADOW_REQUESTS_TOTAL: &str = "lmserve_shadow_requests_total";
+pub const SHADOW_SECONDS: &str = "lmserve_shadow_duration_seconds";
 pub const PREFILL_SECONDS: &str = "lmserve_prefill_duration_seconds";
 pub const DECODE_STEP_SECONDS: &str = "lmserve_decode_step_duration_seconds";
 pub const DECODE_BATCH_SIZE: &str = "lmserve_decode_batch_size_sequences";
@@ -38,6 +40,13 @@ const SIZE_BUCKETS: &[f64] = &[
 pub struct ModelLabels {
     pub model: String,
     pub version: String,
+}
+
+/// The route and arm a request went through; empty strings when it named a model directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLabels<'a> {
+    pub route: &'a str,
+    pub arm: &'a str,
 }
 
 /// How a request ended, for `lmserve_requests_total`.
@@ -118,6 +127,8 @@ fn describe() {
         "Tokens fed to models, by model, version and task."
     );
     describe_gauge!(MODELS_LOADED, Unit::Count, "Model versions by load state.");
+    describe_counter!(SHADOW_REQUESTS_TOTAL, Unit::Count, "Shadow copies by route, shadow arm and outcome (ok, an error kind, or dropped under load).");
+    describe_histogram!(SHADOW_SECONDS, Unit::Seconds, "Duration of shadow copies, by route and shadow arm.");
     describe_histogram!(PREFILL_SECONDS, Unit::Seconds, "Time of one prefill run (prompts joining the decode batch).");
     describe_histogram!(DECODE_STEP_SECONDS, Unit::Seconds, "Time of one decode step over the whole batch.");
     describe_histogram!(DECODE_BATCH_SIZE, Unit::Count, "Sequences in one decode step.");
@@ -125,20 +136,31 @@ fn describe() {
     describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Time from request arrival to its first generated token.");
 }
 
-pub fn request_finished(
-    labels: &ModelLabels,
-    task: &'static str,
-    outcome: Outcome,
-    elapsed: Duration,
-) {
-    counter!(REQUESTS_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone(), "task" => task, "outcome" => outcome.as_str()).increment(1);
-    histogram!(REQUEST_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone(), "task" => task).record(elapsed);
+pub fn request_finished(labels: &ModelLabels, route: RouteLabels<'_>, task: &'static str, outcome: Outcome, elapsed: Duration) {
+    counter!(
+        REQUESTS_TOTAL,
+        "model" => labels.model.clone(),
+        "version" => labels.version.clone(),
+        "route" => route.route.to_owned(),
+        "arm" => route.arm.to_owned(),
+        "task" => task,
+        "outcome" => outcome.as_str()
+    )
+    .increment(1);
+    histogram!(
+        REQUEST_SECONDS,
+        "model" => labels.model.clone(),
+        "version" => labels.version.clone(),
+        "route" => route.route.to_owned(),
+        "arm" => route.arm.to_owned(),
+        "task" => task
+    )
+    .record(elapsed);
 }
 
 /// A request that failed before a model version was chosen (unknown model, bad argument).
 pub fn request_rejected(task: &'static str, kind: &'static str) {
-    counter!(REQUESTS_TOTAL, "model" => "", "version" => "", "task" => task, "outcome" => kind)
-        .increment(1);
+    counter!(REQUESTS_TOTAL, "model" => "", "version" => "", "route" => "", "arm" => "", "task" => task, "outcome" => kind).increment(1);
 }
 
 pub fn input_tokens(labels: &ModelLabels, task: &'static str, tokens: usize) {
@@ -193,4 +215,12 @@ pub fn generated_tokens(labels: &ModelLabels, tokens: usize) {
 
 pub fn time_to_first_token(labels: &ModelLabels, elapsed: Duration) {
     histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
+}
+
+pub fn shadow_finished(route: &str, arm: &str, outcome: &'static str) {
+    counter!(SHADOW_REQUESTS_TOTAL, "route" => route.to_owned(), "arm" => arm.to_owned(), "outcome" => outcome).increment(1);
+}
+
+pub fn shadow_time(route: &str, arm: &str, elapsed: Duration) {
+    histogram!(SHADOW_SECONDS, "route" => route.to_owned(), "arm" => arm.to_owned()).record(elapsed);
 }

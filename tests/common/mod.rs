@@ -60,6 +60,7 @@ impl TestServer {
             .args((!options.args.iter().any(|arg| arg == "--metrics-addr")).then_some("--no-metrics"))
             .args(&options.args)
             .env("LMSERVE_LOGGING__FILTER", "info,ort=error")
+            .env("LMSERVE_STATE__PATH", logs.path().join("state.json"))
             .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap());

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use self::driver::{Driver, Event, FinishReason, GeneratedToken, StopRules};
-use self::params::{GenerateParams, Prompt};
+use self::params::{Checked, GenerateParams, Prompt};
 use self::sampling::Sampler;
 use self::text::TextStream;
+use super::routing::{self, Routing};
 use super::{RequestMetrics, ServedBy};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result, Task};
@@ -121,19 +122,27 @@ impl Drop for GenerationStream {
 }
 
 /// Starts generating; the returned stream yields the events.
-pub async fn start(registry: &Registry, config: &GenerationConfig, params: GenerateParams) -> Result<GenerationStream> {
+pub async fn start(registry: &Registry, config: &GenerationConfig, params: GenerateParams, routing: &Routing) -> Result<GenerationStream> {
     let mut request = RequestMetrics::start(Task::Generate.as_str());
+    let routed = params.check(config).and_then(|checked| {
+        let (model, served_by) = routing::route(registry, &params.model, Task::Generate, routing, &mut request, |shadow| {
+            let (checked, params) = (checked.clone(), params.clone());
+            async move { collect(start_on(shadow, ServedBy::default(), &checked, params, None)?).await }
+        })?;
+        Ok((checked, model, served_by))
+    });
+    match routed {
+        Ok((checked, model, served_by)) => start_on(model, served_by, &checked, params, Some(request)),
+        Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
+    }
+}
+
+/// Starts generating on one model version.
+fn start_on(model: Arc<ModelVersion>, served_by: ServedBy, checked: &Checked, params: GenerateParams, request: Option<RequestMetrics>) -> Result<GenerationStream> {
     let arrived = Instant::now();
-    let prepared = (|| {
-        let checked = params.check(config)?;
-        let model = registry.resolve(&params.model, Some(Task::Generate))?;
-        request.model(&model);
-        let prompt = prompt_ids(&model, params.prompt.clone(), params.truncate_prompt)?;
-        Ok((checked, model, prompt))
-    })();
-    let (checked, model, prompt) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return Err(request.finish::<()>(Err(error)).unwrap_err()),
+    let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt) {
+        Ok(prompt) => prompt,
+        Err(error) => return Err(finish_early(request, error)),
     };
     let context_left = model.manifest.max_length - prompt.len();
     let max_new_tokens = checked.max_new_tokens.min(context_left);
@@ -145,7 +154,7 @@ pub async fn start(registry: &Registry, config: &GenerationConfig, params: Gener
     metrics::input_tokens(&model.labels, Task::Generate.as_str(), prompt.len() * checked.n);
 
     let (sender, events) = mpsc::unbounded_channel();
-    let vocab = model.tokenizer.get_vocab_size(true).max(model.vocab_size);
+    let vocab = model.vocab_size;
     let prompt_u32: Vec<u32> = prompt.iter().map(|&id| id as u32).collect();
     let jobs = (0..checked.n)
         .map(|index| {
@@ -156,13 +165,15 @@ pub async fn start(registry: &Registry, config: &GenerationConfig, params: Gener
             GenerationJob { prompt: prompt.clone(), reserved_tokens: prompt.len() + max_new_tokens, driver: Box::new(driver) }
         })
         .collect();
-    let scheduler = model.generator.as_ref().ok_or_else(|| Error::Internal(format!("{} has no scheduler", model.name)));
-    let submitted = scheduler.and_then(|scheduler| scheduler.submit(jobs));
+    let submitted = match &model.generator {
+        Some(scheduler) => scheduler.submit(jobs),
+        None => Err(Error::Internal(format!("{} has no scheduler", model.name))),
+    };
     if let Err(error) = submitted {
-        return Err(request.finish::<()>(Err(error)).unwrap_err());
+        return Err(finish_early(request, error));
     }
     Ok(GenerationStream {
-        served_by: ServedBy::of(&model),
+        served_by,
         prompt_tokens: prompt.len(),
         sequences: checked.n,
         events,
@@ -171,9 +182,16 @@ pub async fn start(registry: &Registry, config: &GenerationConfig, params: Gener
         first_token: None,
         finished_sequences: 0,
         generated_tokens: 0,
-        metrics: Some(request),
+        metrics: request,
         model,
     })
+}
+
+fn finish_early(request: Option<RequestMetrics>, error: Error) -> Error {
+    match request {
+        Some(request) => request.finish::<()>(Err(error)).unwrap_err(),
+        None => error,
+    }
 }
 
 /// One finished sequence.
@@ -197,8 +215,12 @@ pub struct GenerateOutput {
 
 /// Generates to the end and returns everything at once; the text of each sequence is the
 /// concatenation of the deltas a stream would have carried.
-pub async fn generate(registry: &Registry, config: &GenerationConfig, params: GenerateParams) -> Result<GenerateOutput> {
-    let mut stream = start(registry, config, params).await?;
+pub async fn generate(registry: &Registry, config: &GenerationConfig, params: GenerateParams, routing: &Routing) -> Result<GenerateOutput> {
+    collect(start(registry, config, params, routing).await?).await
+}
+
+/// Follows a generation to its end.
+async fn collect(mut stream: GenerationStream) -> Result<GenerateOutput> {
     let mut sequences: Vec<Sequence> = (0..stream.sequences)
         .map(|index| Sequence { index, text: String::new(), tokens: Vec::new(), finish_reason: None, stop_sequence: None })
         .collect();

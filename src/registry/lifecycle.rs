@@ -1,0 +1,327 @@
+//! Loading and unloading model versions: at startup, through the API, and when a repository
+//! watch sees versions come and go. A replaced or unloaded version keeps serving the requests
+//! that already hold it; its schedulers stop once those are done.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use super::manifest::Family;
+use super::{LoadState, ModelVersion, Registry, Slot, loader, repository, state};
+use crate::config::VersionPolicy;
+use crate::error::{Error, Result};
+use crate::runtime::decoder::DecoderModel;
+use crate::scheduling::batcher::BatcherSettings;
+use crate::scheduling::continuous::{ContinuousLimits, ContinuousScheduler};
+use crate::scheduling::{BatchLimits, Batcher};
+use crate::telemetry::metrics::{self, ModelLabels};
+
+fn key(model: &str, version: u64) -> String {
+    format!("{model}@{version}")
+}
+
+impl Registry {
+    /// Adds a `Loading` slot for every version on disk that policy and state say to serve.
+    pub(super) fn add_wanted_slots(&self) -> anyhow::Result<Vec<Arc<Slot>>> {
+        let found = repository::scan(&self.config.repository.path)?;
+        let persisted = self.persisted.lock().expect("state lock").clone();
+        let mut added = Vec::new();
+        let mut models = self.models.write().expect("registry lock");
+        let names: BTreeSet<&str> = found.iter().map(|dir| dir.model.as_str()).collect();
+        for name in names {
+            let available: Vec<u64> = found.iter().filter(|dir| dir.model == name).map(|dir| dir.version).collect();
+            let policy = self.config.version_policy(name).map_err(anyhow::Error::msg)?;
+            let selected = policy.select(&available);
+            for dir in found.iter().filter(|dir| dir.model == name) {
+                let id = key(name, dir.version);
+                let wanted = (selected.contains(&dir.version) || persisted.loaded.contains(&id)) && !persisted.unloaded.contains(&id);
+                let present = models.get(name).is_some_and(|versions| versions.contains_key(&dir.version));
+                if wanted && !present {
+                    let slot = Arc::new(Slot { model: dir.model.clone(), version: dir.version, path: dir.path.clone(), state: RwLock::new(LoadState::Loading) });
+                    models.entry(dir.model.clone()).or_default().insert(dir.version, Arc::clone(&slot));
+                    added.push(slot);
+                }
+            }
+        }
+        Ok(added)
+    }
+
+    /// Loads every slot still `Loading`, one after another, then installs the routes. A version
+    /// that fails is marked failed with its reason; the others serve. Fails only when a required
+    /// execution provider is missing, which no model can work around.
+    pub async fn load_all(&self, environment: &'static ort::environment::Environment) -> anyhow::Result<()> {
+        let _ = self.environment.set(environment);
+        for slot in self.slots().into_iter().filter(|slot| matches!(slot.state(), LoadState::Loading)) {
+            if let Err(reason) = self.load_slot(&slot).await {
+                if reason.contains("required execution provider") {
+                    anyhow::bail!("{}@{}: {reason}", slot.model, slot.version);
+                }
+            }
+        }
+        self.install_startup_routes();
+        self.record_load_states();
+        Ok(())
+    }
+
+    /// Loads one slot on a blocking thread and publishes the result in it.
+    async fn load_slot(&self, slot: &Arc<Slot>) -> Result<(), String> {
+        let environment = *self.environment.get().ok_or("the runtime is not initialised yet")?;
+        let runtime = self.config.model_runtime(&slot.model);
+        let path = slot.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || loader::load(environment, &path, &runtime))
+            .await
+            .map_err(|error| format!("loader failed: {error}"))?;
+        match loaded.and_then(|parts| self.serve(slot, parts)) {
+            Ok(model) => {
+                tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), "model ready");
+                slot.set(LoadState::Ready(Arc::new(model)));
+                Ok(())
+            }
+            Err(error) => {
+                let reason = format!("{error:#}");
+                tracing::error!(model = %slot.model, version = slot.version, %reason, "model failed to load");
+                // A reload that fails leaves the working version in place.
+                if !matches!(slot.state(), LoadState::Ready(_)) {
+                    slot.set(LoadState::Failed(reason.clone()));
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    /// Attaches the scheduler the model's family needs.
+    fn serve(&self, slot: &Slot, parts: loader::LoadedParts) -> anyhow::Result<ModelVersion> {
+        let labels = ModelLabels { model: slot.model.clone(), version: slot.version.to_string() };
+        let (mut batcher, mut generator) = (None, None);
+        match parts.manifest.family {
+            Family::Encoder => {
+                batcher = Some(Batcher::spawn(Arc::clone(&parts.pool), Arc::clone(&parts.bindings), parts.pad_id, self.batcher_settings(), labels.clone()));
+            }
+            Family::Decoder | Family::Rnn => {
+                let recurrent = parts.manifest.family == Family::Rnn;
+                let decoder = DecoderModel::new(Arc::clone(&parts.bindings), parts.pool.inputs(), recurrent, parts.pad_id).map_err(anyhow::Error::msg)?;
+                let generation = &self.config.generation;
+                let limits = ContinuousLimits {
+                    max_batch_size: generation.max_batch_size.max(1),
+                    max_total_tokens: generation.max_total_tokens.max(1),
+                    max_prefill_batch: generation.max_prefill_batch.max(1),
+                };
+                generator = Some(ContinuousScheduler::spawn(decoder, Arc::clone(&parts.pool), limits, generation.queue_capacity.max(1), labels.clone())?);
+            }
+        }
+        let logits_width = parts
+            .bindings
+            .logits
+            .as_ref()
+            .and_then(|name| parts.pool.outputs().iter().find(|spec| &spec.name == name))
+            .and_then(|spec| spec.shape.last().copied())
+            .filter(|&dim| dim > 0)
+            .unwrap_or(0) as usize;
+        Ok(ModelVersion {
+            name: slot.model.clone(),
+            version: slot.version,
+            vocab_size: parts.tokenizer.get_vocab_size(true).max(logits_width),
+            tokenizer: Arc::new(parts.tokenizer),
+            manifest: parts.manifest,
+            pool: parts.pool,
+            bindings: parts.bindings,
+            pad_id: parts.pad_id,
+            batcher,
+            generator,
+            labels,
+        })
+    }
+
+    fn batcher_settings(&self) -> BatcherSettings {
+        let batching = &self.config.batching;
+        BatcherSettings {
+            limits: BatchLimits {
+                max_batch_size: batching.max_batch_size.max(1),
+                max_batch_tokens: batching.max_batch_tokens.max(1),
+                max_padding_ratio: batching.max_padding_ratio.max(0.0),
+            },
+            max_wait: Duration::from_micros(batching.max_wait_micros),
+            queue_capacity: batching.queue_capacity.max(1),
+        }
+    }
+
+    pub(super) fn record_load_states(&self) {
+        let (mut ready, mut failed, mut loading) = (0, 0, 0);
+        for slot in self.slots() {
+            match slot.state() {
+                LoadState::Ready(_) => ready += 1,
+                LoadState::Failed(_) => failed += 1,
+                LoadState::Loading => loading += 1,
+            }
+        }
+        metrics::models_loaded("ready", ready);
+        metrics::models_loaded("failed", failed);
+        metrics::models_loaded("loading", loading);
+    }
+
+    /// Loads (or reloads) `name`'s versions from the repository folder: one version, or those
+    /// its policy selects. A reload swaps in the new instance only once it is warm.
+    pub async fn load_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
+        check_model_name(name)?;
+        let found: Vec<_> = repository::scan(&self.config.repository.path)
+            .map_err(|error| Error::Internal(format!("{error:#}")))?
+            .into_iter()
+            .filter(|dir| dir.model == name)
+            .collect();
+        if found.is_empty() {
+            return Err(Error::ModelNotFound { name: name.to_owned() });
+        }
+        let available: Vec<u64> = found.iter().map(|dir| dir.version).collect();
+        let versions = match version {
+            Some(version) if available.contains(&version) => vec![version],
+            Some(version) => {
+                return Err(Error::VersionNotFound {
+                    model: name.to_owned(),
+                    version: version.to_string(),
+                    available: available.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+                });
+            }
+            None => self.config.version_policy(name).unwrap_or(VersionPolicy::All).select(&available),
+        };
+        let mut failures = Vec::new();
+        for dir in found.iter().filter(|dir| versions.contains(&dir.version)) {
+            // A fresh slot for the new instance; the old one keeps serving until the swap.
+            let fresh = Arc::new(Slot { model: dir.model.clone(), version: dir.version, path: dir.path.clone(), state: RwLock::new(LoadState::Loading) });
+            let existing = self.models.read().expect("registry lock").get(name).and_then(|v| v.get(&dir.version).cloned());
+            let target = match &existing {
+                Some(slot) if matches!(slot.state(), LoadState::Ready(_)) => Arc::clone(&fresh),
+                Some(slot) => Arc::clone(slot),
+                None => {
+                    self.models.write().expect("registry lock").entry(name.to_owned()).or_default().insert(dir.version, Arc::clone(&fresh));
+                    Arc::clone(&fresh)
+                }
+            };
+            match self.load_slot(&target).await {
+                Ok(()) => {
+                    if let (Some(existing), LoadState::Ready(model)) = (&existing, target.state()) {
+                        existing.set(LoadState::Ready(model));
+                    }
+                }
+                Err(reason) => failures.push(format!("{name}@{}: {reason}", dir.version)),
+            }
+            let mut persisted = self.persisted.lock().expect("state lock");
+            persisted.unloaded.remove(&key(name, dir.version));
+            persisted.loaded.insert(key(name, dir.version));
+        }
+        self.persist()?;
+        self.record_load_states();
+        if !failures.is_empty() {
+            return Err(Error::ModelUnavailable { model: name.to_owned(), version: versions.iter().map(u64::to_string).collect::<Vec<_>>().join(","), reason: failures.join("; ") });
+        }
+        Ok(versions)
+    }
+
+    /// Unloads `name` (every version, or one). Refused while a route uses what would go.
+    pub fn unload_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
+        check_model_name(name)?;
+        let slots = self.model_slots(name).ok_or_else(|| Error::ModelNotFound { name: name.to_owned() })?;
+        let versions: Vec<u64> = match version {
+            Some(version) if slots.iter().any(|slot| slot.version == version) => vec![version],
+            Some(version) => {
+                return Err(Error::VersionNotFound {
+                    model: name.to_owned(),
+                    version: version.to_string(),
+                    available: slots.iter().map(|slot| slot.version.to_string()).collect::<Vec<_>>().join(", "),
+                });
+            }
+            None => slots.iter().map(|slot| slot.version).collect(),
+        };
+        let leaves_none = versions.len() == slots.len();
+        if let Some(route) = self.route_using(name, &versions, leaves_none) {
+            return Err(Error::FailedPrecondition(format!(
+                "route `{route}` uses {name}{}; change or delete the route first",
+                version.map(|v| format!("@{v}")).unwrap_or_default()
+            )));
+        }
+        self.remove_versions(name, &versions);
+        {
+            let mut persisted = self.persisted.lock().expect("state lock");
+            for &version in &versions {
+                persisted.loaded.remove(&key(name, version));
+                persisted.unloaded.insert(key(name, version));
+            }
+        }
+        self.persist()?;
+        self.record_load_states();
+        tracing::info!(model = name, ?versions, "unloaded");
+        Ok(versions)
+    }
+
+    fn remove_versions(&self, name: &str, versions: &[u64]) {
+        let mut models = self.models.write().expect("registry lock");
+        if let Some(slots) = models.get_mut(name) {
+            for version in versions {
+                // Requests holding this version finish on it; it is dropped with the last one.
+                slots.remove(version);
+            }
+            if slots.is_empty() {
+                models.remove(name);
+            }
+        }
+    }
+
+    /// Writes what the API changed to the state file, when persistence is on.
+    pub(super) fn persist(&self) -> Result<()> {
+        let Some(path) = &self.config.state.path else { return Ok(()) };
+        let mut persisted = self.persisted.lock().expect("state lock");
+        persisted.routes = Some(self.routes.read().expect("routes lock").clone());
+        state::write(path, &persisted).map_err(|error| Error::Internal(format!("writing the state file {}: {error}", path.display())))
+    }
+
+    /// Watches the repository folder: loads versions that appear (as policy and state allow)
+    /// and unloads versions whose folder is gone, unless a route still uses them.
+    pub async fn watch(self: Arc<Self>) {
+        let interval = self.config.repository.poll_interval_ms;
+        if interval == 0 {
+            return;
+        }
+        let mut ticker = tokio::time::interval(Duration::from_millis(interval));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            if let Err(error) = self.rescan().await {
+                tracing::warn!(error = %format!("{error:#}"), "repository rescan failed");
+            }
+        }
+    }
+
+    async fn rescan(&self) -> anyhow::Result<()> {
+        for slot in self.add_wanted_slots()? {
+            tracing::info!(model = %slot.model, version = slot.version, "new version in the repository");
+            let _ = self.load_slot(&slot).await;
+        }
+        let on_disk: BTreeSet<(String, u64)> = repository::scan(&self.config.repository.path)?.into_iter().map(|dir| (dir.model, dir.version)).collect();
+        for slot in self.slots() {
+            if on_disk.contains(&(slot.model.clone(), slot.version)) {
+                continue;
+            }
+            let remaining = self.model_slots(&slot.model).map_or(0, |slots| slots.len());
+            match self.route_using(&slot.model, &[slot.version], remaining == 1) {
+                Some(route) => tracing::warn!(model = %slot.model, version = slot.version, %route, "version folder removed but a route uses it; keeping it loaded"),
+                None => {
+                    tracing::info!(model = %slot.model, version = slot.version, "version folder removed; unloading");
+                    self.remove_versions(&slot.model, &[slot.version]);
+                }
+            }
+        }
+        self.record_load_states();
+        Ok(())
+    }
+}
+
+/// A model name from a client must stay inside the repository folder.
+fn check_model_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid("name", "must name a model folder; got an empty string"));
+    }
+    if name.contains('/') || name.contains('\\') || name.contains("..") || name.contains('\0') || name.starts_with('.') {
+        return Err(Error::invalid("name", format!("`{name}` must be a plain folder name inside the repository (no path separators, no \"..\")")));
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! Routing a request: pick the model version (directly or through a route's arm), and send a
+//! copy to the route's shadow arm in the background, where it can neither slow nor fail the
+//! request itself.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{RequestMetrics, ServedBy};
+use crate::error::{Result, Task};
+use crate::registry::{ModelVersion, Registry, RouteRequest};
+use crate::telemetry::metrics;
+
+/// What the caller sent for routing: a sticky key and an optional pinned arm.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub key: Option<String>,
+    pub pin: Option<String>,
+}
+
+/// Resolves `target` for `task`; when the route shadows this request, starts `shadow` on the
+/// shadow model and forgets it (its outcome goes to metrics and logs only).
+pub(crate) fn route<T, F, Fut>(
+    registry: &Registry,
+    target: &str,
+    task: Task,
+    routing: &Routing,
+    request: &mut RequestMetrics,
+    shadow: F,
+) -> Result<(Arc<ModelVersion>, ServedBy)>
+where
+    F: FnOnce(Arc<ModelVersion>) -> Fut,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let routed = registry.route(target, task, RouteRequest { key: routing.key.as_deref(), pin: routing.pin.as_deref() })?;
+    request.model(&routed.model);
+    let mut served_by = ServedBy::of(&routed.model);
+    if let Some(choice) = routed.choice {
+        request.route(&choice.route, &choice.arm);
+        served_by.route = choice.route;
+        served_by.arm = choice.arm;
+    }
+    if let Some(copy) = routed.shadow {
+        let work = shadow(Arc::clone(&copy.model));
+        tokio::spawn(async move {
+            let _permit = copy.permit;
+            let started = Instant::now();
+            let outcome = match work.await {
+                Ok(_) => "ok",
+                Err(error) => {
+                    tracing::info!(route = %copy.route, shadow = %copy.arm, %error, "shadow request failed");
+                    error.kind()
+                }
+            };
+            metrics::shadow_finished(&copy.route, &copy.arm, outcome);
+            metrics::shadow_time(&copy.route, &copy.arm, started.elapsed());
+        });
+    }
+    Ok((routed.model, served_by))
+}
