@@ -150,6 +150,7 @@ async fn streamed_deltas_concatenate_to_the_unary_text() {
             let last = messages.last().unwrap();
             assert_eq!(last.finish_reason, FinishReason::Length as i32);
             assert_eq!(last.generated_tokens, 48);
+            assert_eq!(last.served_by.as_ref().unwrap().model, model, "the last message says who served it too");
             assert!(last.timings.unwrap().total_seconds > 0.0);
         }
     }

@@ -149,6 +149,17 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
         assert_eq!((served_by.route.as_str(), served_by.arm.as_str(), served_by.model.as_str()), ("chat", "gen@1", "gen"));
         assert_eq!(response.sequences[0].tokens.len(), 5);
     }
+    // Streams say which route and arm served them in their first and last messages.
+    let mut stream = client.clone().generate_stream(request.clone()).await.unwrap().into_inner();
+    let mut messages = Vec::new();
+    while let Some(message) = futures::StreamExt::next(&mut stream).await {
+        messages.push(message.unwrap());
+    }
+    for message in [messages.first().unwrap(), messages.last().unwrap()] {
+        let served_by = message.served_by.as_ref().unwrap();
+        assert_eq!((served_by.route.as_str(), served_by.arm.as_str()), ("chat", "gen@1"));
+    }
+
     let long_text = vec!["a long passage to keep the shadow encoder busy ".repeat(20)];
     let answers = join_all((0..64).map(|i| {
         let mut client = client.clone();
@@ -170,7 +181,8 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
     };
     assert!(shadow_count("chat", "invalid_argument") >= 1, "{body}");
     assert!(shadow_count("vectors", "dropped") >= 1, "{body}");
-    assert!(body.contains(r#"route="chat",arm="gen@1",task="generate",outcome="ok"} 3"#), "{body}");
+    assert!(body.contains(r#"route="chat",arm="gen@1",task="generate",outcome="ok"} 4"#), "{body}");
+    assert!(body.contains(r#"lmserve_generated_tokens_total{model="gen",version="1",route="chat",arm="gen@1",task="generate"} 20"#), "{body}");
 }
 
 #[tokio::test]
@@ -347,4 +359,28 @@ async fn routes_from_the_config_file_serve_at_startup() {
     let mut models = server.models().await;
     assert_eq!(models.get_route(GetRouteRequest { name: "broken".into() }).await.unwrap_err().code(), Code::NotFound);
     assert!(server.stderr().contains("route left out"), "{}", server.stderr());
+}
+
+#[tokio::test]
+async fn version_policies_choose_what_loads_and_explicit_loads_persist() {
+    let repository = ab_repository();
+    let folder = tempfile::tempdir().unwrap();
+    let config = folder.path().join("lmserve.toml");
+    std::fs::write(&config, "[models.w2v]\nversions = \"latest\"\n").unwrap();
+    let state = folder.path().join("state.json");
+    let options = || ServerOptions {
+        repository: repository.path().to_owned(),
+        args: vec!["--config".into(), config.to_str().unwrap().into()],
+        env: vec![("LMSERVE_STATE__PATH".into(), state.to_str().unwrap().into())],
+    };
+    let versions = |info: proto::ModelInfo| info.versions.into_iter().map(|v| v.version).collect::<Vec<_>>();
+    {
+        let server = TestServer::start_with(options()).await;
+        let mut models = server.models().await;
+        assert_eq!(versions(models.get_model(GetModelRequest { name: "w2v".into() }).await.unwrap().into_inner()), ["2"]);
+        models.load_model(LoadModelRequest { name: "w2v".into(), version: Some(1) }).await.unwrap();
+    }
+    let server = TestServer::start_with(options()).await;
+    let mut models = server.models().await;
+    assert_eq!(versions(models.get_model(GetModelRequest { name: "w2v".into() }).await.unwrap().into_inner()), ["1", "2"]);
 }

@@ -131,13 +131,6 @@ impl Registry {
             .map(|versions| versions.values().cloned().collect())
     }
 
-    /// Whether every version has finished loading, successfully or not.
-    pub fn settled(&self) -> bool {
-        self.slots()
-            .iter()
-            .all(|slot| !matches!(slot.state(), LoadState::Loading))
-    }
-
     /// Resolves a request's `model` field to a ready version that serves `task` (any task when `None`).
     pub fn resolve(&self, target: &str, task: Option<Task>) -> Result<Arc<ModelVersion>> {
         let (name, version) = parse_target(target)?;

@@ -57,7 +57,7 @@ impl DecoderModel {
             (true, true) => Carry::Recurrent,
             (true, false) => Carry::KvCache,
         };
-        if carry != Carry::Recurrent && (bindings.attention_mask.is_none() || bindings.position_ids.is_none()) && carry == Carry::KvCache {
+        if carry == Carry::KvCache && (bindings.attention_mask.is_none() || bindings.position_ids.is_none()) {
             return Err("a KV-cache decoder needs attention_mask and position_ids inputs to batch sequences of different lengths".into());
         }
         Ok(Self { carry, bindings, state_shapes, pad_id })

@@ -84,11 +84,11 @@ pub fn run(
     let wants_logits = rows.iter().any(|row| row.logits);
 
     let hidden = match (&bindings.hidden_states, wants_pooled) {
-        (Some(name), true) => Some(outputs[name.as_str()].try_extract_tensor::<f32>()?),
+        (Some(name), true) => Some(output(&outputs, name)?.try_extract_tensor::<f32>()?),
         _ => None,
     };
     let logits = match (&bindings.logits, wants_logits) {
-        (Some(name), true) => Some(outputs[name.as_str()].try_extract_tensor::<f32>()?),
+        (Some(name), true) => Some(output(&outputs, name)?.try_extract_tensor::<f32>()?),
         _ => None,
     };
 
@@ -107,6 +107,10 @@ pub fn run(
         results.push(result);
     }
     Ok(results)
+}
+
+fn output<'o>(outputs: &'o ort::session::SessionOutputs<'_>, name: &str) -> ort::Result<&'o ort::value::DynValue> {
+    outputs.get(name).ok_or_else(|| ort::Error::new(format!("the model returned no `{name}` output")))
 }
 
 /// Pools the first `length` token states of one row (`states` is `[T, hidden_size]`, row-major).

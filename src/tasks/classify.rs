@@ -9,7 +9,6 @@ use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
 use crate::runtime::encoder::EncoderRow;
-use crate::telemetry::metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScoreKind {
@@ -70,6 +69,7 @@ pub async fn classify(
             async move { classify_on(&shadow, params).await }
         })?;
         let classifications = classify_on(&model, params).await?;
+        request.tokens(classifications.iter().map(|c| c.token_count).sum(), 0);
         Ok(ClassifyOutput { classifications, served_by })
     }
     .await;
@@ -80,7 +80,6 @@ pub async fn classify(
 async fn classify_on(model: &Arc<ModelVersion>, params: ClassifyParams) -> Result<Vec<Classification>> {
     let settings = model.manifest.classify.as_ref().ok_or_else(|| Error::Internal(format!("{} has no [classify] section", model.name)))?;
     let encoded = text::encode_all(model, params.texts, params.truncate).await?;
-    metrics::input_tokens(&model.labels, Task::Classify.as_str(), encoded.iter().map(|e| e.ids.len()).sum());
     let rows = encoded.iter().map(|e| EncoderRow { ids: e.ids.clone(), pooling: None, logits: true }).collect();
     let batcher = model.batcher.as_ref().ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     let outputs = batcher.submit(rows).await?;

@@ -46,6 +46,7 @@ pub async fn embed(registry: &Registry, limits: &LimitsConfig, params: EmbedPara
             async move { embed_on(&shadow, params).await }
         })?;
         let embeddings = embed_on(&model, params).await?;
+        request.tokens(embeddings.iter().map(|e| e.token_count).sum(), 0);
         Ok(EmbedOutput { embeddings, served_by })
     }
     .await;
@@ -61,7 +62,6 @@ async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<
     let started = Instant::now();
     let encoded = text::encode_all(model, params.texts, params.truncate).await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
-    metrics::input_tokens(&model.labels, Task::Embed.as_str(), encoded.iter().map(|e| e.ids.len()).sum());
 
     let rows = encoded.iter().map(|e| EncoderRow { ids: e.ids.clone(), pooling: Some(pooling), logits: false }).collect();
     let batcher = model.batcher.as_ref().ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;

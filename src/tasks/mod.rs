@@ -34,6 +34,8 @@ pub(crate) struct RequestMetrics {
     started: Instant,
     labels: Option<ModelLabels>,
     route: (String, String),
+    input_tokens: usize,
+    generated_tokens: usize,
 }
 
 impl RequestMetrics {
@@ -43,11 +45,19 @@ impl RequestMetrics {
             started: Instant::now(),
             labels: None,
             route: Default::default(),
+            input_tokens: 0,
+            generated_tokens: 0,
         }
     }
 
     pub fn route(&mut self, route: &str, arm: &str) {
         self.route = (route.to_owned(), arm.to_owned());
+    }
+
+    /// Tokens the request fed to the model and generated.
+    pub fn tokens(&mut self, input: usize, generated: usize) {
+        self.input_tokens = input;
+        self.generated_tokens = generated;
     }
 
     pub fn model(&mut self, model: &ModelVersion) {
@@ -62,7 +72,8 @@ impl RequestMetrics {
         match (&self.labels, &result) {
             (Some(labels), _) => {
                 let route = metrics::RouteLabels { route: &self.route.0, arm: &self.route.1 };
-                metrics::request_finished(labels, route, self.task, outcome, self.started.elapsed())
+                metrics::request_finished(labels, route, self.task, outcome, self.started.elapsed());
+                metrics::request_tokens(labels, route, self.task, self.input_tokens, self.generated_tokens);
             }
             (None, Err(error)) => metrics::request_rejected(self.task, error.kind()),
             (None, Ok(_)) => {}

@@ -124,7 +124,7 @@ fn describe() {
     describe_counter!(
         INPUT_TOKENS_TOTAL,
         Unit::Count,
-        "Tokens fed to models, by model, version and task."
+        "Tokens fed to models, by model, version, route, arm and task."
     );
     describe_gauge!(MODELS_LOADED, Unit::Count, "Model versions by load state.");
     describe_counter!(SHADOW_REQUESTS_TOTAL, Unit::Count, "Shadow copies by route, shadow arm and outcome (ok, an error kind, or dropped under load).");
@@ -132,7 +132,7 @@ fn describe() {
     describe_histogram!(PREFILL_SECONDS, Unit::Seconds, "Time of one prefill run (prompts joining the decode batch).");
     describe_histogram!(DECODE_STEP_SECONDS, Unit::Seconds, "Time of one decode step over the whole batch.");
     describe_histogram!(DECODE_BATCH_SIZE, Unit::Count, "Sequences in one decode step.");
-    describe_counter!(GENERATED_TOKENS_TOTAL, Unit::Count, "Tokens generated, by model and version.");
+    describe_counter!(GENERATED_TOKENS_TOTAL, Unit::Count, "Tokens generated, by model, version, route and arm.");
     describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Time from request arrival to its first generated token.");
 }
 
@@ -163,8 +163,18 @@ pub fn request_rejected(task: &'static str, kind: &'static str) {
     counter!(REQUESTS_TOTAL, "model" => "", "version" => "", "route" => "", "arm" => "", "task" => task, "outcome" => kind).increment(1);
 }
 
-pub fn input_tokens(labels: &ModelLabels, task: &'static str, tokens: usize) {
-    counter!(INPUT_TOKENS_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone(), "task" => task).increment(tokens as u64);
+pub fn request_tokens(labels: &ModelLabels, route: RouteLabels<'_>, task: &'static str, input: usize, generated: usize) {
+    let labels = [
+        ("model", labels.model.clone()),
+        ("version", labels.version.clone()),
+        ("route", route.route.to_owned()),
+        ("arm", route.arm.to_owned()),
+        ("task", task.to_owned()),
+    ];
+    counter!(INPUT_TOKENS_TOTAL, &labels).increment(input as u64);
+    if generated > 0 {
+        counter!(GENERATED_TOKENS_TOTAL, &labels).increment(generated as u64);
+    }
 }
 
 pub fn tokenize_time(labels: &ModelLabels, elapsed: Duration) {
@@ -209,9 +219,6 @@ pub fn decode_step(labels: &ModelLabels, elapsed: Duration, sequences: usize) {
     histogram!(DECODE_BATCH_SIZE, "model" => labels.model.clone(), "version" => labels.version.clone()).record(sequences as f64);
 }
 
-pub fn generated_tokens(labels: &ModelLabels, tokens: usize) {
-    counter!(GENERATED_TOKENS_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone()).increment(tokens as u64);
-}
 
 pub fn time_to_first_token(labels: &ModelLabels, elapsed: Duration) {
     histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);

@@ -101,8 +101,8 @@ impl GenerationStream {
     }
 
     fn close(&mut self, last: &Option<Event>) {
-        metrics::generated_tokens(&self.model.labels, self.generated_tokens);
-        if let Some(request) = self.metrics.take() {
+        if let Some(mut request) = self.metrics.take() {
+            request.tokens(self.prompt_tokens * self.sequences, self.generated_tokens);
             let result = match last {
                 Some(Event::Failed { message, .. }) => Err(Error::Internal(message.clone())),
                 _ => Ok(()),
@@ -151,7 +151,6 @@ fn start_on(model: Arc<ModelVersion>, served_by: ServedBy, checked: &Checked, pa
         stop_ids.extend(model.manifest.eos_token_ids.iter().map(|&id| i64::from(id)));
     }
     let rules = StopRules { max_new_tokens, min_new_tokens: checked.min_new_tokens.min(max_new_tokens), stop_ids, top_logprobs: checked.top_logprobs };
-    metrics::input_tokens(&model.labels, Task::Generate.as_str(), prompt.len() * checked.n);
 
     let (sender, events) = mpsc::unbounded_channel();
     let vocab = model.vocab_size;
