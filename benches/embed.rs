@@ -33,15 +33,32 @@ fn in_process(parts: &LoadedParts, texts: &[String], batch: usize, sorted: bool)
         .iter()
         .map(|text| {
             let encoding = parts.tokenizer.encode(text.as_str(), false).unwrap();
-            encoding.get_ids().iter().take(parts.manifest.max_length).map(|&id| i64::from(id)).collect()
+            encoding
+                .get_ids()
+                .iter()
+                .take(parts.manifest.max_length)
+                .map(|&id| i64::from(id))
+                .collect()
         })
         .collect();
     if sorted {
         ids.sort_by_key(Vec::len);
     }
     for chunk in ids.chunks(batch) {
-        let rows: Vec<EncoderRow> = chunk.iter().map(|ids| EncoderRow { ids: ids.clone(), pooling: Some(Pooling::Mean), logits: false }).collect();
-        parts.pool.each_session(|session| encoder::run(session, &parts.bindings, parts.pad_id, &rows).map(|_| ())).unwrap();
+        let rows: Vec<EncoderRow> = chunk
+            .iter()
+            .map(|ids| EncoderRow {
+                ids: ids.clone(),
+                pooling: Some(Pooling::Mean),
+                logits: false,
+            })
+            .collect();
+        parts
+            .pool
+            .each_session(|session| {
+                encoder::run(session, &parts.bindings, parts.pad_id, &rows).map(|_| ())
+            })
+            .unwrap();
     }
     texts.len() as f64 / start.elapsed().as_secs_f64()
 }
@@ -50,25 +67,65 @@ fn main() {
     let texts = Arc::new(common::read_lines(&common::root().join("bench/texts.txt")));
     let environment = common::ort_environment();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("Embed benchmark: {MODEL}, {} texts of 3-150 words per pass, {cores} cores", texts.len());
+    println!(
+        "Embed benchmark: {MODEL}, {} texts of 3-150 words per pass, {cores} cores",
+        texts.len()
+    );
 
     let mut best: Option<(f64, LoadedParts, usize)> = None;
     for threads in [1, cores] {
-        let runtime = ModelRuntime { intra_threads: threads, sessions: 1, execution_providers: vec!["cpu".into()], required_provider: None };
-        let parts = loader::load(environment, &common::model_dir(MODEL), &runtime).expect("load model");
+        let runtime = ModelRuntime {
+            intra_threads: threads,
+            sessions: 1,
+            execution_providers: vec!["cpu".into()],
+            required_provider: None,
+        };
+        let parts =
+            loader::load(environment, &common::model_dir(MODEL), &runtime).expect("load model");
         in_process(&parts, &texts, BATCH, true);
         println!("in-process, {threads} intra-op thread(s):");
-        common::print_row("  one text per run", median((0..3).map(|_| in_process(&parts, &texts, 1, false)).collect()), "texts/s", None);
-        common::print_row(&format!("  unsorted batches of {BATCH}"), median((0..3).map(|_| in_process(&parts, &texts, BATCH, false)).collect()), "texts/s", None);
-        let sorted = median((0..3).map(|_| in_process(&parts, &texts, BATCH, true)).collect());
-        common::print_row(&format!("  length-sorted batches of {BATCH}"), sorted, "texts/s", None);
+        common::print_row(
+            "  one text per run",
+            median(
+                (0..3)
+                    .map(|_| in_process(&parts, &texts, 1, false))
+                    .collect(),
+            ),
+            "texts/s",
+            None,
+        );
+        common::print_row(
+            &format!("  unsorted batches of {BATCH}"),
+            median(
+                (0..3)
+                    .map(|_| in_process(&parts, &texts, BATCH, false))
+                    .collect(),
+            ),
+            "texts/s",
+            None,
+        );
+        let sorted = median(
+            (0..3)
+                .map(|_| in_process(&parts, &texts, BATCH, true))
+                .collect(),
+        );
+        common::print_row(
+            &format!("  length-sorted batches of {BATCH}"),
+            sorted,
+            "texts/s",
+            None,
+        );
         if best.as_ref().is_none_or(|(rate, ..)| sorted > *rate) {
             best = Some((sorted, parts, threads));
         }
     }
     let (_, limit, limit_threads) = best.expect("measured");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let server = runtime.block_on(common::Server::start(&[]));
     let client = runtime.block_on(async { InferenceClient::new(server.channel().await) });
     let serve = |concurrency: usize| {
@@ -78,7 +135,12 @@ fn main() {
             let texts = Arc::clone(&texts);
             async move {
                 for text in texts.iter().skip(worker).step_by(concurrency) {
-                    let request = EmbedRequest { model: MODEL.into(), texts: vec![text.clone()], truncate: 1, ..Default::default() };
+                    let request = EmbedRequest {
+                        model: MODEL.into(),
+                        texts: vec![text.clone()],
+                        truncate: 1,
+                        ..Default::default()
+                    };
                     client.embed(request).await.unwrap();
                 }
             }
@@ -88,7 +150,9 @@ fn main() {
     serve(8);
     println!(
         "server (one text per request; defaults: {} sessions x 1 thread) against length-sorted batches of {BATCH} in-process ({limit_threads} thread(s)):",
-        lmserve::config::Config::default().runtime.sessions_per_model
+        lmserve::config::Config::default()
+            .runtime
+            .sessions_per_model
     );
     for concurrency in [1, 8, 32] {
         let (mut rates, mut ratios) = (Vec::new(), Vec::new());
@@ -98,7 +162,16 @@ fn main() {
             rates.push(rate);
             ratios.push(rate / baseline);
         }
-        common::print_row(&format!("  concurrency {concurrency}"), median(rates), "texts/s", None);
-        println!("{:<58} {:>9.2}x of the in-process limit (median of {REPEATS} paired runs)", "", median(ratios));
+        common::print_row(
+            &format!("  concurrency {concurrency}"),
+            median(rates),
+            "texts/s",
+            None,
+        );
+        println!(
+            "{:<58} {:>9.2}x of the in-process limit (median of {REPEATS} paired runs)",
+            "",
+            median(ratios)
+        );
     }
 }

@@ -20,10 +20,21 @@ const MODEL: &str = "tiny-gpt2";
 const NEW_TOKENS: usize = 128;
 /// Each figure is the median of this many runs; one run of a tiny model is too short to trust.
 const REPEATS: usize = 7;
-const PROMPTS: [&str; 4] = ["To be, or not to be", "ROMEO.", "My lord, the queen", "What light through yonder window breaks"];
+const PROMPTS: [&str; 4] = [
+    "To be, or not to be",
+    "ROMEO.",
+    "My lord, the queen",
+    "What light through yonder window breaks",
+];
 
 /// The plain greedy loop with a KV cache: what one sequence costs with nothing around it.
-fn direct_loop(session: &mut Session, prompts: &[Vec<i64>], layers: usize, heads: usize, head_dim: usize) -> (Duration, Duration) {
+fn direct_loop(
+    session: &mut Session,
+    prompts: &[Vec<i64>],
+    layers: usize,
+    heads: usize,
+    head_dim: usize,
+) -> (Duration, Duration) {
     let batch = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap();
     let mut ids = Vec::new();
@@ -36,19 +47,38 @@ fn direct_loop(session: &mut Session, prompts: &[Vec<i64>], layers: usize, heads
         positions.extend(std::iter::repeat_n(0_i64, pad).chain(0..prompt.len() as i64));
     }
     let mut past: Vec<DynValue> = (0..layers * 2)
-        .map(|_| Tensor::from_array(([batch, heads, 0, head_dim], Vec::<f32>::new())).unwrap().into_dyn())
+        .map(|_| {
+            Tensor::from_array(([batch, heads, 0, head_dim], Vec::<f32>::new()))
+                .unwrap()
+                .into_dyn()
+        })
         .collect();
     let mut fed: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-    let mut columns = width;
     let start = Instant::now();
     let mut first_token = Duration::ZERO;
     let mut input = (ids, [batch, width]);
     let mut position = positions;
     for step in 0..NEW_TOKENS {
+        let columns = width + step;
         let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = vec![
-            ("input_ids".into(), Tensor::from_array((input.1, input.0.clone())).unwrap().into()),
-            ("attention_mask".into(), Tensor::from_array(([batch, columns], mask.clone())).unwrap().into()),
-            ("position_ids".into(), Tensor::from_array((input.1, position.clone())).unwrap().into()),
+            (
+                "input_ids".into(),
+                Tensor::from_array((input.1, input.0.clone()))
+                    .unwrap()
+                    .into(),
+            ),
+            (
+                "attention_mask".into(),
+                Tensor::from_array(([batch, columns], mask.clone()))
+                    .unwrap()
+                    .into(),
+            ),
+            (
+                "position_ids".into(),
+                Tensor::from_array((input.1, position.clone()))
+                    .unwrap()
+                    .into(),
+            ),
         ];
         for (i, value) in past.drain(..).enumerate() {
             let kind = if i % 2 == 0 { "key" } else { "value" };
@@ -60,7 +90,10 @@ fn direct_loop(session: &mut Session, prompts: &[Vec<i64>], layers: usize, heads
         let next: Vec<i64> = (0..batch)
             .map(|r| {
                 let row = &logits[(r * t + t - 1) * v..(r * t + t) * v];
-                row.iter().enumerate().fold(0, |best, (i, x)| if *x > row[best] { i } else { best }) as i64
+                row.iter()
+                    .enumerate()
+                    .fold(0, |best, (i, x)| if *x > row[best] { i } else { best })
+                    as i64
             })
             .collect();
         for layer in 0..layers {
@@ -77,7 +110,6 @@ fn direct_loop(session: &mut Session, prompts: &[Vec<i64>], layers: usize, heads
             new_mask.push(1);
         }
         mask = new_mask;
-        columns += 1;
         position = fed.clone();
         fed.iter_mut().for_each(|f| *f += 1);
         input = (next, [batch, 1]);
@@ -95,8 +127,21 @@ fn main() {
     let dir = common::model_dir(MODEL);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let prompts: Vec<Vec<i64>> = PROMPTS.iter().map(|p| tokenizer.encode(*p, false).unwrap().get_ids().iter().map(|&i| i64::from(i)).collect()).collect();
-    let batch16: Vec<Vec<i64>> = (0..16).map(|i| prompts[i % prompts.len()].clone()).collect();
+    let prompts: Vec<Vec<i64>> = PROMPTS
+        .iter()
+        .map(|p| {
+            tokenizer
+                .encode(*p, false)
+                .unwrap()
+                .get_ids()
+                .iter()
+                .map(|&i| i64::from(i))
+                .collect()
+        })
+        .collect();
+    let batch16: Vec<Vec<i64>> = (0..16)
+        .map(|i| prompts[i % prompts.len()].clone())
+        .collect();
     let build = |threads: usize| {
         Session::builder(environment)
             .unwrap()
@@ -108,22 +153,45 @@ fn main() {
             .unwrap()
     };
     let probe = build(1);
-    let past = probe.inputs().iter().find(|i| i.name() == "past_key_values.0.key").unwrap().dtype().tensor_shape().unwrap().to_vec();
-    let layers = probe.inputs().iter().filter(|i| i.name().ends_with(".key")).count();
+    let past = probe
+        .inputs()
+        .iter()
+        .find(|i| i.name() == "past_key_values.0.key")
+        .unwrap()
+        .dtype()
+        .tensor_shape()
+        .unwrap()
+        .to_vec();
+    let layers = probe
+        .inputs()
+        .iter()
+        .filter(|i| i.name().ends_with(".key"))
+        .count();
     let (heads, head_dim) = (past[1] as usize, past[3] as usize);
     drop(probe);
 
-    println!("Generate benchmark: {MODEL}, {NEW_TOKENS} new tokens per sequence, greedy, {cores} cores.");
+    println!(
+        "Generate benchmark: {MODEL}, {NEW_TOKENS} new tokens per sequence, greedy, {cores} cores."
+    );
     println!("Server and in-process runs alternate, {REPEATS} of each; figures are medians.");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     for threads in [1, cores] {
         let mut session = build(threads);
-        let server = runtime.block_on(common::Server::start(&[("LMSERVE_RUNTIME__INTRA_THREADS", threads.to_string().as_str())]));
+        let server = runtime.block_on(common::Server::start(&[(
+            "LMSERVE_RUNTIME__INTRA_THREADS",
+            threads.to_string().as_str(),
+        )]));
         let client = runtime.block_on(async { InferenceClient::new(server.channel().await) });
         let streams = |count: usize| {
             let client = client.clone();
             let started = Instant::now();
-            let results = runtime.block_on(join_all((0..count).map(|index| stream_once(client.clone(), index))));
+            let results = runtime.block_on(join_all(
+                (0..count).map(|index| stream_once(client.clone(), index)),
+            ));
             let tokens: usize = results.iter().map(|r| r.0).sum();
             let ttft = results.iter().map(|r| r.1.as_secs_f64()).sum::<f64>() / count as f64;
             (tokens as f64 / started.elapsed().as_secs_f64(), ttft)
@@ -132,9 +200,11 @@ fn main() {
         direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
         streams(1);
 
-        let (mut direct, mut direct_ttft, mut server_single, mut server_ttft, mut ratios) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut direct, mut direct_ttft, mut server_single, mut server_ttft, mut ratios) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..REPEATS {
-            let (elapsed, first) = direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
+            let (elapsed, first) =
+                direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
             let rate = NEW_TOKENS as f64 / elapsed.as_secs_f64();
             let (served, ttft) = streams(1);
             ratios.push(served / rate);
@@ -143,31 +213,82 @@ fn main() {
             server_single.push(served);
             server_ttft.push(ttft);
         }
-        let direct_static = median((0..REPEATS).map(|_| (16 * NEW_TOKENS) as f64 / direct_loop(&mut session, &batch16, layers, heads, head_dim).0.as_secs_f64()).collect());
+        let direct_static = median(
+            (0..REPEATS)
+                .map(|_| {
+                    (16 * NEW_TOKENS) as f64
+                        / direct_loop(&mut session, &batch16, layers, heads, head_dim)
+                            .0
+                            .as_secs_f64()
+                })
+                .collect(),
+        );
         let single = median(server_single.clone());
         println!("\n{threads} intra-op thread(s):");
-        common::print_row("  in-process greedy loop, 1 sequence", median(direct.clone()), "tokens/s", None);
-        println!("{:<58} {:>9.2} ms", "    time to first token", median(direct_ttft) * 1e3);
-        common::print_row("  in-process greedy loop, static batch of 16", direct_static, "tokens/s", Some((median(direct), "of 1 sequence")));
+        common::print_row(
+            "  in-process greedy loop, 1 sequence",
+            median(direct.clone()),
+            "tokens/s",
+            None,
+        );
+        println!(
+            "{:<58} {:>9.2} ms",
+            "    time to first token",
+            median(direct_ttft) * 1e3
+        );
+        common::print_row(
+            "  in-process greedy loop, static batch of 16",
+            direct_static,
+            "tokens/s",
+            Some((median(direct), "of 1 sequence")),
+        );
         common::print_row("  server, 1 stream", single, "tokens/s", None);
-        println!("{:<58} {:>9.2}x of the in-process loop (median of paired runs)", "", median(ratios));
-        println!("{:<58} {:>9.2} ms", "    mean time to first token", median(server_ttft) * 1e3);
+        println!(
+            "{:<58} {:>9.2}x of the in-process loop (median of paired runs)",
+            "",
+            median(ratios)
+        );
+        println!(
+            "{:<58} {:>9.2} ms",
+            "    mean time to first token",
+            median(server_ttft) * 1e3
+        );
         for count in [4, 16] {
             let runs: Vec<(f64, f64)> = (0..REPEATS).map(|_| streams(count)).collect();
             let rate = median(runs.iter().map(|r| r.0).collect());
-            common::print_row(&format!("  server, {count} streams"), rate, "tokens/s", Some((single, "of 1 stream")));
-            println!("{:<58} {:>9.2}x of the in-process static batch of 16", "", rate / direct_static);
-            println!("{:<58} {:>9.2} ms", "    mean time to first token", median(runs.iter().map(|r| r.1).collect()) * 1e3);
+            common::print_row(
+                &format!("  server, {count} streams"),
+                rate,
+                "tokens/s",
+                Some((single, "of 1 stream")),
+            );
+            println!(
+                "{:<58} {:>9.2}x of the in-process static batch of 16",
+                "",
+                rate / direct_static
+            );
+            println!(
+                "{:<58} {:>9.2} ms",
+                "    mean time to first token",
+                median(runs.iter().map(|r| r.1).collect()) * 1e3
+            );
         }
     }
 }
 
 /// One streamed generation: (tokens received, time to the first one).
-async fn stream_once(mut client: InferenceClient<tonic::transport::Channel>, index: usize) -> (usize, Duration) {
+async fn stream_once(
+    mut client: InferenceClient<tonic::transport::Channel>,
+    index: usize,
+) -> (usize, Duration) {
     let request = GenerateRequest {
         model: MODEL.into(),
         prompt: Some(Prompt::Text(PROMPTS[index % PROMPTS.len()].into())),
-        parameters: Some(GenerationParameters { max_new_tokens: Some(NEW_TOKENS as u32), ignore_eos: true, ..Default::default() }),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(NEW_TOKENS as u32),
+            ignore_eos: true,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let start = Instant::now();

@@ -98,13 +98,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// Accepted connections with Nagle's algorithm off: a streamed token is a small write that
 /// must leave at once, not wait up to 40 ms for the peer's delayed ACK.
-fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use futures::StreamExt;
     TcpListenerStream::new(listener).map(|connection| {
-        if let Ok(stream) = &connection {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
-            }
+        if let Ok(stream) = &connection
+            && let Err(error) = stream.set_nodelay(true)
+        {
+            tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
         }
         connection
     })

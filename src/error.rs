@@ -84,7 +84,9 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::InvalidArgument { .. } => "invalid_argument",
-            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::RouteNotFound { .. } => "not_found",
+            Error::ModelNotFound { .. }
+            | Error::VersionNotFound { .. }
+            | Error::RouteNotFound { .. } => "not_found",
             Error::FailedPrecondition(_) => "failed_precondition",
             Error::TaskNotServed { .. } => "task_not_served",
             Error::ModelUnavailable { .. } => "unavailable",

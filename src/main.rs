@@ -153,7 +153,12 @@ fn main() -> std::process::ExitCode {
                 stop: args.stop,
                 ..Default::default()
             };
-            run_client(client::generate(&args.addr, args.model, args.prompt, parameters))
+            run_client(client::generate(
+                &args.addr,
+                args.model,
+                args.prompt,
+                parameters,
+            ))
         }
         Command::Embed(args) => run_client(client::embed(&args.addr, args.model, args.texts)),
         Command::Classify(args) => run_client(client::classify(&args.addr, args.model, args.texts)),
@@ -168,7 +173,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run_client(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(work)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

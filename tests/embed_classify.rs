@@ -10,34 +10,62 @@ use lmserve::api::proto::{self, ClassifyRequest, EmbedRequest, Pooling, ScoreKin
 const TOLERANCE: f32 = 1e-4;
 
 fn embed_request(model: &str, texts: &[&str]) -> EmbedRequest {
-    EmbedRequest { model: model.into(), texts: texts.iter().map(|t| t.to_string()).collect(), ..Default::default() }
+    EmbedRequest {
+        model: model.into(),
+        texts: texts.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    }
 }
 
 async fn check_embeddings_match_reference(server: &TestServer, model: &str) {
     let reference = reference(model);
     let cases = reference["embed"]["cases"].as_array().unwrap();
     assert!(cases.len() >= 4, "{model}: too few reference cases");
-    let texts: Vec<&str> = cases.iter().map(|case| case["text"].as_str().unwrap()).collect();
+    let texts: Vec<&str> = cases
+        .iter()
+        .map(|case| case["text"].as_str().unwrap())
+        .collect();
     let mut client = server.inference().await;
 
     // All texts in one request, and each text alone: both must match the reference.
-    let together = client.embed(embed_request(model, &texts)).await.unwrap().into_inner();
+    let together = client
+        .embed(embed_request(model, &texts))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(together.embeddings.len(), cases.len());
     let served_by = together.served_by.unwrap();
-    assert_eq!((served_by.model.as_str(), served_by.version.as_str()), (model, "1"));
+    assert_eq!(
+        (served_by.model.as_str(), served_by.version.as_str()),
+        (model, "1")
+    );
     for (case, embedding) in cases.iter().zip(&together.embeddings) {
         let expected = floats(&case["embedding"]);
         let diff = max_abs_diff(&embedding.values, &expected);
-        assert!(diff <= TOLERANCE, "{model} {:?}: max abs diff {diff}", case["text"]);
+        assert!(
+            diff <= TOLERANCE,
+            "{model} {:?}: max abs diff {diff}",
+            case["text"]
+        );
         let ids = case["ids"].as_array().unwrap();
         assert_eq!(embedding.token_count as usize, ids.len());
         let norm: f32 = embedding.values.iter().map(|v| v * v).sum::<f32>().sqrt();
-        assert!((norm - 1.0).abs() < 1e-4, "normalised by default, norm {norm}");
+        assert!(
+            (norm - 1.0).abs() < 1e-4,
+            "normalised by default, norm {norm}"
+        );
     }
     for (case, text) in cases.iter().zip(&texts) {
-        let alone = client.embed(embed_request(model, &[text])).await.unwrap().into_inner();
+        let alone = client
+            .embed(embed_request(model, &[text]))
+            .await
+            .unwrap()
+            .into_inner();
         let diff = max_abs_diff(&alone.embeddings[0].values, &floats(&case["embedding"]));
-        assert!(diff <= TOLERANCE, "{model} {text:?} alone: max abs diff {diff}");
+        assert!(
+            diff <= TOLERANCE,
+            "{model} {text:?} alone: max abs diff {diff}"
+        );
     }
 }
 
@@ -52,14 +80,22 @@ async fn embeddings_match_the_reference_files() {
 async fn class_probabilities_match_the_reference_file() {
     let server = TestServer::start().await;
     let reference = reference("tiny-encoder");
-    let labels: Vec<&str> = reference["classify"]["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    let labels: Vec<&str> = reference["classify"]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
     let cases = reference["classify"]["cases"].as_array().unwrap();
     assert!(cases.len() >= 4);
     let mut client = server.inference().await;
     let response = client
         .classify(ClassifyRequest {
             model: "tiny-encoder".into(),
-            texts: cases.iter().map(|c| c["text"].as_str().unwrap().to_owned()).collect(),
+            texts: cases
+                .iter()
+                .map(|c| c["text"].as_str().unwrap().to_owned())
+                .collect(),
             ..Default::default()
         })
         .await
@@ -71,21 +107,39 @@ async fn class_probabilities_match_the_reference_file() {
         for label in &classification.labels {
             assert_eq!(label.label, labels[label.index as usize]);
             let diff = (label.score - expected[label.index as usize]).abs();
-            assert!(diff <= TOLERANCE, "{:?} {}: {} vs {}", case["text"], label.label, label.score, expected[label.index as usize]);
+            assert!(
+                diff <= TOLERANCE,
+                "{:?} {}: {} vs {}",
+                case["text"],
+                label.label,
+                label.score,
+                expected[label.index as usize]
+            );
         }
         let scores: Vec<f32> = classification.labels.iter().map(|l| l.score).collect();
-        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "labels ordered best first: {scores:?}");
+        assert!(
+            scores.windows(2).all(|w| w[0] >= w[1]),
+            "labels ordered best first: {scores:?}"
+        );
     }
 
     // top_k keeps the best label only; raw scores are logits whose softmax is the probability.
     let text = cases[0]["text"].as_str().unwrap().to_owned();
     let top = client
-        .classify(ClassifyRequest { model: "tiny-encoder".into(), texts: vec![text.clone()], top_k: Some(1), ..Default::default() })
+        .classify(ClassifyRequest {
+            model: "tiny-encoder".into(),
+            texts: vec![text.clone()],
+            top_k: Some(1),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(top.classifications[0].labels.len(), 1);
-    assert_eq!(top.classifications[0].labels[0].label, response.classifications[0].labels[0].label);
+    assert_eq!(
+        top.classifications[0].labels[0].label,
+        response.classifications[0].labels[0].label
+    );
     let raw = client
         .classify(ClassifyRequest {
             model: "tiny-encoder".into(),
@@ -110,42 +164,94 @@ async fn class_probabilities_match_the_reference_file() {
 async fn batched_results_equal_unbatched_results() {
     let server = TestServer::start().await;
     let words = "the quick brown fox jumps over the lazy dog while the king of denmark sleeps";
-    let texts: Vec<String> = (1..=24).map(|n| words.split(' ').cycle().take(n).collect::<Vec<_>>().join(" ")).collect();
+    let texts: Vec<String> = (1..=24)
+        .map(|n| {
+            words
+                .split(' ')
+                .cycle()
+                .take(n)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
 
     for model in ["tiny-encoder", "tiny-word2vec"] {
         let mut client = server.inference().await;
         let mut alone = Vec::new();
         for text in &texts {
-            let response = client.embed(embed_request(model, &[text])).await.unwrap().into_inner();
+            let response = client
+                .embed(embed_request(model, &[text]))
+                .await
+                .unwrap()
+                .into_inner();
             alone.push(response.embeddings[0].values.clone());
         }
         let concurrent = join_all(texts.iter().map(|text| {
             let mut client = client.clone();
             let request = embed_request(model, &[text]);
-            async move { client.embed(request).await.unwrap().into_inner().embeddings.remove(0).values }
+            async move {
+                client
+                    .embed(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .embeddings
+                    .remove(0)
+                    .values
+            }
         }))
         .await;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let one_request = client.embed(embed_request(model, &refs)).await.unwrap().into_inner();
+        let one_request = client
+            .embed(embed_request(model, &refs))
+            .await
+            .unwrap()
+            .into_inner();
         for (i, expected) in alone.iter().enumerate() {
-            assert!(max_abs_diff(&concurrent[i], expected) <= 1e-5, "{model} text {i}: concurrent differs");
-            assert!(max_abs_diff(&one_request.embeddings[i].values, expected) <= 1e-5, "{model} text {i}: one request differs");
+            assert!(
+                max_abs_diff(&concurrent[i], expected) <= 1e-5,
+                "{model} text {i}: concurrent differs"
+            );
+            assert!(
+                max_abs_diff(&one_request.embeddings[i].values, expected) <= 1e-5,
+                "{model} text {i}: one request differs"
+            );
         }
     }
 
     let mut client = server.inference().await;
-    let classify = |texts: Vec<String>| ClassifyRequest { model: "tiny-encoder".into(), texts, ..Default::default() };
+    let classify = |texts: Vec<String>| ClassifyRequest {
+        model: "tiny-encoder".into(),
+        texts,
+        ..Default::default()
+    };
     let alone: Vec<_> = {
         let mut out = Vec::new();
         for text in &texts {
-            out.push(client.classify(classify(vec![text.clone()])).await.unwrap().into_inner().classifications.remove(0));
+            out.push(
+                client
+                    .classify(classify(vec![text.clone()]))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .classifications
+                    .remove(0),
+            );
         }
         out
     };
     let concurrent = join_all(texts.iter().map(|text| {
         let mut client = client.clone();
         let request = classify(vec![text.clone()]);
-        async move { client.classify(request).await.unwrap().into_inner().classifications.remove(0) }
+        async move {
+            client
+                .classify(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .classifications
+                .remove(0)
+        }
     }))
     .await;
     for (a, b) in alone.iter().zip(&concurrent) {
@@ -168,20 +274,54 @@ async fn embed_options_pooling_normalize_and_truncation() {
         normalize,
         ..Default::default()
     };
-    let mean = client.embed(request(Pooling::Mean, Some(false))).await.unwrap().into_inner().embeddings.remove(0).values;
-    let cls = client.embed(request(Pooling::Cls, Some(false))).await.unwrap().into_inner().embeddings.remove(0).values;
-    let last = client.embed(request(Pooling::LastToken, Some(false))).await.unwrap().into_inner().embeddings.remove(0).values;
+    let mean = client
+        .embed(request(Pooling::Mean, Some(false)))
+        .await
+        .unwrap()
+        .into_inner()
+        .embeddings
+        .remove(0)
+        .values;
+    let cls = client
+        .embed(request(Pooling::Cls, Some(false)))
+        .await
+        .unwrap()
+        .into_inner()
+        .embeddings
+        .remove(0)
+        .values;
+    let last = client
+        .embed(request(Pooling::LastToken, Some(false)))
+        .await
+        .unwrap()
+        .into_inner()
+        .embeddings
+        .remove(0)
+        .values;
     assert_ne!(mean, cls);
     assert_ne!(cls, last);
     let norm: f32 = mean.iter().map(|v| v * v).sum::<f32>().sqrt();
-    assert!((norm - 1.0).abs() > 1e-3, "normalize=false leaves the raw mean, norm {norm}");
-    let normalized = client.embed(request(Pooling::Mean, Some(true))).await.unwrap().into_inner().embeddings.remove(0).values;
+    assert!(
+        (norm - 1.0).abs() > 1e-3,
+        "normalize=false leaves the raw mean, norm {norm}"
+    );
+    let normalized = client
+        .embed(request(Pooling::Mean, Some(true)))
+        .await
+        .unwrap()
+        .into_inner()
+        .embeddings
+        .remove(0)
+        .values;
     let expected: Vec<f32> = mean.iter().map(|v| v / norm).collect();
     assert!(max_abs_diff(&normalized, &expected) < 1e-5);
 
     // A text over the model's maximum: truncated from the side asked for.
     let long = "word ".repeat(2000);
-    for (truncate, label) in [(proto::Truncate::Right, "right"), (proto::Truncate::Left, "left")] {
+    for (truncate, label) in [
+        (proto::Truncate::Right, "right"),
+        (proto::Truncate::Left, "left"),
+    ] {
         let response = client
             .embed(EmbedRequest {
                 model: "tiny-encoder".into(),
@@ -200,7 +340,11 @@ async fn embed_options_pooling_normalize_and_truncation() {
 
 async fn server_max_length(server: &TestServer, model: &str) -> u32 {
     let mut models = server.models().await;
-    let info = models.get_model(proto::GetModelRequest { name: model.into() }).await.unwrap().into_inner();
+    let info = models
+        .get_model(proto::GetModelRequest { name: model.into() })
+        .await
+        .unwrap()
+        .into_inner();
     info.versions[0].max_length
 }
 
@@ -208,13 +352,22 @@ async fn server_max_length(server: &TestServer, model: &str) -> u32 {
 async fn streams_answer_every_request_in_order() {
     let server = TestServer::start().await;
     let mut client = server.inference().await;
-    let texts: Vec<String> = (0..20).map(|i| format!("message number {i} {}", "long ".repeat(i % 7))).collect();
-    let requests: Vec<EmbedRequest> = texts.iter().map(|t| embed_request("tiny-word2vec", &[t])).collect();
+    let texts: Vec<String> = (0..20)
+        .map(|i| format!("message number {i} {}", "long ".repeat(i % 7)))
+        .collect();
+    let requests: Vec<EmbedRequest> = texts
+        .iter()
+        .map(|t| embed_request("tiny-word2vec", &[t]))
+        .collect();
     let mut expected = Vec::new();
     for request in &requests {
         expected.push(client.embed(request.clone()).await.unwrap().into_inner());
     }
-    let stream = client.embed_stream(futures::stream::iter(requests)).await.unwrap().into_inner();
+    let stream = client
+        .embed_stream(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
     let responses: Vec<_> = futures::StreamExt::collect::<Vec<_>>(stream).await;
     assert_eq!(responses.len(), expected.len());
     for (got, want) in responses.into_iter().zip(expected) {
@@ -224,10 +377,22 @@ async fn streams_answer_every_request_in_order() {
 
     let classify: Vec<ClassifyRequest> = texts
         .iter()
-        .map(|t| ClassifyRequest { model: "tiny-encoder".into(), texts: vec![t.clone()], ..Default::default() })
+        .map(|t| ClassifyRequest {
+            model: "tiny-encoder".into(),
+            texts: vec![t.clone()],
+            ..Default::default()
+        })
         .collect();
-    let stream = client.classify_stream(futures::stream::iter(classify)).await.unwrap().into_inner();
+    let stream = client
+        .classify_stream(futures::stream::iter(classify))
+        .await
+        .unwrap()
+        .into_inner();
     let responses: Vec<_> = futures::StreamExt::collect::<Vec<_>>(stream).await;
     assert_eq!(responses.len(), texts.len());
-    assert!(responses.iter().all(|r| r.as_ref().unwrap().classifications.len() == 1));
+    assert!(
+        responses
+            .iter()
+            .all(|r| r.as_ref().unwrap().classifications.len() == 1)
+    );
 }

@@ -15,19 +15,37 @@ use tonic::Code;
 const GENERATORS: [&str; 3] = ["tiny-gpt2", "tiny-lstm", "tiny-transformer-lm"];
 
 fn request(model: &str, prompt: &str, parameters: GenerationParameters) -> GenerateRequest {
-    GenerateRequest { model: model.into(), prompt: Some(Prompt::Text(prompt.into())), parameters: Some(parameters), ..Default::default() }
+    GenerateRequest {
+        model: model.into(),
+        prompt: Some(Prompt::Text(prompt.into())),
+        parameters: Some(parameters),
+        ..Default::default()
+    }
 }
 
 fn greedy(max_new_tokens: u32) -> GenerationParameters {
-    GenerationParameters { max_new_tokens: Some(max_new_tokens), ignore_eos: true, ..Default::default() }
+    GenerationParameters {
+        max_new_tokens: Some(max_new_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 fn ids(response: &GenerateResponse, index: usize) -> Vec<u64> {
-    response.sequences[index].tokens.iter().map(|t| t.id as u64).collect()
+    response.sequences[index]
+        .tokens
+        .iter()
+        .map(|t| t.id as u64)
+        .collect()
 }
 
 fn expected_ids(value: &serde_json::Value) -> Vec<u64> {
-    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -41,20 +59,57 @@ async fn greedy_output_matches_the_reference_for_every_family() {
         // One prompt at a time.
         for case in generate["cases"].as_array().unwrap() {
             let prompt = case["prompt"].as_str().unwrap();
-            let response = client.clone().generate(request(model, prompt, greedy(steps))).await.unwrap().into_inner();
-            assert_eq!(ids(&response, 0), expected_ids(&case["greedy_ids"]), "{model} {prompt:?}");
-            assert_eq!(response.prompt_tokens as usize, case["prompt_ids"].as_array().unwrap().len());
-            assert_eq!(response.sequences[0].finish_reason, FinishReason::Length as i32);
+            let response = client
+                .clone()
+                .generate(request(model, prompt, greedy(steps)))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                ids(&response, 0),
+                expected_ids(&case["greedy_ids"]),
+                "{model} {prompt:?}"
+            );
+            assert_eq!(
+                response.prompt_tokens as usize,
+                case["prompt_ids"].as_array().unwrap().len()
+            );
+            assert_eq!(
+                response.sequences[0].finish_reason,
+                FinishReason::Length as i32
+            );
             // The first step's top five, as logprobs of the same logits: same ids, same order.
-            let top5: Vec<u64> = case["first_step_top5"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect();
-            let params = GenerationParameters { top_logprobs: 5, ..greedy(1) };
-            let first = client.clone().generate(request(model, prompt, params)).await.unwrap().into_inner();
-            let got: Vec<u64> = first.sequences[0].tokens[0].top_logprobs.iter().map(|t| t.id as u64).collect();
+            let top5: Vec<u64> = case["first_step_top5"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_u64().unwrap())
+                .collect();
+            let params = GenerationParameters {
+                top_logprobs: 5,
+                ..greedy(1)
+            };
+            let first = client
+                .clone()
+                .generate(request(model, prompt, params))
+                .await
+                .unwrap()
+                .into_inner();
+            let got: Vec<u64> = first.sequences[0].tokens[0]
+                .top_logprobs
+                .iter()
+                .map(|t| t.id as u64)
+                .collect();
             assert_eq!(got, top5, "{model} {prompt:?} top-5");
         }
         // Prompts of different lengths sent at once.
         let batch = &generate["batch"];
-        let prompts: Vec<&str> = batch["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+        let prompts: Vec<&str> = batch["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
         let responses = join_all(prompts.iter().map(|prompt| {
             let mut client = client.clone();
             let request = request(model, prompt, greedy(steps));
@@ -62,7 +117,11 @@ async fn greedy_output_matches_the_reference_for_every_family() {
         }))
         .await;
         for (i, response) in responses.iter().enumerate() {
-            assert_eq!(ids(response, 0), expected_ids(&batch["greedy_ids"][i]), "{model} batch prompt {i}");
+            assert_eq!(
+                ids(response, 0),
+                expected_ids(&batch["greedy_ids"][i]),
+                "{model} batch prompt {i}"
+            );
         }
     }
 }
@@ -74,18 +133,38 @@ async fn batching_never_changes_results() {
     let client = server.inference().await;
     for model in GENERATORS {
         let prompt = "What light through yonder window breaks";
-        let alone = client.clone().generate(request(model, prompt, greedy(40))).await.unwrap().into_inner();
+        let alone = client
+            .clone()
+            .generate(request(model, prompt, greedy(40)))
+            .await
+            .unwrap()
+            .into_inner();
         let mut busy = Vec::new();
         for i in 0..12 {
             let mut client = client.clone();
-            let noise = request(model, &format!("{} my lord", "O ".repeat(i + 1)), greedy(5 + 7 * i as u32));
-            busy.push(tokio::spawn(async move { client.generate(noise).await.unwrap().into_inner() }));
+            let noise = request(
+                model,
+                &format!("{} my lord", "O ".repeat(i + 1)),
+                greedy(5 + 7 * i as u32),
+            );
+            busy.push(tokio::spawn(async move {
+                client.generate(noise).await.unwrap().into_inner()
+            }));
         }
-        let during = client.clone().generate(request(model, prompt, greedy(40))).await.unwrap().into_inner();
+        let during = client
+            .clone()
+            .generate(request(model, prompt, greedy(40)))
+            .await
+            .unwrap()
+            .into_inner();
         for task in busy {
             task.await.unwrap();
         }
-        assert_eq!(ids(&during, 0), ids(&alone, 0), "{model}: batching changed the tokens");
+        assert_eq!(
+            ids(&during, 0),
+            ids(&alone, 0),
+            "{model}: batching changed the tokens"
+        );
         assert_eq!(during.sequences[0].text, alone.sequences[0].text);
     }
 }
@@ -105,18 +184,42 @@ async fn seeded_sampling_is_reproducible_and_n_sequences_differ() {
         ignore_eos: true,
         ..Default::default()
     };
-    let a = client.generate(request("tiny-gpt2", "ROMEO.", params(7))).await.unwrap().into_inner();
-    let b = client.generate(request("tiny-gpt2", "ROMEO.", params(7))).await.unwrap().into_inner();
-    let c = client.generate(request("tiny-gpt2", "ROMEO.", params(8))).await.unwrap().into_inner();
+    let a = client
+        .generate(request("tiny-gpt2", "ROMEO.", params(7)))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .generate(request("tiny-gpt2", "ROMEO.", params(7)))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = client
+        .generate(request("tiny-gpt2", "ROMEO.", params(8)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(a.sequences.len(), 3);
     for i in 0..3 {
         assert_eq!(ids(&a, i), ids(&b, i), "same seed, same sequence {i}");
     }
-    assert_ne!(ids(&a, 0), ids(&a, 1), "sequences of one request are independent");
+    assert_ne!(
+        ids(&a, 0),
+        ids(&a, 1),
+        "sequences of one request are independent"
+    );
     assert_ne!(ids(&a, 0), ids(&c, 0), "another seed, another sample");
     assert_eq!(a.generated_tokens, 90);
     // Sequence i of seed s is sequence 0 of seed s + i.
-    let shifted = client.generate(request("tiny-gpt2", "ROMEO.", GenerationParameters { n: 1, ..params(8) })).await.unwrap().into_inner();
+    let shifted = client
+        .generate(request(
+            "tiny-gpt2",
+            "ROMEO.",
+            GenerationParameters { n: 1, ..params(8) },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ids(&shifted, 0), ids(&a, 1));
 }
 
@@ -127,10 +230,23 @@ async fn streamed_deltas_concatenate_to_the_unary_text() {
     for model in GENERATORS {
         for params in [
             greedy(48),
-            GenerationParameters { do_sample: true, seed: Some(3), temperature: Some(0.9), ..greedy(48) },
+            GenerationParameters {
+                do_sample: true,
+                seed: Some(3),
+                temperature: Some(0.9),
+                ..greedy(48)
+            },
         ] {
-            let unary = client.generate(request(model, "My lord,", params.clone())).await.unwrap().into_inner();
-            let mut stream = client.generate_stream(request(model, "My lord,", params)).await.unwrap().into_inner();
+            let unary = client
+                .generate(request(model, "My lord,", params.clone()))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut stream = client
+                .generate_stream(request(model, "My lord,", params))
+                .await
+                .unwrap()
+                .into_inner();
             let mut text = String::new();
             let mut tokens = Vec::new();
             let mut messages = Vec::new();
@@ -150,7 +266,11 @@ async fn streamed_deltas_concatenate_to_the_unary_text() {
             let last = messages.last().unwrap();
             assert_eq!(last.finish_reason, FinishReason::Length as i32);
             assert_eq!(last.generated_tokens, 48);
-            assert_eq!(last.served_by.as_ref().unwrap().model, model, "the last message says who served it too");
+            assert_eq!(
+                last.served_by.as_ref().unwrap().model,
+                model,
+                "the last message says who served it too"
+            );
             assert!(last.timings.unwrap().total_seconds > 0.0);
         }
     }
@@ -160,18 +280,37 @@ async fn streamed_deltas_concatenate_to_the_unary_text() {
 async fn stop_sequences_stop_ids_and_min_new_tokens() {
     let server = TestServer::start().await;
     let mut client = server.inference().await;
-    let free = client.generate(request("tiny-gpt2", "To be, or not to be", greedy(40))).await.unwrap().into_inner();
+    let free = client
+        .generate(request("tiny-gpt2", "To be, or not to be", greedy(40)))
+        .await
+        .unwrap()
+        .into_inner();
     let full = free.sequences[0].text.clone();
     // Stop on a piece of text the model is known to produce; it must not appear in any output.
     let stop: String = full.trim_start().chars().skip(6).take(3).collect();
     assert_eq!(stop.chars().count(), 3, "{full:?}");
-    let params = GenerationParameters { stop: vec![stop.clone()], ..greedy(40) };
-    let unary = client.generate(request("tiny-gpt2", "To be, or not to be", params.clone())).await.unwrap().into_inner();
+    let params = GenerationParameters {
+        stop: vec![stop.clone()],
+        ..greedy(40)
+    };
+    let unary = client
+        .generate(request("tiny-gpt2", "To be, or not to be", params.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     let sequence = &unary.sequences[0];
     assert_eq!(sequence.finish_reason, FinishReason::StopSequence as i32);
     assert_eq!(sequence.stop_sequence, stop);
-    assert_eq!(sequence.text, full[..full.find(&stop).unwrap()], "text ends right before the stop sequence");
-    let mut stream = client.generate_stream(request("tiny-gpt2", "To be, or not to be", params)).await.unwrap().into_inner();
+    assert_eq!(
+        sequence.text,
+        full[..full.find(&stop).unwrap()],
+        "text ends right before the stop sequence"
+    );
+    let mut stream = client
+        .generate_stream(request("tiny-gpt2", "To be, or not to be", params))
+        .await
+        .unwrap()
+        .into_inner();
     let mut streamed = String::new();
     while let Some(message) = stream.next().await {
         streamed.push_str(&message.unwrap().text);
@@ -181,17 +320,40 @@ async fn stop_sequences_stop_ids_and_min_new_tokens() {
 
     // A stop token id: generation ends at its first occurrence, which is reported as EOS.
     let third = free.sequences[0].tokens[2].id;
-    let params = GenerationParameters { stop_token_ids: vec![third], ..greedy(40) };
-    let stopped = client.generate(request("tiny-gpt2", "To be, or not to be", params)).await.unwrap().into_inner();
-    let first_at = free.sequences[0].tokens.iter().position(|t| t.id == third).unwrap();
+    let params = GenerationParameters {
+        stop_token_ids: vec![third],
+        ..greedy(40)
+    };
+    let stopped = client
+        .generate(request("tiny-gpt2", "To be, or not to be", params))
+        .await
+        .unwrap()
+        .into_inner();
+    let first_at = free.sequences[0]
+        .tokens
+        .iter()
+        .position(|t| t.id == third)
+        .unwrap();
     assert_eq!(stopped.sequences[0].tokens.len(), first_at + 1);
     assert_eq!(stopped.sequences[0].finish_reason, FinishReason::Eos as i32);
 
     // min_new_tokens: the stop id cannot end the sequence before it.
-    let params = GenerationParameters { stop_token_ids: vec![third], min_new_tokens: 10, ..greedy(40) };
-    let longer = client.generate(request("tiny-gpt2", "To be, or not to be", params)).await.unwrap().into_inner();
+    let params = GenerationParameters {
+        stop_token_ids: vec![third],
+        min_new_tokens: 10,
+        ..greedy(40)
+    };
+    let longer = client
+        .generate(request("tiny-gpt2", "To be, or not to be", params))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(longer.sequences[0].tokens.len() > 10);
-    assert!(longer.sequences[0].tokens[..10].iter().all(|t| t.id != third));
+    assert!(
+        longer.sequences[0].tokens[..10]
+            .iter()
+            .all(|t| t.id != third)
+    );
 }
 
 #[tokio::test]
@@ -199,10 +361,17 @@ async fn prompts_as_token_ids_and_left_truncation() {
     let server = TestServer::start().await;
     let mut client = server.inference().await;
     let case = &reference("tiny-gpt2")["generate"]["cases"][0];
-    let prompt_ids: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let prompt_ids: Vec<u32> = case["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let by_ids = GenerateRequest {
         model: "tiny-gpt2".into(),
-        prompt: Some(Prompt::TokenIds(lmserve::api::proto::TokenIds { ids: prompt_ids })),
+        prompt: Some(Prompt::TokenIds(lmserve::api::proto::TokenIds {
+            ids: prompt_ids,
+        })),
         parameters: Some(greedy(24)),
         ..Default::default()
     };
@@ -210,13 +379,30 @@ async fn prompts_as_token_ids_and_left_truncation() {
     assert_eq!(ids(&response, 0), expected_ids(&case["greedy_ids"]));
 
     let long = "and so ".repeat(400);
-    let error = client.generate(request("tiny-gpt2", &long, greedy(4))).await.unwrap_err();
+    let error = client
+        .generate(request("tiny-gpt2", &long, greedy(4)))
+        .await
+        .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.message().contains("prompt") && error.message().contains("truncate_prompt"), "{}", error.message());
-    let truncated = GenerateRequest { truncate_prompt: true, ..request("tiny-gpt2", &long, greedy(4)) };
+    assert!(
+        error.message().contains("prompt") && error.message().contains("truncate_prompt"),
+        "{}",
+        error.message()
+    );
+    let truncated = GenerateRequest {
+        truncate_prompt: true,
+        ..request("tiny-gpt2", &long, greedy(4))
+    };
     let response = client.generate(truncated).await.unwrap().into_inner();
-    assert_eq!(response.prompt_tokens, 255, "the context (256) minus room for one new token");
-    assert_eq!(response.sequences[0].tokens.len(), 1, "max_new_tokens is lowered to what the context holds");
+    assert_eq!(
+        response.prompt_tokens, 255,
+        "the context (256) minus room for one new token"
+    );
+    assert_eq!(
+        response.sequences[0].tokens.len(),
+        1,
+        "max_new_tokens is lowered to what the context holds"
+    );
 }
 
 #[tokio::test]
@@ -224,40 +410,157 @@ async fn invalid_parameters_are_rejected_with_their_field() {
     let server = TestServer::start().await;
     let mut client = server.inference().await;
     let cases: Vec<(GenerationParameters, &str)> = vec![
-        (GenerationParameters { max_new_tokens: Some(0), ..Default::default() }, "max_new_tokens"),
-        (GenerationParameters { max_new_tokens: Some(1_000_000), ..Default::default() }, "max_new_tokens"),
-        (GenerationParameters { max_new_tokens: Some(4), min_new_tokens: 9, ..Default::default() }, "min_new_tokens"),
-        (GenerationParameters { temperature: Some(0.0), do_sample: true, ..Default::default() }, "temperature"),
-        (GenerationParameters { temperature: Some(-1.0), ..Default::default() }, "temperature"),
-        (GenerationParameters { top_p: Some(0.0), ..Default::default() }, "top_p"),
-        (GenerationParameters { top_p: Some(1.01), ..Default::default() }, "top_p"),
-        (GenerationParameters { typical_p: Some(2.0), ..Default::default() }, "typical_p"),
-        (GenerationParameters { repetition_penalty: Some(0.0), ..Default::default() }, "repetition_penalty"),
-        (GenerationParameters { frequency_penalty: 2.5, ..Default::default() }, "frequency_penalty"),
-        (GenerationParameters { presence_penalty: -3.0, ..Default::default() }, "presence_penalty"),
-        (GenerationParameters { stop: vec!["x".into(); 9], ..Default::default() }, "stop"),
-        (GenerationParameters { stop: vec![String::new()], ..Default::default() }, "stop[0]"),
-        (GenerationParameters { n: 100, ..Default::default() }, "parameters.n"),
-        (GenerationParameters { top_logprobs: 100, ..Default::default() }, "top_logprobs"),
+        (
+            GenerationParameters {
+                max_new_tokens: Some(0),
+                ..Default::default()
+            },
+            "max_new_tokens",
+        ),
+        (
+            GenerationParameters {
+                max_new_tokens: Some(1_000_000),
+                ..Default::default()
+            },
+            "max_new_tokens",
+        ),
+        (
+            GenerationParameters {
+                max_new_tokens: Some(4),
+                min_new_tokens: 9,
+                ..Default::default()
+            },
+            "min_new_tokens",
+        ),
+        (
+            GenerationParameters {
+                temperature: Some(0.0),
+                do_sample: true,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            GenerationParameters {
+                temperature: Some(-1.0),
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            GenerationParameters {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            GenerationParameters {
+                top_p: Some(1.01),
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            GenerationParameters {
+                typical_p: Some(2.0),
+                ..Default::default()
+            },
+            "typical_p",
+        ),
+        (
+            GenerationParameters {
+                repetition_penalty: Some(0.0),
+                ..Default::default()
+            },
+            "repetition_penalty",
+        ),
+        (
+            GenerationParameters {
+                frequency_penalty: 2.5,
+                ..Default::default()
+            },
+            "frequency_penalty",
+        ),
+        (
+            GenerationParameters {
+                presence_penalty: -3.0,
+                ..Default::default()
+            },
+            "presence_penalty",
+        ),
+        (
+            GenerationParameters {
+                stop: vec!["x".into(); 9],
+                ..Default::default()
+            },
+            "stop",
+        ),
+        (
+            GenerationParameters {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
+            "stop[0]",
+        ),
+        (
+            GenerationParameters {
+                n: 100,
+                ..Default::default()
+            },
+            "parameters.n",
+        ),
+        (
+            GenerationParameters {
+                top_logprobs: 100,
+                ..Default::default()
+            },
+            "top_logprobs",
+        ),
     ];
     for (parameters, field) in cases {
-        let error = client.generate(request("tiny-gpt2", "Hello", parameters.clone())).await.unwrap_err();
+        let error = client
+            .generate(request("tiny-gpt2", "Hello", parameters.clone()))
+            .await
+            .unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{parameters:?}");
-        assert!(error.message().contains(field), "{field}: {}", error.message());
+        assert!(
+            error.message().contains(field),
+            "{field}: {}",
+            error.message()
+        );
     }
     let bad_id = GenerateRequest {
         model: "tiny-gpt2".into(),
-        prompt: Some(Prompt::TokenIds(lmserve::api::proto::TokenIds { ids: vec![1, 4_000_000] })),
+        prompt: Some(Prompt::TokenIds(lmserve::api::proto::TokenIds {
+            ids: vec![1, 4_000_000],
+        })),
         ..Default::default()
     };
     let error = client.generate(bad_id).await.unwrap_err();
-    assert!(error.message().contains("prompt.token_ids[1]") && error.message().contains("4000000"), "{}", error.message());
-    let no_prompt = GenerateRequest { model: "tiny-gpt2".into(), ..Default::default() };
-    assert_eq!(client.generate(no_prompt).await.unwrap_err().code(), Code::InvalidArgument);
-    let encoder = client.generate(request("tiny-encoder", "Hello", greedy(3))).await.unwrap_err();
+    assert!(
+        error.message().contains("prompt.token_ids[1]") && error.message().contains("4000000"),
+        "{}",
+        error.message()
+    );
+    let no_prompt = GenerateRequest {
+        model: "tiny-gpt2".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        client.generate(no_prompt).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let encoder = client
+        .generate(request("tiny-encoder", "Hello", greedy(3)))
+        .await
+        .unwrap_err();
     assert_eq!(encoder.code(), Code::FailedPrecondition);
     // Still serving.
-    client.generate(request("tiny-gpt2", "Hello", greedy(3))).await.unwrap();
+    client
+        .generate(request("tiny-gpt2", "Hello", greedy(3)))
+        .await
+        .unwrap();
 }
 
 /// A cancelled stream frees its slot: with room for two sequences, two abandoned long streams
@@ -272,7 +575,15 @@ async fn cancelling_a_stream_frees_its_slot() {
     let client = server.inference().await;
     for _ in 0..2 {
         let mut client = client.clone();
-        let long = request("tiny-gpt2", "To be", GenerationParameters { max_new_tokens: Some(250), ignore_eos: true, ..Default::default() });
+        let long = request(
+            "tiny-gpt2",
+            "To be",
+            GenerationParameters {
+                max_new_tokens: Some(250),
+                ignore_eos: true,
+                ..Default::default()
+            },
+        );
         let mut stream = client.generate_stream(long).await.unwrap().into_inner();
         // Read the first token, then hang up.
         assert!(stream.next().await.unwrap().unwrap().token.is_some());
@@ -280,16 +591,34 @@ async fn cancelling_a_stream_frees_its_slot() {
     }
     // Both slots must be free again within a few decode steps.
     let started = std::time::Instant::now();
-    let short = |client: &mut lmserve::api::proto::inference_client::InferenceClient<tonic::transport::Channel>| {
+    let short = |client: &mut lmserve::api::proto::inference_client::InferenceClient<
+        tonic::transport::Channel,
+    >| {
         let mut client = client.clone();
-        async move { client.generate(request("tiny-gpt2", "Hello", greedy(3))).await.unwrap().into_inner() }
+        async move {
+            client
+                .generate(request("tiny-gpt2", "Hello", greedy(3)))
+                .await
+                .unwrap()
+                .into_inner()
+        }
     };
     let mut c = client.clone();
-    let both = tokio::time::timeout(Duration::from_secs(20), join_all([short(&mut c), short(&mut c)])).await.expect("slots freed");
+    let both = tokio::time::timeout(
+        Duration::from_secs(20),
+        join_all([short(&mut c), short(&mut c)]),
+    )
+    .await
+    .expect("slots freed");
     assert!(both.iter().all(|r| r.sequences[0].tokens.len() == 3));
     // If the cancelled streams still held their slots, these would have waited for 250 tokens each.
     let ratio = started.elapsed().as_secs_f64();
-    let long_alone = client.clone().generate(request("tiny-gpt2", "To be", greedy(250))).await.unwrap().into_inner();
+    let long_alone = client
+        .clone()
+        .generate(request("tiny-gpt2", "To be", greedy(250)))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(
         ratio < long_alone.timings.unwrap().total_seconds,
         "short requests ({ratio:.3}s) waited as long as a 250-token generation"
@@ -299,8 +628,13 @@ async fn cancelling_a_stream_frees_its_slot() {
     let mut deadline_request = tonic::Request::new(request("tiny-gpt2", "To be", greedy(250)));
     deadline_request.set_timeout(Duration::from_millis(30));
     let error = client.clone().generate(deadline_request).await.unwrap_err();
-    assert!(matches!(error.code(), Code::DeadlineExceeded | Code::Cancelled), "{error:?}");
-    let after = tokio::time::timeout(Duration::from_secs(20), short(&mut c)).await.expect("slot freed after a deadline");
+    assert!(
+        matches!(error.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{error:?}"
+    );
+    let after = tokio::time::timeout(Duration::from_secs(20), short(&mut c))
+        .await
+        .expect("slot freed after a deadline");
     assert_eq!(after.sequences[0].tokens.len(), 3);
 }
 
@@ -313,9 +647,17 @@ async fn a_long_generation_never_blocks_a_short_one() {
     let long = request("tiny-gpt2", "To be", greedy(250));
     let mut stream = client.generate_stream(long).await.unwrap().into_inner();
     assert!(stream.next().await.unwrap().unwrap().token.is_some());
-    let short = client.generate(request("tiny-lstm", "Hello", greedy(3))).await.unwrap().into_inner();
+    let short = client
+        .generate(request("tiny-lstm", "Hello", greedy(3)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(short.sequences[0].tokens.len(), 3);
-    let short_same_model = client.generate(request("tiny-gpt2", "Hello", greedy(3))).await.unwrap().into_inner();
+    let short_same_model = client
+        .generate(request("tiny-gpt2", "Hello", greedy(3)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(short_same_model.sequences[0].tokens.len(), 3);
     // The long generation is still going.
     let mut remaining = 0;
@@ -324,7 +666,10 @@ async fn a_long_generation_never_blocks_a_short_one() {
             remaining += 1;
         }
     }
-    assert!(remaining > 100, "the long stream had only {remaining} tokens left; the short one waited for it");
+    assert!(
+        remaining > 100,
+        "the long stream had only {remaining} tokens left; the short one waited for it"
+    );
 }
 
 #[tokio::test]
@@ -335,9 +680,28 @@ async fn a_full_generation_queue_is_resource_exhausted() {
     })
     .await;
     let mut client = server.inference().await;
-    let error = client.generate(request("tiny-gpt2", "Hello", GenerationParameters { n: 3, ..greedy(3) })).await.unwrap_err();
+    let error = client
+        .generate(request(
+            "tiny-gpt2",
+            "Hello",
+            GenerationParameters { n: 3, ..greedy(3) },
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
-    assert!(error.message().contains("tiny-gpt2") && error.message().contains('2'), "{}", error.message());
-    let fine = client.generate(request("tiny-gpt2", "Hello", GenerationParameters { n: 2, ..greedy(3) })).await.unwrap().into_inner();
+    assert!(
+        error.message().contains("tiny-gpt2") && error.message().contains('2'),
+        "{}",
+        error.message()
+    );
+    let fine = client
+        .generate(request(
+            "tiny-gpt2",
+            "Hello",
+            GenerationParameters { n: 2, ..greedy(3) },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(fine.sequences.len(), 2);
 }

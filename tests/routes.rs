@@ -11,24 +11,44 @@ use common::{ServerOptions, TestServer, copy_version, run_to_exit};
 use futures::future::join_all;
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::{
-    self, DeleteRouteRequest, EmbedRequest, GenerateRequest, GenerationParameters, GetModelRequest, GetRouteRequest, ListRoutesRequest,
-    LoadModelRequest, Route, RouteArm, SetRouteRequest, ShadowArm, UnloadModelRequest,
+    self, DeleteRouteRequest, EmbedRequest, GenerateRequest, GenerationParameters, GetModelRequest,
+    GetRouteRequest, ListRoutesRequest, LoadModelRequest, Route, RouteArm, SetRouteRequest,
+    ShadowArm, UnloadModelRequest,
 };
 use tonic::Code;
 
-fn route(name: &str, task: proto::Task, arms: &[(&str, f64)], shadow: Option<(&str, f64)>) -> SetRouteRequest {
+fn route(
+    name: &str,
+    task: proto::Task,
+    arms: &[(&str, f64)],
+    shadow: Option<(&str, f64)>,
+) -> SetRouteRequest {
     SetRouteRequest {
         route: Some(Route {
             name: name.into(),
             task: task as i32,
-            arms: arms.iter().map(|(target, weight)| RouteArm { target: target.to_string(), weight: *weight }).collect(),
-            shadow: shadow.map(|(target, percent)| ShadowArm { target: target.into(), percent }),
+            arms: arms
+                .iter()
+                .map(|(target, weight)| RouteArm {
+                    target: target.to_string(),
+                    weight: *weight,
+                })
+                .collect(),
+            shadow: shadow.map(|(target, percent)| ShadowArm {
+                target: target.into(),
+                percent,
+            }),
         }),
     }
 }
 
 fn embed(model: &str, key: &str) -> EmbedRequest {
-    EmbedRequest { model: model.into(), texts: vec!["king".into()], route_key: key.into(), ..Default::default() }
+    EmbedRequest {
+        model: model.into(),
+        texts: vec!["king".into()],
+        route_key: key.into(),
+        ..Default::default()
+    }
 }
 
 /// A repository of two versions of the word-vector model (fast to run) and one encoder.
@@ -43,7 +63,10 @@ fn ab_repository() -> tempfile::TempDir {
 async fn start(repository: &Path, env: &[(&str, &str)]) -> TestServer {
     TestServer::start_with(ServerOptions {
         repository: repository.to_owned(),
-        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     })
     .await
@@ -57,12 +80,23 @@ async fn arms_for(server: &TestServer, route: &str, keys: &[String]) -> HashMap<
         let answers = join_all(chunk.iter().map(|key| {
             let mut client = client.clone();
             let request = embed(route, key);
-            async move { client.embed(request).await.unwrap().into_inner().served_by.unwrap() }
+            async move {
+                client
+                    .embed(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .served_by
+                    .unwrap()
+            }
         }))
         .await;
         for (key, served_by) in chunk.iter().zip(answers) {
             assert_eq!(served_by.route, route);
-            assert_eq!(format!("{}@{}", served_by.model, served_by.version), served_by.arm);
+            assert_eq!(
+                format!("{}@{}", served_by.model, served_by.version),
+                served_by.arm
+            );
             arms.insert(key.clone(), served_by.arm);
         }
     }
@@ -74,34 +108,92 @@ async fn keyed_traffic_splits_by_weight_and_sticks() {
     let repository = ab_repository();
     let server = start(repository.path(), &[]).await;
     let mut models = server.models().await;
-    models.set_route(route("exp", proto::Task::Embed, &[("w2v@1", 70.0), ("w2v@2", 30.0)], None)).await.unwrap();
+    models
+        .set_route(route(
+            "exp",
+            proto::Task::Embed,
+            &[("w2v@1", 70.0), ("w2v@2", 30.0)],
+            None,
+        ))
+        .await
+        .unwrap();
 
     let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
     let arms = arms_for(&server, "exp", &keys).await;
     let share = arms.values().filter(|arm| *arm == "w2v@1").count() as f64 / keys.len() as f64;
-    assert!((share - 0.70).abs() <= 0.02, "observed {share:.4} for weight 0.70");
+    assert!(
+        (share - 0.70).abs() <= 0.02,
+        "observed {share:.4} for weight 0.70"
+    );
 
     // The same keys again: every one keeps its arm; the header carries a key as well as the field.
     let again = arms_for(&server, "exp", &keys[..500]).await;
     assert!(keys[..500].iter().all(|key| again[key] == arms[key]));
     let mut client = server.inference().await;
     let mut by_header = tonic::Request::new(embed("exp", ""));
-    by_header.metadata_mut().insert("x-lmserve-route-key", "user-7".parse().unwrap());
-    assert_eq!(client.embed(by_header).await.unwrap().into_inner().served_by.unwrap().arm, arms["user-7"]);
+    by_header
+        .metadata_mut()
+        .insert("x-lmserve-route-key", "user-7".parse().unwrap());
+    assert_eq!(
+        client
+            .embed(by_header)
+            .await
+            .unwrap()
+            .into_inner()
+            .served_by
+            .unwrap()
+            .arm,
+        arms["user-7"]
+    );
 
     // A pin header overrides the key.
-    let other = if arms["user-7"] == "w2v@1" { "w2v@2" } else { "w2v@1" };
+    let other = if arms["user-7"] == "w2v@1" {
+        "w2v@2"
+    } else {
+        "w2v@1"
+    };
     let mut pinned = tonic::Request::new(embed("exp", "user-7"));
-    pinned.metadata_mut().insert("x-lmserve-route-arm", other.parse().unwrap());
-    assert_eq!(client.embed(pinned).await.unwrap().into_inner().served_by.unwrap().arm, other);
+    pinned
+        .metadata_mut()
+        .insert("x-lmserve-route-arm", other.parse().unwrap());
+    assert_eq!(
+        client
+            .embed(pinned)
+            .await
+            .unwrap()
+            .into_inner()
+            .served_by
+            .unwrap()
+            .arm,
+        other
+    );
 
     // 90/10 to 80/20 moves about a tenth of the keys, all of them to the arm that grew.
     let sample = &keys[..3000];
-    models.set_route(route("exp", proto::Task::Embed, &[("w2v@1", 90.0), ("w2v@2", 10.0)], None)).await.unwrap();
+    models
+        .set_route(route(
+            "exp",
+            proto::Task::Embed,
+            &[("w2v@1", 90.0), ("w2v@2", 10.0)],
+            None,
+        ))
+        .await
+        .unwrap();
     let before = arms_for(&server, "exp", sample).await;
-    models.set_route(route("exp", proto::Task::Embed, &[("w2v@1", 80.0), ("w2v@2", 20.0)], None)).await.unwrap();
+    models
+        .set_route(route(
+            "exp",
+            proto::Task::Embed,
+            &[("w2v@1", 80.0), ("w2v@2", 20.0)],
+            None,
+        ))
+        .await
+        .unwrap();
     let after = arms_for(&server, "exp", sample).await;
-    let moved: Vec<&String> = sample.iter().filter(|key| before[*key] != after[*key]).collect();
+    let moved: Vec<&String> = sample
+        .iter()
+        .filter(|key| before[*key] != after[*key])
+        .collect();
     let share = moved.len() as f64 / sample.len() as f64;
     assert!((0.07..=0.12).contains(&share), "moved {share:.4}");
     assert!(moved.iter().all(|key| after[*key] == "w2v@2"));
@@ -109,7 +201,14 @@ async fn keyed_traffic_splits_by_weight_and_sticks() {
     // Keyless requests are spread by weight too.
     let mut counts = HashMap::<String, usize>::new();
     for _ in 0..400 {
-        let arm = client.embed(embed("exp", "")).await.unwrap().into_inner().served_by.unwrap().arm;
+        let arm = client
+            .embed(embed("exp", ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .served_by
+            .unwrap()
+            .arm;
         *counts.entry(arm).or_default() += 1;
     }
     assert!(counts.get("w2v@2").copied().unwrap_or(0) > 40, "{counts:?}");
@@ -122,9 +221,15 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
     copy_version("tiny-gpt2", "1", repository.path(), "short", "1");
     // The shadow's context is too small for the prompts below, so every shadow copy fails.
     let manifest = repository.path().join("short/1/model.toml");
-    let text = std::fs::read_to_string(&manifest).unwrap().replace("max_length = 256", "max_length = 4");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("max_length = 256", "max_length = 4");
     std::fs::write(&manifest, text).unwrap();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let server = TestServer::start_with(ServerOptions {
         repository: repository.path().to_owned(),
         env: vec![("LMSERVE_ROUTING__SHADOW_CONCURRENCY".into(), "1".into())],
@@ -132,38 +237,85 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
     })
     .await;
     let mut models = server.models().await;
-    models.set_route(route("chat", proto::Task::Generate, &[("gen@1", 1.0)], Some(("short@1", 100.0)))).await.unwrap();
+    models
+        .set_route(route(
+            "chat",
+            proto::Task::Generate,
+            &[("gen@1", 1.0)],
+            Some(("short@1", 100.0)),
+        ))
+        .await
+        .unwrap();
     // The slow encoder shadows a fast model: with room for one shadow at a time, most copies are dropped.
-    models.set_route(route("vectors", proto::Task::Embed, &[("w2v@1", 1.0)], Some(("enc@1", 100.0)))).await.unwrap();
+    models
+        .set_route(route(
+            "vectors",
+            proto::Task::Embed,
+            &[("w2v@1", 1.0)],
+            Some(("enc@1", 100.0)),
+        ))
+        .await
+        .unwrap();
 
     let client = server.inference().await;
     let request = GenerateRequest {
         model: "chat".into(),
-        prompt: Some(Prompt::Text("To be, or not to be, that is the question".into())),
-        parameters: Some(GenerationParameters { max_new_tokens: Some(5), ignore_eos: true, ..Default::default() }),
+        prompt: Some(Prompt::Text(
+            "To be, or not to be, that is the question".into(),
+        )),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(5),
+            ignore_eos: true,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     for _ in 0..3 {
-        let response = client.clone().generate(request.clone()).await.unwrap().into_inner();
+        let response = client
+            .clone()
+            .generate(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
         let served_by = response.served_by.unwrap();
-        assert_eq!((served_by.route.as_str(), served_by.arm.as_str(), served_by.model.as_str()), ("chat", "gen@1", "gen"));
+        assert_eq!(
+            (
+                served_by.route.as_str(),
+                served_by.arm.as_str(),
+                served_by.model.as_str()
+            ),
+            ("chat", "gen@1", "gen")
+        );
         assert_eq!(response.sequences[0].tokens.len(), 5);
     }
     // Streams say which route and arm served them in their first and last messages.
-    let mut stream = client.clone().generate_stream(request.clone()).await.unwrap().into_inner();
+    let mut stream = client
+        .clone()
+        .generate_stream(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let mut messages = Vec::new();
     while let Some(message) = futures::StreamExt::next(&mut stream).await {
         messages.push(message.unwrap());
     }
     for message in [messages.first().unwrap(), messages.last().unwrap()] {
         let served_by = message.served_by.as_ref().unwrap();
-        assert_eq!((served_by.route.as_str(), served_by.arm.as_str()), ("chat", "gen@1"));
+        assert_eq!(
+            (served_by.route.as_str(), served_by.arm.as_str()),
+            ("chat", "gen@1")
+        );
     }
 
     let long_text = vec!["a long passage to keep the shadow encoder busy ".repeat(20)];
     let answers = join_all((0..64).map(|i| {
         let mut client = client.clone();
-        let request = EmbedRequest { model: "vectors".into(), texts: long_text.clone(), route_key: format!("k{i}"), ..Default::default() };
+        let request = EmbedRequest {
+            model: "vectors".into(),
+            texts: long_text.clone(),
+            route_key: format!("k{i}"),
+            ..Default::default()
+        };
         async move { client.embed(request).await }
     }))
     .await;
@@ -175,13 +327,20 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
     let body = http_get(metrics_port).await;
     let shadow_count = |route: &str, outcome: &str| -> u64 {
         body.lines()
-            .filter(|line| line.starts_with("lmserve_shadow_requests_total{") && line.contains(&format!("route=\"{route}\"")) && line.contains(&format!("outcome=\"{outcome}\"")))
+            .filter(|line| {
+                line.starts_with("lmserve_shadow_requests_total{")
+                    && line.contains(&format!("route=\"{route}\""))
+                    && line.contains(&format!("outcome=\"{outcome}\""))
+            })
             .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
     assert!(shadow_count("chat", "invalid_argument") >= 1, "{body}");
     assert!(shadow_count("vectors", "dropped") >= 1, "{body}");
-    assert!(body.contains(r#"route="chat",arm="gen@1",task="generate",outcome="ok"} 4"#), "{body}");
+    assert!(
+        body.contains(r#"route="chat",arm="gen@1",task="generate",outcome="ok"} 4"#),
+        "{body}"
+    );
     assert!(body.contains(r#"lmserve_generated_tokens_total{model="gen",version="1",route="chat",arm="gen@1",task="generate"} 20"#), "{body}");
 }
 
@@ -197,7 +356,10 @@ async fn reloads_and_unloads_under_load_lose_no_request() {
             async move {
                 let mut served = 0;
                 while Instant::now() < stop_at {
-                    client.embed(embed("w2v", "")).await.expect("no request fails during a reload");
+                    client
+                        .embed(embed("w2v", ""))
+                        .await
+                        .expect("no request fails during a reload");
                     served += 1;
                 }
                 served
@@ -207,33 +369,98 @@ async fn reloads_and_unloads_under_load_lose_no_request() {
     });
     let mut models = server.models().await;
     for _ in 0..3 {
-        models.load_model(LoadModelRequest { name: "w2v".into(), version: None }).await.unwrap();
+        models
+            .load_model(LoadModelRequest {
+                name: "w2v".into(),
+                version: None,
+            })
+            .await
+            .unwrap();
     }
     copy_version("tiny-word2vec", "1", repository.path(), "w2v", "3");
-    let info = models.load_model(LoadModelRequest { name: "w2v".into(), version: Some(3) }).await.unwrap().into_inner();
-    assert!(info.versions.iter().any(|v| v.version == "3" && v.state == proto::LoadState::Ready as i32));
-    models.unload_model(UnloadModelRequest { name: "w2v".into(), version: Some(1) }).await.unwrap();
-    models.unload_model(UnloadModelRequest { name: "w2v".into(), version: Some(2) }).await.unwrap();
+    let info = models
+        .load_model(LoadModelRequest {
+            name: "w2v".into(),
+            version: Some(3),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.versions
+            .iter()
+            .any(|v| v.version == "3" && v.state == proto::LoadState::Ready as i32)
+    );
+    models
+        .unload_model(UnloadModelRequest {
+            name: "w2v".into(),
+            version: Some(1),
+        })
+        .await
+        .unwrap();
+    models
+        .unload_model(UnloadModelRequest {
+            name: "w2v".into(),
+            version: Some(2),
+        })
+        .await
+        .unwrap();
     let served = load.await.unwrap();
     assert!(served > 50, "only {served} requests ran");
-    let info = models.get_model(GetModelRequest { name: "w2v".into() }).await.unwrap().into_inner();
-    assert_eq!(info.versions.iter().map(|v| v.version.as_str()).collect::<Vec<_>>(), ["3"]);
+    let info = models
+        .get_model(GetModelRequest { name: "w2v".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.versions
+            .iter()
+            .map(|v| v.version.as_str())
+            .collect::<Vec<_>>(),
+        ["3"]
+    );
 }
 
 #[tokio::test]
 async fn the_repository_watch_picks_up_added_and_removed_versions() {
     let repository = ab_repository();
-    let server = start(repository.path(), &[("LMSERVE_REPOSITORY__POLL_INTERVAL_MS", "100")]).await;
+    let server = start(
+        repository.path(),
+        &[("LMSERVE_REPOSITORY__POLL_INTERVAL_MS", "100")],
+    )
+    .await;
     let mut models = server.models().await;
     copy_version("tiny-word2vec", "1", repository.path(), "w2v", "5");
-    let versions = |info: proto::ModelInfo| info.versions.into_iter().filter(|v| v.state == proto::LoadState::Ready as i32).map(|v| v.version).collect::<Vec<_>>();
+    let versions = |info: proto::ModelInfo| {
+        info.versions
+            .into_iter()
+            .filter(|v| v.state == proto::LoadState::Ready as i32)
+            .map(|v| v.version)
+            .collect::<Vec<_>>()
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !versions(models.get_model(GetModelRequest { name: "w2v".into() }).await.unwrap().into_inner()).contains(&"5".to_string()) {
+    while !versions(
+        models
+            .get_model(GetModelRequest { name: "w2v".into() })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .contains(&"5".to_string())
+    {
         assert!(Instant::now() < deadline, "version 5 never loaded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     std::fs::remove_dir_all(repository.path().join("w2v/1")).unwrap();
-    while versions(models.get_model(GetModelRequest { name: "w2v".into() }).await.unwrap().into_inner()).contains(&"1".to_string()) {
+    while versions(
+        models
+            .get_model(GetModelRequest { name: "w2v".into() })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .contains(&"1".to_string())
+    {
         assert!(Instant::now() < deadline, "version 1 never unloaded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -245,41 +472,201 @@ async fn management_errors_name_what_is_wrong() {
     let server = start(repository.path(), &[]).await;
     let mut models = server.models().await;
     for bad in ["../w2v", "w2v/1", "", "..", "a\\\\b"] {
-        check(models.load_model(LoadModelRequest { name: bad.into(), version: None }).await, Code::InvalidArgument, "name");
-        check(models.unload_model(UnloadModelRequest { name: bad.into(), version: None }).await, Code::InvalidArgument, "name");
+        check(
+            models
+                .load_model(LoadModelRequest {
+                    name: bad.into(),
+                    version: None,
+                })
+                .await,
+            Code::InvalidArgument,
+            "name",
+        );
+        check(
+            models
+                .unload_model(UnloadModelRequest {
+                    name: bad.into(),
+                    version: None,
+                })
+                .await,
+            Code::InvalidArgument,
+            "name",
+        );
     }
-    check(models.load_model(LoadModelRequest { name: "nope".into(), version: None }).await, Code::NotFound, "nope");
-    check(models.load_model(LoadModelRequest { name: "w2v".into(), version: Some(9) }).await, Code::NotFound, "9");
-    check(models.unload_model(UnloadModelRequest { name: "w2v".into(), version: Some(9) }).await, Code::NotFound, "9");
+    check(
+        models
+            .load_model(LoadModelRequest {
+                name: "nope".into(),
+                version: None,
+            })
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    check(
+        models
+            .load_model(LoadModelRequest {
+                name: "w2v".into(),
+                version: Some(9),
+            })
+            .await,
+        Code::NotFound,
+        "9",
+    );
+    check(
+        models
+            .unload_model(UnloadModelRequest {
+                name: "w2v".into(),
+                version: Some(9),
+            })
+            .await,
+        Code::NotFound,
+        "9",
+    );
 
     let setter = models.clone();
     let set = |request| {
         let mut models = setter.clone();
         async move { models.set_route(request).await }
     };
-    check(set(route("r", proto::Task::Embed, &[("w2v@1", -1.0), ("w2v@2", 1.0)], None)).await, Code::InvalidArgument, "arms[0].weight");
-    check(set(route("r", proto::Task::Embed, &[("w2v@1", 0.0)], None)).await, Code::InvalidArgument, "positive");
-    check(set(route("r", proto::Task::Embed, &[("w2v@7", 1.0)], None)).await, Code::FailedPrecondition, "w2v@7");
-    check(set(route("r", proto::Task::Classify, &[("w2v@1", 1.0)], None)).await, Code::FailedPrecondition, "classify");
-    check(set(route("w2v", proto::Task::Embed, &[("w2v@1", 1.0)], None)).await, Code::InvalidArgument, "model's name");
-    check(set(route("r", proto::Task::Unspecified, &[("w2v@1", 1.0)], None)).await, Code::InvalidArgument, "route.task");
-    check(set(route("r", proto::Task::Embed, &[("w2v@1", 1.0)], Some(("w2v@2", 150.0)))).await, Code::InvalidArgument, "shadow.percent");
-    check(models.get_route(GetRouteRequest { name: "r".into() }).await, Code::NotFound, "r");
-    check(models.delete_route(DeleteRouteRequest { name: "r".into() }).await, Code::NotFound, "r");
+    check(
+        set(route(
+            "r",
+            proto::Task::Embed,
+            &[("w2v@1", -1.0), ("w2v@2", 1.0)],
+            None,
+        ))
+        .await,
+        Code::InvalidArgument,
+        "arms[0].weight",
+    );
+    check(
+        set(route("r", proto::Task::Embed, &[("w2v@1", 0.0)], None)).await,
+        Code::InvalidArgument,
+        "positive",
+    );
+    check(
+        set(route("r", proto::Task::Embed, &[("w2v@7", 1.0)], None)).await,
+        Code::FailedPrecondition,
+        "w2v@7",
+    );
+    check(
+        set(route("r", proto::Task::Classify, &[("w2v@1", 1.0)], None)).await,
+        Code::FailedPrecondition,
+        "classify",
+    );
+    check(
+        set(route("w2v", proto::Task::Embed, &[("w2v@1", 1.0)], None)).await,
+        Code::InvalidArgument,
+        "model's name",
+    );
+    check(
+        set(route(
+            "r",
+            proto::Task::Unspecified,
+            &[("w2v@1", 1.0)],
+            None,
+        ))
+        .await,
+        Code::InvalidArgument,
+        "route.task",
+    );
+    check(
+        set(route(
+            "r",
+            proto::Task::Embed,
+            &[("w2v@1", 1.0)],
+            Some(("w2v@2", 150.0)),
+        ))
+        .await,
+        Code::InvalidArgument,
+        "shadow.percent",
+    );
+    check(
+        models.get_route(GetRouteRequest { name: "r".into() }).await,
+        Code::NotFound,
+        "r",
+    );
+    check(
+        models
+            .delete_route(DeleteRouteRequest { name: "r".into() })
+            .await,
+        Code::NotFound,
+        "r",
+    );
 
-    set(route("r", proto::Task::Embed, &[("w2v@1", 1.0), ("w2v@2", 0.0)], None)).await.unwrap();
-    check(models.unload_model(UnloadModelRequest { name: "w2v".into(), version: Some(1) }).await, Code::FailedPrecondition, "route `r`");
-    check(models.unload_model(UnloadModelRequest { name: "w2v".into(), version: None }).await, Code::FailedPrecondition, "route `r`");
+    set(route(
+        "r",
+        proto::Task::Embed,
+        &[("w2v@1", 1.0), ("w2v@2", 0.0)],
+        None,
+    ))
+    .await
+    .unwrap();
+    check(
+        models
+            .unload_model(UnloadModelRequest {
+                name: "w2v".into(),
+                version: Some(1),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "route `r`",
+    );
+    check(
+        models
+            .unload_model(UnloadModelRequest {
+                name: "w2v".into(),
+                version: None,
+            })
+            .await,
+        Code::FailedPrecondition,
+        "route `r`",
+    );
     let mut client = server.inference().await;
-    check(client.classify(proto::ClassifyRequest { model: "r".into(), texts: vec!["x".into()], ..Default::default() }).await, Code::FailedPrecondition, "embed");
+    check(
+        client
+            .classify(proto::ClassifyRequest {
+                model: "r".into(),
+                texts: vec!["x".into()],
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "embed",
+    );
     let mut pinned = tonic::Request::new(embed("r", ""));
-    pinned.metadata_mut().insert("x-lmserve-route-arm", "enc@1".parse().unwrap());
-    check(client.embed(pinned).await, Code::InvalidArgument, "x-lmserve-route-arm");
+    pinned
+        .metadata_mut()
+        .insert("x-lmserve-route-arm", "enc@1".parse().unwrap());
+    check(
+        client.embed(pinned).await,
+        Code::InvalidArgument,
+        "x-lmserve-route-arm",
+    );
 
     // Deleting the route releases the versions.
-    assert_eq!(models.list_routes(ListRoutesRequest {}).await.unwrap().into_inner().routes.len(), 1);
-    models.delete_route(DeleteRouteRequest { name: "r".into() }).await.unwrap();
-    models.unload_model(UnloadModelRequest { name: "w2v".into(), version: Some(1) }).await.unwrap();
+    assert_eq!(
+        models
+            .list_routes(ListRoutesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .routes
+            .len(),
+        1
+    );
+    models
+        .delete_route(DeleteRouteRequest { name: "r".into() })
+        .await
+        .unwrap();
+    models
+        .unload_model(UnloadModelRequest {
+            name: "w2v".into(),
+            version: Some(1),
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -291,46 +678,118 @@ async fn route_and_load_changes_survive_a_restart() {
     {
         let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
         let mut models = server.models().await;
-        models.set_route(route("exp", proto::Task::Embed, &[("w2v@1", 3.0), ("w2v@2", 1.0)], Some(("w2v@2", 10.0)))).await.unwrap();
-        models.unload_model(UnloadModelRequest { name: "enc".into(), version: None }).await.unwrap();
+        models
+            .set_route(route(
+                "exp",
+                proto::Task::Embed,
+                &[("w2v@1", 3.0), ("w2v@2", 1.0)],
+                Some(("w2v@2", 10.0)),
+            ))
+            .await
+            .unwrap();
+        models
+            .unload_model(UnloadModelRequest {
+                name: "enc".into(),
+                version: None,
+            })
+            .await
+            .unwrap();
     }
     let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
     let mut models = server.models().await;
-    let saved = models.get_route(GetRouteRequest { name: "exp".into() }).await.unwrap().into_inner();
-    assert_eq!(saved.arms.iter().map(|a| (a.target.as_str(), a.weight)).collect::<Vec<_>>(), [("w2v@1", 3.0), ("w2v@2", 1.0)]);
+    let saved = models
+        .get_route(GetRouteRequest { name: "exp".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        saved
+            .arms
+            .iter()
+            .map(|a| (a.target.as_str(), a.weight))
+            .collect::<Vec<_>>(),
+        [("w2v@1", 3.0), ("w2v@2", 1.0)]
+    );
     assert_eq!(saved.shadow.unwrap().percent, 10.0);
-    assert_eq!(models.get_model(GetModelRequest { name: "enc".into() }).await.unwrap_err().code(), Code::NotFound);
-    let served = server.inference().await.embed(embed("exp", "someone")).await.unwrap().into_inner();
+    assert_eq!(
+        models
+            .get_model(GetModelRequest { name: "enc".into() })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let served = server
+        .inference()
+        .await
+        .embed(embed("exp", "someone"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(served.served_by.unwrap().route, "exp");
     drop(server);
 
     // A crash mid-write leaves a temporary file beside the state: it is ignored.
-    std::fs::write(folder.path().join("lmserve-state.json.tmp"), b"{\"routes\": {\"ex").unwrap();
+    std::fs::write(
+        folder.path().join("lmserve-state.json.tmp"),
+        b"{\"routes\": {\"ex",
+    )
+    .unwrap();
     let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
-    assert!(server.models().await.get_route(GetRouteRequest { name: "exp".into() }).await.is_ok());
+    assert!(
+        server
+            .models()
+            .await
+            .get_route(GetRouteRequest { name: "exp".into() })
+            .await
+            .is_ok()
+    );
     drop(server);
 
     // A state file cut short is reported at startup, with its path.
     let text = std::fs::read_to_string(&state).unwrap();
     std::fs::write(&state, &text[..text.len() / 2]).unwrap();
     let (ok, output) = run_to_exit(
-        &["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", "--repository", repository.path().to_str().unwrap()],
+        &[
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--repository",
+            repository.path().to_str().unwrap(),
+        ],
         &[("LMSERVE_STATE__PATH", &state_env)],
     );
     assert!(!ok);
-    assert!(output.contains("corrupt") && output.contains(&state_env), "{output}");
+    assert!(
+        output.contains("corrupt") && output.contains(&state_env),
+        "{output}"
+    );
 }
 
-fn check<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, code: Code, needle: &str) {
+fn check<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    needle: &str,
+) {
     let status = result.expect_err("expected an error");
     assert_eq!(status.code(), code, "{status:?}");
-    assert!(status.message().contains(needle), "{:?} lacks {needle:?}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "{:?} lacks {needle:?}",
+        status.message()
+    );
 }
 
 async fn http_get(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
@@ -353,12 +812,31 @@ async fn routes_from_the_config_file_serve_at_startup() {
         ..Default::default()
     })
     .await;
-    let served = server.inference().await.embed(embed("vectors", "u")).await.unwrap().into_inner();
+    let served = server
+        .inference()
+        .await
+        .embed(embed("vectors", "u"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(served.served_by.unwrap().arm, "w2v@1");
     // A configured route whose arm is missing is left out, with the reason in the log.
     let mut models = server.models().await;
-    assert_eq!(models.get_route(GetRouteRequest { name: "broken".into() }).await.unwrap_err().code(), Code::NotFound);
-    assert!(server.stderr().contains("route left out"), "{}", server.stderr());
+    assert_eq!(
+        models
+            .get_route(GetRouteRequest {
+                name: "broken".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert!(
+        server.stderr().contains("route left out"),
+        "{}",
+        server.stderr()
+    );
 }
 
 #[tokio::test]
@@ -373,14 +851,43 @@ async fn version_policies_choose_what_loads_and_explicit_loads_persist() {
         args: vec!["--config".into(), config.to_str().unwrap().into()],
         env: vec![("LMSERVE_STATE__PATH".into(), state.to_str().unwrap().into())],
     };
-    let versions = |info: proto::ModelInfo| info.versions.into_iter().map(|v| v.version).collect::<Vec<_>>();
+    let versions = |info: proto::ModelInfo| {
+        info.versions
+            .into_iter()
+            .map(|v| v.version)
+            .collect::<Vec<_>>()
+    };
     {
         let server = TestServer::start_with(options()).await;
         let mut models = server.models().await;
-        assert_eq!(versions(models.get_model(GetModelRequest { name: "w2v".into() }).await.unwrap().into_inner()), ["2"]);
-        models.load_model(LoadModelRequest { name: "w2v".into(), version: Some(1) }).await.unwrap();
+        assert_eq!(
+            versions(
+                models
+                    .get_model(GetModelRequest { name: "w2v".into() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+            ),
+            ["2"]
+        );
+        models
+            .load_model(LoadModelRequest {
+                name: "w2v".into(),
+                version: Some(1),
+            })
+            .await
+            .unwrap();
     }
     let server = TestServer::start_with(options()).await;
     let mut models = server.models().await;
-    assert_eq!(versions(models.get_model(GetModelRequest { name: "w2v".into() }).await.unwrap().into_inner()), ["1", "2"]);
+    assert_eq!(
+        versions(
+            models
+                .get_model(GetModelRequest { name: "w2v".into() })
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        ["1", "2"]
+    );
 }

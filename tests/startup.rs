@@ -10,7 +10,14 @@ fn a_missing_onnx_runtime_names_the_command_that_fetches_it() {
     let empty = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_lmserve"))
         .current_dir(empty.path())
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", "--ort-library", "/nonexistent/libonnxruntime.so"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--ort-library",
+            "/nonexistent/libonnxruntime.so",
+        ])
         .env("ORT_DYLIB_PATH", "/nonexistent/too.so")
         .output()
         .unwrap();
@@ -27,7 +34,10 @@ fn a_port_in_use_is_a_startup_error() {
     let addr = taken.local_addr().unwrap().to_string();
     let (ok, output) = run_to_exit(&["serve", "--grpc-addr", &addr, "--no-metrics"], &[]);
     assert!(!ok);
-    assert!(output.contains(&format!("cannot listen on {addr}")), "{output}");
+    assert!(
+        output.contains(&format!("cannot listen on {addr}")),
+        "{output}"
+    );
 }
 
 #[test]
@@ -35,14 +45,27 @@ fn a_required_gpu_that_is_missing_is_a_startup_error() {
     let repository = tempfile::tempdir().unwrap();
     common::copy_version("tiny-word2vec", "1", repository.path(), "w2v", "1");
     let (ok, output) = run_to_exit(
-        &["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", "--repository", repository.path().to_str().unwrap()],
         &[
-            ("LMSERVE_RUNTIME__EXECUTION_PROVIDERS", "[\"cuda:0\", \"cpu\"]"),
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--repository",
+            repository.path().to_str().unwrap(),
+        ],
+        &[
+            (
+                "LMSERVE_RUNTIME__EXECUTION_PROVIDERS",
+                "[\"cuda:0\", \"cpu\"]",
+            ),
             ("LMSERVE_RUNTIME__REQUIRED_PROVIDER", "cuda:0"),
         ],
     );
     assert!(!ok, "{output}");
-    assert!(output.contains("required execution provider cuda:0 could not register"), "{output}");
+    assert!(
+        output.contains("required execution provider cuda:0 could not register"),
+        "{output}"
+    );
 }
 
 #[test]

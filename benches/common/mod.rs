@@ -31,13 +31,23 @@ impl Server {
             .spawn()
             .expect("start lmserve");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().strip_prefix("lmserve listening grpc=").expect("server started").to_owned();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("lmserve listening grpc=")
+            .expect("server started")
+            .to_owned();
         let url = format!("http://{addr}");
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(channel) = Channel::from_shared(url.clone()).unwrap().connect().await {
-                let status = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await;
+                let status = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
                 if status.is_ok_and(|s| s.into_inner().status == 1) {
                     break;
                 }
@@ -49,7 +59,11 @@ impl Server {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 }
 
@@ -64,7 +78,8 @@ impl Drop for Server {
 pub fn ort_environment() -> &'static ort::environment::Environment {
     let config = lmserve::config::Config::default();
     std::env::set_current_dir(root()).unwrap();
-    lmserve::runtime::library::init(&config.ort_library_candidates()).expect("ONNX Runtime (run `make onnxruntime`)")
+    lmserve::runtime::library::init(&config.ort_library_candidates())
+        .expect("ONNX Runtime (run `make onnxruntime`)")
 }
 
 pub fn model_dir(model: &str) -> PathBuf {
@@ -72,12 +87,20 @@ pub fn model_dir(model: &str) -> PathBuf {
 }
 
 pub fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).filter(|l| !l.is_empty()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect()
 }
 
 pub fn print_row(name: &str, rate: f64, unit: &str, baseline: Option<(f64, &str)>) {
     match baseline {
-        Some((base, label)) => println!("{name:<58} {rate:>9.1} {unit:<9} {:>6.2}x {label}", rate / base),
+        Some((base, label)) => println!(
+            "{name:<58} {rate:>9.1} {unit:<9} {:>6.2}x {label}",
+            rate / base
+        ),
         None => println!("{name:<58} {rate:>9.1} {unit}"),
     }
 }

@@ -25,10 +25,25 @@ fn status(error: tonic::Status) -> anyhow::Error {
 }
 
 /// Streams a generation to stdout, token by token as the server produces them.
-pub async fn generate(addr: &str, model: String, prompt: String, parameters: GenerationParameters) -> anyhow::Result<()> {
+pub async fn generate(
+    addr: &str,
+    model: String,
+    prompt: String,
+    parameters: GenerationParameters,
+) -> anyhow::Result<()> {
     let mut client = connect(addr).await?;
-    let request = proto::GenerateRequest { model, prompt: Some(Prompt::Text(prompt.clone())), parameters: Some(parameters), truncate_prompt: false, route_key: String::new() };
-    let mut stream = client.generate_stream(request).await.map_err(status)?.into_inner();
+    let request = proto::GenerateRequest {
+        model,
+        prompt: Some(Prompt::Text(prompt.clone())),
+        parameters: Some(parameters),
+        truncate_prompt: false,
+        route_key: String::new(),
+    };
+    let mut stream = client
+        .generate_stream(request)
+        .await
+        .map_err(status)?
+        .into_inner();
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{prompt}")?;
     stdout.flush()?;
@@ -44,7 +59,8 @@ pub async fn generate(addr: &str, model: String, prompt: String, parameters: Gen
     writeln!(stdout)?;
     if let Some(last) = summary {
         let timings = last.timings.unwrap_or_default();
-        let reason = proto::FinishReason::try_from(last.finish_reason).map_or("unknown", |r| r.as_str_name());
+        let reason = proto::FinishReason::try_from(last.finish_reason)
+            .map_or("unknown", |r| r.as_str_name());
         eprintln!(
             "[{} tokens, {reason}, first token {:.1} ms, total {:.1} ms]",
             last.generated_tokens,
@@ -58,7 +74,15 @@ pub async fn generate(addr: &str, model: String, prompt: String, parameters: Gen
 /// Prints one embedding per text, as JSON lines.
 pub async fn embed(addr: &str, model: String, texts: Vec<String>) -> anyhow::Result<()> {
     let mut client = connect(addr).await?;
-    let response = client.embed(proto::EmbedRequest { model, texts, ..Default::default() }).await.map_err(status)?.into_inner();
+    let response = client
+        .embed(proto::EmbedRequest {
+            model,
+            texts,
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
     for embedding in response.embeddings {
         println!("{}", serde_json::to_string(&embedding.values)?);
     }
@@ -68,9 +92,21 @@ pub async fn embed(addr: &str, model: String, texts: Vec<String>) -> anyhow::Res
 /// Prints the labels of each text, best first.
 pub async fn classify(addr: &str, model: String, texts: Vec<String>) -> anyhow::Result<()> {
     let mut client = connect(addr).await?;
-    let response = client.classify(proto::ClassifyRequest { model, texts: texts.clone(), ..Default::default() }).await.map_err(status)?.into_inner();
+    let response = client
+        .classify(proto::ClassifyRequest {
+            model,
+            texts: texts.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
     for (text, classification) in texts.iter().zip(response.classifications) {
-        let labels: Vec<String> = classification.labels.iter().map(|l| format!("{} {:.4}", l.label, l.score)).collect();
+        let labels: Vec<String> = classification
+            .labels
+            .iter()
+            .map(|l| format!("{} {:.4}", l.label, l.score))
+            .collect();
         println!("{}\t{text}", labels.join("  "));
     }
     Ok(())

@@ -76,7 +76,12 @@ pub fn classify_params(request: proto::ClassifyRequest) -> Result<ClassifyParams
 }
 
 pub fn served_by(served_by: ServedBy) -> Option<proto::ServedBy> {
-    Some(proto::ServedBy { model: served_by.model, version: served_by.version, route: served_by.route, arm: served_by.arm })
+    Some(proto::ServedBy {
+        model: served_by.model,
+        version: served_by.version,
+        route: served_by.route,
+        arm: served_by.arm,
+    })
 }
 
 pub fn embed_response(output: EmbedOutput) -> proto::EmbedResponse {

@@ -13,7 +13,8 @@ use crate::tasks::generate::driver::{Event, FinishReason, GeneratedToken, TokenC
 use crate::tasks::generate::params::{GenerateParams, Prompt};
 use crate::tasks::generate::{GenerateOutput, GenerationStream, Timings};
 
-pub type GenerateEventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateStreamResponse, Status>> + Send>>;
+pub type GenerateEventStream =
+    Pin<Box<dyn Stream<Item = Result<proto::GenerateStreamResponse, Status>> + Send>>;
 
 pub fn params(request: proto::GenerateRequest) -> GenerateParams {
     let p = request.parameters.unwrap_or_default();
@@ -54,7 +55,11 @@ fn finish_reason(reason: Option<FinishReason>) -> i32 {
 }
 
 fn choice(choice: TokenChoice) -> proto::TokenLogprob {
-    proto::TokenLogprob { id: choice.id, text: choice.text, logprob: choice.logprob }
+    proto::TokenLogprob {
+        id: choice.id,
+        text: choice.text,
+        logprob: choice.logprob,
+    }
 }
 
 fn token(token: GeneratedToken) -> proto::GeneratedToken {
@@ -97,36 +102,54 @@ pub fn response(output: GenerateOutput) -> proto::GenerateResponse {
 /// One message per token as it is produced; each sequence's last message carries its finish
 /// reason. Dropping the returned stream (the client went away) cancels the generation.
 pub fn stream(generation: GenerationStream) -> GenerateEventStream {
-    Box::pin(futures::stream::unfold((generation, true), |(mut generation, mut first)| async move {
-        loop {
-            let event = generation.next().await?;
-            let mut message = match event {
-                Event::Started { .. } => continue,
-                Event::Token { index, token: generated, text } => {
-                    proto::GenerateStreamResponse { index: index as u32, text, token: Some(token(generated)), ..Default::default() }
+    Box::pin(futures::stream::unfold(
+        (generation, true),
+        |(mut generation, mut first)| async move {
+            loop {
+                let event = generation.next().await?;
+                let mut message = match event {
+                    Event::Started { .. } => continue,
+                    Event::Token {
+                        index,
+                        token: generated,
+                        text,
+                    } => proto::GenerateStreamResponse {
+                        index: index as u32,
+                        text,
+                        token: Some(token(generated)),
+                        ..Default::default()
+                    },
+                    Event::Finished {
+                        index,
+                        reason,
+                        text,
+                        stop_sequence,
+                    } => proto::GenerateStreamResponse {
+                        index: index as u32,
+                        text,
+                        finish_reason: finish_reason(Some(reason)),
+                        stop_sequence: stop_sequence.unwrap_or_default(),
+                        ..Default::default()
+                    },
+                    Event::Failed { message, .. } => {
+                        return Some((
+                            Err(Status::from(Error::Internal(message))),
+                            (generation, first),
+                        ));
+                    }
+                };
+                if first {
+                    message.served_by = served_by(generation.served_by.clone());
+                    message.prompt_tokens = generation.prompt_tokens as u32;
+                    first = false;
                 }
-                Event::Finished { index, reason, text, stop_sequence } => proto::GenerateStreamResponse {
-                    index: index as u32,
-                    text,
-                    finish_reason: finish_reason(Some(reason)),
-                    stop_sequence: stop_sequence.unwrap_or_default(),
-                    ..Default::default()
-                },
-                Event::Failed { message, .. } => {
-                    return Some((Err(Status::from(Error::Internal(message))), (generation, first)));
+                if generation.is_done() {
+                    message.served_by = served_by(generation.served_by.clone());
+                    message.generated_tokens = generation.generated_tokens() as u32;
+                    message.timings = timings(generation.timings());
                 }
-            };
-            if first {
-                message.served_by = served_by(generation.served_by.clone());
-                message.prompt_tokens = generation.prompt_tokens as u32;
-                first = false;
+                return Some((Ok(message), (generation, first)));
             }
-            if generation.is_done() {
-                message.served_by = served_by(generation.served_by.clone());
-                message.generated_tokens = generation.generated_tokens() as u32;
-                message.timings = timings(generation.timings());
-            }
-            return Some((Ok(message), (generation, first)));
-        }
-    }))
+        },
+    ))
 }

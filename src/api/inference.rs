@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
+use super::generate;
 use super::proto::inference_server::Inference;
 use super::proto::{self};
-use super::generate;
 use crate::config::{GenerationConfig, LimitsConfig};
 use crate::registry::Registry;
 use crate::tasks::routing::Routing;
@@ -30,31 +30,64 @@ pub struct InferenceService {
 }
 
 impl InferenceService {
-    pub fn new(registry: Arc<Registry>, limits: LimitsConfig, generation: GenerationConfig) -> Self {
-        Self { registry, limits, generation }
+    pub fn new(
+        registry: Arc<Registry>,
+        limits: LimitsConfig,
+        generation: GenerationConfig,
+    ) -> Self {
+        Self {
+            registry,
+            limits,
+            generation,
+        }
     }
 
     /// The routing key and pin of a request: its `route_key` field, else the configured headers.
     fn routing(&self, metadata: &MetadataMap, route_key: &str) -> Routing {
         let config = &self.registry.config().routing;
-        let header = |name: &str| metadata.get(name).and_then(|value| value.to_str().ok()).map(str::to_owned);
-        let key = if route_key.is_empty() { header(&config.key_header) } else { Some(route_key.to_owned()) };
-        Routing { key, pin: header(&config.pin_header) }
+        let header = |name: &str| {
+            metadata
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let key = if route_key.is_empty() {
+            header(&config.key_header)
+        } else {
+            Some(route_key.to_owned())
+        };
+        Routing {
+            key,
+            pin: header(&config.pin_header),
+        }
     }
 
-    async fn embed_one(&self, request: proto::EmbedRequest, metadata: &MetadataMap) -> Result<proto::EmbedResponse, Status> {
+    async fn embed_one(
+        &self,
+        request: proto::EmbedRequest,
+        metadata: &MetadataMap,
+    ) -> Result<proto::EmbedResponse, Status> {
         let routing = self.routing(metadata, &request.route_key);
         let params = convert::embed_params(request)?;
         let span = tracing::info_span!("embed", model = %params.model, texts = params.texts.len());
-        let output = embed::embed(&self.registry, &self.limits, params, &routing).instrument(span).await?;
+        let output = embed::embed(&self.registry, &self.limits, params, &routing)
+            .instrument(span)
+            .await?;
         Ok(convert::embed_response(output))
     }
 
-    async fn classify_one(&self, request: proto::ClassifyRequest, metadata: &MetadataMap) -> Result<proto::ClassifyResponse, Status> {
+    async fn classify_one(
+        &self,
+        request: proto::ClassifyRequest,
+        metadata: &MetadataMap,
+    ) -> Result<proto::ClassifyResponse, Status> {
         let routing = self.routing(metadata, &request.route_key);
         let params = convert::classify_params(request)?;
-        let span = tracing::info_span!("classify", model = %params.model, texts = params.texts.len());
-        let output = classify::classify(&self.registry, &self.limits, params, &routing).instrument(span).await?;
+        let span =
+            tracing::info_span!("classify", model = %params.model, texts = params.texts.len());
+        let output = classify::classify(&self.registry, &self.limits, params, &routing)
+            .instrument(span)
+            .await?;
         Ok(convert::classify_response(output))
     }
 }
@@ -89,34 +122,50 @@ where
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
-    async fn generate(&self, request: Request<proto::GenerateRequest>) -> Result<Response<proto::GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        request: Request<proto::GenerateRequest>,
+    ) -> Result<Response<proto::GenerateResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
         let routing = self.routing(&metadata, &request.route_key);
         let params = generate::params(request);
         let span = tracing::info_span!("generate", model = %params.model);
-        let output = generation::generate(&self.registry, &self.generation, params, &routing).instrument(span).await?;
+        let output = generation::generate(&self.registry, &self.generation, params, &routing)
+            .instrument(span)
+            .await?;
         Ok(Response::new(generate::response(output)))
     }
 
     type GenerateStreamStream = generate::GenerateEventStream;
 
-    async fn generate_stream(&self, request: Request<proto::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+    async fn generate_stream(
+        &self,
+        request: Request<proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let (metadata, _, request) = request.into_parts();
         let routing = self.routing(&metadata, &request.route_key);
         let params = generate::params(request);
         let span = tracing::info_span!("generate_stream", model = %params.model);
-        let stream = generation::start(&self.registry, &self.generation, params, &routing).instrument(span).await?;
+        let stream = generation::start(&self.registry, &self.generation, params, &routing)
+            .instrument(span)
+            .await?;
         Ok(Response::new(generate::stream(stream)))
     }
 
-    async fn embed(&self, request: Request<proto::EmbedRequest>) -> Result<Response<proto::EmbedResponse>, Status> {
+    async fn embed(
+        &self,
+        request: Request<proto::EmbedRequest>,
+    ) -> Result<Response<proto::EmbedResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
         self.embed_one(request, &metadata).await.map(Response::new)
     }
 
     type EmbedStreamStream = ResponseStream<proto::EmbedResponse>;
 
-    async fn embed_stream(&self, request: Request<Streaming<proto::EmbedRequest>>) -> Result<Response<Self::EmbedStreamStream>, Status> {
+    async fn embed_stream(
+        &self,
+        request: Request<Streaming<proto::EmbedRequest>>,
+    ) -> Result<Response<Self::EmbedStreamStream>, Status> {
         let (metadata, _, requests) = request.into_parts();
         let (service, metadata) = (self.clone(), Arc::new(metadata));
         Ok(Response::new(ordered(requests, move |message| {
@@ -125,9 +174,14 @@ impl Inference for InferenceService {
         })))
     }
 
-    async fn classify(&self, request: Request<proto::ClassifyRequest>) -> Result<Response<proto::ClassifyResponse>, Status> {
+    async fn classify(
+        &self,
+        request: Request<proto::ClassifyRequest>,
+    ) -> Result<Response<proto::ClassifyResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
-        self.classify_one(request, &metadata).await.map(Response::new)
+        self.classify_one(request, &metadata)
+            .await
+            .map(Response::new)
     }
 
     type ClassifyStreamStream = ResponseStream<proto::ClassifyResponse>;

@@ -6,9 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::proto::models_server::Models;
 use super::proto::{self};
+use crate::config::routes::{ArmConfig, RouteConfig, ShadowConfig};
 use crate::error::{Error, Task};
 use crate::registry::manifest::{Family, Manifest};
-use crate::config::routes::{ArmConfig, RouteConfig, ShadowConfig};
 use crate::registry::{LoadState, Registry, Slot, parse_target};
 
 pub struct ModelsService {
@@ -23,37 +23,74 @@ impl ModelsService {
 
 #[tonic::async_trait]
 impl Models for ModelsService {
-    async fn load_model(&self, request: Request<proto::LoadModelRequest>) -> Result<Response<proto::ModelInfo>, Status> {
+    async fn load_model(
+        &self,
+        request: Request<proto::LoadModelRequest>,
+    ) -> Result<Response<proto::ModelInfo>, Status> {
         let request = request.into_inner();
-        self.registry.load_model(&request.name, request.version).await?;
-        self.get_model(Request::new(proto::GetModelRequest { name: request.name })).await
+        self.registry
+            .load_model(&request.name, request.version)
+            .await?;
+        self.get_model(Request::new(proto::GetModelRequest { name: request.name }))
+            .await
     }
 
-    async fn unload_model(&self, request: Request<proto::UnloadModelRequest>) -> Result<Response<proto::UnloadModelResponse>, Status> {
+    async fn unload_model(
+        &self,
+        request: Request<proto::UnloadModelRequest>,
+    ) -> Result<Response<proto::UnloadModelResponse>, Status> {
         let request = request.into_inner();
         let versions = self.registry.unload_model(&request.name, request.version)?;
-        Ok(Response::new(proto::UnloadModelResponse { versions: versions.iter().map(u64::to_string).collect() }))
+        Ok(Response::new(proto::UnloadModelResponse {
+            versions: versions.iter().map(u64::to_string).collect(),
+        }))
     }
 
-    async fn set_route(&self, request: Request<proto::SetRouteRequest>) -> Result<Response<proto::Route>, Status> {
-        let route = request.into_inner().route.ok_or_else(|| Error::invalid("route", "is missing"))?;
+    async fn set_route(
+        &self,
+        request: Request<proto::SetRouteRequest>,
+    ) -> Result<Response<proto::Route>, Status> {
+        let route = request
+            .into_inner()
+            .route
+            .ok_or_else(|| Error::invalid("route", "is missing"))?;
         let (name, config) = route_config(route)?;
         self.registry.set_route(&name, config)?;
-        Ok(Response::new(route_message(&name, &self.registry.get_route(&name)?)))
+        Ok(Response::new(route_message(
+            &name,
+            &self.registry.get_route(&name)?,
+        )))
     }
 
-    async fn delete_route(&self, request: Request<proto::DeleteRouteRequest>) -> Result<Response<proto::DeleteRouteResponse>, Status> {
+    async fn delete_route(
+        &self,
+        request: Request<proto::DeleteRouteRequest>,
+    ) -> Result<Response<proto::DeleteRouteResponse>, Status> {
         self.registry.delete_route(&request.into_inner().name)?;
         Ok(Response::new(proto::DeleteRouteResponse {}))
     }
 
-    async fn get_route(&self, request: Request<proto::GetRouteRequest>) -> Result<Response<proto::Route>, Status> {
+    async fn get_route(
+        &self,
+        request: Request<proto::GetRouteRequest>,
+    ) -> Result<Response<proto::Route>, Status> {
         let name = request.into_inner().name;
-        Ok(Response::new(route_message(&name, &self.registry.get_route(&name)?)))
+        Ok(Response::new(route_message(
+            &name,
+            &self.registry.get_route(&name)?,
+        )))
     }
 
-    async fn list_routes(&self, _: Request<proto::ListRoutesRequest>) -> Result<Response<proto::ListRoutesResponse>, Status> {
-        let routes = self.registry.list_routes().iter().map(|(name, route)| route_message(name, route)).collect();
+    async fn list_routes(
+        &self,
+        _: Request<proto::ListRoutesRequest>,
+    ) -> Result<Response<proto::ListRoutesResponse>, Status> {
+        let routes = self
+            .registry
+            .list_routes()
+            .iter()
+            .map(|(name, route)| route_message(name, route))
+            .collect();
         Ok(Response::new(proto::ListRoutesResponse { routes }))
     }
 
@@ -173,9 +210,10 @@ fn task_from_proto(value: i32) -> crate::error::Result<Task> {
         Ok(proto::Task::Generate) => Ok(Task::Generate),
         Ok(proto::Task::Embed) => Ok(Task::Embed),
         Ok(proto::Task::Classify) => Ok(Task::Classify),
-        Ok(proto::Task::Unspecified) | Err(_) => {
-            Err(Error::invalid("route.task", format!("must be TASK_GENERATE, TASK_EMBED or TASK_CLASSIFY; got {value}")))
-        }
+        Ok(proto::Task::Unspecified) | Err(_) => Err(Error::invalid(
+            "route.task",
+            format!("must be TASK_GENERATE, TASK_EMBED or TASK_CLASSIFY; got {value}"),
+        )),
     }
 }
 
@@ -190,8 +228,18 @@ fn task_to_proto(task: Task) -> i32 {
 fn route_config(route: proto::Route) -> crate::error::Result<(String, RouteConfig)> {
     let config = RouteConfig {
         task: task_from_proto(route.task)?,
-        arms: route.arms.into_iter().map(|arm| ArmConfig { target: arm.target, weight: arm.weight }).collect(),
-        shadow: route.shadow.map(|shadow| ShadowConfig { target: shadow.target, percent: shadow.percent }),
+        arms: route
+            .arms
+            .into_iter()
+            .map(|arm| ArmConfig {
+                target: arm.target,
+                weight: arm.weight,
+            })
+            .collect(),
+        shadow: route.shadow.map(|shadow| ShadowConfig {
+            target: shadow.target,
+            percent: shadow.percent,
+        }),
     };
     Ok((route.name, config))
 }
@@ -200,7 +248,17 @@ fn route_message(name: &str, route: &RouteConfig) -> proto::Route {
     proto::Route {
         name: name.to_owned(),
         task: task_to_proto(route.task),
-        arms: route.arms.iter().map(|arm| proto::RouteArm { target: arm.target.clone(), weight: arm.weight }).collect(),
-        shadow: route.shadow.as_ref().map(|shadow| proto::ShadowArm { target: shadow.target.clone(), percent: shadow.percent }),
+        arms: route
+            .arms
+            .iter()
+            .map(|arm| proto::RouteArm {
+                target: arm.target.clone(),
+                weight: arm.weight,
+            })
+            .collect(),
+        shadow: route.shadow.as_ref().map(|shadow| proto::ShadowArm {
+            target: shadow.target.clone(),
+            percent: shadow.percent,
+        }),
     }
 }

@@ -9,7 +9,9 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::RouteNotFound { .. } => Code::NotFound,
+            Error::ModelNotFound { .. }
+            | Error::VersionNotFound { .. }
+            | Error::RouteNotFound { .. } => Code::NotFound,
             Error::TaskNotServed { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ModelUnavailable { .. } | Error::ShuttingDown => Code::Unavailable,
             Error::QueueFull { .. } => Code::ResourceExhausted,

@@ -26,6 +26,7 @@ pub const DEFAULT_STATE_FILE: &str = "lmserve-state.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub repository: RepositoryConfig,
@@ -56,7 +57,11 @@ pub struct RoutingConfig {
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        Self { key_header: "x-lmserve-route-key".into(), pin_header: "x-lmserve-route-arm".into(), shadow_concurrency: 4 }
+        Self {
+            key_header: "x-lmserve-route-key".into(),
+            pin_header: "x-lmserve-route-arm".into(),
+            shadow_concurrency: 4,
+        }
     }
 }
 
@@ -70,7 +75,9 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        Self { path: Some(PathBuf::from(DEFAULT_STATE_FILE)) }
+        Self {
+            path: Some(PathBuf::from(DEFAULT_STATE_FILE)),
+        }
     }
 }
 
@@ -265,24 +272,6 @@ impl Default for LoggingConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            repository: RepositoryConfig::default(),
-            runtime: RuntimeConfig::default(),
-            batching: BatchingConfig::default(),
-            generation: GenerationConfig::default(),
-            limits: LimitsConfig::default(),
-            logging: LoggingConfig::default(),
-            routing: RoutingConfig::default(),
-            state: StateConfig::default(),
-            models: BTreeMap::new(),
-            routes: BTreeMap::new(),
-        }
-    }
-}
-
 /// The runtime settings one model version is loaded with, after overrides.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRuntime {
@@ -295,6 +284,8 @@ pub struct ModelRuntime {
 impl Config {
     /// Layers the config file (when present), the environment and `overrides` over the defaults.
     /// `file` names an explicit config file, which must exist.
+    // figment's error is large, but it is built once, at startup, and printed as it is.
+    #[allow(clippy::result_large_err)]
     pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, figment::Error> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         figment = match file {
@@ -332,7 +323,8 @@ impl Config {
     pub fn version_policy(&self, model: &str) -> Result<VersionPolicy, String> {
         match self.models.get(model).and_then(|m| m.versions.as_deref()) {
             None => Ok(VersionPolicy::All),
-            Some(text) => VersionPolicy::parse(text).map_err(|reason| format!("models.{model}.versions: {reason}")),
+            Some(text) => VersionPolicy::parse(text)
+                .map_err(|reason| format!("models.{model}.versions: {reason}")),
         }
     }
 
@@ -374,7 +366,11 @@ impl VersionPolicy {
             };
         }
         text.split(',')
-            .map(|part| part.trim().parse::<u64>().map_err(|_| format!("`{text}` is not all, latest, latest:N or a list like 1,3")))
+            .map(|part| {
+                part.trim().parse::<u64>().map_err(|_| {
+                    format!("`{text}` is not all, latest, latest:N or a list like 1,3")
+                })
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(VersionPolicy::Specific)
     }
@@ -383,13 +379,20 @@ impl VersionPolicy {
     pub fn select(&self, available: &[u64]) -> Vec<u64> {
         match self {
             VersionPolicy::All => available.to_vec(),
-            VersionPolicy::Latest(count) => available[available.len().saturating_sub(*count)..].to_vec(),
-            VersionPolicy::Specific(wanted) => available.iter().copied().filter(|v| wanted.contains(v)).collect(),
+            VersionPolicy::Latest(count) => {
+                available[available.len().saturating_sub(*count)..].to_vec()
+            }
+            VersionPolicy::Specific(wanted) => available
+                .iter()
+                .copied()
+                .filter(|v| wanted.contains(v))
+                .collect(),
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -424,7 +427,10 @@ mod tests {
     fn the_example_file_documents_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("lmserve.example.toml");
         Jail::expect_with(|_| {
-            assert_eq!(Config::load(Some(&path), Figment::new())?, Config::default());
+            assert_eq!(
+                Config::load(Some(&path), Figment::new())?,
+                Config::default()
+            );
             Ok(())
         });
     }
@@ -441,10 +447,22 @@ mod tests {
     #[test]
     fn version_policies_select_versions() {
         let available = [1, 2, 5];
-        assert_eq!(VersionPolicy::parse("all").unwrap().select(&available), vec![1, 2, 5]);
-        assert_eq!(VersionPolicy::parse("latest").unwrap().select(&available), vec![5]);
-        assert_eq!(VersionPolicy::parse("latest:2").unwrap().select(&available), vec![2, 5]);
-        assert_eq!(VersionPolicy::parse("1, 5,9").unwrap().select(&available), vec![1, 5]);
+        assert_eq!(
+            VersionPolicy::parse("all").unwrap().select(&available),
+            vec![1, 2, 5]
+        );
+        assert_eq!(
+            VersionPolicy::parse("latest").unwrap().select(&available),
+            vec![5]
+        );
+        assert_eq!(
+            VersionPolicy::parse("latest:2").unwrap().select(&available),
+            vec![2, 5]
+        );
+        assert_eq!(
+            VersionPolicy::parse("1, 5,9").unwrap().select(&available),
+            vec![1, 5]
+        );
         assert!(VersionPolicy::parse("latest:0").is_err());
         assert!(VersionPolicy::parse("newest").is_err());
     }

@@ -34,4 +34,3 @@ pub struct RouteConfig {
     #[serde(default)]
     pub shadow: Option<ShadowConfig>,
 }
-

@@ -29,16 +29,34 @@ impl Registry {
         let mut models = self.models.write().expect("registry lock");
         let names: BTreeSet<&str> = found.iter().map(|dir| dir.model.as_str()).collect();
         for name in names {
-            let available: Vec<u64> = found.iter().filter(|dir| dir.model == name).map(|dir| dir.version).collect();
-            let policy = self.config.version_policy(name).map_err(anyhow::Error::msg)?;
+            let available: Vec<u64> = found
+                .iter()
+                .filter(|dir| dir.model == name)
+                .map(|dir| dir.version)
+                .collect();
+            let policy = self
+                .config
+                .version_policy(name)
+                .map_err(anyhow::Error::msg)?;
             let selected = policy.select(&available);
             for dir in found.iter().filter(|dir| dir.model == name) {
                 let id = key(name, dir.version);
-                let wanted = (selected.contains(&dir.version) || persisted.loaded.contains(&id)) && !persisted.unloaded.contains(&id);
-                let present = models.get(name).is_some_and(|versions| versions.contains_key(&dir.version));
+                let wanted = (selected.contains(&dir.version) || persisted.loaded.contains(&id))
+                    && !persisted.unloaded.contains(&id);
+                let present = models
+                    .get(name)
+                    .is_some_and(|versions| versions.contains_key(&dir.version));
                 if wanted && !present {
-                    let slot = Arc::new(Slot { model: dir.model.clone(), version: dir.version, path: dir.path.clone(), state: RwLock::new(LoadState::Loading) });
-                    models.entry(dir.model.clone()).or_default().insert(dir.version, Arc::clone(&slot));
+                    let slot = Arc::new(Slot {
+                        model: dir.model.clone(),
+                        version: dir.version,
+                        path: dir.path.clone(),
+                        state: RwLock::new(LoadState::Loading),
+                    });
+                    models
+                        .entry(dir.model.clone())
+                        .or_default()
+                        .insert(dir.version, Arc::clone(&slot));
                     added.push(slot);
                 }
             }
@@ -49,13 +67,20 @@ impl Registry {
     /// Loads every slot still `Loading`, one after another, then installs the routes. A version
     /// that fails is marked failed with its reason; the others serve. Fails only when a required
     /// execution provider is missing, which no model can work around.
-    pub async fn load_all(&self, environment: &'static ort::environment::Environment) -> anyhow::Result<()> {
+    pub async fn load_all(
+        &self,
+        environment: &'static ort::environment::Environment,
+    ) -> anyhow::Result<()> {
         let _ = self.environment.set(environment);
-        for slot in self.slots().into_iter().filter(|slot| matches!(slot.state(), LoadState::Loading)) {
-            if let Err(reason) = self.load_slot(&slot).await {
-                if reason.contains("required execution provider") {
-                    anyhow::bail!("{}@{}: {reason}", slot.model, slot.version);
-                }
+        for slot in self
+            .slots()
+            .into_iter()
+            .filter(|slot| matches!(slot.state(), LoadState::Loading))
+        {
+            if let Err(reason) = self.load_slot(&slot).await
+                && reason.contains("required execution provider")
+            {
+                anyhow::bail!("{}@{}: {reason}", slot.model, slot.version);
             }
         }
         self.install_startup_routes();
@@ -65,12 +90,16 @@ impl Registry {
 
     /// Loads one slot on a blocking thread and publishes the result in it.
     async fn load_slot(&self, slot: &Arc<Slot>) -> Result<(), String> {
-        let environment = *self.environment.get().ok_or("the runtime is not initialised yet")?;
+        let environment = *self
+            .environment
+            .get()
+            .ok_or("the runtime is not initialised yet")?;
         let runtime = self.config.model_runtime(&slot.model);
         let path = slot.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || loader::load(environment, &path, &runtime))
-            .await
-            .map_err(|error| format!("loader failed: {error}"))?;
+        let loaded =
+            tokio::task::spawn_blocking(move || loader::load(environment, &path, &runtime))
+                .await
+                .map_err(|error| format!("loader failed: {error}"))?;
         match loaded.and_then(|parts| self.serve(slot, parts)) {
             Ok(model) => {
                 tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), "model ready");
@@ -91,22 +120,43 @@ impl Registry {
 
     /// Attaches the scheduler the model's family needs.
     fn serve(&self, slot: &Slot, parts: loader::LoadedParts) -> anyhow::Result<ModelVersion> {
-        let labels = ModelLabels { model: slot.model.clone(), version: slot.version.to_string() };
+        let labels = ModelLabels {
+            model: slot.model.clone(),
+            version: slot.version.to_string(),
+        };
         let (mut batcher, mut generator) = (None, None);
         match parts.manifest.family {
             Family::Encoder => {
-                batcher = Some(Batcher::spawn(Arc::clone(&parts.pool), Arc::clone(&parts.bindings), parts.pad_id, self.batcher_settings(), labels.clone()));
+                batcher = Some(Batcher::spawn(
+                    Arc::clone(&parts.pool),
+                    Arc::clone(&parts.bindings),
+                    parts.pad_id,
+                    self.batcher_settings(),
+                    labels.clone(),
+                ));
             }
             Family::Decoder | Family::Rnn => {
                 let recurrent = parts.manifest.family == Family::Rnn;
-                let decoder = DecoderModel::new(Arc::clone(&parts.bindings), parts.pool.inputs(), recurrent, parts.pad_id).map_err(anyhow::Error::msg)?;
+                let decoder = DecoderModel::new(
+                    Arc::clone(&parts.bindings),
+                    parts.pool.inputs(),
+                    recurrent,
+                    parts.pad_id,
+                )
+                .map_err(anyhow::Error::msg)?;
                 let generation = &self.config.generation;
                 let limits = ContinuousLimits {
                     max_batch_size: generation.max_batch_size.max(1),
                     max_total_tokens: generation.max_total_tokens.max(1),
                     max_prefill_batch: generation.max_prefill_batch.max(1),
                 };
-                generator = Some(ContinuousScheduler::spawn(decoder, Arc::clone(&parts.pool), limits, generation.queue_capacity.max(1), labels.clone())?);
+                generator = Some(ContinuousScheduler::spawn(
+                    decoder,
+                    Arc::clone(&parts.pool),
+                    limits,
+                    generation.queue_capacity.max(1),
+                    labels.clone(),
+                )?);
             }
         }
         let logits_width = parts
@@ -169,7 +219,9 @@ impl Registry {
             .filter(|dir| dir.model == name)
             .collect();
         if found.is_empty() {
-            return Err(Error::ModelNotFound { name: name.to_owned() });
+            return Err(Error::ModelNotFound {
+                name: name.to_owned(),
+            });
         }
         let available: Vec<u64> = found.iter().map(|dir| dir.version).collect();
         let versions = match version {
@@ -178,21 +230,44 @@ impl Registry {
                 return Err(Error::VersionNotFound {
                     model: name.to_owned(),
                     version: version.to_string(),
-                    available: available.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+                    available: available
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
-            None => self.config.version_policy(name).unwrap_or(VersionPolicy::All).select(&available),
+            None => self
+                .config
+                .version_policy(name)
+                .unwrap_or(VersionPolicy::All)
+                .select(&available),
         };
         let mut failures = Vec::new();
         for dir in found.iter().filter(|dir| versions.contains(&dir.version)) {
             // A fresh slot for the new instance; the old one keeps serving until the swap.
-            let fresh = Arc::new(Slot { model: dir.model.clone(), version: dir.version, path: dir.path.clone(), state: RwLock::new(LoadState::Loading) });
-            let existing = self.models.read().expect("registry lock").get(name).and_then(|v| v.get(&dir.version).cloned());
+            let fresh = Arc::new(Slot {
+                model: dir.model.clone(),
+                version: dir.version,
+                path: dir.path.clone(),
+                state: RwLock::new(LoadState::Loading),
+            });
+            let existing = self
+                .models
+                .read()
+                .expect("registry lock")
+                .get(name)
+                .and_then(|v| v.get(&dir.version).cloned());
             let target = match &existing {
                 Some(slot) if matches!(slot.state(), LoadState::Ready(_)) => Arc::clone(&fresh),
                 Some(slot) => Arc::clone(slot),
                 None => {
-                    self.models.write().expect("registry lock").entry(name.to_owned()).or_default().insert(dir.version, Arc::clone(&fresh));
+                    self.models
+                        .write()
+                        .expect("registry lock")
+                        .entry(name.to_owned())
+                        .or_default()
+                        .insert(dir.version, Arc::clone(&fresh));
                     Arc::clone(&fresh)
                 }
             };
@@ -211,7 +286,15 @@ impl Registry {
         self.persist()?;
         self.record_load_states();
         if !failures.is_empty() {
-            return Err(Error::ModelUnavailable { model: name.to_owned(), version: versions.iter().map(u64::to_string).collect::<Vec<_>>().join(","), reason: failures.join("; ") });
+            return Err(Error::ModelUnavailable {
+                model: name.to_owned(),
+                version: versions
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                reason: failures.join("; "),
+            });
         }
         Ok(versions)
     }
@@ -219,14 +302,20 @@ impl Registry {
     /// Unloads `name` (every version, or one). Refused while a route uses what would go.
     pub fn unload_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
         check_model_name(name)?;
-        let slots = self.model_slots(name).ok_or_else(|| Error::ModelNotFound { name: name.to_owned() })?;
+        let slots = self.model_slots(name).ok_or_else(|| Error::ModelNotFound {
+            name: name.to_owned(),
+        })?;
         let versions: Vec<u64> = match version {
             Some(version) if slots.iter().any(|slot| slot.version == version) => vec![version],
             Some(version) => {
                 return Err(Error::VersionNotFound {
                     model: name.to_owned(),
                     version: version.to_string(),
-                    available: slots.iter().map(|slot| slot.version.to_string()).collect::<Vec<_>>().join(", "),
+                    available: slots
+                        .iter()
+                        .map(|slot| slot.version.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
             None => slots.iter().map(|slot| slot.version).collect(),
@@ -267,10 +356,17 @@ impl Registry {
 
     /// Writes what the API changed to the state file, when persistence is on.
     pub(super) fn persist(&self) -> Result<()> {
-        let Some(path) = &self.config.state.path else { return Ok(()) };
+        let Some(path) = &self.config.state.path else {
+            return Ok(());
+        };
         let mut persisted = self.persisted.lock().expect("state lock");
         persisted.routes = Some(self.routes.read().expect("routes lock").clone());
-        state::write(path, &persisted).map_err(|error| Error::Internal(format!("writing the state file {}: {error}", path.display())))
+        state::write(path, &persisted).map_err(|error| {
+            Error::Internal(format!(
+                "writing the state file {}: {error}",
+                path.display()
+            ))
+        })
     }
 
     /// Watches the repository folder: loads versions that appear (as policy and state allow)
@@ -296,14 +392,19 @@ impl Registry {
             tracing::info!(model = %slot.model, version = slot.version, "new version in the repository");
             let _ = self.load_slot(&slot).await;
         }
-        let on_disk: BTreeSet<(String, u64)> = repository::scan(&self.config.repository.path)?.into_iter().map(|dir| (dir.model, dir.version)).collect();
+        let on_disk: BTreeSet<(String, u64)> = repository::scan(&self.config.repository.path)?
+            .into_iter()
+            .map(|dir| (dir.model, dir.version))
+            .collect();
         for slot in self.slots() {
             if on_disk.contains(&(slot.model.clone(), slot.version)) {
                 continue;
             }
             let remaining = self.model_slots(&slot.model).map_or(0, |slots| slots.len());
             match self.route_using(&slot.model, &[slot.version], remaining == 1) {
-                Some(route) => tracing::warn!(model = %slot.model, version = slot.version, %route, "version folder removed but a route uses it; keeping it loaded"),
+                Some(route) => {
+                    tracing::warn!(model = %slot.model, version = slot.version, %route, "version folder removed but a route uses it; keeping it loaded")
+                }
                 None => {
                     tracing::info!(model = %slot.model, version = slot.version, "version folder removed; unloading");
                     self.remove_versions(&slot.model, &[slot.version]);
@@ -318,10 +419,23 @@ impl Registry {
 /// A model name from a client must stay inside the repository folder.
 fn check_model_name(name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(Error::invalid("name", "must name a model folder; got an empty string"));
+        return Err(Error::invalid(
+            "name",
+            "must name a model folder; got an empty string",
+        ));
     }
-    if name.contains('/') || name.contains('\\') || name.contains("..") || name.contains('\0') || name.starts_with('.') {
-        return Err(Error::invalid("name", format!("`{name}` must be a plain folder name inside the repository (no path separators, no \"..\")")));
+    if name.contains('/')
+        || name.contains('\\')
+        || name.contains("..")
+        || name.contains('\0')
+        || name.starts_with('.')
+    {
+        return Err(Error::invalid(
+            "name",
+            format!(
+                "`{name}` must be a plain folder name inside the repository (no path separators, no \"..\")"
+            ),
+        ));
     }
     Ok(())
 }

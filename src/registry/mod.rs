@@ -98,7 +98,9 @@ impl Registry {
             routes: RwLock::new(BTreeMap::new()),
             persisted: Mutex::new(persisted),
             environment: OnceLock::new(),
-            shadow_permits: Arc::new(tokio::sync::Semaphore::new(config.routing.shadow_concurrency)),
+            shadow_permits: Arc::new(tokio::sync::Semaphore::new(
+                config.routing.shadow_concurrency,
+            )),
             config,
         };
         registry.add_wanted_slots()?;

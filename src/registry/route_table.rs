@@ -42,28 +42,54 @@ pub struct Routed {
 impl Registry {
     /// Resolves `target` — a route or a model — for `task`.
     pub fn route(&self, target: &str, task: Task, request: RouteRequest<'_>) -> Result<Routed> {
-        let route = self.routes.read().expect("routes lock").get(target.trim()).cloned();
+        let route = self
+            .routes
+            .read()
+            .expect("routes lock")
+            .get(target.trim())
+            .cloned();
         let Some(route) = route else {
-            return Ok(Routed { model: self.resolve(target, Some(task))?, choice: None, shadow: None });
+            return Ok(Routed {
+                model: self.resolve(target, Some(task))?,
+                choice: None,
+                shadow: None,
+            });
         };
         let name = target.trim().to_owned();
         if route.task != task {
-            return Err(Error::TaskNotServed { model: format!("route {name}"), version: "-".into(), task, served: route.task.to_string() });
+            return Err(Error::TaskNotServed {
+                model: format!("route {name}"),
+                version: "-".into(),
+                task,
+                served: route.task.to_string(),
+            });
         }
         let arm = match request.pin {
             Some(pin) => route.pinned(pin).ok_or_else(|| {
                 let arms: Vec<&str> = route.arms.iter().map(|arm| arm.target.as_str()).collect();
-                Error::invalid(&self.config.routing.pin_header, format!("`{pin}` is not an arm of route `{name}`; arms: {arms:?}"))
+                Error::invalid(
+                    &self.config.routing.pin_header,
+                    format!("`{pin}` is not an arm of route `{name}`; arms: {arms:?}"),
+                )
             })?,
             None => route.pick(request.key, rand::random::<f64>()),
         };
         let arm_target = route.arms[arm].target.clone();
         let model = self.resolve(&arm_target, Some(task))?;
         let shadow = match &route.shadow {
-            Some(shadow) if route.shadowed(request.key, rand::random::<f64>()) => self.shadow_for(&name, &shadow.target, task),
+            Some(shadow) if route.shadowed(request.key, rand::random::<f64>()) => {
+                self.shadow_for(&name, &shadow.target, task)
+            }
             _ => None,
         };
-        Ok(Routed { model, choice: Some(RouteChoice { route: name, arm: arm_target }), shadow })
+        Ok(Routed {
+            model,
+            choice: Some(RouteChoice {
+                route: name,
+                arm: arm_target,
+            }),
+            shadow,
+        })
     }
 
     fn shadow_for(&self, route: &str, target: &str, task: Task) -> Option<Shadow> {
@@ -72,7 +98,12 @@ impl Registry {
             return None;
         };
         match self.resolve(target, Some(task)) {
-            Ok(model) => Some(Shadow { model, route: route.to_owned(), arm: target.to_owned(), permit }),
+            Ok(model) => Some(Shadow {
+                model,
+                route: route.to_owned(),
+                arm: target.to_owned(),
+                permit,
+            }),
             Err(error) => {
                 tracing::warn!(route, shadow = target, %error, "shadow arm unavailable");
                 metrics::shadow_finished(route, target, error.kind());
@@ -84,21 +115,39 @@ impl Registry {
     /// Creates or replaces a route after checking it against what is loaded.
     pub fn set_route(&self, name: &str, route: RouteConfig) -> Result<()> {
         self.check_route(name, &route)?;
-        self.routes.write().expect("routes lock").insert(name.to_owned(), route);
+        self.routes
+            .write()
+            .expect("routes lock")
+            .insert(name.to_owned(), route);
         tracing::info!(route = name, "route set");
         self.persist()
     }
 
     pub fn delete_route(&self, name: &str) -> Result<()> {
-        if self.routes.write().expect("routes lock").remove(name).is_none() {
-            return Err(Error::RouteNotFound { name: name.to_owned() });
+        if self
+            .routes
+            .write()
+            .expect("routes lock")
+            .remove(name)
+            .is_none()
+        {
+            return Err(Error::RouteNotFound {
+                name: name.to_owned(),
+            });
         }
         tracing::info!(route = name, "route deleted");
         self.persist()
     }
 
     pub fn get_route(&self, name: &str) -> Result<RouteConfig> {
-        self.routes.read().expect("routes lock").get(name).cloned().ok_or_else(|| Error::RouteNotFound { name: name.to_owned() })
+        self.routes
+            .read()
+            .expect("routes lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::RouteNotFound {
+                name: name.to_owned(),
+            })
     }
 
     pub fn list_routes(&self) -> BTreeMap<String, RouteConfig> {
@@ -113,7 +162,10 @@ impl Registry {
         for (name, route) in routes {
             match self.check_route(&name, &route) {
                 Ok(()) => {
-                    self.routes.write().expect("routes lock").insert(name, route);
+                    self.routes
+                        .write()
+                        .expect("routes lock")
+                        .insert(name, route);
                 }
                 Err(error) => tracing::error!(route = %name, %error, "route left out"),
             }
@@ -122,18 +174,38 @@ impl Registry {
 
     fn check_route(&self, name: &str, route: &RouteConfig) -> Result<()> {
         if name.is_empty() || name.contains('@') || name.contains('/') {
-            return Err(Error::invalid("route.name", format!("`{name}` must be a non-empty name without '@' or '/'")));
+            return Err(Error::invalid(
+                "route.name",
+                format!("`{name}` must be a non-empty name without '@' or '/'"),
+            ));
         }
         if self.model_slots(name).is_some() {
-            return Err(Error::invalid("route.name", format!("`{name}` is a model's name; a route needs a name of its own")));
+            return Err(Error::invalid(
+                "route.name",
+                format!("`{name}` is a model's name; a route needs a name of its own"),
+            ));
         }
-        route.check_shape().map_err(|reason| Error::invalid("route", reason))?;
-        let targets = route.arms.iter().enumerate().map(|(i, arm)| (format!("arms[{i}]"), &arm.target));
-        let shadow = route.shadow.iter().map(|shadow| ("shadow".to_owned(), &shadow.target));
+        route
+            .check_shape()
+            .map_err(|reason| Error::invalid("route", reason))?;
+        let targets = route
+            .arms
+            .iter()
+            .enumerate()
+            .map(|(i, arm)| (format!("arms[{i}]"), &arm.target));
+        let shadow = route
+            .shadow
+            .iter()
+            .map(|shadow| ("shadow".to_owned(), &shadow.target));
         for (field, target) in targets.chain(shadow) {
-            parse_target(target).map_err(|error| Error::invalid(format!("route.{field}.target"), error.to_string()))?;
+            parse_target(target).map_err(|error| {
+                Error::invalid(format!("route.{field}.target"), error.to_string())
+            })?;
             if let Err(error) = self.resolve(target, Some(route.task)) {
-                return Err(Error::FailedPrecondition(format!("route.{field}: `{target}` cannot serve {}: {error}", route.task)));
+                return Err(Error::FailedPrecondition(format!(
+                    "route.{field}: `{target}` cannot serve {}: {error}",
+                    route.task
+                )));
             }
         }
         Ok(())
@@ -141,10 +213,19 @@ impl Registry {
 
     /// The first route that uses `model` at one of `versions` (or by bare name, when no version
     /// of the model would be left).
-    pub(super) fn route_using(&self, model: &str, versions: &[u64], none_left: bool) -> Option<String> {
+    pub(super) fn route_using(
+        &self,
+        model: &str,
+        versions: &[u64],
+        none_left: bool,
+    ) -> Option<String> {
         let routes = self.routes.read().expect("routes lock");
         routes.iter().find_map(|(name, route)| {
-            let targets = route.arms.iter().map(|arm| &arm.target).chain(route.shadow.iter().map(|shadow| &shadow.target));
+            let targets = route
+                .arms
+                .iter()
+                .map(|arm| &arm.target)
+                .chain(route.shadow.iter().map(|shadow| &shadow.target));
             for target in targets {
                 if let Ok((target_model, target_version)) = parse_target(target) {
                     let hit = target_model == model

@@ -13,19 +13,31 @@ impl RouteConfig {
         }
         for (index, arm) in self.arms.iter().enumerate() {
             if !(arm.weight >= 0.0 && arm.weight.is_finite()) {
-                return Err(format!("arms[{index}].weight: must be a non-negative number; got {}", arm.weight));
+                return Err(format!(
+                    "arms[{index}].weight: must be a non-negative number; got {}",
+                    arm.weight
+                ));
             }
-            if self.arms[..index].iter().any(|other| other.target == arm.target) {
-                return Err(format!("arms[{index}].target: `{}` appears twice", arm.target));
+            if self.arms[..index]
+                .iter()
+                .any(|other| other.target == arm.target)
+            {
+                return Err(format!(
+                    "arms[{index}].target: `{}` appears twice",
+                    arm.target
+                ));
             }
         }
         if !self.arms.iter().any(|arm| arm.weight > 0.0) {
             return Err("arms: at least one arm needs a positive weight".into());
         }
-        if let Some(shadow) = &self.shadow {
-            if !(0.0..=100.0).contains(&shadow.percent) {
-                return Err(format!("shadow.percent: must be in [0, 100]; got {}", shadow.percent));
-            }
+        if let Some(shadow) = &self.shadow
+            && !(0.0..=100.0).contains(&shadow.percent)
+        {
+            return Err(format!(
+                "shadow.percent: must be in [0, 100]; got {}",
+                shadow.percent
+            ));
         }
         Ok(())
     }
@@ -50,14 +62,19 @@ impl RouteConfig {
                     }
                     point -= arm.weight;
                 }
-                self.arms.iter().rposition(|arm| arm.weight > 0.0).unwrap_or(0)
+                self.arms
+                    .iter()
+                    .rposition(|arm| arm.weight > 0.0)
+                    .unwrap_or(0)
             }
         }
     }
 
     /// Whether this request is copied to the shadow arm: sticky by key, else by `draw` in [0, 1).
     pub fn shadowed(&self, key: Option<&str>, draw: f64) -> bool {
-        let Some(shadow) = &self.shadow else { return false };
+        let Some(shadow) = &self.shadow else {
+            return false;
+        };
         let point = match key {
             Some(key) => unit_interval(stable_hash(key.as_bytes(), b"shadow")),
             None => draw,
@@ -67,7 +84,10 @@ impl RouteConfig {
 
     /// The arm a pin header names, by target ("model@1") or by index ("0").
     pub fn pinned(&self, pin: &str) -> Option<usize> {
-        self.arms.iter().position(|arm| arm.target == pin).or_else(|| pin.parse::<usize>().ok().filter(|&i| i < self.arms.len()))
+        self.arms
+            .iter()
+            .position(|arm| arm.target == pin)
+            .or_else(|| pin.parse::<usize>().ok().filter(|&i| i < self.arms.len()))
     }
 }
 
@@ -108,7 +128,13 @@ mod tests {
     fn route(weights: &[(&str, f64)]) -> RouteConfig {
         RouteConfig {
             task: Task::Embed,
-            arms: weights.iter().map(|(target, weight)| ArmConfig { target: target.to_string(), weight: *weight }).collect(),
+            arms: weights
+                .iter()
+                .map(|(target, weight)| ArmConfig {
+                    target: target.to_string(),
+                    weight: *weight,
+                })
+                .collect(),
             shadow: None,
         }
     }
@@ -126,7 +152,10 @@ mod tests {
         }
         for (count, weight) in counts.iter().zip([0.7, 0.2, 0.1]) {
             let share = *count as f64 / 10_000.0;
-            assert!((share - weight).abs() < 0.02, "share {share} for weight {weight}: {counts:?}");
+            assert!(
+                (share - weight).abs() < 0.02,
+                "share {share} for weight {weight}: {counts:?}"
+            );
         }
     }
 
@@ -134,11 +163,16 @@ mod tests {
     fn a_weight_change_moves_only_the_keys_it_must() {
         let before = route(&[("a@1", 90.0), ("b@1", 10.0)]);
         let after = route(&[("a@1", 80.0), ("b@1", 20.0)]);
-        let moved = keys().filter(|key| before.pick(Some(key), 0.0) != after.pick(Some(key), 0.0)).count();
+        let moved = keys()
+            .filter(|key| before.pick(Some(key), 0.0) != after.pick(Some(key), 0.0))
+            .count();
         let share = moved as f64 / 10_000.0;
         assert!((0.08..=0.12).contains(&share), "moved {share}");
         // Every moved key went to the arm whose weight grew.
-        assert!(keys().all(|key| before.pick(Some(&key), 0.0) == after.pick(Some(&key), 0.0) || after.pick(Some(&key), 0.0) == 1));
+        assert!(keys().all(
+            |key| before.pick(Some(&key), 0.0) == after.pick(Some(&key), 0.0)
+                || after.pick(Some(&key), 0.0) == 1
+        ));
     }
 
     #[test]
@@ -155,13 +189,36 @@ mod tests {
 
     #[test]
     fn shapes_are_checked() {
-        assert!(route(&[("a", 0.0)]).check_shape().unwrap_err().contains("positive"));
-        assert!(route(&[("a", -1.0), ("b", 1.0)]).check_shape().unwrap_err().contains("arms[0].weight"));
-        assert!(route(&[("a", 1.0), ("a", 1.0)]).check_shape().unwrap_err().contains("twice"));
+        assert!(
+            route(&[("a", 0.0)])
+                .check_shape()
+                .unwrap_err()
+                .contains("positive")
+        );
+        assert!(
+            route(&[("a", -1.0), ("b", 1.0)])
+                .check_shape()
+                .unwrap_err()
+                .contains("arms[0].weight")
+        );
+        assert!(
+            route(&[("a", 1.0), ("a", 1.0)])
+                .check_shape()
+                .unwrap_err()
+                .contains("twice")
+        );
         assert!(route(&[]).check_shape().is_err());
         let mut shadowed = route(&[("a", 1.0)]);
-        shadowed.shadow = Some(ShadowConfig { target: "b".into(), percent: 101.0 });
-        assert!(shadowed.check_shape().unwrap_err().contains("shadow.percent"));
+        shadowed.shadow = Some(ShadowConfig {
+            target: "b".into(),
+            percent: 101.0,
+        });
+        assert!(
+            shadowed
+                .check_shape()
+                .unwrap_err()
+                .contains("shadow.percent")
+        );
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub fn read(path: &Path) -> anyhow::Result<Option<PersistedState>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error).with_context(|| format!("reading the state file {}", path.display())),
+        Err(error) => {
+            return Err(error).with_context(|| format!("reading the state file {}", path.display()));
+        }
     };
     serde_json::from_str(&text).map(Some).with_context(|| {
         format!(
@@ -41,12 +43,19 @@ pub fn read(path: &Path) -> anyhow::Result<Option<PersistedState>> {
 
 /// Replaces the state file with `state`, atomically.
 pub fn write(path: &Path, state: &PersistedState) -> std::io::Result<()> {
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     std::fs::create_dir_all(&folder)?;
     let temporary = temporary_path(path);
     {
         let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(serde_json::to_string_pretty(state).map_err(std::io::Error::other)?.as_bytes())?;
+        file.write_all(
+            serde_json::to_string_pretty(state)
+                .map_err(std::io::Error::other)?
+                .as_bytes(),
+        )?;
         file.sync_all()?;
     }
     std::fs::rename(&temporary, path)?;
@@ -55,7 +64,10 @@ pub fn write(path: &Path, state: &PersistedState) -> std::io::Result<()> {
 }
 
 fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }
@@ -84,6 +96,9 @@ mod tests {
         let path = folder.path().join("state.json");
         std::fs::write(&path, b"{\"routes\": {\"chat\": {\"task\": \"emb").unwrap();
         let error = format!("{:#}", read(&path).unwrap_err());
-        assert!(error.contains("corrupt") && error.contains(&path.display().to_string()), "{error}");
+        assert!(
+            error.contains("corrupt") && error.contains(&path.display().to_string()),
+            "{error}"
+        );
     }
 }

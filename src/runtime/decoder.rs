@@ -37,18 +37,35 @@ pub struct DecoderModel {
 }
 
 impl DecoderModel {
-    pub fn new(bindings: Arc<Bindings>, inputs: &[TensorSpec], recurrent: bool, pad_id: i64) -> Result<Self, String> {
+    pub fn new(
+        bindings: Arc<Bindings>,
+        inputs: &[TensorSpec],
+        recurrent: bool,
+        pad_id: i64,
+    ) -> Result<Self, String> {
         let mut state_shapes = Vec::new();
         for pair in &bindings.state {
-            let spec = inputs.iter().find(|spec| spec.name == pair.input).ok_or_else(|| format!("no state input `{}`", pair.input))?;
+            let spec = inputs
+                .iter()
+                .find(|spec| spec.name == pair.input)
+                .ok_or_else(|| format!("no state input `{}`", pair.input))?;
             if spec.dtype != "float32" {
-                return Err(format!("state input `{}` is {}; only float32 state is supported", spec.name, spec.dtype));
+                return Err(format!(
+                    "state input `{}` is {}; only float32 state is supported",
+                    spec.name, spec.dtype
+                ));
             }
             if recurrent && spec.shape.iter().skip(1).any(|&dim| dim < 0) {
-                return Err(format!("recurrent state `{}` needs fixed dimensions after the batch axis, got {:?}", spec.name, spec.shape));
+                return Err(format!(
+                    "recurrent state `{}` needs fixed dimensions after the batch axis, got {:?}",
+                    spec.name, spec.shape
+                ));
             }
             if !recurrent && spec.shape.len() != 4 {
-                return Err(format!("KV-cache input `{}` must be [batch, heads, past, head_dim], got {:?}", spec.name, spec.shape));
+                return Err(format!(
+                    "KV-cache input `{}` must be [batch, heads, past, head_dim], got {:?}",
+                    spec.name, spec.shape
+                ));
             }
             state_shapes.push(spec.shape.clone());
         }
@@ -57,15 +74,26 @@ impl DecoderModel {
             (true, true) => Carry::Recurrent,
             (true, false) => Carry::KvCache,
         };
-        if carry == Carry::KvCache && (bindings.attention_mask.is_none() || bindings.position_ids.is_none()) {
+        if carry == Carry::KvCache
+            && (bindings.attention_mask.is_none() || bindings.position_ids.is_none())
+        {
             return Err("a KV-cache decoder needs attention_mask and position_ids inputs to batch sequences of different lengths".into());
         }
-        Ok(Self { carry, bindings, state_shapes, pad_id })
+        Ok(Self {
+            carry,
+            bindings,
+            state_shapes,
+            pad_id,
+        })
     }
 
     /// Runs the prompts of new sequences and returns them as a batch, with each row's
     /// next-token logits.
-    pub fn prefill(&self, session: &mut Session, prompts: Vec<Vec<i64>>) -> ort::Result<(DecodeBatch, Vec<Vec<f32>>)> {
+    pub fn prefill(
+        &self,
+        session: &mut Session,
+        prompts: Vec<Vec<i64>>,
+    ) -> ort::Result<(DecodeBatch, Vec<Vec<f32>>)> {
         match self.carry {
             Carry::KvCache => self.prefill_kv(session, prompts),
             Carry::Recurrent => {
@@ -74,24 +102,51 @@ impl DecoderModel {
                 let mut logits = Vec::with_capacity(prompts.len());
                 for prompt in prompts {
                     let state = self.empty_state(1)?;
-                    let (mut row_logits, state) = self.run(session, &[prompt.clone()], 0, &[prompt.len()], state)?;
+                    let (mut row_logits, state) = self.run(
+                        session,
+                        std::slice::from_ref(&prompt),
+                        0,
+                        &[prompt.len()],
+                        state,
+                    )?;
                     logits.push(row_logits.remove(0));
-                    batch = self.concat(batch, DecodeBatch { rows: vec![Row::new(prompt)], state, width: 0 })?;
+                    batch = self.concat(
+                        batch,
+                        DecodeBatch {
+                            rows: vec![Row::new(prompt)],
+                            state,
+                            width: 0,
+                        },
+                    )?;
                 }
                 Ok((batch, logits))
             }
             Carry::Nothing => {
                 let rows: Vec<Row> = prompts.into_iter().map(Row::new).collect();
                 let logits = self.run_full(session, &rows)?;
-                Ok((DecodeBatch { rows, state: Vec::new(), width: 0 }, logits))
+                Ok((
+                    DecodeBatch {
+                        rows,
+                        state: Vec::new(),
+                        width: 0,
+                    },
+                    logits,
+                ))
             }
         }
     }
 
-    fn prefill_kv(&self, session: &mut Session, prompts: Vec<Vec<i64>>) -> ort::Result<(DecodeBatch, Vec<Vec<f32>>)> {
+    fn prefill_kv(
+        &self,
+        session: &mut Session,
+        prompts: Vec<Vec<i64>>,
+    ) -> ort::Result<(DecodeBatch, Vec<Vec<f32>>)> {
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let fed: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let padded: Vec<Vec<i64>> = prompts.iter().map(|p| left_pad(p, width, self.pad_id)).collect();
+        let padded: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| left_pad(p, width, self.pad_id))
+            .collect();
         let state = self.empty_state(prompts.len())?;
         let (logits, state) = self.run(session, &padded, 0, &fed, state)?;
         let rows = prompts.into_iter().map(Row::new).collect();
@@ -99,11 +154,19 @@ impl DecoderModel {
     }
 
     /// Feeds each row's pending token and returns every row's next-token logits.
-    pub fn step(&self, session: &mut Session, batch: &mut DecodeBatch) -> ort::Result<Vec<Vec<f32>>> {
+    pub fn step(
+        &self,
+        session: &mut Session,
+        batch: &mut DecodeBatch,
+    ) -> ort::Result<Vec<Vec<f32>>> {
         match self.carry {
             Carry::Nothing => self.run_full(session, &batch.rows),
             Carry::KvCache | Carry::Recurrent => {
-                let last: Vec<Vec<i64>> = batch.rows.iter().map(|row| vec![*row.tokens.last().expect("a row always has a token")]).collect();
+                let last: Vec<Vec<i64>> = batch
+                    .rows
+                    .iter()
+                    .map(|row| vec![*row.tokens.last().expect("a row always has a token")])
+                    .collect();
                 let fed_after: Vec<usize> = batch.rows.iter().map(|row| row.fed + 1).collect();
                 let state = std::mem::take(&mut batch.state);
                 let (logits, state) = self.run(session, &last, batch.width, &fed_after, state)?;
@@ -122,7 +185,10 @@ impl DecoderModel {
     /// Runs the whole (left-padded) sequences, for models that carry nothing.
     fn run_full(&self, session: &mut Session, rows: &[Row]) -> ort::Result<Vec<Vec<f32>>> {
         let width = rows.iter().map(|row| row.tokens.len()).max().unwrap_or(0);
-        let padded: Vec<Vec<i64>> = rows.iter().map(|row| left_pad(&row.tokens, width, self.pad_id)).collect();
+        let padded: Vec<Vec<i64>> = rows
+            .iter()
+            .map(|row| left_pad(&row.tokens, width, self.pad_id))
+            .collect();
         let lengths: Vec<usize> = rows.iter().map(|row| row.tokens.len()).collect();
         let (logits, _) = self.run(session, &padded, 0, &lengths, Vec::new())?;
         Ok(logits)
@@ -131,19 +197,33 @@ impl DecoderModel {
     /// One session run. `ids` are `[rows, columns]`, left-padded; `past` is the number of
     /// cached columns before them; `real[r]` is how many of row r's positions (cached and new)
     /// are real tokens. Returns the last column's logits per row and the new state.
-    fn run(&self, session: &mut Session, ids: &[Vec<i64>], past: usize, real: &[usize], state: Vec<DynValue>) -> ort::Result<(Vec<Vec<f32>>, Vec<DynValue>)> {
+    fn run(
+        &self,
+        session: &mut Session,
+        ids: &[Vec<i64>],
+        past: usize,
+        real: &[usize],
+        state: Vec<DynValue>,
+    ) -> ort::Result<(Vec<Vec<f32>>, Vec<DynValue>)> {
         let rows = ids.len();
         let columns = ids.first().map_or(0, Vec::len);
         let total = past + columns;
         let bindings = &self.bindings;
-        let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + state.len());
-        inputs.push((bindings.input_ids.clone(), Tensor::from_array(([rows, columns], ids.concat()))?.into()));
+        let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> =
+            Vec::with_capacity(3 + state.len());
+        inputs.push((
+            bindings.input_ids.clone(),
+            Tensor::from_array(([rows, columns], ids.concat()))?.into(),
+        ));
         if let Some(name) = &bindings.attention_mask {
             let mut mask = Vec::with_capacity(rows * total);
             for &real in real {
                 mask.extend((0..total).map(|c| i64::from(c + real >= total)));
             }
-            inputs.push((name.clone(), Tensor::from_array(([rows, total], mask))?.into()));
+            inputs.push((
+                name.clone(),
+                Tensor::from_array(([rows, total], mask))?.into(),
+            ));
         }
         if let Some(name) = &bindings.position_ids {
             let mut positions = Vec::with_capacity(rows * columns);
@@ -151,27 +231,40 @@ impl DecoderModel {
                 // Position of the column at absolute index c is c - (total - real); pads get 0.
                 positions.extend((past..total).map(|c| (c + real).saturating_sub(total) as i64));
             }
-            inputs.push((name.clone(), Tensor::from_array(([rows, columns], positions))?.into()));
+            inputs.push((
+                name.clone(),
+                Tensor::from_array(([rows, columns], positions))?.into(),
+            ));
         }
         if let Some(name) = &bindings.token_type_ids {
-            inputs.push((name.clone(), Tensor::from_array(([rows, columns], vec![0_i64; rows * columns]))?.into()));
+            inputs.push((
+                name.clone(),
+                Tensor::from_array(([rows, columns], vec![0_i64; rows * columns]))?.into(),
+            ));
         }
         for (pair, value) in bindings.state.iter().zip(state) {
             inputs.push((pair.input.clone(), value.into()));
         }
 
         let mut outputs = session.run(inputs)?;
-        let logits_name = bindings.logits.as_deref().expect("decoders have a logits output (checked at load)");
+        let logits_name = bindings
+            .logits
+            .as_deref()
+            .expect("decoders have a logits output (checked at load)");
         let logits = {
             let (shape, data) = outputs
                 .get(logits_name)
-                .ok_or_else(|| ort::Error::new(format!("the model returned no `{logits_name}` output")))?
+                .ok_or_else(|| {
+                    ort::Error::new(format!("the model returned no `{logits_name}` output"))
+                })?
                 .try_extract_tensor::<f32>()?;
             last_column(shape, data, rows)
         };
         let mut new_state = Vec::with_capacity(bindings.state.len());
         for pair in &bindings.state {
-            new_state.push(outputs.remove(&pair.output).ok_or_else(|| ort::Error::new(format!("the model returned no `{}` output", pair.output)))?);
+            new_state.push(outputs.remove(&pair.output).ok_or_else(|| {
+                ort::Error::new(format!("the model returned no `{}` output", pair.output))
+            })?);
         }
         Ok((logits, new_state))
     }
@@ -184,7 +277,15 @@ impl DecoderModel {
                 let shape: Vec<usize> = declared
                     .iter()
                     .enumerate()
-                    .map(|(axis, &dim)| if axis == 0 { rows } else if dim < 0 { 0 } else { dim as usize })
+                    .map(|(axis, &dim)| {
+                        if axis == 0 {
+                            rows
+                        } else if dim < 0 {
+                            0
+                        } else {
+                            dim as usize
+                        }
+                    })
                     .collect();
                 let len = shape.iter().product();
                 Ok(Tensor::from_array((shape, vec![0.0_f32; len]))?.into_dyn())
@@ -226,12 +327,19 @@ impl DecoderModel {
             state.push(self.gather(&[(value, batch.width, keep)], width)?);
         }
         let mut rows: Vec<Option<Row>> = batch.rows.into_iter().map(Some).collect();
-        let rows = keep.iter().map(|&i| rows[i].take().expect("each row kept once")).collect();
+        let rows = keep
+            .iter()
+            .map(|&i| rows[i].take().expect("each row kept once"))
+            .collect();
         Ok(DecodeBatch { rows, state, width })
     }
 
     /// Builds one state tensor from selected rows of several, right-aligning KV columns to `width`.
-    fn gather(&self, sources: &[(&DynValue, usize, &[usize])], width: usize) -> ort::Result<DynValue> {
+    fn gather(
+        &self,
+        sources: &[(&DynValue, usize, &[usize])],
+        width: usize,
+    ) -> ort::Result<DynValue> {
         let mut out_shape: Option<Vec<usize>> = None;
         let mut data = Vec::new();
         let mut total_rows = 0;
@@ -246,12 +354,19 @@ impl DecoderModel {
                         for head in 0..heads {
                             let base = (row * heads + head) * source_width * head_dim;
                             if width >= source_width {
-                                data.extend(std::iter::repeat_n(0.0_f32, (width - source_width) * head_dim));
-                                data.extend_from_slice(&values[base..base + source_width * head_dim]);
+                                data.extend(std::iter::repeat_n(
+                                    0.0_f32,
+                                    (width - source_width) * head_dim,
+                                ));
+                                data.extend_from_slice(
+                                    &values[base..base + source_width * head_dim],
+                                );
                             } else {
                                 // The dropped leading columns are padding for every kept row.
                                 let skip = (source_width - width) * head_dim;
-                                data.extend_from_slice(&values[base + skip..base + source_width * head_dim]);
+                                data.extend_from_slice(
+                                    &values[base + skip..base + source_width * head_dim],
+                                );
                             }
                         }
                     }
@@ -284,7 +399,10 @@ struct Row {
 impl Row {
     fn new(prompt: Vec<i64>) -> Self {
         let fed = prompt.len();
-        Self { tokens: prompt, fed }
+        Self {
+            tokens: prompt,
+            fed,
+        }
     }
 }
 
@@ -299,7 +417,11 @@ pub struct DecodeBatch {
 
 impl DecodeBatch {
     pub fn empty() -> Self {
-        Self { rows: Vec::new(), state: Vec::new(), width: 0 }
+        Self {
+            rows: Vec::new(),
+            state: Vec::new(),
+            width: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -330,7 +452,11 @@ fn left_pad(tokens: &[i64], width: usize, pad: i64) -> Vec<i64> {
 /// The logits of the last column of `[rows, columns, vocab]` (or `[rows, vocab]`), per row.
 fn last_column(shape: &[i64], data: &[f32], rows: usize) -> Vec<Vec<f32>> {
     let vocab = *shape.last().unwrap_or(&0) as usize;
-    let columns = if shape.len() == 3 { shape[1] as usize } else { 1 };
+    let columns = if shape.len() == 3 {
+        shape[1] as usize
+    } else {
+        1
+    };
     (0..rows)
         .map(|r| {
             let start = (r * columns + columns - 1) * vocab;
@@ -347,7 +473,10 @@ mod tests {
     fn last_column_picks_each_rows_final_position() {
         // 2 rows, 2 columns, vocab 3.
         let data = [0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11.];
-        assert_eq!(last_column(&[2, 2, 3], &data, 2), vec![vec![3., 4., 5.], vec![9., 10., 11.]]);
+        assert_eq!(
+            last_column(&[2, 2, 3], &data, 2),
+            vec![vec![3., 4., 5.], vec![9., 10., 11.]]
+        );
     }
 
     #[test]

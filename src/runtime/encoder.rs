@@ -109,8 +109,13 @@ pub fn run(
     Ok(results)
 }
 
-fn output<'o>(outputs: &'o ort::session::SessionOutputs<'_>, name: &str) -> ort::Result<&'o ort::value::DynValue> {
-    outputs.get(name).ok_or_else(|| ort::Error::new(format!("the model returned no `{name}` output")))
+fn output<'o>(
+    outputs: &'o ort::session::SessionOutputs<'_>,
+    name: &str,
+) -> ort::Result<&'o ort::value::DynValue> {
+    outputs
+        .get(name)
+        .ok_or_else(|| ort::Error::new(format!("the model returned no `{name}` output")))
 }
 
 /// Pools the first `length` token states of one row (`states` is `[T, hidden_size]`, row-major).

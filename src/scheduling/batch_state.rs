@@ -106,7 +106,7 @@ impl<T> BatchState<T> {
             let fits_tokens = padded <= limits.max_batch_tokens;
             let fits_padding = padded as f64 <= new_real as f64 * (1.0 + limits.max_padding_ratio);
             // The anchor always goes, even alone over the limits: it must make progress.
-            if !chosen.is_empty() && !(fits_tokens && fits_padding) {
+            if !chosen.is_empty() && (!fits_tokens || !fits_padding) {
                 // Candidates are sorted by distance from the anchor, so later ones fit no better.
                 break;
             }

@@ -52,14 +52,26 @@ impl Drop for Batcher {
 
 impl Batcher {
     /// Starts the batching loop for `pool` on the current tokio runtime.
-    pub fn spawn(pool: Arc<SessionPool>, bindings: Arc<Bindings>, pad_id: i64, settings: BatcherSettings, labels: ModelLabels) -> Batcher {
+    pub fn spawn(
+        pool: Arc<SessionPool>,
+        bindings: Arc<Bindings>,
+        pad_id: i64,
+        settings: BatcherSettings,
+        labels: ModelLabels,
+    ) -> Batcher {
         let shared = Arc::new(Shared {
             state: Mutex::new(BatchState::new(settings.queue_capacity)),
             work: Notify::new(),
             closed: AtomicBool::new(false),
             labels,
         });
-        let runner = Runner { pool, bindings, pad_id, settings, shared: Arc::clone(&shared) };
+        let runner = Runner {
+            pool,
+            bindings,
+            pad_id,
+            settings,
+            shared: Arc::clone(&shared),
+        };
         tokio::spawn(runner.run());
         Batcher { shared }
     }
@@ -123,7 +135,9 @@ impl Runner {
         loop {
             let lease = self.pool.acquire().await;
             let shared = &self.shared;
-            let Some(batch) = self.gather(shared).await else { return };
+            let Some(batch) = self.gather(shared).await else {
+                return;
+            };
             if batch.is_empty() {
                 continue;
             }

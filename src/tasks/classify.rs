@@ -64,24 +64,51 @@ pub async fn classify(
                 "must be at least 1 when set; got 0",
             ));
         }
-        let (model, served_by) = routing::route(registry, &params.model, Task::Classify, routing, &mut request, |shadow| {
-            let params = params.clone();
-            async move { classify_on(&shadow, params).await }
-        })?;
+        let (model, served_by) = routing::route(
+            registry,
+            &params.model,
+            Task::Classify,
+            routing,
+            &mut request,
+            |shadow| {
+                let params = params.clone();
+                async move { classify_on(&shadow, params).await }
+            },
+        )?;
         let classifications = classify_on(&model, params).await?;
         request.tokens(classifications.iter().map(|c| c.token_count).sum(), 0);
-        Ok(ClassifyOutput { classifications, served_by })
+        Ok(ClassifyOutput {
+            classifications,
+            served_by,
+        })
     }
     .await;
     request.finish(result)
 }
 
 /// Classifies on one model version.
-async fn classify_on(model: &Arc<ModelVersion>, params: ClassifyParams) -> Result<Vec<Classification>> {
-    let settings = model.manifest.classify.as_ref().ok_or_else(|| Error::Internal(format!("{} has no [classify] section", model.name)))?;
+async fn classify_on(
+    model: &Arc<ModelVersion>,
+    params: ClassifyParams,
+) -> Result<Vec<Classification>> {
+    let settings = model
+        .manifest
+        .classify
+        .as_ref()
+        .ok_or_else(|| Error::Internal(format!("{} has no [classify] section", model.name)))?;
     let encoded = text::encode_all(model, params.texts, params.truncate).await?;
-    let rows = encoded.iter().map(|e| EncoderRow { ids: e.ids.clone(), pooling: None, logits: true }).collect();
-    let batcher = model.batcher.as_ref().ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+    let rows = encoded
+        .iter()
+        .map(|e| EncoderRow {
+            ids: e.ids.clone(),
+            pooling: None,
+            logits: true,
+        })
+        .collect();
+    let batcher = model
+        .batcher
+        .as_ref()
+        .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     let outputs = batcher.submit(rows).await?;
 
     let top_k = params.top_k.map_or(settings.labels.len(), |k| k as usize);
@@ -89,9 +116,15 @@ async fn classify_on(model: &Arc<ModelVersion>, params: ClassifyParams) -> Resul
         .into_iter()
         .zip(encoded)
         .map(|(output, encoded)| {
-            let logits = output.logits.ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
+            let logits = output
+                .logits
+                .ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
             if logits.len() != settings.labels.len() {
-                return Err(Error::Internal(format!("the model returned {} scores for {} labels", logits.len(), settings.labels.len())));
+                return Err(Error::Internal(format!(
+                    "the model returned {} scores for {} labels",
+                    logits.len(),
+                    settings.labels.len()
+                )));
             }
             let scores = match (params.scores, settings.multi_label) {
                 (ScoreKind::Raw, _) => logits,

@@ -37,17 +37,32 @@ pub struct EmbedOutput {
     pub served_by: ServedBy,
 }
 
-pub async fn embed(registry: &Registry, limits: &LimitsConfig, params: EmbedParams, routing: &Routing) -> Result<EmbedOutput> {
+pub async fn embed(
+    registry: &Registry,
+    limits: &LimitsConfig,
+    params: EmbedParams,
+    routing: &Routing,
+) -> Result<EmbedOutput> {
     let mut request = RequestMetrics::start(Task::Embed.as_str());
     let result = async {
         check_texts(&params.texts, limits)?;
-        let (model, served_by) = routing::route(registry, &params.model, Task::Embed, routing, &mut request, |shadow| {
-            let params = params.clone();
-            async move { embed_on(&shadow, params).await }
-        })?;
+        let (model, served_by) = routing::route(
+            registry,
+            &params.model,
+            Task::Embed,
+            routing,
+            &mut request,
+            |shadow| {
+                let params = params.clone();
+                async move { embed_on(&shadow, params).await }
+            },
+        )?;
         let embeddings = embed_on(&model, params).await?;
         request.tokens(embeddings.iter().map(|e| e.token_count).sum(), 0);
-        Ok(EmbedOutput { embeddings, served_by })
+        Ok(EmbedOutput {
+            embeddings,
+            served_by,
+        })
     }
     .await;
     request.finish(result)
@@ -63,18 +78,34 @@ async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<
     let encoded = text::encode_all(model, params.texts, params.truncate).await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
 
-    let rows = encoded.iter().map(|e| EncoderRow { ids: e.ids.clone(), pooling: Some(pooling), logits: false }).collect();
-    let batcher = model.batcher.as_ref().ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+    let rows = encoded
+        .iter()
+        .map(|e| EncoderRow {
+            ids: e.ids.clone(),
+            pooling: Some(pooling),
+            logits: false,
+        })
+        .collect();
+    let batcher = model
+        .batcher
+        .as_ref()
+        .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     let outputs = batcher.submit(rows).await?;
     outputs
         .into_iter()
         .zip(encoded)
         .map(|(output, encoded)| {
-            let mut values = output.pooled.ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
+            let mut values = output
+                .pooled
+                .ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
             if normalize {
                 l2_normalize(&mut values);
             }
-            Ok(Embedding { values, token_count: encoded.ids.len(), truncated: encoded.truncated })
+            Ok(Embedding {
+                values,
+                token_count: encoded.ids.len(),
+                truncated: encoded.truncated,
+            })
         })
         .collect()
 }

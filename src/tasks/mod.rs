@@ -24,7 +24,11 @@ pub struct ServedBy {
 
 impl ServedBy {
     pub fn of(model: &ModelVersion) -> Self {
-        Self { model: model.name.clone(), version: model.version.to_string(), ..Default::default() }
+        Self {
+            model: model.name.clone(),
+            version: model.version.to_string(),
+            ..Default::default()
+        }
     }
 }
 
@@ -71,9 +75,24 @@ impl RequestMetrics {
         };
         match (&self.labels, &result) {
             (Some(labels), _) => {
-                let route = metrics::RouteLabels { route: &self.route.0, arm: &self.route.1 };
-                metrics::request_finished(labels, route, self.task, outcome, self.started.elapsed());
-                metrics::request_tokens(labels, route, self.task, self.input_tokens, self.generated_tokens);
+                let route = metrics::RouteLabels {
+                    route: &self.route.0,
+                    arm: &self.route.1,
+                };
+                metrics::request_finished(
+                    labels,
+                    route,
+                    self.task,
+                    outcome,
+                    self.started.elapsed(),
+                );
+                metrics::request_tokens(
+                    labels,
+                    route,
+                    self.task,
+                    self.input_tokens,
+                    self.generated_tokens,
+                );
             }
             (None, Err(error)) => metrics::request_rejected(self.task, error.kind()),
             (None, Ok(_)) => {}

@@ -33,7 +33,14 @@ where
     Fut: Future<Output = Result<T>> + Send + 'static,
     T: Send + 'static,
 {
-    let routed = registry.route(target, task, RouteRequest { key: routing.key.as_deref(), pin: routing.pin.as_deref() })?;
+    let routed = registry.route(
+        target,
+        task,
+        RouteRequest {
+            key: routing.key.as_deref(),
+            pin: routing.pin.as_deref(),
+        },
+    )?;
     request.model(&routed.model);
     let mut served_by = ServedBy::of(&routed.model);
     if let Some(choice) = routed.choice {

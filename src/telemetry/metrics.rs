@@ -127,16 +127,50 @@ fn describe() {
         "Tokens fed to models, by model, version, route, arm and task."
     );
     describe_gauge!(MODELS_LOADED, Unit::Count, "Model versions by load state.");
-    describe_counter!(SHADOW_REQUESTS_TOTAL, Unit::Count, "Shadow copies by route, shadow arm and outcome (ok, an error kind, or dropped under load).");
-    describe_histogram!(SHADOW_SECONDS, Unit::Seconds, "Duration of shadow copies, by route and shadow arm.");
-    describe_histogram!(PREFILL_SECONDS, Unit::Seconds, "Time of one prefill run (prompts joining the decode batch).");
-    describe_histogram!(DECODE_STEP_SECONDS, Unit::Seconds, "Time of one decode step over the whole batch.");
-    describe_histogram!(DECODE_BATCH_SIZE, Unit::Count, "Sequences in one decode step.");
-    describe_counter!(GENERATED_TOKENS_TOTAL, Unit::Count, "Tokens generated, by model, version, route and arm.");
-    describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Time from request arrival to its first generated token.");
+    describe_counter!(
+        SHADOW_REQUESTS_TOTAL,
+        Unit::Count,
+        "Shadow copies by route, shadow arm and outcome (ok, an error kind, or dropped under load)."
+    );
+    describe_histogram!(
+        SHADOW_SECONDS,
+        Unit::Seconds,
+        "Duration of shadow copies, by route and shadow arm."
+    );
+    describe_histogram!(
+        PREFILL_SECONDS,
+        Unit::Seconds,
+        "Time of one prefill run (prompts joining the decode batch)."
+    );
+    describe_histogram!(
+        DECODE_STEP_SECONDS,
+        Unit::Seconds,
+        "Time of one decode step over the whole batch."
+    );
+    describe_histogram!(
+        DECODE_BATCH_SIZE,
+        Unit::Count,
+        "Sequences in one decode step."
+    );
+    describe_counter!(
+        GENERATED_TOKENS_TOTAL,
+        Unit::Count,
+        "Tokens generated, by model, version, route and arm."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from request arrival to its first generated token."
+    );
 }
 
-pub fn request_finished(labels: &ModelLabels, route: RouteLabels<'_>, task: &'static str, outcome: Outcome, elapsed: Duration) {
+pub fn request_finished(
+    labels: &ModelLabels,
+    route: RouteLabels<'_>,
+    task: &'static str,
+    outcome: Outcome,
+    elapsed: Duration,
+) {
     counter!(
         REQUESTS_TOTAL,
         "model" => labels.model.clone(),
@@ -163,7 +197,13 @@ pub fn request_rejected(task: &'static str, kind: &'static str) {
     counter!(REQUESTS_TOTAL, "model" => "", "version" => "", "route" => "", "arm" => "", "task" => task, "outcome" => kind).increment(1);
 }
 
-pub fn request_tokens(labels: &ModelLabels, route: RouteLabels<'_>, task: &'static str, input: usize, generated: usize) {
+pub fn request_tokens(
+    labels: &ModelLabels,
+    route: RouteLabels<'_>,
+    task: &'static str,
+    input: usize,
+    generated: usize,
+) {
     let labels = [
         ("model", labels.model.clone()),
         ("version", labels.version.clone()),
@@ -219,7 +259,6 @@ pub fn decode_step(labels: &ModelLabels, elapsed: Duration, sequences: usize) {
     histogram!(DECODE_BATCH_SIZE, "model" => labels.model.clone(), "version" => labels.version.clone()).record(sequences as f64);
 }
 
-
 pub fn time_to_first_token(labels: &ModelLabels, elapsed: Duration) {
     histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
 }
@@ -229,5 +268,6 @@ pub fn shadow_finished(route: &str, arm: &str, outcome: &'static str) {
 }
 
 pub fn shadow_time(route: &str, arm: &str, elapsed: Duration) {
-    histogram!(SHADOW_SECONDS, "route" => route.to_owned(), "arm" => arm.to_owned()).record(elapsed);
+    histogram!(SHADOW_SECONDS, "route" => route.to_owned(), "arm" => arm.to_owned())
+        .record(elapsed);
 }

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::models_client::ModelsClient;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 pub const REPOSITORY: &str = "models/repository";
 
@@ -39,7 +39,11 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { repository: repository(), env: Vec::new(), args: Vec::new() }
+        Self {
+            repository: repository(),
+            env: Vec::new(),
+            args: Vec::new(),
+        }
     }
 }
 
@@ -57,7 +61,9 @@ impl TestServer {
             .current_dir(root())
             .args(["serve", "--grpc-addr", "127.0.0.1:0", "--repository"])
             .arg(&options.repository)
-            .args((!options.args.iter().any(|arg| arg == "--metrics-addr")).then_some("--no-metrics"))
+            .args(
+                (!options.args.iter().any(|arg| arg == "--metrics-addr")).then_some("--no-metrics"),
+            )
             .args(&options.args)
             .env("LMSERVE_LOGGING__FILTER", "info,ort=error")
             .env("LMSERVE_STATE__PATH", logs.path().join("state.json"))
@@ -72,10 +78,18 @@ impl TestServer {
             Some(addr) => addr.to_owned(),
             None => {
                 let _ = child.wait();
-                panic!("server did not start: {line:?}\n{}", std::fs::read_to_string(&stderr_path).unwrap_or_default())
+                panic!(
+                    "server did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )
             }
         };
-        let server = Self { child, addr, stderr_path, _logs: logs };
+        let server = Self {
+            child,
+            addr,
+            stderr_path,
+            _logs: logs,
+        };
         server.wait_serving().await;
         server
     }
@@ -85,7 +99,11 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     pub async fn inference(&self) -> InferenceClient<Channel> {
@@ -98,7 +116,12 @@ impl TestServer {
 
     pub async fn health(&self, service: &str) -> ServingStatus {
         let mut client = HealthClient::new(self.channel().await);
-        let response = client.check(HealthCheckRequest { service: service.into() }).await.unwrap();
+        let response = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
         ServingStatus::try_from(response.into_inner().status).unwrap()
     }
 
@@ -107,10 +130,14 @@ impl TestServer {
         while Instant::now() < deadline {
             if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
                 let mut client = HealthClient::new(channel);
-                if let Ok(response) = client.check(HealthCheckRequest { service: String::new() }).await {
-                    if response.into_inner().status == ServingStatus::Serving as i32 {
-                        return;
-                    }
+                if let Ok(response) = client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    && response.into_inner().status == ServingStatus::Serving as i32
+                {
+                    return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -138,7 +165,11 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         .envs(env.iter().copied())
         .output()
         .expect("run lmserve");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     (output.status.success(), text)
 }
 
@@ -150,12 +181,20 @@ pub fn reference(model: &str) -> serde_json::Value {
 }
 
 pub fn floats(value: &serde_json::Value) -> Vec<f32> {
-    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Copies one model version into `dest/<name>/<version>`.

@@ -60,7 +60,13 @@ pub struct ContinuousScheduler {
 }
 
 impl ContinuousScheduler {
-    pub fn spawn(decoder: DecoderModel, pool: Arc<SessionPool>, limits: ContinuousLimits, queue_capacity: usize, labels: ModelLabels) -> std::io::Result<Self> {
+    pub fn spawn(
+        decoder: DecoderModel,
+        pool: Arc<SessionPool>,
+        limits: ContinuousLimits,
+        queue_capacity: usize,
+        labels: ModelLabels,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
             wake: Condvar::new(),
@@ -70,13 +76,29 @@ impl ContinuousScheduler {
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name(format!("decode-{}@{}", labels.model, labels.version))
-            .spawn(move || Loop { decoder, pool, limits, shared: thread_shared, batch: DecodeBatch::empty(), rows: Vec::new() }.run())?;
+            .spawn(move || {
+                Loop {
+                    decoder,
+                    pool,
+                    limits,
+                    shared: thread_shared,
+                    batch: DecodeBatch::empty(),
+                    rows: Vec::new(),
+                }
+                .run()
+            })?;
         Ok(Self { shared })
     }
 
     /// Queues every sequence of one request, or none: a full queue is RESOURCE_EXHAUSTED.
     pub fn submit(&self, jobs: Vec<GenerationJob>) -> Result<()> {
-        let waiting = jobs.into_iter().map(|job| Waiting { reserved_tokens: job.reserved_tokens, job }).collect();
+        let waiting = jobs
+            .into_iter()
+            .map(|job| Waiting {
+                reserved_tokens: job.reserved_tokens,
+                job,
+            })
+            .collect();
         let mut queue = self.shared.queue.lock().expect("queue lock");
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -84,7 +106,10 @@ impl ContinuousScheduler {
         let capacity = queue.capacity();
         if queue.append(waiting).is_err() {
             metrics::queue_rejected(&self.shared.labels);
-            return Err(Error::QueueFull { model: self.shared.labels.model.clone(), capacity });
+            return Err(Error::QueueFull {
+                model: self.shared.labels.model.clone(),
+                capacity,
+            });
         }
         metrics::queue_depth(&self.shared.labels, queue.len());
         drop(queue);
@@ -119,11 +144,17 @@ struct Loop {
 impl Loop {
     fn run(mut self) {
         loop {
-            let Some(admitted) = self.wait_and_admit() else { return };
+            let Some(admitted) = self.wait_and_admit() else {
+                return;
+            };
             if !admitted.is_empty() {
                 self.prefill(admitted);
             }
-            let abandoned = self.rows.iter().map(|active| active.driver.abandoned()).collect();
+            let abandoned = self
+                .rows
+                .iter()
+                .map(|active| active.driver.abandoned())
+                .collect();
             self.retire(abandoned, Some(StopCause::Cancelled));
             if !self.batch.is_empty() {
                 self.step();
@@ -160,7 +191,10 @@ impl Loop {
             let mut job = waiting.job;
             job.driver.started();
             prompts.push(job.prompt);
-            joining.push(Active { driver: job.driver, reserved_tokens: waiting.reserved_tokens });
+            joining.push(Active {
+                driver: job.driver,
+                reserved_tokens: waiting.reserved_tokens,
+            });
         }
         let started = Instant::now();
         let result = {
@@ -186,11 +220,18 @@ impl Loop {
                 keep.push(index);
             }
         }
-        let joining: Vec<Active> = joining.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, a)| a).collect();
-        let merged = self
-            .decoder
-            .filter(new_batch, &keep)
-            .and_then(|new_batch| self.decoder.concat(std::mem::replace(&mut self.batch, DecodeBatch::empty()), new_batch));
+        let joining: Vec<Active> = joining
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| keep.contains(i))
+            .map(|(_, a)| a)
+            .collect();
+        let merged = self.decoder.filter(new_batch, &keep).and_then(|new_batch| {
+            self.decoder.concat(
+                std::mem::replace(&mut self.batch, DecodeBatch::empty()),
+                new_batch,
+            )
+        });
         match merged {
             Ok(batch) => {
                 self.batch = batch;

@@ -30,7 +30,10 @@ pub struct AdmissionQueue<T> {
 
 impl<T> AdmissionQueue<T> {
     pub fn new(capacity: usize) -> Self {
-        Self { queue: VecDeque::new(), capacity }
+        Self {
+            queue: VecDeque::new(),
+            capacity,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -71,7 +74,12 @@ impl<T> AdmissionQueue<T> {
 
     /// Takes the sequences that may join a batch of `running` sequences holding `running_tokens`,
     /// first come first served: the queue's head is never overtaken, so nothing starves.
-    pub fn admit(&mut self, running: usize, running_tokens: usize, limits: &ContinuousLimits) -> Vec<Waiting<T>> {
+    pub fn admit(
+        &mut self,
+        running: usize,
+        running_tokens: usize,
+        limits: &ContinuousLimits,
+    ) -> Vec<Waiting<T>> {
         let mut admitted = Vec::new();
         let (mut rows, mut tokens) = (running, running_tokens);
         while let Some(head) = self.queue.front() {
@@ -93,10 +101,17 @@ impl<T> AdmissionQueue<T> {
 mod tests {
     use super::*;
 
-    const LIMITS: ContinuousLimits = ContinuousLimits { max_batch_size: 3, max_total_tokens: 100, max_prefill_batch: 8 };
+    const LIMITS: ContinuousLimits = ContinuousLimits {
+        max_batch_size: 3,
+        max_total_tokens: 100,
+        max_prefill_batch: 8,
+    };
 
     fn waiting(job: u32, reserved_tokens: usize) -> Waiting<u32> {
-        Waiting { job, reserved_tokens }
+        Waiting {
+            job,
+            reserved_tokens,
+        }
     }
 
     fn jobs(admitted: Vec<Waiting<u32>>) -> Vec<u32> {
@@ -106,7 +121,9 @@ mod tests {
     #[test]
     fn admits_up_to_the_batch_size() {
         let mut queue = AdmissionQueue::new(10);
-        queue.append((0..5).map(|i| waiting(i, 10)).collect()).unwrap();
+        queue
+            .append((0..5).map(|i| waiting(i, 10)).collect())
+            .unwrap();
         assert_eq!(jobs(queue.admit(1, 10, &LIMITS)), vec![0, 1]);
         assert_eq!(queue.len(), 3);
     }
@@ -114,7 +131,9 @@ mod tests {
     #[test]
     fn admits_within_the_token_budget_in_order() {
         let mut queue = AdmissionQueue::new(10);
-        queue.append(vec![waiting(0, 60), waiting(1, 50), waiting(2, 10)]).unwrap();
+        queue
+            .append(vec![waiting(0, 60), waiting(1, 50), waiting(2, 10)])
+            .unwrap();
         // 60 fits, then 50 does not; 10 would, but it may not overtake the head.
         assert_eq!(jobs(queue.admit(0, 0, &LIMITS)), vec![0]);
         assert_eq!(jobs(queue.admit(1, 60, &LIMITS)), Vec::<u32>::new());
@@ -131,14 +150,20 @@ mod tests {
     #[test]
     fn full_queues_refuse_whole_requests() {
         let mut queue = AdmissionQueue::new(2);
-        assert!(queue.append(vec![waiting(0, 1), waiting(1, 1), waiting(2, 1)]).is_err());
+        assert!(
+            queue
+                .append(vec![waiting(0, 1), waiting(1, 1), waiting(2, 1)])
+                .is_err()
+        );
         assert!(queue.is_empty());
     }
 
     #[test]
     fn abandoned_sequences_leave_the_queue() {
         let mut queue = AdmissionQueue::new(10);
-        queue.append(vec![waiting(0, 1), waiting(1, 1), waiting(2, 1)]).unwrap();
+        queue
+            .append(vec![waiting(0, 1), waiting(1, 1), waiting(2, 1)])
+            .unwrap();
         assert_eq!(queue.remove_where(|job| *job == 1), vec![1]);
         assert_eq!(jobs(queue.admit(0, 0, &LIMITS)), vec![0, 2]);
     }

@@ -37,10 +37,25 @@ pub struct GeneratedToken {
 /// `Failed`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Started { index: usize, at: Instant },
-    Token { index: usize, token: GeneratedToken, text: String },
-    Finished { index: usize, reason: FinishReason, text: String, stop_sequence: Option<String> },
-    Failed { index: usize, message: String },
+    Started {
+        index: usize,
+        at: Instant,
+    },
+    Token {
+        index: usize,
+        token: GeneratedToken,
+        text: String,
+    },
+    Finished {
+        index: usize,
+        reason: FinishReason,
+        text: String,
+        stop_sequence: Option<String>,
+    },
+    Failed {
+        index: usize,
+        message: String,
+    },
 }
 
 /// How one sequence decides when it is done.
@@ -64,12 +79,34 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(index: usize, sampler: Sampler, text: TextStream, tokenizer: Arc<Tokenizer>, rules: StopRules, events: UnboundedSender<Event>) -> Self {
-        Self { index, sampler, text, tokenizer, rules, generated: 0, events }
+    pub fn new(
+        index: usize,
+        sampler: Sampler,
+        text: TextStream,
+        tokenizer: Arc<Tokenizer>,
+        rules: StopRules,
+        events: UnboundedSender<Event>,
+    ) -> Self {
+        Self {
+            index,
+            sampler,
+            text,
+            tokenizer,
+            rules,
+            generated: 0,
+            events,
+        }
     }
 
     fn choice(&self, id: usize, logprob: f32) -> TokenChoice {
-        TokenChoice { id: id as u32, text: self.tokenizer.decode(&[id as u32], false).unwrap_or_default(), logprob }
+        TokenChoice {
+            id: id as u32,
+            text: self
+                .tokenizer
+                .decode(&[id as u32], false)
+                .unwrap_or_default(),
+            logprob,
+        }
     }
 
     fn send(&self, event: Event) {
@@ -80,11 +117,18 @@ impl Driver {
 
 impl SequenceDriver for Driver {
     fn started(&mut self) {
-        self.send(Event::Started { index: self.index, at: Instant::now() });
+        self.send(Event::Started {
+            index: self.index,
+            at: Instant::now(),
+        });
     }
 
     fn next(&mut self, logits: &[f32]) -> Decision {
-        let banned: &[i64] = if self.generated < self.rules.min_new_tokens { &self.rules.stop_ids } else { &[] };
+        let banned: &[i64] = if self.generated < self.rules.min_new_tokens {
+            &self.rules.stop_ids
+        } else {
+            &[]
+        };
         let token = self.sampler.choose(logits, banned);
         self.sampler.observe(token);
         self.generated += 1;
@@ -94,30 +138,73 @@ impl SequenceDriver for Driver {
             Vec::new()
         } else {
             let log_probs = log_softmax(logits);
-            top_n(&log_probs, self.rules.top_logprobs).into_iter().map(|(id, logprob)| self.choice(id, logprob)).collect()
+            top_n(&log_probs, self.rules.top_logprobs)
+                .into_iter()
+                .map(|(id, logprob)| self.choice(id, logprob))
+                .collect()
         };
-        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |logit| logit - log_normalizer);
-        let generated = GeneratedToken { choice: self.choice(token as usize, logprob), top };
+        let logprob = logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |logit| logit - log_normalizer);
+        let generated = GeneratedToken {
+            choice: self.choice(token as usize, logprob),
+            top,
+        };
 
         // End-of-sequence and stop ids end the sequence without adding text.
         if self.rules.stop_ids.contains(&token) {
             let text = self.text.finish();
-            self.send(Event::Token { index: self.index, token: generated, text: String::new() });
-            self.send(Event::Finished { index: self.index, reason: FinishReason::Eos, text, stop_sequence: None });
-            return Decision { token, finished: true };
+            self.send(Event::Token {
+                index: self.index,
+                token: generated,
+                text: String::new(),
+            });
+            self.send(Event::Finished {
+                index: self.index,
+                reason: FinishReason::Eos,
+                text,
+                stop_sequence: None,
+            });
+            return Decision {
+                token,
+                finished: true,
+            };
         }
         let delta = self.text.push(&self.tokenizer, token as u32);
-        self.send(Event::Token { index: self.index, token: generated, text: delta.text });
+        self.send(Event::Token {
+            index: self.index,
+            token: generated,
+            text: delta.text,
+        });
         if let Some(stop) = delta.stopped_by {
-            self.send(Event::Finished { index: self.index, reason: FinishReason::StopSequence, text: String::new(), stop_sequence: Some(stop) });
-            return Decision { token, finished: true };
+            self.send(Event::Finished {
+                index: self.index,
+                reason: FinishReason::StopSequence,
+                text: String::new(),
+                stop_sequence: Some(stop),
+            });
+            return Decision {
+                token,
+                finished: true,
+            };
         }
         if self.generated >= self.rules.max_new_tokens {
             let text = self.text.finish();
-            self.send(Event::Finished { index: self.index, reason: FinishReason::Length, text, stop_sequence: None });
-            return Decision { token, finished: true };
+            self.send(Event::Finished {
+                index: self.index,
+                reason: FinishReason::Length,
+                text,
+                stop_sequence: None,
+            });
+            return Decision {
+                token,
+                finished: true,
+            };
         }
-        Decision { token, finished: false }
+        Decision {
+            token,
+            finished: false,
+        }
     }
 
     fn abandoned(&self) -> bool {
@@ -132,7 +219,10 @@ impl SequenceDriver for Driver {
                 text: String::new(),
                 stop_sequence: None,
             }),
-            StopCause::Failed(message) => self.send(Event::Failed { index: self.index, message }),
+            StopCause::Failed(message) => self.send(Event::Failed {
+                index: self.index,
+                message,
+            }),
         }
     }
 }

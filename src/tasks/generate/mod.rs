@@ -72,7 +72,10 @@ impl GenerationStream {
             }
             None => {
                 self.finished_sequences = self.sequences;
-                let failure = Event::Failed { index: 0, message: "the scheduler stopped".into() };
+                let failure = Event::Failed {
+                    index: 0,
+                    message: "the scheduler stopped".into(),
+                };
                 self.close(&Some(failure.clone()));
                 return Some(failure);
             }
@@ -122,23 +125,52 @@ impl Drop for GenerationStream {
 }
 
 /// Starts generating; the returned stream yields the events.
-pub async fn start(registry: &Registry, config: &GenerationConfig, params: GenerateParams, routing: &Routing) -> Result<GenerationStream> {
+pub async fn start(
+    registry: &Registry,
+    config: &GenerationConfig,
+    params: GenerateParams,
+    routing: &Routing,
+) -> Result<GenerationStream> {
     let mut request = RequestMetrics::start(Task::Generate.as_str());
     let routed = params.check(config).and_then(|checked| {
-        let (model, served_by) = routing::route(registry, &params.model, Task::Generate, routing, &mut request, |shadow| {
-            let (checked, params) = (checked.clone(), params.clone());
-            async move { collect(start_on(shadow, ServedBy::default(), &checked, params, None)?).await }
-        })?;
+        let (model, served_by) = routing::route(
+            registry,
+            &params.model,
+            Task::Generate,
+            routing,
+            &mut request,
+            |shadow| {
+                let (checked, params) = (checked.clone(), params.clone());
+                async move {
+                    collect(start_on(
+                        shadow,
+                        ServedBy::default(),
+                        &checked,
+                        params,
+                        None,
+                    )?)
+                    .await
+                }
+            },
+        )?;
         Ok((checked, model, served_by))
     });
     match routed {
-        Ok((checked, model, served_by)) => start_on(model, served_by, &checked, params, Some(request)),
+        Ok((checked, model, served_by)) => {
+            start_on(model, served_by, &checked, params, Some(request))
+        }
         Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
     }
 }
 
 /// Starts generating on one model version.
-fn start_on(model: Arc<ModelVersion>, served_by: ServedBy, checked: &Checked, params: GenerateParams, request: Option<RequestMetrics>) -> Result<GenerationStream> {
+fn start_on(
+    model: Arc<ModelVersion>,
+    served_by: ServedBy,
+    checked: &Checked,
+    params: GenerateParams,
+    request: Option<RequestMetrics>,
+) -> Result<GenerationStream> {
     let arrived = Instant::now();
     let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt) {
         Ok(prompt) => prompt,
@@ -146,22 +178,44 @@ fn start_on(model: Arc<ModelVersion>, served_by: ServedBy, checked: &Checked, pa
     };
     let context_left = model.manifest.max_length - prompt.len();
     let max_new_tokens = checked.max_new_tokens.min(context_left);
-    let mut stop_ids: Vec<i64> = checked.stop_token_ids.iter().map(|&id| i64::from(id)).collect();
+    let mut stop_ids: Vec<i64> = checked
+        .stop_token_ids
+        .iter()
+        .map(|&id| i64::from(id))
+        .collect();
     if !checked.ignore_eos {
         stop_ids.extend(model.manifest.eos_token_ids.iter().map(|&id| i64::from(id)));
     }
-    let rules = StopRules { max_new_tokens, min_new_tokens: checked.min_new_tokens.min(max_new_tokens), stop_ids, top_logprobs: checked.top_logprobs };
+    let rules = StopRules {
+        max_new_tokens,
+        min_new_tokens: checked.min_new_tokens.min(max_new_tokens),
+        stop_ids,
+        top_logprobs: checked.top_logprobs,
+    };
 
     let (sender, events) = mpsc::unbounded_channel();
     let vocab = model.vocab_size;
     let prompt_u32: Vec<u32> = prompt.iter().map(|&id| id as u32).collect();
     let jobs = (0..checked.n)
         .map(|index| {
-            let seed = checked.seed.map_or_else(rand::random, |seed| seed.wrapping_add(index as u64));
+            let seed = checked
+                .seed
+                .map_or_else(rand::random, |seed| seed.wrapping_add(index as u64));
             let sampler = Sampler::new(checked.sampling.clone(), seed, vocab, &prompt);
             let text = TextStream::new(&prompt_u32, checked.stop.clone());
-            let driver = Driver::new(index, sampler, text, Arc::clone(&model.tokenizer), rules.clone(), sender.clone());
-            GenerationJob { prompt: prompt.clone(), reserved_tokens: prompt.len() + max_new_tokens, driver: Box::new(driver) }
+            let driver = Driver::new(
+                index,
+                sampler,
+                text,
+                Arc::clone(&model.tokenizer),
+                rules.clone(),
+                sender.clone(),
+            );
+            GenerationJob {
+                prompt: prompt.clone(),
+                reserved_tokens: prompt.len() + max_new_tokens,
+                driver: Box::new(driver),
+            }
         })
         .collect();
     let submitted = match &model.generator {
@@ -214,14 +268,25 @@ pub struct GenerateOutput {
 
 /// Generates to the end and returns everything at once; the text of each sequence is the
 /// concatenation of the deltas a stream would have carried.
-pub async fn generate(registry: &Registry, config: &GenerationConfig, params: GenerateParams, routing: &Routing) -> Result<GenerateOutput> {
+pub async fn generate(
+    registry: &Registry,
+    config: &GenerationConfig,
+    params: GenerateParams,
+    routing: &Routing,
+) -> Result<GenerateOutput> {
     collect(start(registry, config, params, routing).await?).await
 }
 
 /// Follows a generation to its end.
 async fn collect(mut stream: GenerationStream) -> Result<GenerateOutput> {
     let mut sequences: Vec<Sequence> = (0..stream.sequences)
-        .map(|index| Sequence { index, text: String::new(), tokens: Vec::new(), finish_reason: None, stop_sequence: None })
+        .map(|index| Sequence {
+            index,
+            text: String::new(),
+            tokens: Vec::new(),
+            finish_reason: None,
+            stop_sequence: None,
+        })
         .collect();
     while let Some(event) = stream.next().await {
         match event {
@@ -230,7 +295,12 @@ async fn collect(mut stream: GenerationStream) -> Result<GenerateOutput> {
                 sequences[index].text.push_str(&text);
                 sequences[index].tokens.push(token);
             }
-            Event::Finished { index, reason, text, stop_sequence } => {
+            Event::Finished {
+                index,
+                reason,
+                text,
+                stop_sequence,
+            } => {
                 sequences[index].text.push_str(&text);
                 sequences[index].finish_reason = Some(reason);
                 sequences[index].stop_sequence = stop_sequence;
@@ -251,20 +321,40 @@ async fn collect(mut stream: GenerationStream) -> Result<GenerateOutput> {
 fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
     let vocab = model.vocab_size;
     let ids: Vec<i64> = match prompt {
-        None => return Err(Error::invalid("prompt", "is missing; set text or token_ids")),
+        None => {
+            return Err(Error::invalid(
+                "prompt",
+                "is missing; set text or token_ids",
+            ));
+        }
         Some(Prompt::Text(text)) => {
-            let encoding = model.tokenizer.encode(text.as_str(), false).map_err(|error| Error::invalid("prompt.text", format!("cannot be tokenized: {error}")))?;
+            let encoding = model
+                .tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|error| {
+                    Error::invalid("prompt.text", format!("cannot be tokenized: {error}"))
+                })?;
             encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
         }
         Some(Prompt::Ids(ids)) => {
-            if let Some((index, id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
-                return Err(Error::invalid(format!("prompt.token_ids[{index}]"), format!("{id} is outside the vocabulary of {vocab} tokens")));
+            if let Some((index, id)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id as usize >= vocab)
+            {
+                return Err(Error::invalid(
+                    format!("prompt.token_ids[{index}]"),
+                    format!("{id} is outside the vocabulary of {vocab} tokens"),
+                ));
             }
             ids.into_iter().map(i64::from).collect()
         }
     };
     if ids.is_empty() {
-        return Err(Error::invalid("prompt", "has no tokens; send a non-empty prompt"));
+        return Err(Error::invalid(
+            "prompt",
+            "has no tokens; send a non-empty prompt",
+        ));
     }
     let room = model.manifest.max_length.saturating_sub(1);
     if ids.len() <= room {

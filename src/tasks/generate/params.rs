@@ -62,7 +62,10 @@ fn check_penalty(field: &str, value: f32) -> Result<f32> {
     if (-2.0..=2.0).contains(&value) {
         Ok(value)
     } else {
-        Err(Error::invalid(field, format!("must be in [-2, 2]; got {value}")))
+        Err(Error::invalid(
+            field,
+            format!("must be in [-2, 2]; got {value}"),
+        ))
     }
 }
 
@@ -70,11 +73,19 @@ impl GenerateParams {
     pub fn check(&self, limits: &GenerationConfig) -> Result<Checked> {
         let max_new_tokens = match self.max_new_tokens {
             None => limits.default_max_new_tokens,
-            Some(0) => return Err(Error::invalid("parameters.max_new_tokens", "must be at least 1; got 0")),
+            Some(0) => {
+                return Err(Error::invalid(
+                    "parameters.max_new_tokens",
+                    "must be at least 1; got 0",
+                ));
+            }
             Some(v) if v as usize > limits.max_new_tokens => {
                 return Err(Error::invalid(
                     "parameters.max_new_tokens",
-                    format!("{v} is over the server's limit of {}", limits.max_new_tokens),
+                    format!(
+                        "{v} is over the server's limit of {}",
+                        limits.max_new_tokens
+                    ),
                 ));
             }
             Some(v) => v as usize,
@@ -99,42 +110,71 @@ impl GenerateParams {
         let repetition_penalty = match self.repetition_penalty {
             None => 1.0,
             Some(p) if p > 0.0 && p.is_finite() => p,
-            Some(p) => return Err(Error::invalid("parameters.repetition_penalty", format!("must be > 0; got {p}"))),
+            Some(p) => {
+                return Err(Error::invalid(
+                    "parameters.repetition_penalty",
+                    format!("must be > 0; got {p}"),
+                ));
+            }
         };
         let n = match self.n {
             0 => 1,
             n if n as usize > limits.max_sequences => {
-                return Err(Error::invalid("parameters.n", format!("{n} is over the limit of {} sequences", limits.max_sequences)));
+                return Err(Error::invalid(
+                    "parameters.n",
+                    format!(
+                        "{n} is over the limit of {} sequences",
+                        limits.max_sequences
+                    ),
+                ));
             }
             n => n as usize,
         };
         if self.top_logprobs as usize > limits.max_top_logprobs {
             return Err(Error::invalid(
                 "parameters.top_logprobs",
-                format!("{} is over the limit of {}", self.top_logprobs, limits.max_top_logprobs),
+                format!(
+                    "{} is over the limit of {}",
+                    self.top_logprobs, limits.max_top_logprobs
+                ),
             ));
         }
         if self.stop.len() > limits.max_stop_sequences {
             return Err(Error::invalid(
                 "parameters.stop",
-                format!("{} stop sequences is over the limit of {}", self.stop.len(), limits.max_stop_sequences),
+                format!(
+                    "{} stop sequences is over the limit of {}",
+                    self.stop.len(),
+                    limits.max_stop_sequences
+                ),
             ));
         }
         for (index, stop) in self.stop.iter().enumerate() {
             if stop.is_empty() {
-                return Err(Error::invalid(format!("parameters.stop[{index}]"), "is empty"));
+                return Err(Error::invalid(
+                    format!("parameters.stop[{index}]"),
+                    "is empty",
+                ));
             }
             if stop.len() > limits.max_stop_sequence_bytes {
                 return Err(Error::invalid(
                     format!("parameters.stop[{index}]"),
-                    format!("{} bytes is over the limit of {}", stop.len(), limits.max_stop_sequence_bytes),
+                    format!(
+                        "{} bytes is over the limit of {}",
+                        stop.len(),
+                        limits.max_stop_sequence_bytes
+                    ),
                 ));
             }
         }
         if self.stop_token_ids.len() > limits.max_stop_sequences {
             return Err(Error::invalid(
                 "parameters.stop_token_ids",
-                format!("{} ids is over the limit of {}", self.stop_token_ids.len(), limits.max_stop_sequences),
+                format!(
+                    "{} ids is over the limit of {}",
+                    self.stop_token_ids.len(),
+                    limits.max_stop_sequences
+                ),
             ));
         }
         let sampling = SamplingConfig {
@@ -144,7 +184,10 @@ impl GenerateParams {
             top_p: check_unit_interval("parameters.top_p", self.top_p)?,
             typical_p: check_unit_interval("parameters.typical_p", self.typical_p)?,
             repetition_penalty,
-            frequency_penalty: check_penalty("parameters.frequency_penalty", self.frequency_penalty)?,
+            frequency_penalty: check_penalty(
+                "parameters.frequency_penalty",
+                self.frequency_penalty,
+            )?,
             presence_penalty: check_penalty("parameters.presence_penalty", self.presence_penalty)?,
         };
         Ok(Checked {
@@ -174,9 +217,14 @@ mod tests {
 
     #[test]
     fn defaults_are_greedy_with_the_default_length() {
-        let checked = GenerateParams::default().check(&GenerationConfig::default()).unwrap();
+        let checked = GenerateParams::default()
+            .check(&GenerationConfig::default())
+            .unwrap();
         assert!(!checked.sampling.do_sample);
-        assert_eq!(checked.max_new_tokens, GenerationConfig::default().default_max_new_tokens);
+        assert_eq!(
+            checked.max_new_tokens,
+            GenerationConfig::default().default_max_new_tokens
+        );
         assert_eq!(checked.n, 1);
     }
 
@@ -184,20 +232,105 @@ mod tests {
     fn each_bad_value_names_its_field_limit_and_value() {
         let base = GenerateParams::default();
         let cases = [
-            (GenerateParams { max_new_tokens: Some(0), ..base.clone() }, "parameters.max_new_tokens: must be at least 1; got 0"),
-            (GenerateParams { max_new_tokens: Some(100_000), ..base.clone() }, "100000 is over the server's limit of"),
-            (GenerateParams { max_new_tokens: Some(5), min_new_tokens: 6, ..base.clone() }, "parameters.min_new_tokens: 6 is more than max_new_tokens (5)"),
-            (GenerateParams { temperature: Some(0.0), ..base.clone() }, "parameters.temperature: must be > 0; got 0"),
-            (GenerateParams { top_p: Some(1.5), ..base.clone() }, "parameters.top_p: must be in (0, 1]; got 1.5"),
-            (GenerateParams { top_p: Some(0.0), ..base.clone() }, "parameters.top_p: must be in (0, 1]; got 0"),
-            (GenerateParams { typical_p: Some(-1.0), ..base.clone() }, "parameters.typical_p"),
-            (GenerateParams { repetition_penalty: Some(0.0), ..base.clone() }, "parameters.repetition_penalty: must be > 0; got 0"),
-            (GenerateParams { frequency_penalty: 3.0, ..base.clone() }, "parameters.frequency_penalty: must be in [-2, 2]; got 3"),
-            (GenerateParams { presence_penalty: -2.5, ..base.clone() }, "parameters.presence_penalty"),
-            (GenerateParams { n: 1000, ..base.clone() }, "parameters.n: 1000 is over the limit"),
-            (GenerateParams { top_logprobs: 1000, ..base.clone() }, "parameters.top_logprobs: 1000 is over the limit"),
-            (GenerateParams { stop: vec!["a".into(); 100], ..base.clone() }, "parameters.stop: 100 stop sequences"),
-            (GenerateParams { stop: vec![String::new()], ..base.clone() }, "parameters.stop[0]: is empty"),
+            (
+                GenerateParams {
+                    max_new_tokens: Some(0),
+                    ..base.clone()
+                },
+                "parameters.max_new_tokens: must be at least 1; got 0",
+            ),
+            (
+                GenerateParams {
+                    max_new_tokens: Some(100_000),
+                    ..base.clone()
+                },
+                "100000 is over the server's limit of",
+            ),
+            (
+                GenerateParams {
+                    max_new_tokens: Some(5),
+                    min_new_tokens: 6,
+                    ..base.clone()
+                },
+                "parameters.min_new_tokens: 6 is more than max_new_tokens (5)",
+            ),
+            (
+                GenerateParams {
+                    temperature: Some(0.0),
+                    ..base.clone()
+                },
+                "parameters.temperature: must be > 0; got 0",
+            ),
+            (
+                GenerateParams {
+                    top_p: Some(1.5),
+                    ..base.clone()
+                },
+                "parameters.top_p: must be in (0, 1]; got 1.5",
+            ),
+            (
+                GenerateParams {
+                    top_p: Some(0.0),
+                    ..base.clone()
+                },
+                "parameters.top_p: must be in (0, 1]; got 0",
+            ),
+            (
+                GenerateParams {
+                    typical_p: Some(-1.0),
+                    ..base.clone()
+                },
+                "parameters.typical_p",
+            ),
+            (
+                GenerateParams {
+                    repetition_penalty: Some(0.0),
+                    ..base.clone()
+                },
+                "parameters.repetition_penalty: must be > 0; got 0",
+            ),
+            (
+                GenerateParams {
+                    frequency_penalty: 3.0,
+                    ..base.clone()
+                },
+                "parameters.frequency_penalty: must be in [-2, 2]; got 3",
+            ),
+            (
+                GenerateParams {
+                    presence_penalty: -2.5,
+                    ..base.clone()
+                },
+                "parameters.presence_penalty",
+            ),
+            (
+                GenerateParams {
+                    n: 1000,
+                    ..base.clone()
+                },
+                "parameters.n: 1000 is over the limit",
+            ),
+            (
+                GenerateParams {
+                    top_logprobs: 1000,
+                    ..base.clone()
+                },
+                "parameters.top_logprobs: 1000 is over the limit",
+            ),
+            (
+                GenerateParams {
+                    stop: vec!["a".into(); 100],
+                    ..base.clone()
+                },
+                "parameters.stop: 100 stop sequences",
+            ),
+            (
+                GenerateParams {
+                    stop: vec![String::new()],
+                    ..base.clone()
+                },
+                "parameters.stop[0]: is empty",
+            ),
         ];
         for (params, expected) in cases {
             let error = error_of(params);

@@ -25,7 +25,9 @@ pub struct SamplingConfig {
 
 impl SamplingConfig {
     fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
     }
 }
 
@@ -62,7 +64,13 @@ impl Sampler {
                 *flag = true;
             }
         }
-        Self { config, rng: StdRng::seed_from_u64(seed), counts: vec![0; vocab], seen, scratch: Vec::with_capacity(vocab) }
+        Self {
+            config,
+            rng: StdRng::seed_from_u64(seed),
+            counts: vec![0; vocab],
+            seen,
+            scratch: Vec::with_capacity(vocab),
+        }
     }
 
     /// Records a generated token, for the penalties of later steps.
@@ -95,8 +103,12 @@ impl Sampler {
         }
         let temperature = self.config.temperature;
         scores.iter_mut().for_each(|s| *s /= temperature);
-        let mut candidates: Vec<(usize, f32)> =
-            scores.iter().copied().enumerate().filter(|(_, s)| s.is_finite()).collect();
+        let mut candidates: Vec<(usize, f32)> = scores
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, s)| s.is_finite())
+            .collect();
         if candidates.is_empty() {
             return argmax(logits) as i64;
         }
@@ -106,7 +118,8 @@ impl Sampler {
         }
         let mut probabilities = softmax_of(&candidates);
         if self.config.typical_p < 1.0 {
-            (candidates, probabilities) = typical_filter(candidates, probabilities, self.config.typical_p);
+            (candidates, probabilities) =
+                typical_filter(candidates, probabilities, self.config.typical_p);
         }
         if self.config.top_p < 1.0 {
             let mut total = 0.0;
@@ -135,11 +148,19 @@ impl Sampler {
 fn apply_penalties(scores: &mut [f32], config: &SamplingConfig, counts: &[u32], seen: &[bool]) {
     if config.repetition_penalty != 1.0 {
         for (score, _) in scores.iter_mut().zip(seen).filter(|(_, seen)| **seen) {
-            *score = if *score < 0.0 { *score * config.repetition_penalty } else { *score / config.repetition_penalty };
+            *score = if *score < 0.0 {
+                *score * config.repetition_penalty
+            } else {
+                *score / config.repetition_penalty
+            };
         }
     }
     if config.frequency_penalty != 0.0 || config.presence_penalty != 0.0 {
-        for (score, &count) in scores.iter_mut().zip(counts).filter(|(_, count)| **count > 0) {
+        for (score, &count) in scores
+            .iter_mut()
+            .zip(counts)
+            .filter(|(_, count)| **count > 0)
+        {
             *score -= config.frequency_penalty * count as f32 + config.presence_penalty;
         }
     }
@@ -164,8 +185,16 @@ fn softmax_of(candidates: &[(usize, f32)]) -> Vec<f32> {
 
 /// Typical sampling (Meister et al.): keep the tokens whose surprise is closest to the
 /// distribution's entropy until their mass reaches `mass`.
-fn typical_filter(candidates: Vec<(usize, f32)>, probabilities: Vec<f32>, mass: f32) -> (Vec<(usize, f32)>, Vec<f32>) {
-    let entropy: f32 = probabilities.iter().filter(|p| **p > 0.0).map(|p| -p * p.ln()).sum();
+fn typical_filter(
+    candidates: Vec<(usize, f32)>,
+    probabilities: Vec<f32>,
+    mass: f32,
+) -> (Vec<(usize, f32)>, Vec<f32>) {
+    let entropy: f32 = probabilities
+        .iter()
+        .filter(|p| **p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum();
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     let distance = |i: usize| (-probabilities[i].ln() - entropy).abs();
     order.sort_by(|&a, &b| distance(a).total_cmp(&distance(b)));
@@ -226,12 +255,19 @@ mod tests {
 
     #[test]
     fn penalties_follow_their_definitions() {
-        let config = SamplingConfig { repetition_penalty: 2.0, ..Default::default() };
+        let config = SamplingConfig {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let mut sampler = Sampler::new(config, 0, 3, &[0]);
         // Token 0 (seen in the prompt) drops from 3.0 to 1.5, below token 1.
         assert_eq!(sampler.choose(&[3.0, 2.0, -1.0], &[]), 1);
 
-        let config = SamplingConfig { frequency_penalty: 1.0, presence_penalty: 0.5, ..Default::default() };
+        let config = SamplingConfig {
+            frequency_penalty: 1.0,
+            presence_penalty: 0.5,
+            ..Default::default()
+        };
         let mut sampler = Sampler::new(config, 0, 3, &[]);
         sampler.observe(0);
         sampler.observe(0);
@@ -241,11 +277,17 @@ mod tests {
 
     #[test]
     fn the_same_seed_draws_the_same_tokens() {
-        let config = SamplingConfig { do_sample: true, temperature: 1.5, ..Default::default() };
+        let config = SamplingConfig {
+            do_sample: true,
+            temperature: 1.5,
+            ..Default::default()
+        };
         let logits = [1.0, 1.1, 0.9, 1.05, 1.0];
         let draw = |seed| {
             let mut sampler = Sampler::new(config.clone(), seed, 5, &[]);
-            (0..32).map(|_| sampler.choose(&logits, &[])).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| sampler.choose(&logits, &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -254,8 +296,16 @@ mod tests {
     #[test]
     fn top_k_and_top_p_restrict_the_candidates() {
         let logits = [5.0, 4.9, 0.0, -1.0, -2.0];
-        let mut top_k = sampler(SamplingConfig { do_sample: true, top_k: 2, ..Default::default() });
-        let mut top_p = sampler(SamplingConfig { do_sample: true, top_p: 0.5, ..Default::default() });
+        let mut top_k = sampler(SamplingConfig {
+            do_sample: true,
+            top_k: 2,
+            ..Default::default()
+        });
+        let mut top_p = sampler(SamplingConfig {
+            do_sample: true,
+            top_p: 0.5,
+            ..Default::default()
+        });
         for _ in 0..200 {
             assert!(top_k.choose(&logits, &[]) < 2);
             assert_eq!(top_p.choose(&logits, &[]), 0);
@@ -265,7 +315,11 @@ mod tests {
     #[test]
     fn typical_p_keeps_the_typical_tokens() {
         let logits = [10.0, 0.0, 0.0, 0.0, 0.0];
-        let mut typical = sampler(SamplingConfig { do_sample: true, typical_p: 0.5, ..Default::default() });
+        let mut typical = sampler(SamplingConfig {
+            do_sample: true,
+            typical_p: 0.5,
+            ..Default::default()
+        });
         for _ in 0..50 {
             assert_eq!(typical.choose(&logits, &[]), 0);
         }

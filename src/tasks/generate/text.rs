@@ -30,7 +30,13 @@ pub struct TextDelta {
 impl TextStream {
     pub fn new(prompt: &[u32], stops: Vec<String>) -> Self {
         let context = &prompt[prompt.len().saturating_sub(PROMPT_CONTEXT_TOKENS)..];
-        Self { ids: context.to_vec(), prefix_offset: 0, read_offset: context.len(), held: String::new(), stops }
+        Self {
+            ids: context.to_vec(),
+            prefix_offset: 0,
+            read_offset: context.len(),
+            held: String::new(),
+            stops,
+        }
     }
 
     /// Adds one generated token.
@@ -41,12 +47,18 @@ impl TextStream {
         if let Some((at, stop)) = self.first_stop() {
             let text = self.held[..at].to_owned();
             self.held.clear();
-            return TextDelta { text, stopped_by: Some(stop) };
+            return TextDelta {
+                text,
+                stopped_by: Some(stop),
+            };
         }
         let keep = self.stop_prefix_len();
         let text = self.held[..self.held.len() - keep].to_owned();
         self.held.drain(..self.held.len() - keep);
-        TextDelta { text, stopped_by: None }
+        TextDelta {
+            text,
+            stopped_by: None,
+        }
     }
 
     /// Ends the stream without a stop sequence: whatever was held back is shown.
@@ -58,12 +70,13 @@ impl TextStream {
         let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
         let full = decode(&self.ids[self.prefix_offset..]);
-        if full.len() > prefix.len() && !full.ends_with(REPLACEMENT) {
-            if let Some(new) = full.get(prefix.len()..) {
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-                return new.to_owned();
-            }
+        if full.len() > prefix.len()
+            && !full.ends_with(REPLACEMENT)
+            && let Some(new) = full.get(prefix.len()..)
+        {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return new.to_owned();
         }
         String::new()
     }
@@ -96,7 +109,10 @@ mod tests {
 
     /// The committed GPT-2-style byte-level BPE: characters outside its corpus split into bytes.
     fn byte_tokenizer() -> Tokenizer {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/repository/tiny-gpt2/1/tokenizer.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/repository/tiny-gpt2/1/tokenizer.json"
+        );
         Tokenizer::from_file(path).unwrap()
     }
 
@@ -110,9 +126,18 @@ mod tests {
         let text = "so 😀 and 雪";
         let ids = ids(&tokenizer, text);
         let mut stream = TextStream::new(&[], vec![]);
-        let deltas: Vec<String> = ids.iter().map(|&id| stream.push(&tokenizer, id).text).collect();
-        assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)), "{deltas:?}");
-        assert!(deltas.iter().any(String::is_empty), "a split character is held: {deltas:?}");
+        let deltas: Vec<String> = ids
+            .iter()
+            .map(|&id| stream.push(&tokenizer, id).text)
+            .collect();
+        assert!(
+            deltas.iter().all(|d| !d.contains(REPLACEMENT)),
+            "{deltas:?}"
+        );
+        assert!(
+            deltas.iter().any(String::is_empty),
+            "a split character is held: {deltas:?}"
+        );
         assert_eq!(deltas.concat(), text);
     }
 
@@ -125,7 +150,10 @@ mod tests {
         for id in ids(&tokenizer, "abc ENxEND tail") {
             let delta = stream.push(&tokenizer, id);
             shown.push_str(&delta.text);
-            assert!(!shown.contains("EN") || shown.ends_with("ENx") || shown.contains("ENx"), "{shown:?}");
+            assert!(
+                !shown.contains("EN") || shown.ends_with("ENx") || shown.contains("ENx"),
+                "{shown:?}"
+            );
             if delta.stopped_by.is_some() {
                 stopped = delta.stopped_by;
                 break;
