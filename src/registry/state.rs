@@ -30,7 +30,8 @@ pub fn read(path: &Path) -> anyhow::Result<Option<PersistedState>> {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => {
-            return Err(error).with_context(|| format!("reading the state file {}", path.display()));
+            return Err(error)
+                .with_context(|| format!("reading the state file {}", path.display()));
         }
     };
     serde_json::from_str(&text).map(Some).with_context(|| {
