@@ -232,7 +232,7 @@ async fn metrics_count_requests_by_model_and_outcome() {
         })
         .await;
 
-    let body = http_get(metrics_port, "/metrics").await;
+    let body = common::scrape_metrics(metrics_port).await;
     for needle in [
         r#"lmserve_requests_total{model="tiny-encoder",version="1",route="",arm="",task="embed",outcome="ok"} 1"#,
         r#"outcome="not_found""#,
@@ -244,16 +244,4 @@ async fn metrics_count_requests_by_model_and_outcome() {
     ] {
         assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
     }
-}
-
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }

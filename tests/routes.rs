@@ -324,7 +324,7 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
     }
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let body = http_get(metrics_port).await;
+    let body = common::scrape_metrics(metrics_port).await;
     let shadow_count = |route: &str, outcome: &str| -> u64 {
         body.lines()
             .filter(|line| {
@@ -779,20 +779,6 @@ fn check<T: std::fmt::Debug>(
         "{:?} lacks {needle:?}",
         status.message()
     );
-}
-
-async fn http_get(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 #[tokio::test]

@@ -191,7 +191,10 @@ impl Runner {
                     // Spread what waits over the sessions: one session taking the whole queue
                     // while the others idle is slower than each running its share.
                     let share = state.len().div_ceil(self.pool.size()).max(1);
-                    let limits = BatchLimits { max_batch_size: self.settings.limits.max_batch_size.min(share), ..self.settings.limits };
+                    let limits = BatchLimits {
+                        max_batch_size: self.settings.limits.max_batch_size.min(share),
+                        ..self.settings.limits
+                    };
                     let batch = state.next_batch(&limits);
                     metrics::queue_depth(&shared.labels, state.len());
                     return Some(batch.into_iter().map(|queued| queued.item).collect());

@@ -3,12 +3,11 @@
 use std::sync::Arc;
 
 use super::routing::{self, Routing};
-use super::text::{self, Truncate};
-use super::{RequestMetrics, ServedBy, check_texts};
+use super::text::Truncate;
+use super::{RequestMetrics, ServedBy, check_texts, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
-use crate::runtime::encoder::EncoderRow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScoreKind {
@@ -96,26 +95,12 @@ async fn classify_on(
         .classify
         .as_ref()
         .ok_or_else(|| Error::Internal(format!("{} has no [classify] section", model.name)))?;
-    let encoded = text::encode_all(model, params.texts, params.truncate).await?;
-    let rows = encoded
-        .iter()
-        .map(|e| EncoderRow {
-            ids: e.ids.clone(),
-            pooling: None,
-            logits: true,
-        })
-        .collect();
-    let batcher = model
-        .batcher
-        .as_ref()
-        .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
-    let outputs = batcher.submit(rows).await?;
+    let outputs = run_encoder(model, params.texts, params.truncate, None, true).await?;
 
     let top_k = params.top_k.map_or(settings.labels.len(), |k| k as usize);
     outputs
         .into_iter()
-        .zip(encoded)
-        .map(|(output, encoded)| {
+        .map(|(encoded, output)| {
             let logits = output
                 .logits
                 .ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;

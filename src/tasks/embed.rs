@@ -1,17 +1,14 @@
 //! Embed: tokenize, batch through the model's dynamic batcher, pool, normalise.
 
-use std::time::Instant;
-
 use std::sync::Arc;
 
 use super::routing::{self, Routing};
-use super::text::{self, Truncate};
-use super::{RequestMetrics, ServedBy, check_texts};
+use super::text::Truncate;
+use super::{RequestMetrics, ServedBy, check_texts, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
-use crate::runtime::encoder::{EncoderRow, Pooling};
-use crate::telemetry::metrics;
+use crate::runtime::encoder::Pooling;
 
 #[derive(Debug, Clone)]
 pub struct EmbedParams {
@@ -74,27 +71,10 @@ async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<
     let pooling = params.pooling.unwrap_or(settings.pooling);
     let normalize = params.normalize.unwrap_or(settings.normalize);
 
-    let started = Instant::now();
-    let encoded = text::encode_all(model, params.texts, params.truncate).await?;
-    metrics::tokenize_time(&model.labels, started.elapsed());
-
-    let rows = encoded
-        .iter()
-        .map(|e| EncoderRow {
-            ids: e.ids.clone(),
-            pooling: Some(pooling),
-            logits: false,
-        })
-        .collect();
-    let batcher = model
-        .batcher
-        .as_ref()
-        .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
-    let outputs = batcher.submit(rows).await?;
+    let outputs = run_encoder(model, params.texts, params.truncate, Some(pooling), false).await?;
     outputs
         .into_iter()
-        .zip(encoded)
-        .map(|(output, encoded)| {
+        .map(|(encoded, output)| {
             let mut values = output
                 .pooled
                 .ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;

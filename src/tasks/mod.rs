@@ -101,6 +101,34 @@ impl RequestMetrics {
     }
 }
 
+/// Tokenizes `texts` and runs them through the model's dynamic batcher, each row asking for
+/// its hidden states pooled by `pooling` and/or its class logits. Outputs keep input order.
+pub(crate) async fn run_encoder(
+    model: &std::sync::Arc<ModelVersion>,
+    texts: Vec<String>,
+    truncate: text::Truncate,
+    pooling: Option<crate::runtime::encoder::Pooling>,
+    logits: bool,
+) -> Result<Vec<(text::Encoded, crate::runtime::encoder::EncoderRowOutput)>> {
+    let started = Instant::now();
+    let encoded = text::encode_all(model, texts, truncate).await?;
+    metrics::tokenize_time(&model.labels, started.elapsed());
+    let rows = encoded
+        .iter()
+        .map(|e| crate::runtime::encoder::EncoderRow {
+            ids: e.ids.clone(),
+            pooling,
+            logits,
+        })
+        .collect();
+    let batcher = model
+        .batcher
+        .as_ref()
+        .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+    let outputs = batcher.submit(rows).await?;
+    Ok(encoded.into_iter().zip(outputs).collect())
+}
+
 /// Checks the list of texts a request carries against the configured limits.
 pub(crate) fn check_texts(texts: &[String], limits: &crate::config::LimitsConfig) -> Result<()> {
     if texts.is_empty() {
