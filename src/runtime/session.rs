@@ -151,7 +151,10 @@ impl SessionPool {
 
     /// Session `index`, locked, for a scheduler that owns it outright (the decode loop).
     pub fn session(&self, index: usize) -> std::sync::MutexGuard<'_, Session> {
-        self.sessions[index].lock().expect("session lock")
+        // A panic elsewhere while the lock was held does not make the session unusable.
+        self.sessions[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Waits until a session is free.

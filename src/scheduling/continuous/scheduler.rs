@@ -147,18 +147,31 @@ impl Loop {
             let Some(admitted) = self.wait_and_admit() else {
                 return;
             };
-            if !admitted.is_empty() {
-                self.prefill(admitted);
+            // A bug in one step must not take the model's generation down with it: the batch is
+            // dropped (its callers see a failed stream) and the loop goes on.
+            let step =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.iterate(admitted)));
+            if step.is_err() {
+                tracing::error!(model = %self.shared.labels.model, version = %self.shared.labels.version, "decode step panicked; dropping its batch");
+                self.batch = DecodeBatch::empty();
+                self.rows.clear();
             }
-            let abandoned = self
-                .rows
-                .iter()
-                .map(|active| active.driver.abandoned())
-                .collect();
-            self.retire(abandoned, Some(StopCause::Cancelled));
-            if !self.batch.is_empty() {
-                self.step();
-            }
+        }
+    }
+
+    /// Admits, retires the abandoned, and runs one decode step.
+    fn iterate(&mut self, admitted: Vec<Waiting<GenerationJob>>) {
+        if !admitted.is_empty() {
+            self.prefill(admitted);
+        }
+        let abandoned = self
+            .rows
+            .iter()
+            .map(|active| active.driver.abandoned())
+            .collect();
+        self.retire(abandoned, Some(StopCause::Cancelled));
+        if !self.batch.is_empty() {
+            self.step();
         }
     }
 
