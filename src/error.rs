@@ -80,6 +80,20 @@ impl Error {
         }
     }
 
+    /// `model` has no version `version`; `available` lists the versions it has.
+    pub fn version_not_found(
+        model: &str,
+        version: impl fmt::Display,
+        available: impl IntoIterator<Item = u64>,
+    ) -> Self {
+        let available: Vec<String> = available.into_iter().map(|v| v.to_string()).collect();
+        Error::VersionNotFound {
+            model: model.to_owned(),
+            version: version.to_string(),
+            available: available.join(", "),
+        }
+    }
+
     /// A short label for metrics: what kind of failure this was.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -132,15 +132,12 @@ impl Models for ModelsService {
             .map(|slot| describe(slot))
             .collect();
         if versions.is_empty() {
-            return Err(Error::VersionNotFound {
-                model: name.to_owned(),
-                version: version.map(|v| v.to_string()).unwrap_or_default(),
-                available: slots
-                    .iter()
-                    .map(|slot| slot.version.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
+            let version = version.map(|v| v.to_string()).unwrap_or_default();
+            return Err(Error::version_not_found(
+                name,
+                version,
+                slots.iter().map(|slot| slot.version),
+            )
             .into());
         }
         Ok(Response::new(proto::ModelInfo {

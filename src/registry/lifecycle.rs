@@ -227,15 +227,11 @@ impl Registry {
         let versions = match version {
             Some(version) if available.contains(&version) => vec![version],
             Some(version) => {
-                return Err(Error::VersionNotFound {
-                    model: name.to_owned(),
-                    version: version.to_string(),
-                    available: available
-                        .iter()
-                        .map(u64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
+                return Err(Error::version_not_found(
+                    name,
+                    version,
+                    available.iter().copied(),
+                ));
             }
             None => self
                 .config
@@ -308,15 +304,11 @@ impl Registry {
         let versions: Vec<u64> = match version {
             Some(version) if slots.iter().any(|slot| slot.version == version) => vec![version],
             Some(version) => {
-                return Err(Error::VersionNotFound {
-                    model: name.to_owned(),
-                    version: version.to_string(),
-                    available: slots
-                        .iter()
-                        .map(|slot| slot.version.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
+                return Err(Error::version_not_found(
+                    name,
+                    version,
+                    slots.iter().map(|slot| slot.version),
+                ));
             }
             None => slots.iter().map(|slot| slot.version).collect(),
         };

@@ -144,14 +144,12 @@ impl Registry {
                 let slot = slots
                     .iter()
                     .find(|slot| slot.version == version)
-                    .ok_or_else(|| Error::VersionNotFound {
-                        model: name.to_owned(),
-                        version: version.to_string(),
-                        available: slots
-                            .iter()
-                            .map(|slot| slot.version.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                    .ok_or_else(|| {
+                        Error::version_not_found(
+                            name,
+                            version,
+                            slots.iter().map(|slot| slot.version),
+                        )
                     })?;
                 ready(slot)?
             }

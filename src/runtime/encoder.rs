@@ -20,7 +20,7 @@ pub enum Pooling {
 }
 
 /// What one text needs from the pass.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EncoderRow {
     pub ids: Vec<i64>,
     /// Pool the hidden states this way; `None` when the caller needs no embedding.

@@ -148,10 +148,13 @@ impl Runner {
             for pending in &batch {
                 span.follows_from(pending.span.id());
             }
+            let mut batch = batch;
             tokio::spawn(
                 async move {
-                    let rows: Vec<EncoderRow> =
-                        batch.iter().map(|pending| pending.row.clone()).collect();
+                    let rows: Vec<EncoderRow> = batch
+                        .iter_mut()
+                        .map(|pending| std::mem::take(&mut pending.row))
+                        .collect();
                     metrics::batch_formed(&labels, rows.len(), padded_tokens(&rows));
                     let started = Instant::now();
                     for pending in &batch {

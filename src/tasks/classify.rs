@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::routing::{self, Routing};
 use super::text::Truncate;
-use super::{RequestMetrics, ServedBy, check_texts, run_encoder};
+use super::{EncodedOutput, RequestMetrics, ServedBy, check_texts, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
@@ -100,29 +100,35 @@ async fn classify_on(
     let top_k = params.top_k.map_or(settings.labels.len(), |k| k as usize);
     outputs
         .into_iter()
-        .map(|(encoded, output)| {
-            let logits = output
-                .logits
-                .ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
-            if logits.len() != settings.labels.len() {
-                return Err(Error::Internal(format!(
-                    "the model returned {} scores for {} labels",
-                    logits.len(),
-                    settings.labels.len()
-                )));
-            }
-            let scores = match (params.scores, settings.multi_label) {
-                (ScoreKind::Raw, _) => logits,
-                (ScoreKind::Probability, false) => softmax(&logits),
-                (ScoreKind::Probability, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
-            };
-            Ok(Classification {
-                labels: rank(&scores, &settings.labels, top_k),
-                token_count: encoded.ids.len(),
-                truncated: encoded.truncated,
-                multi_label: settings.multi_label,
-            })
-        })
+        .map(
+            |EncodedOutput {
+                 token_count,
+                 truncated,
+                 output,
+             }| {
+                let logits = output
+                    .logits
+                    .ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
+                if logits.len() != settings.labels.len() {
+                    return Err(Error::Internal(format!(
+                        "the model returned {} scores for {} labels",
+                        logits.len(),
+                        settings.labels.len()
+                    )));
+                }
+                let scores = match (params.scores, settings.multi_label) {
+                    (ScoreKind::Raw, _) => logits,
+                    (ScoreKind::Probability, false) => softmax(&logits),
+                    (ScoreKind::Probability, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
+                };
+                Ok(Classification {
+                    labels: rank(&scores, &settings.labels, top_k),
+                    token_count,
+                    truncated,
+                    multi_label: settings.multi_label,
+                })
+            },
+        )
         .collect()
 }
 

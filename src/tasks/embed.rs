@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::routing::{self, Routing};
 use super::text::Truncate;
-use super::{RequestMetrics, ServedBy, check_texts, run_encoder};
+use super::{EncodedOutput, RequestMetrics, ServedBy, check_texts, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
@@ -74,19 +74,25 @@ async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<
     let outputs = run_encoder(model, params.texts, params.truncate, Some(pooling), false).await?;
     outputs
         .into_iter()
-        .map(|(encoded, output)| {
-            let mut values = output
-                .pooled
-                .ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
-            if normalize {
-                l2_normalize(&mut values);
-            }
-            Ok(Embedding {
-                values,
-                token_count: encoded.ids.len(),
-                truncated: encoded.truncated,
-            })
-        })
+        .map(
+            |EncodedOutput {
+                 token_count,
+                 truncated,
+                 output,
+             }| {
+                let mut values = output
+                    .pooled
+                    .ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
+                if normalize {
+                    l2_normalize(&mut values);
+                }
+                Ok(Embedding {
+                    values,
+                    token_count,
+                    truncated,
+                })
+            },
+        )
         .collect()
 }
 

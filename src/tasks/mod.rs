@@ -101,6 +101,14 @@ impl RequestMetrics {
     }
 }
 
+/// What the encoder pass returns for one text: how many tokens it had, whether it was cut,
+/// and the model's outputs for it.
+pub(crate) struct EncodedOutput {
+    pub token_count: usize,
+    pub truncated: bool,
+    pub output: crate::runtime::encoder::EncoderRowOutput,
+}
+
 /// Tokenizes `texts` and runs them through the model's dynamic batcher, each row asking for
 /// its hidden states pooled by `pooling` and/or its class logits. Outputs keep input order.
 pub(crate) async fn run_encoder(
@@ -109,14 +117,15 @@ pub(crate) async fn run_encoder(
     truncate: text::Truncate,
     pooling: Option<crate::runtime::encoder::Pooling>,
     logits: bool,
-) -> Result<Vec<(text::Encoded, crate::runtime::encoder::EncoderRowOutput)>> {
+) -> Result<Vec<EncodedOutput>> {
     let started = Instant::now();
     let encoded = text::encode_all(model, texts, truncate).await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
+    let shapes: Vec<(usize, bool)> = encoded.iter().map(|e| (e.ids.len(), e.truncated)).collect();
     let rows = encoded
-        .iter()
+        .into_iter()
         .map(|e| crate::runtime::encoder::EncoderRow {
-            ids: e.ids.clone(),
+            ids: e.ids,
             pooling,
             logits,
         })
@@ -126,7 +135,15 @@ pub(crate) async fn run_encoder(
         .as_ref()
         .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     let outputs = batcher.submit(rows).await?;
-    Ok(encoded.into_iter().zip(outputs).collect())
+    Ok(shapes
+        .into_iter()
+        .zip(outputs)
+        .map(|((token_count, truncated), output)| EncodedOutput {
+            token_count,
+            truncated,
+            output,
+        })
+        .collect())
 }
 
 /// Checks the list of texts a request carries against the configured limits.
