@@ -58,6 +58,17 @@ pub enum Event {
     },
 }
 
+/// How the caller takes a sequence's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Every token as soon as it exists (GenerateStream).
+    Stream,
+    /// Everything at the end (Generate). The first token still goes out at once, which is what
+    /// time to first token measures; the rest wait in the driver, so the collecting task wakes
+    /// a few times per sequence instead of once per token, and leaves the cores to the model.
+    Collect,
+}
+
 /// How one sequence decides when it is done.
 #[derive(Debug, Clone)]
 pub struct StopRules {
@@ -76,6 +87,9 @@ pub struct Driver {
     rules: StopRules,
     generated: usize,
     events: UnboundedSender<Event>,
+    delivery: Delivery,
+    /// Token events not yet sent (`Delivery::Collect`).
+    held: Vec<Event>,
 }
 
 impl Driver {
@@ -86,6 +100,7 @@ impl Driver {
         tokenizer: Arc<Tokenizer>,
         rules: StopRules,
         events: UnboundedSender<Event>,
+        delivery: Delivery,
     ) -> Self {
         Self {
             index,
@@ -95,6 +110,8 @@ impl Driver {
             rules,
             generated: 0,
             events,
+            delivery,
+            held: Vec::new(),
         }
     }
 
@@ -109,8 +126,18 @@ impl Driver {
         }
     }
 
-    fn send(&self, event: Event) {
+    fn send(&mut self, event: Event) {
+        if self.delivery == Delivery::Collect
+            && self.generated > 1
+            && matches!(event, Event::Token { .. })
+        {
+            self.held.push(event);
+            return;
+        }
         // A caller that went away is noticed through `abandoned`; nothing to do here.
+        for held in self.held.drain(..) {
+            let _ = self.events.send(held);
+        }
         let _ = self.events.send(event);
     }
 }

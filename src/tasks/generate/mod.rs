@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use self::driver::{Driver, Event, FinishReason, GeneratedToken, StopRules};
+use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRules};
 use self::params::{Checked, GenerateParams, Prompt};
 use self::sampling::Sampler;
 use self::text::TextStream;
@@ -124,12 +124,22 @@ impl Drop for GenerationStream {
     }
 }
 
-/// Starts generating; the returned stream yields the events.
+/// Starts generating; the returned stream yields the events, each token as it is produced.
 pub async fn start(
     registry: &Registry,
     config: &GenerationConfig,
     params: GenerateParams,
     routing: &Routing,
+) -> Result<GenerationStream> {
+    start_with(registry, config, params, routing, Delivery::Stream).await
+}
+
+async fn start_with(
+    registry: &Registry,
+    config: &GenerationConfig,
+    params: GenerateParams,
+    routing: &Routing,
+    delivery: Delivery,
 ) -> Result<GenerationStream> {
     let mut request = RequestMetrics::start(Task::Generate.as_str());
     let routed = params.check(config).and_then(|checked| {
@@ -148,6 +158,7 @@ pub async fn start(
                         &checked,
                         params,
                         None,
+                        Delivery::Collect,
                     )?)
                     .await
                 }
@@ -157,7 +168,7 @@ pub async fn start(
     });
     match routed {
         Ok((checked, model, served_by)) => {
-            start_on(model, served_by, &checked, params, Some(request))
+            start_on(model, served_by, &checked, params, Some(request), delivery)
         }
         Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
     }
@@ -170,6 +181,7 @@ fn start_on(
     checked: &Checked,
     params: GenerateParams,
     request: Option<RequestMetrics>,
+    delivery: Delivery,
 ) -> Result<GenerationStream> {
     let arrived = Instant::now();
     let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt) {
@@ -210,6 +222,7 @@ fn start_on(
                 Arc::clone(&model.tokenizer),
                 rules.clone(),
                 sender.clone(),
+                delivery,
             );
             GenerationJob {
                 prompt: prompt.clone(),
@@ -274,7 +287,7 @@ pub async fn generate(
     params: GenerateParams,
     routing: &Routing,
 ) -> Result<GenerateOutput> {
-    collect(start(registry, config, params, routing).await?).await
+    collect(start_with(registry, config, params, routing, Delivery::Collect).await?).await
 }
 
 /// Follows a generation to its end.
