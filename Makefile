@@ -7,7 +7,7 @@ ORT_LIB := $(ORT_DIR)/libonnxruntime.so
 PY_VENV := $(CACHE)/pyclient
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test test-rust test-python bench models onnxruntime onnxruntime-gpu pyclient lint clean
+.PHONY: run test test-rust test-python bench bench-models models onnxruntime onnxruntime-gpu pyclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
@@ -16,9 +16,18 @@ test: $(ORT_LIB) $(PY_VENV)/ok
 	cargo test --release -- --test-threads=2
 	$(PY_VENV)/bin/python -m pytest -q tests/python
 
-bench: $(ORT_LIB)
+bench: $(ORT_LIB) bench-models
 	cargo bench --bench embed
 	cargo bench --bench generate
+
+# A GPT-2-small-sized decoder with random weights, for the generation benchmark only (340 MB,
+# not committed): built with the models/ Python environment.
+BENCH_DECODER := bench/models/gpt2-small-untrained/1/model.toml
+bench-models: $(BENCH_DECODER)
+$(BENCH_DECODER):
+	[ -x models/.venv/bin/python ] || python3 -m venv models/.venv
+	models/.venv/bin/pip install --quiet --disable-pip-version-check -r models/requirements.txt
+	models/.venv/bin/python bench/build_models.py bench/models
 
 # The ONNX Runtime shared library, from the CPU wheel on PyPI (ort loads it at run time).
 onnxruntime: $(ORT_LIB)

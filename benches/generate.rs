@@ -1,40 +1,63 @@
-//! Generation speed: tokens per second and time to first token with 1, 4 and 16 concurrent
-//! streams, against the same greedy loop run on the ONNX Runtime session directly in-process.
+//! Generation speed: tokens per second and time to first token for one request (unary and
+//! streamed) and for 4 and 16 concurrent streams, against the same greedy loop run on an ONNX
+//! Runtime session directly in-process: the limit for the model on this machine.
 //!
-//! `cargo bench --bench generate` (or `make bench`).
+//! Runs on tiny-gpt2, and on the GPT-2-small-sized decoder of `bench/build_models.py` when it
+//! has been built (`make bench` builds it). `cargo bench --bench generate` (or `make bench`).
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::join_all;
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::inference_client::InferenceClient;
-use lmserve::api::proto::{GenerateRequest, GenerationParameters};
+use lmserve::api::proto::{GenerateRequest, GenerationParameters, TokenIds};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor};
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
 
-const MODEL: &str = "tiny-gpt2";
-const NEW_TOKENS: usize = 128;
-/// Each figure is the median of this many runs; one run of a tiny model is too short to trust.
-const REPEATS: usize = 7;
 const PROMPTS: [&str; 4] = [
     "To be, or not to be",
     "ROMEO.",
     "My lord, the queen",
     "What light through yonder window breaks",
 ];
+/// Idle time between measured runs, so neither side's ONNX Runtime threads are still spinning
+/// down from the previous run when the next one starts.
+const SETTLE: Duration = Duration::from_millis(50);
 
-/// The plain greedy loop with a KV cache: what one sequence costs with nothing around it.
-fn direct_loop(
-    session: &mut Session,
-    prompts: &[Vec<i64>],
+struct Bench {
+    name: &'static str,
+    repository: PathBuf,
+    new_tokens: usize,
+    /// Single-request runs alternate (in-process, unary, stream) this many times; each figure
+    /// is the median. This VM's speed drifts by tens of percent over seconds, so only runs
+    /// taken close together compare.
+    rounds: usize,
+    /// Repeats of the 4- and 16-stream runs and of the static batch.
+    repeats: usize,
+}
+
+/// The model's KV-cache shape, read from its inputs.
+struct Shape {
     layers: usize,
     heads: usize,
     head_dim: usize,
-) -> (Duration, Duration) {
+}
+
+/// The plain greedy loop with a KV cache: what a batch of sequences costs with nothing around
+/// it. Returns the elapsed time, the time to the first token, and each row's tokens.
+fn direct_loop(
+    session: &mut Session,
+    prompts: &[Vec<i64>],
+    shape: &Shape,
+    new_tokens: usize,
+) -> (Duration, Duration, Vec<Vec<i64>>) {
     let batch = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap();
     let mut ids = Vec::new();
@@ -46,26 +69,25 @@ fn direct_loop(
         mask.extend(std::iter::repeat_n(0_i64, pad).chain(std::iter::repeat_n(1, prompt.len())));
         positions.extend(std::iter::repeat_n(0_i64, pad).chain(0..prompt.len() as i64));
     }
-    let mut past: Vec<DynValue> = (0..layers * 2)
+    let mut past: Vec<DynValue> = (0..shape.layers * 2)
         .map(|_| {
-            Tensor::from_array(([batch, heads, 0, head_dim], Vec::<f32>::new()))
+            Tensor::from_array(([batch, shape.heads, 0, shape.head_dim], Vec::<f32>::new()))
                 .unwrap()
                 .into_dyn()
         })
         .collect();
     let mut fed: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut generated = vec![Vec::with_capacity(new_tokens); batch];
     let start = Instant::now();
     let mut first_token = Duration::ZERO;
     let mut input = (ids, [batch, width]);
     let mut position = positions;
-    for step in 0..NEW_TOKENS {
+    for step in 0..new_tokens {
         let columns = width + step;
         let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = vec![
             (
                 "input_ids".into(),
-                Tensor::from_array((input.1, input.0.clone()))
-                    .unwrap()
-                    .into(),
+                Tensor::from_array((input.1, input.0)).unwrap().into(),
             ),
             (
                 "attention_mask".into(),
@@ -75,9 +97,7 @@ fn direct_loop(
             ),
             (
                 "position_ids".into(),
-                Tensor::from_array((input.1, position.clone()))
-                    .unwrap()
-                    .into(),
+                Tensor::from_array((input.1, position)).unwrap().into(),
             ),
         ];
         for (i, value) in past.drain(..).enumerate() {
@@ -85,8 +105,8 @@ fn direct_loop(
             inputs.push((format!("past_key_values.{}.{kind}", i / 2), value.into()));
         }
         let mut outputs = session.run(inputs).unwrap();
-        let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>().unwrap();
-        let (t, v) = (shape[1] as usize, shape[2] as usize);
+        let (dims, logits) = outputs["logits"].try_extract_tensor::<f32>().unwrap();
+        let (t, v) = (dims[1] as usize, dims[2] as usize);
         let next: Vec<i64> = (0..batch)
             .map(|r| {
                 let row = &logits[(r * t + t - 1) * v..(r * t + t) * v];
@@ -96,12 +116,15 @@ fn direct_loop(
                     as i64
             })
             .collect();
-        for layer in 0..layers {
+        for layer in 0..shape.layers {
             past.push(outputs.remove(format!("present.{layer}.key")).unwrap());
             past.push(outputs.remove(format!("present.{layer}.value")).unwrap());
         }
         if step == 0 {
             first_token = start.elapsed();
+        }
+        for (row, &token) in generated.iter_mut().zip(&next) {
+            row.push(token);
         }
         // Next step: one new column per row.
         let mut new_mask = Vec::with_capacity(batch * (columns + 1));
@@ -114,7 +137,7 @@ fn direct_loop(
         fed.iter_mut().for_each(|f| *f += 1);
         input = (next, [batch, 1]);
     }
-    (start.elapsed(), first_token)
+    (start.elapsed(), first_token, generated)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -122,26 +145,69 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn main() {
+fn request(model: &str, prompt: &[i64], new_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        prompt: Some(Prompt::TokenIds(TokenIds {
+            ids: prompt.iter().map(|&id| id as u32).collect(),
+        })),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(new_tokens as u32),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One streamed generation: its tokens and the time to the first one.
+async fn stream_once(
+    mut client: InferenceClient<Channel>,
+    request: GenerateRequest,
+) -> (Vec<i64>, Duration) {
+    let start = Instant::now();
+    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+    let mut first = None;
+    let mut tokens = Vec::new();
+    while let Some(message) = stream.next().await {
+        if let Some(token) = message.unwrap().token {
+            tokens.push(i64::from(token.id));
+            first.get_or_insert_with(|| start.elapsed());
+        }
+    }
+    (tokens, first.unwrap_or_default())
+}
+
+/// One unary generation: its tokens.
+async fn unary_once(mut client: InferenceClient<Channel>, request: GenerateRequest) -> Vec<i64> {
+    let response = client.generate(request).await.unwrap().into_inner();
+    response.sequences[0]
+        .tokens
+        .iter()
+        .map(|token| i64::from(token.id))
+        .collect()
+}
+
+fn row(name: &str, value: f64, unit: &str, note: &str) {
+    println!("  {name:<44} {value:>9.1} {unit:<9} {note}");
+}
+
+fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
     let environment = common::ort_environment();
-    let dir = common::model_dir(MODEL);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let dir = bench.repository.join(bench.name).join("1");
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let prompts: Vec<Vec<i64>> = PROMPTS
         .iter()
         .map(|p| {
-            tokenizer
-                .encode(*p, false)
-                .unwrap()
-                .get_ids()
-                .iter()
-                .map(|&i| i64::from(i))
-                .collect()
+            let encoding = tokenizer.encode(*p, false).unwrap();
+            encoding.get_ids().iter().map(|&i| i64::from(i)).collect()
         })
         .collect();
     let batch16: Vec<Vec<i64>> = (0..16)
         .map(|i| prompts[i % prompts.len()].clone())
         .collect();
+    // The in-process baseline keeps ONNX Runtime's defaults (threads spin between runs),
+    // which suit a loop that has the machine to itself.
     let build = |threads: usize| {
         Session::builder(environment)
             .unwrap()
@@ -162,144 +228,211 @@ fn main() {
         .tensor_shape()
         .unwrap()
         .to_vec();
-    let layers = probe
-        .inputs()
-        .iter()
-        .filter(|i| i.name().ends_with(".key"))
-        .count();
-    let (heads, head_dim) = (past[1] as usize, past[3] as usize);
+    let shape = Shape {
+        layers: probe
+            .inputs()
+            .iter()
+            .filter(|i| i.name().ends_with(".key"))
+            .count(),
+        heads: past[1] as usize,
+        head_dim: past[3] as usize,
+    };
     drop(probe);
+    let n = bench.new_tokens;
 
     println!(
-        "Generate benchmark: {MODEL}, {NEW_TOKENS} new tokens per sequence, greedy, {cores} cores."
+        "\n{}: {n} new tokens per sequence, greedy; single-request figures are medians of {} \
+         alternating rounds (in-process, unary, stream), the rest of {} runs.",
+        bench.name, bench.rounds, bench.repeats
     );
-    println!("Server and in-process runs alternate, {REPEATS} of each; figures are medians.");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut best = (0.0_f64, 0.0_f64); // (in-process, server stream) tokens/s
     for threads in [1, cores] {
         let mut session = build(threads);
-        let server = runtime.block_on(common::Server::start(&[(
-            "LMSERVE_RUNTIME__INTRA_THREADS",
-            threads.to_string().as_str(),
-        )]));
+        let repository = bench.repository.to_string_lossy().into_owned();
+        let server = runtime.block_on(common::Server::start(&[
+            (
+                "LMSERVE_RUNTIME__INTRA_THREADS",
+                threads.to_string().as_str(),
+            ),
+            ("LMSERVE_REPOSITORY__PATH", repository.as_str()),
+        ]));
         let client = runtime.block_on(async { InferenceClient::new(server.channel().await) });
         let streams = |count: usize| {
-            let client = client.clone();
             let started = Instant::now();
-            let results = runtime.block_on(join_all(
-                (0..count).map(|index| stream_once(client.clone(), index)),
-            ));
-            let tokens: usize = results.iter().map(|r| r.0).sum();
+            let results = runtime.block_on(join_all((0..count).map(|index| {
+                let prompt = &prompts[index % prompts.len()];
+                stream_once(client.clone(), request(bench.name, prompt, n))
+            })));
+            let tokens: usize = results.iter().map(|r| r.0.len()).sum();
             let ttft = results.iter().map(|r| r.1.as_secs_f64()).sum::<f64>() / count as f64;
             (tokens as f64 / started.elapsed().as_secs_f64(), ttft)
         };
-        // Warm both paths.
-        direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
-        streams(1);
 
-        let (mut direct, mut direct_ttft, mut server_single, mut server_ttft, mut ratios) =
+        // Warm both paths, and check they agree: greedy decoding is token-identical.
+        let (_, _, expected) = direct_loop(&mut session, &prompts[..1], &shape, n);
+        let (streamed, _) = runtime.block_on(stream_once(
+            client.clone(),
+            request(bench.name, &prompts[0], n),
+        ));
+        assert_eq!(
+            streamed, expected[0],
+            "the server's tokens differ from the loop's"
+        );
+
+        // With one intra-op thread, the loop and the server's decode thread each run on one
+        // core, and this VM's cores differ in speed by 10-25% for seconds at a time. So each
+        // round puts both on the same core, taking the cores in turn; the gRPC work and the
+        // client stay free to use the other core.
+        let decode_threads = if threads == 1 {
+            let prefix: String = format!("decode-{}", bench.name).chars().take(15).collect();
+            common::threads_named(server.pid(), &prefix)
+        } else {
+            Vec::new()
+        };
+        let main_thread = std::process::id();
+        let (mut direct, mut direct_ttft, mut unary, mut stream, mut stream_ttft) =
             (vec![], vec![], vec![], vec![], vec![]);
-        for _ in 0..REPEATS {
-            let (elapsed, first) =
-                direct_loop(&mut session, &prompts[..1], layers, heads, head_dim);
-            let rate = NEW_TOKENS as f64 / elapsed.as_secs_f64();
-            let (served, ttft) = streams(1);
-            ratios.push(served / rate);
-            direct.push(rate);
+        let (mut unary_ratio, mut stream_ratio) = (vec![], vec![]);
+        for round in 0..bench.rounds {
+            if let [decode_thread] = decode_threads[..] {
+                let core = (round % cores).to_string();
+                common::pin(main_thread, &core);
+                common::pin(decode_thread, &core);
+            }
+            std::thread::sleep(SETTLE);
+            let (elapsed, first, _) = direct_loop(&mut session, &prompts[..1], &shape, n);
+            let direct_rate = n as f64 / elapsed.as_secs_f64();
+
+            std::thread::sleep(SETTLE);
+            let started = Instant::now();
+            let tokens = runtime.block_on(unary_once(
+                client.clone(),
+                request(bench.name, &prompts[0], n),
+            ));
+            let unary_rate = tokens.len() as f64 / started.elapsed().as_secs_f64();
+            assert_eq!(tokens, expected[0]);
+
+            std::thread::sleep(SETTLE);
+            let (stream_rate, ttft) = streams(1);
+
+            direct.push(direct_rate);
             direct_ttft.push(first.as_secs_f64());
-            server_single.push(served);
-            server_ttft.push(ttft);
+            unary.push(unary_rate);
+            stream.push(stream_rate);
+            stream_ttft.push(ttft);
+            unary_ratio.push(unary_rate / direct_rate);
+            stream_ratio.push(stream_rate / direct_rate);
+        }
+        // Unpinned again, also before the next session's threads are made (they inherit it).
+        let all_cores = format!("0-{}", cores - 1);
+        for &thread in decode_threads.iter().chain([&main_thread]) {
+            common::pin(thread, &all_cores);
         }
         let direct_static = median(
-            (0..REPEATS)
+            (0..bench.repeats)
                 .map(|_| {
-                    (16 * NEW_TOKENS) as f64
-                        / direct_loop(&mut session, &batch16, layers, heads, head_dim)
-                            .0
-                            .as_secs_f64()
+                    std::thread::sleep(SETTLE);
+                    let (elapsed, _, _) = direct_loop(&mut session, &batch16, &shape, n);
+                    (16 * n) as f64 / elapsed.as_secs_f64()
                 })
                 .collect(),
         );
-        let single = median(server_single.clone());
+        let (direct, stream) = (median(direct), median(stream));
+        best = (best.0.max(direct), best.1.max(stream));
+
         println!("\n{threads} intra-op thread(s):");
-        common::print_row(
-            "  in-process greedy loop, 1 sequence",
-            median(direct.clone()),
-            "tokens/s",
-            None,
-        );
-        println!(
-            "{:<58} {:>9.2} ms",
-            "    time to first token",
-            median(direct_ttft) * 1e3
-        );
-        common::print_row(
-            "  in-process greedy loop, static batch of 16",
+        row("in-process greedy loop, 1 sequence", direct, "tokens/s", "");
+        row("  time to first token", median(direct_ttft) * 1e3, "ms", "");
+        row(
+            "in-process greedy loop, static batch of 16",
             direct_static,
             "tokens/s",
-            Some((median(direct), "of 1 sequence")),
+            &format!("{:.2}x of 1 sequence", direct_static / direct),
         );
-        common::print_row("  server, 1 stream", single, "tokens/s", None);
-        println!(
-            "{:<58} {:>9.2}x of the in-process loop (median of paired runs)",
-            "",
-            median(ratios)
+        row(
+            "server Generate (unary), 1 request",
+            median(unary),
+            "tokens/s",
+            &format!(
+                "{:.2}x of the in-process loop (median of per-round ratios)",
+                median(unary_ratio)
+            ),
         );
-        println!(
-            "{:<58} {:>9.2} ms",
-            "    mean time to first token",
-            median(server_ttft) * 1e3
+        row(
+            "server GenerateStream, 1 stream",
+            stream,
+            "tokens/s",
+            &format!(
+                "{:.2}x of the in-process loop (median of per-round ratios)",
+                median(stream_ratio)
+            ),
         );
+        row("  time to first token", median(stream_ttft) * 1e3, "ms", "");
         for count in [4, 16] {
-            let runs: Vec<(f64, f64)> = (0..REPEATS).map(|_| streams(count)).collect();
+            let runs: Vec<(f64, f64)> = (0..bench.repeats)
+                .map(|_| {
+                    std::thread::sleep(SETTLE);
+                    streams(count)
+                })
+                .collect();
             let rate = median(runs.iter().map(|r| r.0).collect());
-            common::print_row(
-                &format!("  server, {count} streams"),
+            row(
+                &format!("server GenerateStream, {count} streams"),
                 rate,
                 "tokens/s",
-                Some((single, "of 1 stream")),
+                &format!(
+                    "{:.2}x of 1 stream, {:.2}x of the static batch of 16",
+                    rate / stream,
+                    rate / direct_static
+                ),
             );
-            println!(
-                "{:<58} {:>9.2}x of the in-process static batch of 16",
+            row(
+                "  mean time to first token",
+                median(runs.iter().map(|r| r.1).collect()) * 1e3,
+                "ms",
                 "",
-                rate / direct_static
-            );
-            println!(
-                "{:<58} {:>9.2} ms",
-                "    mean time to first token",
-                median(runs.iter().map(|r| r.1).collect()) * 1e3
             );
         }
     }
+    println!(
+        "\n  best single stream against the best in-process loop (either thread count): \
+         {:.0} / {:.0} tokens/s = {:.2}x",
+        best.1,
+        best.0,
+        best.1 / best.0
+    );
 }
 
-/// One streamed generation: (tokens received, time to the first one).
-async fn stream_once(
-    mut client: InferenceClient<tonic::transport::Channel>,
-    index: usize,
-) -> (usize, Duration) {
-    let request = GenerateRequest {
-        model: MODEL.into(),
-        prompt: Some(Prompt::Text(PROMPTS[index % PROMPTS.len()].into())),
-        parameters: Some(GenerationParameters {
-            max_new_tokens: Some(NEW_TOKENS as u32),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let start = Instant::now();
-    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
-    let mut first = None;
-    let mut tokens = 0;
-    while let Some(message) = stream.next().await {
-        if message.unwrap().token.is_some() {
-            tokens += 1;
-            first.get_or_insert_with(|| start.elapsed());
-        }
+fn main() {
+    let root = common::root();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("Generate benchmark, {cores} cores; the client shares them with the server.");
+    // One client thread, as in `lmserve generate`: the connection and the streams it carries are
+    // served where the messages arrive, without waking a second thread per message.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut benches = vec![Bench {
+        name: "tiny-gpt2",
+        repository: root.join("models/repository"),
+        new_tokens: 128,
+        rounds: 21,
+        repeats: 7,
+    }];
+    let large: &Path = &root.join("bench/models");
+    if large.join("gpt2-small-untrained/1/model.toml").exists() {
+        benches.push(Bench {
+            name: "gpt2-small-untrained",
+            repository: large.to_path_buf(),
+            new_tokens: 32,
+            rounds: 7,
+            repeats: 3,
+        });
+    } else {
+        println!("(bench/models/gpt2-small-untrained is not built: `make bench-models`)");
     }
-    (tokens, first.unwrap_or_default())
+    for bench in &benches {
+        run_bench(&runtime, bench, cores);
+    }
 }

@@ -58,6 +58,10 @@ impl Server {
         Self { child, url }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url.clone())
             .unwrap()
@@ -103,4 +107,30 @@ pub fn print_row(name: &str, rate: f64, unit: &str, baseline: Option<(f64, &str)
         ),
         None => println!("{name:<58} {rate:>9.1} {unit}"),
     }
+}
+
+/// The ids of process `pid`'s threads whose name starts with `prefix`.
+pub fn threads_named(pid: u32, prefix: &str) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            name.starts_with(prefix).then_some(tid)
+        })
+        .collect()
+}
+
+/// Restricts thread `tid` to `cpus` (a taskset list such as "0" or "0-1"); false where that is
+/// not possible here.
+pub fn pin(tid: u32, cpus: &str) -> bool {
+    Command::new("taskset")
+        .args(["-p", "-c", cpus, &tid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
