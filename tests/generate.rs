@@ -12,7 +12,12 @@ use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::{FinishReason, GenerateRequest, GenerateResponse, GenerationParameters};
 use tonic::Code;
 
-const GENERATORS: [&str; 3] = ["tiny-gpt2", "tiny-lstm", "tiny-transformer-lm"];
+const GENERATORS: [&str; 4] = [
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-lstm",
+    "tiny-transformer-lm",
+];
 
 fn request(model: &str, prompt: &str, parameters: GenerationParameters) -> GenerateRequest {
     GenerateRequest {

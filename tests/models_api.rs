@@ -21,6 +21,7 @@ async fn lists_and_describes_models() {
     for expected in [
         "tiny-encoder",
         "tiny-gpt2",
+        "tiny-llama",
         "tiny-lstm",
         "tiny-transformer-lm",
         "tiny-word2vec",

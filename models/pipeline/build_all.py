@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from . import encoder, gpt2, lstm, reference, transformer_lm, word2vec
+from . import encoder, gpt2, llama, lstm, reference, transformer_lm, word2vec
 from .common import SEED, TrainLog, seed_everything
 from .data import shakespeare_texts, spam_corpus
 from .export_util import finalize
@@ -22,7 +22,7 @@ from .training import skipgram_pairs, train_classifier, train_lm, train_skipgram
 
 # Step counts are fixed (not time budgets) so a rerun reproduces the same weights; each takes about
 # 2-4 minutes on two CPU cores.
-STEPS = {"tiny-gpt2": 500, "tiny-lstm": 800, "tiny-transformer-lm": 500, "tiny-encoder": 250, "tiny-word2vec": 4000}
+STEPS = {"tiny-gpt2": 500, "tiny-llama": 500, "tiny-lstm": 800, "tiny-transformer-lm": 500, "tiny-encoder": 250, "tiny-word2vec": 4000}
 NEIGHBOUR_WORDS = ["king", "love", "death", "night", "sword", "queen", "heaven", "father"]
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING.\n"]
 
@@ -76,8 +76,8 @@ def build_generate_model(name, mod, tok, train, val, args, summary, kind):
     size = finalize(path)
     sess = reference.session(path)
     if kind == "kv":
-        cfg = model.config
-        ort_gen = lambda ps: reference.ort_generate_kv(sess, ps, 24, cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head)
+        layers, kv_heads, head_dim = mod.cache_shape()
+        ort_gen = lambda ps: reference.ort_generate_kv(sess, ps, 24, layers, kv_heads, head_dim)
         full = lambda ids: model(input_ids=ids).logits
     elif kind == "rnn":
         ort_gen = lambda ps: reference.ort_generate_rnn(sess, ps, 24, mod.CONFIG["layers"], mod.CONFIG["hidden"])
@@ -182,15 +182,15 @@ def main():
     t0 = time.time()
 
     texts = shakespeare_texts(args.cache)
-    lm_names = [n for n in ("tiny-gpt2", "tiny-lstm", "tiny-transformer-lm") if want(n)]
+    lm_names = [n for n in ("tiny-gpt2", "tiny-llama", "tiny-lstm", "tiny-transformer-lm") if want(n)]
     if lm_names:
         tok = byte_bpe(texts, 4096, EOT)
         check_roundtrip(tok, ["To be, or not to be: that is the question:", "  two  spaces\n\nand\ttabs ",
                               "naïve café — “quotes”", texts[0][:3000]])
         train, val = lm_stream(tok, texts)
         print(f"shakespeare: {len(train)} train / {len(val)} val tokens")
-        for name, mod, kind in (("tiny-gpt2", gpt2, "kv"), ("tiny-lstm", lstm, "rnn"),
-                                ("tiny-transformer-lm", transformer_lm, "full")):
+        for name, mod, kind in (("tiny-gpt2", gpt2, "kv"), ("tiny-llama", llama, "kv"),
+                                ("tiny-lstm", lstm, "rnn"), ("tiny-transformer-lm", transformer_lm, "full")):
             if want(name):
                 build_generate_model(name, mod, tok, train, val, args, summary, kind)
                 _save(summary_path, summary)

@@ -12,6 +12,11 @@ def build() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg)
 
 
+def cache_shape():
+    """(layers, key/value heads, head size) of the KV cache."""
+    return CONFIG["n_layer"], CONFIG["n_head"], CONFIG["n_embd"] // CONFIG["n_head"]
+
+
 def lm_loss(model, x, y):
     logits = model(input_ids=x).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
@@ -23,7 +28,7 @@ class CachedGPT2(torch.nn.Module):
     def __init__(self, model: GPT2LMHeadModel):
         super().__init__()
         self.model = model
-        self.n_layer = model.config.n_layer
+        self.n_layer = model.config.num_hidden_layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = DynamicCache(config=self.model.config)
