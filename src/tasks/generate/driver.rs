@@ -253,3 +253,104 @@ impl SequenceDriver for Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::generate::sampling::SamplingConfig;
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    const VOCAB: usize = 4096;
+
+    fn driver(delivery: Delivery, max_new_tokens: usize) -> (Driver, UnboundedReceiver<Event>) {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/repository/tiny-gpt2/1/tokenizer.json"
+        );
+        let tokenizer = Arc::new(Tokenizer::from_file(path).unwrap());
+        let (sender, events) = unbounded_channel();
+        let rules = StopRules {
+            max_new_tokens,
+            min_new_tokens: 0,
+            stop_ids: vec![0],
+            top_logprobs: 0,
+        };
+        let sampler = Sampler::new(SamplingConfig::default(), 0, VOCAB, &[]);
+        let text = TextStream::new(&[], Vec::new());
+        let driver = Driver::new(0, sampler, text, tokenizer, rules, sender, delivery);
+        (driver, events)
+    }
+
+    /// Logits whose greedy choice is `token`.
+    fn pointing_at(token: usize) -> Vec<f32> {
+        let mut logits = vec![0.0; VOCAB];
+        logits[token] = 5.0;
+        logits
+    }
+
+    fn drain(events: &mut UnboundedReceiver<Event>) -> Vec<Event> {
+        std::iter::from_fn(|| events.try_recv().ok()).collect()
+    }
+
+    fn token_ids(events: &[Event]) -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|event| match event {
+                Event::Token { token, .. } => Some(token.choice.id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stream_gets_every_token_at_once() {
+        let (mut driver, mut events) = driver(Delivery::Stream, 3);
+        for token in [100, 101] {
+            assert!(!driver.next(&pointing_at(token)).finished);
+            assert_eq!(token_ids(&drain(&mut events)), vec![token as u32]);
+        }
+        assert!(driver.next(&pointing_at(102)).finished);
+        let last = drain(&mut events);
+        assert_eq!(token_ids(&last), vec![102]);
+        assert!(matches!(
+            last.last(),
+            Some(Event::Finished {
+                reason: FinishReason::Length,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_collected_sequence_sends_its_first_token_then_the_rest_at_the_end() {
+        let (mut driver, mut events) = driver(Delivery::Collect, 4);
+        driver.next(&pointing_at(100));
+        assert_eq!(token_ids(&drain(&mut events)), vec![100]);
+        for token in [101, 102] {
+            driver.next(&pointing_at(token));
+            assert!(drain(&mut events).is_empty());
+        }
+        assert!(driver.next(&pointing_at(103)).finished);
+        let rest = drain(&mut events);
+        assert_eq!(token_ids(&rest), vec![101, 102, 103]);
+        assert!(matches!(rest.last(), Some(Event::Finished { .. })));
+    }
+
+    #[test]
+    fn held_tokens_go_out_before_a_cancellation() {
+        let (mut driver, mut events) = driver(Delivery::Collect, 10);
+        for token in [100, 101, 102] {
+            driver.next(&pointing_at(token));
+        }
+        driver.stopped(StopCause::Cancelled);
+        let all = drain(&mut events);
+        assert_eq!(token_ids(&all), vec![100, 101, 102]);
+        assert!(matches!(
+            all.last(),
+            Some(Event::Finished {
+                reason: FinishReason::Cancelled,
+                ..
+            })
+        ));
+    }
+}
