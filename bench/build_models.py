@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "models"))
-from pipeline import gpt2  # noqa: E402  (the same export as tiny-gpt2)
+from pipeline import kv_decoder  # noqa: E402  (the same export as tiny-gpt2)
 from pipeline.common import seed_everything  # noqa: E402
 
 NAME = "gpt2-small-untrained"
@@ -29,25 +29,9 @@ TOKENIZER = os.path.join(HERE, "..", "models", "repository", "tiny-gpt2", "1", "
 
 
 def manifest() -> str:
-    state = "\n".join(f'"present.{i}.{kv}" = "past_key_values.{i}.{kv}"'
-                      for i in range(CONFIG["n_layer"]) for kv in ("key", "value"))
-    return f'''family = "decoder"
-tasks = ["generate"]
-description = "GPT-2 small's shape (12 layers, 768 wide) with random weights: for benchmarks only"
-max_length = {CONFIG["n_positions"]}
-tokenizer = "tokenizer.json"
-eos_token_ids = [0]
-pad_token_id = 0
-
-[tensors]
-input_ids = "input_ids"
-attention_mask = "attention_mask"
-position_ids = "position_ids"
-logits = "logits"
-
-[state]
-{state}
-'''
+    return kv_decoder.manifest(
+        "GPT-2 small's shape (12 layers, 768 wide) with random weights: for benchmarks only",
+        CONFIG["n_positions"], CONFIG["n_layer"])
 
 
 def main(out_root: str) -> None:
@@ -60,7 +44,8 @@ def main(out_root: str) -> None:
     model = GPT2LMHeadModel(GPT2Config(**CONFIG, attn_implementation="eager"))
     params = sum(p.numel() for p in model.parameters())
     path = os.path.join(out, "model.onnx")
-    gpt2.export(model, path)
+    head_dim = CONFIG["n_embd"] // CONFIG["n_head"]
+    kv_decoder.export(model, path, CONFIG["n_layer"], CONFIG["n_head"], head_dim)
     onnx.checker.check_model(path)
     shutil.copy(TOKENIZER, os.path.join(out, "tokenizer.json"))
     # Written last: a folder without a manifest is an interrupted build and is redone.
