@@ -643,6 +643,58 @@ async fn cancelling_a_stream_frees_its_slot() {
     assert_eq!(after.sequences[0].tokens.len(), 3);
 }
 
+/// A stream whose deadline passes ends with DEADLINE_EXCEEDED and frees its slot even when the
+/// client keeps reading instead of cancelling (tonic's client, for one, does not cancel).
+#[tokio::test]
+async fn a_stream_past_its_deadline_ends_and_frees_its_slot() {
+    let server = TestServer::start_with(common::ServerOptions {
+        env: vec![("LMSERVE_GENERATION__MAX_BATCH_SIZE".into(), "1".into())],
+        ..Default::default()
+    })
+    .await;
+    let client = server.inference().await;
+    let long = || request("tiny-gpt2", "To be", greedy(250));
+    let alone = client.clone().generate(long()).await.unwrap().into_inner();
+    let alone_seconds = alone.timings.unwrap().total_seconds;
+
+    let mut timed = tonic::Request::new(long());
+    timed.set_timeout(Duration::from_secs_f64(alone_seconds / 5.0));
+    let mut stream = client
+        .clone()
+        .generate_stream(timed)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = 0;
+    let error = loop {
+        match stream.next().await {
+            Some(Ok(message)) => tokens += usize::from(message.token.is_some()),
+            Some(Err(error)) => break error,
+            None => panic!("the stream ended without an error after {tokens} tokens"),
+        }
+    };
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
+    assert!(
+        error.message().contains("grpc-timeout"),
+        "{}",
+        error.message()
+    );
+    assert!(tokens < 250, "{tokens} tokens streamed past the deadline");
+
+    // With one slot, a request sent now waits for whatever still holds it.
+    let short = client
+        .clone()
+        .generate(request("tiny-gpt2", "Hello", greedy(3)))
+        .await
+        .unwrap()
+        .into_inner();
+    let waited = short.timings.unwrap().queue_seconds;
+    assert!(
+        waited < alone_seconds / 2.0,
+        "waited {waited:.3}s for the slot; a whole generation takes {alone_seconds:.3}s"
+    );
+}
+
 /// A short request admitted while a long generation runs finishes first: it joins the batch
 /// between steps instead of waiting for the long one to end.
 #[tokio::test]

@@ -2,8 +2,9 @@
 //! generation events to responses (collected, or one message per token).
 
 use std::pin::Pin;
+use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::Status;
 
 use super::convert::served_by;
@@ -101,6 +102,33 @@ pub fn response(output: GenerateOutput) -> proto::GenerateResponse {
 
 /// One message per token as it is produced; each sequence's last message carries its finish
 /// reason. Dropping the returned stream (the client went away) cancels the generation.
+/// `events` until `deadline`, then DEADLINE_EXCEEDED. Ending the stream drops the generation,
+/// which frees its batch slot within one decode step, as a client's cancellation does; this
+/// covers clients that let the deadline pass without cancelling.
+pub fn until_deadline(
+    events: GenerateEventStream,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> GenerateEventStream {
+    Box::pin(futures::stream::unfold(
+        Some(events),
+        move |events| async move {
+            let mut events = events?;
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(message)) => Some((message, Some(events))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(Status::deadline_exceeded(format!(
+                        "the call's deadline (grpc-timeout {timeout:?}) passed before generation \
+                     finished"
+                    ))),
+                    None,
+                )),
+            }
+        },
+    ))
+}
+
 pub fn stream(generation: GenerationStream) -> GenerateEventStream {
     Box::pin(futures::stream::unfold(
         (generation, true),

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
+use super::deadline;
 use super::generate;
 use super::proto::inference_server::Inference;
 use super::proto::{self};
@@ -143,13 +144,18 @@ impl Inference for InferenceService {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let (metadata, _, request) = request.into_parts();
+        let deadline = deadline::from_metadata(&metadata);
         let routing = self.routing(&metadata, &request.route_key);
         let params = generate::params(request);
         let span = tracing::info_span!("generate_stream", model = %params.model);
         let stream = generation::start(&self.registry, &self.generation, params, &routing)
             .instrument(span)
             .await?;
-        Ok(Response::new(generate::stream(stream)))
+        let events = generate::stream(stream);
+        Ok(Response::new(match deadline {
+            Some((at, timeout)) => generate::until_deadline(events, at, timeout),
+            None => events,
+        }))
     }
 
     async fn embed(

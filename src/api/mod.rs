@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod deadline;
 pub mod generate;
 pub mod inference;
 pub mod models;

@@ -1,0 +1,62 @@
+//! The deadline a client sent in `grpc-timeout`, for responses that tonic does not time itself:
+//! tonic's own timeout covers a call until its response headers, not a stream's messages.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+
+const HEADER: &str = "grpc-timeout";
+
+/// When the call's `grpc-timeout` runs out, counted from now, with the timeout itself; `None`
+/// when the client set none or sent one that does not parse (as tonic treats it).
+pub fn from_metadata(metadata: &MetadataMap) -> Option<(Instant, Duration)> {
+    let timeout = parse(metadata.get(HEADER)?.to_str().ok()?)?;
+    Some((Instant::now().checked_add(timeout)?, timeout))
+}
+
+/// `grpc-timeout`'s form: at most 8 digits, then a unit (H, M, S, m, u, n).
+fn parse(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit_and_rejects_the_rest() {
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "5", "5s", "123456789m", "-5m", "1.5S", "5 m", "é"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reads_the_header_from_metadata() {
+        let mut metadata = MetadataMap::new();
+        assert!(from_metadata(&metadata).is_none());
+        metadata.insert(HEADER, "40m".parse().unwrap());
+        let (deadline, timeout) = from_metadata(&metadata).unwrap();
+        assert_eq!(timeout, Duration::from_millis(40));
+        assert!(deadline <= Instant::now() + timeout);
+    }
+}
