@@ -101,8 +101,13 @@ impl Sampler {
         if !self.config.do_sample {
             return argmax(scores) as i64;
         }
+        // Relative to the best score, so that a tiny temperature sends the others towards -inf
+        // instead of sending the best ones to +inf (where the finiteness filter would drop them).
+        let best = max_of(scores);
         let temperature = self.config.temperature;
-        scores.iter_mut().for_each(|s| *s /= temperature);
+        scores
+            .iter_mut()
+            .for_each(|s| *s = (*s - best) / temperature);
         let mut candidates: Vec<(usize, f32)> = scores
             .iter()
             .copied()
@@ -148,10 +153,11 @@ impl Sampler {
 fn apply_penalties(scores: &mut [f32], config: &SamplingConfig, counts: &[u32], seen: &[bool]) {
     if config.repetition_penalty != 1.0 {
         for (score, _) in scores.iter_mut().zip(seen).filter(|(_, seen)| **seen) {
+            // Clamped: a tiny penalty would otherwise turn a seen token's score into +inf.
             *score = if *score < 0.0 {
-                *score * config.repetition_penalty
+                (*score * config.repetition_penalty).max(f32::MIN)
             } else {
-                *score / config.repetition_penalty
+                (*score / config.repetition_penalty).min(f32::MAX)
             };
         }
     }
@@ -319,6 +325,30 @@ mod tests {
         wide[0] = f32::NAN;
         assert_eq!(argmax(&wide), 5);
         assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+    }
+
+    #[test]
+    fn extreme_but_valid_settings_keep_the_best_tokens() {
+        // Dividing raw scores by 1e-38 would make the best ones +inf and filter them out.
+        let cold = SamplingConfig {
+            do_sample: true,
+            temperature: 1e-38,
+            ..Default::default()
+        };
+        let mut sampler = Sampler::new(cold, 3, 5, &[]);
+        for _ in 0..20 {
+            assert_eq!(sampler.choose(&[5.0, -2.0, 7.5, 0.0, 7.0], &[]), 2);
+        }
+        // A seen token's score divided by 1e-38 (past f32::MAX) stays the favourite.
+        let eager = SamplingConfig {
+            do_sample: true,
+            repetition_penalty: 1e-38,
+            ..Default::default()
+        };
+        let mut sampler = Sampler::new(eager, 3, 4, &[0]);
+        for _ in 0..20 {
+            assert_eq!(sampler.choose(&[4.0, 3.0, 2.0, 1.0], &[]), 0);
+        }
     }
 
     #[test]
