@@ -239,18 +239,22 @@ impl Loop {
             .filter(|(i, _)| keep.contains(i))
             .map(|(_, a)| a)
             .collect();
-        let merged = self.decoder.filter(new_batch, &keep).and_then(|new_batch| {
-            self.decoder.concat(
-                std::mem::replace(&mut self.batch, DecodeBatch::empty()),
-                new_batch,
-            )
-        });
-        match merged {
+        let new_batch = match self.decoder.filter(new_batch, &keep) {
+            Ok(new_batch) => new_batch,
+            Err(error) => return self.fail_all(error.to_string(), joining),
+        };
+        let running = std::mem::replace(&mut self.batch, DecodeBatch::empty());
+        match self.decoder.concat(running, new_batch) {
             Ok(batch) => {
                 self.batch = batch;
                 self.rows.extend(joining);
             }
-            Err(error) => self.fail_all(error.to_string(), joining),
+            Err(error) => {
+                // The running batch went into the failed concat: its rows have no state left.
+                let mut rows = std::mem::take(&mut self.rows);
+                rows.extend(joining);
+                self.fail_all(error.to_string(), rows);
+            }
         }
     }
 
