@@ -522,6 +522,13 @@ async fn invalid_parameters_are_rejected_with_their_field() {
             },
             "top_logprobs",
         ),
+        (
+            GenerationParameters {
+                stop_token_ids: vec![0, 4_000_000],
+                ..Default::default()
+            },
+            "stop_token_ids[1]: 4000000 is outside the vocabulary",
+        ),
     ];
     for (parameters, field) in cases {
         let error = client

@@ -171,6 +171,10 @@ impl Registry {
             name: slot.model.clone(),
             version: slot.version,
             vocab_size: parts.tokenizer.get_vocab_size(true).max(logits_width),
+            input_vocab_size: match logits_width {
+                0 => parts.tokenizer.get_vocab_size(true),
+                width => width,
+            },
             tokenizer: Arc::new(parts.tokenizer),
             manifest: parts.manifest,
             pool: parts.pool,

@@ -38,6 +38,10 @@ pub struct ModelVersion {
     pub tokenizer: Arc<Tokenizer>,
     /// Size of the token space: the larger of the tokenizer's vocabulary and the logits width.
     pub vocab_size: usize,
+    /// Ids a prompt may contain: the logits width where the graph declares it (a decoder's
+    /// embedding rows; the tokenizer may know added tokens the model cannot embed), else
+    /// `vocab_size`.
+    pub input_vocab_size: usize,
     pub pool: Arc<SessionPool>,
     pub bindings: Arc<Bindings>,
     pub pad_id: i64,

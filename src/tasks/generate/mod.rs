@@ -184,7 +184,9 @@ fn start_on(
     delivery: Delivery,
 ) -> Result<GenerationStream> {
     let arrived = Instant::now();
-    let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt) {
+    let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt)
+        .and_then(|prompt| check_stop_token_ids(&model, &checked.stop_token_ids).map(|()| prompt))
+    {
         Ok(prompt) => prompt,
         Err(error) => return Err(finish_early(request, error)),
     };
@@ -330,9 +332,25 @@ async fn collect(mut stream: GenerationStream) -> Result<GenerateOutput> {
     })
 }
 
+/// Rejects stop token ids the model can never produce.
+fn check_stop_token_ids(model: &ModelVersion, ids: &[u32]) -> Result<()> {
+    let vocab = model.vocab_size;
+    match ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= vocab)
+    {
+        Some((index, id)) => Err(Error::invalid(
+            format!("parameters.stop_token_ids[{index}]"),
+            format!("{id} is outside the vocabulary of {vocab} tokens"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The prompt as token ids, within the model's context (leaving room for one new token).
 fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
-    let vocab = model.vocab_size;
+    let vocab = model.input_vocab_size;
     let ids: Vec<i64> = match prompt {
         None => {
             return Err(Error::invalid(
@@ -373,7 +391,7 @@ fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> R
     if ids.len() <= room {
         return Ok(ids);
     }
-    if truncate {
+    if truncate && room > 0 {
         return Ok(ids[ids.len() - room..].to_vec());
     }
     Err(Error::invalid(
