@@ -180,7 +180,7 @@ impl SequenceDriver for Driver {
 
         // End-of-sequence and stop ids end the sequence without adding text.
         if self.rules.stop_ids.contains(&token) {
-            let text = self.text.finish();
+            let text = self.text.finish(&self.tokenizer);
             self.send(Event::Token {
                 index: self.index,
                 token: generated,
@@ -216,7 +216,7 @@ impl SequenceDriver for Driver {
             };
         }
         if self.generated >= self.rules.max_new_tokens {
-            let text = self.text.finish();
+            let text = self.text.finish(&self.tokenizer);
             self.send(Event::Finished {
                 index: self.index,
                 reason: FinishReason::Length,

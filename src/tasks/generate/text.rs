@@ -61,9 +61,20 @@ impl TextStream {
         }
     }
 
-    /// Ends the stream without a stop sequence: whatever was held back is shown.
-    pub fn finish(&mut self) -> String {
-        std::mem::take(&mut self.held)
+    /// Ends the stream without a stop sequence: whatever was held back is shown, and so are the
+    /// bytes of a character the last tokens left incomplete, as U+FFFD (what decoding all the
+    /// ids at once gives), rather than dropped.
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> String {
+        let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = decode(&self.ids[self.prefix_offset..]);
+        let mut text = std::mem::take(&mut self.held);
+        if let Some(tail) = full.get(prefix.len()..) {
+            text.push_str(tail);
+        }
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        text
     }
 
     fn decode_new(&mut self, tokenizer: &Tokenizer) -> String {
@@ -172,7 +183,24 @@ mod tests {
             shown.push_str(&stream.push(&tokenizer, id).text);
         }
         assert_eq!(shown, "go ");
-        shown.push_str(&stream.finish());
+        shown.push_str(&stream.finish(&tokenizer));
         assert_eq!(shown, "go ST");
+    }
+
+    #[test]
+    fn finish_shows_an_incomplete_character_as_decoding_does() {
+        let tokenizer = byte_tokenizer();
+        let all = ids(&tokenizer, "ok 😀");
+        // Cut inside the emoji's bytes, as max_new_tokens can.
+        let cut = &all[..all.len() - 1];
+        let mut stream = TextStream::new(&[], vec![]);
+        let mut shown: String = cut
+            .iter()
+            .map(|&id| stream.push(&tokenizer, id).text)
+            .collect();
+        assert!(!shown.contains(REPLACEMENT), "{shown:?}");
+        shown.push_str(&stream.finish(&tokenizer));
+        assert_eq!(shown, tokenizer.decode(cut, false).unwrap());
+        assert!(shown.ends_with(REPLACEMENT), "{shown:?}");
     }
 }
