@@ -36,6 +36,15 @@ fn greedy(max_new_tokens: u32) -> GenerationParameters {
     }
 }
 
+/// A server with one `[generation]` setting changed, e.g. ("MAX_BATCH_SIZE", "2").
+async fn server_with_generation(key: &str, value: &str) -> TestServer {
+    TestServer::start_with(common::ServerOptions {
+        env: vec![(format!("LMSERVE_GENERATION__{key}"), value.into())],
+        ..Default::default()
+    })
+    .await
+}
+
 fn ids(response: &GenerateResponse, index: usize) -> Vec<u64> {
     response.sequences[index]
         .tokens
@@ -579,11 +588,7 @@ async fn invalid_parameters_are_rejected_with_their_field() {
 /// must not keep later requests waiting.
 #[tokio::test]
 async fn cancelling_a_stream_frees_its_slot() {
-    let server = TestServer::start_with(common::ServerOptions {
-        env: vec![("LMSERVE_GENERATION__MAX_BATCH_SIZE".into(), "2".into())],
-        ..Default::default()
-    })
-    .await;
+    let server = server_with_generation("MAX_BATCH_SIZE", "2").await;
     let client = server.inference().await;
     for _ in 0..2 {
         let mut client = client.clone();
@@ -654,11 +659,7 @@ async fn cancelling_a_stream_frees_its_slot() {
 /// client keeps reading instead of cancelling (tonic's client, for one, does not cancel).
 #[tokio::test]
 async fn a_stream_past_its_deadline_ends_and_frees_its_slot() {
-    let server = TestServer::start_with(common::ServerOptions {
-        env: vec![("LMSERVE_GENERATION__MAX_BATCH_SIZE".into(), "1".into())],
-        ..Default::default()
-    })
-    .await;
+    let server = server_with_generation("MAX_BATCH_SIZE", "1").await;
     let client = server.inference().await;
     let long = || request("tiny-gpt2", "To be", greedy(250));
     let alone = client.clone().generate(long()).await.unwrap().into_inner();
@@ -738,11 +739,7 @@ async fn a_long_generation_never_blocks_a_short_one() {
 
 #[tokio::test]
 async fn a_full_generation_queue_is_resource_exhausted() {
-    let server = TestServer::start_with(common::ServerOptions {
-        env: vec![("LMSERVE_GENERATION__QUEUE_CAPACITY".into(), "2".into())],
-        ..Default::default()
-    })
-    .await;
+    let server = server_with_generation("QUEUE_CAPACITY", "2").await;
     let mut client = server.inference().await;
     let error = client
         .generate(request(

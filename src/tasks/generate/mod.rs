@@ -184,12 +184,19 @@ fn start_on(
     delivery: Delivery,
 ) -> Result<GenerationStream> {
     let arrived = Instant::now();
-    let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt)
-        .and_then(|prompt| check_stop_token_ids(&model, &checked.stop_token_ids).map(|()| prompt))
-    {
-        Ok(prompt) => prompt,
-        Err(error) => return Err(finish_early(request, error)),
-    };
+    let prompt =
+        match prompt_ids(&model, params.prompt, params.truncate_prompt).and_then(|prompt| {
+            // Stop ids the model can never produce would silently never stop anything.
+            check_in_vocabulary(
+                "parameters.stop_token_ids",
+                &checked.stop_token_ids,
+                model.vocab_size,
+            )?;
+            Ok(prompt)
+        }) {
+            Ok(prompt) => prompt,
+            Err(error) => return Err(finish_early(request, error)),
+        };
     let context_left = model.manifest.max_length - prompt.len();
     let max_new_tokens = checked.max_new_tokens.min(context_left);
     let mut stop_ids: Vec<i64> = checked
@@ -332,16 +339,15 @@ async fn collect(mut stream: GenerationStream) -> Result<GenerateOutput> {
     })
 }
 
-/// Rejects stop token ids the model can never produce.
-fn check_stop_token_ids(model: &ModelVersion, ids: &[u32]) -> Result<()> {
-    let vocab = model.vocab_size;
+/// Rejects the first id in `ids` at or past `vocab`, naming it as `field[index]`.
+fn check_in_vocabulary(field: &str, ids: &[u32], vocab: usize) -> Result<()> {
     match ids
         .iter()
         .enumerate()
         .find(|(_, id)| **id as usize >= vocab)
     {
         Some((index, id)) => Err(Error::invalid(
-            format!("parameters.stop_token_ids[{index}]"),
+            format!("{field}[{index}]"),
             format!("{id} is outside the vocabulary of {vocab} tokens"),
         )),
         None => Ok(()),
@@ -350,7 +356,6 @@ fn check_stop_token_ids(model: &ModelVersion, ids: &[u32]) -> Result<()> {
 
 /// The prompt as token ids, within the model's context (leaving room for one new token).
 fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
-    let vocab = model.input_vocab_size;
     let ids: Vec<i64> = match prompt {
         None => {
             return Err(Error::invalid(
@@ -368,16 +373,7 @@ fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> R
             encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
         }
         Some(Prompt::Ids(ids)) => {
-            if let Some((index, id)) = ids
-                .iter()
-                .enumerate()
-                .find(|(_, id)| **id as usize >= vocab)
-            {
-                return Err(Error::invalid(
-                    format!("prompt.token_ids[{index}]"),
-                    format!("{id} is outside the vocabulary of {vocab} tokens"),
-                ));
-            }
+            check_in_vocabulary("prompt.token_ids", &ids, model.input_vocab_size)?;
             ids.into_iter().map(i64::from).collect()
         }
     };

@@ -65,9 +65,7 @@ impl TextStream {
     /// bytes of a character the last tokens left incomplete, as U+FFFD (what decoding all the
     /// ids at once gives), rather than dropped.
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> String {
-        let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
-        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
-        let full = decode(&self.ids[self.prefix_offset..]);
+        let (prefix, full) = self.decode_window(tokenizer);
         let mut text = std::mem::take(&mut self.held);
         if let Some(tail) = full.get(prefix.len()..) {
             text.push_str(tail);
@@ -77,10 +75,18 @@ impl TextStream {
         text
     }
 
-    fn decode_new(&mut self, tokenizer: &Tokenizer) -> String {
+    /// The already-shown context tokens decoded, and the same with the unread tokens after it:
+    /// what the unread tokens add is the difference.
+    fn decode_window(&self, tokenizer: &Tokenizer) -> (String, String) {
         let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
-        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
-        let full = decode(&self.ids[self.prefix_offset..]);
+        (
+            decode(&self.ids[self.prefix_offset..self.read_offset]),
+            decode(&self.ids[self.prefix_offset..]),
+        )
+    }
+
+    fn decode_new(&mut self, tokenizer: &Tokenizer) -> String {
+        let (prefix, full) = self.decode_window(tokenizer);
         if full.len() > prefix.len()
             && !full.ends_with(REPLACEMENT)
             && let Some(new) = full.get(prefix.len()..)
