@@ -150,15 +150,84 @@ fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
     values[((values.len() - 1) as f64 * q).round() as usize]
 }
 
-/// "0.97x of the in-process loop (...)" for one series of per-round ratios: the median, and the
-/// middle half to show how much this machine moved the single rounds.
-fn ratio_note(ratios: Vec<f64>) -> String {
+/// "0.97x of the in-process loop (...)" for one series of per-round ratios against `baseline`:
+/// the median, and the middle half to show how much this machine moved the single rounds.
+fn ratio_note(ratios: &[f64], baseline: &str) -> String {
     format!(
-        "{:.2}x of the in-process loop (median of per-round ratios; middle half {:.2}-{:.2})",
-        quantile(ratios.clone(), 0.5),
-        quantile(ratios.clone(), 0.25),
-        quantile(ratios, 0.75)
+        "{:.2}x of {baseline} (median of per-round ratios; middle half {:.2}-{:.2})",
+        median(ratios.to_vec()),
+        quantile(ratios.to_vec(), 0.25),
+        quantile(ratios.to_vec(), 0.75)
     )
+}
+
+/// How one section places the work: the intra-op threads of the server's sessions and of the
+/// loop's, and whether the server keeps a CPU for its decode thread (`runtime.decode_cpus`), in
+/// which case the loop runs on that CPU too and its intra-op helper on the others.
+#[derive(Clone, Copy)]
+struct Setup {
+    threads: usize,
+    decode_cpu: Option<usize>,
+}
+
+impl Setup {
+    fn label(&self) -> String {
+        match self.decode_cpu {
+            None => format!("{} intra-op thread(s)", self.threads),
+            Some(cpu) => format!(
+                "{} intra-op thread(s), decode thread on CPU {cpu} (runtime.decode_cpus)",
+                self.threads
+            ),
+        }
+    }
+
+    /// The CPUs other than the decode CPU, as taskset writes them.
+    fn rest(&self, cores: usize) -> Option<String> {
+        self.decode_cpu.map(|cpu| {
+            (0..cores)
+                .filter(|&c| c != cpu)
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
+}
+
+/// One section's single-request figures, as medians of per-round ratios.
+struct SingleStream {
+    setup: Setup,
+    /// The server's stream against the loop placed the same way.
+    stream_vs_loop: f64,
+    /// That loop against the 1-thread loop run in the same rounds (1 for one thread).
+    loop_vs_one_thread: f64,
+}
+
+/// The limit for the model on this machine is the fastest of the loops; each section's stream
+/// against it follows from the paired ratios, which this VM's drift between sections does not
+/// move.
+fn print_against_limit(single: &[SingleStream]) {
+    let limit = single
+        .iter()
+        .max_by(|a, b| a.loop_vs_one_thread.total_cmp(&b.loop_vs_one_thread))
+        .expect("at least one section");
+    println!(
+        "\n  the limit for this model here: the in-process loop with {}",
+        limit.setup.label()
+    );
+    for s in single.iter().filter(|s| s.setup.threads != 1) {
+        println!(
+            "    the loop with {}: {:.2}x of the 1-thread loop",
+            s.setup.label(),
+            s.loop_vs_one_thread
+        );
+    }
+    for s in single {
+        println!(
+            "  server GenerateStream, 1 stream, {}: {:.2}x of that limit",
+            s.setup.label(),
+            s.stream_vs_loop * s.loop_vs_one_thread / limit.loop_vs_one_thread
+        );
+    }
 }
 
 fn request(model: &str, prompt: &[i64], new_tokens: usize) -> GenerateRequest {
@@ -194,6 +263,44 @@ async fn stream_once(
     (tokens, first.unwrap_or_default())
 }
 
+/// Tokens that `clients` streaming clients receive in `window`, each sending requests back to
+/// back, each request of its own length (half to seven eighths of `new_tokens`): sequences join
+/// and leave the batch at different steps while `clients` stay in flight, as under steady load.
+/// A generation still running when the window closes is cancelled; its tokens so far count.
+async fn tokens_in_flight(
+    client: &InferenceClient<Channel>,
+    model: &str,
+    prompts: &[Vec<i64>],
+    new_tokens: usize,
+    clients: usize,
+    window: Duration,
+) -> usize {
+    let end = Instant::now() + window;
+    let received = join_all((0..clients).map(|worker| {
+        let mut client = client.clone();
+        async move {
+            let mut tokens = 0;
+            for index in worker.. {
+                let length = new_tokens / 2 + (index % 4) * new_tokens / 8;
+                let prompt = &prompts[index % prompts.len()];
+                let mut stream = client
+                    .generate_stream(request(model, prompt, length))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                while let Some(message) = stream.next().await {
+                    if Instant::now() >= end {
+                        return tokens;
+                    }
+                    tokens += usize::from(message.unwrap().token.is_some());
+                }
+            }
+            tokens
+        }
+    }));
+    received.await.into_iter().sum()
+}
+
 /// One unary generation: its tokens.
 async fn unary_once(mut client: InferenceClient<Channel>, request: GenerateRequest) -> Vec<i64> {
     let response = client.generate(request).await.unwrap().into_inner();
@@ -219,9 +326,12 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
             encoding.get_ids().iter().map(|&i| i64::from(i)).collect()
         })
         .collect();
-    let batch16: Vec<Vec<i64>> = (0..16)
-        .map(|i| prompts[i % prompts.len()].clone())
-        .collect();
+    let static_batch = |rows: usize| -> Vec<Vec<i64>> {
+        (0..rows)
+            .map(|i| prompts[i % prompts.len()].clone())
+            .collect()
+    };
+    let (batch8, batch16) = (static_batch(8), static_batch(16));
     // The in-process baseline keeps ONNX Runtime's defaults (threads spin between runs),
     // which suit a loop that has the machine to itself.
     let build = |threads: usize| {
@@ -258,21 +368,55 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
 
     println!(
         "\n{}: {n} new tokens per sequence, greedy; single-request figures are medians of {} \
-         alternating rounds (in-process, unary, stream), the rest of {} runs.",
+         alternating rounds (in-process loop, and with more threads the 1-thread loop too; unary; \
+         stream), the rest of {} runs.",
         bench.name, bench.rounds, bench.repeats
     );
-    let mut best = (0.0_f64, 0.0_f64); // (in-process, server stream) tokens/s
-    for threads in [1, cores] {
-        let mut session = build(threads);
+    let mut single = Vec::new();
+    let mut setups = vec![
+        Setup {
+            threads: 1,
+            decode_cpu: None,
+        },
+        Setup {
+            threads: cores,
+            decode_cpu: None,
+        },
+    ];
+    if cores > 1 {
+        setups.push(Setup {
+            threads: cores,
+            decode_cpu: Some(0),
+        });
+    }
+    let main_thread = std::process::id();
+    let all_cores = format!("0-{}", cores - 1);
+    for setup in setups {
+        let threads = setup.threads;
+        let rest = setup.rest(cores);
         let repository = bench.repository.to_string_lossy().into_owned();
-        let server = runtime.block_on(common::Server::start(&[
-            (
-                "LMSERVE_RUNTIME__INTRA_THREADS",
-                threads.to_string().as_str(),
-            ),
+        let (threads_setting, decode_setting) = (
+            threads.to_string(),
+            setup.decode_cpu.map(|cpu| cpu.to_string()),
+        );
+        let mut server_env = vec![
+            ("LMSERVE_RUNTIME__INTRA_THREADS", threads_setting.as_str()),
             ("LMSERVE_REPOSITORY__PATH", repository.as_str()),
-        ]));
+        ];
+        if let Some(cpus) = &decode_setting {
+            server_env.push(("LMSERVE_RUNTIME__DECODE_CPUS", cpus.as_str()));
+        }
+        let server = runtime.block_on(common::Server::start(&server_env));
         let client = runtime.block_on(async { InferenceClient::new(server.channel().await) });
+        // The loop's intra-op helpers inherit the CPUs of the thread that builds the session (as
+        // the server would have, had it started after this).
+        if let Some(rest) = &rest {
+            common::pin(main_thread, rest);
+        }
+        let mut session = build(threads);
+        // Beside a loop on more threads, the 1-thread loop runs in the same rounds, so the two
+        // compare without this machine's drift between sections.
+        let mut one_thread = (threads > 1).then(|| build(1));
         // `count` streams; when `arrival_gap` is set, stream i starts i gaps after the first and
         // asks for between half and all of the n tokens, so requests join and leave mid-batch.
         let streams_arriving = |count: usize, arrival_gap: Option<Duration>| {
@@ -297,6 +441,9 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
 
         // Warm both paths, and check they agree: greedy decoding is token-identical.
         let (_, _, expected) = direct_loop(&mut session, &prompts[..1], &shape, n);
+        if let Some(one_thread) = &mut one_thread {
+            direct_loop(one_thread, &prompts[..1], &shape, n);
+        }
         let (streamed, _) = runtime.block_on(stream_once(
             client.clone(),
             request(bench.name, &prompts[0], n),
@@ -311,16 +458,17 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
         // round puts both on the same core, taking the cores in turn. While the server runs,
         // this process (the client) moves to the other core, where a remote client's work
         // would not be at all; the server's gRPC threads stay free to run on either.
+        // With `runtime.decode_cpus`, the server places its own threads, and the loop runs on
+        // the decode CPU.
         let decode_threads = if threads == 1 {
             let prefix: String = format!("decode-{}", bench.name).chars().take(15).collect();
             common::threads_named(server.pid(), &prefix)
         } else {
             Vec::new()
         };
-        let main_thread = std::process::id();
         let (mut direct, mut direct_ttft, mut unary, mut stream, mut stream_ttft) =
             (vec![], vec![], vec![], vec![], vec![]);
-        let (mut unary_ratio, mut stream_ratio) = (vec![], vec![]);
+        let (mut unary_ratio, mut stream_ratio, mut loop_ratio) = (vec![], vec![], vec![]);
         for round in 0..bench.rounds {
             let core = round % cores;
             let client_core = (core + 1) % cores;
@@ -328,11 +476,22 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
                 common::pin(main_thread, &core.to_string());
                 common::pin(decode_thread, &core.to_string());
             }
+            if let Some(cpu) = setup.decode_cpu {
+                common::pin(main_thread, &cpu.to_string());
+            }
             std::thread::sleep(SETTLE);
             let (elapsed, first, _) = direct_loop(&mut session, &prompts[..1], &shape, n);
             let direct_rate = n as f64 / elapsed.as_secs_f64();
+            if let Some(one_thread) = &mut one_thread {
+                std::thread::sleep(SETTLE);
+                let (elapsed, _, _) = direct_loop(one_thread, &prompts[..1], &shape, n);
+                loop_ratio.push(direct_rate * elapsed.as_secs_f64() / n as f64);
+            }
             if !decode_threads.is_empty() {
                 common::pin(main_thread, &client_core.to_string());
+            }
+            if let Some(rest) = &rest {
+                common::pin(main_thread, rest);
             }
 
             std::thread::sleep(SETTLE);
@@ -356,25 +515,56 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
             stream_ratio.push(stream_rate / direct_rate);
         }
         // Unpinned again, also before the next session's threads are made (they inherit it).
-        let all_cores = format!("0-{}", cores - 1);
         for &thread in decode_threads.iter().chain([&main_thread]) {
             common::pin(thread, &all_cores);
         }
-        let direct_static = median(
-            (0..bench.repeats)
-                .map(|_| {
-                    std::thread::sleep(SETTLE);
-                    let (elapsed, _, _) = direct_loop(&mut session, &batch16, &shape, n);
-                    (16 * n) as f64 / elapsed.as_secs_f64()
-                })
-                .collect(),
-        );
+        if let Some(cpu) = setup.decode_cpu {
+            common::pin(main_thread, &cpu.to_string());
+        }
+        let mut static_rate = |batch: &[Vec<i64>]| {
+            median(
+                (0..bench.repeats)
+                    .map(|_| {
+                        std::thread::sleep(SETTLE);
+                        let (elapsed, _, _) = direct_loop(&mut session, batch, &shape, n);
+                        (batch.len() * n) as f64 / elapsed.as_secs_f64()
+                    })
+                    .collect(),
+            )
+        };
+        let (direct_static8, direct_static) = (static_rate(&batch8), static_rate(&batch16));
+        if let Some(rest) = &rest {
+            common::pin(main_thread, rest);
+        }
         let (direct, stream) = (median(direct), median(stream));
-        best = (best.0.max(direct), best.1.max(stream));
+        single.push(SingleStream {
+            setup,
+            stream_vs_loop: median(stream_ratio.clone()),
+            loop_vs_one_thread: if loop_ratio.is_empty() {
+                1.0
+            } else {
+                median(loop_ratio.clone())
+            },
+        });
 
-        println!("\n{threads} intra-op thread(s):");
-        row("in-process greedy loop, 1 sequence", direct, "tokens/s", "");
+        println!("\n{}:", setup.label());
+        row(
+            "in-process greedy loop, 1 sequence",
+            direct,
+            "tokens/s",
+            &if loop_ratio.is_empty() {
+                String::new()
+            } else {
+                ratio_note(&loop_ratio, "the 1-thread loop")
+            },
+        );
         row("  time to first token", median(direct_ttft) * 1e3, "ms", "");
+        row(
+            "in-process greedy loop, static batch of 8",
+            direct_static8,
+            "tokens/s",
+            &format!("{:.2}x of 1 sequence", direct_static8 / direct),
+        );
         row(
             "in-process greedy loop, static batch of 16",
             direct_static,
@@ -385,13 +575,13 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
             "server Generate (unary), 1 request",
             median(unary),
             "tokens/s",
-            &ratio_note(unary_ratio),
+            &ratio_note(&unary_ratio, "the in-process loop"),
         );
         row(
             "server GenerateStream, 1 stream",
             stream,
             "tokens/s",
-            &ratio_note(stream_ratio),
+            &ratio_note(&stream_ratio, "the in-process loop"),
         );
         row("  time to first token", median(stream_ttft) * 1e3, "ms", "");
         for count in [4, 16] {
@@ -447,14 +637,35 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
             "ms",
             "",
         );
+        // Steady load: 8 clients each sending requests of different lengths back to back, for
+        // 6 full single-stream generations' time; against the static batch of 8 in-process.
+        let window = Duration::from_secs_f64(6.0 * n as f64 / stream);
+        let rate = median(
+            (0..bench.repeats)
+                .map(|_| {
+                    std::thread::sleep(SETTLE);
+                    let tokens = runtime.block_on(tokens_in_flight(
+                        &client, bench.name, &prompts, n, 8, window,
+                    ));
+                    tokens as f64 / window.as_secs_f64()
+                })
+                .collect(),
+        );
+        row(
+            "server GenerateStream, 8 clients back to back",
+            rate,
+            "tokens/s",
+            &format!(
+                "{:.2}x of 1 stream, {:.2}x of the static batch of 8; {}-{} tokens each",
+                rate / stream,
+                rate / direct_static8,
+                n / 2,
+                n / 2 + 3 * n / 8
+            ),
+        );
+        common::pin(main_thread, &all_cores);
     }
-    println!(
-        "\n  best single stream against the best in-process loop (either thread count): \
-         {:.0} / {:.0} tokens/s = {:.2}x",
-        best.1,
-        best.0,
-        best.1 / best.0
-    );
+    print_against_limit(&single);
 }
 
 fn main() {

@@ -766,3 +766,71 @@ async fn a_full_generation_queue_is_resource_exhausted() {
         .into_inner();
     assert_eq!(fine.sequences.len(), 2);
 }
+
+/// With `runtime.decode_cpus`, each model's decode thread runs on those CPUs and every other
+/// thread of the server on the rest, and greedy decoding gives the reference tokens.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn decode_threads_run_on_their_reserved_cpus() {
+    use lmserve::runtime::placement::{CpuList, allowed_cpus};
+
+    let allowed = allowed_cpus().unwrap();
+    if allowed.ids().len() < 2 {
+        eprintln!("skipped: this process may use one CPU only, so none is left to reserve");
+        return;
+    }
+    let decode_cpu = allowed.ids()[0];
+    let server = TestServer::start_with(common::ServerOptions {
+        env: vec![(
+            "LMSERVE_RUNTIME__DECODE_CPUS".into(),
+            decode_cpu.to_string(),
+        )],
+        ..Default::default()
+    })
+    .await;
+
+    let mut decode_threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap();
+        let status = std::fs::read_to_string(path.join("status")).unwrap();
+        let cpus: CpuList = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        if name.starts_with("decode-") {
+            decode_threads += 1;
+            assert_eq!(cpus.ids(), [decode_cpu], "{}", name.trim());
+        } else {
+            assert!(
+                !cpus.ids().contains(&decode_cpu),
+                "{} on {cpus}",
+                name.trim()
+            );
+        }
+    }
+    assert_eq!(
+        decode_threads,
+        GENERATORS.len(),
+        "one decode thread per generating model"
+    );
+
+    let reference = reference("tiny-gpt2");
+    let case = &reference["generate"]["cases"][0];
+    let steps = reference["generate"]["max_new_tokens"].as_u64().unwrap() as u32;
+    let response = server
+        .inference()
+        .await
+        .generate(request(
+            "tiny-gpt2",
+            case["prompt"].as_str().unwrap(),
+            greedy(steps),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&response, 0), expected_ids(&case["greedy_ids"]));
+}

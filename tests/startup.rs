@@ -41,6 +41,20 @@ fn a_port_in_use_is_a_startup_error() {
 }
 
 #[test]
+fn decode_cpus_the_process_may_not_use_are_a_startup_error() {
+    let (ok, output) = run_to_exit(
+        &["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"],
+        &[("LMSERVE_RUNTIME__DECODE_CPUS", "1000-1001")],
+    );
+    assert!(!ok);
+    assert!(
+        output.contains("runtime.decode_cpus = \"1000-1001\" names CPU 1000")
+            && output.contains("may only run on CPUs"),
+        "{output}"
+    );
+}
+
+#[test]
 fn a_required_gpu_that_is_missing_is_a_startup_error() {
     let repository = tempfile::tempdir().unwrap();
     common::copy_version("tiny-word2vec", "1", repository.path(), "w2v", "1");

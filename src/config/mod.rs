@@ -13,6 +13,8 @@ pub mod routes;
 
 use routes::RouteConfig;
 
+use crate::runtime::placement::CpuList;
+
 /// Prefix of every environment variable the server reads as configuration.
 pub const ENV_PREFIX: &str = "LMSERVE_";
 /// Separates nested keys in environment variables: `LMSERVE_BATCHING__MAX_BATCH_SIZE`.
@@ -114,6 +116,10 @@ pub struct RuntimeConfig {
     pub execution_providers: Vec<String>,
     /// A provider that must register; when it cannot, startup fails instead of falling back.
     pub required_provider: Option<String>,
+    /// CPUs reserved for the decode threads of generating models, e.g. "0" or "0-1"; the rest of
+    /// the server runs on the others. Unset: no thread is pinned. Worth setting when the intra-op
+    /// threads fill the host, so per-token gRPC work does not preempt the decode thread.
+    pub decode_cpus: Option<CpuList>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -238,6 +244,7 @@ impl Default for RuntimeConfig {
             sessions_per_model: 2,
             execution_providers: vec!["cpu".to_owned()],
             required_provider: None,
+            decode_cpus: None,
         }
     }
 }

@@ -156,6 +156,7 @@ impl Registry {
                     limits,
                     generation.queue_capacity.max(1),
                     labels.clone(),
+                    self.config.runtime.decode_cpus.clone(),
                 )?);
             }
         }

@@ -10,6 +10,7 @@ use super::state::{AdmissionQueue, ContinuousLimits, Waiting};
 use crate::error::{Error, Result};
 use crate::runtime::SessionPool;
 use crate::runtime::decoder::{DecodeBatch, DecoderModel};
+use crate::runtime::placement::{self, CpuList};
 use crate::telemetry::metrics::{self, ModelLabels};
 
 /// What the driver chose at one step.
@@ -66,6 +67,7 @@ impl ContinuousScheduler {
         limits: ContinuousLimits,
         queue_capacity: usize,
         labels: ModelLabels,
+        decode_cpus: Option<CpuList>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
@@ -77,6 +79,11 @@ impl ContinuousScheduler {
         std::thread::Builder::new()
             .name(format!("decode-{}@{}", labels.model, labels.version))
             .spawn(move || {
+                if let Some(cpus) = decode_cpus
+                    && let Err(error) = placement::pin_current_thread(&cpus)
+                {
+                    tracing::warn!(%error, %cpus, "decode thread left unpinned");
+                }
                 Loop {
                     decoder,
                     pool,
