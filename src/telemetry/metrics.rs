@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
@@ -254,9 +255,33 @@ pub fn prefill_time(labels: &ModelLabels, elapsed: Duration) {
     histogram!(PREFILL_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
 }
 
-pub fn decode_step(labels: &ModelLabels, elapsed: Duration, sequences: usize) {
-    histogram!(DECODE_STEP_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
-    histogram!(DECODE_BATCH_SIZE, "model" => labels.model.clone(), "version" => labels.version.clone()).record(sequences as f64);
+/// One generating model's per-step instruments, looked up once. The decode loop records them on
+/// every step, where building the label set and finding the series each time would be a cost
+/// of every token.
+pub struct DecodeLoopMetrics {
+    step_seconds: Histogram,
+    batch_size: Histogram,
+    queue_depth: Gauge,
+}
+
+impl DecodeLoopMetrics {
+    pub fn new(labels: &ModelLabels) -> Self {
+        let (model, version) = (labels.model.clone(), labels.version.clone());
+        Self {
+            step_seconds: histogram!(DECODE_STEP_SECONDS, "model" => model.clone(), "version" => version.clone()),
+            batch_size: histogram!(DECODE_BATCH_SIZE, "model" => model.clone(), "version" => version.clone()),
+            queue_depth: gauge!(QUEUE_DEPTH, "model" => model, "version" => version),
+        }
+    }
+
+    pub fn decode_step(&self, elapsed: Duration, sequences: usize) {
+        self.step_seconds.record(elapsed);
+        self.batch_size.record(sequences as f64);
+    }
+
+    pub fn queue_depth(&self, depth: usize) {
+        self.queue_depth.set(depth as f64);
+    }
 }
 
 pub fn time_to_first_token(labels: &ModelLabels, elapsed: Duration) {

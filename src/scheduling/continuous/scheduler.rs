@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::runtime::SessionPool;
 use crate::runtime::decoder::{DecodeBatch, DecoderModel};
 use crate::runtime::placement::{self, CpuList};
-use crate::telemetry::metrics::{self, ModelLabels};
+use crate::telemetry::metrics::{self, DecodeLoopMetrics, ModelLabels};
 
 /// What the driver chose at one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,7 @@ struct Shared {
     wake: Condvar,
     closed: AtomicBool,
     labels: ModelLabels,
+    metrics: DecodeLoopMetrics,
 }
 
 /// Owns the scheduler thread of one model version; dropping it stops the thread once the
@@ -73,16 +74,15 @@ impl ContinuousScheduler {
             queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
             wake: Condvar::new(),
             closed: AtomicBool::new(false),
+            metrics: DecodeLoopMetrics::new(&labels),
             labels: labels.clone(),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name(format!("decode-{}@{}", labels.model, labels.version))
             .spawn(move || {
-                if let Some(cpus) = decode_cpus
-                    && let Err(error) = placement::pin_current_thread(&cpus)
-                {
-                    tracing::warn!(%error, %cpus, "decode thread left unpinned");
+                if let Some(cpus) = decode_cpus {
+                    pin_decode_thread(&cpus, &thread_shared.labels);
                 }
                 Loop {
                     decoder,
@@ -118,10 +118,22 @@ impl ContinuousScheduler {
                 capacity,
             });
         }
-        metrics::queue_depth(&self.shared.labels, queue.len());
+        self.shared.metrics.queue_depth(queue.len());
         drop(queue);
         self.shared.wake.notify_one();
         Ok(())
+    }
+}
+
+/// Moves the calling decode thread onto `cpus` (`runtime.decode_cpus`). A failure leaves it where
+/// it was, which costs speed, not correctness, so it is logged rather than fatal.
+fn pin_decode_thread(cpus: &CpuList, labels: &ModelLabels) {
+    let (model, version) = (&labels.model, &labels.version);
+    match placement::pin_current_thread(cpus) {
+        Ok(()) => tracing::info!(%model, %version, %cpus, "decode thread pinned"),
+        Err(error) => {
+            tracing::warn!(%model, %version, %cpus, %error, "decode thread left unpinned");
+        }
     }
 }
 
@@ -200,7 +212,7 @@ impl Loop {
         }
         let reserved: usize = self.rows.iter().map(|active| active.reserved_tokens).sum();
         let admitted = queue.admit(self.rows.len(), reserved, &self.limits);
-        metrics::queue_depth(&self.shared.labels, queue.len());
+        self.shared.metrics.queue_depth(queue.len());
         Some(admitted)
     }
 
@@ -271,7 +283,9 @@ impl Loop {
             let mut session = self.pool.session(0);
             self.decoder.step(&mut session, &mut self.batch)
         };
-        metrics::decode_step(&self.shared.labels, started.elapsed(), self.rows.len());
+        self.shared
+            .metrics
+            .decode_step(started.elapsed(), self.rows.len());
         match result {
             Ok(logits) => {
                 let mut finished = vec![false; self.rows.len()];
