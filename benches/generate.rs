@@ -182,15 +182,26 @@ impl Setup {
     }
 
     /// The CPUs other than the decode CPU, as taskset writes them.
-    fn rest(&self, cores: usize) -> Option<String> {
-        self.decode_cpu.map(|cpu| {
-            (0..cores)
-                .filter(|&c| c != cpu)
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
+    fn rest(&self, cpus: &[usize]) -> Option<String> {
+        self.decode_cpu
+            .map(|cpu| cpu_list(cpus.iter().copied().filter(|&c| c != cpu)))
     }
+}
+
+/// CPU ids as taskset takes them: "0,1".
+fn cpu_list(cpus: impl IntoIterator<Item = usize>) -> String {
+    cpus.into_iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Moves thread `tid` to `cpus`; a run placed other than it says would measure something else.
+fn place(tid: u32, cpus: &str) {
+    assert!(
+        common::pin(tid, cpus),
+        "taskset could not move thread {tid} to CPUs {cpus}"
+    );
 }
 
 /// One section's single-request figures, as medians of per-round ratios.
@@ -203,8 +214,9 @@ struct SingleStream {
 }
 
 /// The limit for the model on this machine is the fastest of the loops; each section's stream
-/// against it follows from the paired ratios, which this VM's drift between sections does not
-/// move.
+/// against it follows from the paired ratios. Each is taken against a 1-thread loop run in the
+/// same rounds and placed the same way in every section (one core, taken in turn), so neither
+/// this VM's drift between sections nor its uneven cores move them.
 fn print_against_limit(single: &[SingleStream]) {
     let limit = single
         .iter()
@@ -280,7 +292,11 @@ async fn tokens_in_flight(
         let mut client = client.clone();
         async move {
             let mut tokens = 0;
-            for index in worker.. {
+            // Each client's requests differ from the others' at every moment.
+            for index in (worker..).step_by(clients) {
+                if Instant::now() >= end {
+                    break;
+                }
                 let length = new_tokens / 2 + (index % 4) * new_tokens / 8;
                 let prompt = &prompts[index % prompts.len()];
                 let mut stream = client
@@ -288,10 +304,9 @@ async fn tokens_in_flight(
                     .await
                     .unwrap()
                     .into_inner();
-                while let Some(message) = stream.next().await {
-                    if Instant::now() >= end {
-                        return tokens;
-                    }
+                while let Ok(Some(message)) =
+                    tokio::time::timeout_at(end.into(), stream.next()).await
+                {
                     tokens += usize::from(message.unwrap().token.is_some());
                 }
             }
@@ -315,7 +330,8 @@ fn row(name: &str, value: f64, unit: &str, note: &str) {
     println!("  {name:<44} {value:>9.1} {unit:<9} {note}");
 }
 
-fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
+fn run_bench(runtime: &Runtime, bench: &Bench, cpus: &[usize]) {
+    let cores = cpus.len();
     let environment = common::ort_environment();
     let dir = bench.repository.join(bench.name).join("1");
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
@@ -386,14 +402,14 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
     if cores > 1 {
         setups.push(Setup {
             threads: cores,
-            decode_cpu: Some(0),
+            decode_cpu: Some(cpus[0]),
         });
     }
     let main_thread = std::process::id();
-    let all_cores = format!("0-{}", cores - 1);
+    let all_cores = cpu_list(cpus.iter().copied());
     for setup in setups {
         let threads = setup.threads;
-        let rest = setup.rest(cores);
+        let rest = setup.rest(cpus);
         let repository = bench.repository.to_string_lossy().into_owned();
         let (threads_setting, decode_setting) = (
             threads.to_string(),
@@ -411,7 +427,7 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
         // The loop's intra-op helpers inherit the CPUs of the thread that builds the session (as
         // the server would have, had it started after this).
         if let Some(rest) = &rest {
-            common::pin(main_thread, rest);
+            place(main_thread, rest);
         }
         let mut session = build(threads);
         // Beside a loop on more threads, the 1-thread loop runs in the same rounds, so the two
@@ -470,28 +486,30 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
             (vec![], vec![], vec![], vec![], vec![]);
         let (mut unary_ratio, mut stream_ratio, mut loop_ratio) = (vec![], vec![], vec![]);
         for round in 0..bench.rounds {
-            let core = round % cores;
-            let client_core = (core + 1) % cores;
+            let core = cpus[round % cores];
+            let client_core = cpus[(round + 1) % cores];
             if let [decode_thread] = decode_threads[..] {
-                common::pin(main_thread, &core.to_string());
-                common::pin(decode_thread, &core.to_string());
+                place(main_thread, &core.to_string());
+                place(decode_thread, &core.to_string());
             }
             if let Some(cpu) = setup.decode_cpu {
-                common::pin(main_thread, &cpu.to_string());
+                place(main_thread, &cpu.to_string());
             }
             std::thread::sleep(SETTLE);
             let (elapsed, first, _) = direct_loop(&mut session, &prompts[..1], &shape, n);
             let direct_rate = n as f64 / elapsed.as_secs_f64();
             if let Some(one_thread) = &mut one_thread {
+                place(main_thread, &core.to_string());
                 std::thread::sleep(SETTLE);
                 let (elapsed, _, _) = direct_loop(one_thread, &prompts[..1], &shape, n);
                 loop_ratio.push(direct_rate * elapsed.as_secs_f64() / n as f64);
+                place(main_thread, &all_cores);
             }
             if !decode_threads.is_empty() {
-                common::pin(main_thread, &client_core.to_string());
+                place(main_thread, &client_core.to_string());
             }
             if let Some(rest) = &rest {
-                common::pin(main_thread, rest);
+                place(main_thread, rest);
             }
 
             std::thread::sleep(SETTLE);
@@ -516,10 +534,10 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
         }
         // Unpinned again, also before the next session's threads are made (they inherit it).
         for &thread in decode_threads.iter().chain([&main_thread]) {
-            common::pin(thread, &all_cores);
+            place(thread, &all_cores);
         }
         if let Some(cpu) = setup.decode_cpu {
-            common::pin(main_thread, &cpu.to_string());
+            place(main_thread, &cpu.to_string());
         }
         let mut static_rate = |batch: &[Vec<i64>]| {
             median(
@@ -534,7 +552,7 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
         };
         let (direct_static8, direct_static) = (static_rate(&batch8), static_rate(&batch16));
         if let Some(rest) = &rest {
-            common::pin(main_thread, rest);
+            place(main_thread, rest);
         }
         let (direct, stream) = (median(direct), median(stream));
         single.push(SingleStream {
@@ -656,22 +674,29 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cores: usize) {
             rate,
             "tokens/s",
             &format!(
-                "{:.2}x of 1 stream, {:.2}x of the static batch of 8; {}-{} tokens each",
+                "{:.2}x of 1 stream, {:.2}x of the static batch of 8; {}-{} tokens each \
+                 (the static rows: {n})",
                 rate / stream,
                 rate / direct_static8,
                 n / 2,
                 n / 2 + 3 * n / 8
             ),
         );
-        common::pin(main_thread, &all_cores);
+        place(main_thread, &all_cores);
     }
     print_against_limit(&single);
 }
 
 fn main() {
     let root = common::root();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("Generate benchmark, {cores} cores; the client shares them with the server.");
+    let cpus = lmserve::runtime::placement::allowed_cpus()
+        .expect("this process's CPUs")
+        .ids()
+        .to_vec();
+    println!(
+        "Generate benchmark, {} cores; the client shares them with the server.",
+        cpus.len()
+    );
     // One client thread, as in `lmserve generate`: the connection and the streams it carries are
     // served where the messages arrive, without waking a second thread per message.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -704,6 +729,6 @@ fn main() {
     }
     benches.retain(|bench| only.is_empty() || only.iter().any(|name| name == bench.name));
     for bench in &benches {
-        run_bench(&runtime, bench, cores);
+        run_bench(&runtime, bench, &cpus);
     }
 }

@@ -42,6 +42,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // One machine-readable line on stdout, so scripts and tests started on port 0 find the port.
     println!("lmserve listening grpc={local}");
     tracing::info!(grpc = %local, metrics = ?config.server.metrics_addr, repository = %config.repository.path.display(), "lmserve starting");
+    if let Some(decode) = &config.runtime.decode_cpus
+        && let Ok(rest) = crate::runtime::placement::allowed_cpus()
+    {
+        tracing::info!(%decode, %rest, "decode threads on their own CPUs, the rest of the server on the others");
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;

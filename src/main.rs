@@ -181,9 +181,10 @@ fn run_client(work: impl std::future::Future<Output = anyhow::Result<()>>) -> an
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref(), args.overrides())?;
-    // Before the runtime starts its threads, so that they all inherit the CPUs left over.
+    // Before the runtime, logging, ONNX Runtime or the metrics exporter start any thread, so
+    // that they all inherit the CPUs left over.
     if let Some(decode) = &config.runtime.decode_cpus {
-        lmserve::runtime::placement::keep_off(decode).map_err(anyhow::Error::msg)?;
+        lmserve::runtime::placement::reserve_decode_cpus(decode).map_err(anyhow::Error::msg)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

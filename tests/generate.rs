@@ -780,11 +780,15 @@ async fn decode_threads_run_on_their_reserved_cpus() {
         return;
     }
     let decode_cpu = allowed.ids()[0];
+    // Two intra-op threads, so that ONNX Runtime's helper threads exist and are checked too.
     let server = TestServer::start_with(common::ServerOptions {
-        env: vec![(
-            "LMSERVE_RUNTIME__DECODE_CPUS".into(),
-            decode_cpu.to_string(),
-        )],
+        env: vec![
+            (
+                "LMSERVE_RUNTIME__DECODE_CPUS".into(),
+                decode_cpu.to_string(),
+            ),
+            ("LMSERVE_RUNTIME__INTRA_THREADS".into(), "2".into()),
+        ],
         ..Default::default()
     })
     .await;
@@ -792,8 +796,13 @@ async fn decode_threads_run_on_their_reserved_cpus() {
     let mut decode_threads = 0;
     for task in std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap() {
         let path = task.unwrap().path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap();
-        let status = std::fs::read_to_string(path.join("status")).unwrap();
+        // An idle blocking-pool thread may exit between the listing and the read.
+        let (Ok(name), Ok(status)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("status")),
+        ) else {
+            continue;
+        };
         let cpus: CpuList = status
             .lines()
             .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))

@@ -40,6 +40,7 @@ fn a_port_in_use_is_a_startup_error() {
     );
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn decode_cpus_the_process_may_not_use_are_a_startup_error() {
     let (ok, output) = run_to_exit(

@@ -118,7 +118,9 @@ pub struct RuntimeConfig {
     pub required_provider: Option<String>,
     /// CPUs reserved for the decode threads of generating models, e.g. "0" or "0-1"; the rest of
     /// the server runs on the others. Unset: no thread is pinned. Worth setting when the intra-op
-    /// threads fill the host, so per-token gRPC work does not preempt the decode thread.
+    /// threads fill the host, so per-token gRPC work does not preempt the decode thread. Every
+    /// generating model's decode thread may use all of them: give as many CPUs as models that
+    /// generate at the same time.
     pub decode_cpus: Option<CpuList>,
 }
 

@@ -12,6 +12,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// CPUs an affinity mask can name (1024 with glibc); a higher id cannot be pinned to, and
+/// refusing it while parsing keeps a typo like "0-4000000000" from allocating gigabytes.
+#[cfg(target_os = "linux")]
+const MAX_CPUS: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
+#[cfg(not(target_os = "linux"))]
+const MAX_CPUS: usize = 1024;
+
 /// A set of CPU ids, written as Linux writes them: "0", "0-3", "0,2-3".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "WrittenCpuList", into = "String")]
@@ -19,7 +26,10 @@ pub struct CpuList(Vec<usize>);
 
 /// A CPU list as a config file or the environment gives it: a lone id arrives as a number.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a CPU list such as \"0\", \"0-3\" or \"0,2-3\""
+)]
 enum WrittenCpuList {
     Id(usize),
     Text(String),
@@ -44,9 +54,16 @@ impl FromStr for CpuList {
         let mut ids = Vec::new();
         for part in text.split(',').map(str::trim) {
             let parse = |id: &str| {
-                id.trim()
+                let id = id
+                    .trim()
                     .parse::<usize>()
-                    .map_err(|_| format!("`{part}` in `{text}` is not a CPU id or range"))
+                    .map_err(|_| format!("`{part}` in `{text}` is not a CPU id or range"))?;
+                if id >= MAX_CPUS {
+                    return Err(format!(
+                        "CPU {id} in `{text}` is beyond the {MAX_CPUS} CPUs an affinity mask names"
+                    ));
+                }
+                Ok(id)
             };
             match part.split_once('-') {
                 Some((first, last)) => {
@@ -68,7 +85,7 @@ impl TryFrom<WrittenCpuList> for CpuList {
 
     fn try_from(written: WrittenCpuList) -> Result<Self, String> {
         match written {
-            WrittenCpuList::Id(id) => Ok(Self(vec![id])),
+            WrittenCpuList::Id(id) => id.to_string().parse(),
             WrittenCpuList::Text(text) => text.parse(),
         }
     }
@@ -134,7 +151,7 @@ pub fn rest_of(allowed: &CpuList, decode: &CpuList) -> Result<CpuList, String> {
 /// Moves the calling thread, and every thread it starts from then on, off `decode`, and returns
 /// the CPUs left to them. Called at startup before any other thread exists; each decode thread
 /// then moves itself onto `decode`.
-pub fn keep_off(decode: &CpuList) -> Result<CpuList, String> {
+pub fn reserve_decode_cpus(decode: &CpuList) -> Result<CpuList, String> {
     let allowed =
         allowed_cpus().map_err(|error| format!("cannot read this process's CPUs: {error}"))?;
     let rest = rest_of(&allowed, decode)?;
@@ -152,7 +169,7 @@ pub fn allowed_cpus() -> std::io::Result<CpuList> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let ids = (0..libc::CPU_SETSIZE as usize)
+        let ids = (0..MAX_CPUS)
             .filter(|&id| libc::CPU_ISSET(id, &set))
             .collect();
         Ok(CpuList(ids))
@@ -162,13 +179,10 @@ pub fn allowed_cpus() -> std::io::Result<CpuList> {
 /// Restricts the calling thread, and the threads it starts from now on, to `cpus`.
 #[cfg(target_os = "linux")]
 pub fn pin_current_thread(cpus: &CpuList) -> std::io::Result<()> {
-    // SAFETY: as above; ids beyond the set's size are refused before CPU_SET sees them.
+    // SAFETY: as above; parsing refused ids beyond the set's size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &id in &cpus.0 {
-            if id >= libc::CPU_SETSIZE as usize {
-                return Err(std::io::Error::other(format!("CPU {id} is out of range")));
-            }
             libc::CPU_SET(id, &mut set);
         }
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
@@ -205,7 +219,7 @@ mod tests {
         assert_eq!(list("0").ids(), [0]);
         assert_eq!(list("3, 0-1").ids(), [0, 1, 3]);
         assert_eq!(list("0-2,2,5").to_string(), "0-2,5");
-        for bad in ["", "a", "1-", "3-1", "0,,1", "-1"] {
+        for bad in ["", "a", "1-", "3-1", "0,,1", "-1", "0-4294967295", "1024"] {
             assert!(bad.parse::<CpuList>().is_err(), "{bad:?} parsed");
         }
         let error = "3-1".parse::<CpuList>().unwrap_err();
@@ -236,13 +250,18 @@ mod tests {
     fn a_thread_can_be_pinned_to_one_of_its_cpus() {
         let allowed = allowed_cpus().unwrap();
         let first = CpuList(vec![allowed.ids()[0]]);
-        let pinned = std::thread::spawn(move || {
+        let (pinned, inherited) = std::thread::spawn(move || {
             pin_current_thread(&first).unwrap();
-            allowed_cpus().unwrap()
+            // Threads started afterwards inherit the mask: the server relies on it.
+            let child = std::thread::spawn(|| allowed_cpus().unwrap())
+                .join()
+                .unwrap();
+            (allowed_cpus().unwrap(), child)
         })
         .join()
         .unwrap();
         assert_eq!(pinned.ids(), [allowed.ids()[0]]);
+        assert_eq!(inherited, pinned);
         // Other threads keep their own CPUs.
         assert_eq!(allowed_cpus().unwrap(), allowed);
     }

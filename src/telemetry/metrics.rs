@@ -251,14 +251,11 @@ pub fn models_loaded(state: &'static str, count: usize) {
     gauge!(MODELS_LOADED, "state" => state).set(count as f64);
 }
 
-pub fn prefill_time(labels: &ModelLabels, elapsed: Duration) {
-    histogram!(PREFILL_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
-}
-
 /// One generating model's per-step instruments, looked up once. The decode loop records them on
 /// every step, where building the label set and finding the series each time would be a cost
 /// of every token.
 pub struct DecodeLoopMetrics {
+    prefill_seconds: Histogram,
     step_seconds: Histogram,
     batch_size: Histogram,
     queue_depth: Gauge,
@@ -268,10 +265,15 @@ impl DecodeLoopMetrics {
     pub fn new(labels: &ModelLabels) -> Self {
         let (model, version) = (labels.model.clone(), labels.version.clone());
         Self {
+            prefill_seconds: histogram!(PREFILL_SECONDS, "model" => model.clone(), "version" => version.clone()),
             step_seconds: histogram!(DECODE_STEP_SECONDS, "model" => model.clone(), "version" => version.clone()),
             batch_size: histogram!(DECODE_BATCH_SIZE, "model" => model.clone(), "version" => version.clone()),
             queue_depth: gauge!(QUEUE_DEPTH, "model" => model, "version" => version),
         }
+    }
+
+    pub fn prefill(&self, elapsed: Duration) {
+        self.prefill_seconds.record(elapsed);
     }
 
     pub fn decode_step(&self, elapsed: Duration, sequences: usize) {

@@ -233,7 +233,7 @@ impl Loop {
             let mut session = self.pool.session(0);
             self.decoder.prefill(&mut session, prompts)
         };
-        metrics::prefill_time(&self.shared.labels, started.elapsed());
+        self.shared.metrics.prefill(started.elapsed());
         let (mut new_batch, logits) = match result {
             Ok(done) => done,
             Err(error) => {
