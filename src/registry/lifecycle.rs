@@ -12,7 +12,7 @@ use crate::config::VersionPolicy;
 use crate::error::{Error, Result};
 use crate::runtime::decoder::DecoderModel;
 use crate::scheduling::batcher::BatcherSettings;
-use crate::scheduling::continuous::{ContinuousLimits, ContinuousScheduler};
+use crate::scheduling::continuous::{ContinuousLimits, ContinuousScheduler, SchedulerSettings};
 use crate::scheduling::{BatchLimits, Batcher};
 use crate::telemetry::metrics::{self, ModelLabels};
 
@@ -145,18 +145,20 @@ impl Registry {
                 )
                 .map_err(anyhow::Error::msg)?;
                 let generation = &self.config.generation;
-                let limits = ContinuousLimits {
-                    max_batch_size: generation.max_batch_size.max(1),
-                    max_total_tokens: generation.max_total_tokens.max(1),
-                    max_prefill_batch: generation.max_prefill_batch.max(1),
+                let settings = SchedulerSettings {
+                    limits: ContinuousLimits {
+                        max_batch_size: generation.max_batch_size.max(1),
+                        max_total_tokens: generation.max_total_tokens.max(1),
+                        max_prefill_batch: generation.max_prefill_batch.max(1),
+                    },
+                    queue_capacity: generation.queue_capacity.max(1),
+                    decode_cpus: self.config.runtime.decode_cpus.clone(),
                 };
                 generator = Some(ContinuousScheduler::spawn(
                     decoder,
                     Arc::clone(&parts.pool),
-                    limits,
-                    generation.queue_capacity.max(1),
+                    settings,
                     labels.clone(),
-                    self.config.runtime.decode_cpus.clone(),
                 )?);
             }
         }

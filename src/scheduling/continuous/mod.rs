@@ -5,5 +5,7 @@
 pub mod scheduler;
 pub mod state;
 
-pub use scheduler::{ContinuousScheduler, Decision, GenerationJob, SequenceDriver, StopCause};
+pub use scheduler::{
+    ContinuousScheduler, Decision, GenerationJob, SchedulerSettings, SequenceDriver, StopCause,
+};
 pub use state::ContinuousLimits;

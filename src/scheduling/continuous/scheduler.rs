@@ -55,6 +55,15 @@ struct Shared {
     metrics: DecodeLoopMetrics,
 }
 
+/// How one model's scheduler runs: its admission limits, its queue, and where its thread runs.
+pub struct SchedulerSettings {
+    pub limits: ContinuousLimits,
+    /// Sequences that may wait; beyond it a request is RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// `runtime.decode_cpus`: the CPUs the decode thread moves to, if any.
+    pub decode_cpus: Option<CpuList>,
+}
+
 /// Owns the scheduler thread of one model version; dropping it stops the thread once the
 /// sequences in flight are done.
 pub struct ContinuousScheduler {
@@ -65,11 +74,14 @@ impl ContinuousScheduler {
     pub fn spawn(
         decoder: DecoderModel,
         pool: Arc<SessionPool>,
-        limits: ContinuousLimits,
-        queue_capacity: usize,
+        settings: SchedulerSettings,
         labels: ModelLabels,
-        decode_cpus: Option<CpuList>,
     ) -> std::io::Result<Self> {
+        let SchedulerSettings {
+            limits,
+            queue_capacity,
+            decode_cpus,
+        } = settings;
         let shared = Arc::new(Shared {
             queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
             wake: Condvar::new(),
