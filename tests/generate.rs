@@ -189,9 +189,9 @@ async fn seeded_sampling_is_reproducible_and_n_sequences_differ() {
     let mut client = server.inference().await;
     let params = |seed: u64| GenerationParameters {
         max_new_tokens: Some(30),
-        do_sample: true,
+        do_sample: Some(true),
         temperature: Some(1.2),
-        top_k: 50,
+        top_k: Some(50),
         top_p: Some(0.95),
         seed: Some(seed),
         n: 3,
@@ -245,7 +245,7 @@ async fn streamed_deltas_concatenate_to_the_unary_text() {
         for params in [
             greedy(48),
             GenerationParameters {
-                do_sample: true,
+                do_sample: Some(true),
                 seed: Some(3),
                 temperature: Some(0.9),
                 ..greedy(48)
@@ -449,7 +449,7 @@ async fn invalid_parameters_are_rejected_with_their_field() {
         (
             GenerationParameters {
                 temperature: Some(0.0),
-                do_sample: true,
+                do_sample: Some(true),
                 ..Default::default()
             },
             "temperature",

@@ -35,10 +35,11 @@ fn pooling(value: i32) -> Result<Option<Pooling>> {
         Ok(proto::Pooling::Mean) => Ok(Some(Pooling::Mean)),
         Ok(proto::Pooling::Cls) => Ok(Some(Pooling::Cls)),
         Ok(proto::Pooling::LastToken) => Ok(Some(Pooling::Last)),
+        Ok(proto::Pooling::Max) => Ok(Some(Pooling::Max)),
         Err(_) => Err(unknown_enum(
             "pooling",
             value,
-            "POOLING_UNSPECIFIED, POOLING_MEAN, POOLING_CLS, POOLING_LAST_TOKEN",
+            "POOLING_UNSPECIFIED, POOLING_MEAN, POOLING_CLS, POOLING_LAST_TOKEN, POOLING_MAX",
         )),
     }
 }

@@ -10,6 +10,7 @@ use crate::config::routes::{ArmConfig, RouteConfig, ShadowConfig};
 use crate::error::{Error, Task};
 use crate::registry::manifest::{Family, Manifest};
 use crate::registry::{LoadState, Registry, Slot, parse_target};
+use crate::runtime::{GraphIo, TensorSpec};
 
 pub struct ModelsService {
     registry: Arc<Registry>,
@@ -154,28 +155,52 @@ fn describe(slot: &Slot) -> proto::ModelVersion {
     };
     match slot.state() {
         LoadState::Loading => info.state = proto::LoadState::Loading as i32,
-        LoadState::Failed(reason) => {
+        LoadState::Failed(failure) => {
             info.state = proto::LoadState::Failed as i32;
-            info.load_error = reason;
-            // A failed load may still have a readable manifest worth showing.
+            info.load_error = failure.reason.clone();
+            // A failed load may still have a readable manifest and graph worth showing.
             if let Ok(manifest) = Manifest::read(&slot.path) {
                 describe_manifest(&mut info, &manifest);
+                info.max_length = manifest.max_length.unwrap_or(0) as u32;
+            }
+            if let Some(graph) = &failure.graph {
+                describe_graph(&mut info, graph);
             }
         }
         LoadState::Ready(model) => {
             info.state = proto::LoadState::Ready as i32;
             describe_manifest(&mut info, &model.manifest);
             info.execution_provider = model.pool.provider().to_string();
-            let tensor = |spec: &crate::runtime::TensorSpec| proto::TensorInfo {
-                name: spec.name.clone(),
-                dtype: spec.dtype.clone(),
-                shape: spec.shape.clone(),
-            };
-            info.inputs = model.pool.inputs().iter().map(tensor).collect();
-            info.outputs = model.pool.outputs().iter().map(tensor).collect();
+            describe_graph(&mut info, model.pool.graph());
+            let settings = &model.settings;
+            info.max_length = settings.max_length.value as u32;
+            info.labels = settings
+                .classify
+                .as_ref()
+                .map(|classify| classify.labels.value.clone())
+                .unwrap_or_default();
+            info.settings = settings
+                .rows()
+                .into_iter()
+                .map(|row| proto::Setting {
+                    name: row.name,
+                    value: row.value,
+                    source: row.source,
+                })
+                .collect();
         }
     }
     info
+}
+
+fn describe_graph(info: &mut proto::ModelVersion, graph: &GraphIo) {
+    let tensor = |spec: &TensorSpec| proto::TensorInfo {
+        name: spec.name.clone(),
+        dtype: spec.dtype.clone(),
+        shape: spec.shape.clone(),
+    };
+    info.inputs = graph.inputs.iter().map(tensor).collect();
+    info.outputs = graph.outputs.iter().map(tensor).collect();
 }
 
 fn describe_manifest(info: &mut proto::ModelVersion, manifest: &Manifest) {
@@ -187,18 +212,8 @@ fn describe_manifest(info: &mut proto::ModelVersion, manifest: &Manifest) {
     info.tasks = manifest
         .tasks
         .iter()
-        .map(|task| match task {
-            Task::Generate => proto::Task::Generate,
-            Task::Embed => proto::Task::Embed,
-            Task::Classify => proto::Task::Classify,
-        } as i32)
+        .map(|&task| task_to_proto(task))
         .collect();
-    info.max_length = manifest.max_length as u32;
-    info.labels = manifest
-        .classify
-        .as_ref()
-        .map(|c| c.labels.clone())
-        .unwrap_or_default();
     info.description = manifest.description.clone();
 }
 

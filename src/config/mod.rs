@@ -122,6 +122,9 @@ pub struct RuntimeConfig {
     /// generating model's decode thread may use all of them: give as many CPUs as models that
     /// generate at the same time.
     pub decode_cpus: Option<CpuList>,
+    /// Session runs of one model version that may fail in a row before the version is marked
+    /// FAILED (until it is reloaded); each failure answers only its own batch. 0: never.
+    pub max_consecutive_failures: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,6 +250,7 @@ impl Default for RuntimeConfig {
             execution_providers: vec!["cpu".to_owned()],
             required_provider: None,
             decode_cpus: None,
+            max_consecutive_failures: 5,
         }
     }
 }

@@ -1,12 +1,14 @@
-//! Matches a manifest to its graph: which graph tensor plays which role. Roles the manifest
-//! leaves unset fall back to the names Hugging Face optimum and onnxruntime-genai export.
+//! Matches a manifest to its graph: which graph tensor plays which role, and whether each bound
+//! tensor has the element type and rank its role needs. Roles the manifest leaves unset fall
+//! back to the names Hugging Face optimum, sentence-transformers and onnxruntime-genai export.
+//! Every mismatch names the manifest key that would fix it.
 
 use anyhow::bail;
 
 use super::manifest::{Family, Manifest};
 use crate::error::Task;
-use crate::runtime::TensorSpec;
 use crate::runtime::bindings::{Bindings, StatePair};
+use crate::runtime::{GraphIo, TensorSpec};
 
 const INPUT_IDS: &str = "input_ids";
 const ATTENTION_MASK: &str = "attention_mask";
@@ -14,112 +16,177 @@ const POSITION_IDS: &str = "position_ids";
 const TOKEN_TYPE_IDS: &str = "token_type_ids";
 const LOGITS: &str = "logits";
 const HIDDEN_STATE_NAMES: [&str; 3] = ["last_hidden_state", "token_embeddings", "hidden_states"];
+/// sentence-transformers' name for an output already pooled to one vector per text.
+const POOLED_OUTPUT: &str = "sentence_embedding";
 /// optimum's KV-cache names: `present.N.key` is fed back as `past_key_values.N.key`.
 const PRESENT_PREFIX: &str = "present.";
 const PAST_PREFIX: &str = "past_key_values.";
 
+const INT64: &str = "int64";
+const FLOAT32: &str = "float32";
+
+/// What a role needs of its tensor, and where the manifest sets it.
+struct Need {
+    role: &'static str,
+    dtype: &'static str,
+    ranks: &'static [usize],
+    layout: &'static str,
+    key: &'static str,
+    /// Another way out, when there is one.
+    otherwise: &'static str,
+}
+
+/// Token ids, masks, positions and segments: one int64 per token.
+fn token_input(role: &'static str, key: &'static str) -> Need {
+    Need {
+        role,
+        dtype: INT64,
+        ranks: &[2],
+        layout: "[batch, sequence]",
+        key,
+        otherwise: "",
+    }
+}
+
+fn find<'a>(specs: &'a [TensorSpec], name: &str) -> Option<&'a TensorSpec> {
+    specs.iter().find(|spec| spec.name == name)
+}
+
 /// Resolves every role the model needs against the graph, or says what does not match.
-pub fn resolve(
-    manifest: &Manifest,
-    inputs: &[TensorSpec],
-    outputs: &[TensorSpec],
-) -> anyhow::Result<Bindings> {
-    let has_input = |name: &str| inputs.iter().any(|spec| spec.name == name);
-    let has_output = |name: &str| outputs.iter().any(|spec| spec.name == name);
+pub fn resolve(manifest: &Manifest, graph: &GraphIo) -> anyhow::Result<Bindings> {
     let names = &manifest.tensors;
 
-    let input_role = |role: &str,
-                      named: &Option<String>,
-                      standard: &str,
-                      required: bool|
-     -> anyhow::Result<Option<String>> {
-        match named {
-            Some(name) if has_input(name) => Ok(Some(name.clone())),
-            Some(name) => bail!(
-                "manifest names {role} input `{name}`, but the graph's inputs are [{}]",
-                list(inputs)
-            ),
-            None if has_input(standard) => Ok(Some(standard.to_owned())),
+    let input_role = |need: Need, named: &Option<String>, standard: &str, required: bool| {
+        let found = match named {
+            Some(name) => Some(find(&graph.inputs, name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} names input `{name}`, but the graph has no such input",
+                    need.key
+                )
+            })?),
+            None => find(&graph.inputs, standard),
+        };
+        match found {
+            Some(spec) => check(spec, "input", &need).map(|()| Some(spec.name.clone())),
             None if required => bail!(
-                "the graph has no `{standard}` input and the manifest names no [tensors].{role}; inputs are [{}]",
-                list(inputs)
+                "the graph has no `{standard}` input; name the input that carries token ids in {}",
+                need.key
             ),
             None => Ok(None),
         }
     };
-    let input_ids =
-        input_role("input_ids", &names.input_ids, INPUT_IDS, true)?.expect("required role");
+    let input_ids = input_role(
+        token_input("input_ids", "[tensors].input_ids"),
+        &names.input_ids,
+        INPUT_IDS,
+        true,
+    )?
+    .expect("a required role");
     let attention_mask = input_role(
-        "attention_mask",
+        token_input("attention_mask", "[tensors].attention_mask"),
         &names.attention_mask,
         ATTENTION_MASK,
         false,
     )?;
-    let position_ids = input_role("position_ids", &names.position_ids, POSITION_IDS, false)?;
+    let position_ids = input_role(
+        token_input("position_ids", "[tensors].position_ids"),
+        &names.position_ids,
+        POSITION_IDS,
+        false,
+    )?;
     // BERT-style encoders take segment ids; a single text is all segment 0.
-    let token_type_ids = input_role("token_type_ids", &None, TOKEN_TYPE_IDS, false)?;
+    let token_type_ids = input_role(
+        token_input("token_type_ids", "[tensors].token_type_ids"),
+        &names.token_type_ids,
+        TOKEN_TYPE_IDS,
+        false,
+    )?;
 
-    let logits_required = manifest.serves(Task::Generate) || manifest.serves(Task::Classify);
-    let logits = match &names.logits {
-        Some(name) if has_output(name) => Some(name.clone()),
-        Some(name) => bail!(
-            "manifest names logits output `{name}`, but the graph's outputs are [{}]",
-            list(outputs)
-        ),
-        None if has_output(LOGITS) => Some(LOGITS.to_owned()),
-        None if logits_required => bail!(
-            "the graph has no `logits` output and the manifest names no [tensors].logits; outputs are [{}]",
-            list(outputs)
-        ),
-        None => None,
+    let output_role = |need: &Need, named: Option<&String>, standard: &[&str]| {
+        let found = match named {
+            Some(name) => Some(find(&graph.outputs, name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} names output `{name}`, but the graph has no such output",
+                    need.key
+                )
+            })?),
+            None => standard.iter().find_map(|name| find(&graph.outputs, name)),
+        };
+        found
+            .map(|spec| check(spec, "output", need).map(|()| spec.name.clone()))
+            .transpose()
     };
-    let hidden_states = match &names.hidden_states {
-        Some(name) if has_output(name) => Some(name.clone()),
-        Some(name) => bail!(
-            "manifest names hidden_states output `{name}`, but the graph's outputs are [{}]",
-            list(outputs)
-        ),
-        None => HIDDEN_STATE_NAMES
-            .iter()
-            .find(|name| has_output(name))
-            .map(|name| name.to_string()),
+
+    let generates = manifest.serves(Task::Generate);
+    let classifies = manifest.serves(Task::Classify);
+    let logits_need = if generates {
+        Need {
+            role: "logits",
+            dtype: FLOAT32,
+            ranks: &[3, 2],
+            layout: "[batch, sequence, vocab] (or [batch, vocab])",
+            key: "[tensors].logits",
+            otherwise: "",
+        }
+    } else {
+        Need {
+            role: "class logits",
+            dtype: FLOAT32,
+            ranks: &[2],
+            layout: "[batch, classes]",
+            key: "[tensors].logits",
+            otherwise: "",
+        }
     };
-    if manifest.serves(Task::Embed) && hidden_states.is_none() {
+    // An encoder that only embeds never reads its logits (an MLM head's, say), so they stay unbound.
+    let logits = if generates || classifies {
+        output_role(&logits_need, names.logits.as_ref(), &[LOGITS])?
+    } else {
+        None
+    };
+    if logits.is_none() && (generates || classifies) {
         bail!(
-            "the model serves embed but the graph has none of the outputs {HIDDEN_STATE_NAMES:?} and the manifest names no [tensors].hidden_states"
+            "the graph has no `logits` output; name the output with the {} {} in [tensors].logits",
+            logits_need.role,
+            logits_need.layout
         );
     }
 
-    let state = if manifest.state.is_empty() {
-        outputs
-            .iter()
-            .filter_map(|spec| spec.name.strip_prefix(PRESENT_PREFIX))
-            .map(|suffix| StatePair {
-                output: format!("{PRESENT_PREFIX}{suffix}"),
-                input: format!("{PAST_PREFIX}{suffix}"),
-            })
-            .collect::<Vec<_>>()
-    } else {
-        manifest
-            .state
-            .iter()
-            .map(|(output, input)| StatePair {
-                output: output.clone(),
-                input: input.clone(),
-            })
-            .collect()
-    };
-    for pair in &state {
-        if !has_output(&pair.output) || !has_input(&pair.input) {
+    let embed = manifest.embed.clone().unwrap_or_default();
+    let (hidden_states, pooled_output) = if manifest.serves(Task::Embed) {
+        let pooled_need = Need {
+            role: "pooled_output",
+            dtype: FLOAT32,
+            ranks: &[2],
+            layout: "[batch, dim]",
+            key: "[embed].pooled_output",
+            otherwise: ", or [tensors].hidden_states for per-token states [batch, sequence, hidden]",
+        };
+        let hidden_need = Need {
+            role: "hidden_states",
+            dtype: FLOAT32,
+            ranks: &[3],
+            layout: "[batch, sequence, hidden]",
+            key: "[tensors].hidden_states",
+            otherwise: ", or [embed].pooled_output for an output already pooled to [batch, dim]",
+        };
+        let pooled = output_role(&pooled_need, embed.pooled_output.as_ref(), &[POOLED_OUTPUT])?;
+        let hidden = output_role(
+            &hidden_need,
+            names.hidden_states.as_ref(),
+            &HIDDEN_STATE_NAMES,
+        )?;
+        if hidden.is_none() && pooled.is_none() {
             bail!(
-                "state `{}` -> `{}` does not match the graph: outputs [{}], inputs [{}]",
-                pair.output,
-                pair.input,
-                list(outputs),
-                list(inputs)
+                "the model serves embed but the graph has none of the outputs {HIDDEN_STATE_NAMES:?} or `{POOLED_OUTPUT}`; name per-token states [batch, sequence, hidden] in [tensors].hidden_states, or a pooled [batch, dim] output in [embed].pooled_output"
             );
         }
-    }
+        (hidden, pooled)
+    } else {
+        (None, None)
+    };
+
+    let state = state_pairs(manifest, graph)?;
     if manifest.family == Family::Encoder && !state.is_empty() {
         bail!(
             "an encoder carries no state, but the graph has state tensors {:?}",
@@ -134,9 +201,10 @@ pub fn resolve(
         token_type_ids,
         logits,
         hidden_states,
+        pooled_output,
         state,
     };
-    for spec in inputs {
+    for spec in &graph.inputs {
         if !bindings.feeds(&spec.name) {
             bail!(
                 "graph input `{}` has no role; name it in the manifest's [tensors] or [state]",
@@ -147,43 +215,113 @@ pub fn resolve(
     Ok(bindings)
 }
 
-fn list(specs: &[TensorSpec]) -> String {
-    specs
-        .iter()
-        .map(|spec| spec.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The state carried from step to step: the manifest's `[state]`, else optimum's KV-cache names.
+fn state_pairs(manifest: &Manifest, graph: &GraphIo) -> anyhow::Result<Vec<StatePair>> {
+    let pairs: Vec<StatePair> = if manifest.state.is_empty() {
+        graph
+            .outputs
+            .iter()
+            .filter_map(|spec| spec.name.strip_prefix(PRESENT_PREFIX))
+            .map(|suffix| StatePair {
+                output: format!("{PRESENT_PREFIX}{suffix}"),
+                input: format!("{PAST_PREFIX}{suffix}"),
+            })
+            .collect()
+    } else {
+        manifest
+            .state
+            .iter()
+            .map(|(output, input)| StatePair {
+                output: output.clone(),
+                input: input.clone(),
+            })
+            .collect()
+    };
+    for pair in &pairs {
+        let output = graph.outputs.iter().find(|spec| spec.name == pair.output);
+        let input = graph.inputs.iter().find(|spec| spec.name == pair.input);
+        let (Some(output), Some(input)) = (output, input) else {
+            bail!(
+                "[state] `{}` -> `{}` does not match the graph: the output or the input is missing",
+                pair.output,
+                pair.input
+            );
+        };
+        for (spec, kind) in [(output, "output"), (input, "input")] {
+            if spec.dtype != FLOAT32 {
+                bail!(
+                    "state {kind} `{spec}` must be float32; check [state] in model.toml",
+                    spec = spec
+                );
+            }
+        }
+        if known_rank(output) && known_rank(input) && output.shape.len() != input.shape.len() {
+            bail!(
+                "[state] feeds output `{output}` back as input `{input}`, but their ranks differ"
+            );
+        }
+    }
+    Ok(pairs)
+}
+
+/// Whether the graph declares the tensor's rank (some exports leave output shapes out).
+fn known_rank(spec: &TensorSpec) -> bool {
+    !spec.shape.is_empty()
+}
+
+fn check(spec: &TensorSpec, kind: &str, need: &Need) -> anyhow::Result<()> {
+    let dtype_ok = spec.dtype == need.dtype;
+    let rank_ok = !known_rank(spec) || need.ranks.contains(&spec.shape.len());
+    if dtype_ok && rank_ok {
+        return Ok(());
+    }
+    bail!(
+        "{kind} `{spec}` is bound as {role}, which needs {dtype} of rank {ranks} {layout}; set {key} in model.toml to a matching {kind}{otherwise}",
+        role = need.role,
+        dtype = need.dtype,
+        ranks = need
+            .ranks
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(" or "),
+        layout = need.layout,
+        key = need.key,
+        otherwise = need.otherwise,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn specs(names: &[&str]) -> Vec<TensorSpec> {
+    fn spec(name: &str, dtype: &str, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.to_string(),
+            dtype: dtype.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn ids(names: &[&str]) -> Vec<TensorSpec> {
         names
             .iter()
-            .map(|name| TensorSpec {
-                name: name.to_string(),
-                dtype: "float32".into(),
-                shape: vec![-1],
-            })
+            .map(|name| spec(name, INT64, &[-1, -1]))
             .collect()
     }
 
     #[test]
     fn recognises_an_optimum_decoder() {
-        let manifest =
-            Manifest::parse("family = \"decoder\"\ntasks = [\"generate\"]\nmax_length = 64")
-                .unwrap();
-        let inputs = specs(&[
-            "input_ids",
-            "attention_mask",
-            "position_ids",
-            "past_key_values.0.key",
-            "past_key_values.0.value",
-        ]);
-        let outputs = specs(&["logits", "present.0.key", "present.0.value"]);
-        let bindings = resolve(&manifest, &inputs, &outputs).unwrap();
+        let manifest = Manifest::parse("family = \"decoder\"\ntasks = [\"generate\"]").unwrap();
+        let mut inputs = ids(&["input_ids", "attention_mask", "position_ids"]);
+        inputs.push(spec("past_key_values.0.key", FLOAT32, &[-1, 2, -1, 8]));
+        inputs.push(spec("past_key_values.0.value", FLOAT32, &[-1, 2, -1, 8]));
+        let outputs = vec![
+            spec("logits", FLOAT32, &[-1, -1, 50]),
+            spec("present.0.key", FLOAT32, &[-1, 2, -1, 8]),
+            spec("present.0.value", FLOAT32, &[-1, 2, -1, 8]),
+        ];
+        let bindings = resolve(&manifest, &GraphIo { inputs, outputs }).unwrap();
         assert_eq!(bindings.state.len(), 2);
         assert_eq!(
             bindings.state[0],
@@ -196,24 +334,81 @@ mod tests {
     }
 
     #[test]
-    fn reports_a_manifest_that_does_not_match_the_graph() {
-        let manifest = Manifest::parse("family = \"encoder\"\ntasks = [\"embed\"]\nmax_length = 8\n[tensors]\nhidden_states = \"missing\"").unwrap();
-        let error = resolve(
-            &manifest,
-            &specs(&["input_ids"]),
-            &specs(&["last_hidden_state"]),
-        )
-        .unwrap_err();
-        assert!(error.to_string().contains("`missing`"), "{error}");
+    fn finds_sentence_transformers_outputs_by_name() {
+        let manifest = Manifest::parse("family = \"encoder\"\ntasks = [\"embed\"]").unwrap();
+        let graph = GraphIo {
+            inputs: ids(&["input_ids", "attention_mask", "token_type_ids"]),
+            outputs: vec![
+                spec("token_embeddings", FLOAT32, &[-1, -1, 384]),
+                spec("sentence_embedding", FLOAT32, &[-1, 384]),
+            ],
+        };
+        let bindings = resolve(&manifest, &graph).unwrap();
+        assert_eq!(bindings.hidden_states.as_deref(), Some("token_embeddings"));
+        assert_eq!(
+            bindings.pooled_output.as_deref(),
+            Some("sentence_embedding")
+        );
+        assert_eq!(bindings.token_type_ids.as_deref(), Some("token_type_ids"));
+        assert_eq!(bindings.logits, None, "an embedder reads no logits");
+    }
 
-        let manifest =
-            Manifest::parse("family = \"encoder\"\ntasks = [\"embed\"]\nmax_length = 8").unwrap();
-        let error = resolve(
-            &manifest,
-            &specs(&["input_ids", "pixel_values"]),
-            &specs(&["last_hidden_state"]),
+    #[test]
+    fn a_pooled_output_named_as_hidden_states_names_the_key_to_set() {
+        let manifest = Manifest::parse(
+            "family = \"encoder\"\ntasks = [\"embed\"]\n[tensors]\nhidden_states = \"pooled\"",
         )
-        .unwrap_err();
-        assert!(error.to_string().contains("pixel_values"), "{error}");
+        .unwrap();
+        let graph = GraphIo {
+            inputs: ids(&["input_ids"]),
+            outputs: vec![spec("pooled", FLOAT32, &[-1, 16])],
+        };
+        let error = resolve(&manifest, &graph).unwrap_err().to_string();
+        assert!(error.contains("`pooled float32 [?, 16]`"), "{error}");
+        assert!(error.contains("[embed].pooled_output"), "{error}");
+        assert!(error.contains("rank 3"), "{error}");
+    }
+
+    #[test]
+    fn wrong_types_and_names_are_refused() {
+        let manifest = Manifest::parse(
+            "family = \"encoder\"\ntasks = [\"embed\"]\n[tensors]\nhidden_states = \"missing\"",
+        )
+        .unwrap();
+        let graph = GraphIo {
+            inputs: ids(&["input_ids"]),
+            outputs: vec![spec("last_hidden_state", FLOAT32, &[-1, -1, 8])],
+        };
+        let error = resolve(&manifest, &graph).unwrap_err().to_string();
+        assert!(error.contains("`missing`"), "{error}");
+
+        let manifest = Manifest::parse("family = \"encoder\"\ntasks = [\"embed\"]").unwrap();
+        let graph = GraphIo {
+            inputs: vec![spec("input_ids", "int32", &[-1, -1])],
+            outputs: vec![spec("last_hidden_state", FLOAT32, &[-1, -1, 8])],
+        };
+        let error = resolve(&manifest, &graph).unwrap_err().to_string();
+        assert!(
+            error.contains("needs int64") && error.contains("[tensors].input_ids"),
+            "{error}"
+        );
+
+        let graph = GraphIo {
+            inputs: ids(&["input_ids", "pixel_values"]),
+            outputs: vec![spec("last_hidden_state", FLOAT32, &[-1, -1, 8])],
+        };
+        let error = resolve(&manifest, &graph).unwrap_err().to_string();
+        assert!(error.contains("pixel_values"), "{error}");
+
+        let manifest = Manifest::parse(
+            "family = \"encoder\"\ntasks = [\"classify\"]\n[classify]\nlabels = [\"a\"]",
+        )
+        .unwrap();
+        let graph = GraphIo {
+            inputs: ids(&["input_ids"]),
+            outputs: vec![spec("logits", FLOAT32, &[-1, -1, 2])],
+        };
+        let error = resolve(&manifest, &graph).unwrap_err().to_string();
+        assert!(error.contains("[batch, classes]"), "{error}");
     }
 }

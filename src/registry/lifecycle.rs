@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use super::loader::LoadFailure;
 use super::manifest::Family;
 use super::{LoadState, ModelVersion, Registry, Slot, loader, repository, state};
 use crate::config::VersionPolicy;
@@ -13,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::runtime::decoder::DecoderModel;
 use crate::scheduling::batcher::BatcherSettings;
 use crate::scheduling::continuous::{ContinuousLimits, ContinuousScheduler, SchedulerSettings};
-use crate::scheduling::{BatchLimits, Batcher};
+use crate::scheduling::{BatchLimits, Batcher, FaultTracker};
 use crate::telemetry::metrics::{self, ModelLabels};
 
 fn key(model: &str, version: u64) -> String {
@@ -77,10 +78,10 @@ impl Registry {
             .into_iter()
             .filter(|slot| matches!(slot.state(), LoadState::Loading))
         {
-            if let Err(reason) = self.load_slot(&slot).await
-                && reason.contains("required execution provider")
+            if let Err(failure) = self.load_slot(&slot).await
+                && failure.fatal
             {
-                anyhow::bail!("{}@{}: {reason}", slot.model, slot.version);
+                anyhow::bail!("{}@{}: {}", slot.model, slot.version, failure.reason);
             }
         }
         self.install_startup_routes();
@@ -89,31 +90,46 @@ impl Registry {
     }
 
     /// Loads one slot on a blocking thread and publishes the result in it.
-    async fn load_slot(&self, slot: &Arc<Slot>) -> Result<(), String> {
+    async fn load_slot(&self, slot: &Arc<Slot>) -> Result<(), Arc<LoadFailure>> {
+        let failure = |reason: String| {
+            Arc::new(LoadFailure {
+                reason,
+                graph: None,
+                fatal: false,
+            })
+        };
         let environment = *self
             .environment
             .get()
-            .ok_or("the runtime is not initialised yet")?;
+            .ok_or_else(|| failure("the runtime is not initialised yet".into()))?;
         let runtime = self.config.model_runtime(&slot.model);
         let path = slot.path.clone();
         let loaded =
             tokio::task::spawn_blocking(move || loader::load(environment, &path, &runtime))
                 .await
-                .map_err(|error| format!("loader failed: {error}"))?;
-        match loaded.and_then(|parts| self.serve(slot, parts)) {
+                .map_err(|error| failure(format!("loader failed: {error}")))?;
+        let served = loaded.and_then(|parts| {
+            let graph = parts.pool.graph().clone();
+            self.serve(slot, parts).map_err(|error| LoadFailure {
+                reason: format!("{error:#}. The {graph}"),
+                graph: Some(graph),
+                fatal: false,
+            })
+        });
+        match served {
             Ok(model) => {
                 tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), "model ready");
                 slot.set(LoadState::Ready(Arc::new(model)));
                 Ok(())
             }
-            Err(error) => {
-                let reason = format!("{error:#}");
-                tracing::error!(model = %slot.model, version = slot.version, %reason, "model failed to load");
+            Err(failure) => {
+                let failure = Arc::new(failure);
+                tracing::error!(model = %slot.model, version = slot.version, reason = %failure.reason, "model failed to load");
                 // A reload that fails leaves the working version in place.
                 if !matches!(slot.state(), LoadState::Ready(_)) {
-                    slot.set(LoadState::Failed(reason.clone()));
+                    slot.set(LoadState::Failed(Arc::clone(&failure)));
                 }
-                Err(reason)
+                Err(failure)
             }
         }
     }
@@ -124,15 +140,20 @@ impl Registry {
             model: slot.model.clone(),
             version: slot.version.to_string(),
         };
+        let faults = Arc::new(FaultTracker::new(
+            self.config.runtime.max_consecutive_failures,
+        ));
+        let pad_id = i64::from(parts.settings.pad_token_id.value);
         let (mut batcher, mut generator) = (None, None);
         match parts.manifest.family {
             Family::Encoder => {
                 batcher = Some(Batcher::spawn(
                     Arc::clone(&parts.pool),
                     Arc::clone(&parts.bindings),
-                    parts.pad_id,
+                    pad_id,
                     self.batcher_settings(),
                     labels.clone(),
+                    Arc::clone(&faults),
                 ));
             }
             Family::Decoder | Family::Rnn => {
@@ -141,11 +162,12 @@ impl Registry {
                     Arc::clone(&parts.bindings),
                     parts.pool.inputs(),
                     recurrent,
-                    parts.pad_id,
+                    pad_id,
                 )
                 .map_err(anyhow::Error::msg)?;
                 let generation = &self.config.generation;
                 let settings = SchedulerSettings {
+                    faults: Arc::clone(&faults),
                     limits: ContinuousLimits {
                         max_batch_size: generation.max_batch_size.max(1),
                         max_total_tokens: generation.max_total_tokens.max(1),
@@ -180,12 +202,14 @@ impl Registry {
             },
             tokenizer: Arc::new(parts.tokenizer),
             manifest: parts.manifest,
+            settings: parts.settings,
             pool: parts.pool,
             bindings: parts.bindings,
-            pad_id: parts.pad_id,
+            pad_id,
             batcher,
             generator,
             labels,
+            faults,
         })
     }
 
@@ -280,7 +304,9 @@ impl Registry {
                         existing.set(LoadState::Ready(model));
                     }
                 }
-                Err(reason) => failures.push(format!("{name}@{}: {reason}", dir.version)),
+                Err(failure) => {
+                    failures.push(format!("{name}@{}: {}", dir.version, failure.reason))
+                }
             }
             let mut persisted = self.persisted.lock().expect("state lock");
             persisted.unloaded.remove(&key(name, dir.version));

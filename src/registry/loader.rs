@@ -1,65 +1,121 @@
-//! Loads one model version: manifest, tokenizer, sessions, bindings; then a warm-up run on
-//! every session. Any mismatch fails this version alone, with a reason a person can act on.
+//! Loads one model version: manifest, Hugging Face files, tokenizer, sessions, bindings and
+//! effective settings; then a warm-up run on every session. Any mismatch fails this version
+//! alone, with a reason a person can act on and, once the graph is known, its inputs and outputs.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use tokenizers::Tokenizer;
 
 use super::bindings;
+use super::hf::HfFiles;
 use super::manifest::{Family, MODEL_FILE, Manifest};
+use super::settings::ModelSettings;
 use crate::config::ModelRuntime;
 use crate::runtime::bindings::Bindings;
-use crate::runtime::{SessionPool, warmup};
+use crate::runtime::session::RequiredProviderMissing;
+use crate::runtime::{GraphIo, SessionPool, warmup};
 
-/// Everything a loaded version needs to serve, before schedulers are attached.
+/// Everything a loaded version needs to serve, before its engine is attached.
 pub struct LoadedParts {
     pub manifest: Manifest,
     pub tokenizer: Tokenizer,
     pub pool: Arc<SessionPool>,
     pub bindings: Arc<Bindings>,
-    pub pad_id: i64,
+    pub settings: ModelSettings,
+}
+
+/// Why a version did not load, with the graph's inputs and outputs when it got that far.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    pub reason: String,
+    pub graph: Option<GraphIo>,
+    /// A required execution provider could not register: no model can work around that, so
+    /// startup stops.
+    pub fatal: bool,
+}
+
+impl LoadFailure {
+    fn new(error: anyhow::Error, graph: Option<&GraphIo>) -> Self {
+        let fatal = error.downcast_ref::<RequiredProviderMissing>().is_some();
+        let reason = match graph {
+            Some(graph) => format!("{error:#}. The {graph}"),
+            None => format!("{error:#}"),
+        };
+        Self {
+            reason,
+            graph: graph.cloned(),
+            fatal,
+        }
+    }
 }
 
 pub fn load(
     environment: &ort::environment::Environment,
     dir: &Path,
     runtime: &ModelRuntime,
-) -> anyhow::Result<LoadedParts> {
+) -> Result<LoadedParts, LoadFailure> {
+    let (manifest, files, tokenizer) =
+        read_files(dir).map_err(|error| LoadFailure::new(error, None))?;
+    if !dir.join(MODEL_FILE).is_file() {
+        return Err(LoadFailure::new(
+            anyhow::anyhow!("{MODEL_FILE} is missing from the version folder"),
+            None,
+        ));
+    }
+    let pool =
+        open_graph(environment, dir, runtime).map_err(|error| LoadFailure::new(error, None))?;
+    let graph = pool.graph().clone();
+    prepare(manifest, files, tokenizer, pool).map_err(|error| LoadFailure::new(error, Some(&graph)))
+}
+
+/// The sessions of the version's `model.onnx` (with its external data file, if any).
+pub fn open_graph(
+    environment: &ort::environment::Environment,
+    dir: &Path,
+    runtime: &ModelRuntime,
+) -> anyhow::Result<SessionPool> {
+    SessionPool::load(environment, &dir.join(MODEL_FILE), runtime)
+        .map_err(|error| error.context(format!("loading {MODEL_FILE}")))
+}
+
+/// The manifest, the Hugging Face files and the tokenizer, which need no ONNX Runtime.
+pub fn read_files(dir: &Path) -> anyhow::Result<(Manifest, HfFiles, Tokenizer)> {
     let manifest = Manifest::read(dir)?;
-    let tokenizer_path = dir.join(&manifest.tokenizer);
-    let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|error| {
-        anyhow::anyhow!("loading tokenizer {}: {error}", tokenizer_path.display())
-    })?;
+    let files = HfFiles::read(dir)?;
+    let tokenizer = read_tokenizer(dir, &manifest)?;
+    Ok((manifest, files, tokenizer))
+}
+
+pub fn read_tokenizer(dir: &Path, manifest: &Manifest) -> anyhow::Result<Tokenizer> {
+    let name = manifest.tokenizer.display();
+    let mut tokenizer = Tokenizer::from_file(dir.join(&manifest.tokenizer))
+        .map_err(|error| anyhow::anyhow!("loading the tokenizer {name}: {error}"))?;
     // The server pads and truncates itself; a tokenizer.json that does either would hide limits.
     tokenizer.with_padding(None);
-    tokenizer.with_truncation(None).map_err(|error| {
-        anyhow::anyhow!(
-            "clearing truncation of {}: {error}",
-            tokenizer_path.display()
-        )
-    })?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|error| anyhow::anyhow!("clearing truncation of {name}: {error}"))?;
+    Ok(tokenizer)
+}
 
-    let model_file = dir.join(MODEL_FILE);
-    if !model_file.is_file() {
-        bail!("{} is missing", model_file.display());
-    }
-    let pool = SessionPool::load(environment, &model_file, runtime)
-        .with_context(|| format!("loading {}", model_file.display()))?;
-    let bindings = bindings::resolve(&manifest, pool.inputs(), pool.outputs())?;
+/// Binds the graph, works out the settings and warms every session up.
+pub fn prepare(
+    manifest: Manifest,
+    files: HfFiles,
+    tokenizer: Tokenizer,
+    pool: SessionPool,
+) -> anyhow::Result<LoadedParts> {
+    let bindings = bindings::resolve(&manifest, pool.graph())?;
     if manifest.family == Family::Rnn && !bindings.has_state() {
-        bail!("an rnn model must carry state between steps");
+        bail!("an rnn model must carry state between steps; map it in [state]");
     }
-
-    let vocab = tokenizer.get_vocab_size(true);
-    let pad_id = manifest.pad_token_id.unwrap_or(0);
-    if pad_id as usize >= vocab {
-        bail!("pad_token_id {pad_id} is outside the tokenizer's vocabulary of {vocab}");
-    }
+    let settings = ModelSettings::resolve(&manifest, &files, &tokenizer, pool.graph(), &bindings)?;
+    let pad_id = i64::from(settings.pad_token_id.value);
     let pool = Arc::new(pool);
     let inputs = pool.inputs().to_vec();
-    pool.each_session(|session| warmup::run(session, &bindings, &inputs, pad_id as i64))
+    pool.each_session(|session| warmup::run(session, &bindings, &inputs, pad_id))
         .map_err(|error| {
             anyhow::anyhow!("warm-up run failed (does the manifest match the graph?): {error}")
         })?;
@@ -68,6 +124,6 @@ pub fn load(
         tokenizer,
         pool,
         bindings: Arc::new(bindings),
-        pad_id: pad_id as i64,
+        settings,
     })
 }

@@ -32,20 +32,26 @@ pub struct Manifest {
     pub tasks: Vec<Task>,
     #[serde(default)]
     pub description: String,
-    /// Longest token sequence the model accepts.
-    pub max_length: usize,
+    /// Longest token sequence the model sees, special tokens included. Unset: the Hugging Face
+    /// files' limit (see `settings`).
+    pub max_length: Option<usize>,
     #[serde(default = "default_tokenizer")]
     pub tokenizer: PathBuf,
-    #[serde(default)]
-    pub eos_token_ids: Vec<u32>,
+    /// Whether inputs get the special tokens the tokenizer's post-processor adds (`[CLS] … [SEP]`,
+    /// a BOS). Unset: yes, as the model's authors tokenize.
+    pub add_special_tokens: Option<bool>,
+    pub eos_token_ids: Option<Vec<u32>>,
+    pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     #[serde(default)]
     pub tensors: TensorNames,
     /// Carried state: output name = input name.
     #[serde(default)]
     pub state: BTreeMap<String, String>,
-    pub embed: Option<EmbedSettings>,
-    pub classify: Option<ClassifySettings>,
+    pub embed: Option<EmbedSection>,
+    pub classify: Option<ClassifySection>,
+    /// The model's own defaults for a Generate request's unset parameters.
+    pub generation: Option<GenerationSection>,
 }
 
 /// Graph names for each role; unset roles fall back to the standard optimum names.
@@ -55,45 +61,71 @@ pub struct TensorNames {
     pub input_ids: Option<String>,
     pub attention_mask: Option<String>,
     pub position_ids: Option<String>,
+    pub token_type_ids: Option<String>,
     pub logits: Option<String>,
     pub hidden_states: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EmbedSettings {
-    #[serde(default = "default_pooling")]
-    pub pooling: Pooling,
-    #[serde(default = "default_true")]
-    pub normalize: bool,
+pub struct EmbedSection {
+    pub pooling: Option<Pooling>,
+    pub normalize: Option<bool>,
+    /// A graph output that is already one vector per text (`[batch, dim]`), returned as is.
+    pub pooled_output: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClassifySettings {
-    pub labels: Vec<String>,
-    #[serde(default)]
-    pub multi_label: bool,
+pub struct ClassifySection {
+    pub labels: Option<Vec<String>>,
+    pub multi_label: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSection {
+    pub max_new_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub repetition_penalty: Option<f32>,
+    pub do_sample: Option<bool>,
+}
+
+impl GenerationSection {
+    /// The same ranges a request's parameters must keep, so a default never fails a request.
+    fn check(&self) -> anyhow::Result<()> {
+        let positive = |name: &str, value: Option<f32>| match value {
+            Some(v) if !(v > 0.0 && v.is_finite()) => {
+                bail!("[generation].{name} must be > 0; got {v}")
+            }
+            _ => Ok(()),
+        };
+        positive("temperature", self.temperature)?;
+        positive("repetition_penalty", self.repetition_penalty)?;
+        if let Some(top_p) = self.top_p
+            && !(top_p > 0.0 && top_p <= 1.0)
+        {
+            bail!("[generation].top_p must be in (0, 1]; got {top_p}");
+        }
+        if self.max_new_tokens == Some(0) {
+            bail!("[generation].max_new_tokens must be at least 1; got 0");
+        }
+        Ok(())
+    }
 }
 
 fn default_tokenizer() -> PathBuf {
     PathBuf::from(DEFAULT_TOKENIZER_FILE)
 }
 
-fn default_pooling() -> Pooling {
-    Pooling::Mean
-}
-
-fn default_true() -> bool {
-    true
-}
-
 impl Manifest {
     pub fn read(version_dir: &Path) -> anyhow::Result<Self> {
         let path = version_dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("reading {MANIFEST_FILE}"))?;
+        Self::parse(&text).with_context(|| format!("in {MANIFEST_FILE}"))
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
@@ -106,19 +138,11 @@ impl Manifest {
         self.tasks.contains(&task)
     }
 
-    /// The embedding settings, defaulting to mean pooling with normalisation.
-    pub fn embed_settings(&self) -> EmbedSettings {
-        self.embed.clone().unwrap_or(EmbedSettings {
-            pooling: Pooling::Mean,
-            normalize: true,
-        })
-    }
-
     fn check(&self) -> anyhow::Result<()> {
         if self.tasks.is_empty() {
             bail!("`tasks` is empty; list what the model serves, e.g. [\"embed\"]");
         }
-        if self.max_length == 0 {
+        if self.max_length == Some(0) {
             bail!("`max_length` must be at least 1");
         }
         if self
@@ -140,24 +164,23 @@ impl Manifest {
         {
             bail!("only family \"encoder\" serves embed or classify");
         }
-        if generates && self.eos_token_ids.is_empty() {
-            tracing::debug!(
-                "manifest lists no eos_token_ids; generation stops only on length or stop conditions"
-            );
-        }
         if self.family == Family::Rnn && self.state.is_empty() {
             bail!(
                 "an rnn model needs [state] mapping each state output to its input, e.g. hn = \"h0\""
             );
         }
-        match (&self.classify, self.serves(Task::Classify)) {
-            (None, true) => {
-                bail!("the model serves classify but has no [classify] section with labels")
-            }
-            (Some(classify), true) if classify.labels.is_empty() => {
-                bail!("[classify].labels is empty")
-            }
-            _ => {}
+        if let Some(ClassifySection {
+            labels: Some(labels),
+            ..
+        }) = &self.classify
+            && labels.is_empty()
+        {
+            bail!(
+                "[classify].labels is empty; list the class names or leave it out to use config.json's id2label"
+            );
+        }
+        if let Some(generation) = &self.generation {
+            generation.check()?;
         }
         Ok(())
     }
@@ -180,8 +203,10 @@ mod tests {
         let manifest = Manifest::parse(ENCODER).unwrap();
         assert_eq!(manifest.family, Family::Encoder);
         assert!(manifest.serves(Task::Classify));
-        assert_eq!(manifest.embed_settings().pooling, Pooling::Mean);
+        assert_eq!(manifest.max_length, Some(128));
         assert_eq!(manifest.tokenizer, PathBuf::from("tokenizer.json"));
+        let two_lines = Manifest::parse("family = \"encoder\"\ntasks = [\"embed\"]").unwrap();
+        assert_eq!(two_lines.max_length, None);
     }
 
     #[test]
@@ -189,7 +214,7 @@ mod tests {
         let cases = [
             ("family = \"encoder\"\ntasks = []\nmax_length = 8", "tasks"),
             (
-                "family = \"encoder\"\ntasks = [\"classify\"]\nmax_length = 8",
+                "family = \"encoder\"\ntasks = [\"classify\"]\n[classify]\nlabels = []",
                 "labels",
             ),
             (
@@ -207,6 +232,14 @@ mod tests {
             (
                 "family = \"encoder\"\ntasks = [\"embed\"]\nmax_length = 8\nbogus = 1",
                 "bogus",
+            ),
+            (
+                "family = \"decoder\"\ntasks = [\"generate\"]\n[generation]\ntemperature = 0.0",
+                "[generation].temperature must be > 0",
+            ),
+            (
+                "family = \"decoder\"\ntasks = [\"generate\"]\n[generation]\ntop_p = 1.5",
+                "top_p",
             ),
         ];
         for (text, expected) in cases {

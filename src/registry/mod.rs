@@ -3,12 +3,15 @@
 //! version. Loading and unloading live in `lifecycle`, routes in `route_table`.
 
 pub mod bindings;
+pub mod hf;
+pub mod inspect;
 mod lifecycle;
 pub mod loader;
 pub mod manifest;
 pub mod repository;
 mod route_table;
 pub mod routes;
+pub mod settings;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -21,11 +24,13 @@ use crate::config::Config;
 use crate::error::{Error, Result, Task};
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
-use crate::scheduling::Batcher;
 use crate::scheduling::continuous::ContinuousScheduler;
+use crate::scheduling::{Batcher, FaultTracker};
 use crate::telemetry::metrics::ModelLabels;
+use loader::LoadFailure;
 use manifest::Manifest;
 use routes::RouteConfig;
+use settings::ModelSettings;
 use state::PersistedState;
 
 pub use route_table::{RouteRequest, Routed};
@@ -35,6 +40,8 @@ pub struct ModelVersion {
     pub name: String,
     pub version: u64,
     pub manifest: Manifest,
+    /// What the manifest, the Hugging Face files and the defaults add up to.
+    pub settings: ModelSettings,
     pub tokenizer: Arc<Tokenizer>,
     /// Size of the token space: the larger of the tokenizer's vocabulary and the logits width.
     pub vocab_size: usize,
@@ -50,13 +57,15 @@ pub struct ModelVersion {
     /// The continuous batcher, for decoders and RNNs.
     pub generator: Option<ContinuousScheduler>,
     pub labels: ModelLabels,
+    /// Failed runs in a row; past the limit the version reports FAILED.
+    pub faults: Arc<FaultTracker>,
 }
 
 #[derive(Clone)]
 pub enum LoadState {
     Loading,
     Ready(Arc<ModelVersion>),
-    Failed(String),
+    Failed(Arc<LoadFailure>),
 }
 
 /// One version folder and what became of it.
@@ -68,8 +77,20 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// The version's state; a loaded version whose runs keep failing is `Failed`.
     pub fn state(&self) -> LoadState {
-        self.state.read().expect("slot lock").clone()
+        let state = self.state.read().expect("slot lock").clone();
+        match &state {
+            LoadState::Ready(model) => match model.faults.broken() {
+                Some(reason) => LoadState::Failed(Arc::new(LoadFailure {
+                    reason,
+                    graph: Some(model.pool.graph().clone()),
+                    fatal: false,
+                })),
+                None => state,
+            },
+            _ => state,
+        }
     }
 
     pub(crate) fn set(&self, state: LoadState) {
@@ -191,10 +212,10 @@ fn ready(slot: &Slot) -> Result<Arc<ModelVersion>> {
             version: slot.version.to_string(),
             reason: "still loading".into(),
         }),
-        LoadState::Failed(reason) => Err(Error::ModelUnavailable {
+        LoadState::Failed(failure) => Err(Error::ModelUnavailable {
             model: slot.model.clone(),
             version: slot.version.to_string(),
-            reason,
+            reason: failure.reason.clone(),
         }),
     }
 }

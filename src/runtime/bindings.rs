@@ -18,6 +18,8 @@ pub struct Bindings {
     pub logits: Option<String>,
     /// Per-token states `[B,T,H]` for embeddings.
     pub hidden_states: Option<String>,
+    /// An embedding the graph already pooled, `[B,D]`.
+    pub pooled_output: Option<String>,
     pub state: Vec<StatePair>,
 }
 

@@ -17,14 +17,25 @@ pub enum Pooling {
     Cls,
     /// The last real token's state.
     Last,
+    /// The largest value of each dimension over the real tokens.
+    Max,
+}
+
+/// Which embedding a text wants from the pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Embedding {
+    /// Pool the per-token hidden states this way.
+    Pool(Pooling),
+    /// The graph's own pooled output (`[batch, dim]`), as it is.
+    Pooled,
 }
 
 /// What one text needs from the pass.
 #[derive(Debug, Clone, Default)]
 pub struct EncoderRow {
     pub ids: Vec<i64>,
-    /// Pool the hidden states this way; `None` when the caller needs no embedding.
-    pub pooling: Option<Pooling>,
+    /// `None` when the caller needs no embedding.
+    pub embedding: Option<Embedding>,
     /// Read this row's class logits.
     pub logits: bool,
 }
@@ -80,28 +91,49 @@ pub fn run(
     ));
 
     let outputs = session.run(inputs)?;
-    let wants_pooled = rows.iter().any(|row| row.pooling.is_some());
-    let wants_logits = rows.iter().any(|row| row.logits);
-
-    let hidden = match (&bindings.hidden_states, wants_pooled) {
-        (Some(name), true) => Some(output(&outputs, name)?.try_extract_tensor::<f32>()?),
-        _ => None,
+    let wants = |which: fn(&EncoderRow) -> bool| rows.iter().any(which);
+    let tensor = |name: &Option<String>, wanted: bool, rank: usize| -> ort::Result<_> {
+        match (name, wanted) {
+            (Some(name), true) => {
+                let (shape, data) = output(&outputs, name)?.try_extract_tensor::<f32>()?;
+                // Checked at load; a graph that breaks its declared rank fails this batch only.
+                if shape.len() != rank || shape[0] as usize != batch {
+                    return Err(ort::Error::new(format!(
+                        "output `{name}` has shape {:?}; expected rank {rank} with {batch} rows",
+                        &shape[..]
+                    )));
+                }
+                Ok(Some((shape[rank - 1] as usize, data)))
+            }
+            _ => Ok(None),
+        }
     };
-    let logits = match (&bindings.logits, wants_logits) {
-        (Some(name), true) => Some(output(&outputs, name)?.try_extract_tensor::<f32>()?),
-        _ => None,
-    };
+    let hidden = tensor(
+        &bindings.hidden_states,
+        wants(|row| matches!(row.embedding, Some(Embedding::Pool(_)))),
+        3,
+    )?;
+    let pooled = tensor(
+        &bindings.pooled_output,
+        wants(|row| row.embedding == Some(Embedding::Pooled)),
+        2,
+    )?;
+    let logits = tensor(&bindings.logits, wants(|row| row.logits), 2)?;
 
     let mut results = Vec::with_capacity(batch);
     for (r, row) in rows.iter().enumerate() {
         let mut result = EncoderRowOutput::default();
-        if let (Some(pooling), Some((shape, data))) = (row.pooling, &hidden) {
-            let hidden_size = shape[2] as usize;
-            let states = &data[r * width * hidden_size..(r + 1) * width * hidden_size];
-            result.pooled = Some(pool(states, hidden_size, row.ids.len(), pooling));
+        match (row.embedding, &hidden, &pooled) {
+            (Some(Embedding::Pool(pooling)), Some((hidden_size, data)), _) => {
+                let states = &data[r * width * hidden_size..(r + 1) * width * hidden_size];
+                result.pooled = Some(pool(states, *hidden_size, row.ids.len(), pooling));
+            }
+            (Some(Embedding::Pooled), _, Some((dim, data))) => {
+                result.pooled = Some(data[r * dim..(r + 1) * dim].to_vec());
+            }
+            _ => {}
         }
-        if let (true, Some((shape, data))) = (row.logits, &logits) {
-            let classes = shape[1] as usize;
+        if let (true, Some((classes, data))) = (row.logits, &logits) {
             result.logits = Some(data[r * classes..(r + 1) * classes].to_vec());
         }
         results.push(result);
@@ -124,6 +156,15 @@ pub fn pool(states: &[f32], hidden_size: usize, length: usize, pooling: Pooling)
     match pooling {
         Pooling::Cls => states[..hidden_size].to_vec(),
         Pooling::Last => states[(length - 1) * hidden_size..length * hidden_size].to_vec(),
+        Pooling::Max => {
+            let mut max = states[..hidden_size].to_vec();
+            for token in states[hidden_size..length * hidden_size].chunks_exact(hidden_size) {
+                for (best, &value) in max.iter_mut().zip(token) {
+                    *best = best.max(value);
+                }
+            }
+            max
+        }
         Pooling::Mean => {
             let mut sum = vec![0.0_f32; hidden_size];
             for token in states[..length * hidden_size].chunks_exact(hidden_size) {
@@ -149,5 +190,9 @@ mod tests {
         assert_eq!(pool(&states, 2, 2, Pooling::Mean), vec![2.0, 3.0]);
         assert_eq!(pool(&states, 2, 2, Pooling::Cls), vec![1.0, 2.0]);
         assert_eq!(pool(&states, 2, 2, Pooling::Last), vec![3.0, 4.0]);
+        assert_eq!(
+            pool(&[1.0, 5.0, 3.0, 4.0, 100.0, 100.0], 2, 2, Pooling::Max),
+            vec![3.0, 5.0]
+        );
     }
 }

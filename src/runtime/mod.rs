@@ -9,4 +9,4 @@ pub mod providers;
 pub mod session;
 pub mod warmup;
 
-pub use session::{SessionPool, TensorSpec};
+pub use session::{GraphIo, SessionPool, TensorSpec};

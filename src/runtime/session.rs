@@ -2,8 +2,10 @@
 //! session runs one batch at a time on the blocking thread pool, never on the async executor;
 //! a semaphore lets schedulers wait for a free session before they form a batch.
 
+use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -22,13 +24,63 @@ pub struct TensorSpec {
     pub shape: Vec<i64>,
 }
 
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|&dim| {
+                if dim < 0 {
+                    "?".to_owned()
+                } else {
+                    dim.to_string()
+                }
+            })
+            .collect();
+        write!(f, "{} {} [{}]", self.name, self.dtype, dims.join(", "))
+    }
+}
+
+/// A graph's inputs and outputs, as `lmserve inspect`, GetModel and load errors show them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GraphIo {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl fmt::Display for GraphIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |specs: &[TensorSpec]| {
+            specs
+                .iter()
+                .map(TensorSpec::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        write!(
+            f,
+            "graph inputs: {}; graph outputs: {}",
+            list(&self.inputs),
+            list(&self.outputs)
+        )
+    }
+}
+
 pub struct SessionPool {
     sessions: Vec<Mutex<Session>>,
     free: Mutex<Vec<usize>>,
     permits: Arc<Semaphore>,
     provider: Provider,
-    inputs: Vec<TensorSpec>,
-    outputs: Vec<TensorSpec>,
+    graph: GraphIo,
+}
+
+/// A provider the config requires could not register. Typed so that startup can tell it from a
+/// model's own faults: no model works around it.
+#[derive(Debug, thiserror::Error)]
+#[error("required execution provider {provider} could not register: {reason}")]
+pub struct RequiredProviderMissing {
+    pub provider: Provider,
+    pub reason: String,
 }
 
 /// The right to run one batch on a free session.
@@ -79,9 +131,11 @@ impl SessionPool {
                     return Ok(Self::from_sessions(sessions, provider));
                 }
                 Err(error) if required == Some(provider) => {
-                    anyhow::bail!(
-                        "required execution provider {provider} could not register: {error}"
-                    );
+                    return Err(RequiredProviderMissing {
+                        provider,
+                        reason: error.to_string(),
+                    }
+                    .into());
                 }
                 Err(error) => failures.push(format!("{provider}: {error}")),
             }
@@ -109,8 +163,7 @@ impl SessionPool {
             free: Mutex::new((0..count).rev().collect()),
             permits: Arc::new(Semaphore::new(count)),
             provider,
-            inputs,
-            outputs,
+            graph: GraphIo { inputs, outputs },
         }
     }
 
@@ -118,20 +171,16 @@ impl SessionPool {
         self.provider
     }
 
+    pub fn graph(&self) -> &GraphIo {
+        &self.graph
+    }
+
     pub fn inputs(&self) -> &[TensorSpec] {
-        &self.inputs
+        &self.graph.inputs
     }
 
     pub fn outputs(&self) -> &[TensorSpec] {
-        &self.outputs
-    }
-
-    pub fn has_input(&self, name: &str) -> bool {
-        self.inputs.iter().any(|input| input.name == name)
-    }
-
-    pub fn has_output(&self, name: &str) -> bool {
-        self.outputs.iter().any(|output| output.name == name)
+        &self.graph.outputs
     }
 
     pub fn size(&self) -> usize {
@@ -143,8 +192,8 @@ impl SessionPool {
         &self,
         mut work: impl FnMut(&mut Session) -> Result<(), E>,
     ) -> Result<(), E> {
-        for session in &self.sessions {
-            work(&mut session.lock().expect("session lock"))?;
+        for index in 0..self.sessions.len() {
+            work(&mut self.session(index))?;
         }
         Ok(())
     }
@@ -154,7 +203,7 @@ impl SessionPool {
         // A panic elsewhere while the lock was held does not make the session unusable.
         self.sessions[index]
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits until a session is free.
@@ -170,20 +219,60 @@ impl SessionPool {
     }
 
     /// Runs `work` on a free session, on the calling thread (which must be allowed to block).
-    fn run_now<R>(&self, work: impl FnOnce(&mut Session) -> R) -> R {
-        let index = self
+    /// A panic in `work` fails this run alone: the session goes back to the pool and nothing
+    /// is left poisoned.
+    fn run_now<R>(&self, work: impl FnOnce(&mut Session) -> R) -> Result<R, Error> {
+        let checkout = Checkout::take(self)?;
+        let mut session = self.session(checkout.index);
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut session)));
+        drop(session);
+        drop(checkout);
+        result.map_err(|panic| {
+            Error::Internal(format!(
+                "a session run panicked: {}",
+                panic_message(&*panic)
+            ))
+        })
+    }
+}
+
+/// One session taken from the free list, given back when dropped, so neither a panic nor an
+/// early return can lose it.
+struct Checkout<'p> {
+    pool: &'p SessionPool,
+    index: usize,
+}
+
+impl<'p> Checkout<'p> {
+    fn take(pool: &'p SessionPool) -> Result<Self, Error> {
+        let index = pool
             .free
             .lock()
-            .expect("free list lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .pop()
-            .expect("a permit guarantees a free session");
-        let result = {
-            let mut session = self.sessions[index].lock().expect("session lock");
-            work(&mut session)
-        };
-        self.free.lock().expect("free list lock").push(index);
-        result
+            // The semaphore hands out no more permits than there are sessions.
+            .ok_or_else(|| Error::Internal("no free session despite a permit".into()))?;
+        Ok(Self { pool, index })
     }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.index);
+    }
+}
+
+/// The text a panic carried, when it carried one.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 impl SessionLease {
@@ -198,12 +287,7 @@ impl SessionLease {
             result
         })
         .await
-        .map_err(|error| Error::Internal(format!("inference worker failed: {error}")))
-    }
-
-    /// Runs `work` on the leased session on the current thread, for callers already on a worker thread.
-    pub fn run_blocking<R>(self, work: impl FnOnce(&mut Session) -> R) -> R {
-        self.pool.run_now(work)
+        .map_err(|error| Error::Internal(format!("inference worker failed: {error}")))?
     }
 }
 

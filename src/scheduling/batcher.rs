@@ -9,6 +9,7 @@ use tokio::sync::{Notify, oneshot};
 use tracing::{Instrument, Span};
 
 use super::batch_state::{BatchLimits, BatchState};
+use super::faults::FaultTracker;
 use crate::error::{Error, Result};
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
@@ -58,6 +59,7 @@ impl Batcher {
         pad_id: i64,
         settings: BatcherSettings,
         labels: ModelLabels,
+        faults: Arc<FaultTracker>,
     ) -> Batcher {
         let shared = Arc::new(Shared {
             state: Mutex::new(BatchState::new(settings.queue_capacity)),
@@ -71,6 +73,7 @@ impl Batcher {
             pad_id,
             settings,
             shared: Arc::clone(&shared),
+            faults,
         };
         tokio::spawn(runner.run());
         Batcher { shared }
@@ -128,6 +131,7 @@ struct Runner {
     pad_id: i64,
     settings: BatcherSettings,
     shared: Arc<Shared>,
+    faults: Arc<FaultTracker>,
 }
 
 impl Runner {
@@ -144,6 +148,7 @@ impl Runner {
             let bindings = Arc::clone(&self.bindings);
             let pad_id = self.pad_id;
             let labels = shared.labels.clone();
+            let faults = Arc::clone(&self.faults);
             let span = tracing::info_span!("batch", model = %labels.model, version = %labels.version, size = batch.len());
             for pending in &batch {
                 span.follows_from(pending.span.id());
@@ -164,7 +169,7 @@ impl Runner {
                         .run(move |session| encoder::run(session, &bindings, pad_id, &rows))
                         .await;
                     metrics::inference_time(&labels, started.elapsed());
-                    deliver(batch, result);
+                    deliver(batch, result, &labels, &faults);
                 }
                 .instrument(span),
             );
@@ -217,26 +222,29 @@ fn padded_tokens(rows: &[EncoderRow]) -> usize {
     rows.iter().map(|row| row.ids.len()).max().unwrap_or(0) * rows.len()
 }
 
-fn deliver(batch: Vec<Pending>, result: Result<ort::Result<Vec<EncoderRowOutput>>>) {
-    match result {
+/// Answers each caller of a batch: its row, or the run's failure, which fails this batch alone.
+fn deliver(
+    batch: Vec<Pending>,
+    result: Result<ort::Result<Vec<EncoderRowOutput>>>,
+    labels: &ModelLabels,
+    faults: &FaultTracker,
+) {
+    let error = match result {
         Ok(Ok(outputs)) => {
+            faults.succeeded();
             for (pending, output) in batch.into_iter().zip(outputs) {
                 // A caller that went away meanwhile simply does not read its row.
                 let _ = pending.reply.send(Ok(output));
             }
+            return;
         }
-        Ok(Err(error)) => {
-            tracing::error!(%error, "batch run failed");
-            for pending in batch {
-                let _ = pending
-                    .reply
-                    .send(Err(Error::Internal(format!("onnxruntime: {error}"))));
-            }
-        }
-        Err(error) => {
-            for pending in batch {
-                let _ = pending.reply.send(Err(Error::Internal(error.to_string())));
-            }
-        }
+        Ok(Err(error)) => format!("onnxruntime: {error}"),
+        Err(Error::Internal(reason)) => reason,
+        Err(error) => error.to_string(),
+    };
+    tracing::error!(model = %labels.model, version = %labels.version, %error, "batch run failed");
+    faults.failed(&labels.model, &error);
+    for pending in batch {
+        let _ = pending.reply.send(Err(Error::Internal(error.clone())));
     }
 }

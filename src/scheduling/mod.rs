@@ -5,6 +5,8 @@
 pub mod batch_state;
 pub mod batcher;
 pub mod continuous;
+pub mod faults;
 
 pub use batch_state::{BatchLimits, BatchState};
 pub use batcher::Batcher;
+pub use faults::FaultTracker;

@@ -91,13 +91,15 @@ async fn classify_on(
     params: ClassifyParams,
 ) -> Result<Vec<Classification>> {
     let settings = model
-        .manifest
+        .settings
         .classify
         .as_ref()
-        .ok_or_else(|| Error::Internal(format!("{} has no [classify] section", model.name)))?;
+        .ok_or_else(|| Error::Internal(format!("{} has no classify settings", model.name)))?;
+    let labels = &settings.labels.value;
+    let multi_label = settings.multi_label.value;
     let outputs = run_encoder(model, params.texts, params.truncate, None, true).await?;
 
-    let top_k = params.top_k.map_or(settings.labels.len(), |k| k as usize);
+    let top_k = params.top_k.map_or(labels.len(), |k| k as usize);
     outputs
         .into_iter()
         .map(
@@ -109,23 +111,23 @@ async fn classify_on(
                 let logits = output
                     .logits
                     .ok_or_else(|| Error::Internal("the batch returned no logits".into()))?;
-                if logits.len() != settings.labels.len() {
+                if logits.len() != labels.len() {
                     return Err(Error::Internal(format!(
                         "the model returned {} scores for {} labels",
                         logits.len(),
-                        settings.labels.len()
+                        labels.len()
                     )));
                 }
-                let scores = match (params.scores, settings.multi_label) {
+                let scores = match (params.scores, multi_label) {
                     (ScoreKind::Raw, _) => logits,
                     (ScoreKind::Probability, false) => softmax(&logits),
                     (ScoreKind::Probability, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
                 };
                 Ok(Classification {
-                    labels: rank(&scores, &settings.labels, top_k),
+                    labels: rank(&scores, labels, top_k),
                     token_count,
                     truncated,
-                    multi_label: settings.multi_label,
+                    multi_label,
                 })
             },
         )

@@ -7,8 +7,9 @@ use super::text::Truncate;
 use super::{EncodedOutput, RequestMetrics, ServedBy, check_texts, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
+use crate::registry::settings::pooling_name;
 use crate::registry::{ModelVersion, Registry};
-use crate::runtime::encoder::Pooling;
+use crate::runtime::encoder::{Embedding as EncoderEmbedding, Pooling};
 
 #[derive(Debug, Clone)]
 pub struct EmbedParams {
@@ -67,11 +68,32 @@ pub async fn embed(
 
 /// Embeds on one model version.
 async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<Embedding>> {
-    let settings = model.manifest.embed_settings();
-    let pooling = params.pooling.unwrap_or(settings.pooling);
-    let normalize = params.normalize.unwrap_or(settings.normalize);
+    let settings = model
+        .settings
+        .embed
+        .as_ref()
+        .ok_or_else(|| Error::Internal(format!("{} has no embed settings", model.name)))?;
+    // A pooling the request names is applied to per-token states, which a graph that only
+    // returns pooled vectors does not have.
+    let embedding = match params.pooling {
+        Some(pooling) if model.bindings.hidden_states.is_some() => EncoderEmbedding::Pool(pooling),
+        Some(pooling) => {
+            return Err(Error::invalid(
+                "pooling",
+                format!(
+                    "{}@{} returns embeddings its graph already pooled, so {} pooling cannot be chosen; leave pooling unset",
+                    model.name,
+                    model.version,
+                    pooling_name(pooling)
+                ),
+            ));
+        }
+        None if settings.use_pooled_output => EncoderEmbedding::Pooled,
+        None => EncoderEmbedding::Pool(settings.pooling.value),
+    };
+    let normalize = params.normalize.unwrap_or(settings.normalize.value);
 
-    let outputs = run_encoder(model, params.texts, params.truncate, Some(pooling), false).await?;
+    let outputs = run_encoder(model, params.texts, params.truncate, Some(embedding), false).await?;
     outputs
         .into_iter()
         .map(

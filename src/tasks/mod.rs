@@ -110,12 +110,12 @@ pub(crate) struct EncodedOutput {
 }
 
 /// Tokenizes `texts` and runs them through the model's dynamic batcher, each row asking for
-/// its hidden states pooled by `pooling` and/or its class logits. Outputs keep input order.
+/// `embedding` and/or its class logits. Outputs keep input order.
 pub(crate) async fn run_encoder(
     model: &std::sync::Arc<ModelVersion>,
     texts: Vec<String>,
     truncate: text::Truncate,
-    pooling: Option<crate::runtime::encoder::Pooling>,
+    embedding: Option<crate::runtime::encoder::Embedding>,
     logits: bool,
 ) -> Result<Vec<EncodedOutput>> {
     let started = Instant::now();
@@ -126,7 +126,7 @@ pub(crate) async fn run_encoder(
         .into_iter()
         .map(|e| crate::runtime::encoder::EncoderRow {
             ids: e.ids,
-            pooling,
+            embedding,
             logits,
         })
         .collect();

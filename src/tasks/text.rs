@@ -1,7 +1,11 @@
-//! Turns request texts into token ids within the model's maximum length, truncating only when
-//! the caller asked to.
+//! Turns request texts into the token ids the model sees, as its authors tokenize: with the
+//! special tokens the tokenizer's post-processor adds (unless the model's settings say not),
+//! within the model's maximum length counting those tokens. Truncation, only when the caller
+//! asks for it, cuts the text and never the special tokens.
 
 use std::sync::Arc;
+
+use tokenizers::{Tokenizer, TruncationDirection};
 
 use crate::error::{Error, Result};
 use crate::registry::ModelVersion;
@@ -26,6 +30,17 @@ pub struct Encoded {
     pub truncated: bool,
 }
 
+/// Why a text could not become model input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The tokenizer refused it.
+    Tokenizer(String),
+    /// It has no tokens at all.
+    Empty,
+    /// `tokens` (special tokens included) is over `limit` and truncation was not asked for.
+    TooLong { tokens: usize, limit: usize },
+}
+
 /// Tokenizes every text; a text over the model's limit is truncated or rejected by `truncate`.
 pub async fn encode_all(
     model: &Arc<ModelVersion>,
@@ -47,72 +62,166 @@ fn encode_texts(
     texts: &[String],
     truncate: Truncate,
 ) -> Result<Vec<Encoded>> {
-    let limit = model.manifest.max_length;
+    let limit = model.settings.max_length.value;
+    let special = model.settings.add_special_tokens.value;
     texts
         .iter()
         .enumerate()
         .map(|(index, text)| {
-            let encoding = model
-                .tokenizer
-                .encode(text.as_str(), false)
-                .map_err(|error| Error::invalid(format!("texts[{index}]"), format!("cannot be tokenized: {error}")))?;
-            let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
-            if ids.is_empty() {
-                return Err(Error::invalid(format!("texts[{index}]"), "has no tokens; send a non-empty text"));
-            }
-            fit(ids, limit, truncate).map_err(|length| {
-                Error::invalid(
-                    format!("texts[{index}]"),
-                    format!("{length} tokens is over the model's maximum of {limit}; set truncate to RIGHT or LEFT to cut it"),
+            encode(&model.tokenizer, text, special, limit, truncate).map_err(|error| {
+                text_error(
+                    &format!("texts[{index}]"),
+                    error,
+                    "set truncate to TRUNCATE_RIGHT or TRUNCATE_LEFT to cut it",
                 )
             })
         })
         .collect()
 }
 
-/// Cuts `ids` to `limit` as `truncate` says, or returns the length when that is not allowed.
-pub fn fit(mut ids: Vec<i64>, limit: usize, truncate: Truncate) -> Result<Encoded, usize> {
-    if ids.len() <= limit {
+/// The INVALID_ARGUMENT for `field` that failed to encode; `how_to_cut` says which request
+/// setting truncates.
+pub fn text_error(field: &str, error: EncodeError, how_to_cut: &str) -> Error {
+    match error {
+        EncodeError::Tokenizer(reason) => {
+            Error::invalid(field, format!("cannot be tokenized: {reason}"))
+        }
+        EncodeError::Empty => Error::invalid(field, "has no tokens; send a non-empty text"),
+        EncodeError::TooLong { tokens, limit } => Error::invalid(
+            field,
+            format!(
+                "{tokens} tokens is over the model's maximum of {limit} (special tokens included); {how_to_cut}"
+            ),
+        ),
+    }
+}
+
+/// Encodes one text as the model sees it: at most `limit` tokens, special tokens included when
+/// `special` is set. Over the limit, `truncate` cuts the text's own tokens from its end (Right)
+/// or start (Left) and the special tokens are added around what is left.
+pub fn encode(
+    tokenizer: &Tokenizer,
+    text: &str,
+    special: bool,
+    limit: usize,
+    truncate: Truncate,
+) -> Result<Encoded, EncodeError> {
+    let tokenizer_error = |error: tokenizers::Error| EncodeError::Tokenizer(error.to_string());
+    let full = tokenizer
+        .encode_fast(text, special)
+        .map_err(tokenizer_error)?;
+    if full.is_empty() {
+        return Err(EncodeError::Empty);
+    }
+    if full.len() <= limit {
         return Ok(Encoded {
-            ids,
+            ids: ids_of(&full),
             truncated: false,
         });
     }
-    match truncate {
-        Truncate::None => Err(ids.len()),
-        Truncate::Right => {
-            ids.truncate(limit);
-            Ok(Encoded {
-                ids,
-                truncated: true,
-            })
+    let direction = match truncate {
+        Truncate::None => {
+            return Err(EncodeError::TooLong {
+                tokens: full.len(),
+                limit,
+            });
         }
-        Truncate::Left => {
-            let cut = ids.len() - limit;
-            ids.drain(..cut);
-            Ok(Encoded {
-                ids,
-                truncated: true,
-            })
-        }
-    }
+        Truncate::Right => TruncationDirection::Right,
+        Truncate::Left => TruncationDirection::Left,
+    };
+    let mut plain = tokenizer
+        .encode_fast(text, false)
+        .map_err(tokenizer_error)?;
+    let added = full.len().saturating_sub(plain.len());
+    // The model's settings keep the limit above the special tokens; a text cut to nothing would
+    // still not be a text.
+    let room = limit.saturating_sub(added).max(1);
+    plain.truncate(room, 0, direction);
+    let cut = tokenizer
+        .post_process(plain, None, special)
+        .map_err(tokenizer_error)?;
+    Ok(Encoded {
+        ids: ids_of(&cut),
+        truncated: true,
+    })
+}
+
+fn ids_of(encoding: &tokenizers::Encoding) -> Vec<i64> {
+    encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+
+    /// A word-level tokenizer with BERT's `[CLS] text [SEP]` post-processor.
+    fn bert_like() -> Tokenizer {
+        let vocab = [
+            ("[CLS]", 0),
+            ("[SEP]", 1),
+            ("a", 2),
+            ("b", 3),
+            ("c", 4),
+            ("d", 5),
+        ]
+        .into_iter()
+        .map(|(word, id)| (word.to_string(), id))
+        .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("a".into())
+            .build()
+            .unwrap();
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+        tokenizer.with_post_processor(Some(
+            TemplateProcessing::builder()
+                .try_single("[CLS] $A [SEP]")
+                .unwrap()
+                .special_tokens(vec![("[CLS]", 0), ("[SEP]", 1)])
+                .build()
+                .unwrap(),
+        ));
+        tokenizer
+    }
 
     #[test]
-    fn truncates_only_when_asked() {
-        assert_eq!(fit(vec![1, 2, 3], 2, Truncate::None), Err(3));
+    fn adds_the_post_processors_special_tokens() {
+        let tokenizer = bert_like();
+        let encoded = encode(&tokenizer, "a b", true, 8, Truncate::None).unwrap();
+        assert_eq!(encoded.ids, vec![0, 2, 3, 1]);
+        let plain = encode(&tokenizer, "a b", false, 8, Truncate::None).unwrap();
+        assert_eq!(plain.ids, vec![2, 3]);
+    }
+
+    #[test]
+    fn the_limit_counts_special_tokens_and_truncation_keeps_them() {
+        let tokenizer = bert_like();
         assert_eq!(
-            fit(vec![1, 2, 3], 2, Truncate::Right).unwrap().ids,
-            vec![1, 2]
+            encode(&tokenizer, "a b c d", true, 5, Truncate::None),
+            Err(EncodeError::TooLong {
+                tokens: 6,
+                limit: 5
+            })
         );
+        let right = encode(&tokenizer, "a b c d", true, 5, Truncate::Right).unwrap();
+        assert_eq!(right.ids, vec![0, 2, 3, 4, 1]);
+        assert!(right.truncated);
+        let left = encode(&tokenizer, "a b c d", true, 5, Truncate::Left).unwrap();
+        assert_eq!(left.ids, vec![0, 3, 4, 5, 1]);
+        let fits = encode(&tokenizer, "a b c", true, 5, Truncate::Right).unwrap();
+        assert!(!fits.truncated);
+    }
+
+    #[test]
+    fn an_empty_text_is_refused() {
+        let tokenizer = bert_like();
         assert_eq!(
-            fit(vec![1, 2, 3], 2, Truncate::Left).unwrap().ids,
-            vec![2, 3]
+            encode(&tokenizer, "", false, 5, Truncate::None),
+            Err(EncodeError::Empty)
         );
-        assert!(!fit(vec![1, 2], 2, Truncate::None).unwrap().truncated);
     }
 }

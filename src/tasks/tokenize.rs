@@ -28,11 +28,12 @@ pub struct DetokenizeOutput {
     pub served_by: ServedBy,
 }
 
+/// Splits `text` into tokens; `add_special_tokens` unset does what inference feeds the model.
 pub fn tokenize(
     registry: &Registry,
     model: &str,
     text: &str,
-    add_special_tokens: bool,
+    add_special_tokens: Option<bool>,
 ) -> Result<TokenizeOutput> {
     let mut request = RequestMetrics::start("tokenize");
     let result = (|| {
@@ -47,9 +48,10 @@ pub fn tokenize(
         }
         let model = registry.resolve(model, None)?;
         request.model(&model);
+        let special = add_special_tokens.unwrap_or(model.settings.add_special_tokens.value);
         let encoding = model
             .tokenizer
-            .encode_char_offsets(text, add_special_tokens)
+            .encode_char_offsets(text, special)
             .map_err(|error| Error::invalid("text", format!("cannot be tokenized: {error}")))?;
         let tokens = encoding
             .get_ids()

@@ -203,13 +203,46 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Copies one model version into `dest/<name>/<version>`.
 pub fn copy_version(model: &str, version: &str, dest: &Path, name: &str, new_version: &str) {
-    let from = repository().join(model).join(version);
-    let to = dest.join(name).join(new_version);
-    std::fs::create_dir_all(&to).unwrap();
+    copy_dir(
+        &repository().join(model).join(version),
+        &dest.join(name).join(new_version),
+    );
+}
+
+/// The small fixture models built by tests/fixtures/build.py.
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures/repository")
+}
+
+/// Copies a folder's files (and sub-folders) into `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
     }
+}
+
+/// The repository `make real-models` builds: `TEST_REAL_MODELS`, else the user's cache folder.
+pub fn real_models() -> PathBuf {
+    if let Some(path) = std::env::var_os("TEST_REAL_MODELS") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    let path = cache.join("lmserve/real-models/repository");
+    assert!(
+        path.join("all-minilm-l6-v2/1/.built").is_file()
+            && path.join("smollm2-135m-instruct/1/.built").is_file(),
+        "the real models are not built in {}; run `make real-models`",
+        path.display()
+    );
+    path
 }
 
 /// The body of `GET /metrics` from the exporter on `port`.

@@ -43,11 +43,11 @@ def _binary() -> Path:
     raise RuntimeError("build lmserve first (cargo build --release) or set TEST_SERVER_BIN")
 
 
-@pytest.fixture(scope="session")
-def server_address():
-    env = dict(os.environ, LMSERVE_LOGGING__FILTER="warn")
+def serve(args=(), env=None):
+    """Starts the real binary on a free port; yields its address once it is SERVING."""
+    env = dict(os.environ, LMSERVE_LOGGING__FILTER="warn", **(env or {}))
     process = subprocess.Popen(
-        [str(_binary()), "serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"],
+        [str(_binary()), "serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=None, text=True,
     )
     try:
@@ -63,6 +63,31 @@ def server_address():
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def server_address():
+    yield from serve()
+
+
+def real_models() -> Path:
+    """The repository `make real-models` builds: TEST_REAL_MODELS, else the user's cache folder."""
+    explicit = os.environ.get("TEST_REAL_MODELS")
+    if explicit:
+        return Path(explicit)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = cache / "lmserve" / "real-models" / "repository"
+    if not (path / "smollm2-135m-instruct" / "1" / ".built").is_file():
+        raise RuntimeError(f"the real models are not built in {path}; run `make real-models`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_server_address():
+    # One session per model and both cores for each run: the 135M decoder is the slow part.
+    yield from serve(["--repository", str(real_models())],
+                     {"LMSERVE_RUNTIME__SESSIONS_PER_MODEL": "1",
+                      "LMSERVE_RUNTIME__INTRA_THREADS": "2"})
 
 
 def _wait_serving(address: str) -> None:

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 use crate::runtime::SessionPool;
 use crate::runtime::decoder::{DecodeBatch, DecoderModel};
 use crate::runtime::placement::{self, CpuList};
+use crate::runtime::session::panic_message;
+use crate::scheduling::FaultTracker;
 use crate::telemetry::metrics::{self, DecodeLoopMetrics, ModelLabels};
 
 /// What the driver chose at one step.
@@ -57,6 +59,8 @@ struct Shared {
 
 /// How one model's scheduler runs: its admission limits, its queue, and where its thread runs.
 pub struct SchedulerSettings {
+    /// Counts failed runs in a row; shared with the registry, which reports a broken version.
+    pub faults: Arc<FaultTracker>,
     pub limits: ContinuousLimits,
     /// Sequences that may wait; beyond it a request is RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
@@ -78,6 +82,7 @@ impl ContinuousScheduler {
         labels: ModelLabels,
     ) -> std::io::Result<Self> {
         let SchedulerSettings {
+            faults,
             limits,
             queue_capacity,
             decode_cpus,
@@ -100,6 +105,7 @@ impl ContinuousScheduler {
                     decoder,
                     pool,
                     limits,
+                    faults,
                     shared: thread_shared,
                     batch: DecodeBatch::empty(),
                     rows: Vec::new(),
@@ -166,6 +172,7 @@ struct Loop {
     decoder: DecoderModel,
     pool: Arc<SessionPool>,
     limits: ContinuousLimits,
+    faults: Arc<FaultTracker>,
     shared: Arc<Shared>,
     batch: DecodeBatch,
     /// Row-aligned with `batch`.
@@ -182,10 +189,12 @@ impl Loop {
             // dropped (its callers see a failed stream) and the loop goes on.
             let step =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.iterate(admitted)));
-            if step.is_err() {
-                tracing::error!(model = %self.shared.labels.model, version = %self.shared.labels.version, "decode step panicked; dropping its batch");
+            if let Err(panic) = step {
+                let reason = format!("a decode step panicked: {}", panic_message(&*panic));
+                tracing::error!(model = %self.shared.labels.model, version = %self.shared.labels.version, %reason, "dropping its batch");
                 self.batch = DecodeBatch::empty();
-                self.rows.clear();
+                let rows = std::mem::take(&mut self.rows);
+                self.fail_all(reason, rows);
             }
         }
     }
@@ -250,12 +259,10 @@ impl Loop {
             Ok(done) => done,
             Err(error) => {
                 tracing::error!(%error, "prefill failed");
-                for mut active in joining {
-                    active.driver.stopped(StopCause::Failed(error.to_string()));
-                }
-                return;
+                return self.fail_all(format!("onnxruntime: {error}"), joining);
             }
         };
+        self.faults.succeeded();
         let mut keep = Vec::with_capacity(joining.len());
         for (index, (active, logits)) in joining.iter_mut().zip(&logits).enumerate() {
             let decision = active.driver.next(logits);
@@ -300,6 +307,7 @@ impl Loop {
             .decode_step(started.elapsed(), self.rows.len());
         match result {
             Ok(logits) => {
+                self.faults.succeeded();
                 let mut finished = vec![false; self.rows.len()];
                 for (index, (active, logits)) in self.rows.iter_mut().zip(&logits).enumerate() {
                     let decision = active.driver.next(logits);
@@ -312,7 +320,7 @@ impl Loop {
                 tracing::error!(%error, "decode step failed");
                 let rows = std::mem::take(&mut self.rows);
                 self.batch = DecodeBatch::empty();
-                self.fail_all(error.to_string(), rows);
+                self.fail_all(format!("onnxruntime: {error}"), rows);
             }
         }
     }
@@ -344,7 +352,9 @@ impl Loop {
         }
     }
 
+    /// Ends `rows` with a failure. Each call is one failed run for the fault tracker.
     fn fail_all(&mut self, message: String, rows: Vec<Active>) {
+        self.faults.failed(&self.shared.labels.model, &message);
         for mut active in rows {
             active.driver.stopped(StopCause::Failed(message.clone()));
         }

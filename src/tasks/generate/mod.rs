@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRules};
-use self::params::{Checked, GenerateParams, Prompt};
+use self::params::{GenerateParams, Prompt};
 use self::sampling::Sampler;
 use self::text::TextStream;
 use super::routing::{self, Routing};
+use super::text::{self as text_input, EncodeError, Truncate};
 use super::{RequestMetrics, ServedBy};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result, Task};
@@ -142,20 +143,22 @@ async fn start_with(
     delivery: Delivery,
 ) -> Result<GenerationStream> {
     let mut request = RequestMetrics::start(Task::Generate.as_str());
-    let routed = params.check(config).and_then(|checked| {
-        let (model, served_by) = routing::route(
+    // The request's own values are checked before any model is chosen; the model's defaults
+    // for what it left unset join once the route has picked one.
+    let routed = params.check(config).and_then(|_| {
+        routing::route(
             registry,
             &params.model,
             Task::Generate,
             routing,
             &mut request,
             |shadow| {
-                let (checked, params) = (checked.clone(), params.clone());
+                let (config, params) = (config.clone(), params.clone());
                 async move {
                     collect(start_on(
                         shadow,
                         ServedBy::default(),
-                        &checked,
+                        &config,
                         params,
                         None,
                         Delivery::Collect,
@@ -163,12 +166,11 @@ async fn start_with(
                     .await
                 }
             },
-        )?;
-        Ok((checked, model, served_by))
+        )
     });
     match routed {
-        Ok((checked, model, served_by)) => {
-            start_on(model, served_by, &checked, params, Some(request), delivery)
+        Ok((model, served_by)) => {
+            start_on(model, served_by, config, params, Some(request), delivery)
         }
         Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
     }
@@ -178,12 +180,20 @@ async fn start_with(
 fn start_on(
     model: Arc<ModelVersion>,
     served_by: ServedBy,
-    checked: &Checked,
+    config: &GenerationConfig,
     params: GenerateParams,
     request: Option<RequestMetrics>,
     delivery: Delivery,
 ) -> Result<GenerationStream> {
     let arrived = Instant::now();
+    let checked = match params
+        .clone()
+        .with_model_defaults(&model.settings.generation, config)
+        .check(config)
+    {
+        Ok(checked) => checked,
+        Err(error) => return Err(finish_early(request, error)),
+    };
     let prompt =
         match prompt_ids(&model, params.prompt, params.truncate_prompt).and_then(|prompt| {
             // Stop ids the model can never produce would silently never stop anything.
@@ -197,7 +207,7 @@ fn start_on(
             Ok(prompt) => prompt,
             Err(error) => return Err(finish_early(request, error)),
         };
-    let context_left = model.manifest.max_length - prompt.len();
+    let context_left = model.settings.max_length.value - prompt.len();
     let max_new_tokens = checked.max_new_tokens.min(context_left);
     let mut stop_ids: Vec<i64> = checked
         .stop_token_ids
@@ -205,7 +215,14 @@ fn start_on(
         .map(|&id| i64::from(id))
         .collect();
     if !checked.ignore_eos {
-        stop_ids.extend(model.manifest.eos_token_ids.iter().map(|&id| i64::from(id)));
+        stop_ids.extend(
+            model
+                .settings
+                .eos_token_ids
+                .value
+                .iter()
+                .map(|&id| i64::from(id)),
+        );
     }
     let rules = StopRules {
         max_new_tokens,
@@ -354,48 +371,52 @@ fn check_in_vocabulary(field: &str, ids: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
-/// The prompt as token ids, within the model's context (leaving room for one new token).
+/// The prompt as token ids, within the model's context (leaving room for one new token). Text
+/// gets the special tokens the tokenizer adds (a BOS for Llama-style models, nothing for
+/// GPT-2's); ids are the caller's exact input. A prompt cut to fit loses its oldest tokens.
 fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
-    let ids: Vec<i64> = match prompt {
-        None => {
-            return Err(Error::invalid(
-                "prompt",
-                "is missing; set text or token_ids",
-            ));
-        }
+    let max_length = model.settings.max_length.value;
+    let room = max_length.saturating_sub(1).max(1);
+    let too_long = |tokens: usize| {
+        Error::invalid(
+            "prompt",
+            format!(
+                "{tokens} tokens leaves no room in the model's context of {max_length} tokens; shorten it or set truncate_prompt to cut it from the left"
+            ),
+        )
+    };
+    match prompt {
+        None => Err(Error::invalid(
+            "prompt",
+            "is missing; set text or token_ids",
+        )),
         Some(Prompt::Text(text)) => {
-            let encoding = model
-                .tokenizer
-                .encode(text.as_str(), false)
-                .map_err(|error| {
-                    Error::invalid("prompt.text", format!("cannot be tokenized: {error}"))
-                })?;
-            encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
+            let cut = if truncate {
+                Truncate::Left
+            } else {
+                Truncate::None
+            };
+            let special = model.settings.add_special_tokens.value;
+            match text_input::encode(&model.tokenizer, &text, special, room, cut) {
+                Ok(encoded) => Ok(encoded.ids),
+                Err(EncodeError::TooLong { tokens, .. }) => Err(too_long(tokens)),
+                Err(error) => Err(text_input::text_error("prompt.text", error, "")),
+            }
         }
         Some(Prompt::Ids(ids)) => {
             check_in_vocabulary("prompt.token_ids", &ids, model.input_vocab_size)?;
-            ids.into_iter().map(i64::from).collect()
+            if ids.is_empty() {
+                return Err(Error::invalid(
+                    "prompt",
+                    "has no tokens; send a non-empty prompt",
+                ));
+            }
+            let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+            match ids.len() {
+                length if length <= room => Ok(ids),
+                _ if truncate => Ok(ids[ids.len() - room..].to_vec()),
+                length => Err(too_long(length)),
+            }
         }
-    };
-    if ids.is_empty() {
-        return Err(Error::invalid(
-            "prompt",
-            "has no tokens; send a non-empty prompt",
-        ));
     }
-    let room = model.manifest.max_length.saturating_sub(1);
-    if ids.len() <= room {
-        return Ok(ids);
-    }
-    if truncate && room > 0 {
-        return Ok(ids[ids.len() - room..].to_vec());
-    }
-    Err(Error::invalid(
-        "prompt",
-        format!(
-            "{} tokens leaves no room in the model's context of {} tokens; shorten it or set truncate_prompt to cut it from the left",
-            ids.len(),
-            model.manifest.max_length
-        ),
-    ))
 }

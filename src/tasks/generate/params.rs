@@ -4,6 +4,7 @@
 use super::sampling::SamplingConfig;
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
+use crate::registry::settings::{GenerationDefaults, Sourced};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
@@ -19,9 +20,9 @@ pub struct GenerateParams {
     pub truncate_prompt: bool,
     pub max_new_tokens: Option<u32>,
     pub min_new_tokens: u32,
-    pub do_sample: bool,
+    pub do_sample: Option<bool>,
     pub temperature: Option<f32>,
-    pub top_k: u32,
+    pub top_k: Option<u32>,
     pub top_p: Option<f32>,
     pub typical_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
@@ -69,7 +70,35 @@ fn check_penalty(field: &str, value: f32) -> Result<f32> {
     }
 }
 
+fn value<T: Copy>(setting: &Option<Sourced<T>>) -> Option<T> {
+    setting.as_ref().map(|setting| setting.value)
+}
+
 impl GenerateParams {
+    /// The request with the model's own defaults in the parameters it left unset. The sampling
+    /// ones apply only when the request samples, as transformers ignores them otherwise; a
+    /// default length over the server's limit is lowered to it.
+    pub fn with_model_defaults(
+        mut self,
+        defaults: &GenerationDefaults,
+        limits: &GenerationConfig,
+    ) -> Self {
+        self.do_sample = self.do_sample.or(value(&defaults.do_sample));
+        self.repetition_penalty = self
+            .repetition_penalty
+            .or(value(&defaults.repetition_penalty));
+        let limit = u32::try_from(limits.max_new_tokens).unwrap_or(u32::MAX);
+        self.max_new_tokens = self
+            .max_new_tokens
+            .or(value(&defaults.max_new_tokens).map(|default| default.min(limit)));
+        if self.do_sample == Some(true) {
+            self.temperature = self.temperature.or(value(&defaults.temperature));
+            self.top_p = self.top_p.or(value(&defaults.top_p));
+            self.top_k = self.top_k.or(value(&defaults.top_k));
+        }
+        self
+    }
+
     pub fn check(&self, limits: &GenerationConfig) -> Result<Checked> {
         let max_new_tokens = match self.max_new_tokens {
             None => limits.default_max_new_tokens,
@@ -178,9 +207,9 @@ impl GenerateParams {
             ));
         }
         let sampling = SamplingConfig {
-            do_sample: self.do_sample,
+            do_sample: self.do_sample.unwrap_or(false),
             temperature,
-            top_k: self.top_k as usize,
+            top_k: self.top_k.unwrap_or(0) as usize,
             top_p: check_unit_interval("parameters.top_p", self.top_p)?,
             typical_p: check_unit_interval("parameters.typical_p", self.typical_p)?,
             repetition_penalty,

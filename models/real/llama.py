@@ -1,0 +1,200 @@
+"""A Llama decoder to ONNX from a GGUF file (any quantisation the gguf package reads), with
+numpy and onnx only, in optimum's decoder layout with a KV cache:
+
+  inputs   input_ids [batch, sequence], attention_mask [batch, past + sequence],
+           position_ids [batch, sequence],
+           past_key_values.N.key / .value [batch, kv_heads, past, head_dim]
+  outputs  logits [batch, sequence, vocab], present.N.key / .value [batch, kv_heads,
+           past + sequence, head_dim]
+
+Weights are dequantised to float32. llama.cpp stores the query and key projections with their
+rows permuted for its rotary layout; they are permuted back, so the graph applies rotary
+embeddings as transformers' Llama does (rotate the two halves of each head).
+"""
+import numpy as np
+from gguf import GGUFReader, dequantize
+
+from graph import FLOAT, INT64, Graph
+
+
+def field(reader: GGUFReader, key: str, default=None):
+    found = reader.fields.get(key)
+    return default if found is None else found.contents()
+
+
+def hyperparameters(reader: GGUFReader) -> dict:
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise SystemExit(f"unsupported GGUF architecture {arch!r}")
+    hidden = field(reader, "llama.embedding_length")
+    heads = field(reader, "llama.attention.head_count")
+    return {
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "hidden_size": hidden,
+        "intermediate_size": field(reader, "llama.feed_forward_length"),
+        "num_hidden_layers": field(reader, "llama.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": field(reader, "llama.attention.head_count_kv", heads),
+        "head_dim": hidden // heads,
+        "max_position_embeddings": field(reader, "llama.context_length"),
+        "rms_norm_eps": float(field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field(reader, "llama.rope.freq_base", 10000.0)),
+    }
+
+
+def tensors(reader: GGUFReader) -> dict:
+    """Every tensor dequantised to float32, in numpy's row-major order ([out, in] for weights)."""
+    out = {}
+    for tensor in reader.tensors:
+        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        out[tensor.name] = values.reshape([int(d) for d in reversed(tensor.shape)])
+    return out
+
+
+def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's row permutation of a query or key projection ([heads * head_dim, in])."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _rms_norm(g: Graph, x: str, weight: str, eps: float, name: str) -> str:
+    squared = g.op("Mul", [x, x], f"{name}_sq")
+    mean = g.op("ReduceMean", [squared], f"{name}_mean", axes=[-1], keepdims=1)
+    root = g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float32)], f"{name}_eps")],
+                f"{name}_sqrt")
+    return g.op("Mul", [g.op("Div", [x, root], f"{name}_div"), weight], name)
+
+
+def _rotate(g: Graph, x: str, cos: str, sin: str, half: int, name: str) -> str:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] over the head axis."""
+    first, second = g.op("Split", [x, g.const([half, half])], f"{name}_split", outputs=2,
+                         axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [second], f"{name}_neg"), first], f"{name}_rot",
+                   axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos], f"{name}_cos"),
+                        g.op("Mul", [rotated, sin], f"{name}_sin")], name)
+
+
+def build(weights: dict, hp: dict) -> Graph:
+    heads, kv_heads, head_dim = hp["num_attention_heads"], hp["num_key_value_heads"], hp["head_dim"]
+    hidden, eps = hp["hidden_size"], hp["rms_norm_eps"]
+    group = heads // kv_heads
+    g = Graph()
+    input_ids = g.input("input_ids", INT64, ["batch", "sequence"])
+    attention_mask = g.input("attention_mask", INT64, ["batch", "total"])
+    position_ids = g.input("position_ids", INT64, ["batch", "sequence"])
+    pasts = []
+    for i in range(hp["num_hidden_layers"]):
+        pasts.append((
+            g.input(f"past_key_values.{i}.key", FLOAT, ["batch", kv_heads, "past", head_dim]),
+            g.input(f"past_key_values.{i}.value", FLOAT, ["batch", kv_heads, "past", head_dim]),
+        ))
+
+    embedding = g.weight("token_embd.weight", weights["token_embd.weight"])
+    x = g.op("Gather", [embedding, input_ids], "embed_tokens", axis=0)
+
+    # Rotary tables for the given positions: [batch, 1, sequence, head_dim].
+    inv_freq = 1.0 / (hp["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.int64)
+                                          .astype(np.float32) / head_dim))
+    positions = g.op("Unsqueeze", [g.op("Cast", [position_ids], "positions_float", to=FLOAT),
+                                   g.const([-1])], "positions_col")
+    freqs = g.op("Mul", [positions, g.const(inv_freq.reshape(1, 1, -1), np.float32)], "freqs")
+    angles = g.op("Concat", [freqs, freqs], "angles", axis=-1)
+    cos = g.op("Unsqueeze", [g.op("Cos", [angles], "cos_raw"), g.const([1])], "cos")
+    sin = g.op("Unsqueeze", [g.op("Sin", [angles], "sin_raw"), g.const([1])], "sin")
+
+    # Causal and padding mask over [past + sequence] keys: [batch, 1, sequence, total].
+    total = g.op("Gather", [g.op("Shape", [attention_mask], "mask_shape"), g.const(1)],
+                 "total_length", axis=0)
+    length = g.op("Gather", [g.op("Shape", [input_ids], "ids_shape"), g.const(1)],
+                  "sequence_length", axis=0)
+    past = g.op("Sub", [total, length], "past_length")
+    query_pos = g.op("Unsqueeze", [g.op("Range", [past, total, g.const(1)], "query_range"),
+                                   g.const([-1])], "query_pos")
+    key_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total, g.const(1)], "key_range"),
+                                 g.const([0])], "key_pos")
+    causal = g.op("LessOrEqual", [key_pos, query_pos], "causal")
+    padding = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])], "mask_4d")],
+                   "mask_bool", to=9)  # BOOL
+    allowed = g.op("And", [causal, padding], "allowed")
+    mask_bias = g.op("Where", [allowed, g.const(0.0, np.float32),
+                               g.const(np.finfo(np.float32).min, np.float32)], "mask_bias")
+
+    q_shape = g.const([0, 0, heads, head_dim])
+    kv_shape = g.const([0, 0, kv_heads, head_dim])
+    merged_shape = g.const([0, 0, hidden])
+    scale = g.const(1.0 / np.sqrt(head_dim), np.float32)
+    half = head_dim // 2
+    presents = []
+    for i in range(hp["num_hidden_layers"]):
+        p = f"blk.{i}"
+        w = lambda key, array: g.weight(f"{p}.{key}", array)  # noqa: E731
+        normed = _rms_norm(g, x, w("attn_norm.weight", weights[f"{p}.attn_norm.weight"]), eps,
+                           f"l{i}_attn_norm")
+        q_w = unpermute(weights[f"{p}.attn_q.weight"], heads)
+        k_w = unpermute(weights[f"{p}.attn_k.weight"], kv_heads)
+        q = g.op("MatMul", [normed, w("attn_q.weight", q_w.T)], f"l{i}_q")
+        k = g.op("MatMul", [normed, w("attn_k.weight", k_w.T)], f"l{i}_k")
+        v = g.op("MatMul", [normed, w("attn_v.weight", weights[f"{p}.attn_v.weight"].T)], f"l{i}_v")
+        q = g.op("Transpose", [g.op("Reshape", [q, q_shape], f"l{i}_q_heads")], f"l{i}_q_t",
+                 perm=[0, 2, 1, 3])
+        k = g.op("Transpose", [g.op("Reshape", [k, kv_shape], f"l{i}_k_heads")], f"l{i}_k_t",
+                 perm=[0, 2, 1, 3])
+        v = g.op("Transpose", [g.op("Reshape", [v, kv_shape], f"l{i}_v_heads")], f"l{i}_v_t",
+                 perm=[0, 2, 1, 3])
+        q = _rotate(g, q, cos, sin, half, f"l{i}_q_rope")
+        k = _rotate(g, k, cos, sin, half, f"l{i}_k_rope")
+        key = g.op("Concat", [pasts[i][0], k], f"l{i}_present_key", axis=2)
+        value = g.op("Concat", [pasts[i][1], v], f"l{i}_present_value", axis=2)
+        presents.append((key, value))
+        if group > 1:
+            # Each key/value head serves `group` query heads: [b, kv, t, d] -> [b, kv*group, t, d].
+            expand = lambda t, n: g.op("Reshape", [  # noqa: E731
+                g.op("Expand", [g.op("Unsqueeze", [t, g.const([2])], f"{n}_unsq"),
+                                g.const([1, 1, group, 1, 1])], f"{n}_expand"),
+                g.const([0, heads, -1, head_dim])], n)
+            key_all, value_all = expand(key, f"l{i}_key_rep"), expand(value, f"l{i}_value_rep")
+        else:
+            key_all, value_all = key, value
+        key_t = g.op("Transpose", [key_all], f"l{i}_key_t", perm=[0, 1, 3, 2])
+        scores = g.op("Mul", [g.op("MatMul", [q, key_t], f"l{i}_qk"), scale], f"l{i}_scores")
+        probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], f"l{i}_masked")],
+                     f"l{i}_probs", axis=-1)
+        context = g.op("Transpose", [g.op("MatMul", [probs, value_all], f"l{i}_context")],
+                       f"l{i}_context_t", perm=[0, 2, 1, 3])
+        context = g.op("Reshape", [context, merged_shape], f"l{i}_context_merged")
+        attention = g.op("MatMul", [context, w("attn_output.weight",
+                                               weights[f"{p}.attn_output.weight"].T)],
+                         f"l{i}_attn_out")
+        x = g.op("Add", [x, attention], f"l{i}_attn_residual")
+
+        normed = _rms_norm(g, x, w("ffn_norm.weight", weights[f"{p}.ffn_norm.weight"]), eps,
+                           f"l{i}_ffn_norm")
+        gate = g.op("MatMul", [normed, w("ffn_gate.weight", weights[f"{p}.ffn_gate.weight"].T)],
+                    f"l{i}_gate")
+        up = g.op("MatMul", [normed, w("ffn_up.weight", weights[f"{p}.ffn_up.weight"].T)],
+                  f"l{i}_up")
+        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
+        down = g.op("MatMul", [g.op("Mul", [silu, up], f"l{i}_gated"),
+                               w("ffn_down.weight", weights[f"{p}.ffn_down.weight"].T)],
+                    f"l{i}_down")
+        x = g.op("Add", [x, down], f"l{i}_ffn_residual")
+
+    x = _rms_norm(g, x, g.weight("output_norm.weight", weights["output_norm.weight"]), eps,
+                  "final_norm")
+    # Tied embeddings when the file has no output matrix: logits = x @ embedding^T, through Gemm
+    # with transB so the one [vocab, hidden] table serves both ends.
+    head = (g.weight("output.weight", weights["output.weight"]) if "output.weight" in weights
+            else embedding)
+    flat = g.op("Reshape", [x, g.const([-1, hidden])], "final_flat")
+    logits_flat = g.op("Gemm", [flat, head], "lm_head", transB=1)
+    batch_seq = g.op("Slice", [g.op("Shape", [input_ids], "ids_shape"), g.const([0]),
+                               g.const([2])], "batch_seq")
+    logits_shape = g.op("Concat", [batch_seq, g.const([-1])], "logits_shape", axis=0)
+    logits = g.op("Reshape", [logits_flat, logits_shape], "logits_3d")
+
+    g.output(logits, "logits", FLOAT, ["batch", "sequence", hp["vocab_size"]])
+    for i, (key, value) in enumerate(presents):
+        g.output(key, f"present.{i}.key", FLOAT, ["batch", kv_heads, "total", head_dim])
+        g.output(value, f"present.{i}.value", FLOAT, ["batch", kv_heads, "total", head_dim])
+    return g

