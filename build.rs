@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("lmserve_descriptor.bin"))
+        // Undecodable requests are the client's doing: INVALID_ARGUMENT, not tonic's INTERNAL.
+        .codec_path("crate::api::codec::StrictCodec")
         .compile_protos(
             &[
                 "proto/lmserve/v1/inference.proto",

@@ -86,8 +86,13 @@ fn main() {
             execution_providers: vec!["cpu".into()],
             required_provider: None,
         };
-        let parts =
-            loader::load(environment, &common::model_dir(MODEL), &runtime).expect("load model");
+        let parts = loader::load(
+            environment,
+            &common::model_dir(MODEL),
+            &common::model_dir(MODEL),
+            &runtime,
+        )
+        .expect("load model");
         in_process(&parts, &texts, BATCH, true);
         println!("in-process, {threads} intra-op thread(s):");
         common::print_row(

@@ -62,6 +62,16 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("model `{model}` queue is full ({capacity} texts waiting); retry later")]
     QueueFull { model: String, capacity: usize },
+    /// The request would wait in the queue past its deadline or the server's maximum queue time.
+    #[error(
+        "model `{model}` is busy: a new request would wait about {estimated_ms} ms in its queue, over the {allowed_ms} ms it may wait (its deadline, or the server's maximum queue time); retry in {retry_after_ms} ms"
+    )]
+    Overloaded {
+        model: String,
+        estimated_ms: u64,
+        allowed_ms: u64,
+        retry_after_ms: u64,
+    },
     #[error("the server is shutting down")]
     ShuttingDown,
     /// The caller went away before the work finished; recorded, never sent.
@@ -94,6 +104,18 @@ impl Error {
         }
     }
 
+    /// A refusal by admission control: `refusal` says by how much and when to retry.
+    pub fn overloaded(model: &str, refusal: crate::scheduling::admission::Refusal) -> Self {
+        let ms =
+            |duration: std::time::Duration| duration.as_millis().min(u128::from(u64::MAX)) as u64;
+        Error::Overloaded {
+            model: model.to_owned(),
+            estimated_ms: ms(refusal.estimated),
+            allowed_ms: ms(refusal.allowed),
+            retry_after_ms: ms(refusal.retry_after).max(1),
+        }
+    }
+
     /// A short label for metrics: what kind of failure this was.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -105,6 +127,7 @@ impl Error {
             Error::TaskNotServed { .. } => "task_not_served",
             Error::ModelUnavailable { .. } => "unavailable",
             Error::QueueFull { .. } => "queue_full",
+            Error::Overloaded { .. } => "overloaded",
             Error::ShuttingDown => "shutting_down",
             Error::Cancelled => "cancelled",
             Error::Internal(_) => "internal",
@@ -119,3 +142,39 @@ impl From<ort::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Longest client-supplied value an error message repeats.
+pub const MAX_ECHO_BYTES: usize = 200;
+
+/// `text` cut to at most `max` bytes at a character boundary, saying how long it was: a client's
+/// 3 MiB model name is not worth sending back.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
+}
+
+/// A client-supplied value as an error message shows it: bounded, in backticks.
+pub fn echo(value: &str) -> String {
+    format!("`{}`", bounded(value, MAX_ECHO_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_cuts_at_a_character_boundary_and_says_the_length() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = "é".repeat(300);
+        let cut = bounded(&long, 201);
+        assert!(cut.starts_with(&"é".repeat(100)));
+        assert!(cut.ends_with("… (600 bytes)"), "{cut}");
+        assert_eq!(echo("x"), "`x`");
+    }
+}

@@ -412,12 +412,15 @@ async fn reloads_and_unloads_under_load_lose_no_request() {
         .await
         .unwrap()
         .into_inner();
+    // The unloaded versions are still listed, as UNLOADED: their folders are there.
+    let unloaded = proto::LoadState::Unloaded as i32;
+    let ready = proto::LoadState::Ready as i32;
     assert_eq!(
         info.versions
             .iter()
-            .map(|v| v.version.as_str())
+            .map(|v| (v.version.as_str(), v.state))
             .collect::<Vec<_>>(),
-        ["3"]
+        [("1", unloaded), ("2", unloaded), ("3", ready)]
     );
 }
 
@@ -711,13 +714,17 @@ async fn route_and_load_changes_survive_a_restart() {
         [("w2v@1", 3.0), ("w2v@2", 1.0)]
     );
     assert_eq!(saved.shadow.unwrap().percent, 10.0);
-    assert_eq!(
-        models
-            .get_model(GetModelRequest { name: "enc".into() })
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
+    // The model unloaded before the restart stays unloaded, and is listed as such.
+    let enc = models
+        .get_model(GetModelRequest { name: "enc".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        enc.versions
+            .iter()
+            .all(|v| v.state == proto::LoadState::Unloaded as i32),
+        "{enc:?}"
     );
     let served = server
         .inference()
@@ -837,9 +844,11 @@ async fn version_policies_choose_what_loads_and_explicit_loads_persist() {
         args: vec!["--config".into(), config.to_str().unwrap().into()],
         env: vec![("LMSERVE_STATE__PATH".into(), state.to_str().unwrap().into())],
     };
+    // The versions served; the rest of the folder is listed as UNLOADED.
     let versions = |info: proto::ModelInfo| {
         info.versions
             .into_iter()
+            .filter(|v| v.state != proto::LoadState::Unloaded as i32)
             .map(|v| v.version)
             .collect::<Vec<_>>()
     };

@@ -1,12 +1,15 @@
 //! The deadline a client sent in `grpc-timeout`, for responses that tonic does not time itself:
 //! tonic's own timeout covers a call until its response headers, not a stream's messages.
 
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use tokio::time::Instant;
+use tonic::Status;
 use tonic::metadata::MetadataMap;
 
-const HEADER: &str = "grpc-timeout";
+pub const HEADER: &str = "grpc-timeout";
 
 /// When the call's `grpc-timeout` runs out, counted from now, with the timeout itself; `None`
 /// when the client set none or sent one that does not parse (as tonic treats it).
@@ -15,8 +18,38 @@ pub fn from_metadata(metadata: &MetadataMap) -> Option<(Instant, Duration)> {
     Some((Instant::now().checked_add(timeout)?, timeout))
 }
 
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// `stream` until the call's deadline, then DEADLINE_EXCEEDED. Ending the stream drops the work
+/// behind it (a generation frees its batch slot within one decode step), as a client's
+/// cancellation does; this covers clients that let the deadline pass without cancelling.
+pub fn until<T: Send + 'static>(
+    stream: BoxStream<T>,
+    deadline: Option<(Instant, Duration)>,
+) -> BoxStream<T> {
+    let Some((at, timeout)) = deadline else {
+        return stream;
+    };
+    Box::pin(futures::stream::unfold(
+        Some(stream),
+        move |stream| async move {
+            let mut stream = stream?;
+            match tokio::time::timeout_at(at, stream.next()).await {
+                Ok(Some(item)) => Some((item, Some(stream))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(Status::deadline_exceeded(format!(
+                        "the call's deadline (grpc-timeout {timeout:?}) passed before the stream finished"
+                    ))),
+                    None,
+                )),
+            }
+        },
+    ))
+}
+
 /// `grpc-timeout`'s form: at most 8 digits, then a unit (H, M, S, m, u, n).
-fn parse(value: &str) -> Option<Duration> {
+pub fn parse(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -2,11 +2,13 @@
 //! generation events to responses (collected, or one message per token).
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tonic::Status;
 
+use std::collections::BTreeSet;
+
+use super::closing::{self, Closing};
 use super::convert::served_by;
 use super::proto;
 use crate::error::Error;
@@ -101,83 +103,123 @@ pub fn response(output: GenerateOutput) -> proto::GenerateResponse {
 }
 
 /// One message per token as it is produced; each sequence's last message carries its finish
-/// reason. Dropping the returned stream (the client went away) cancels the generation.
-/// `events` until `deadline`, then DEADLINE_EXCEEDED. Ending the stream drops the generation,
-/// which frees its batch slot within one decode step, as a client's cancellation does; this
-/// covers clients that let the deadline pass without cancelling.
-pub fn until_deadline(
-    events: GenerateEventStream,
-    deadline: tokio::time::Instant,
-    timeout: Duration,
-) -> GenerateEventStream {
-    Box::pin(futures::stream::unfold(
-        Some(events),
-        move |events| async move {
-            let mut events = events?;
-            match tokio::time::timeout_at(deadline, events.next()).await {
-                Ok(Some(message)) => Some((message, Some(events))),
-                Ok(None) => None,
-                Err(_) => Some((
-                    Err(Status::deadline_exceeded(format!(
-                        "the call's deadline (grpc-timeout {timeout:?}) passed before generation \
-                     finished"
-                    ))),
-                    None,
-                )),
-            }
-        },
-    ))
+/// reason. Dropping the returned stream (the client went away) cancels the generation. When the
+/// server closes streams at the end of a shutdown, each unfinished sequence gets a closing
+/// message (finish reason CANCELLED) and the stream ends UNAVAILABLE.
+pub fn stream(generation: GenerationStream, closing: Closing) -> GenerateEventStream {
+    let open: BTreeSet<usize> = (0..generation.sequences).collect();
+    Box::pin(
+        futures::stream::unfold(
+            Some(Following {
+                generation,
+                first: true,
+                open,
+                closing,
+            }),
+            |following| async move {
+                let Following {
+                    mut generation,
+                    mut first,
+                    mut open,
+                    mut closing,
+                } = following?;
+                loop {
+                    let event = tokio::select! {
+                        event = generation.next() => event?,
+                        () = closing.fired() => {
+                            let messages = closing_messages(&generation, &open);
+                            drop(generation);
+                            let ends = messages.into_iter().map(Ok).chain([Err(closing::status())]);
+                            return Some((Box::new(ends) as Pending, None));
+                        }
+                    };
+                    let mut message = match event {
+                        Event::Started { .. } => continue,
+                        Event::Token {
+                            index,
+                            token: generated,
+                            text,
+                        } => proto::GenerateStreamResponse {
+                            index: index as u32,
+                            text,
+                            token: Some(token(generated)),
+                            ..Default::default()
+                        },
+                        Event::Finished {
+                            index,
+                            reason,
+                            text,
+                            stop_sequence,
+                        } => {
+                            open.remove(&index);
+                            proto::GenerateStreamResponse {
+                                index: index as u32,
+                                text,
+                                finish_reason: finish_reason(Some(reason)),
+                                stop_sequence: stop_sequence.unwrap_or_default(),
+                                ..Default::default()
+                            }
+                        }
+                        Event::Failed { message, .. } => {
+                            let failed = Err(Status::from(Error::Internal(message)));
+                            return Some((Box::new(std::iter::once(failed)) as Pending, None));
+                        }
+                    };
+                    if first {
+                        message.served_by = served_by(generation.served_by.clone());
+                        message.prompt_tokens = generation.prompt_tokens as u32;
+                        first = false;
+                    }
+                    if generation.is_done() {
+                        message.served_by = served_by(generation.served_by.clone());
+                        message.generated_tokens = generation.generated_tokens() as u32;
+                        message.timings = timings(generation.timings());
+                    }
+                    let next = Following {
+                        generation,
+                        first,
+                        open,
+                        closing,
+                    };
+                    return Some((
+                        Box::new(std::iter::once(Ok(message))) as Pending,
+                        Some(next),
+                    ));
+                }
+            },
+        )
+        .flat_map(futures::stream::iter),
+    )
 }
 
-pub fn stream(generation: GenerationStream) -> GenerateEventStream {
-    Box::pin(futures::stream::unfold(
-        (generation, true),
-        |(mut generation, mut first)| async move {
-            loop {
-                let event = generation.next().await?;
-                let mut message = match event {
-                    Event::Started { .. } => continue,
-                    Event::Token {
-                        index,
-                        token: generated,
-                        text,
-                    } => proto::GenerateStreamResponse {
-                        index: index as u32,
-                        text,
-                        token: Some(token(generated)),
-                        ..Default::default()
-                    },
-                    Event::Finished {
-                        index,
-                        reason,
-                        text,
-                        stop_sequence,
-                    } => proto::GenerateStreamResponse {
-                        index: index as u32,
-                        text,
-                        finish_reason: finish_reason(Some(reason)),
-                        stop_sequence: stop_sequence.unwrap_or_default(),
-                        ..Default::default()
-                    },
-                    Event::Failed { message, .. } => {
-                        return Some((
-                            Err(Status::from(Error::Internal(message))),
-                            (generation, first),
-                        ));
-                    }
-                };
-                if first {
-                    message.served_by = served_by(generation.served_by.clone());
-                    message.prompt_tokens = generation.prompt_tokens as u32;
-                    first = false;
-                }
-                if generation.is_done() {
-                    message.served_by = served_by(generation.served_by.clone());
-                    message.generated_tokens = generation.generated_tokens() as u32;
-                    message.timings = timings(generation.timings());
-                }
-                return Some((Ok(message), (generation, first)));
-            }
-        },
-    ))
+/// What `stream` carries from one message to the next.
+struct Following {
+    generation: GenerationStream,
+    first: bool,
+    /// Sequences that have not finished.
+    open: BTreeSet<usize>,
+    closing: Closing,
+}
+
+/// Messages produced at one step: usually one, several when the server closes the stream.
+type Pending = Box<dyn Iterator<Item = Result<proto::GenerateStreamResponse, Status>> + Send>;
+
+/// One CANCELLED message per unfinished sequence; the last carries the totals.
+fn closing_messages(
+    generation: &GenerationStream,
+    open: &BTreeSet<usize>,
+) -> Vec<proto::GenerateStreamResponse> {
+    let mut messages: Vec<_> = open
+        .iter()
+        .map(|&index| proto::GenerateStreamResponse {
+            index: index as u32,
+            finish_reason: finish_reason(Some(FinishReason::Cancelled)),
+            ..Default::default()
+        })
+        .collect();
+    if let Some(last) = messages.last_mut() {
+        last.generated_tokens = generation.generated_tokens() as u32;
+        last.timings = timings(generation.timings());
+    }
+    messages
 }

@@ -8,8 +8,10 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::closing::{self, Closing};
 use super::convert;
 use super::deadline;
+use super::edge;
 use super::generate;
 use super::proto::inference_server::Inference;
 use super::proto::{self};
@@ -28,18 +30,34 @@ pub struct InferenceService {
     registry: Arc<Registry>,
     limits: LimitsConfig,
     generation: GenerationConfig,
+    /// Ends the streams still open when a shutdown's grace period runs out.
+    closing: Closing,
 }
 
 impl InferenceService {
-    pub fn new(
-        registry: Arc<Registry>,
-        limits: LimitsConfig,
-        generation: GenerationConfig,
-    ) -> Self {
+    pub fn new(registry: Arc<Registry>, closing: Closing) -> Self {
+        let config = registry.config();
         Self {
+            limits: config.limits.clone(),
+            generation: config.generation.clone(),
             registry,
-            limits,
-            generation,
+            closing,
+        }
+    }
+
+    /// A response stream that ends at the call's deadline or when the server closes streams.
+    fn bounded<T: Send + 'static>(
+        &self,
+        responses: ResponseStream<T>,
+        deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+    ) -> ResponseStream<T> {
+        closing::until_closed(deadline::until(responses, deadline), self.closing.clone())
+    }
+
+    fn generation_limits(&self) -> generation::Limits<'_> {
+        generation::Limits {
+            request: &self.limits,
+            generation: &self.generation,
         }
     }
 
@@ -60,6 +78,7 @@ impl InferenceService {
         Routing {
             key,
             pin: header(&config.pin_header),
+            deadline: deadline::from_metadata(metadata).map(|(at, _)| at.into_std()),
         }
     }
 
@@ -107,7 +126,8 @@ where
             async move {
                 match handled {
                     Ok(future) => future.await,
-                    Err(status) => Err(status),
+                    // A message the stream could not read: too large, or not protobuf.
+                    Err(status) => Err(edge::incoming_status(status)),
                 }
             }
         })
@@ -131,9 +151,10 @@ impl Inference for InferenceService {
         let routing = self.routing(&metadata, &request.route_key);
         let params = generate::params(request);
         let span = tracing::info_span!("generate", model = %params.model);
-        let output = generation::generate(&self.registry, &self.generation, params, &routing)
-            .instrument(span)
-            .await?;
+        let output =
+            generation::generate(&self.registry, self.generation_limits(), params, &routing)
+                .instrument(span)
+                .await?;
         Ok(Response::new(generate::response(output)))
     }
 
@@ -148,14 +169,11 @@ impl Inference for InferenceService {
         let routing = self.routing(&metadata, &request.route_key);
         let params = generate::params(request);
         let span = tracing::info_span!("generate_stream", model = %params.model);
-        let stream = generation::start(&self.registry, &self.generation, params, &routing)
+        let stream = generation::start(&self.registry, self.generation_limits(), params, &routing)
             .instrument(span)
             .await?;
-        let events = generate::stream(stream);
-        Ok(Response::new(match deadline {
-            Some((at, timeout)) => generate::until_deadline(events, at, timeout),
-            None => events,
-        }))
+        let events = generate::stream(stream, self.closing.clone());
+        Ok(Response::new(deadline::until(events, deadline)))
     }
 
     async fn embed(
@@ -173,11 +191,13 @@ impl Inference for InferenceService {
         request: Request<Streaming<proto::EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStreamStream>, Status> {
         let (metadata, _, requests) = request.into_parts();
+        let deadline = deadline::from_metadata(&metadata);
         let (service, metadata) = (self.clone(), Arc::new(metadata));
-        Ok(Response::new(ordered(requests, move |message| {
+        let responses = ordered(requests, move |message| {
             let (service, metadata) = (service.clone(), Arc::clone(&metadata));
             async move { service.embed_one(message, &metadata).await }
-        })))
+        });
+        Ok(Response::new(self.bounded(responses, deadline)))
     }
 
     async fn classify(
@@ -197,11 +217,13 @@ impl Inference for InferenceService {
         request: Request<Streaming<proto::ClassifyRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
         let (metadata, _, requests) = request.into_parts();
+        let deadline = deadline::from_metadata(&metadata);
         let (service, metadata) = (self.clone(), Arc::new(metadata));
-        Ok(Response::new(ordered(requests, move |message| {
+        let responses = ordered(requests, move |message| {
             let (service, metadata) = (service.clone(), Arc::clone(&metadata));
             async move { service.classify_one(message, &metadata).await }
-        })))
+        });
+        Ok(Response::new(self.bounded(responses, deadline)))
     }
 
     async fn tokenize(
@@ -211,10 +233,12 @@ impl Inference for InferenceService {
         let request = request.into_inner();
         let output = tokenize::tokenize(
             &self.registry,
+            &self.limits,
             &request.model,
-            &request.text,
+            request.text,
             request.add_special_tokens,
-        )?;
+        )
+        .await?;
         Ok(Response::new(proto::TokenizeResponse {
             tokens: output
                 .tokens
@@ -237,10 +261,12 @@ impl Inference for InferenceService {
         let request = request.into_inner();
         let output = tokenize::detokenize(
             &self.registry,
+            &self.limits,
             &request.model,
-            &request.ids,
+            request.ids,
             request.skip_special_tokens,
-        )?;
+        )
+        .await?;
         Ok(Response::new(proto::DetokenizeResponse {
             text: output.text,
             served_by: convert::served_by(output.served_by),

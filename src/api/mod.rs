@@ -1,9 +1,13 @@
 //! The gRPC surface: one file per tonic service, proto <-> domain conversion, and the single
 //! mapping from domain errors to gRPC status codes. The only module that names tonic types.
 
+pub mod auth;
 pub mod client;
+pub mod closing;
+pub mod codec;
 pub mod convert;
 pub mod deadline;
+pub mod edge;
 pub mod generate;
 pub mod inference;
 pub mod models;

@@ -6,11 +6,13 @@ use tonic::{Request, Response, Status};
 
 use super::proto::models_server::Models;
 use super::proto::{self};
+use crate::config::LimitsConfig;
 use crate::config::routes::{ArmConfig, RouteConfig, ShadowConfig};
 use crate::error::{Error, Task};
 use crate::registry::manifest::{Family, Manifest};
-use crate::registry::{LoadState, Registry, Slot, parse_target};
+use crate::registry::{Listed, LoadState, Registry, Slot, parse_target};
 use crate::runtime::{GraphIo, TensorSpec};
+use crate::tasks::limits::check_name;
 
 pub struct ModelsService {
     registry: Arc<Registry>,
@@ -55,7 +57,7 @@ impl Models for ModelsService {
             .into_inner()
             .route
             .ok_or_else(|| Error::invalid("route", "is missing"))?;
-        let (name, config) = route_config(route)?;
+        let (name, config) = route_config(route, &self.registry.config().limits)?;
         self.registry.set_route(&name, config)?;
         Ok(Response::new(route_message(
             &name,
@@ -67,7 +69,9 @@ impl Models for ModelsService {
         &self,
         request: Request<proto::DeleteRouteRequest>,
     ) -> Result<Response<proto::DeleteRouteResponse>, Status> {
-        self.registry.delete_route(&request.into_inner().name)?;
+        let name = request.into_inner().name;
+        check_name("name", &name, &self.registry.config().limits)?;
+        self.registry.delete_route(&name)?;
         Ok(Response::new(proto::DeleteRouteResponse {}))
     }
 
@@ -76,6 +80,7 @@ impl Models for ModelsService {
         request: Request<proto::GetRouteRequest>,
     ) -> Result<Response<proto::Route>, Status> {
         let name = request.into_inner().name;
+        check_name("name", &name, &self.registry.config().limits)?;
         Ok(Response::new(route_message(
             &name,
             &self.registry.get_route(&name)?,
@@ -99,16 +104,15 @@ impl Models for ModelsService {
         &self,
         _: Request<proto::ListModelsRequest>,
     ) -> Result<Response<proto::ListModelsResponse>, Status> {
-        let mut models: Vec<proto::ModelInfo> = Vec::new();
-        for slot in self.registry.slots() {
-            match models.last_mut() {
-                Some(info) if info.name == slot.model => info.versions.push(describe(&slot)),
-                _ => models.push(proto::ModelInfo {
-                    name: slot.model.clone(),
-                    versions: vec![describe(&slot)],
-                }),
-            }
-        }
+        let models = self
+            .registry
+            .catalogue()?
+            .into_iter()
+            .map(|(name, versions)| proto::ModelInfo {
+                name,
+                versions: versions.iter().map(describe).collect(),
+            })
+            .collect();
         Ok(Response::new(proto::ListModelsResponse { models }))
     }
 
@@ -117,27 +121,26 @@ impl Models for ModelsService {
         request: Request<proto::GetModelRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         let target = request.into_inner().name;
+        check_name("name", &target, &self.registry.config().limits)?;
         let (name, version) = parse_target(&target).map_err(|error| match error {
             Error::InvalidArgument { message, .. } => Error::invalid("name", message),
             other => other,
         })?;
-        let slots = self
-            .registry
-            .model_slots(name)
-            .ok_or_else(|| Error::ModelNotFound {
-                name: name.to_owned(),
-            })?;
-        let versions: Vec<proto::ModelVersion> = slots
+        let mut catalogue = self.registry.catalogue()?;
+        let listed = catalogue.remove(name).ok_or_else(|| Error::ModelNotFound {
+            name: name.to_owned(),
+        })?;
+        let versions: Vec<proto::ModelVersion> = listed
             .iter()
-            .filter(|slot| version.is_none_or(|v| v == slot.version))
-            .map(|slot| describe(slot))
+            .filter(|listed| version.is_none_or(|v| v == listed.version()))
+            .map(describe)
             .collect();
         if versions.is_empty() {
             let version = version.map(|v| v.to_string()).unwrap_or_default();
             return Err(Error::version_not_found(
                 name,
                 version,
-                slots.iter().map(|slot| slot.version),
+                listed.iter().map(Listed::version),
             )
             .into());
         }
@@ -148,7 +151,24 @@ impl Models for ModelsService {
     }
 }
 
-fn describe(slot: &Slot) -> proto::ModelVersion {
+fn describe(listed: &Listed) -> proto::ModelVersion {
+    match listed {
+        Listed::Slot(slot) => describe_slot(slot),
+        Listed::Unloaded(dir) => {
+            let mut info = proto::ModelVersion {
+                version: dir.version.to_string(),
+                state: proto::LoadState::Unloaded as i32,
+                ..Default::default()
+            };
+            if let Ok(manifest) = Manifest::read(&dir.path) {
+                describe_manifest(&mut info, &manifest);
+            }
+            info
+        }
+    }
+}
+
+fn describe_slot(slot: &Slot) -> proto::ModelVersion {
     let mut info = proto::ModelVersion {
         version: slot.version.to_string(),
         ..Default::default()
@@ -237,7 +257,28 @@ fn task_to_proto(task: Task) -> i32 {
     }) as i32
 }
 
-fn route_config(route: proto::Route) -> crate::error::Result<(String, RouteConfig)> {
+/// The route a client sent, its sizes checked before anything else looks at it.
+fn route_config(
+    route: proto::Route,
+    limits: &LimitsConfig,
+) -> crate::error::Result<(String, RouteConfig)> {
+    check_name("route.name", &route.name, limits)?;
+    if route.arms.len() > limits.max_route_arms {
+        return Err(Error::invalid(
+            "route.arms",
+            format!(
+                "{} arms is over the limit of {} arms",
+                route.arms.len(),
+                limits.max_route_arms
+            ),
+        ));
+    }
+    for (index, arm) in route.arms.iter().enumerate() {
+        check_name(&format!("route.arms[{index}].target"), &arm.target, limits)?;
+    }
+    if let Some(shadow) = &route.shadow {
+        check_name("route.shadow.target", &shadow.target, limits)?;
+    }
     let config = RouteConfig {
         task: task_from_proto(route.task)?,
         arms: route

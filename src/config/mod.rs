@@ -9,9 +9,13 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+pub mod limits;
 pub mod routes;
+pub mod security;
 
+pub use limits::LimitsConfig;
 use routes::RouteConfig;
+pub use security::{AuthConfig, TlsConfig};
 
 use crate::runtime::placement::CpuList;
 
@@ -39,6 +43,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub routing: RoutingConfig,
     pub state: StateConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
     /// Per-model overrides of the runtime settings, keyed by model name.
     pub models: BTreeMap<String, ModelOverrides>,
     /// Routes defined at startup, keyed by route name.
@@ -90,7 +96,16 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Prometheus `/metrics` listen address; unset disables the exporter.
     pub metrics_addr: Option<SocketAddr>,
-    /// How long a graceful shutdown waits for requests in flight.
+    /// A listener of its own for the Models service (model management, routes), e.g.
+    /// `127.0.0.1:50052`; unset: Models is served on `grpc_addr` with the rest.
+    pub admin_addr: Option<SocketAddr>,
+    /// Serve gRPC server reflection (v1 and v1alpha).
+    pub reflection: bool,
+    /// On SIGTERM, health turns NOT_SERVING at once and the server keeps serving this long, the
+    /// time a load balancer (a Kubernetes endpoint update) takes to stop sending new calls.
+    pub drain_delay_ms: u64,
+    /// Then new connections are refused and calls in flight have this long to finish; streams
+    /// still running are ended with a closing message and UNAVAILABLE.
     pub shutdown_grace_ms: u64,
 }
 
@@ -141,6 +156,10 @@ pub struct BatchingConfig {
     pub max_padding_ratio: f64,
     /// Texts waiting per model before new requests get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+    /// The longest a request may wait in a model's queue, in milliseconds: one expected to wait
+    /// longer (or past its own deadline) is refused at once with RESOURCE_EXHAUSTED and a
+    /// `grpc-retry-pushback-ms` trailer, before it is tokenized.
+    pub max_queue_time_ms: u64,
 }
 
 /// Continuous batching and the limits of a Generate request.
@@ -155,6 +174,8 @@ pub struct GenerationConfig {
     pub max_prefill_batch: usize,
     /// Sequences waiting per model before new requests get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+    /// The longest a request may wait to start, in milliseconds; as `[batching]`'s.
+    pub max_queue_time_ms: u64,
     /// Tokens generated when a request does not say.
     pub default_max_new_tokens: usize,
     /// Most tokens a request may ask for.
@@ -176,6 +197,7 @@ impl Default for GenerationConfig {
             max_total_tokens: 32_768,
             max_prefill_batch: 8,
             queue_capacity: 1024,
+            max_queue_time_ms: 10_000,
             default_max_new_tokens: 64,
             max_new_tokens: 2048,
             max_sequences: 8,
@@ -184,15 +206,6 @@ impl Default for GenerationConfig {
             max_top_logprobs: 20,
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Most texts in one Embed or Classify request.
-    pub max_texts_per_request: usize,
-    /// Most bytes in one input text.
-    pub max_text_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -227,6 +240,9 @@ impl Default for ServerConfig {
         Self {
             grpc_addr: SocketAddr::from(([0, 0, 0, 0], 50051)),
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            admin_addr: None,
+            reflection: true,
+            drain_delay_ms: 5_000,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -263,15 +279,7 @@ impl Default for BatchingConfig {
             max_wait_micros: 0,
             max_padding_ratio: 0.3,
             queue_capacity: 4096,
-        }
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            max_texts_per_request: 256,
-            max_text_bytes: 64 * 1024,
+            max_queue_time_ms: 2_000,
         }
     }
 }
@@ -306,7 +314,12 @@ impl Config {
             None => figment.merge(Toml::file(DEFAULT_CONFIG_FILE)),
         };
         figment
-            .merge(Env::prefixed(ENV_PREFIX).split(ENV_NESTING))
+            // API keys are secrets the security module reads itself, never config values.
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .ignore(&["api_keys"])
+                    .split(ENV_NESTING),
+            )
             .merge(overrides)
             .extract()
     }

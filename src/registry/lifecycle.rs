@@ -2,12 +2,14 @@
 //! watch sees versions come and go. A replaced or unloaded version keeps serving the requests
 //! that already hold it; its schedulers stop once those are done.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::loader::LoadFailure;
 use super::manifest::Family;
+use super::routes::RouteConfig;
+use super::state::PersistedState;
 use super::{LoadState, ModelVersion, Registry, Slot, loader, repository, state};
 use crate::config::VersionPolicy;
 use crate::error::{Error, Result};
@@ -104,8 +106,9 @@ impl Registry {
             .ok_or_else(|| failure("the runtime is not initialised yet".into()))?;
         let runtime = self.config.model_runtime(&slot.model);
         let path = slot.path.clone();
+        let root = self.config.repository.path.clone();
         let loaded =
-            tokio::task::spawn_blocking(move || loader::load(environment, &path, &runtime))
+            tokio::task::spawn_blocking(move || loader::load(environment, &root, &path, &runtime))
                 .await
                 .map_err(|error| failure(format!("loader failed: {error}")))?;
         let served = loaded.and_then(|parts| {
@@ -175,6 +178,7 @@ impl Registry {
                     },
                     queue_capacity: generation.queue_capacity.max(1),
                     decode_cpus: self.config.runtime.decode_cpus.clone(),
+                    max_queue_time: Duration::from_millis(generation.max_queue_time_ms),
                 };
                 generator = Some(ContinuousScheduler::spawn(
                     decoder,
@@ -223,6 +227,7 @@ impl Registry {
             },
             max_wait: Duration::from_micros(batching.max_wait_micros),
             queue_capacity: batching.queue_capacity.max(1),
+            max_queue_time: Duration::from_millis(batching.max_queue_time_ms),
         }
     }
 
@@ -241,11 +246,14 @@ impl Registry {
     }
 
     /// Loads (or reloads) `name`'s versions from the repository folder: one version, or those
-    /// its policy selects. A reload swaps in the new instance only once it is warm.
+    /// its policy selects. Each loads off to the side; once it is warm and the change is saved,
+    /// it replaces what the registry had (requests in flight finish on the old instance). A
+    /// version that fails to load changes nothing that is saved, and a working instance keeps
+    /// serving.
     pub async fn load_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
-        check_model_name(name)?;
+        check_model_name(name, &self.config.limits)?;
         let found: Vec<_> = repository::scan(&self.config.repository.path)
-            .map_err(|error| Error::Internal(format!("{error:#}")))?
+            .map_err(|error| Error::Internal(format!("scanning the repository: {error:#}")))?
             .into_iter()
             .filter(|dir| dir.model == name)
             .collect();
@@ -255,6 +263,11 @@ impl Registry {
             });
         }
         let available: Vec<u64> = found.iter().map(|dir| dir.version).collect();
+        let policy = self
+            .config
+            .version_policy(name)
+            .unwrap_or(VersionPolicy::All);
+        let selected = policy.select(&available);
         let versions = match version {
             Some(version) if available.contains(&version) => vec![version],
             Some(version) => {
@@ -264,15 +277,10 @@ impl Registry {
                     available.iter().copied(),
                 ));
             }
-            None => self
-                .config
-                .version_policy(name)
-                .unwrap_or(VersionPolicy::All)
-                .select(&available),
+            None => selected.clone(),
         };
         let mut failures = Vec::new();
         for dir in found.iter().filter(|dir| versions.contains(&dir.version)) {
-            // A fresh slot for the new instance; the old one keeps serving until the swap.
             let fresh = Arc::new(Slot {
                 model: dir.model.clone(),
                 version: dir.version,
@@ -285,34 +293,29 @@ impl Registry {
                 .expect("registry lock")
                 .get(name)
                 .and_then(|v| v.get(&dir.version).cloned());
-            let target = match &existing {
-                Some(slot) if matches!(slot.state(), LoadState::Ready(_)) => Arc::clone(&fresh),
-                Some(slot) => Arc::clone(slot),
-                None => {
-                    self.models
-                        .write()
-                        .expect("registry lock")
-                        .entry(name.to_owned())
-                        .or_default()
-                        .insert(dir.version, Arc::clone(&fresh));
-                    Arc::clone(&fresh)
-                }
-            };
-            match self.load_slot(&target).await {
+            match self.load_slot(&fresh).await {
                 Ok(()) => {
-                    if let (Some(existing), LoadState::Ready(model)) = (&existing, target.state()) {
-                        existing.set(LoadState::Ready(model));
-                    }
+                    let id = key(name, dir.version);
+                    let by_policy = selected.contains(&dir.version);
+                    self.commit_unchanged_routes(|persisted| {
+                        persisted.unloaded.remove(&id);
+                        if !by_policy {
+                            persisted.loaded.insert(id.clone());
+                        }
+                    })?;
+                    self.install(existing, fresh);
                 }
                 Err(failure) => {
-                    failures.push(format!("{name}@{}: {}", dir.version, failure.reason))
+                    failures.push(format!("{name}@{}: {}", dir.version, failure.reason));
+                    match existing {
+                        // A working instance keeps serving; the failure is in the answer.
+                        Some(slot) if matches!(slot.state(), LoadState::Ready(_)) => {}
+                        Some(slot) => slot.set(LoadState::Failed(failure)),
+                        None => self.install(None, fresh),
+                    }
                 }
             }
-            let mut persisted = self.persisted.lock().expect("state lock");
-            persisted.unloaded.remove(&key(name, dir.version));
-            persisted.loaded.insert(key(name, dir.version));
         }
-        self.persist()?;
         self.record_load_states();
         if !failures.is_empty() {
             return Err(Error::ModelUnavailable {
@@ -328,9 +331,25 @@ impl Registry {
         Ok(versions)
     }
 
+    /// Puts a loaded (or failed) slot in the registry: into the existing slot, so that whoever
+    /// holds it sees the new instance, or as a new version.
+    fn install(&self, existing: Option<Arc<Slot>>, fresh: Arc<Slot>) {
+        match existing {
+            Some(slot) => slot.set(fresh.state.read().expect("slot lock").clone()),
+            None => {
+                self.models
+                    .write()
+                    .expect("registry lock")
+                    .entry(fresh.model.clone())
+                    .or_default()
+                    .insert(fresh.version, fresh);
+            }
+        }
+    }
+
     /// Unloads `name` (every version, or one). Refused while a route uses what would go.
     pub fn unload_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
-        check_model_name(name)?;
+        check_model_name(name, &self.config.limits)?;
         let slots = self.model_slots(name).ok_or_else(|| Error::ModelNotFound {
             name: name.to_owned(),
         })?;
@@ -352,15 +371,13 @@ impl Registry {
                 version.map(|v| format!("@{v}")).unwrap_or_default()
             )));
         }
-        self.remove_versions(name, &versions);
-        {
-            let mut persisted = self.persisted.lock().expect("state lock");
+        self.commit_unchanged_routes(|persisted| {
             for &version in &versions {
                 persisted.loaded.remove(&key(name, version));
                 persisted.unloaded.insert(key(name, version));
             }
-        }
-        self.persist()?;
+        })?;
+        self.remove_versions(name, &versions);
         self.record_load_states();
         tracing::info!(model = name, ?versions, "unloaded");
         Ok(versions)
@@ -379,19 +396,38 @@ impl Registry {
         }
     }
 
-    /// Writes what the API changed to the state file, when persistence is on.
-    pub(super) fn persist(&self) -> Result<()> {
-        let Some(path) = &self.config.state.path else {
-            return Ok(());
-        };
+    /// Saves a management change before it takes effect: `change` edits a copy of the saved
+    /// state and `routes` is the route table as it will be. Only once the copy is on disk does it
+    /// become the saved state, and only then may the caller apply the change; when it cannot be
+    /// written nothing changes and the caller gets the reason.
+    pub(super) fn commit(
+        &self,
+        routes: &BTreeMap<String, RouteConfig>,
+        change: impl FnOnce(&mut PersistedState),
+    ) -> Result<()> {
         let mut persisted = self.persisted.lock().expect("state lock");
-        persisted.routes = Some(self.routes.read().expect("routes lock").clone());
-        state::write(path, &persisted).map_err(|error| {
-            Error::Internal(format!(
-                "writing the state file {}: {error}",
-                path.display()
-            ))
-        })
+        let mut next = persisted.clone();
+        change(&mut next);
+        next.routes = Some(routes.clone());
+        if next == *persisted {
+            return Ok(());
+        }
+        if let Some(path) = &self.config.state.path
+            && let Err(error) = state::write(path, &next)
+        {
+            tracing::error!(path = %path.display(), %error, "cannot write the state file; the change is not applied");
+            return Err(Error::Internal(format!(
+                "the change was not applied: the server cannot save it ({error})"
+            )));
+        }
+        *persisted = next;
+        Ok(())
+    }
+
+    /// `commit` for a change that leaves the route table as it is.
+    fn commit_unchanged_routes(&self, change: impl FnOnce(&mut PersistedState)) -> Result<()> {
+        let routes = self.routes.read().expect("routes lock").clone();
+        self.commit(&routes, change)
     }
 
     /// Watches the repository folder: loads versions that appear (as policy and state allow)
@@ -442,7 +478,8 @@ impl Registry {
 }
 
 /// A model name from a client must stay inside the repository folder.
-fn check_model_name(name: &str) -> Result<()> {
+fn check_model_name(name: &str, limits: &crate::config::LimitsConfig) -> Result<()> {
+    crate::tasks::limits::check_name("name", name, limits)?;
     if name.is_empty() {
         return Err(Error::invalid(
             "name",

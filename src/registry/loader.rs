@@ -37,37 +37,87 @@ pub struct LoadFailure {
 }
 
 impl LoadFailure {
-    fn new(error: anyhow::Error, graph: Option<&GraphIo>) -> Self {
+    /// The failure of the version in `dir`. Its reason reaches clients, so the server's own
+    /// paths are left out of it (ONNX Runtime's messages name the file they read).
+    fn new(error: anyhow::Error, graph: Option<&GraphIo>, dir: &Path) -> Self {
         let fatal = error.downcast_ref::<RequiredProviderMissing>().is_some();
         let reason = match graph {
             Some(graph) => format!("{error:#}. The {graph}"),
             None => format!("{error:#}"),
         };
         Self {
-            reason,
+            reason: without_paths(reason, dir),
             graph: graph.cloned(),
             fatal,
         }
     }
 }
 
+fn without_paths(mut reason: String, dir: &Path) -> String {
+    for path in [dir.canonicalize().ok(), Some(dir.to_path_buf())]
+        .into_iter()
+        .flatten()
+    {
+        let shown = path.display().to_string();
+        if !shown.is_empty() {
+            reason = reason
+                .replace(&format!("{shown}/"), "")
+                .replace(&shown, ".");
+        }
+    }
+    reason
+}
+
+/// Loads the version in `dir`, whose files must all lie inside `root` (the repository): a
+/// symlink that leads elsewhere is refused rather than read.
 pub fn load(
     environment: &ort::environment::Environment,
+    root: &Path,
     dir: &Path,
     runtime: &ModelRuntime,
 ) -> Result<LoadedParts, LoadFailure> {
-    let (manifest, files, tokenizer) =
-        read_files(dir).map_err(|error| LoadFailure::new(error, None))?;
+    let fail = |error: anyhow::Error, graph: Option<&GraphIo>| LoadFailure::new(error, graph, dir);
+    check_contained(root, dir).map_err(|error| fail(error, None))?;
+    let (manifest, files, tokenizer) = read_files(dir).map_err(|error| fail(error, None))?;
     if !dir.join(MODEL_FILE).is_file() {
-        return Err(LoadFailure::new(
+        return Err(fail(
             anyhow::anyhow!("{MODEL_FILE} is missing from the version folder"),
             None,
         ));
     }
-    let pool =
-        open_graph(environment, dir, runtime).map_err(|error| LoadFailure::new(error, None))?;
+    let pool = open_graph(environment, dir, runtime).map_err(|error| fail(error, None))?;
     let graph = pool.graph().clone();
-    prepare(manifest, files, tokenizer, pool).map_err(|error| LoadFailure::new(error, Some(&graph)))
+    prepare(manifest, files, tokenizer, pool).map_err(|error| fail(error, Some(&graph)))
+}
+
+/// Refuses a version folder any of whose files (followed through symlinks) lies outside `root`.
+fn check_contained(root: &Path, dir: &Path) -> anyhow::Result<()> {
+    let root = root
+        .canonicalize()
+        .map_err(|error| anyhow::anyhow!("reading the repository folder: {error}"))?;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let path = entry?.path();
+            let relative = path
+                .strip_prefix(dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let resolved = path
+                .canonicalize()
+                .map_err(|error| anyhow::anyhow!("{relative}: {error}"))?;
+            if !resolved.starts_with(&root) {
+                bail!(
+                    "{relative} leads outside the model repository; copy the file into the version folder instead"
+                );
+            }
+            if resolved.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The sessions of the version's `model.onnx` (with its external data file, if any).

@@ -129,7 +129,18 @@ impl Manifest {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let manifest: Manifest = toml::from_str(text)?;
+        // toml's own message quotes the offending line; the reason reaches clients, so it says
+        // where instead.
+        let manifest: Manifest = toml::from_str(text).map_err(|error| {
+            let line = error
+                .span()
+                .and_then(|span| text.get(..span.start))
+                .map(|before| before.matches('\n').count() + 1);
+            match line {
+                Some(line) => anyhow::anyhow!("line {line}: {}", error.message()),
+                None => anyhow::anyhow!("{}", error.message()),
+            }
+        })?;
         manifest.check()?;
         Ok(manifest)
     }
@@ -241,9 +252,17 @@ mod tests {
                 "family = \"decoder\"\ntasks = [\"generate\"]\n[generation]\ntop_p = 1.5",
                 "top_p",
             ),
+            (
+                "family = \"decoder\"\ntasks = [\"generate\"]\nsecret = [",
+                "line 3",
+            ),
         ];
         for (text, expected) in cases {
             let error = format!("{:#}", Manifest::parse(text).unwrap_err());
+            assert!(
+                !error.contains("secret = ["),
+                "the file's text is not quoted: {error}"
+            );
             assert!(error.contains(expected), "{text:?}: {error}");
         }
     }

@@ -68,6 +68,22 @@ pub enum LoadState {
     Failed(Arc<LoadFailure>),
 }
 
+/// One version in the catalogue.
+pub enum Listed {
+    Slot(Arc<Slot>),
+    /// A folder in the repository that the registry does not serve.
+    Unloaded(repository::VersionDir),
+}
+
+impl Listed {
+    pub fn version(&self) -> u64 {
+        match self {
+            Listed::Slot(slot) => slot.version,
+            Listed::Unloaded(dir) => dir.version,
+        }
+    }
+}
+
 /// One version folder and what became of it.
 pub struct Slot {
     pub model: String,
@@ -147,6 +163,34 @@ impl Registry {
             .values()
             .flat_map(|versions| versions.values().cloned())
             .collect()
+    }
+
+    /// Every model the repository holds or the registry still serves, by name, each with its
+    /// versions oldest first: the registry's slot for a version, or the folder of one it does
+    /// not serve (never loaded by policy, or unloaded).
+    pub fn catalogue(&self) -> Result<BTreeMap<String, Vec<Listed>>> {
+        let on_disk = repository::scan(&self.config.repository.path)
+            .map_err(|error| Error::Internal(format!("scanning the repository: {error:#}")))?;
+        let models = self.models.read().expect("registry lock");
+        let mut catalogue: BTreeMap<String, BTreeMap<u64, Listed>> = BTreeMap::new();
+        for dir in on_disk {
+            catalogue
+                .entry(dir.model.clone())
+                .or_default()
+                .insert(dir.version, Listed::Unloaded(dir));
+        }
+        for (name, versions) in models.iter() {
+            for (version, slot) in versions {
+                catalogue
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(*version, Listed::Slot(Arc::clone(slot)));
+            }
+        }
+        Ok(catalogue
+            .into_iter()
+            .map(|(name, versions)| (name, versions.into_values().collect()))
+            .collect())
     }
 
     /// The version slots of one model, oldest first.

@@ -112,31 +112,31 @@ impl Registry {
         }
     }
 
-    /// Creates or replaces a route after checking it against what is loaded.
+    /// Creates or replaces a route after checking it against what is loaded; it takes effect
+    /// once it is saved.
     pub fn set_route(&self, name: &str, route: RouteConfig) -> Result<()> {
         self.check_route(name, &route)?;
-        self.routes
-            .write()
-            .expect("routes lock")
-            .insert(name.to_owned(), route);
+        let mut routes = self.routes.write().expect("routes lock");
+        let mut next = routes.clone();
+        next.insert(name.to_owned(), route);
+        self.commit(&next, |_| {})?;
+        *routes = next;
         tracing::info!(route = name, "route set");
-        self.persist()
+        Ok(())
     }
 
     pub fn delete_route(&self, name: &str) -> Result<()> {
-        if self
-            .routes
-            .write()
-            .expect("routes lock")
-            .remove(name)
-            .is_none()
-        {
+        let mut routes = self.routes.write().expect("routes lock");
+        let mut next = routes.clone();
+        if next.remove(name).is_none() {
             return Err(Error::RouteNotFound {
                 name: name.to_owned(),
             });
         }
+        self.commit(&next, |_| {})?;
+        *routes = next;
         tracing::info!(route = name, "route deleted");
-        self.persist()
+        Ok(())
     }
 
     pub fn get_route(&self, name: &str) -> Result<RouteConfig> {
@@ -173,12 +173,7 @@ impl Registry {
     }
 
     fn check_route(&self, name: &str, route: &RouteConfig) -> Result<()> {
-        if name.is_empty() || name.contains('@') || name.contains('/') {
-            return Err(Error::invalid(
-                "route.name",
-                format!("`{name}` must be a non-empty name without '@' or '/'"),
-            ));
-        }
+        check_route_name(name)?;
         if self.model_slots(name).is_some() {
             return Err(Error::invalid(
                 "route.name",
@@ -240,5 +235,42 @@ impl Registry {
             }
             None
         })
+    }
+}
+
+/// A route name is what a request's `model` field can reach: letters, digits, '.', '_' and '-',
+/// starting with a letter or digit (no spaces to trim away, no '@' or '/').
+fn check_route_name(name: &str) -> Result<()> {
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if first_ok && rest_ok {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "route.name",
+        format!(
+            "{} must start with a letter or digit and hold only letters, digits, '.', '_' and '-'",
+            crate::error::echo(name)
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_names_are_what_a_request_can_reach() {
+        for good in ["chat", "chat-v2", "a.b_c", "9lives"] {
+            assert!(check_route_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", " padded ", "chat@1", "a/b", "-lead", "tab\t", "ünï"] {
+            assert!(check_route_name(bad).is_err(), "{bad:?}");
+        }
     }
 }

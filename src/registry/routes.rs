@@ -11,6 +11,7 @@ impl RouteConfig {
         if self.arms.is_empty() {
             return Err("arms: a route needs at least one arm".into());
         }
+        let mut seen = std::collections::HashSet::with_capacity(self.arms.len());
         for (index, arm) in self.arms.iter().enumerate() {
             if !(arm.weight >= 0.0 && arm.weight.is_finite()) {
                 return Err(format!(
@@ -18,13 +19,10 @@ impl RouteConfig {
                     arm.weight
                 ));
             }
-            if self.arms[..index]
-                .iter()
-                .any(|other| other.target == arm.target)
-            {
+            if !seen.insert(arm.target.as_str()) {
                 return Err(format!(
-                    "arms[{index}].target: `{}` appears twice",
-                    arm.target
+                    "arms[{index}].target: {} appears twice",
+                    crate::error::echo(&arm.target)
                 ));
             }
         }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 use tracing::{Instrument, Span};
 
+use super::admission::{self, DrainRate};
 use super::batch_state::{BatchLimits, BatchState};
 use super::faults::FaultTracker;
 use crate::error::{Error, Result};
@@ -22,6 +23,8 @@ pub struct BatcherSettings {
     pub limits: BatchLimits,
     pub max_wait: Duration,
     pub queue_capacity: usize,
+    /// The longest a text may wait in the queue; requests expected to wait longer are refused.
+    pub max_queue_time: Duration,
 }
 
 struct Pending {
@@ -33,9 +36,12 @@ struct Pending {
 
 struct Shared {
     state: Mutex<BatchState<Pending>>,
+    /// How fast texts have been leaving the queue, for admission by time.
+    drain: Mutex<DrainRate>,
     work: Notify,
     closed: AtomicBool,
     labels: ModelLabels,
+    max_queue_time: Duration,
 }
 
 /// Queues texts for one model version's batching loop. Dropping it stops the loop once the
@@ -63,9 +69,11 @@ impl Batcher {
     ) -> Batcher {
         let shared = Arc::new(Shared {
             state: Mutex::new(BatchState::new(settings.queue_capacity)),
+            drain: Mutex::new(DrainRate::default()),
             work: Notify::new(),
             closed: AtomicBool::new(false),
             labels,
+            max_queue_time: settings.max_queue_time,
         });
         let runner = Runner {
             pool,
@@ -77,6 +85,35 @@ impl Batcher {
         };
         tokio::spawn(runner.run());
         Batcher { shared }
+    }
+
+    /// Whether `texts` more may queue: refused at once (RESOURCE_EXHAUSTED) when the queue is
+    /// full, or when they would wait past `deadline` or the configured maximum queue time.
+    /// Checked before the texts are tokenized; `submit` checks the capacity again.
+    pub fn admit(&self, texts: usize, deadline: Option<Instant>) -> Result<()> {
+        let now = Instant::now();
+        let queued = {
+            let state = self.shared.state.lock().expect("batch state lock");
+            if state.len() + texts > state.capacity() {
+                metrics::queue_rejected(&self.shared.labels);
+                return Err(Error::QueueFull {
+                    model: self.shared.labels.model.clone(),
+                    capacity: state.capacity(),
+                });
+            }
+            state.len()
+        };
+        let rate = self
+            .shared
+            .drain
+            .lock()
+            .expect("drain lock")
+            .per_second(now);
+        let allowed = admission::allowed_wait(self.shared.max_queue_time, deadline, now);
+        admission::admit(queued, texts, rate, allowed).map_err(|refusal| {
+            metrics::queue_rejected(&self.shared.labels);
+            Error::overloaded(&self.shared.labels.model, refusal)
+        })
     }
 
     /// Runs `rows` (one per text) in whatever batches the loop forms, and returns their outputs
@@ -184,6 +221,7 @@ impl Runner {
                 let mut state = shared.state.lock().expect("batch state lock");
                 // Texts whose caller went away (cancelled, deadline passed) are not worth a run.
                 state.retain(|pending| !pending.reply.is_closed());
+                metrics::queue_depth(&shared.labels, state.len());
                 state.front().map(|pending| pending.enqueued)
             };
             match oldest {
@@ -205,6 +243,12 @@ impl Runner {
                     };
                     let batch = state.next_batch(&limits);
                     metrics::queue_depth(&shared.labels, state.len());
+                    drop(state);
+                    let drain = &shared.drain;
+                    drain
+                        .lock()
+                        .expect("drain lock")
+                        .departed(batch.len(), Instant::now());
                     return Some(batch.into_iter().map(|queued| queued.item).collect());
                 }
                 None if shared.closed.load(Ordering::Acquire) => return None,

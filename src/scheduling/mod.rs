@@ -2,6 +2,7 @@
 //! session run (grouped by length so padding does not eat the gain), and a continuous batcher
 //! that decodes many generations together.
 
+pub mod admission;
 pub mod batch_state;
 pub mod batcher;
 pub mod continuous;

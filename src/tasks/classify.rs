@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use super::limits::{check_name, check_texts};
 use super::routing::{self, Routing};
 use super::text::Truncate;
-use super::{EncodedOutput, RequestMetrics, ServedBy, check_texts, run_encoder};
+use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
@@ -56,6 +57,7 @@ pub async fn classify(
 ) -> Result<ClassifyOutput> {
     let mut request = RequestMetrics::start(Task::Classify.as_str());
     let result = async {
+        check_name("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;
         if params.top_k == Some(0) {
             return Err(Error::invalid(
@@ -71,10 +73,10 @@ pub async fn classify(
             &mut request,
             |shadow| {
                 let params = params.clone();
-                async move { classify_on(&shadow, params).await }
+                async move { classify_on(&shadow, params, None).await }
             },
         )?;
-        let classifications = classify_on(&model, params).await?;
+        let classifications = classify_on(&model, params, routing.deadline).await?;
         request.tokens(classifications.iter().map(|c| c.token_count).sum(), 0);
         Ok(ClassifyOutput {
             classifications,
@@ -89,6 +91,7 @@ pub async fn classify(
 async fn classify_on(
     model: &Arc<ModelVersion>,
     params: ClassifyParams,
+    deadline: Option<std::time::Instant>,
 ) -> Result<Vec<Classification>> {
     let settings = model
         .settings
@@ -97,7 +100,7 @@ async fn classify_on(
         .ok_or_else(|| Error::Internal(format!("{} has no classify settings", model.name)))?;
     let labels = &settings.labels.value;
     let multi_label = settings.multi_label.value;
-    let outputs = run_encoder(model, params.texts, params.truncate, None, true).await?;
+    let outputs = run_encoder(model, params.texts, params.truncate, None, true, deadline).await?;
 
     let top_k = params.top_k.map_or(labels.len(), |k| k as usize);
     outputs

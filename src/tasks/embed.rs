@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use super::limits::{check_name, check_texts};
 use super::routing::{self, Routing};
 use super::text::Truncate;
-use super::{EncodedOutput, RequestMetrics, ServedBy, check_texts, run_encoder};
+use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
 use crate::registry::settings::pooling_name;
@@ -43,6 +44,7 @@ pub async fn embed(
 ) -> Result<EmbedOutput> {
     let mut request = RequestMetrics::start(Task::Embed.as_str());
     let result = async {
+        check_name("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;
         let (model, served_by) = routing::route(
             registry,
@@ -52,10 +54,10 @@ pub async fn embed(
             &mut request,
             |shadow| {
                 let params = params.clone();
-                async move { embed_on(&shadow, params).await }
+                async move { embed_on(&shadow, params, None).await }
             },
         )?;
-        let embeddings = embed_on(&model, params).await?;
+        let embeddings = embed_on(&model, params, routing.deadline).await?;
         request.tokens(embeddings.iter().map(|e| e.token_count).sum(), 0);
         Ok(EmbedOutput {
             embeddings,
@@ -67,7 +69,11 @@ pub async fn embed(
 }
 
 /// Embeds on one model version.
-async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<Embedding>> {
+async fn embed_on(
+    model: &Arc<ModelVersion>,
+    params: EmbedParams,
+    deadline: Option<std::time::Instant>,
+) -> Result<Vec<Embedding>> {
     let settings = model
         .settings
         .embed
@@ -93,7 +99,15 @@ async fn embed_on(model: &Arc<ModelVersion>, params: EmbedParams) -> Result<Vec<
     };
     let normalize = params.normalize.unwrap_or(settings.normalize.value);
 
-    let outputs = run_encoder(model, params.texts, params.truncate, Some(embedding), false).await?;
+    let outputs = run_encoder(
+        model,
+        params.texts,
+        params.truncate,
+        Some(embedding),
+        false,
+        deadline,
+    )
+    .await?;
     outputs
         .into_iter()
         .map(

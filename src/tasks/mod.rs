@@ -3,6 +3,7 @@
 pub mod classify;
 pub mod embed;
 pub mod generate;
+pub mod limits;
 pub mod routing;
 pub mod text;
 pub mod tokenize;
@@ -117,7 +118,14 @@ pub(crate) async fn run_encoder(
     truncate: text::Truncate,
     embedding: Option<crate::runtime::encoder::Embedding>,
     logits: bool,
+    deadline: Option<Instant>,
 ) -> Result<Vec<EncodedOutput>> {
+    let batcher = model
+        .batcher
+        .as_ref()
+        .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
+    // Before tokenizing: a request the queue cannot serve in time costs nothing more.
+    batcher.admit(texts.len(), deadline)?;
     let started = Instant::now();
     let encoded = text::encode_all(model, texts, truncate).await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
@@ -130,10 +138,6 @@ pub(crate) async fn run_encoder(
             logits,
         })
         .collect();
-    let batcher = model
-        .batcher
-        .as_ref()
-        .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     let outputs = batcher.submit(rows).await?;
     Ok(shapes
         .into_iter()
@@ -144,37 +148,4 @@ pub(crate) async fn run_encoder(
             output,
         })
         .collect())
-}
-
-/// Checks the list of texts a request carries against the configured limits.
-pub(crate) fn check_texts(texts: &[String], limits: &crate::config::LimitsConfig) -> Result<()> {
-    if texts.is_empty() {
-        return Err(Error::invalid(
-            "texts",
-            "must hold at least one text; got 0",
-        ));
-    }
-    if texts.len() > limits.max_texts_per_request {
-        return Err(Error::invalid(
-            "texts",
-            format!(
-                "{} texts is over the limit of {} per request",
-                texts.len(),
-                limits.max_texts_per_request
-            ),
-        ));
-    }
-    for (index, text) in texts.iter().enumerate() {
-        if text.len() > limits.max_text_bytes {
-            return Err(Error::invalid(
-                format!("texts[{index}]"),
-                format!(
-                    "{} bytes is over the limit of {} bytes",
-                    text.len(),
-                    limits.max_text_bytes
-                ),
-            ));
-        }
-    }
-    Ok(())
 }

@@ -11,11 +11,13 @@ use crate::error::{Result, Task};
 use crate::registry::{ModelVersion, Registry, RouteRequest};
 use crate::telemetry::metrics;
 
-/// What the caller sent for routing: a sticky key and an optional pinned arm.
+/// What the caller sent besides the request itself: a sticky routing key, an optional pinned
+/// arm, and its deadline (for admission by time).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routing {
     pub key: Option<String>,
     pub pin: Option<String>,
+    pub deadline: Option<Instant>,
 }
 
 /// Resolves `target` for `task`; when the route shadows this request, starts `shadow` on the

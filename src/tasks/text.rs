@@ -10,8 +10,8 @@ use tokenizers::{Tokenizer, TruncationDirection};
 use crate::error::{Error, Result};
 use crate::registry::ModelVersion;
 
-/// Texts larger than this in total are tokenized on a blocking thread, off the async executor.
-const INLINE_TOKENIZE_BYTES: usize = 4 * 1024;
+/// Inputs larger than this are followed by handing freed memory back to the system.
+pub const TRIM_AFTER_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Truncate {
@@ -47,14 +47,33 @@ pub async fn encode_all(
     texts: Vec<String>,
     truncate: Truncate,
 ) -> Result<Vec<Encoded>> {
-    let total: usize = texts.iter().map(String::len).sum();
-    if total <= INLINE_TOKENIZE_BYTES {
-        return encode_texts(model, &texts, truncate);
-    }
     let model = Arc::clone(model);
-    tokio::task::spawn_blocking(move || encode_texts(&model, &texts, truncate))
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let encoded = blocking(move || encode_texts(&model, &texts, truncate)).await;
+    if bytes >= TRIM_AFTER_BYTES {
+        give_back_memory();
+    }
+    encoded
+}
+
+/// Runs tokenizer work on the blocking pool, never on the async executor's threads: a long
+/// input takes milliseconds of CPU that every other request would otherwise wait behind.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| Error::Internal(format!("tokenizer worker failed: {error}")))?
+}
+
+/// Returns memory freed by a large tokenization to the system. glibc keeps freed pages in the
+/// arena of the thread that freed them, so a burst of long inputs would otherwise stay resident.
+pub fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn encode_texts(

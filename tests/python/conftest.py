@@ -45,7 +45,9 @@ def _binary() -> Path:
 
 def serve(args=(), env=None):
     """Starts the real binary on a free port; yields its address once it is SERVING."""
-    env = dict(os.environ, LMSERVE_LOGGING__FILTER="warn", **(env or {}))
+    # No drain delay: nothing balances across these test servers.
+    env = dict(os.environ, LMSERVE_LOGGING__FILTER="warn", LMSERVE_SERVER__DRAIN_DELAY_MS="0",
+               **(env or {}))
     process = subprocess.Popen(
         [str(_binary()), "serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=None, text=True,

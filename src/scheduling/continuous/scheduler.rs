@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::state::{AdmissionQueue, ContinuousLimits, Waiting};
 use crate::error::{Error, Result};
@@ -13,6 +13,7 @@ use crate::runtime::decoder::{DecodeBatch, DecoderModel};
 use crate::runtime::placement::{self, CpuList};
 use crate::runtime::session::panic_message;
 use crate::scheduling::FaultTracker;
+use crate::scheduling::admission::{self, DrainRate};
 use crate::telemetry::metrics::{self, DecodeLoopMetrics, ModelLabels};
 
 /// What the driver chose at one step.
@@ -51,6 +52,9 @@ pub struct GenerationJob {
 
 struct Shared {
     queue: Mutex<AdmissionQueue<GenerationJob>>,
+    /// How fast sequences have been leaving the queue, for admission by time.
+    drain: Mutex<DrainRate>,
+    max_queue_time: Duration,
     wake: Condvar,
     closed: AtomicBool,
     labels: ModelLabels,
@@ -66,6 +70,8 @@ pub struct SchedulerSettings {
     pub queue_capacity: usize,
     /// `runtime.decode_cpus`: the CPUs the decode thread moves to, if any.
     pub decode_cpus: Option<CpuList>,
+    /// The longest a sequence may wait to start; requests expected to wait longer are refused.
+    pub max_queue_time: Duration,
 }
 
 /// Owns the scheduler thread of one model version; dropping it stops the thread once the
@@ -86,9 +92,12 @@ impl ContinuousScheduler {
             limits,
             queue_capacity,
             decode_cpus,
+            max_queue_time,
         } = settings;
         let shared = Arc::new(Shared {
             queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
+            drain: Mutex::new(DrainRate::default()),
+            max_queue_time,
             wake: Condvar::new(),
             closed: AtomicBool::new(false),
             metrics: DecodeLoopMetrics::new(&labels),
@@ -113,6 +122,38 @@ impl ContinuousScheduler {
                 .run()
             })?;
         Ok(Self { shared })
+    }
+
+    /// Whether `sequences` more may queue: refused at once (RESOURCE_EXHAUSTED) when the queue is
+    /// full, or when they would wait past `deadline` or the configured maximum queue time.
+    /// Checked before the prompt is tokenized; `submit` checks the capacity again.
+    pub fn admit(&self, sequences: usize, deadline: Option<Instant>) -> Result<()> {
+        let now = Instant::now();
+        let queued = {
+            let queue = self.shared.queue.lock().expect("queue lock");
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(Error::ShuttingDown);
+            }
+            if queue.len() + sequences > queue.capacity() {
+                metrics::queue_rejected(&self.shared.labels);
+                return Err(Error::QueueFull {
+                    model: self.shared.labels.model.clone(),
+                    capacity: queue.capacity(),
+                });
+            }
+            queue.len()
+        };
+        let rate = self
+            .shared
+            .drain
+            .lock()
+            .expect("drain lock")
+            .per_second(now);
+        let allowed = admission::allowed_wait(self.shared.max_queue_time, deadline, now);
+        admission::admit(queued, sequences, rate, allowed).map_err(|refusal| {
+            metrics::queue_rejected(&self.shared.labels);
+            Error::overloaded(&self.shared.labels.model, refusal)
+        })
     }
 
     /// Queues every sequence of one request, or none: a full queue is RESOURCE_EXHAUSTED.
@@ -220,7 +261,11 @@ impl Loop {
     fn wait_and_admit(&mut self) -> Option<Vec<Waiting<GenerationJob>>> {
         let mut queue = self.shared.queue.lock().expect("queue lock");
         loop {
-            for mut job in queue.remove_where(|job| job.driver.abandoned()) {
+            let abandoned = queue.remove_where(|job| job.driver.abandoned());
+            if !abandoned.is_empty() {
+                self.shared.metrics.queue_depth(queue.len());
+            }
+            for mut job in abandoned {
                 job.driver.stopped(StopCause::Cancelled);
             }
             if !self.batch.is_empty() || !queue.is_empty() {
@@ -234,6 +279,12 @@ impl Loop {
         let reserved: usize = self.rows.iter().map(|active| active.reserved_tokens).sum();
         let admitted = queue.admit(self.rows.len(), reserved, &self.limits);
         self.shared.metrics.queue_depth(queue.len());
+        drop(queue);
+        let drain = &self.shared.drain;
+        drain
+            .lock()
+            .expect("drain lock")
+            .departed(admitted.len(), Instant::now());
         Some(admitted)
     }
 

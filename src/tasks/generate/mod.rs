@@ -15,10 +15,11 @@ use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRu
 use self::params::{GenerateParams, Prompt};
 use self::sampling::Sampler;
 use self::text::TextStream;
+use super::limits::{check_name, check_prompt_text, check_token_ids};
 use super::routing::{self, Routing};
 use super::text::{self as text_input, EncodeError, Truncate};
 use super::{RequestMetrics, ServedBy};
-use crate::config::GenerationConfig;
+use crate::config::{GenerationConfig, LimitsConfig};
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
 use crate::scheduling::continuous::GenerationJob;
@@ -125,67 +126,106 @@ impl Drop for GenerationStream {
     }
 }
 
+/// The server's limits on a Generate request.
+#[derive(Clone, Copy)]
+pub struct Limits<'a> {
+    pub request: &'a LimitsConfig,
+    pub generation: &'a GenerationConfig,
+}
+
 /// Starts generating; the returned stream yields the events, each token as it is produced.
 pub async fn start(
     registry: &Registry,
-    config: &GenerationConfig,
+    limits: Limits<'_>,
     params: GenerateParams,
     routing: &Routing,
 ) -> Result<GenerationStream> {
-    start_with(registry, config, params, routing, Delivery::Stream).await
+    start_with(registry, limits, params, routing, Delivery::Stream).await
+}
+
+/// The request's own sizes, before anything is looked up or tokenized.
+fn check_request(params: &GenerateParams, limits: &LimitsConfig) -> Result<()> {
+    check_name("model", &params.model, limits)?;
+    match &params.prompt {
+        Some(Prompt::Text(text)) => check_prompt_text("prompt.text", text, limits),
+        Some(Prompt::Ids(ids)) => check_token_ids("prompt.token_ids", ids.len(), limits),
+        None => Ok(()),
+    }
 }
 
 async fn start_with(
     registry: &Registry,
-    config: &GenerationConfig,
+    limits: Limits<'_>,
     params: GenerateParams,
     routing: &Routing,
     delivery: Delivery,
 ) -> Result<GenerationStream> {
+    let config = limits.generation;
     let mut request = RequestMetrics::start(Task::Generate.as_str());
     // The request's own values are checked before any model is chosen; the model's defaults
     // for what it left unset join once the route has picked one.
-    let routed = params.check(config).and_then(|_| {
-        routing::route(
-            registry,
-            &params.model,
-            Task::Generate,
-            routing,
-            &mut request,
-            |shadow| {
-                let (config, params) = (config.clone(), params.clone());
-                async move {
-                    collect(start_on(
-                        shadow,
-                        ServedBy::default(),
-                        &config,
-                        params,
-                        None,
-                        Delivery::Collect,
-                    )?)
-                    .await
-                }
-            },
-        )
-    });
+    let routed = check_request(&params, limits.request)
+        .and_then(|()| params.check(config))
+        .and_then(|_| {
+            routing::route(
+                registry,
+                &params.model,
+                Task::Generate,
+                routing,
+                &mut request,
+                |shadow| {
+                    let (config, params) = (config.clone(), params.clone());
+                    async move {
+                        collect(
+                            start_on(
+                                shadow,
+                                ServedBy::default(),
+                                &config,
+                                params,
+                                None,
+                                Delivery::Collect,
+                                None,
+                            )
+                            .await?,
+                        )
+                        .await
+                    }
+                },
+            )
+        });
     match routed {
         Ok((model, served_by)) => {
-            start_on(model, served_by, config, params, Some(request), delivery)
+            let deadline = routing.deadline;
+            start_on(
+                model,
+                served_by,
+                config,
+                params,
+                Some(request),
+                delivery,
+                deadline,
+            )
+            .await
         }
         Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
     }
 }
 
 /// Starts generating on one model version.
-fn start_on(
+async fn start_on(
     model: Arc<ModelVersion>,
     served_by: ServedBy,
     config: &GenerationConfig,
     params: GenerateParams,
     request: Option<RequestMetrics>,
     delivery: Delivery,
+    deadline: Option<Instant>,
 ) -> Result<GenerationStream> {
     let arrived = Instant::now();
+    let Some(scheduler) = &model.generator else {
+        let error = Error::Internal(format!("{} has no scheduler", model.name));
+        return Err(finish_early(request, error));
+    };
     let checked = match params
         .clone()
         .with_model_defaults(&model.settings.generation, config)
@@ -194,8 +234,13 @@ fn start_on(
         Ok(checked) => checked,
         Err(error) => return Err(finish_early(request, error)),
     };
-    let prompt =
-        match prompt_ids(&model, params.prompt, params.truncate_prompt).and_then(|prompt| {
+    // Before tokenizing: a request the queue cannot serve in time costs nothing more.
+    if let Err(error) = scheduler.admit(checked.n, deadline) {
+        return Err(finish_early(request, error));
+    }
+    let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt)
+        .await
+        .and_then(|prompt| {
             // Stop ids the model can never produce would silently never stop anything.
             check_in_vocabulary(
                 "parameters.stop_token_ids",
@@ -204,9 +249,9 @@ fn start_on(
             )?;
             Ok(prompt)
         }) {
-            Ok(prompt) => prompt,
-            Err(error) => return Err(finish_early(request, error)),
-        };
+        Ok(prompt) => prompt,
+        Err(error) => return Err(finish_early(request, error)),
+    };
     let context_left = model.settings.max_length.value - prompt.len();
     let max_new_tokens = checked.max_new_tokens.min(context_left);
     let mut stop_ids: Vec<i64> = checked
@@ -257,11 +302,7 @@ fn start_on(
             }
         })
         .collect();
-    let submitted = match &model.generator {
-        Some(scheduler) => scheduler.submit(jobs),
-        None => Err(Error::Internal(format!("{} has no scheduler", model.name))),
-    };
-    if let Err(error) = submitted {
+    if let Err(error) = scheduler.submit(jobs) {
         return Err(finish_early(request, error));
     }
     Ok(GenerationStream {
@@ -309,11 +350,11 @@ pub struct GenerateOutput {
 /// concatenation of the deltas a stream would have carried.
 pub async fn generate(
     registry: &Registry,
-    config: &GenerationConfig,
+    limits: Limits<'_>,
     params: GenerateParams,
     routing: &Routing,
 ) -> Result<GenerateOutput> {
-    collect(start_with(registry, config, params, routing, Delivery::Collect).await?).await
+    collect(start_with(registry, limits, params, routing, Delivery::Collect).await?).await
 }
 
 /// Follows a generation to its end.
@@ -374,7 +415,25 @@ fn check_in_vocabulary(field: &str, ids: &[u32], vocab: usize) -> Result<()> {
 /// The prompt as token ids, within the model's context (leaving room for one new token). Text
 /// gets the special tokens the tokenizer adds (a BOS for Llama-style models, nothing for
 /// GPT-2's); ids are the caller's exact input. A prompt cut to fit loses its oldest tokens.
-fn prompt_ids(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
+async fn prompt_ids(
+    model: &Arc<ModelVersion>,
+    prompt: Option<Prompt>,
+    truncate: bool,
+) -> Result<Vec<i64>> {
+    let model = Arc::clone(model);
+    let bytes = match &prompt {
+        Some(Prompt::Text(text)) => text.len(),
+        _ => 0,
+    };
+    // Off the async executor: a long prompt must not hold up every other request.
+    let ids = text_input::blocking(move || encode_prompt(&model, prompt, truncate)).await;
+    if bytes >= text_input::TRIM_AFTER_BYTES {
+        text_input::give_back_memory();
+    }
+    ids
+}
+
+fn encode_prompt(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
     let max_length = model.settings.max_length.value;
     let room = max_length.saturating_sub(1).max(1);
     let too_long = |tokens: usize| {

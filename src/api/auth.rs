@@ -1,0 +1,135 @@
+//! API keys: every call but health needs `authorization: Bearer <key>` with the scope its method
+//! needs. `edge` checks every call by its method's path, so no service can forget it: missing or
+//! unknown keys are UNAUTHENTICATED, a key without the scope is PERMISSION_DENIED.
+
+use tonic::Status;
+
+use crate::config::security::{ApiKey, Scope};
+
+/// The Models methods that change what is served.
+const ADMIN_METHODS: [&str; 4] = ["LoadModel", "UnloadModel", "SetRoute", "DeleteRoute"];
+
+/// The scope a call to `path` (`/package.Service/Method`) needs; `None`: open to all.
+pub fn required_scope(path: &str) -> Option<Scope> {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    match service {
+        // Probes and load balancers must reach health without a key.
+        "grpc.health.v1.Health" => None,
+        "lmserve.v1.Models" if ADMIN_METHODS.contains(&method) => Some(Scope::Admin),
+        _ => Some(Scope::Inference),
+    }
+}
+
+/// The configured keys; a key's scope is found by comparing against each in constant time.
+pub struct KeyRing {
+    keys: Vec<ApiKey>,
+}
+
+impl KeyRing {
+    pub fn new(keys: Vec<ApiKey>) -> Self {
+        Self { keys }
+    }
+
+    fn scope_of(&self, presented: &str) -> Option<Scope> {
+        // Every key is compared in full, so the time taken says nothing about which matched.
+        self.keys
+            .iter()
+            .filter(|key| constant_time_eq(key.key.expose().as_bytes(), presented.as_bytes()))
+            .map(|key| key.scope)
+            .max()
+    }
+
+    /// Whether a call to `path` with this `authorization` header may proceed.
+    pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<(), Status> {
+        let Some(needed) = required_scope(path) else {
+            return Ok(());
+        };
+        let presented = authorization
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "this server needs an API key: send `authorization: Bearer <key>`",
+                )
+            })?;
+        match self.scope_of(presented) {
+            None => Err(Status::unauthenticated("the API key is not valid")),
+            Some(scope) if scope < needed => Err(Status::permission_denied(format!(
+                "this call needs a key with the {needed} scope; the key has {scope}"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut difference = a.len() ^ b.len();
+    for (index, &byte) in a.iter().enumerate() {
+        difference |= usize::from(byte ^ b.get(index).copied().unwrap_or(0));
+    }
+    difference == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::security::api_keys_from_pairs;
+
+    #[test]
+    fn each_method_needs_its_scope() {
+        assert_eq!(required_scope("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(required_scope("/grpc.health.v1.Health/Watch"), None);
+        assert_eq!(
+            required_scope("/lmserve.v1.Inference/Embed"),
+            Some(Scope::Inference)
+        );
+        assert_eq!(
+            required_scope("/lmserve.v1.Models/ListModels"),
+            Some(Scope::Inference)
+        );
+        assert_eq!(
+            required_scope("/lmserve.v1.Models/SetRoute"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(
+            required_scope("/lmserve.v1.Models/UnloadModel"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(
+            required_scope("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some(Scope::Inference)
+        );
+        assert_eq!(required_scope("/anything/else"), Some(Scope::Inference));
+    }
+
+    #[test]
+    fn keys_are_checked_for_presence_validity_and_scope() {
+        let ring = KeyRing::new(
+            api_keys_from_pairs("admin:adminadminadmin123,inference:readerreaderreader1").unwrap(),
+        );
+        let embed = "/lmserve.v1.Inference/Embed";
+        let load = "/lmserve.v1.Models/LoadModel";
+        let code = |path, auth| ring.check(path, auth).map_err(|s| s.code());
+        assert_eq!(code(embed, None), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            code(embed, Some("Basic x")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            code(embed, Some("Bearer wrongwrongwrong123")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(code(embed, Some("Bearer readerreaderreader1")), Ok(()));
+        assert_eq!(
+            code(load, Some("Bearer readerreaderreader1")),
+            Err(tonic::Code::PermissionDenied)
+        );
+        assert_eq!(code(load, Some("Bearer adminadminadmin123")), Ok(()));
+        assert_eq!(code("/grpc.health.v1.Health/Check", None), Ok(()));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abcd") && !constant_time_eq(b"abcd", b"abc"));
+    }
+}

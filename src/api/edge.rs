@@ -1,0 +1,144 @@
+//! The layer every RPC passes through:
+//! - API keys, when configured (`auth`), checked before anything else;
+//! - a call past its `grpc-timeout` ends DEADLINE_EXCEEDED (tonic's own timer says CANCELLED);
+//! - a request message over the service's size limit is RESOURCE_EXHAUSTED, as the gRPC C++ and
+//!   Go servers answer (tonic says OUT_OF_RANGE, a code lmserve's own errors never use, see
+//!   `status.rs`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use super::auth::KeyRing;
+use super::deadline;
+
+/// tonic starts its own timer for `grpc-timeout` a moment before this layer runs; firing this
+/// much earlier makes sure the client hears DEADLINE_EXCEEDED rather than tonic's CANCELLED.
+const DEADLINE_LEAD: Duration = Duration::from_millis(5);
+
+#[derive(Clone, Default)]
+pub struct EdgeLayer {
+    keys: Option<Arc<KeyRing>>,
+}
+
+impl EdgeLayer {
+    /// The edge of a server that checks `keys` (`None`: no authentication).
+    pub fn new(keys: Option<KeyRing>) -> Self {
+        Self {
+            keys: keys.map(Arc::new),
+        }
+    }
+}
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Edge {
+            inner,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    keys: Option<Arc<KeyRing>>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Edge<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if let Some(keys) = &self.keys {
+            let authorization = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok());
+            if let Err(status) = keys.check(request.uri().path(), authorization) {
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        }
+        let timeout = request
+            .headers()
+            .get(deadline::HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(deadline::parse);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = match timeout {
+                Some(timeout) => {
+                    let budget = timeout.saturating_sub(DEADLINE_LEAD);
+                    match tokio::time::timeout(budget, response).await {
+                        Ok(response) => response?,
+                        Err(_) => {
+                            return Ok(Status::deadline_exceeded(format!(
+                                "the call's deadline of {timeout:?} passed"
+                            ))
+                            .into_http());
+                        }
+                    }
+                }
+                None => response.await?,
+            };
+            Ok(over_size_is_resource_exhausted(response))
+        })
+    }
+}
+
+/// The status for a streamed request message tonic could not read: over the size limit is
+/// RESOURCE_EXHAUSTED, as for a unary request.
+pub fn incoming_status(status: Status) -> Status {
+    match status.code() {
+        Code::OutOfRange => Status::resource_exhausted(status.message().to_owned()),
+        _ => status,
+    }
+}
+
+/// Rewrites the status of a trailers-only response that tonic's decoder answered OUT_OF_RANGE.
+fn over_size_is_resource_exhausted<B>(mut response: Response<B>) -> Response<B> {
+    let out_of_range = HeaderValue::from(Code::OutOfRange as i32);
+    let headers = response.headers_mut();
+    if headers.get("grpc-status") == Some(&out_of_range) {
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(Code::ResourceExhausted as i32),
+        );
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_out_of_range_becomes_resource_exhausted() {
+        let status = |code: Code| Status::new(code, "x").into_http::<()>();
+        let rewritten = over_size_is_resource_exhausted(status(Code::OutOfRange));
+        assert_eq!(rewritten.headers()["grpc-status"], "8");
+        let kept = over_size_is_resource_exhausted(status(Code::InvalidArgument));
+        assert_eq!(kept.headers()["grpc-status"], "3");
+    }
+}

@@ -1,0 +1,127 @@
+//! The `[limits]` checks, run on a request before any work is done for it: each refusal is an
+//! INVALID_ARGUMENT naming the field, the limit and the value (bounded, when it is echoed).
+
+use crate::config::LimitsConfig;
+use crate::error::{Error, Result, echo};
+
+/// A model, route or target name: within `max_name_bytes`, and printable.
+pub fn check_name(field: &str, value: &str, limits: &LimitsConfig) -> Result<()> {
+    if value.len() > limits.max_name_bytes {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} bytes is over the limit of {} bytes",
+                value.len(),
+                limits.max_name_bytes
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            format!("{} holds control characters", echo(value)),
+        ));
+    }
+    Ok(())
+}
+
+/// The texts of an Embed or Classify request.
+pub fn check_texts(texts: &[String], limits: &LimitsConfig) -> Result<()> {
+    if texts.is_empty() {
+        return Err(Error::invalid(
+            "texts",
+            "must hold at least one text; got 0",
+        ));
+    }
+    if texts.len() > limits.max_texts_per_request {
+        return Err(Error::invalid(
+            "texts",
+            format!(
+                "{} texts is over the limit of {} per request",
+                texts.len(),
+                limits.max_texts_per_request
+            ),
+        ));
+    }
+    for (index, text) in texts.iter().enumerate() {
+        if text.len() > limits.max_text_bytes {
+            return Err(Error::invalid(
+                format!("texts[{index}]"),
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    text.len(),
+                    limits.max_text_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A prompt or Tokenize text, before it is tokenized.
+pub fn check_prompt_text(field: &str, text: &str, limits: &LimitsConfig) -> Result<()> {
+    if text.len() > limits.max_prompt_bytes {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} bytes is over the limit of {} bytes",
+                text.len(),
+                limits.max_prompt_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Token ids a client sends (a prompt, or ids to detokenize).
+pub fn check_token_ids(field: &str, count: usize, limits: &LimitsConfig) -> Result<()> {
+    if count > limits.max_prompt_tokens {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{count} ids is over the limit of {} ids",
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(result: Result<()>) -> String {
+        match result {
+            Err(Error::InvalidArgument { field, message }) => format!("{field}: {message}"),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_refusal_names_the_field_the_limit_and_the_value() {
+        let limits = LimitsConfig::default();
+        assert_eq!(
+            message(check_name("model", &"m".repeat(3 << 20), &limits)),
+            "model: 3145728 bytes is over the limit of 128 bytes"
+        );
+        assert!(message(check_name("model", "a\u{0}b", &limits)).contains("control characters"));
+        assert!(check_name("model", "tiny-gpt2@1", &limits).is_ok());
+        assert_eq!(
+            message(check_prompt_text(
+                "prompt.text",
+                &"x".repeat(300_000),
+                &limits
+            )),
+            "prompt.text: 300000 bytes is over the limit of 262144 bytes"
+        );
+        assert_eq!(
+            message(check_token_ids("ids", 70_000, &limits)),
+            "ids: 70000 ids is over the limit of 65536 ids"
+        );
+        assert_eq!(
+            message(check_texts(&[], &limits)),
+            "texts: must hold at least one text; got 0"
+        );
+    }
+}
