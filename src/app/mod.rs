@@ -47,10 +47,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(addr) => Some(bind(addr, "server.admin_addr").await?),
         None => None,
     };
-    // Machine-readable lines on stdout, so scripts and tests started on port 0 find the ports.
-    println!("lmserve listening grpc={}", main.local_addr()?);
-    if let Some(admin) = &admin {
-        println!("lmserve listening admin={}", admin.local_addr()?);
+    // One machine-readable line on stdout, so scripts and tests started on port 0 find the
+    // ports. Whoever reads it may close the pipe afterwards: a failed write is not an error.
+    let admin_shown = match &admin {
+        Some(admin) => format!(" admin={}", admin.local_addr()?),
+        None => String::new(),
+    };
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "lmserve listening grpc={}{admin_shown}", main.local_addr()?);
+        let _ = stdout.flush();
     }
     tracing::info!(
         grpc = %main.local_addr()?,

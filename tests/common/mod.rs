@@ -75,7 +75,7 @@ impl TestServer {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
         let addr = match line.trim().strip_prefix("lmserve listening grpc=") {
-            Some(addr) => addr.to_owned(),
+            Some(rest) => rest.split_whitespace().next().unwrap_or_default().to_owned(),
             None => {
                 let _ = child.wait();
                 panic!(
@@ -96,6 +96,11 @@ impl TestServer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for the process to exit (after a signal), with its status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
     }
 
     pub fn url(&self) -> String {

@@ -56,7 +56,7 @@ def serve(args=(), env=None):
         line = process.stdout.readline().strip()
         prefix = "lmserve listening grpc="
         assert line.startswith(prefix), f"server did not start: {line!r}"
-        address = line[len(prefix):]
+        address = line[len(prefix):].split()[0]
         _wait_serving(address)
         yield address
     finally:
