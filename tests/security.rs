@@ -28,7 +28,9 @@ struct Pki {
 fn authority(name: &str) -> (CertificateParams, KeyPair, String) {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
     let key = KeyPair::generate().unwrap();
     let pem = params.self_signed(&key).unwrap().pem();
     (params, key, pem)
@@ -39,7 +41,10 @@ fn pki() -> Pki {
     let issuer = Issuer::from_params(&ca_params, &ca_key);
     let signed = |names: Vec<String>| {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &issuer).unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
         (cert.pem(), key.serialize_pem())
     };
     Pki {
@@ -55,15 +60,25 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-async fn tls_channel(addr: &str, ca: &str, client: Option<&(String, String)>) -> Result<Channel, String> {
+async fn tls_channel(
+    addr: &str,
+    ca: &str,
+    client: Option<&(String, String)>,
+) -> Result<Channel, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name("localhost");
     if let Some((cert, key)) = client {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
-    let endpoint = Channel::from_shared(format!("https://{addr}")).unwrap().tls_config(tls).unwrap();
-    endpoint.connect().await.map_err(|error| format!("{error:?}"))
+    let endpoint = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    endpoint
+        .connect()
+        .await
+        .map_err(|error| format!("{error:?}"))
 }
 
 fn embed() -> EmbedRequest {
@@ -95,29 +110,58 @@ fn start_tls(pki: &Pki, mutual: bool) -> TlsServer {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lmserve"));
     command
         .current_dir(common::root())
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics", "--repository"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--repository",
+        ])
         .arg(&repository)
         .env("LMSERVE_LOGGING__FILTER", "warn")
         .env("LMSERVE_STATE__PATH", dir.path().join("state.json"))
-        .env("LMSERVE_TLS__CERT_FILE", write(dir.path(), "server.crt", &pki.server.0))
-        .env("LMSERVE_TLS__KEY_FILE", write(dir.path(), "server.key", &pki.server.1))
+        .env(
+            "LMSERVE_TLS__CERT_FILE",
+            write(dir.path(), "server.crt", &pki.server.0),
+        )
+        .env(
+            "LMSERVE_TLS__KEY_FILE",
+            write(dir.path(), "server.key", &pki.server.1),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if mutual {
-        command.env("LMSERVE_TLS__CLIENT_CA_FILE", write(dir.path(), "ca.crt", &pki.ca));
+        command.env(
+            "LMSERVE_TLS__CLIENT_CA_FILE",
+            write(dir.path(), "ca.crt", &pki.ca),
+        );
     }
     let mut child = command.spawn().unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("lmserve listening grpc=").expect(&line).to_owned();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("lmserve listening grpc=")
+        .expect(&line)
+        .to_owned();
     assert!(!addr.contains(' '), "{addr}");
-    TlsServer { child, addr, _dir: dir }
+    TlsServer {
+        child,
+        addr,
+        _dir: dir,
+    }
 }
 
 async fn wait_serving(channel: Channel) {
     let mut health = HealthClient::new(channel);
     for _ in 0..600 {
-        if let Ok(response) = health.check(HealthCheckRequest { service: String::new() }).await
+        if let Ok(response) = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
             && response.into_inner().status == 1
         {
             return;
@@ -136,7 +180,10 @@ async fn tls_serves_trusting_clients_and_refuses_the_rest() {
     InferenceClient::new(channel).embed(embed()).await.unwrap();
 
     // Plaintext to a TLS port gets no answer.
-    let plain = Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await;
+    let plain = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await;
     let refused = match plain {
         Err(_) => true,
         Ok(channel) => InferenceClient::new(channel).embed(embed()).await.is_err(),
@@ -156,9 +203,14 @@ async fn tls_serves_trusting_clients_and_refuses_the_rest() {
 async fn mutual_tls_needs_a_client_certificate() {
     let pki = pki();
     let server = start_tls(&pki, true);
-    let with_cert = tls_channel(&server.addr, &pki.ca, Some(&pki.client)).await.unwrap();
+    let with_cert = tls_channel(&server.addr, &pki.ca, Some(&pki.client))
+        .await
+        .unwrap();
     wait_serving(with_cert.clone()).await;
-    InferenceClient::new(with_cert).embed(embed()).await.unwrap();
+    InferenceClient::new(with_cert)
+        .embed(embed())
+        .await
+        .unwrap();
     let without = tls_channel(&server.addr, &pki.ca, None).await;
     let refused = match without {
         Err(_) => true,
@@ -180,10 +232,17 @@ async fn api_keys_gate_every_call_but_health_by_scope() {
     const ADMIN: &str = "admin-key-0123456789";
     const READER: &str = "reader-key-0123456789";
     let keys = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(keys.path(), format!("admin {ADMIN}\n# a comment\ninference {READER}\n")).unwrap();
+    std::fs::write(
+        keys.path(),
+        format!("admin {ADMIN}\n# a comment\ninference {READER}\n"),
+    )
+    .unwrap();
     let server = TestServer::start_with(ServerOptions {
         env: vec![
-            ("LMSERVE_AUTH__KEYS_FILE".into(), keys.path().to_str().unwrap().into()),
+            (
+                "LMSERVE_AUTH__KEYS_FILE".into(),
+                keys.path().to_str().unwrap().into(),
+            ),
             ("LMSERVE_SERVER__REFLECTION".into(), "false".into()),
         ],
         ..Default::default()
@@ -195,28 +254,49 @@ async fn api_keys_gate_every_call_but_health_by_scope() {
     let status = inference.embed(embed()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("Bearer"), "{status:?}");
-    let status = inference.embed(bearer(embed(), "not-a-key-0123456789")).await.unwrap_err();
+    let status = inference
+        .embed(bearer(embed(), "not-a-key-0123456789"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     inference.embed(bearer(embed(), READER)).await.unwrap();
     inference.embed(bearer(embed(), ADMIN)).await.unwrap();
-    models.list_models(bearer(ListModelsRequest {}, READER)).await.unwrap();
-    let unload = || UnloadModelRequest { name: "tiny-lstm".into(), version: None };
-    let status = models.unload_model(bearer(unload(), READER)).await.unwrap_err();
+    models
+        .list_models(bearer(ListModelsRequest {}, READER))
+        .await
+        .unwrap();
+    let unload = || UnloadModelRequest {
+        name: "tiny-lstm".into(),
+        version: None,
+    };
+    let status = models
+        .unload_model(bearer(unload(), READER))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("admin"), "{status:?}");
     models.unload_model(bearer(unload(), ADMIN)).await.unwrap();
-    let load = LoadModelRequest { name: "tiny-lstm".into(), version: None };
+    let load = LoadModelRequest {
+        name: "tiny-lstm".into(),
+        version: None,
+    };
     models.load_model(bearer(load, ADMIN)).await.unwrap();
     // Health needs no key (probes and balancers have none).
-    assert_eq!(server.health("").await, tonic_health::pb::health_check_response::ServingStatus::Serving);
-    // Reflection is off.
-    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-        server.channel().await,
+    assert_eq!(
+        server.health("").await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
     );
+    // Reflection is off.
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            server.channel().await,
+        );
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(
-            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
         ),
     };
     let status = reflection
@@ -233,13 +313,21 @@ async fn api_keys_gate_every_call_but_health_by_scope() {
 async fn the_models_service_can_have_a_listener_of_its_own() {
     let admin_port = common::free_port();
     let server = TestServer::start_with(ServerOptions {
-        env: vec![("LMSERVE_SERVER__ADMIN_ADDR".into(), format!("127.0.0.1:{admin_port}"))],
+        env: vec![(
+            "LMSERVE_SERVER__ADMIN_ADDR".into(),
+            format!("127.0.0.1:{admin_port}"),
+        )],
         ..Default::default()
     })
     .await;
     // Inference on the main port; Models is not there.
     server.inference().await.embed(embed()).await.unwrap();
-    let status = server.models().await.list_models(ListModelsRequest {}).await.unwrap_err();
+    let status = server
+        .models()
+        .await
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
     // It is on the admin port, with health.
     let admin = Channel::from_shared(format!("http://127.0.0.1:{admin_port}"))
@@ -247,10 +335,15 @@ async fn the_models_service_can_have_a_listener_of_its_own() {
         .connect()
         .await
         .unwrap();
-    let listed = ModelsClient::new(admin.clone()).list_models(ListModelsRequest {}).await.unwrap();
+    let listed = ModelsClient::new(admin.clone())
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap();
     assert!(!listed.into_inner().models.is_empty());
     let health = HealthClient::new(admin)
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap();
     assert_eq!(health.into_inner().status, 1);

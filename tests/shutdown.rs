@@ -54,7 +54,10 @@ async fn sigterm_drains_in_the_order_load_balancers_need() {
     let drain = Duration::from_millis(2000);
     let mut server = TestServer::start_with(ServerOptions {
         env: vec![
-            ("LMSERVE_SERVER__DRAIN_DELAY_MS".into(), drain.as_millis().to_string()),
+            (
+                "LMSERVE_SERVER__DRAIN_DELAY_MS".into(),
+                drain.as_millis().to_string(),
+            ),
             ("LMSERVE_SERVER__SHUTDOWN_GRACE_MS".into(), "30000".into()),
         ],
         ..Default::default()
@@ -63,17 +66,25 @@ async fn sigterm_drains_in_the_order_load_balancers_need() {
     let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
     let mut watch = health
-        .watch(HealthCheckRequest { service: String::new() })
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
 
     // 30 streams in flight, each long enough to outlast the drain delay.
     let mut client = server.inference().await;
     let mut streams = Vec::new();
     for _ in 0..30 {
-        let stream = client.generate_stream(generate("tiny-transformer-lm", 120, 1)).await.unwrap();
+        let stream = client
+            .generate_stream(generate("tiny-transformer-lm", 120, 1))
+            .await
+            .unwrap();
         streams.push(tokio::spawn(collect(stream.into_inner())));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -87,8 +98,16 @@ async fn sigterm_drains_in_the_order_load_balancers_need() {
         .unwrap()
         .unwrap();
     assert_eq!(update.status, ServingStatus::NotServing as i32);
-    let checked = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
-    assert_eq!(checked.into_inner().status, ServingStatus::NotServing as i32);
+    let checked = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        checked.into_inner().status,
+        ServingStatus::NotServing as i32
+    );
     // ...while calls are still served for the drain delay.
     let embedded = client
         .embed(EmbedRequest {
@@ -98,25 +117,41 @@ async fn sigterm_drains_in_the_order_load_balancers_need() {
         })
         .await;
     assert!(embedded.is_ok(), "{embedded:?}");
-    assert!(signalled.elapsed() < drain, "the check took too long to prove anything");
+    assert!(
+        signalled.elapsed() < drain,
+        "the check took too long to prove anything"
+    );
 
     // Then the Watch stream ends rather than holding the shutdown...
-    let ended = tokio::time::timeout(drain * 4, watch.next()).await.expect("Watch never ended");
+    let ended = tokio::time::timeout(drain * 4, watch.next())
+        .await
+        .expect("Watch never ended");
     assert!(matches!(ended, None | Some(Err(_))), "{ended:?}");
     assert!(signalled.elapsed() >= drain);
     // ...and new connections are refused.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let fresh = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await;
-    assert!(fresh.is_err(), "a new connection was accepted after the drain");
+    let fresh = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await;
+    assert!(
+        fresh.is_err(),
+        "a new connection was accepted after the drain"
+    );
 
     // Every stream in flight finished whole.
     for (messages, status) in join_all(streams).await.into_iter().map(Result::unwrap) {
         assert!(status.is_none(), "a stream was cut: {status:?}");
         let tokens = messages.iter().filter(|m| m.token.is_some()).count();
         assert_eq!(tokens, 120);
-        assert_eq!(messages.last().unwrap().finish_reason, FinishReason::Length as i32);
+        assert_eq!(
+            messages.last().unwrap().finish_reason,
+            FinishReason::Length as i32
+        );
     }
-    let exit = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
 
@@ -133,7 +168,10 @@ async fn streams_that_outlive_the_grace_end_with_a_closing_message_and_unavailab
     let mut client = server.inference().await;
     // Four sequences of 250 tokens from the model that re-runs its whole sequence each step:
     // seconds of work, far past the grace.
-    let stream = client.generate_stream(generate("tiny-transformer-lm", 250, 4)).await.unwrap();
+    let stream = client
+        .generate_stream(generate("tiny-transformer-lm", 250, 4))
+        .await
+        .unwrap();
     let following = tokio::spawn(collect(stream.into_inner()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     terminate(&server);
@@ -145,9 +183,15 @@ async fn streams_that_outlive_the_grace_end_with_a_closing_message_and_unavailab
         .iter()
         .filter(|m| m.finish_reason == FinishReason::Cancelled as i32)
         .collect();
-    assert_eq!(closing.len(), 4, "one closing message per unfinished sequence");
+    assert_eq!(
+        closing.len(),
+        4,
+        "one closing message per unfinished sequence"
+    );
     assert!(closing.last().unwrap().timings.is_some());
-    let exit = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
 

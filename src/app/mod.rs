@@ -56,7 +56,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     {
         use std::io::Write;
         let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "lmserve listening grpc={}{admin_shown}", main.local_addr()?);
+        let _ = writeln!(
+            stdout,
+            "lmserve listening grpc={}{admin_shown}",
+            main.local_addr()?
+        );
         let _ = stdout.flush();
     }
     tracing::info!(

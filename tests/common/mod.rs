@@ -75,7 +75,11 @@ impl TestServer {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
         let addr = match line.trim().strip_prefix("lmserve listening grpc=") {
-            Some(rest) => rest.split_whitespace().next().unwrap_or_default().to_owned(),
+            Some(rest) => rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             None => {
                 let _ = child.wait();
                 panic!(
