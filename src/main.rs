@@ -211,6 +211,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref(), args.overrides())?;
+    lmserve::runtime::memory::limit_arenas(config.runtime.malloc_arenas);
     // Before the runtime, logging, ONNX Runtime or the metrics exporter start any thread, so
     // that they all inherit the CPUs left over.
     if let Some(decode) = &config.runtime.decode_cpus {

@@ -6,16 +6,29 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
+use tonic::Extensions;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 pub const HEADER: &str = "grpc-timeout";
 
-/// When the call's `grpc-timeout` runs out, counted from now, with the timeout itself; `None`
-/// when the client set none or sent one that does not parse (as tonic treats it).
-pub fn from_metadata(metadata: &MetadataMap) -> Option<(Instant, Duration)> {
+/// When the call arrived: stamped by `edge` as it enters the service stack, before it waits for
+/// a worker thread, so that a busy server does not count its own backlog as the client's time.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub Instant);
+
+/// When the call's `grpc-timeout` runs out, counted from its arrival (or from now, for a call
+/// that did not pass `edge`), with the timeout itself; `None` when the client set none or sent
+/// one that does not parse (as tonic treats it).
+pub fn from_request(
+    metadata: &MetadataMap,
+    extensions: &Extensions,
+) -> Option<(Instant, Duration)> {
     let timeout = parse(metadata.get(HEADER)?.to_str().ok()?)?;
-    Some((Instant::now().checked_add(timeout)?, timeout))
+    let arrived = extensions
+        .get::<Arrival>()
+        .map_or_else(Instant::now, |arrival| arrival.0);
+    Some((arrived.checked_add(timeout)?, timeout))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -84,12 +97,17 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_header_from_metadata() {
+    fn reads_the_header_from_metadata_counting_from_arrival() {
         let mut metadata = MetadataMap::new();
-        assert!(from_metadata(&metadata).is_none());
+        let mut extensions = Extensions::new();
+        assert!(from_request(&metadata, &extensions).is_none());
         metadata.insert(HEADER, "40m".parse().unwrap());
-        let (deadline, timeout) = from_metadata(&metadata).unwrap();
+        let (deadline, timeout) = from_request(&metadata, &extensions).unwrap();
         assert_eq!(timeout, Duration::from_millis(40));
         assert!(deadline <= Instant::now() + timeout);
+        let arrived = Instant::now() - Duration::from_millis(30);
+        extensions.insert(Arrival(arrived));
+        let (deadline, _) = from_request(&metadata, &extensions).unwrap();
+        assert_eq!(deadline, arrived + timeout);
     }
 }

@@ -70,7 +70,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let arrived = tokio::time::Instant::now();
+        request.extensions_mut().insert(deadline::Arrival(arrived));
         if let Some(keys) = &self.keys {
             let authorization = request
                 .headers()
@@ -90,7 +92,7 @@ where
             let response = match timeout {
                 Some(timeout) => {
                     let budget = timeout.saturating_sub(DEADLINE_LEAD);
-                    match tokio::time::timeout(budget, response).await {
+                    match tokio::time::timeout_at(arrived + budget, response).await {
                         Ok(response) => response?,
                         Err(_) => {
                             return Ok(Status::deadline_exceeded(format!(

@@ -23,6 +23,9 @@ use crate::tasks::{classify, embed, generate as generation, tokenize};
 /// Requests of one stream in flight at once; responses still leave in request order.
 const STREAM_PIPELINE_DEPTH: usize = 8;
 
+/// A call's deadline, when it has one: the instant and the timeout the client sent.
+type Deadline = Option<(tokio::time::Instant, std::time::Duration)>;
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[derive(Clone)]
@@ -49,7 +52,7 @@ impl InferenceService {
     fn bounded<T: Send + 'static>(
         &self,
         responses: ResponseStream<T>,
-        deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+        deadline: Deadline,
     ) -> ResponseStream<T> {
         closing::until_closed(deadline::until(responses, deadline), self.closing.clone())
     }
@@ -62,7 +65,7 @@ impl InferenceService {
     }
 
     /// The routing key and pin of a request: its `route_key` field, else the configured headers.
-    fn routing(&self, metadata: &MetadataMap, route_key: &str) -> Routing {
+    fn routing(&self, metadata: &MetadataMap, deadline: Deadline, route_key: &str) -> Routing {
         let config = &self.registry.config().routing;
         let header = |name: &str| {
             metadata
@@ -78,7 +81,7 @@ impl InferenceService {
         Routing {
             key,
             pin: header(&config.pin_header),
-            deadline: deadline::from_metadata(metadata).map(|(at, _)| at.into_std()),
+            deadline: deadline.map(|(at, _)| at.into_std()),
         }
     }
 
@@ -86,8 +89,9 @@ impl InferenceService {
         &self,
         request: proto::EmbedRequest,
         metadata: &MetadataMap,
+        deadline: Deadline,
     ) -> Result<proto::EmbedResponse, Status> {
-        let routing = self.routing(metadata, &request.route_key);
+        let routing = self.routing(metadata, deadline, &request.route_key);
         let params = convert::embed_params(request)?;
         let span = tracing::info_span!("embed", model = %params.model, texts = params.texts.len());
         let output = embed::embed(&self.registry, &self.limits, params, &routing)
@@ -100,8 +104,9 @@ impl InferenceService {
         &self,
         request: proto::ClassifyRequest,
         metadata: &MetadataMap,
+        deadline: Deadline,
     ) -> Result<proto::ClassifyResponse, Status> {
-        let routing = self.routing(metadata, &request.route_key);
+        let routing = self.routing(metadata, deadline, &request.route_key);
         let params = convert::classify_params(request)?;
         let span =
             tracing::info_span!("classify", model = %params.model, texts = params.texts.len());
@@ -147,8 +152,9 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let routing = self.routing(&metadata, &request.route_key);
+        let (metadata, extensions, request) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions);
+        let routing = self.routing(&metadata, deadline, &request.route_key);
         let params = generate::params(request);
         let span = tracing::info_span!("generate", model = %params.model);
         let output =
@@ -164,9 +170,9 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let deadline = deadline::from_metadata(&metadata);
-        let routing = self.routing(&metadata, &request.route_key);
+        let (metadata, extensions, request) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions);
+        let routing = self.routing(&metadata, deadline, &request.route_key);
         let params = generate::params(request);
         let span = tracing::info_span!("generate_stream", model = %params.model);
         let stream = generation::start(&self.registry, self.generation_limits(), params, &routing)
@@ -180,8 +186,11 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        self.embed_one(request, &metadata).await.map(Response::new)
+        let (metadata, extensions, request) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions);
+        self.embed_one(request, &metadata, deadline)
+            .await
+            .map(Response::new)
     }
 
     type EmbedStreamStream = ResponseStream<proto::EmbedResponse>;
@@ -190,12 +199,12 @@ impl Inference for InferenceService {
         &self,
         request: Request<Streaming<proto::EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStreamStream>, Status> {
-        let (metadata, _, requests) = request.into_parts();
-        let deadline = deadline::from_metadata(&metadata);
+        let (metadata, extensions, requests) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions);
         let (service, metadata) = (self.clone(), Arc::new(metadata));
         let responses = ordered(requests, move |message| {
             let (service, metadata) = (service.clone(), Arc::clone(&metadata));
-            async move { service.embed_one(message, &metadata).await }
+            async move { service.embed_one(message, &metadata, deadline).await }
         });
         Ok(Response::new(self.bounded(responses, deadline)))
     }
@@ -204,8 +213,9 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::ClassifyRequest>,
     ) -> Result<Response<proto::ClassifyResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        self.classify_one(request, &metadata)
+        let (metadata, extensions, request) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions);
+        self.classify_one(request, &metadata, deadline)
             .await
             .map(Response::new)
     }
@@ -216,12 +226,12 @@ impl Inference for InferenceService {
         &self,
         request: Request<Streaming<proto::ClassifyRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        let (metadata, _, requests) = request.into_parts();
-        let deadline = deadline::from_metadata(&metadata);
+        let (metadata, extensions, requests) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions);
         let (service, metadata) = (self.clone(), Arc::new(metadata));
         let responses = ordered(requests, move |message| {
             let (service, metadata) = (service.clone(), Arc::clone(&metadata));
-            async move { service.classify_one(message, &metadata).await }
+            async move { service.classify_one(message, &metadata, deadline).await }
         });
         Ok(Response::new(self.bounded(responses, deadline)))
     }

@@ -137,6 +137,9 @@ pub struct RuntimeConfig {
     /// generating model's decode thread may use all of them: give as many CPUs as models that
     /// generate at the same time.
     pub decode_cpus: Option<CpuList>,
+    /// glibc malloc arenas; unset: one per CPU the process may use (at least 2), which keeps
+    /// resident memory flat under load; 0: glibc's default (eight per CPU).
+    pub malloc_arenas: Option<usize>,
     /// Session runs of one model version that may fail in a row before the version is marked
     /// FAILED (until it is reloaded); each failure answers only its own batch. 0: never.
     pub max_consecutive_failures: usize,
@@ -266,6 +269,7 @@ impl Default for RuntimeConfig {
             execution_providers: vec!["cpu".to_owned()],
             required_provider: None,
             decode_cpus: None,
+            malloc_arenas: None,
             max_consecutive_failures: 5,
         }
     }

@@ -4,6 +4,7 @@ pub mod bindings;
 pub mod decoder;
 pub mod encoder;
 pub mod library;
+pub mod memory;
 pub mod placement;
 pub mod providers;
 pub mod session;

@@ -5,6 +5,8 @@
 //! data with an injected clock, tested directly.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How far back the drain rate looks.
@@ -53,6 +55,92 @@ impl DrainRate {
     }
 }
 
+/// A moving average of how long a unit of work (a batch run, a decode step) takes, so that the
+/// wait a request may afford leaves room for its own work before its deadline.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ServiceTime {
+    seconds: Option<f64>,
+}
+
+impl ServiceTime {
+    /// Weight of the newest measure.
+    const ALPHA: f64 = 0.2;
+
+    pub fn record(&mut self, took: Duration) {
+        let took = took.as_secs_f64();
+        self.seconds = Some(match self.seconds {
+            Some(average) => average + Self::ALPHA * (took - average),
+            None => took,
+        });
+    }
+
+    /// `units` of work at the average time; nothing while there is no measure.
+    pub fn of(&self, units: usize) -> Duration {
+        Duration::from_secs_f64(self.seconds.unwrap_or(0.0) * units as f64)
+    }
+}
+
+/// A request's place from its admission until it joins the queue (tokenization happens in
+/// between). Places held count as queued when the next request is admitted: otherwise a burst
+/// admitted at once would each see the queue as short as it was. Given back when dropped, so a
+/// request that fails or is cancelled before it queues cannot keep its place.
+#[derive(Debug)]
+pub struct Reservation {
+    held: Arc<AtomicUsize>,
+    items: usize,
+}
+
+impl Reservation {
+    /// Takes `items` places from `held`.
+    pub fn take(held: &Arc<AtomicUsize>, items: usize) -> Self {
+        held.fetch_add(items, Ordering::AcqRel);
+        Self {
+            held: Arc::clone(held),
+            items,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.items, Ordering::AcqRel);
+    }
+}
+
+/// One queue's clock: how fast it drains, and how long a unit of its work takes.
+#[derive(Debug, Default)]
+pub struct QueueClock {
+    drain: DrainRate,
+    service: ServiceTime,
+}
+
+impl QueueClock {
+    /// `count` items left the queue for a run.
+    pub fn departed(&mut self, count: usize, now: Instant) {
+        self.drain.departed(count, now);
+    }
+
+    /// A unit of work (a batch run, a decode step) took `took`.
+    pub fn served(&mut self, took: Duration) {
+        self.service.record(took);
+    }
+
+    /// Whether `items` more, whose own work takes `units` units, may queue behind `queued` and
+    /// still start within `max_queue_time` and in time to finish by `deadline`.
+    pub fn admit(
+        &self,
+        queued: usize,
+        items: usize,
+        units: usize,
+        deadline: Option<Instant>,
+        max_queue_time: Duration,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let allowed = allowed_wait(max_queue_time, deadline, self.service.of(units), now);
+        admit(queued, items, self.drain.per_second(now), allowed)
+    }
+}
+
 /// Why a request was refused before it queued.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Refusal {
@@ -90,11 +178,26 @@ pub fn admit(
     })
 }
 
+/// The share of its remaining deadline a request's wait and work may take. The estimates are
+/// averages: a queue kept at the very edge of its callers' deadlines makes half of them miss,
+/// while a shorter queue keeps the model just as busy.
+const DEADLINE_SHARE: f64 = 0.5;
+
 /// The longest a request may wait in a queue: the server's maximum, or less when its deadline
-/// is nearer.
-pub fn allowed_wait(max_queue_time: Duration, deadline: Option<Instant>, now: Instant) -> Duration {
+/// is nearer, after the time its own work will take (`service`).
+pub fn allowed_wait(
+    max_queue_time: Duration,
+    deadline: Option<Instant>,
+    service: Duration,
+    now: Instant,
+) -> Duration {
     match deadline {
-        Some(deadline) => max_queue_time.min(deadline.saturating_duration_since(now)),
+        Some(deadline) => {
+            let share = deadline
+                .saturating_duration_since(now)
+                .mul_f64(DEADLINE_SHARE);
+            max_queue_time.min(share.saturating_sub(service))
+        }
         None => max_queue_time,
     }
 }
@@ -137,14 +240,50 @@ mod tests {
     fn the_nearer_of_deadline_and_maximum_bounds_the_wait() {
         let now = Instant::now();
         let max = Duration::from_secs(5);
-        assert_eq!(allowed_wait(max, None, now), max);
+        let none = Duration::ZERO;
+        assert_eq!(allowed_wait(max, None, none, now), max);
+        // Half the deadline, for the estimates' spread...
         assert_eq!(
-            allowed_wait(max, Some(now + Duration::from_secs(1)), now),
+            allowed_wait(max, Some(now + Duration::from_secs(2)), none, now),
             Duration::from_secs(1)
         );
+        // ...less the request's own work.
         assert_eq!(
-            allowed_wait(max, Some(now - Duration::from_secs(1)), now),
+            allowed_wait(
+                max,
+                Some(now + Duration::from_secs(2)),
+                Duration::from_millis(300),
+                now
+            ),
+            Duration::from_millis(700)
+        );
+        assert_eq!(
+            allowed_wait(max, Some(now - Duration::from_secs(1)), none, now),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_reservation_holds_its_places_until_dropped() {
+        let held = Arc::new(AtomicUsize::new(0));
+        let first = Reservation::take(&held, 3);
+        let second = Reservation::take(&held, 2);
+        assert_eq!(held.load(Ordering::Acquire), 5);
+        drop(first);
+        assert_eq!(held.load(Ordering::Acquire), 2);
+        drop(second);
+        assert_eq!(held.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn service_time_follows_recent_measures() {
+        let mut service = ServiceTime::default();
+        assert_eq!(service.of(10), Duration::ZERO);
+        service.record(Duration::from_millis(10));
+        assert_eq!(service.of(3), Duration::from_millis(30));
+        for _ in 0..50 {
+            service.record(Duration::from_millis(20));
+        }
+        assert!((service.of(1).as_secs_f64() - 0.020).abs() < 1e-4);
     }
 }

@@ -14,6 +14,9 @@ pub struct BatchLimits {
     pub max_padding_ratio: f64,
 }
 
+/// How many batches' worth of the queue's front a batch may pick its texts from.
+const LOOKAHEAD_BATCHES: usize = 1;
+
 /// One queued text.
 #[derive(Debug)]
 pub struct Queued<T> {
@@ -85,7 +88,16 @@ impl<T> BatchState<T> {
             return Vec::new();
         };
         let anchor_tokens = anchor.tokens;
-        let mut order: Vec<usize> = (0..self.queue.len()).collect();
+        // Only the next batch's worth of texts may join: under a steady stream, texts of a common
+        // length would otherwise keep overtaking older ones of an odd length, and a request (done
+        // when its last text is) would wait far longer than its place in the queue says. With a
+        // window twice as wide, requests at six times capacity waited twice what admission by
+        // time estimated (the overload benchmark).
+        let window = self
+            .queue
+            .len()
+            .min(limits.max_batch_size.max(1) * LOOKAHEAD_BATCHES);
+        let mut order: Vec<usize> = (0..window).collect();
         order.sort_by_key(|&i| {
             (
                 self.queue[i].tokens.abs_diff(anchor_tokens),
@@ -151,7 +163,7 @@ mod tests {
     fn groups_texts_of_similar_length() {
         let mut state = BatchState::new(100);
         state
-            .append(vec![(0, 10), (1, 40), (2, 11), (3, 41), (4, 9), (5, 39)])
+            .append(vec![(0, 10), (1, 40), (2, 11), (3, 9), (4, 41), (5, 39)])
             .unwrap();
         assert_eq!(lengths(&state.next_batch(&LIMITS)), vec![10, 11, 9]);
         assert_eq!(lengths(&state.next_batch(&LIMITS)), vec![40, 41, 39]);
@@ -189,6 +201,20 @@ mod tests {
             .map(|q| q.item)
             .collect();
         assert_eq!(items, vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn texts_far_back_in_the_queue_do_not_overtake() {
+        let mut state = BatchState::new(1000);
+        // An odd-length text at the front, then many of a common length.
+        let mut items = vec![("odd", 50)];
+        items.extend((0..100).map(|_| ("common", 10)));
+        state.append(items).unwrap();
+        state.append(vec![("late twin", 50)]).unwrap();
+        // The late text of the front's length is beyond the lookahead: it waits its turn.
+        let first = state.next_batch(&LIMITS);
+        assert_eq!(first[0].item, "odd");
+        assert!(first.iter().all(|queued| queued.item != "late twin"));
     }
 
     #[test]

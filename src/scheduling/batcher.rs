@@ -1,14 +1,14 @@
 //! The dynamic batcher for one encoder model version: a handle that queues texts, and a loop
 //! that waits for a free session, lets a batch gather for at most `max_wait`, and runs it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, oneshot};
 use tracing::{Instrument, Span};
 
-use super::admission::{self, DrainRate};
+use super::admission::{QueueClock, Reservation};
 use super::batch_state::{BatchLimits, BatchState};
 use super::faults::FaultTracker;
 use crate::error::{Error, Result};
@@ -36,8 +36,11 @@ struct Pending {
 
 struct Shared {
     state: Mutex<BatchState<Pending>>,
-    /// How fast texts have been leaving the queue, for admission by time.
-    drain: Mutex<DrainRate>,
+    /// How fast texts have been leaving the queue, and how long a run takes, for admission by
+    /// time.
+    clock: Mutex<QueueClock>,
+    /// Texts admitted and not yet queued.
+    reserved: Arc<AtomicUsize>,
     work: Notify,
     closed: AtomicBool,
     labels: ModelLabels,
@@ -69,7 +72,8 @@ impl Batcher {
     ) -> Batcher {
         let shared = Arc::new(Shared {
             state: Mutex::new(BatchState::new(settings.queue_capacity)),
-            drain: Mutex::new(DrainRate::default()),
+            clock: Mutex::new(QueueClock::default()),
+            reserved: Arc::new(AtomicUsize::new(0)),
             work: Notify::new(),
             closed: AtomicBool::new(false),
             labels,
@@ -90,35 +94,38 @@ impl Batcher {
     /// Whether `texts` more may queue: refused at once (RESOURCE_EXHAUSTED) when the queue is
     /// full, or when they would wait past `deadline` or the configured maximum queue time.
     /// Checked before the texts are tokenized; `submit` checks the capacity again.
-    pub fn admit(&self, texts: usize, deadline: Option<Instant>) -> Result<()> {
+    pub fn admit(&self, texts: usize, deadline: Option<Instant>) -> Result<Reservation> {
         let now = Instant::now();
-        let queued = {
-            let state = self.shared.state.lock().expect("batch state lock");
-            if state.len() + texts > state.capacity() {
+        let state = self.shared.state.lock().expect("batch state lock");
+        let queued = state.len() + self.shared.reserved.load(Ordering::Acquire);
+        {
+            if queued + texts > state.capacity() {
                 metrics::queue_rejected(&self.shared.labels);
                 return Err(Error::QueueFull {
                     model: self.shared.labels.model.clone(),
                     capacity: state.capacity(),
                 });
             }
-            state.len()
-        };
-        let rate = self
-            .shared
-            .drain
-            .lock()
-            .expect("drain lock")
-            .per_second(now);
-        let allowed = admission::allowed_wait(self.shared.max_queue_time, deadline, now);
-        admission::admit(queued, texts, rate, allowed).map_err(|refusal| {
-            metrics::queue_rejected(&self.shared.labels);
-            Error::overloaded(&self.shared.labels.model, refusal)
-        })
+        }
+        let clock = self.shared.clock.lock().expect("clock lock");
+        let max_queue_time = self.shared.max_queue_time;
+        clock
+            .admit(queued, texts, 1, deadline, max_queue_time, now)
+            .map_err(|refusal| {
+                metrics::queue_rejected(&self.shared.labels);
+                Error::overloaded(&self.shared.labels.model, refusal)
+            })?;
+        // Taken under the state lock, so admissions see each other's places.
+        Ok(Reservation::take(&self.shared.reserved, texts))
     }
 
     /// Runs `rows` (one per text) in whatever batches the loop forms, and returns their outputs
     /// in the same order. All rows are queued or none: a full queue is RESOURCE_EXHAUSTED.
-    pub async fn submit(&self, rows: Vec<EncoderRow>) -> Result<Vec<EncoderRowOutput>> {
+    pub async fn submit(
+        &self,
+        rows: Vec<EncoderRow>,
+        place: Reservation,
+    ) -> Result<Vec<EncoderRowOutput>> {
         let now = Instant::now();
         let mut receivers = Vec::with_capacity(rows.len());
         let items = rows
@@ -148,6 +155,8 @@ impl Batcher {
                     capacity,
                 });
             }
+            // The texts are queued now: their place moves from reserved to the queue.
+            drop(place);
             metrics::queue_depth(&self.shared.labels, state.len());
         }
         self.shared.work.notify_one();
@@ -186,6 +195,7 @@ impl Runner {
             let pad_id = self.pad_id;
             let labels = shared.labels.clone();
             let faults = Arc::clone(&self.faults);
+            let shared = Arc::clone(shared);
             let span = tracing::info_span!("batch", model = %labels.model, version = %labels.version, size = batch.len());
             for pending in &batch {
                 span.follows_from(pending.span.id());
@@ -205,7 +215,9 @@ impl Runner {
                     let result = lease
                         .run(move |session| encoder::run(session, &bindings, pad_id, &rows))
                         .await;
-                    metrics::inference_time(&labels, started.elapsed());
+                    let took = started.elapsed();
+                    metrics::inference_time(&labels, took);
+                    shared.clock.lock().expect("clock lock").served(took);
                     deliver(batch, result, &labels, &faults);
                 }
                 .instrument(span),
@@ -244,10 +256,10 @@ impl Runner {
                     let batch = state.next_batch(&limits);
                     metrics::queue_depth(&shared.labels, state.len());
                     drop(state);
-                    let drain = &shared.drain;
-                    drain
+                    let clock = &shared.clock;
+                    clock
                         .lock()
-                        .expect("drain lock")
+                        .expect("clock lock")
                         .departed(batch.len(), Instant::now());
                     return Some(batch.into_iter().map(|queued| queued.item).collect());
                 }

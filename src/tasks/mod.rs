@@ -125,7 +125,7 @@ pub(crate) async fn run_encoder(
         .as_ref()
         .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     // Before tokenizing: a request the queue cannot serve in time costs nothing more.
-    batcher.admit(texts.len(), deadline)?;
+    let place = batcher.admit(texts.len(), deadline)?;
     let started = Instant::now();
     let encoded = text::encode_all(model, texts, truncate).await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
@@ -138,7 +138,7 @@ pub(crate) async fn run_encoder(
             logits,
         })
         .collect();
-    let outputs = batcher.submit(rows).await?;
+    let outputs = batcher.submit(rows, place).await?;
     Ok(shapes
         .into_iter()
         .zip(outputs)

@@ -66,14 +66,9 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|error| Error::Internal(format!("tokenizer worker failed: {error}")))?
 }
 
-/// Returns memory freed by a large tokenization to the system. glibc keeps freed pages in the
-/// arena of the thread that freed them, so a burst of long inputs would otherwise stay resident.
+/// Returns memory freed by a large tokenization to the system.
 pub fn give_back_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointers and only releases free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::runtime::memory::give_back();
 }
 
 fn encode_texts(

@@ -2,7 +2,7 @@
 //! prefills, steps and retires them. The per-sequence policy (sampling, stop conditions,
 //! streaming to the caller) lives behind `SequenceDriver`, so this file only schedules.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use crate::runtime::decoder::{DecodeBatch, DecoderModel};
 use crate::runtime::placement::{self, CpuList};
 use crate::runtime::session::panic_message;
 use crate::scheduling::FaultTracker;
-use crate::scheduling::admission::{self, DrainRate};
+use crate::scheduling::admission::{QueueClock, Reservation};
 use crate::telemetry::metrics::{self, DecodeLoopMetrics, ModelLabels};
 
 /// What the driver chose at one step.
@@ -52,8 +52,11 @@ pub struct GenerationJob {
 
 struct Shared {
     queue: Mutex<AdmissionQueue<GenerationJob>>,
-    /// How fast sequences have been leaving the queue, for admission by time.
-    drain: Mutex<DrainRate>,
+    /// How fast sequences have been leaving the queue, and how long a decode step takes, for
+    /// admission by time.
+    clock: Mutex<QueueClock>,
+    /// Sequences admitted and not yet queued.
+    reserved: Arc<AtomicUsize>,
     max_queue_time: Duration,
     wake: Condvar,
     closed: AtomicBool,
@@ -96,7 +99,8 @@ impl ContinuousScheduler {
         } = settings;
         let shared = Arc::new(Shared {
             queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
-            drain: Mutex::new(DrainRate::default()),
+            clock: Mutex::new(QueueClock::default()),
+            reserved: Arc::new(AtomicUsize::new(0)),
             max_queue_time,
             wake: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -127,37 +131,41 @@ impl ContinuousScheduler {
     /// Whether `sequences` more may queue: refused at once (RESOURCE_EXHAUSTED) when the queue is
     /// full, or when they would wait past `deadline` or the configured maximum queue time.
     /// Checked before the prompt is tokenized; `submit` checks the capacity again.
-    pub fn admit(&self, sequences: usize, deadline: Option<Instant>) -> Result<()> {
+    pub fn admit(
+        &self,
+        sequences: usize,
+        steps: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Reservation> {
         let now = Instant::now();
-        let queued = {
-            let queue = self.shared.queue.lock().expect("queue lock");
+        let queue = self.shared.queue.lock().expect("queue lock");
+        let queued = queue.len() + self.shared.reserved.load(Ordering::Acquire);
+        {
             if self.shared.closed.load(Ordering::Acquire) {
                 return Err(Error::ShuttingDown);
             }
-            if queue.len() + sequences > queue.capacity() {
+            if queued + sequences > queue.capacity() {
                 metrics::queue_rejected(&self.shared.labels);
                 return Err(Error::QueueFull {
                     model: self.shared.labels.model.clone(),
                     capacity: queue.capacity(),
                 });
             }
-            queue.len()
-        };
-        let rate = self
-            .shared
-            .drain
-            .lock()
-            .expect("drain lock")
-            .per_second(now);
-        let allowed = admission::allowed_wait(self.shared.max_queue_time, deadline, now);
-        admission::admit(queued, sequences, rate, allowed).map_err(|refusal| {
-            metrics::queue_rejected(&self.shared.labels);
-            Error::overloaded(&self.shared.labels.model, refusal)
-        })
+        }
+        let clock = self.shared.clock.lock().expect("clock lock");
+        let max_queue_time = self.shared.max_queue_time;
+        clock
+            .admit(queued, sequences, steps, deadline, max_queue_time, now)
+            .map_err(|refusal| {
+                metrics::queue_rejected(&self.shared.labels);
+                Error::overloaded(&self.shared.labels.model, refusal)
+            })?;
+        // Taken under the queue lock, so admissions see each other's places.
+        Ok(Reservation::take(&self.shared.reserved, sequences))
     }
 
     /// Queues every sequence of one request, or none: a full queue is RESOURCE_EXHAUSTED.
-    pub fn submit(&self, jobs: Vec<GenerationJob>) -> Result<()> {
+    pub fn submit(&self, jobs: Vec<GenerationJob>, place: Reservation) -> Result<()> {
         let waiting = jobs
             .into_iter()
             .map(|job| Waiting {
@@ -177,6 +185,8 @@ impl ContinuousScheduler {
                 capacity,
             });
         }
+        // The sequences are queued now: their place moves from reserved to the queue.
+        drop(place);
         self.shared.metrics.queue_depth(queue.len());
         drop(queue);
         self.shared.wake.notify_one();
@@ -280,10 +290,10 @@ impl Loop {
         let admitted = queue.admit(self.rows.len(), reserved, &self.limits);
         self.shared.metrics.queue_depth(queue.len());
         drop(queue);
-        let drain = &self.shared.drain;
-        drain
+        let clock = &self.shared.clock;
+        clock
             .lock()
-            .expect("drain lock")
+            .expect("clock lock")
             .departed(admitted.len(), Instant::now());
         Some(admitted)
     }
@@ -353,9 +363,9 @@ impl Loop {
             let mut session = self.pool.session(0);
             self.decoder.step(&mut session, &mut self.batch)
         };
-        self.shared
-            .metrics
-            .decode_step(started.elapsed(), self.rows.len());
+        let took = started.elapsed();
+        self.shared.metrics.decode_step(took, self.rows.len());
+        self.shared.clock.lock().expect("clock lock").served(took);
         match result {
             Ok(logits) => {
                 self.faults.succeeded();

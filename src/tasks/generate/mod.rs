@@ -235,9 +235,10 @@ async fn start_on(
         Err(error) => return Err(finish_early(request, error)),
     };
     // Before tokenizing: a request the queue cannot serve in time costs nothing more.
-    if let Err(error) = scheduler.admit(checked.n, deadline) {
-        return Err(finish_early(request, error));
-    }
+    let place = match scheduler.admit(checked.n, checked.max_new_tokens, deadline) {
+        Ok(place) => place,
+        Err(error) => return Err(finish_early(request, error)),
+    };
     let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt)
         .await
         .and_then(|prompt| {
@@ -302,7 +303,7 @@ async fn start_on(
             }
         })
         .collect();
-    if let Err(error) = scheduler.submit(jobs) {
+    if let Err(error) = scheduler.submit(jobs, place) {
         return Err(finish_early(request, error));
     }
     Ok(GenerationStream {
