@@ -173,6 +173,7 @@ async fn reloads(channel: Channel, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
                     target: "tiny-encoder@1".into(),
                     percent: 20.0,
                 }),
+                ..Default::default()
             }),
         };
         tally
@@ -271,6 +272,7 @@ async fn reloads_once(channel: Channel) {
                 weight: 1.0,
             }],
             shadow: None,
+            ..Default::default()
         }),
     };
     ModelsClient::new(channel)

@@ -220,5 +220,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(lmserve::app::serve(config))
+    let file = Config::file(args.config.as_deref());
+    runtime.block_on(lmserve::app::serve(config, file))
 }

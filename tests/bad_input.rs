@@ -132,6 +132,7 @@ fn route(name: &str, arms: Vec<(&str, f64)>) -> SetRouteRequest {
                 })
                 .collect(),
             shadow: None,
+            ..Default::default()
         }),
     }
 }

@@ -44,6 +44,7 @@ async fn a_change_that_cannot_be_saved_is_not_applied() {
                 weight: 1.0,
             }],
             shadow: None,
+            ..Default::default()
         }),
     };
     let status = models.set_route(route.clone()).await.unwrap_err();
@@ -111,6 +112,7 @@ async fn a_failed_load_is_never_saved_as_loaded_and_unloaded_versions_stay_liste
         repository: repository.path().to_owned(),
         args: vec!["--config".into(), config.to_str().unwrap().into()],
         env: vec![("LMSERVE_STATE__PATH".into(), state.to_str().unwrap().into())],
+        ..Default::default()
     };
     {
         let server = TestServer::start_with(options()).await;

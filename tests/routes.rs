@@ -38,6 +38,7 @@ fn route(
                 target: target.into(),
                 percent,
             }),
+            ..Default::default()
         }),
     }
 }
@@ -234,6 +235,7 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
         repository: repository.path().to_owned(),
         env: vec![("LMSERVE_ROUTING__SHADOW_CONCURRENCY".into(), "1".into())],
         args: vec!["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")],
+        ..Default::default()
     })
     .await;
     let mut models = server.models().await;
@@ -843,6 +845,7 @@ async fn version_policies_choose_what_loads_and_explicit_loads_persist() {
         repository: repository.path().to_owned(),
         args: vec!["--config".into(), config.to_str().unwrap().into()],
         env: vec![("LMSERVE_STATE__PATH".into(), state.to_str().unwrap().into())],
+        ..Default::default()
     };
     // The versions served; the rest of the folder is listed as UNLOADED.
     let versions = |info: proto::ModelInfo| {

@@ -10,7 +10,7 @@ use crate::config::LimitsConfig;
 use crate::config::routes::{ArmConfig, RouteConfig, ShadowConfig};
 use crate::error::{Error, Task};
 use crate::registry::manifest::{Family, Manifest};
-use crate::registry::{Listed, LoadState, Registry, Slot, parse_target};
+use crate::registry::{Listed, LoadState, Registry, RouteEntry, RouteSource, Slot, parse_target};
 use crate::runtime::{GraphIo, TensorSpec};
 use crate::tasks::limits::check_name;
 
@@ -297,8 +297,13 @@ fn route_config(
     Ok((route.name, config))
 }
 
-fn route_message(name: &str, route: &RouteConfig) -> proto::Route {
+fn route_message(name: &str, entry: &RouteEntry) -> proto::Route {
+    let route = &entry.route;
     proto::Route {
+        source: match entry.source {
+            RouteSource::Config => proto::RouteSource::Config,
+            RouteSource::Api => proto::RouteSource::Api,
+        } as i32,
         name: name.to_owned(),
         task: task_to_proto(route.task),
         arms: route

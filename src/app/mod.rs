@@ -2,6 +2,7 @@
 //! ONNX Runtime, a port already taken, a required GPU that is absent, unreadable TLS files or
 //! API keys); shutdown runs in the order load balancers need (`shutdown`).
 
+mod health;
 mod listeners;
 mod shutdown;
 mod tls;
@@ -11,7 +12,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::Router;
-use tonic_health::ServingStatus;
 use tower::layer::util::{Identity, Stack};
 
 use crate::api::auth::KeyRing;
@@ -26,13 +26,15 @@ use crate::config::{Config, security};
 use crate::registry::Registry;
 use crate::runtime::library;
 use crate::telemetry;
+use health::Health;
 use listeners::bind;
-use shutdown::{Health, Shutdown};
+use shutdown::Shutdown;
 
 type EdgeServer = Server<Stack<EdgeLayer, Identity>>;
 
-/// Runs the server until SIGINT or SIGTERM.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// Runs the server until SIGINT or SIGTERM. `config_file` is the file `config` was read from,
+/// whose routes are reloaded when it changes.
+pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     telemetry::logging::init(&config.logging);
     let keys = security::api_keys(&config.auth)?;
     let tls = tls::server_config(&config.tls)?;
@@ -78,8 +80,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health::new(reporter);
-    health.set(ServingStatus::NotServing).await;
+    let health = Health::new(reporter, config.server.ready_when).await;
     let (close_streams, closing) = closing::channel();
     let limits = &config.limits;
     let inference = InferenceServer::new(InferenceService::new(Arc::clone(&registry), closing))
@@ -138,12 +139,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Load while the health check says NOT_SERVING, so orchestrators wait for warm models.
     registry.load_all(environment).await?;
     tokio::spawn(Arc::clone(&registry).watch());
-    health.set(ServingStatus::Serving).await;
-    tracing::info!("all models loaded; serving");
+    if let Some(file) = config_file {
+        tokio::spawn(Arc::clone(&registry).watch_routes(file));
+    }
+    health.publish(&registry).await;
+    let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+    health.follow(Arc::clone(&registry), health_stopped);
+    tracing::info!("models loaded; serving");
 
     shutdown::signal().await;
     Shutdown {
         health,
+        stop_health,
         drain_delay: std::time::Duration::from_millis(config.server.drain_delay_ms),
         grace: std::time::Duration::from_millis(config.server.shutdown_grace_ms),
         stop,

@@ -5,44 +5,22 @@
 //! calls in flight have `server.shutdown_grace_ms` to finish; streams still open after that get
 //! a closing message and UNAVAILABLE.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::health::Health;
+use crate::api::closing::CloseStreams;
 use futures::future::join_all;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
-use crate::api::closing::CloseStreams;
-
-/// Service names reported by `grpc.health.v1`, besides the overall "" status.
-const HEALTH_SERVICES: [&str; 3] = ["", "lmserve.v1.Inference", "lmserve.v1.Models"];
 /// After the streams are closed, how long the listeners get to send their last messages.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
-pub struct Health(HealthReporter);
-
-impl Health {
-    pub fn new(reporter: HealthReporter) -> Self {
-        Self(reporter)
-    }
-
-    pub async fn set(&self, status: ServingStatus) {
-        for service in HEALTH_SERVICES {
-            self.0.set_service_status(service, status).await;
-        }
-    }
-
-    /// Forgets every status: open Watch streams end, and Check answers NOT_FOUND.
-    async fn clear(&mut self) {
-        for service in HEALTH_SERVICES {
-            self.0.clear_service_status(service).await;
-        }
-    }
-}
-
 pub struct Shutdown {
-    pub health: Health,
+    pub health: Arc<Health>,
+    /// Stops the health updates, which would otherwise turn statuses back to SERVING.
+    pub stop_health: watch::Sender<bool>,
     pub drain_delay: Duration,
     pub grace: Duration,
     /// Tells every listener to stop accepting.
@@ -53,9 +31,10 @@ pub struct Shutdown {
 type Served = JoinHandle<Result<(), tonic::transport::Error>>;
 
 impl Shutdown {
-    pub async fn run(mut self, mut servers: Vec<Served>) -> anyhow::Result<()> {
+    pub async fn run(self, mut servers: Vec<Served>) -> anyhow::Result<()> {
         tracing::info!(drain = ?self.drain_delay, "shutting down: NOT_SERVING, still serving while balancers drop this endpoint");
-        self.health.set(ServingStatus::NotServing).await;
+        self.stop_health.send_replace(true);
+        self.health.not_serving().await;
         tokio::time::sleep(self.drain_delay).await;
         // Watch streams would hold the graceful stop for the whole grace period.
         self.health.clear().await;

@@ -23,6 +23,16 @@ use crate::runtime::placement::CpuList;
 pub const ENV_PREFIX: &str = "LMSERVE_";
 /// Separates nested keys in environment variables: `LMSERVE_BATCHING__MAX_BATCH_SIZE`.
 pub const ENV_NESTING: &str = "__";
+/// The `LMSERVE_*` variables that are configuration: nested keys, `LMSERVE_SECTION__KEY`. The
+/// others are not, and are left alone: the variables Kubernetes defines for a Service named
+/// `lmserve` (`LMSERVE_PORT`, `LMSERVE_SERVICE_HOST`, `LMSERVE_PORT_50051_TCP_ADDR`, ...; port
+/// names cannot hold "__"), and the API keys, which the security module reads as a secret.
+fn environment() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .filter(|key| key.as_str().contains(ENV_NESTING))
+        .split(ENV_NESTING)
+}
+
 /// Where ort looks for the ONNX Runtime shared library when the config names none.
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 /// The config file read from the working directory when `--config` is not given.
@@ -61,6 +71,10 @@ pub struct RoutingConfig {
     pub pin_header: String,
     /// Shadow requests running at once; more are dropped (and counted), never queued.
     pub shadow_concurrency: usize,
+    /// How often the config file is read again for its `[routes]`, in milliseconds; 0: never.
+    /// Kubernetes updates a mounted ConfigMap in place, so every replica picks up a route change
+    /// without a restart.
+    pub reload_interval_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -69,6 +83,7 @@ impl Default for RoutingConfig {
             key_header: "x-lmserve-route-key".into(),
             pin_header: "x-lmserve-route-arm".into(),
             shadow_concurrency: 4,
+            reload_interval_ms: 2_000,
         }
     }
 }
@@ -107,6 +122,18 @@ pub struct ServerConfig {
     /// Then new connections are refused and calls in flight have this long to finish; streams
     /// still running are ended with a closing message and UNAVAILABLE.
     pub shutdown_grace_ms: u64,
+    /// When the overall health status ("") is SERVING: once every model version loaded, or
+    /// once any did. Each model has a status of its own either way.
+    pub ready_when: ReadyWhen,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyWhen {
+    /// Every version the server loads is ready (none failed, none still loading).
+    All,
+    /// At least one version is ready.
+    Any,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,6 +274,7 @@ impl Default for ServerConfig {
             reflection: true,
             drain_delay_ms: 5_000,
             shutdown_grace_ms: 10_000,
+            ready_when: ReadyWhen::Any,
         }
     }
 }
@@ -317,15 +345,39 @@ impl Config {
             Some(path) => figment.merge(Toml::file_exact(path)),
             None => figment.merge(Toml::file(DEFAULT_CONFIG_FILE)),
         };
-        figment
-            // API keys are secrets the security module reads itself, never config values.
-            .merge(
-                Env::prefixed(ENV_PREFIX)
-                    .ignore(&["api_keys"])
-                    .split(ENV_NESTING),
-            )
-            .merge(overrides)
-            .extract()
+        let mut config: Config = figment.merge(environment()).merge(overrides).extract()?;
+        // `state.path = ""` is how a file or the environment says "keep no state".
+        if config
+            .state
+            .path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            config.state.path = None;
+        }
+        Ok(config)
+    }
+
+    /// The config file `load` reads: `explicit`, else `lmserve.toml` when there is one.
+    pub fn file(explicit: Option<&Path>) -> Option<PathBuf> {
+        match explicit {
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|path| path.is_file()),
+        }
+    }
+
+    /// The `[routes]` of a config file alone (read again when the file changes).
+    pub fn routes_in(file: &Path) -> anyhow::Result<BTreeMap<String, RouteConfig>> {
+        #[derive(Deserialize)]
+        struct Routes {
+            #[serde(default)]
+            routes: BTreeMap<String, RouteConfig>,
+        }
+        let text = std::fs::read_to_string(file)
+            .map_err(|error| anyhow::anyhow!("reading {}: {error}", file.display()))?;
+        let routes: Routes = toml::from_str(&text)
+            .map_err(|error| anyhow::anyhow!("{}: {}", file.display(), error.message()))?;
+        Ok(routes.routes)
     }
 
     /// The runtime settings for `model`, its overrides applied over `[runtime]`.
@@ -470,6 +522,50 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.create_file(DEFAULT_CONFIG_FILE, "[batching]\nmax_batch = 8\n")?;
             assert!(Config::load(None, Figment::new()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kubernetes_service_variables_are_not_config_but_misspelled_keys_are_refused() {
+        Jail::expect_with(|jail| {
+            // What Kubernetes defines in every pod for a Service named "lmserve".
+            for (name, value) in [
+                ("LMSERVE_PORT", "tcp://10.0.0.1:50051"),
+                ("LMSERVE_SERVICE_HOST", "10.0.0.1"),
+                ("LMSERVE_SERVICE_PORT", "50051"),
+                ("LMSERVE_SERVICE_PORT_GRPC", "50051"),
+                ("LMSERVE_PORT_50051_TCP", "tcp://10.0.0.1:50051"),
+                ("LMSERVE_PORT_50051_TCP_PROTO", "tcp"),
+                ("LMSERVE_PORT_50051_TCP_PORT", "50051"),
+                ("LMSERVE_PORT_50051_TCP_ADDR", "10.0.0.1"),
+                ("LMSERVE_API_KEYS", "admin:0123456789abcdef"),
+            ] {
+                jail.set_env(name, value);
+            }
+            jail.set_env("LMSERVE_BATCHING__MAX_BATCH_SIZE", "8");
+            let config = Config::load(None, Figment::new())?;
+            assert_eq!(config.batching.max_batch_size, 8);
+
+            jail.set_env("LMSERVE_BATCHING__MAX_BATCH", "8");
+            let error = Config::load(None, Figment::new()).unwrap_err().to_string();
+            assert!(
+                error.contains("max_batch") && error.contains("max_batch_size"),
+                "{error}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn routes_are_read_from_the_file_alone() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "routes.toml",
+                "[server]\nreflection = false\n[routes.chat]\ntask = \"generate\"\narms = [{ target = \"m@1\", weight = 1 }]\n",
+            )?;
+            let routes = Config::routes_in(Path::new("routes.toml")).unwrap();
+            assert_eq!(routes["chat"].arms[0].target, "m@1");
             Ok(())
         });
     }

@@ -2,13 +2,13 @@
 //! watch sees versions come and go. A replaced or unloaded version keeps serving the requests
 //! that already hold it; its schedulers stop once those are done.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::loader::LoadFailure;
 use super::manifest::Family;
-use super::routes::RouteConfig;
+use super::route_changes::{self, RouteTable};
 use super::state::PersistedState;
 use super::{LoadState, ModelVersion, Registry, Slot, loader, repository, state};
 use crate::config::VersionPolicy;
@@ -402,13 +402,13 @@ impl Registry {
     /// written nothing changes and the caller gets the reason.
     pub(super) fn commit(
         &self,
-        routes: &BTreeMap<String, RouteConfig>,
+        routes: &RouteTable,
         change: impl FnOnce(&mut PersistedState),
     ) -> Result<()> {
         let mut persisted = self.persisted.lock().expect("state lock");
         let mut next = persisted.clone();
         change(&mut next);
-        next.routes = Some(routes.clone());
+        next.api_routes = route_changes::api_routes(routes);
         if next == *persisted {
             return Ok(());
         }

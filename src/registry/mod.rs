@@ -9,6 +9,7 @@ mod lifecycle;
 pub mod loader;
 pub mod manifest;
 pub mod repository;
+mod route_changes;
 mod route_table;
 pub mod routes;
 pub mod settings;
@@ -29,10 +30,10 @@ use crate::scheduling::{Batcher, FaultTracker};
 use crate::telemetry::metrics::ModelLabels;
 use loader::LoadFailure;
 use manifest::Manifest;
-use routes::RouteConfig;
 use settings::ModelSettings;
 use state::PersistedState;
 
+pub use route_changes::{RouteEntry, RouteSource, RouteTable};
 pub use route_table::{RouteRequest, Routed};
 
 /// A loaded, warmed-up model version ready to serve.
@@ -117,7 +118,7 @@ impl Slot {
 pub struct Registry {
     config: Config,
     models: RwLock<BTreeMap<String, BTreeMap<u64, Arc<Slot>>>>,
-    routes: RwLock<BTreeMap<String, RouteConfig>>,
+    routes: RwLock<RouteTable>,
     /// What the API changed, as last written to the state file.
     persisted: Mutex<PersistedState>,
     /// Set once the first load starts; later loads (API, watch) reuse it.
@@ -131,12 +132,15 @@ impl Registry {
     /// the versions to serve start out `Loading`.
     pub fn open(config: Config) -> anyhow::Result<Self> {
         let persisted = match &config.state.path {
-            Some(path) => state::read(path)?.unwrap_or_default(),
+            Some(path) => {
+                state::check_writable(path)?;
+                state::read(path)?.unwrap_or_default()
+            }
             None => PersistedState::default(),
         };
         let registry = Self {
             models: RwLock::new(BTreeMap::new()),
-            routes: RwLock::new(BTreeMap::new()),
+            routes: RwLock::new(RouteTable::new()),
             persisted: Mutex::new(persisted),
             environment: OnceLock::new(),
             shadow_permits: Arc::new(tokio::sync::Semaphore::new(

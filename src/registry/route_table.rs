@@ -1,12 +1,10 @@
-//! The route table: routes defined in config or through the API, checked against what is
-//! loaded, and the per-request choice of arm and shadow.
+//! The route table as requests see it: the per-request choice of a route's arm and shadow, and
+//! which routes use a model version. Changing the table is `route_changes`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::routes::RouteConfig;
 use super::{ModelVersion, Registry, parse_target};
 use crate::error::{Error, Result, Task};
 use crate::telemetry::metrics;
@@ -47,7 +45,7 @@ impl Registry {
             .read()
             .expect("routes lock")
             .get(target.trim())
-            .cloned();
+            .map(|entry| entry.route.clone());
         let Some(route) = route else {
             return Ok(Routed {
                 model: self.resolve(target, Some(task))?,
@@ -112,100 +110,6 @@ impl Registry {
         }
     }
 
-    /// Creates or replaces a route after checking it against what is loaded; it takes effect
-    /// once it is saved.
-    pub fn set_route(&self, name: &str, route: RouteConfig) -> Result<()> {
-        self.check_route(name, &route)?;
-        let mut routes = self.routes.write().expect("routes lock");
-        let mut next = routes.clone();
-        next.insert(name.to_owned(), route);
-        self.commit(&next, |_| {})?;
-        *routes = next;
-        tracing::info!(route = name, "route set");
-        Ok(())
-    }
-
-    pub fn delete_route(&self, name: &str) -> Result<()> {
-        let mut routes = self.routes.write().expect("routes lock");
-        let mut next = routes.clone();
-        if next.remove(name).is_none() {
-            return Err(Error::RouteNotFound {
-                name: name.to_owned(),
-            });
-        }
-        self.commit(&next, |_| {})?;
-        *routes = next;
-        tracing::info!(route = name, "route deleted");
-        Ok(())
-    }
-
-    pub fn get_route(&self, name: &str) -> Result<RouteConfig> {
-        self.routes
-            .read()
-            .expect("routes lock")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::RouteNotFound {
-                name: name.to_owned(),
-            })
-    }
-
-    pub fn list_routes(&self) -> BTreeMap<String, RouteConfig> {
-        self.routes.read().expect("routes lock").clone()
-    }
-
-    /// Installs the routes of the state file (when the API ever changed them) or of the config.
-    /// A route that no longer fits what loaded is left out with an error in the log.
-    pub(super) fn install_startup_routes(&self) {
-        let saved = self.persisted.lock().expect("state lock").routes.clone();
-        let routes = saved.unwrap_or_else(|| self.config.routes.clone());
-        for (name, route) in routes {
-            match self.check_route(&name, &route) {
-                Ok(()) => {
-                    self.routes
-                        .write()
-                        .expect("routes lock")
-                        .insert(name, route);
-                }
-                Err(error) => tracing::error!(route = %name, %error, "route left out"),
-            }
-        }
-    }
-
-    fn check_route(&self, name: &str, route: &RouteConfig) -> Result<()> {
-        check_route_name(name)?;
-        if self.model_slots(name).is_some() {
-            return Err(Error::invalid(
-                "route.name",
-                format!("`{name}` is a model's name; a route needs a name of its own"),
-            ));
-        }
-        route
-            .check_shape()
-            .map_err(|reason| Error::invalid("route", reason))?;
-        let targets = route
-            .arms
-            .iter()
-            .enumerate()
-            .map(|(i, arm)| (format!("arms[{i}]"), &arm.target));
-        let shadow = route
-            .shadow
-            .iter()
-            .map(|shadow| ("shadow".to_owned(), &shadow.target));
-        for (field, target) in targets.chain(shadow) {
-            parse_target(target).map_err(|error| {
-                Error::invalid(format!("route.{field}.target"), error.to_string())
-            })?;
-            if let Err(error) = self.resolve(target, Some(route.task)) {
-                return Err(Error::FailedPrecondition(format!(
-                    "route.{field}: `{target}` cannot serve {}: {error}",
-                    route.task
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// The first route that uses `model` at one of `versions` (or by bare name, when no version
     /// of the model would be left).
     pub(super) fn route_using(
@@ -215,12 +119,13 @@ impl Registry {
         none_left: bool,
     ) -> Option<String> {
         let routes = self.routes.read().expect("routes lock");
-        routes.iter().find_map(|(name, route)| {
-            let targets = route
+        routes.iter().find_map(|(name, entry)| {
+            let targets = entry
+                .route
                 .arms
                 .iter()
                 .map(|arm| &arm.target)
-                .chain(route.shadow.iter().map(|shadow| &shadow.target));
+                .chain(entry.route.shadow.iter().map(|shadow| &shadow.target));
             for target in targets {
                 if let Ok((target_model, target_version)) = parse_target(target) {
                     let hit = target_model == model
@@ -235,42 +140,5 @@ impl Registry {
             }
             None
         })
-    }
-}
-
-/// A route name is what a request's `model` field can reach: letters, digits, '.', '_' and '-',
-/// starting with a letter or digit (no spaces to trim away, no '@' or '/').
-fn check_route_name(name: &str) -> Result<()> {
-    let first_ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    let rest_ok = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if first_ok && rest_ok {
-        return Ok(());
-    }
-    Err(Error::invalid(
-        "route.name",
-        format!(
-            "{} must start with a letter or digit and hold only letters, digits, '.', '_' and '-'",
-            crate::error::echo(name)
-        ),
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_names_are_what_a_request_can_reach() {
-        for good in ["chat", "chat-v2", "a.b_c", "9lives"] {
-            assert!(check_route_name(good).is_ok(), "{good}");
-        }
-        for bad in ["", " padded ", "chat@1", "a/b", "-lead", "tab\t", "ünï"] {
-            assert!(check_route_name(bad).is_err(), "{bad:?}");
-        }
     }
 }

@@ -14,8 +14,9 @@ use crate::config::routes::RouteConfig;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PersistedState {
-    /// The whole route table, once the API has changed it; it then replaces the config's routes.
-    pub routes: Option<BTreeMap<String, RouteConfig>>,
+    /// The routes set through the API (the config file's are read from the config file).
+    #[serde(default)]
+    pub api_routes: BTreeMap<String, RouteConfig>,
     /// Versions ("model@version") unloaded through the API: not loaded again at startup.
     #[serde(default)]
     pub unloaded: BTreeSet<String>,
@@ -38,6 +39,26 @@ pub fn read(path: &Path) -> anyhow::Result<Option<PersistedState>> {
         format!(
             "the state file {} is corrupt; fix or remove it (it holds routes and loads made through the API)",
             path.display()
+        )
+    })
+}
+
+/// Fails with a message saying what to do when the state file cannot be written where
+/// `state.path` says: found at startup, not at the first change someone makes.
+pub fn check_writable(path: &Path) -> anyhow::Result<()> {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let probe = temporary_path(path);
+    let written = std::fs::create_dir_all(&folder)
+        .and_then(|()| std::fs::File::create(&probe))
+        .and_then(|_| std::fs::remove_file(&probe));
+    written.with_context(|| {
+        format!(
+            "state.path {} cannot be written ({}); point state.path at a writable folder (the Helm chart mounts one at /var/lib/lmserve), or set it to \"\" to keep no state",
+            path.display(),
+            folder.display()
         )
     })
 }
@@ -89,6 +110,22 @@ mod tests {
         // A crash that left a half-written temporary file does not disturb the real one.
         std::fs::write(temporary_path(&path), b"{\"unloa").unwrap();
         assert_eq!(read(&path).unwrap(), Some(state));
+    }
+
+    #[test]
+    fn an_unwritable_place_is_found_before_any_change() {
+        let folder = tempfile::tempdir().unwrap();
+        assert!(check_writable(&folder.path().join("new/state.json")).is_ok());
+        let blocked = folder.path().join("a-file");
+        std::fs::write(&blocked, b"x").unwrap();
+        let error = format!(
+            "{:#}",
+            check_writable(&blocked.join("state.json")).unwrap_err()
+        );
+        assert!(
+            error.contains("state.path") && error.contains("writable"),
+            "{error}"
+        );
     }
 
     #[test]

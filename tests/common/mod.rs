@@ -35,6 +35,8 @@ pub struct ServerOptions {
     pub repository: PathBuf,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
+    /// Wait until the overall health status is SERVING (else only until the port is bound).
+    pub ready: bool,
 }
 
 impl Default for ServerOptions {
@@ -43,6 +45,7 @@ impl Default for ServerOptions {
             repository: repository(),
             env: Vec::new(),
             args: Vec::new(),
+            ready: true,
         }
     }
 }
@@ -94,7 +97,9 @@ impl TestServer {
             stderr_path,
             _logs: logs,
         };
-        server.wait_serving().await;
+        if options.ready {
+            server.wait_serving().await;
+        }
         server
     }
 
@@ -138,6 +143,22 @@ impl TestServer {
         ServingStatus::try_from(response.into_inner().status).unwrap()
     }
 
+    /// The status of `service`, or `None` when the server has none for it (or cannot answer yet).
+    pub async fn try_health(&self, service: &str) -> Option<ServingStatus> {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?;
+        ServingStatus::try_from(response.into_inner().status).ok()
+    }
+
     async fn wait_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
@@ -175,6 +196,8 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_lmserve"))
         .current_dir(root())
         .args(args)
+        // No state file in the checkout; a test may still set one.
+        .env("LMSERVE_STATE__PATH", "")
         .envs(env.iter().copied())
         .output()
         .expect("run lmserve");
