@@ -11,16 +11,53 @@ export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 XDG_CACHE_HOME ?= $(HOME)/.cache
 REAL_MODELS ?= $(XDG_CACHE_HOME)/lmserve/real-models
 export TEST_REAL_MODELS := $(REAL_MODELS)/repository
+# The real helm, built from the Go module proxy once per version into the user's cache folder.
+HELM_VERSION := v4.3.2
+HELM := $(XDG_CACHE_HOME)/lmserve/tools/helm-$(HELM_VERSION)/helm
+export TEST_HELM := $(HELM)
+DIST := dist/root
+# The ONNX Runtime build `make dist` puts in the image tree: cpu, or gpu (onnxruntime-gpu).
+DIST_ORT ?= cpu
 
-.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload onnxruntime onnxruntime-gpu pyclient lint clean
+.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm chart onnxruntime onnxruntime-gpu pyclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
 
-test: $(ORT_LIB) $(PY_VENV)/ok real-models
+test: $(ORT_LIB) $(PY_VENV)/ok real-models dist $(HELM)
 	cargo test --release -- --test-threads=2
 	$(PY_VENV)/bin/python -m pytest -q tests/python
 	cargo bench --bench soak -- 60
+
+# The filesystem tree the container image holds (deploy/Dockerfile copies exactly this): the
+# server, the ONNX Runtime library, the default models and the image's configuration.
+dist: $(ORT_LIB)
+	cargo build --release --locked
+	rm -rf $(DIST)
+	mkdir -p $(DIST)/usr/local/bin $(DIST)/opt/lmserve/lib $(DIST)/opt/lmserve/models $(DIST)/etc/lmserve $(DIST)/var/lib/lmserve
+	cp target/release/lmserve $(DIST)/usr/local/bin/lmserve
+	strip $(DIST)/usr/local/bin/lmserve
+ifeq ($(DIST_ORT),gpu)
+	$(MAKE) onnxruntime-gpu
+	cp $(CACHE)/onnxruntime-gpu-$(ORT_VERSION)/unpacked/onnxruntime/capi/libonnxruntime*.so* $(DIST)/opt/lmserve/lib/
+	ln -sf libonnxruntime.so.$(ORT_VERSION) $(DIST)/opt/lmserve/lib/libonnxruntime.so
+else
+	cp $(ORT_LIB) $(DIST)/opt/lmserve/lib/libonnxruntime.so
+endif
+	cp -R models/repository $(DIST)/opt/lmserve/models/repository
+	cp deploy/lmserve.image.toml $(DIST)/etc/lmserve/lmserve.toml
+	du -sh $(DIST) $(DIST)/usr/local/bin/lmserve $(DIST)/opt/lmserve/lib $(DIST)/opt/lmserve/models
+
+helm: $(HELM)
+$(HELM):
+	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
+# The chart: helm lint and template for each value set, every object checked against the
+# Kubernetes schemas, and the real binary started on each rendered lmserve.toml (part of the
+# Python tests, tests/python/test_chart.py).
+chart: $(HELM) $(PY_VENV)/ok
+	cargo build --release
+	$(PY_VENV)/bin/python -m pytest -q tests/python/test_chart.py
 
 # Mixed traffic with hot reloads and route changes; prints the memory curve, fails on any error.
 SOAK_SECONDS ?= 600
@@ -90,4 +127,4 @@ lint:
 
 clean:
 	cargo clean
-	rm -rf $(CACHE)
+	rm -rf $(CACHE) dist

@@ -85,5 +85,7 @@ keys when enabled, the routes, and .Values.config merged over all of it.
 {{- if .Values.routes }}
 {{- $_ := set $config "routes" (deepCopy .Values.routes) }}
 {{- end }}
-{{- toToml (mergeOverwrite $config (deepCopy .Values.config)) }}
+{{- /* YAML numbers reach templates as floats, which toToml writes as "16.0"; the server's
+       integer settings refuse those, and its float settings take "16" as well. */}}
+{{- regexReplaceAll "(?m)= (-?[0-9]+)\\.0$" (toToml (mergeOverwrite $config (deepCopy .Values.config))) "= ${1}" }}
 {{- end }}
