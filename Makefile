@@ -16,6 +16,8 @@ HELM_VERSION := v4.3.2
 HELM := $(XDG_CACHE_HOME)/lmserve/tools/helm-$(HELM_VERSION)/helm
 export TEST_HELM := $(HELM)
 DIST := dist/root
+include proto.mk
+include examples/examples.mk
 # The ONNX Runtime build `make dist` puts in the image tree: cpu, or gpu (onnxruntime-gpu).
 DIST_ORT ?= cpu
 
@@ -24,7 +26,7 @@ DIST_ORT ?= cpu
 run: $(ORT_LIB)
 	cargo run --release -- serve
 
-test: $(ORT_LIB) $(PY_VENV)/ok real-models dist $(HELM)
+test: $(ORT_LIB) $(PY_VENV)/ok real-models dist $(HELM) examples proto-lint proto-breaking
 	cargo test --release -- --test-threads=2
 	$(PY_VENV)/bin/python -m pytest -q tests/python
 	cargo bench --bench soak -- 60
@@ -121,10 +123,10 @@ $(PY_VENV)/ok: tests/python/requirements.txt models/real/requirements.txt
 models:
 	bash models/build.sh
 
-lint:
+lint: proto-lint
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-clean:
+clean: examples-clean
 	cargo clean
 	rm -rf $(CACHE) dist

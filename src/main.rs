@@ -1,5 +1,5 @@
 //! The `lmserve` command: `lmserve serve` runs the server (the default when no command is
-//! given); `generate`, `embed` and `classify` are clients of a running server.
+//! given); `generate`, `embed`, `classify`, `models` and `routes` are clients of a running server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +32,12 @@ enum Command {
     Embed(TextsArgs),
     /// Classify texts with a running server.
     Classify(TextsArgs),
+    /// List, describe, load and unload models on a running server.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// List, show, set and delete routes (A/B tests) on a running server.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
     /// Show what the server makes of a model folder (graph, manifest, settings), without serving.
     Inspect(InspectArgs),
 }
@@ -48,11 +54,100 @@ struct InspectArgs {
     ort_library: Option<PathBuf>,
 }
 
+/// How a client command reaches the server.
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Server address: host:port (plain HTTP/2, as grpcurl -plaintext) or a URL (http://, https://).
+    #[arg(long, env = "LMSERVE_ADDR", default_value = client::DEFAULT_ADDR)]
+    addr: String,
+    /// API key, sent as `authorization: Bearer <key>`.
+    #[arg(long, env = "LMSERVE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// CA certificate (PEM) of a TLS server; a host:port address then means https.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn target(self) -> client::Target {
+        client::Target {
+            addr: self.addr,
+            api_key: self.api_key,
+            ca_file: self.ca_file,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Every version of every model in the repository, with its state.
+    List(ServerArgs),
+    /// One model ("name" or "name@version"): tensors, labels and effective settings.
+    Get(ModelArgs),
+    /// Load (or reload) a model; the newest version unless --version is given.
+    Load(ModelVersionArgs),
+    /// Stop serving a model, or one --version of it.
+    Unload(ModelVersionArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Model, "name" or "name@version".
+    name: String,
+}
+
+#[derive(clap::Args)]
+struct ModelVersionArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Model name.
+    name: String,
+    #[arg(long)]
+    version: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum RoutesCommand {
+    /// Every route, with its arms and where it comes from (config or API).
+    List(ServerArgs),
+    /// One route.
+    Get(RouteNameArgs),
+    /// Create or replace a route on this server (per replica; config-file routes cannot be changed).
+    Set(SetRouteArgs),
+    /// Delete a route set through the API.
+    Delete(RouteNameArgs),
+}
+
+#[derive(clap::Args)]
+struct RouteNameArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    name: String,
+}
+
+#[derive(clap::Args)]
+struct SetRouteArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Route name, used in requests' `model` field.
+    name: String,
+    /// The task every arm serves: generate, embed or classify.
+    #[arg(long)]
+    task: String,
+    /// An arm as target=weight, e.g. tiny-gpt2@1=90 (repeatable).
+    #[arg(long = "arm", required = true)]
+    arms: Vec<String>,
+    /// A shadow arm as target=percent of requests copied to it.
+    #[arg(long)]
+    shadow: Option<String>,
+}
+
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Server address.
-    #[arg(long, default_value = client::DEFAULT_ADDR)]
-    addr: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Model, "name" or "name@version".
     #[arg(long, short)]
     model: String,
@@ -79,9 +174,8 @@ struct GenerateArgs {
 
 #[derive(clap::Args)]
 struct TextsArgs {
-    /// Server address.
-    #[arg(long, default_value = client::DEFAULT_ADDR)]
-    addr: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Model, "name" or "name@version".
     #[arg(long, short)]
     model: String,
@@ -167,15 +261,25 @@ fn main() -> std::process::ExitCode {
                 stop: args.stop,
                 ..Default::default()
             };
-            run_client(client::generate(
-                &args.addr,
+            run_client(client::inference::generate(
+                &args.server.target(),
                 args.model,
                 args.prompt,
                 parameters,
             ))
         }
-        Command::Embed(args) => run_client(client::embed(&args.addr, args.model, args.texts)),
-        Command::Classify(args) => run_client(client::classify(&args.addr, args.model, args.texts)),
+        Command::Embed(args) => run_client(client::inference::embed(
+            &args.server.target(),
+            args.model,
+            args.texts,
+        )),
+        Command::Classify(args) => run_client(client::inference::classify(
+            &args.server.target(),
+            args.model,
+            args.texts,
+        )),
+        Command::Models(command) => run_client(models(command)),
+        Command::Routes(command) => run_client(routes(command)),
         Command::Inspect(args) => inspect(args),
     };
     match result {
@@ -183,6 +287,40 @@ fn main() -> std::process::ExitCode {
         Err(error) => {
             eprintln!("lmserve: {error:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn models(command: ModelsCommand) -> anyhow::Result<()> {
+    use client::registry;
+    match command {
+        ModelsCommand::List(server) => registry::list_models(&server.target()).await,
+        ModelsCommand::Get(args) => registry::get_model(&args.server.target(), args.name).await,
+        ModelsCommand::Load(args) => {
+            registry::load_model(&args.server.target(), args.name, args.version).await
+        }
+        ModelsCommand::Unload(args) => {
+            registry::unload_model(&args.server.target(), args.name, args.version).await
+        }
+    }
+}
+
+async fn routes(command: RoutesCommand) -> anyhow::Result<()> {
+    use client::registry;
+    match command {
+        RoutesCommand::List(server) => registry::list_routes(&server.target()).await,
+        RoutesCommand::Get(args) => registry::get_route(&args.server.target(), args.name).await,
+        RoutesCommand::Set(args) => {
+            let spec = registry::RouteSpec {
+                name: args.name,
+                task: args.task,
+                arms: args.arms,
+                shadow: args.shadow,
+            };
+            registry::set_route(&args.server.target(), spec).await
+        }
+        RoutesCommand::Delete(args) => {
+            registry::delete_route(&args.server.target(), args.name).await
         }
     }
 }

@@ -87,3 +87,100 @@ async fn generate_embed_and_classify_from_the_command_line() {
     assert!(!ok);
     assert!(output.contains("NotFound"), "{output}");
 }
+
+#[tokio::test]
+async fn models_and_routes_from_the_command_line_with_a_host_port_address() {
+    let server = TestServer::start_with(common::ServerOptions {
+        env: vec![(
+            "LMSERVE_API_KEYS".into(),
+            "admin:cli-admin-key-0123456789".into(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    // host:port, as grpcurl takes it, and the key from the environment.
+    let addr = server.addr.clone();
+    let key = [("LMSERVE_API_KEY", "cli-admin-key-0123456789")];
+    let lmserve = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--addr", &addr]);
+        run_to_exit(&all, &key)
+    };
+
+    let (ok, output) = lmserve(&["models", "list"]);
+    assert!(ok, "{output}");
+    assert!(output.contains("tiny-gpt2@1  READY  generate"), "{output}");
+    assert!(
+        output.contains("tiny-encoder@1  READY  embed,classify"),
+        "{output}"
+    );
+
+    let (ok, output) = lmserve(&["models", "get", "tiny-encoder"]);
+    assert!(ok, "{output}");
+    assert!(output.contains("  labels  ham,spam"), "{output}");
+    assert!(output.contains("  setting  max_length = "), "{output}");
+
+    let (ok, output) = lmserve(&[
+        "routes",
+        "set",
+        "pick",
+        "--task",
+        "generate",
+        "--arm",
+        "tiny-gpt2@1=90",
+        "--arm",
+        "tiny-lstm=10",
+    ]);
+    assert!(ok, "{output}");
+    assert_eq!(
+        output.trim(),
+        "pick  generate  tiny-gpt2@1=90,tiny-lstm=10  api"
+    );
+    let (ok, output) = lmserve(&["routes", "list"]);
+    assert!(ok && output.contains("pick  generate"), "{output}");
+    let (ok, output) = lmserve(&["routes", "delete", "pick"]);
+    assert!(ok && output.contains("pick  deleted"), "{output}");
+    let (ok, output) = lmserve(&["routes", "get", "pick"]);
+    assert!(!ok && output.contains("NotFound"), "{output}");
+
+    let (ok, output) = lmserve(&["models", "unload", "tiny-lstm"]);
+    assert!(ok && output.contains("tiny-lstm@1  UNLOADED"), "{output}");
+    let (ok, output) = lmserve(&["models", "load", "tiny-lstm"]);
+    assert!(ok && output.contains("tiny-lstm@1  READY"), "{output}");
+
+    // Mistakes say what to change.
+    let (ok, output) = lmserve(&[
+        "routes",
+        "set",
+        "bad",
+        "--task",
+        "translate",
+        "--arm",
+        "tiny-gpt2=1",
+    ]);
+    assert!(
+        !ok && output.contains("--task `translate` is not a task"),
+        "{output}"
+    );
+    let (ok, output) = lmserve(&[
+        "routes",
+        "set",
+        "bad",
+        "--task",
+        "generate",
+        "--arm",
+        "tiny-gpt2",
+    ]);
+    assert!(!ok && output.contains("must be target=number"), "{output}");
+    let (ok, output) = run_to_exit(&["models", "list", "--addr", &addr], &[]);
+    assert!(!ok && output.contains("Unauthenticated"), "{output}");
+    let (ok, output) = run_to_exit(&["models", "list", "--addr", "127.0.0.1:1"], &[]);
+    assert!(
+        !ok && output.contains("cannot reach lmserve at http://127.0.0.1:1"),
+        "{output}"
+    );
+    assert!(
+        output.contains("onnect"),
+        "the transport error says why: {output}"
+    );
+}

@@ -59,19 +59,23 @@ async fn the_image_tree_serves_on_its_own() {
             at("/opt/lmserve/lib/libonnxruntime.so"),
         )
         .env("LMSERVE_STATE__PATH", at("/var/lib/lmserve/state.json"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("lmserve listening grpc=")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_owned();
+    // The image logs JSON: every line on stderr is a JSON object, the ports in the
+    // `lmserve listening` event.
+    let mut addr = None;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:?}"));
+        if event["message"] == "lmserve listening" {
+            addr = event["grpc"].as_str().map(str::to_owned);
+            break;
+        }
+    }
+    let addr = addr.expect("the listening event");
     let outcome = serve_a_little(&format!("http://{addr}"), root.path()).await;
     let _ = child.kill();
     let _ = child.wait();

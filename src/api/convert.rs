@@ -18,13 +18,14 @@ fn unknown_enum(field: &str, value: i32, known: &str) -> Error {
 
 fn truncate(value: i32) -> Result<Truncate> {
     match proto::Truncate::try_from(value) {
-        Ok(proto::Truncate::None) => Ok(Truncate::None),
+        // Unset means what TRUNCATE_NONE says (inference.proto documents it).
+        Ok(proto::Truncate::Unspecified | proto::Truncate::None) => Ok(Truncate::None),
         Ok(proto::Truncate::Right) => Ok(Truncate::Right),
         Ok(proto::Truncate::Left) => Ok(Truncate::Left),
         Err(_) => Err(unknown_enum(
             "truncate",
             value,
-            "TRUNCATE_NONE, TRUNCATE_RIGHT, TRUNCATE_LEFT",
+            "TRUNCATE_UNSPECIFIED, TRUNCATE_RIGHT, TRUNCATE_LEFT, TRUNCATE_NONE",
         )),
     }
 }
@@ -46,12 +47,15 @@ fn pooling(value: i32) -> Result<Option<Pooling>> {
 
 fn score_kind(value: i32) -> Result<ScoreKind> {
     match proto::ScoreKind::try_from(value) {
-        Ok(proto::ScoreKind::Probability) => Ok(ScoreKind::Probability),
+        // Unset means what SCORE_KIND_PROBABILITY says (inference.proto documents it).
+        Ok(proto::ScoreKind::Unspecified | proto::ScoreKind::Probability) => {
+            Ok(ScoreKind::Probability)
+        }
         Ok(proto::ScoreKind::Raw) => Ok(ScoreKind::Raw),
         Err(_) => Err(unknown_enum(
             "scores",
             value,
-            "SCORE_KIND_PROBABILITY, SCORE_KIND_RAW",
+            "SCORE_KIND_UNSPECIFIED, SCORE_KIND_RAW, SCORE_KIND_PROBABILITY",
         )),
     }
 }
@@ -121,5 +125,21 @@ pub fn classify_response(output: ClassifyOutput) -> proto::ClassifyResponse {
             })
             .collect(),
         served_by: served_by(output.served_by),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // inference.proto promises that an unset enum means what its named default says.
+    #[test]
+    fn unset_enums_mean_their_documented_default() {
+        let none = proto::Truncate::None as i32;
+        assert_eq!(truncate(0).unwrap(), truncate(none).unwrap());
+        assert_eq!(truncate(0).unwrap(), Truncate::None);
+        let probability = proto::ScoreKind::Probability as i32;
+        assert_eq!(score_kind(0).unwrap(), score_kind(probability).unwrap());
+        assert_eq!(score_kind(0).unwrap(), ScoreKind::Probability);
     }
 }

@@ -171,7 +171,6 @@ pub fn stream(generation: GenerationStream, closing: Closing) -> GenerateEventSt
                         first = false;
                     }
                     if generation.is_done() {
-                        message.served_by = served_by(generation.served_by.clone());
                         message.generated_tokens = generation.generated_tokens() as u32;
                         message.timings = timings(generation.timings());
                     }

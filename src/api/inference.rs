@@ -13,6 +13,7 @@ use super::convert;
 use super::deadline;
 use super::edge;
 use super::generate;
+use super::observe;
 use super::proto::inference_server::Inference;
 use super::proto::{self};
 use crate::config::{GenerationConfig, LimitsConfig};
@@ -176,9 +177,9 @@ impl Inference for InferenceService {
         let params = generate::params(request);
         let span = tracing::info_span!("generate_stream", model = %params.model);
         let stream = generation::start(&self.registry, self.generation_limits(), params, &routing)
-            .instrument(span)
+            .instrument(span.clone())
             .await?;
-        let events = generate::stream(stream, self.closing.clone());
+        let events = observe::in_span(generate::stream(stream, self.closing.clone()), span);
         Ok(Response::new(deadline::until(events, deadline)))
     }
 

@@ -11,6 +11,7 @@ pub mod edge;
 pub mod generate;
 pub mod inference;
 pub mod models;
+pub mod observe;
 pub mod status;
 
 /// Code generated from `proto/lmserve/v1` by build.rs.

@@ -27,6 +27,8 @@ pub struct Health {
     ready_when: ReadyWhen,
     /// Model statuses published last, to clear those of models that went away.
     published: Mutex<BTreeSet<String>>,
+    /// The overall status, for the metrics port's HTTP `/health/ready`.
+    ready: watch::Sender<bool>,
 }
 
 impl Health {
@@ -43,7 +45,13 @@ impl Health {
             reporter: Mutex::new(reporter),
             ready_when,
             published: Mutex::new(BTreeSet::new()),
+            ready: watch::Sender::new(false),
         })
+    }
+
+    /// Follows the overall status: true while the server is SERVING.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Publishes every status from the registry's state now.
@@ -72,6 +80,7 @@ impl Health {
         for service in SERVER {
             reporter.set_service_status(service, status(serving)).await;
         }
+        self.ready.send_replace(serving);
         let mut published = self.published.lock().await;
         let now: BTreeSet<String> = statuses.iter().map(|(name, _)| name.clone()).collect();
         for (name, up) in statuses {
@@ -101,6 +110,7 @@ impl Health {
     /// Everything but liveness NOT_SERVING: the start of a shutdown.
     pub async fn not_serving(&self) {
         let reporter = self.reporter.lock().await;
+        self.ready.send_replace(false);
         let published = self.published.lock().await;
         for service in SERVER
             .iter()

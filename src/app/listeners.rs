@@ -12,6 +12,10 @@ use tonic::transport::server::Router;
 use tower::layer::util::{Identity, Stack};
 
 use crate::api::edge::EdgeLayer;
+use crate::api::observe::ObserveLayer;
+
+/// The layers around every service: `observe` outermost, then `edge`.
+pub type Layers = Stack<EdgeLayer, Stack<ObserveLayer, Identity>>;
 
 pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
@@ -22,7 +26,7 @@ pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener
 /// Serves `router` on `listener` until `stop` turns true; then tonic refuses new connections
 /// and waits for the calls in flight.
 pub fn spawn(
-    router: Router<Stack<EdgeLayer, Identity>>,
+    router: Router<Layers>,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::Router;
-use tower::layer::util::{Identity, Stack};
 
 use crate::api::auth::KeyRing;
 use crate::api::closing;
 use crate::api::edge::EdgeLayer;
 use crate::api::inference::InferenceService;
 use crate::api::models::ModelsService;
+use crate::api::observe::ObserveLayer;
 use crate::api::proto::inference_server::InferenceServer;
 use crate::api::proto::models_server::ModelsServer;
 use crate::api::proto::{self};
@@ -30,18 +30,20 @@ use health::Health;
 use listeners::bind;
 use shutdown::Shutdown;
 
-type EdgeServer = Server<Stack<EdgeLayer, Identity>>;
+type EdgeServer = Server<listeners::Layers>;
 
 /// Runs the server until SIGINT or SIGTERM. `config_file` is the file `config` was read from,
 /// whose routes are reloaded when it changes.
 pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    telemetry::logging::init(&config.logging);
+    let traces = telemetry::logging::init(&config.logging, &config.tracing)?;
     let keys = security::api_keys(&config.auth)?;
     let tls = tls::server_config(&config.tls)?;
     let environment = library::init(&config.ort_library_candidates())?;
-    if let Some(addr) = config.server.metrics_addr {
-        telemetry::metrics::install(addr)?;
-    }
+    // Before the registry, so what loading records is counted.
+    let metrics = match config.server.metrics_addr {
+        Some(addr) => Some((addr, telemetry::metrics::install()?)),
+        None => None,
+    };
     let registry = Arc::new(Registry::open(config.clone())?);
 
     let main = bind(config.server.grpc_addr, "server.grpc_addr or --grpc-addr").await?;
@@ -49,38 +51,28 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         Some(addr) => Some(bind(addr, "server.admin_addr").await?),
         None => None,
     };
-    // One machine-readable line on stdout, so scripts and tests started on port 0 find the
-    // ports. Whoever reads it may close the pipe afterwards: a failed write is not an error.
-    let admin_shown = match &admin {
-        Some(admin) => format!(" admin={}", admin.local_addr()?),
-        None => String::new(),
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::new(reporter, config.server.ready_when).await;
+    let metrics_addr = match metrics {
+        Some((addr, handle)) => {
+            Some(telemetry::http::serve(addr, handle, health.readiness()).await?)
+        }
+        None => None,
     };
-    {
-        use std::io::Write;
-        let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(
-            stdout,
-            "lmserve listening grpc={}{admin_shown}",
-            main.local_addr()?
-        );
-        let _ = stdout.flush();
-    }
-    tracing::info!(
-        grpc = %main.local_addr()?,
-        admin = ?admin.as_ref().map(TcpListener::local_addr).transpose()?,
-        tls = tls.is_some(),
-        auth = !keys.is_empty(),
-        repository = %config.repository.path.display(),
-        "lmserve starting"
-    );
+    announce(
+        &config,
+        &main,
+        admin.as_ref(),
+        metrics_addr,
+        tls.is_some(),
+        !keys.is_empty(),
+    )?;
     if let Some(decode) = &config.runtime.decode_cpus
         && let Ok(rest) = crate::runtime::placement::allowed_cpus()
     {
         tracing::info!(%decode, %rest, "decode threads on their own CPUs, the rest of the server on the others");
     }
 
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health::new(reporter, config.server.ready_when).await;
     let (close_streams, closing) = closing::channel();
     let limits = &config.limits;
     let inference = InferenceServer::new(InferenceService::new(Arc::clone(&registry), closing))
@@ -89,15 +81,17 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         .max_decoding_message_size(limits.max_models_message_bytes);
 
     let edge = EdgeLayer::new((!keys.is_empty()).then(|| KeyRing::new(keys)));
+    let observe = ObserveLayer::new(config.logging.requests);
     let server = || -> anyhow::Result<EdgeServer> {
         let builder = Server::builder();
         let builder = match &tls {
             Some(tls) => builder.tls_config(tls.clone())?,
             None => builder,
         };
-        Ok(builder.layer(edge.clone()))
+        // The call's record and log outermost, so refusals at the edge are logged too.
+        Ok(builder.layer(observe).layer(edge.clone()))
     };
-    let reflection = |router: Router<Stack<EdgeLayer, Identity>>| -> anyhow::Result<_> {
+    let reflection = |router: Router<listeners::Layers>| -> anyhow::Result<_> {
         if !config.server.reflection {
             return Ok(router);
         }
@@ -148,7 +142,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     tracing::info!("models loaded; serving");
 
     shutdown::signal().await;
-    Shutdown {
+    let result = Shutdown {
         health,
         stop_health,
         drain_delay: std::time::Duration::from_millis(config.server.drain_delay_ms),
@@ -157,5 +151,52 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         close_streams,
     }
     .run(servers)
-    .await
+    .await;
+    if let Some(traces) = traces {
+        traces.shutdown().await;
+    }
+    result
+}
+
+/// Says where the server listens. In text mode, one machine-readable line on stdout as well, so
+/// scripts and tests started on port 0 find the ports (whoever reads it may close the pipe
+/// afterwards: a failed write is not an error). In JSON mode only JSON is written, to stderr:
+/// the `lmserve listening` event, which no log filter hides.
+fn announce(
+    config: &Config,
+    main: &TcpListener,
+    admin: Option<&TcpListener>,
+    metrics: Option<std::net::SocketAddr>,
+    tls: bool,
+    auth: bool,
+) -> anyhow::Result<()> {
+    let grpc = main.local_addr()?;
+    let admin = admin.map(TcpListener::local_addr).transpose()?;
+    if config.logging.format == crate::config::LogFormat::Text {
+        use std::io::Write;
+        let mut line = format!("lmserve listening grpc={grpc}");
+        if let Some(admin) = admin {
+            line.push_str(&format!(" admin={admin}"));
+        }
+        if let Some(metrics) = metrics {
+            line.push_str(&format!(" metrics={metrics}"));
+        }
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{line}");
+        let _ = stdout.flush();
+    }
+    let shown =
+        |addr: Option<std::net::SocketAddr>| addr.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        target: telemetry::logging::LISTENING_TARGET,
+        grpc = %grpc,
+        admin = %shown(admin),
+        metrics = %shown(metrics),
+        tls,
+        auth,
+        repository = %config.repository.path.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "lmserve listening"
+    );
+    Ok(())
 }

@@ -32,19 +32,28 @@ type Served = JoinHandle<Result<(), tonic::transport::Error>>;
 
 impl Shutdown {
     pub async fn run(self, mut servers: Vec<Served>) -> anyhow::Result<()> {
-        tracing::info!(drain = ?self.drain_delay, "shutting down: NOT_SERVING, still serving while balancers drop this endpoint");
+        tracing::info!(
+            drain_ms = self.drain_delay.as_millis() as u64,
+            "shutting down: NOT_SERVING, still serving while balancers drop this endpoint"
+        );
         self.stop_health.send_replace(true);
         self.health.not_serving().await;
         tokio::time::sleep(self.drain_delay).await;
         // Watch streams would hold the graceful stop for the whole grace period.
         self.health.clear().await;
         self.stop.send_replace(true);
-        tracing::info!(grace = ?self.grace, "no longer accepting connections; waiting for calls in flight");
+        tracing::info!(
+            grace_ms = self.grace.as_millis() as u64,
+            "no longer accepting connections; waiting for calls in flight"
+        );
         let finished = tokio::time::timeout(self.grace, join_all(servers.iter_mut())).await;
         let results = match finished {
             Ok(results) => results,
             Err(_) => {
-                tracing::warn!(grace = ?self.grace, "calls still in flight after the grace period; closing their streams");
+                tracing::warn!(
+                    grace_ms = self.grace.as_millis() as u64,
+                    "calls still in flight after the grace period; closing their streams"
+                );
                 self.close_streams.fire();
                 match tokio::time::timeout(CLOSE_FLUSH, join_all(servers.iter_mut())).await {
                     Ok(results) => results,

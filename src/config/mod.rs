@@ -51,6 +51,7 @@ pub struct Config {
     pub generation: GenerationConfig,
     pub limits: LimitsConfig,
     pub logging: LoggingConfig,
+    pub tracing: TracingConfig,
     pub routing: RoutingConfig,
     pub state: StateConfig,
     pub tls: TlsConfig,
@@ -251,6 +252,39 @@ pub struct LoggingConfig {
     pub format: LogFormat,
     /// A `tracing_subscriber::EnvFilter` directive, e.g. `info,ort=warn`.
     pub filter: String,
+    /// Which finished calls get a request-log line: every call, or only failed ones. Failed
+    /// calls are always logged (at warn).
+    pub requests: RequestLog,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestLog {
+    All,
+    Errors,
+}
+
+/// OpenTelemetry traces, exported over OTLP/gRPC when `otlp_endpoint` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector, e.g. `http://otel-collector:4317`; unset: no spans leave the process.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` on every span.
+    pub service_name: String,
+    /// Share of new traces kept, in [0, 1]. A request whose `traceparent` says sampled (or not)
+    /// follows its caller's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "lmserve".to_owned(),
+            sample_ratio: 1.0,
+        }
+    }
 }
 
 /// Settings one model may change; unset fields inherit `[runtime]`.
@@ -321,6 +355,7 @@ impl Default for LoggingConfig {
         Self {
             format: LogFormat::Text,
             filter: "info,ort=warn".to_owned(),
+            requests: RequestLog::All,
         }
     }
 }

@@ -38,6 +38,23 @@ pub struct Routed {
 }
 
 impl Registry {
+    /// The route or model name `target` refers to, when the server knows it: the label of a
+    /// request refused before routing. Unknown names give `None`, so a client cannot grow the
+    /// metrics' label sets by sending made-up names.
+    pub fn known_name(&self, target: &str) -> Option<String> {
+        let target = target.trim();
+        if self
+            .routes
+            .read()
+            .expect("routes lock")
+            .contains_key(target)
+        {
+            return Some(target.to_owned());
+        }
+        let (name, _) = parse_target(target).ok()?;
+        self.model_slots(name).map(|_| name.to_owned())
+    }
+
     /// Resolves `target` — a route or a model — for `task`.
     pub fn route(&self, target: &str, task: Task, request: RouteRequest<'_>) -> Result<Routed> {
         let route = self

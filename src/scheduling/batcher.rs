@@ -29,9 +29,19 @@ pub struct BatcherSettings {
 
 struct Pending {
     row: EncoderRow,
-    reply: oneshot::Sender<Result<EncoderRowOutput>>,
+    /// The row's output and how long it waited in the queue.
+    reply: oneshot::Sender<Result<(EncoderRowOutput, Duration)>>,
     enqueued: Instant,
+    /// The request's span, parent of its `queue` and `batch` spans.
     span: Span,
+    /// Open while the row waits; closed (dropped) when its batch starts.
+    queue_span: Span,
+}
+
+/// A request's rows after their batches ran: outputs in input order, and the longest wait.
+pub struct Batched {
+    pub outputs: Vec<EncoderRowOutput>,
+    pub queued: Duration,
 }
 
 struct Shared {
@@ -121,12 +131,10 @@ impl Batcher {
 
     /// Runs `rows` (one per text) in whatever batches the loop forms, and returns their outputs
     /// in the same order. All rows are queued or none: a full queue is RESOURCE_EXHAUSTED.
-    pub async fn submit(
-        &self,
-        rows: Vec<EncoderRow>,
-        place: Reservation,
-    ) -> Result<Vec<EncoderRowOutput>> {
+    pub async fn submit(&self, rows: Vec<EncoderRow>, place: Reservation) -> Result<Batched> {
         let now = Instant::now();
+        let span = Span::current();
+        let queue_span = tracing::info_span!(parent: &span, "queue", texts = rows.len());
         let mut receivers = Vec::with_capacity(rows.len());
         let items = rows
             .into_iter()
@@ -139,7 +147,8 @@ impl Batcher {
                         row,
                         reply,
                         enqueued: now,
-                        span: Span::current(),
+                        span: span.clone(),
+                        queue_span: queue_span.clone(),
                     },
                     tokens,
                 )
@@ -160,14 +169,17 @@ impl Batcher {
             metrics::queue_depth(&self.shared.labels, state.len());
         }
         self.shared.work.notify_one();
+        drop(queue_span);
         let mut outputs = Vec::with_capacity(receivers.len());
+        let mut queued = Duration::ZERO;
         for receiver in receivers {
-            let output = receiver
+            let (output, waited) = receiver
                 .await
                 .map_err(|_| Error::Internal("the batcher dropped a request".into()))??;
             outputs.push(output);
+            queued = queued.max(waited);
         }
-        Ok(outputs)
+        Ok(Batched { outputs, queued })
     }
 }
 
@@ -196,10 +208,9 @@ impl Runner {
             let labels = shared.labels.clone();
             let faults = Arc::clone(&self.faults);
             let shared = Arc::clone(shared);
-            let span = tracing::info_span!("batch", model = %labels.model, version = %labels.version, size = batch.len());
-            for pending in &batch {
-                span.follows_from(pending.span.id());
-            }
+            let spans = batch_spans(&batch, &labels);
+            // Logs from the run (a failed batch) carry the first request's context.
+            let run_span = spans.first().cloned().unwrap_or_else(Span::none);
             let mut batch = batch;
             tokio::spawn(
                 async move {
@@ -209,8 +220,10 @@ impl Runner {
                         .collect();
                     metrics::batch_formed(&labels, rows.len(), padded_tokens(&rows));
                     let started = Instant::now();
-                    for pending in &batch {
+                    for pending in &mut batch {
                         metrics::queue_time(&labels, started - pending.enqueued);
+                        // The row's wait ends here; its request's queue span ends with the last.
+                        pending.queue_span = Span::none();
                     }
                     let result = lease
                         .run(move |session| encoder::run(session, &bindings, pad_id, &rows))
@@ -218,9 +231,10 @@ impl Runner {
                     let took = started.elapsed();
                     metrics::inference_time(&labels, took);
                     shared.clock.lock().expect("clock lock").served(took);
-                    deliver(batch, result, &labels, &faults);
+                    deliver(batch, result, started, &labels, &faults);
+                    drop(spans);
                 }
-                .instrument(span),
+                .instrument(run_span),
             );
         }
     }
@@ -279,9 +293,30 @@ fn padded_tokens(rows: &[EncoderRow]) -> usize {
 }
 
 /// Answers each caller of a batch: its row, or the run's failure, which fails this batch alone.
+/// One `batch` span per request with rows in the batch, as a child of that request's span: a
+/// batch serves many requests, and each request's trace shows the run it waited for.
+fn batch_spans(batch: &[Pending], labels: &ModelLabels) -> Vec<Span> {
+    let mut spans: Vec<Span> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for pending in batch {
+        if pending.span.id().is_some_and(|id| !seen.insert(id)) {
+            continue;
+        }
+        spans.push(tracing::info_span!(
+            parent: &pending.span,
+            "batch",
+            model = %labels.model,
+            version = %labels.version,
+            size = batch.len()
+        ));
+    }
+    spans
+}
+
 fn deliver(
     batch: Vec<Pending>,
     result: Result<ort::Result<Vec<EncoderRowOutput>>>,
+    started: Instant,
     labels: &ModelLabels,
     faults: &FaultTracker,
 ) {
@@ -290,7 +325,7 @@ fn deliver(
             faults.succeeded();
             for (pending, output) in batch.into_iter().zip(outputs) {
                 // A caller that went away meanwhile simply does not read its row.
-                let _ = pending.reply.send(Ok(output));
+                let _ = pending.reply.send(Ok((output, started - pending.enqueued)));
             }
             return;
         }

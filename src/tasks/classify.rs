@@ -56,6 +56,7 @@ pub async fn classify(
     routing: &Routing,
 ) -> Result<ClassifyOutput> {
     let mut request = RequestMetrics::start(Task::Classify.as_str());
+    request.requested(registry, &params.model);
     let result = async {
         check_name("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;

@@ -43,6 +43,7 @@ pub async fn embed(
     routing: &Routing,
 ) -> Result<EmbedOutput> {
     let mut request = RequestMetrics::start(Task::Embed.as_str());
+    request.requested(registry, &params.model);
     let result = async {
         check_name("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;

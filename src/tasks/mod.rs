@@ -8,10 +8,13 @@ pub mod routing;
 pub mod text;
 pub mod tokenize;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::registry::ModelVersion;
+use crate::registry::{ModelVersion, Registry};
+use crate::telemetry::call::{CallFields, CallRecord};
 use crate::telemetry::metrics::{self, ModelLabels, Outcome};
 
 /// The model version that served a request, and the route arm that chose it (if any).
@@ -24,6 +27,13 @@ pub struct ServedBy {
 }
 
 impl ServedBy {
+    pub fn route_labels(&self) -> metrics::RouteLabels<'_> {
+        metrics::RouteLabels {
+            route: &self.route,
+            arm: &self.arm,
+        }
+    }
+
     pub fn of(model: &ModelVersion) -> Self {
         Self {
             model: model.name.clone(),
@@ -33,14 +43,19 @@ impl ServedBy {
     }
 }
 
-/// Records one request's outcome and duration once it is known.
+/// Records one request's outcome, duration and sizes once it is known, in the metrics and in
+/// the call's request-log record.
 pub(crate) struct RequestMetrics {
     task: &'static str,
     started: Instant,
     labels: Option<ModelLabels>,
     route: (String, String),
+    /// The route or model the request named, when the server knows it: the label of a request
+    /// refused before a version was chosen.
+    requested: String,
     input_tokens: usize,
     generated_tokens: usize,
+    call: Option<CallRecord>,
 }
 
 impl RequestMetrics {
@@ -50,23 +65,55 @@ impl RequestMetrics {
             started: Instant::now(),
             labels: None,
             route: Default::default(),
+            requested: String::new(),
             input_tokens: 0,
             generated_tokens: 0,
+            call: CallRecord::current(),
+        }
+    }
+
+    /// The request's `model` field, labelled only when it names a known route or model.
+    pub fn requested(&mut self, registry: &Registry, target: &str) {
+        if let Some(name) = registry.known_name(target) {
+            self.requested = name;
         }
     }
 
     pub fn route(&mut self, route: &str, arm: &str) {
         self.route = (route.to_owned(), arm.to_owned());
+        self.record(|call| {
+            call.route = route.to_owned();
+            call.arm = arm.to_owned();
+        });
     }
 
     /// Tokens the request fed to the model and generated.
     pub fn tokens(&mut self, input: usize, generated: usize) {
         self.input_tokens = input;
         self.generated_tokens = generated;
+        self.record(|call| {
+            call.input_tokens = input;
+            call.output_tokens = generated;
+        });
+    }
+
+    /// How long the request waited in the model's queue (the longest of its texts).
+    pub fn queued(&mut self, waited: Duration) {
+        self.record(|call| call.queue = Some(call.queue.map_or(waited, |q| q.max(waited))));
     }
 
     pub fn model(&mut self, model: &ModelVersion) {
         self.labels = Some(model.labels.clone());
+        self.record(|call| {
+            call.model = model.name.clone();
+            call.version = model.version.to_string();
+        });
+    }
+
+    fn record(&self, change: impl FnOnce(&mut CallFields)) {
+        if let Some(call) = &self.call {
+            call.update(change);
+        }
     }
 
     pub fn finish<T>(self, result: Result<T>) -> Result<T> {
@@ -95,7 +142,9 @@ impl RequestMetrics {
                     self.generated_tokens,
                 );
             }
-            (None, Err(error)) => metrics::request_rejected(self.task, error.kind()),
+            (None, Err(error)) => {
+                metrics::request_rejected(&self.requested, self.task, error.kind())
+            }
             (None, Ok(_)) => {}
         }
         result
@@ -127,7 +176,9 @@ pub(crate) async fn run_encoder(
     // Before tokenizing: a request the queue cannot serve in time costs nothing more.
     let place = batcher.admit(texts.len(), deadline)?;
     let started = Instant::now();
-    let encoded = text::encode_all(model, texts, truncate).await?;
+    let encoded = text::encode_all(model, texts, truncate)
+        .instrument(tracing::info_span!("tokenize"))
+        .await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
     let shapes: Vec<(usize, bool)> = encoded.iter().map(|e| (e.ids.len(), e.truncated)).collect();
     let rows = encoded
@@ -138,10 +189,13 @@ pub(crate) async fn run_encoder(
             logits,
         })
         .collect();
-    let outputs = batcher.submit(rows, place).await?;
+    let batched = batcher.submit(rows, place).await?;
+    if let Some(call) = CallRecord::current() {
+        call.update(|call| call.queue = Some(batched.queued));
+    }
     Ok(shapes
         .into_iter()
-        .zip(outputs)
+        .zip(batched.outputs)
         .map(|((token_count, truncated), output)| EncodedOutput {
             token_count,
             truncated,

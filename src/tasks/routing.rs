@@ -35,6 +35,14 @@ where
     Fut: Future<Output = Result<T>> + Send + 'static,
     T: Send + 'static,
 {
+    let span = tracing::info_span!(
+        "route",
+        target = %target,
+        model = tracing::field::Empty,
+        route = tracing::field::Empty,
+        arm = tracing::field::Empty
+    );
+    let _entered = span.enter();
     let routed = registry.route(
         target,
         task,
@@ -45,13 +53,22 @@ where
     )?;
     request.model(&routed.model);
     let mut served_by = ServedBy::of(&routed.model);
+    span.record(
+        "model",
+        format!("{}@{}", served_by.model, served_by.version).as_str(),
+    );
     if let Some(choice) = routed.choice {
+        span.record("route", choice.route.as_str());
+        span.record("arm", choice.arm.as_str());
         request.route(&choice.route, &choice.arm);
         served_by.route = choice.route;
         served_by.arm = choice.arm;
     }
     if let Some(copy) = routed.shadow {
         let work = shadow(Arc::clone(&copy.model));
+        // The copy's spans stay in the request's trace, under a span saying it is a shadow.
+        let shadow_span = tracing::info_span!("shadow", route = %copy.route, arm = %copy.arm);
+        let work = tracing::Instrument::instrument(work, shadow_span);
         tokio::spawn(async move {
             let _permit = copy.permit;
             let started = Instant::now();

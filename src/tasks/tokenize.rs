@@ -39,6 +39,7 @@ pub async fn tokenize(
     add_special_tokens: Option<bool>,
 ) -> Result<TokenizeOutput> {
     let mut request = RequestMetrics::start("tokenize");
+    request.requested(registry, model);
     let result = async {
         check_name("model", model, limits)?;
         check_prompt_text("text", &text, limits)?;
@@ -81,6 +82,7 @@ pub async fn detokenize(
     skip_special_tokens: bool,
 ) -> Result<DetokenizeOutput> {
     let mut request = RequestMetrics::start("detokenize");
+    request.requested(registry, model);
     let result = async {
         check_name("model", model, limits)?;
         check_token_ids("ids", ids.len(), limits)?;

@@ -1,14 +1,13 @@
 //! The metrics catalogue: every metric lmserve exports, declared once with its unit and help
 //! text, and recorded through typed helpers so label sets stay consistent.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use metrics::Histogram;
 use metrics::{
-    Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
-    histogram,
+    Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "lmserve_requests_total";
 pub const REQUEST_SECONDS: &str = "lmserve_request_duration_seconds";
@@ -28,6 +27,10 @@ pub const DECODE_STEP_SECONDS: &str = "lmserve_decode_step_duration_seconds";
 pub const DECODE_BATCH_SIZE: &str = "lmserve_decode_batch_size_sequences";
 pub const GENERATED_TOKENS_TOTAL: &str = "lmserve_generated_tokens_total";
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "lmserve_time_to_first_token_seconds";
+pub const INTER_TOKEN_SECONDS: &str = "lmserve_inter_token_latency_seconds";
+pub const REQUEST_INPUT_TOKENS: &str = "lmserve_request_input_tokens";
+pub const REQUEST_OUTPUT_TOKENS: &str = "lmserve_request_output_tokens";
+pub const BUILD_INFO: &str = "lmserve_build_info";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -66,18 +69,22 @@ impl Outcome {
     }
 }
 
-/// Starts the Prometheus exporter on `addr` and describes every metric.
-pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the Prometheus recorder and describes every metric; `telemetry::http` serves what
+/// the returned handle renders.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), SIZE_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(DECODE_BATCH_SIZE.into()), SIZE_BUCKETS)?
-        .install()
-        .map_err(|error| anyhow::anyhow!("cannot start the metrics exporter on {addr}: {error}"))?;
+        .set_buckets_for_metric(Matcher::Full(REQUEST_INPUT_TOKENS.into()), SIZE_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(REQUEST_OUTPUT_TOKENS.into()), SIZE_BUCKETS)?
+        .install_recorder()
+        .map_err(|error| anyhow::anyhow!("cannot install the metrics recorder: {error}"))?;
     describe();
-    Ok(())
+    super::process::describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "ort_api" => ort::MINOR_VERSION.to_string()).set(1.0);
+    Ok(handle)
 }
 
 fn describe() {
@@ -161,7 +168,27 @@ fn describe() {
     describe_histogram!(
         TIME_TO_FIRST_TOKEN_SECONDS,
         Unit::Seconds,
-        "Time from request arrival to its first generated token."
+        "Time from request arrival to its first generated token, by model, version, route and arm."
+    );
+    describe_histogram!(
+        INTER_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time between two consecutive tokens of one request, as its caller receives them."
+    );
+    describe_histogram!(
+        REQUEST_INPUT_TOKENS,
+        Unit::Count,
+        "Tokens one request fed to the model (all its texts, or its prompt)."
+    );
+    describe_histogram!(
+        REQUEST_OUTPUT_TOKENS,
+        Unit::Count,
+        "Tokens one generate request produced (all its sequences)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        Unit::Count,
+        "Always 1; its labels say which lmserve version and ONNX Runtime API level run."
     );
 }
 
@@ -194,8 +221,9 @@ pub fn request_finished(
 }
 
 /// A request that failed before a model version was chosen (unknown model, bad argument).
-pub fn request_rejected(task: &'static str, kind: &'static str) {
-    counter!(REQUESTS_TOTAL, "model" => "", "version" => "", "route" => "", "arm" => "", "task" => task, "outcome" => kind).increment(1);
+/// `requested` is the route or model it named when the server knows that name, else empty.
+pub fn request_rejected(requested: &str, task: &'static str, kind: &'static str) {
+    counter!(REQUESTS_TOTAL, "model" => requested.to_owned(), "version" => "", "route" => "", "arm" => "", "task" => task, "outcome" => kind).increment(1);
 }
 
 pub fn request_tokens(
@@ -213,8 +241,10 @@ pub fn request_tokens(
         ("task", task.to_owned()),
     ];
     counter!(INPUT_TOKENS_TOTAL, &labels).increment(input as u64);
-    if generated > 0 {
+    histogram!(REQUEST_INPUT_TOKENS, &labels).record(input as f64);
+    if task == "generate" {
         counter!(GENERATED_TOKENS_TOTAL, &labels).increment(generated as u64);
+        histogram!(REQUEST_OUTPUT_TOKENS, &labels).record(generated as f64);
     }
 }
 
@@ -286,8 +316,27 @@ impl DecodeLoopMetrics {
     }
 }
 
-pub fn time_to_first_token(labels: &ModelLabels, elapsed: Duration) {
-    histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "model" => labels.model.clone(), "version" => labels.version.clone()).record(elapsed);
+pub fn time_to_first_token(labels: &ModelLabels, route: RouteLabels<'_>, elapsed: Duration) {
+    histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        "model" => labels.model.clone(),
+        "version" => labels.version.clone(),
+        "route" => route.route.to_owned(),
+        "arm" => route.arm.to_owned()
+    )
+    .record(elapsed);
+}
+
+/// The inter-token histogram of one generate request's model and route, looked up once per
+/// request rather than once per token.
+pub fn inter_token(labels: &ModelLabels, route: RouteLabels<'_>) -> Histogram {
+    histogram!(
+        INTER_TOKEN_SECONDS,
+        "model" => labels.model.clone(),
+        "version" => labels.version.clone(),
+        "route" => route.route.to_owned(),
+        "arm" => route.arm.to_owned()
+    )
 }
 
 pub fn shadow_finished(route: &str, arm: &str, outcome: &'static str) {

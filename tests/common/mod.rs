@@ -27,6 +27,8 @@ pub fn repository() -> PathBuf {
 pub struct TestServer {
     child: Child,
     pub addr: String,
+    /// The metrics port, when the server was started with `--metrics-addr`.
+    pub metrics_addr: Option<String>,
     pub stderr_path: PathBuf,
     _logs: tempfile::TempDir,
 }
@@ -47,6 +49,59 @@ impl Default for ServerOptions {
             args: Vec::new(),
             ready: true,
         }
+    }
+}
+
+/// Where a started server listens.
+struct Ports {
+    grpc: String,
+    metrics: Option<String>,
+}
+
+/// Text mode: the `lmserve listening grpc=… [admin=…] [metrics=…]` line on stdout.
+fn listening_line(child: &mut Child, stderr_path: &Path) -> Ports {
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let Some(rest) = line.trim().strip_prefix("lmserve listening ") else {
+        let _ = child.wait();
+        panic!(
+            "server did not start: {line:?}\n{}",
+            std::fs::read_to_string(stderr_path).unwrap_or_default()
+        )
+    };
+    let field = |name: &str| {
+        rest.split_whitespace()
+            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    Ports {
+        grpc: field("grpc").expect("grpc port"),
+        metrics: field("metrics"),
+    }
+}
+
+/// JSON mode: nothing on stdout; the `lmserve listening` event among the JSON lines on stderr.
+fn listening_event(child: &mut Child, stderr_path: &Path) -> Ports {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = std::fs::read_to_string(stderr_path).unwrap_or_default();
+        let event = logs
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| event["message"] == "lmserve listening");
+        if let Some(event) = event {
+            let metrics = event["metrics"].as_str().filter(|m| !m.is_empty());
+            return Ports {
+                grpc: event["grpc"].as_str().unwrap().to_owned(),
+                metrics: metrics.map(str::to_owned),
+            };
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("server exited with {status}:\n{logs}");
+        }
+        assert!(Instant::now() < deadline, "no listening event:\n{logs}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -74,26 +129,19 @@ impl TestServer {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap());
         let mut child = command.spawn().expect("start lmserve");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let addr = match line.trim().strip_prefix("lmserve listening grpc=") {
-            Some(rest) => rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-            None => {
-                let _ = child.wait();
-                panic!(
-                    "server did not start: {line:?}\n{}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                )
-            }
+        let json = options
+            .env
+            .iter()
+            .any(|(key, value)| key == "LMSERVE_LOGGING__FORMAT" && value == "json");
+        let ports = if json {
+            listening_event(&mut child, &stderr_path)
+        } else {
+            listening_line(&mut child, &stderr_path)
         };
         let server = Self {
             child,
-            addr,
+            addr: ports.grpc,
+            metrics_addr: ports.metrics,
             stderr_path,
             _logs: logs,
         };

@@ -3,9 +3,12 @@ the Kubernetes JSON schemas (kubernetes-validate, offline), and start the real s
 lmserve.toml each set renders, with the variables Kubernetes injects for its Service. Also the
 KServe ServingRuntime, as far as the schemas available offline reach.
 """
+import json
 import os
 import re
 import subprocess
+import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -183,9 +186,18 @@ def test_the_server_starts_on_what_the_chart_renders(name, tmp_path):
         cwd=tmp_path, env=dict(os.environ, **env, LMSERVE_SERVER__DRAIN_DELAY_MS="0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = process.stdout.readline().strip()
-        assert line.startswith("lmserve listening grpc="), process.stderr.read()
-        address = line.split()[2].split("=", 1)[1]
+        # The chart logs JSON: only JSON lines on stderr, the ports in the listening event.
+        listening = None
+        for line in process.stderr:
+            event = json.loads(line)
+            if event.get("message") == "lmserve listening":
+                listening = event
+                break
+        assert listening, "the server exited before listening"
+        # Keep reading, so the server never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+        address = listening["grpc"]
+        metrics = listening["metrics"]
         channel = (grpc.secure_channel(address, credentials,
                                        options=[("grpc.ssl_target_name_override", "localhost")])
                    if credentials else grpc.insecure_channel(address))
@@ -202,6 +214,9 @@ def test_the_server_starts_on_what_the_chart_renders(name, tmp_path):
                 import time
                 time.sleep(0.1)
             assert status == health_pb2.HealthCheckResponse.SERVING
+            # Tools that cannot speak gRPC ask the metrics port.
+            with urllib.request.urlopen(f"http://{metrics}/health/ready", timeout=5) as ready:
+                assert ready.status == 200
             if name == "routes":
                 route = models_pb2_grpc.ModelsStub(channel).GetRoute(models_pb2.GetRouteRequest(name="chat"))
                 assert [arm.weight for arm in route.arms] == [90, 10]

@@ -8,6 +8,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::{Sampler, log_softmax, log_sum_exp, top_n};
+use super::spans::SequenceSpans;
 use super::text::TextStream;
 use crate::scheduling::continuous::{Decision, SequenceDriver, StopCause};
 
@@ -90,6 +91,7 @@ pub struct Driver {
     delivery: Delivery,
     /// Token events not yet sent (`Delivery::Collect`).
     held: Vec<Event>,
+    spans: SequenceSpans,
 }
 
 impl Driver {
@@ -112,6 +114,7 @@ impl Driver {
             events,
             delivery,
             held: Vec::new(),
+            spans: SequenceSpans::enqueued(index),
         }
     }
 
@@ -127,6 +130,9 @@ impl Driver {
     }
 
     fn send(&mut self, event: Event) {
+        if matches!(event, Event::Finished { .. } | Event::Failed { .. }) {
+            self.spans.end();
+        }
         if self.delivery == Delivery::Collect
             && self.generated > 1
             && matches!(event, Event::Token { .. })
@@ -144,6 +150,7 @@ impl Driver {
 
 impl SequenceDriver for Driver {
     fn started(&mut self) {
+        self.spans.admitted();
         self.send(Event::Started {
             index: self.index,
             at: Instant::now(),
@@ -159,6 +166,7 @@ impl SequenceDriver for Driver {
         let token = self.sampler.choose(logits, banned);
         self.sampler.observe(token);
         self.generated += 1;
+        self.spans.stepped();
 
         let log_normalizer = log_sum_exp(logits);
         let top = if self.rules.top_logprobs == 0 {
@@ -180,7 +188,8 @@ impl SequenceDriver for Driver {
 
         // End-of-sequence and stop ids end the sequence without adding text.
         if self.rules.stop_ids.contains(&token) {
-            let text = self.text.finish(&self.tokenizer);
+            let (text, tokenizer) = (&mut self.text, &self.tokenizer);
+            let text = self.spans.final_detokenize(|| text.finish(tokenizer));
             self.send(Event::Token {
                 index: self.index,
                 token: generated,
@@ -197,7 +206,10 @@ impl SequenceDriver for Driver {
                 finished: true,
             };
         }
-        let delta = self.text.push(&self.tokenizer, token as u32);
+        let (text, tokenizer) = (&mut self.text, &self.tokenizer);
+        let delta = self
+            .spans
+            .detokenizing(|| text.push(tokenizer, token as u32));
         self.send(Event::Token {
             index: self.index,
             token: generated,
@@ -216,7 +228,8 @@ impl SequenceDriver for Driver {
             };
         }
         if self.generated >= self.rules.max_new_tokens {
-            let text = self.text.finish(&self.tokenizer);
+            let (text, tokenizer) = (&mut self.text, &self.tokenizer);
+            let text = self.spans.final_detokenize(|| text.finish(tokenizer));
             self.send(Event::Finished {
                 index: self.index,
                 reason: FinishReason::Length,

@@ -4,12 +4,14 @@
 pub mod driver;
 pub mod params;
 pub mod sampling;
+mod spans;
 pub mod text;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRules};
 use self::params::{GenerateParams, Prompt};
@@ -41,6 +43,9 @@ pub struct GenerationStream {
     arrived: Instant,
     started: Option<Instant>,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    /// Looked up at the second token, then recorded into at every token after it.
+    inter_token: Option<metrics::Histogram>,
     finished_sequences: usize,
     generated_tokens: usize,
     metrics: Option<RequestMetrics>,
@@ -56,15 +61,33 @@ impl GenerationStream {
         let event = self.events.recv().await;
         match &event {
             Some(Event::Started { at, .. }) => {
-                self.started.get_or_insert(*at);
+                if self.started.is_none() {
+                    self.started = Some(*at);
+                    let waited = at.saturating_duration_since(self.arrived);
+                    metrics::queue_time(&self.model.labels, waited);
+                    if let Some(request) = &mut self.metrics {
+                        request.queued(waited);
+                    }
+                }
             }
             Some(Event::Token { .. }) => {
                 self.generated_tokens += 1;
-                if self.first_token.is_none() {
-                    let now = Instant::now();
-                    self.first_token = Some(now);
-                    metrics::time_to_first_token(&self.model.labels, now - self.arrived);
+                let now = Instant::now();
+                match self.last_token {
+                    None => metrics::time_to_first_token(
+                        &self.model.labels,
+                        self.served_by.route_labels(),
+                        now - self.arrived,
+                    ),
+                    Some(last) => self
+                        .inter_token
+                        .get_or_insert_with(|| {
+                            metrics::inter_token(&self.model.labels, self.served_by.route_labels())
+                        })
+                        .record(now - last),
                 }
+                self.first_token.get_or_insert(now);
+                self.last_token = Some(now);
             }
             Some(Event::Finished { .. }) | Some(Event::Failed { .. }) => {
                 self.finished_sequences += 1;
@@ -162,6 +185,7 @@ async fn start_with(
 ) -> Result<GenerationStream> {
     let config = limits.generation;
     let mut request = RequestMetrics::start(Task::Generate.as_str());
+    request.requested(registry, &params.model);
     // The request's own values are checked before any model is chosen; the model's defaults
     // for what it left unset join once the route has picked one.
     let routed = check_request(&params, limits.request)
@@ -240,6 +264,7 @@ async fn start_on(
         Err(error) => return Err(finish_early(request, error)),
     };
     let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt)
+        .instrument(tracing::info_span!("tokenize"))
         .await
         .and_then(|prompt| {
             // Stop ids the model can never produce would silently never stop anything.
@@ -314,6 +339,8 @@ async fn start_on(
         arrived,
         started: None,
         first_token: None,
+        last_token: None,
+        inter_token: None,
         finished_sequences: 0,
         generated_tokens: 0,
         metrics: request,

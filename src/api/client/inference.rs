@@ -1,37 +1,26 @@
-//! The command-line client: `lmserve generate|embed|classify` against a running server.
+//! `lmserve generate|embed|classify`: the Inference service from the command line.
 
 use std::io::Write;
 
 use futures::StreamExt;
-use tonic::transport::Channel;
 
-use super::proto::generate_request::Prompt;
-use super::proto::inference_client::InferenceClient;
-use super::proto::{self, GenerationParameters};
+use super::{Connection, Target, status};
+use crate::api::proto::generate_request::Prompt;
+use crate::api::proto::inference_client::InferenceClient;
+use crate::api::proto::{self, GenerationParameters};
 
-/// The server a client command talks to when `--addr` is not given.
-pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
-
-async fn connect(addr: &str) -> anyhow::Result<InferenceClient<Channel>> {
-    let channel = Channel::from_shared(addr.to_owned())?
-        .connect()
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot reach lmserve at {addr}: {error}"))?;
-    Ok(InferenceClient::new(channel))
-}
-
-fn status(error: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", error.code(), error.message())
+async fn connect(target: &Target) -> anyhow::Result<InferenceClient<Connection>> {
+    Ok(InferenceClient::new(target.connect().await?))
 }
 
 /// Streams a generation to stdout, token by token as the server produces them.
 pub async fn generate(
-    addr: &str,
+    target: &Target,
     model: String,
     prompt: String,
     parameters: GenerationParameters,
 ) -> anyhow::Result<()> {
-    let mut client = connect(addr).await?;
+    let mut client = connect(target).await?;
     let request = proto::GenerateRequest {
         model,
         prompt: Some(Prompt::Text(prompt.clone())),
@@ -72,8 +61,8 @@ pub async fn generate(
 }
 
 /// Prints one embedding per text, as JSON lines.
-pub async fn embed(addr: &str, model: String, texts: Vec<String>) -> anyhow::Result<()> {
-    let mut client = connect(addr).await?;
+pub async fn embed(target: &Target, model: String, texts: Vec<String>) -> anyhow::Result<()> {
+    let mut client = connect(target).await?;
     let response = client
         .embed(proto::EmbedRequest {
             model,
@@ -90,8 +79,8 @@ pub async fn embed(addr: &str, model: String, texts: Vec<String>) -> anyhow::Res
 }
 
 /// Prints the labels of each text, best first.
-pub async fn classify(addr: &str, model: String, texts: Vec<String>) -> anyhow::Result<()> {
-    let mut client = connect(addr).await?;
+pub async fn classify(target: &Target, model: String, texts: Vec<String>) -> anyhow::Result<()> {
+    let mut client = connect(target).await?;
     let response = client
         .classify(proto::ClassifyRequest {
             model,

@@ -1,0 +1,583 @@
+//! What an operator sees: OTLP traces received by a collector running inside the test, request
+//! logs in JSON, the metrics port's paths, and metric counts after a known set of requests.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{ServerOptions, TestServer};
+use lmserve::api::proto::generate_request::Prompt;
+use lmserve::api::proto::{ClassifyRequest, EmbedRequest, GenerateRequest, GenerationParameters};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio_stream::StreamExt;
+use tonic::Request;
+
+/// An OTLP/gRPC trace collector that keeps every span it receives.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    /// The spans of one trace, once `expected` names have all arrived (or after 20 s).
+    async fn trace(&self, trace_id: &[u8], expected: &[&str]) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans: Vec<Span> = self
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|span| span.trace_id == trace_id)
+                .cloned()
+                .collect();
+            let names: Vec<&str> = spans.iter().map(|span| span.name.as_str()).collect();
+            if expected.iter().all(|name| names.contains(name)) || Instant::now() > deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+}
+
+/// Checks that `spans` form one tree under the call's span (named after its method, as
+/// OpenTelemetry's gRPC conventions say), whose parent is the client's span,
+/// and that each `(child, parent)` pair holds. Returns the spans by name.
+fn check_tree<'a>(
+    spans: &'a [Span],
+    rpc_name: &str,
+    client_span: &[u8],
+    edges: &[(&str, &str)],
+) -> HashMap<&'a str, &'a Span> {
+    let by_name: HashMap<&str, &Span> = spans.iter().map(|s| (s.name.as_str(), s)).collect();
+    let by_id: HashMap<&[u8], &Span> = spans.iter().map(|s| (s.span_id.as_slice(), s)).collect();
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    let rpc = by_name
+        .get(rpc_name)
+        .unwrap_or_else(|| panic!("no {rpc_name} span in {names:?}"));
+    assert_eq!(
+        rpc.parent_span_id, client_span,
+        "rpc continues the client's span"
+    );
+    for (child, parent) in edges {
+        let child_span = by_name
+            .get(child)
+            .unwrap_or_else(|| panic!("no {child} span in {names:?}"));
+        let parent_span = by_id
+            .get(child_span.parent_span_id.as_slice())
+            .unwrap_or_else(|| panic!("{child}'s parent is not in the trace: {names:?}"));
+        assert_eq!(parent_span.name, *parent, "{child}'s parent");
+    }
+    // Every span reaches the rpc span through parents in the same trace.
+    for span in spans {
+        let mut current: &Span = span;
+        let mut hops = 0;
+        while current.name != rpc_name {
+            current = by_id
+                .get(current.parent_span_id.as_slice())
+                .copied()
+                .unwrap_or_else(|| panic!("{} is cut off from the rpc span", span.name));
+            hops += 1;
+            assert!(hops < 16);
+        }
+    }
+    by_name
+}
+
+const EMBED: &str = "lmserve.v1.Inference/Embed";
+const STREAM: &str = "lmserve.v1.Inference/GenerateStream";
+
+fn traceparent(trace: &[u8; 16], span: &[u8; 8]) -> String {
+    format!("00-{}-{}-01", hex(trace), hex(span))
+}
+
+#[tokio::test]
+async fn a_collector_receives_each_calls_span_tree_in_the_clients_trace() {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![
+            ("LMSERVE_TRACING__OTLP_ENDPOINT".into(), endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+            // A quiet log level must not silence traces.
+            ("LMSERVE_LOGGING__FILTER".into(), "error".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+
+    let embed_trace = [0x11u8; 16];
+    let embed_parent = [0x22u8; 8];
+    let mut request = Request::new(EmbedRequest {
+        model: "tiny-encoder".into(),
+        texts: vec!["first text".into(), "a second one".into()],
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        traceparent(&embed_trace, &embed_parent).parse().unwrap(),
+    );
+    client.embed(request).await.unwrap();
+
+    let generate_trace = [0x33u8; 16];
+    let generate_parent = [0x44u8; 8];
+    let mut request = Request::new(GenerateRequest {
+        model: "tiny-gpt2".into(),
+        prompt: Some(Prompt::Text("To be, or not".into())),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(9),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        traceparent(&generate_trace, &generate_parent)
+            .parse()
+            .unwrap(),
+    );
+    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+    let mut tokens = 0;
+    while let Some(message) = stream.next().await {
+        tokens += usize::from(message.unwrap().token.is_some());
+    }
+    assert_eq!(tokens, 9);
+
+    let spans = collector
+        .trace(
+            &embed_trace,
+            &[EMBED, "embed", "route", "tokenize", "queue", "batch"],
+        )
+        .await;
+    check_tree(
+        &spans,
+        EMBED,
+        &embed_parent,
+        &[
+            ("embed", EMBED),
+            ("route", "embed"),
+            ("tokenize", "embed"),
+            ("queue", "embed"),
+            ("batch", "embed"),
+        ],
+    );
+
+    let expected = [
+        STREAM,
+        "generate_stream",
+        "route",
+        "tokenize",
+        "queue",
+        "prefill",
+        "decode",
+        "detokenize",
+    ];
+    let spans = collector.trace(&generate_trace, &expected).await;
+    let by_name = check_tree(
+        &spans,
+        STREAM,
+        &generate_parent,
+        &[
+            ("generate_stream", STREAM),
+            ("route", "generate_stream"),
+            ("tokenize", "generate_stream"),
+            ("queue", "generate_stream"),
+            ("prefill", "generate_stream"),
+            ("decode", "generate_stream"),
+            ("detokenize", "decode"),
+        ],
+    );
+    let decode = by_name["decode"];
+    assert_eq!(
+        attribute(decode, "steps"),
+        Some(&Value::IntValue(9)),
+        "one decode span with the step count"
+    );
+    assert_eq!(
+        spans.iter().filter(|s| s.name == "decode").count(),
+        1,
+        "not one span per token"
+    );
+    let rpc = by_name[STREAM];
+    assert_eq!(
+        attribute(rpc, "rpc.method"),
+        Some(&Value::StringValue("GenerateStream".into()))
+    );
+    // The rpc span lasts until the stream ended, after the decode span.
+    assert!(
+        rpc.end_time_unix_nano >= decode.end_time_unix_nano,
+        "{:#?}",
+        spans
+            .iter()
+            .map(|s| (&s.name, s.start_time_unix_nano, s.end_time_unix_nano))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The JSON lines of a server's stderr.
+fn json_lines(server: &TestServer) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(&server.stderr_path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not a JSON line: {line:?}"))
+        })
+        .collect()
+}
+
+/// The request-log lines, once `count` of them exist.
+async fn request_lines(server: &TestServer, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<_> = json_lines(server)
+            .into_iter()
+            .filter(|line| line["target"] == "lmserve::request")
+            .collect();
+        if lines.len() >= count || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_finished_call_writes_one_json_request_line_tied_to_its_request_id() {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![("LMSERVE_LOGGING__FORMAT".into(), "json".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+
+    let mut request = Request::new(GenerateRequest {
+        model: "tiny-gpt2".into(),
+        prompt: Some(Prompt::Text("My lord,".into())),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(7),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-generate-1".parse().unwrap());
+    let response = client.generate(request).await.unwrap();
+    assert_eq!(
+        response.metadata().get("x-request-id").unwrap(),
+        "req-generate-1"
+    );
+
+    // No id from the client: the server makes one and returns it.
+    let failed = client
+        .embed(EmbedRequest {
+            model: "tiny-encoder".into(),
+            texts: vec![],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::InvalidArgument);
+    let generated_id = failed
+        .metadata()
+        .get("x-request-id")
+        .expect("a request id on errors too")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(generated_id.len(), 32);
+
+    let lines = request_lines(&server, 2).await;
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let ok = lines
+        .iter()
+        .find(|line| line["request_id"] == "req-generate-1")
+        .expect("the generate call's line");
+    assert_eq!(ok["level"], "INFO");
+    assert_eq!(ok["method"], "/lmserve.v1.Inference/Generate");
+    assert_eq!(ok["model"], "tiny-gpt2");
+    assert_eq!(ok["version"], "1");
+    assert_eq!(ok["code"], "Ok");
+    assert!(
+        ok["latency_ms"].as_f64().unwrap() > 0.0,
+        "numbers are numbers"
+    );
+    assert!(ok["queue_ms"].is_f64());
+    assert!(ok["input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(ok["output_tokens"], 7);
+
+    let error = lines
+        .iter()
+        .find(|line| line["request_id"] == generated_id.as_str())
+        .expect("the failed call's line, under the id the client was given");
+    assert_eq!(error["level"], "WARN");
+    assert_eq!(error["code"], "InvalidArgument");
+    assert!(
+        error["error"].as_str().unwrap().contains("texts"),
+        "{error}"
+    );
+
+    // Only JSON reaches stderr, and nothing reaches stdout in JSON mode (the harness read the
+    // ports from the listening event).
+    let events = json_lines(&server);
+    assert!(events.iter().any(|e| e["message"] == "lmserve listening"));
+}
+
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A sample's value in the Prometheus text, by name and label subset.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http() {
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        ..Default::default()
+    })
+    .await;
+    let metrics_addr = server.metrics_addr.clone().expect("metrics port");
+    let mut client = server.inference().await;
+
+    for _ in 0..3 {
+        client
+            .embed(EmbedRequest {
+                model: "tiny-encoder".into(),
+                texts: vec!["one".into(), "two".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    client
+        .classify(ClassifyRequest {
+            model: "tiny-encoder".into(),
+            texts: vec!["WIN A FREE PRIZE".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = client
+        .generate_stream(GenerateRequest {
+            model: "tiny-gpt2".into(),
+            prompt: Some(Prompt::Text("To be".into())),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(5),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while stream.next().await.is_some() {}
+    // Refused before routing: labelled with the model it named, which the server knows.
+    let refused = client
+        .generate(GenerateRequest {
+            model: "tiny-gpt2".into(),
+            prompt: Some(Prompt::Text("x".into())),
+            parameters: Some(GenerationParameters {
+                temperature: Some(-1.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    let (status, metrics) = http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let requests = "lmserve_requests_total";
+    assert_eq!(
+        sample(
+            &metrics,
+            requests,
+            &[
+                ("model", "tiny-encoder"),
+                ("task", "embed"),
+                ("outcome", "ok")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            requests,
+            &[("model", "tiny-encoder"), ("task", "classify")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            requests,
+            &[
+                ("model", "tiny-gpt2"),
+                ("task", "generate"),
+                ("outcome", "ok")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            requests,
+            &[("model", "tiny-gpt2"), ("outcome", "invalid_argument")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "lmserve_request_input_tokens_count",
+            &[("model", "tiny-encoder"), ("task", "embed")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "lmserve_generated_tokens_total",
+            &[("model", "tiny-gpt2")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "lmserve_request_output_tokens_sum",
+            &[("model", "tiny-gpt2")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "lmserve_inter_token_latency_seconds_count",
+            &[("model", "tiny-gpt2"), ("route", "")]
+        ),
+        4.0,
+        "one gap between each two of the 5 tokens"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "lmserve_time_to_first_token_seconds_count",
+            &[("model", "tiny-gpt2"), ("arm", "")]
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            "lmserve_queue_duration_seconds_count",
+            &[("model", "tiny-gpt2")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "lmserve_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+    ] {
+        assert!(sample(&metrics, name, &[]) > 0.0, "{name}");
+    }
+
+    assert_eq!(http_get(&metrics_addr, "/health/live").await.0, 200);
+    assert_eq!(http_get(&metrics_addr, "/health/ready").await.0, 200);
+    assert_eq!(http_get(&metrics_addr, "/").await.0, 404);
+    assert_eq!(http_get(&metrics_addr, "/metrics/extra").await.0, 404);
+}
