@@ -1,6 +1,7 @@
 //! The grpc.health.v1 statuses, kept in step with the registry:
-//! - "" and the services (`lmserve.v1.Inference`, `lmserve.v1.Models`): SERVING once the models
-//!   loaded, every version or any (`server.ready_when`); what readiness probes ask;
+//! - "" and the services (`lmserve.v1.Inference`, `lmserve.v1.Models`,
+//!   `inference.GRPCInferenceService`): SERVING once the models loaded, every version or any
+//!   (`server.ready_when`); what readiness probes ask, and what KServe's ServerReady answers;
 //! - `liveness`: SERVING while the process serves at all, loading and draining included;
 //! - `model/<name>` (any version ready) and `model/<name>@<version>`: SERVING when ready,
 //!   NOT_SERVING while loading or after failing; a model no longer held has no status.
@@ -17,7 +18,12 @@ use crate::config::ReadyWhen;
 use crate::registry::{LoadState, Registry};
 
 /// The whole server's statuses.
-const SERVER: [&str; 3] = ["", "lmserve.v1.Inference", "lmserve.v1.Models"];
+const SERVER: [&str; 4] = [
+    "",
+    "lmserve.v1.Inference",
+    "lmserve.v1.Models",
+    crate::api::kserve::SERVICE_NAME,
+];
 pub const LIVENESS: &str = "liveness";
 /// How often model statuses are brought up to date.
 const REFRESH: Duration = Duration::from_millis(500);
@@ -27,6 +33,9 @@ pub struct Health {
     ready_when: ReadyWhen,
     /// Model statuses published last, to clear those of models that went away.
     published: Mutex<BTreeSet<String>>,
+    /// The whole server's readiness, for services that answer it themselves (KServe's
+    /// ServerReady), always the same as the health status "".
+    ready: watch::Sender<bool>,
 }
 
 impl Health {
@@ -43,7 +52,13 @@ impl Health {
             reporter: Mutex::new(reporter),
             ready_when,
             published: Mutex::new(BTreeSet::new()),
+            ready: watch::Sender::new(false),
         })
+    }
+
+    /// Follows the whole server's readiness.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Publishes every status from the registry's state now.
@@ -72,6 +87,7 @@ impl Health {
         for service in SERVER {
             reporter.set_service_status(service, status(serving)).await;
         }
+        self.ready.send_replace(serving);
         let mut published = self.published.lock().await;
         let now: BTreeSet<String> = statuses.iter().map(|(name, _)| name.clone()).collect();
         for (name, up) in statuses {
@@ -101,6 +117,7 @@ impl Health {
     /// Everything but liveness NOT_SERVING: the start of a shutdown.
     pub async fn not_serving(&self) {
         let reporter = self.reporter.lock().await;
+        self.ready.send_replace(false);
         let published = self.published.lock().await;
         for service in SERVER
             .iter()
@@ -116,6 +133,7 @@ impl Health {
     /// Forgets every status: open Watch streams end, and Check answers NOT_FOUND.
     pub async fn clear(&self) {
         let mut reporter = self.reporter.lock().await;
+        self.ready.send_replace(false);
         let published = self.published.lock().await;
         let all = SERVER
             .iter()

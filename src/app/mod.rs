@@ -18,6 +18,8 @@ use crate::api::auth::KeyRing;
 use crate::api::closing;
 use crate::api::edge::EdgeLayer;
 use crate::api::inference::InferenceService;
+use crate::api::kserve::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::api::kserve::{self, KserveService};
 use crate::api::models::ModelsService;
 use crate::api::proto::inference_server::InferenceServer;
 use crate::api::proto::models_server::ModelsServer;
@@ -83,6 +85,12 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let health = Health::new(reporter, config.server.ready_when).await;
     let (close_streams, closing) = closing::channel();
     let limits = &config.limits;
+    let kserve = GrpcInferenceServiceServer::new(KserveService::new(
+        Arc::clone(&registry),
+        closing.clone(),
+        health.readiness(),
+    ))
+    .max_decoding_message_size(limits.max_inference_message_bytes);
     let inference = InferenceServer::new(InferenceService::new(Arc::clone(&registry), closing))
         .max_decoding_message_size(limits.max_inference_message_bytes);
     let models = ModelsServer::new(ModelsService::new(Arc::clone(&registry)))
@@ -105,12 +113,14 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
             .add_service(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(kserve::proto::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                     .build_v1()?,
             )
             .add_service(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(kserve::proto::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                     .build_v1alpha()?,
             ))
@@ -120,7 +130,8 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let mut servers = Vec::new();
     let main_router = server()?
         .add_service(health_service.clone())
-        .add_service(inference);
+        .add_service(inference)
+        .add_service(kserve);
     // Models goes to the admin listener when there is one, and only there.
     let main_router = match admin {
         Some(_) => main_router,
