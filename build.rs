@@ -1,4 +1,5 @@
-//! Generates the gRPC server and client code for `proto/lmserve/v1` into OUT_DIR.
+//! Generates the gRPC server and client code for `proto/lmserve/v1` and for the KServe v2
+//! protocol in `proto/inference` into OUT_DIR.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A vendored protoc keeps the build free of system packages.
@@ -16,6 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             &["proto"],
         )?;
+    // Its own descriptor set, so reflection can offer it apart from lmserve's own API.
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("kserve_descriptor.bin"))
+        .codec_path("crate::api::codec::StrictCodec")
+        .compile_protos(&["proto/inference/grpc_service.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! API keys: every call but health needs `authorization: Bearer <key>` with the scope its method
-//! needs. `edge` checks every call by its method's path, so no service can forget it: missing or
+//! API keys: every call but health (grpc.health.v1, and KServe's ServerLive and ServerReady)
+//! needs `authorization: Bearer <key>` with the scope its method needs. `edge` checks every call by its method's path, so no service can forget it: missing or
 //! unknown keys are UNAUTHENTICATED, a key without the scope is PERMISSION_DENIED.
 
 use tonic::Status;
@@ -8,6 +8,8 @@ use crate::config::security::{ApiKey, Scope};
 
 /// The Models methods that change what is served.
 const ADMIN_METHODS: [&str; 4] = ["LoadModel", "UnloadModel", "SetRoute", "DeleteRoute"];
+/// KServe's health methods, which probes call as they call grpc.health.v1.
+const KSERVE_HEALTH_METHODS: [&str; 2] = ["ServerLive", "ServerReady"];
 
 /// The scope a call to `path` (`/package.Service/Method`) needs; `None`: open to all.
 pub fn required_scope(path: &str) -> Option<Scope> {
@@ -18,6 +20,7 @@ pub fn required_scope(path: &str) -> Option<Scope> {
     match service {
         // Probes and load balancers must reach health without a key.
         "grpc.health.v1.Health" => None,
+        crate::api::kserve::SERVICE_NAME if KSERVE_HEALTH_METHODS.contains(&method) => None,
         "lmserve.v1.Models" if ADMIN_METHODS.contains(&method) => Some(Scope::Admin),
         _ => Some(Scope::Inference),
     }
@@ -103,6 +106,26 @@ mod tests {
             Some(Scope::Inference)
         );
         assert_eq!(required_scope("/anything/else"), Some(Scope::Inference));
+        assert_eq!(
+            required_scope("/inference.GRPCInferenceService/ServerLive"),
+            None
+        );
+        assert_eq!(
+            required_scope("/inference.GRPCInferenceService/ServerReady"),
+            None
+        );
+        for method in [
+            "ModelReady",
+            "ModelMetadata",
+            "ModelInfer",
+            "ModelStreamInfer",
+        ] {
+            assert_eq!(
+                required_scope(&format!("/inference.GRPCInferenceService/{method}")),
+                Some(Scope::Inference),
+                "{method}"
+            );
+        }
     }
 
     #[test]

@@ -17,13 +17,13 @@ pub const HEADER: &str = "grpc-timeout";
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival(pub Instant);
 
+/// A call's deadline, when it has one: the instant and the timeout the client sent.
+pub type Deadline = Option<(Instant, Duration)>;
+
 /// When the call's `grpc-timeout` runs out, counted from its arrival (or from now, for a call
 /// that did not pass `edge`), with the timeout itself; `None` when the client set none or sent
 /// one that does not parse (as tonic treats it).
-pub fn from_request(
-    metadata: &MetadataMap,
-    extensions: &Extensions,
-) -> Option<(Instant, Duration)> {
+pub fn from_request(metadata: &MetadataMap, extensions: &Extensions) -> Deadline {
     let timeout = parse(metadata.get(HEADER)?.to_str().ok()?)?;
     let arrived = extensions
         .get::<Arrival>()
@@ -36,10 +36,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// `stream` until the call's deadline, then DEADLINE_EXCEEDED. Ending the stream drops the work
 /// behind it (a generation frees its batch slot within one decode step), as a client's
 /// cancellation does; this covers clients that let the deadline pass without cancelling.
-pub fn until<T: Send + 'static>(
-    stream: BoxStream<T>,
-    deadline: Option<(Instant, Duration)>,
-) -> BoxStream<T> {
+pub fn until<T: Send + 'static>(stream: BoxStream<T>, deadline: Deadline) -> BoxStream<T> {
     let Some((at, timeout)) = deadline else {
         return stream;
     };

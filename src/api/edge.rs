@@ -3,7 +3,10 @@
 //! - a call past its `grpc-timeout` ends DEADLINE_EXCEEDED (tonic's own timer says CANCELLED);
 //! - a request message over the service's size limit is RESOURCE_EXHAUSTED, as the gRPC C++ and
 //!   Go servers answer (tonic says OUT_OF_RANGE, a code lmserve's own errors never use, see
-//!   `status.rs`).
+//!   `status.rs`);
+//! - a Triton RPC that lmserve leaves out (model config, statistics, repository, shared memory,
+//!   trace, logging) is UNIMPLEMENTED with a message saying what is served, where tonic sends
+//!   none.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +24,8 @@ use super::deadline;
 /// tonic starts its own timer for `grpc-timeout` a moment before this layer runs; firing this
 /// much earlier makes sure the client hears DEADLINE_EXCEEDED rather than tonic's CANCELLED.
 const DEADLINE_LEAD: Duration = Duration::from_millis(5);
+/// Why a KServe call is UNIMPLEMENTED; a gRPC message header, so printable ASCII without `%`.
+const KSERVE_UNIMPLEMENTED: &str = "lmserve serves ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelStreamInfer of inference.GRPCInferenceService; Triton's model configuration, statistics, repository, shared memory, trace and logging RPCs are not implemented";
 
 #[derive(Clone, Default)]
 pub struct EdgeLayer {
@@ -87,6 +92,12 @@ where
             .get(deadline::HEADER)
             .and_then(|value| value.to_str().ok())
             .and_then(deadline::parse);
+        let kserve = request
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|path| path.strip_prefix(super::kserve::SERVICE_NAME))
+            .is_some_and(|rest| rest.starts_with('/'));
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = match timeout {
@@ -104,7 +115,11 @@ where
                 }
                 None => response.await?,
             };
-            Ok(over_size_is_resource_exhausted(response))
+            let response = over_size_is_resource_exhausted(response);
+            Ok(match kserve {
+                true => explain_unimplemented(response),
+                false => response,
+            })
         })
     }
 }
@@ -131,6 +146,20 @@ fn over_size_is_resource_exhausted<B>(mut response: Response<B>) -> Response<B> 
     response
 }
 
+/// Adds why to an UNIMPLEMENTED answer that says nothing (tonic's, for a method the service
+/// does not have).
+fn explain_unimplemented<B>(mut response: Response<B>) -> Response<B> {
+    let unimplemented = HeaderValue::from(Code::Unimplemented as i32);
+    let headers = response.headers_mut();
+    if headers.get("grpc-status") == Some(&unimplemented) && !headers.contains_key("grpc-message") {
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static(KSERVE_UNIMPLEMENTED),
+        );
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +171,25 @@ mod tests {
         assert_eq!(rewritten.headers()["grpc-status"], "8");
         let kept = over_size_is_resource_exhausted(status(Code::InvalidArgument));
         assert_eq!(kept.headers()["grpc-status"], "3");
+    }
+
+    #[test]
+    fn silent_unimplemented_answers_say_what_is_served() {
+        let mut bare = Response::new(());
+        bare.headers_mut()
+            .insert("grpc-status", HeaderValue::from(Code::Unimplemented as i32));
+        let explained = explain_unimplemented(bare);
+        assert!(
+            explained.headers()["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("ModelStreamInfer")
+        );
+        let said = Status::unimplemented("own reason").into_http::<()>();
+        let message = said.headers()["grpc-message"].clone();
+        assert_eq!(
+            explain_unimplemented(said).headers()["grpc-message"],
+            message
+        );
     }
 }

@@ -10,12 +10,13 @@ use tracing::Instrument;
 
 use super::closing::{self, Closing};
 use super::convert;
-use super::deadline;
+use super::deadline::{self, Deadline};
 use super::edge;
 use super::generate;
 use super::observe;
 use super::proto::inference_server::Inference;
 use super::proto::{self};
+use super::routing;
 use crate::config::{GenerationConfig, LimitsConfig};
 use crate::registry::Registry;
 use crate::tasks::routing::Routing;
@@ -23,9 +24,6 @@ use crate::tasks::{classify, embed, generate as generation, tokenize};
 
 /// Requests of one stream in flight at once; responses still leave in request order.
 const STREAM_PIPELINE_DEPTH: usize = 8;
-
-/// A call's deadline, when it has one: the instant and the timeout the client sent.
-type Deadline = Option<(tokio::time::Instant, std::time::Duration)>;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -67,23 +65,12 @@ impl InferenceService {
 
     /// The routing key and pin of a request: its `route_key` field, else the configured headers.
     fn routing(&self, metadata: &MetadataMap, deadline: Deadline, route_key: &str) -> Routing {
-        let config = &self.registry.config().routing;
-        let header = |name: &str| {
-            metadata
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned)
-        };
-        let key = if route_key.is_empty() {
-            header(&config.key_header)
-        } else {
-            Some(route_key.to_owned())
-        };
-        Routing {
-            key,
-            pin: header(&config.pin_header),
-            deadline: deadline.map(|(at, _)| at.into_std()),
-        }
+        routing::routing(
+            &self.registry.config().routing,
+            metadata,
+            deadline,
+            Some(route_key),
+        )
     }
 
     async fn embed_one(

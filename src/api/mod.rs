@@ -10,8 +10,10 @@ pub mod deadline;
 pub mod edge;
 pub mod generate;
 pub mod inference;
+pub mod kserve;
 pub mod models;
 pub mod observe;
+pub mod routing;
 pub mod status;
 
 /// Code generated from `proto/lmserve/v1` by build.rs.

@@ -1,6 +1,7 @@
 //! The grpc.health.v1 statuses, kept in step with the registry:
-//! - "" and the services (`lmserve.v1.Inference`, `lmserve.v1.Models`): SERVING once the models
-//!   loaded, every version or any (`server.ready_when`); what readiness probes ask;
+//! - "" and the services (`lmserve.v1.Inference`, `lmserve.v1.Models`,
+//!   `inference.GRPCInferenceService`): SERVING once the models loaded, every version or any
+//!   (`server.ready_when`); what readiness probes ask, and what KServe's ServerReady answers;
 //! - `liveness`: SERVING while the process serves at all, loading and draining included;
 //! - `model/<name>` (any version ready) and `model/<name>@<version>`: SERVING when ready,
 //!   NOT_SERVING while loading or after failing; a model no longer held has no status.
@@ -17,7 +18,12 @@ use crate::config::ReadyWhen;
 use crate::registry::{LoadState, Registry};
 
 /// The whole server's statuses.
-const SERVER: [&str; 3] = ["", "lmserve.v1.Inference", "lmserve.v1.Models"];
+const SERVER: [&str; 4] = [
+    "",
+    "lmserve.v1.Inference",
+    "lmserve.v1.Models",
+    crate::api::kserve::SERVICE_NAME,
+];
 pub const LIVENESS: &str = "liveness";
 /// How often model statuses are brought up to date.
 const REFRESH: Duration = Duration::from_millis(500);
@@ -27,7 +33,8 @@ pub struct Health {
     ready_when: ReadyWhen,
     /// Model statuses published last, to clear those of models that went away.
     published: Mutex<BTreeSet<String>>,
-    /// The overall status, for the metrics port's HTTP `/health/ready`.
+    /// The whole server's readiness, for services that answer it themselves (KServe's
+    /// ServerReady, the metrics port's /health/ready), always the same as the health status "".
     ready: watch::Sender<bool>,
 }
 
@@ -49,7 +56,7 @@ impl Health {
         })
     }
 
-    /// Follows the overall status: true while the server is SERVING.
+    /// Follows the whole server's readiness.
     pub fn readiness(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }
@@ -126,6 +133,7 @@ impl Health {
     /// Forgets every status: open Watch streams end, and Check answers NOT_FOUND.
     pub async fn clear(&self) {
         let mut reporter = self.reporter.lock().await;
+        self.ready.send_replace(false);
         let published = self.published.lock().await;
         let all = SERVER
             .iter()

@@ -17,6 +17,8 @@ use crate::api::auth::KeyRing;
 use crate::api::closing;
 use crate::api::edge::EdgeLayer;
 use crate::api::inference::InferenceService;
+use crate::api::kserve::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::api::kserve::{self, KserveService};
 use crate::api::models::ModelsService;
 use crate::api::observe::ObserveLayer;
 use crate::api::proto::inference_server::InferenceServer;
@@ -75,6 +77,12 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
 
     let (close_streams, closing) = closing::channel();
     let limits = &config.limits;
+    let kserve = GrpcInferenceServiceServer::new(KserveService::new(
+        Arc::clone(&registry),
+        closing.clone(),
+        health.readiness(),
+    ))
+    .max_decoding_message_size(limits.max_inference_message_bytes);
     let inference = InferenceServer::new(InferenceService::new(Arc::clone(&registry), closing))
         .max_decoding_message_size(limits.max_inference_message_bytes);
     let models = ModelsServer::new(ModelsService::new(Arc::clone(&registry)))
@@ -99,12 +107,14 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
             .add_service(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(kserve::proto::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                     .build_v1()?,
             )
             .add_service(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(kserve::proto::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                     .build_v1alpha()?,
             ))
@@ -114,7 +124,8 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let mut servers = Vec::new();
     let main_router = server()?
         .add_service(health_service.clone())
-        .add_service(inference);
+        .add_service(inference)
+        .add_service(kserve);
     // Models goes to the admin listener when there is one, and only there.
     let main_router = match admin {
         Some(_) => main_router,

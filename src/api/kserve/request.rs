@@ -1,0 +1,417 @@
+//! A ModelInferRequest read and checked into the work lmserve runs for it: which tasks its
+//! requested outputs need, their texts and settings, and how its responses lay out tensors.
+//! Sizes are checked against `[limits]` before anything is copied out of the message.
+
+use std::collections::HashSet;
+
+use super::infer::Reply;
+use super::metadata::{self, Output, STREAM_INPUT, Served, TEXT_INPUT};
+use super::parameters::{self, Parameters};
+use super::proto::ModelInferRequest;
+use super::proto::model_infer_request::InferInputTensor;
+use super::tensors::{self, BOOL, BYTES, Layout, Source, show_shape};
+use crate::config::LimitsConfig;
+use crate::error::{Error, Result, Task, echo};
+use crate::registry::Registry;
+use crate::tasks::classify::{ClassifyParams, ScoreKind};
+use crate::tasks::embed::EmbedParams;
+use crate::tasks::generate::params::{GenerateParams, Prompt};
+use crate::tasks::limits::check_name;
+
+pub enum Work {
+    Generate {
+        params: GenerateParams,
+        /// The prompt's shape, which `text_output` repeats.
+        shape: Vec<i64>,
+        /// The `stream` input, when sent.
+        stream: Option<bool>,
+    },
+    Encode {
+        embed: Option<EmbedParams>,
+        classify: Option<ClassifyParams>,
+        /// In the order the response lists them.
+        outputs: Vec<Output>,
+    },
+}
+
+pub struct Request {
+    pub reply: Reply,
+    pub route_key: Option<String>,
+    pub work: Work,
+    pub names: FieldNames,
+}
+
+/// lmserve's names for what a request sent, and the names this request used for them, so
+/// that an error from a task names the field the client knows.
+pub struct FieldNames {
+    parameters: Vec<(&'static str, &'static str)>,
+}
+
+impl FieldNames {
+    pub fn apply(&self, error: Error) -> Error {
+        let Error::InvalidArgument { field, message } = error else {
+            return error;
+        };
+        let field = if let Some(rest) = field.strip_prefix("texts") {
+            format!("{TEXT_INPUT}{rest}")
+        } else if field == "prompt" || field == "prompt.text" {
+            TEXT_INPUT.to_owned()
+        } else if field == "model" {
+            "model_name".to_owned()
+        } else {
+            self.parameters
+                .iter()
+                .find(|(ours, _)| field.strip_prefix("parameters.") == Some(*ours))
+                .map_or(field.clone(), |(_, theirs)| format!("parameters.{theirs}"))
+        };
+        Error::InvalidArgument { field, message }
+    }
+}
+
+/// Reads `request` for the model or route it names.
+pub fn read(
+    registry: &Registry,
+    limits: &LimitsConfig,
+    mut request: ModelInferRequest,
+) -> Result<Request> {
+    let mut parameters = Parameters::new(std::mem::take(&mut request.parameters));
+    check_name("model_name", &request.model_name, limits)?;
+    let target = metadata::target(&request.model_name, &request.model_version, "model_version")?;
+    let served = metadata::served(registry, &target)?;
+    let outputs = requested_outputs(&request, &served)?;
+    let tasks: Vec<Task> = [Task::Generate, Task::Embed, Task::Classify]
+        .into_iter()
+        .filter(|task| outputs.iter().any(|output| output.task() == *task))
+        .collect();
+    let generate = tasks.contains(&Task::Generate);
+    if generate && tasks.len() > 1 {
+        return Err(Error::invalid(
+            "outputs",
+            "text_output cannot be asked for together with another task's outputs",
+        ));
+    }
+    let layout = layout(&request)?;
+    let inputs = Inputs::read(&request, layout, generate)?;
+    let text_input = inputs.text.ok_or_else(|| {
+        Error::invalid(
+            "inputs",
+            format!("{TEXT_INPUT} is missing; send the texts as a BYTES tensor named {TEXT_INPUT}"),
+        )
+    })?;
+
+    let route_key = parameters.string("route_key")?;
+    // Every streamed request gets a final response (an empty one when nothing is left to
+    // send), so the flag that asks for one changes nothing.
+    parameters.bool("triton_enable_empty_final_response")?;
+    let work = if generate {
+        let shape = text_input.shape.to_vec();
+        let texts = generate_prompt(text_input, layout, &request.raw_input_contents)?;
+        let mut params = GenerateParams {
+            model: target,
+            prompt: texts.into_iter().next().map(Prompt::Text),
+            ..Default::default()
+        };
+        parameters::generation(&mut parameters, &mut params)?;
+        let stream = match inputs.stream {
+            Some(input) => Some(stream_flag(input, layout, &request.raw_input_contents)?),
+            None => None,
+        };
+        Work::Generate {
+            params,
+            shape,
+            stream,
+        }
+    } else {
+        let mut texts = encoder_texts(text_input, layout, &request.raw_input_contents, limits)?;
+        let truncate = parameters::truncate(&mut parameters)?;
+        let embed_settings = match tasks.contains(&Task::Embed) {
+            true => Some((
+                parameters.bool("normalize")?,
+                parameters::pooling(&mut parameters)?,
+            )),
+            false => None,
+        };
+        let classifies = tasks.contains(&Task::Classify);
+        let embed = embed_settings.map(|(normalize, pooling)| EmbedParams {
+            model: target.clone(),
+            // Copied only when classify needs the texts too.
+            texts: if classifies {
+                texts.clone()
+            } else {
+                std::mem::take(&mut texts)
+            },
+            normalize,
+            pooling,
+            truncate,
+        });
+        let classify = classifies.then_some(ClassifyParams {
+            model: target,
+            texts,
+            top_k: None,
+            scores: ScoreKind::Probability,
+            truncate,
+        });
+        Work::Encode {
+            embed,
+            classify,
+            outputs,
+        }
+    };
+    let task_names: Vec<&str> = tasks.iter().map(|task| task.as_str()).collect();
+    parameters.finish(&task_names.join(" and "))?;
+    Ok(Request {
+        reply: Reply {
+            id: request.id,
+            model_name: request.model_name,
+            layout,
+        },
+        route_key,
+        work,
+        names: FieldNames {
+            parameters: parameters.renamed().to_vec(),
+        },
+    })
+}
+
+/// The outputs the request asks for, each once and each one the model gives; none: all.
+fn requested_outputs(request: &ModelInferRequest, served: &Served) -> Result<Vec<Output>> {
+    let available = served.outputs();
+    if request.outputs.is_empty() {
+        return Ok(available);
+    }
+    let mut outputs = Vec::with_capacity(available.len());
+    for (index, requested) in request.outputs.iter().enumerate() {
+        let output = Output::parse(&requested.name)
+            .filter(|output| available.contains(output))
+            .ok_or_else(|| {
+                let names: Vec<&str> = available.iter().map(|output| output.name()).collect();
+                Error::invalid(
+                    format!("outputs[{index}].name"),
+                    format!(
+                        "{} is not an output of {}; its outputs: [{}]",
+                        echo(&requested.name),
+                        echo(&request.model_name),
+                        names.join(", ")
+                    ),
+                )
+            })?;
+        if outputs.contains(&output) {
+            return Err(Error::invalid(
+                format!("outputs[{index}].name"),
+                format!("{} is asked for twice", output.name()),
+            ));
+        }
+        if let Some(key) = requested.parameters.keys().min() {
+            return Err(Error::invalid(
+                format!("outputs[{index}].parameters"),
+                format!(
+                    "{} is not read: lmserve takes no output parameters (no shared memory, no classification count; probabilities hold every label)",
+                    echo(key)
+                ),
+            ));
+        }
+        outputs.push(output);
+    }
+    Ok(outputs)
+}
+
+/// Raw when the request sent `raw_input_contents`, one entry per input.
+fn layout(request: &ModelInferRequest) -> Result<Layout> {
+    let raw = request.raw_input_contents.len();
+    if raw == 0 {
+        return Ok(Layout::Typed);
+    }
+    if raw != request.inputs.len() {
+        return Err(Error::invalid(
+            "raw_input_contents",
+            format!(
+                "holds {raw} entries for {} inputs; send one per input, or none and use contents",
+                request.inputs.len()
+            ),
+        ));
+    }
+    Ok(Layout::Raw)
+}
+
+/// One input with where its elements are.
+struct Input<'a> {
+    index: usize,
+    tensor: &'a InferInputTensor,
+    shape: &'a [i64],
+}
+
+impl Input<'_> {
+    fn source<'r>(&'r self, layout: Layout, raw: &'r [Vec<u8>]) -> Source<'r> {
+        match layout {
+            Layout::Raw => Source::Raw(&raw[self.index]),
+            Layout::Typed => Source::Typed(self.tensor.contents.as_ref()),
+        }
+    }
+}
+
+/// The request's inputs by name; any other name, or one sent twice, is refused.
+struct Inputs<'a> {
+    text: Option<Input<'a>>,
+    stream: Option<Input<'a>>,
+}
+
+impl<'a> Inputs<'a> {
+    fn read(request: &'a ModelInferRequest, layout: Layout, generate: bool) -> Result<Self> {
+        let mut inputs = Inputs {
+            text: None,
+            stream: None,
+        };
+        let mut seen = HashSet::new();
+        for (index, tensor) in request.inputs.iter().enumerate() {
+            let name = tensor.name.as_str();
+            let slot = match name {
+                TEXT_INPUT => &mut inputs.text,
+                STREAM_INPUT if generate => &mut inputs.stream,
+                _ => {
+                    let known = if generate {
+                        format!("{TEXT_INPUT} (BYTES), {STREAM_INPUT} (BOOL)")
+                    } else {
+                        format!("{TEXT_INPUT} (BYTES)")
+                    };
+                    return Err(Error::invalid(
+                        format!("inputs[{index}].name"),
+                        format!(
+                            "{} is not an input of {}; its inputs: {known}",
+                            echo(name),
+                            echo(&request.model_name)
+                        ),
+                    ));
+                }
+            };
+            if !seen.insert(name) {
+                return Err(Error::invalid(
+                    format!("inputs[{index}].name"),
+                    format!("{name} is sent twice"),
+                ));
+            }
+            if let Some(key) = tensor.parameters.keys().min() {
+                return Err(Error::invalid(
+                    format!("{name}.parameters"),
+                    format!(
+                        "{} is not read: lmserve takes no input parameters (no shared memory)",
+                        echo(key)
+                    ),
+                ));
+            }
+            if layout == Layout::Raw && tensor.contents.is_some() {
+                return Err(Error::invalid(
+                    format!("{name}.contents"),
+                    "is set as well as raw_input_contents; send the data in one of them",
+                ));
+            }
+            *slot = Some(Input {
+                index,
+                tensor,
+                shape: &tensor.shape,
+            });
+        }
+        Ok(inputs)
+    }
+}
+
+fn check_datatype(input: &Input<'_>, datatype: &str) -> Result<()> {
+    if input.tensor.datatype == datatype {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        format!("{}.datatype", input.tensor.name),
+        format!("must be {datatype}; got {}", echo(&input.tensor.datatype)),
+    ))
+}
+
+/// Whether `shape` is `[n]` or `[n, 1]`: one text per row.
+fn one_per_row(shape: &[i64]) -> bool {
+    matches!(shape, [_] | [_, 1])
+}
+
+/// The one prompt of a generate request: shape `[1]` or `[1, 1]`.
+fn generate_prompt(input: Input<'_>, layout: Layout, raw: &[Vec<u8>]) -> Result<Vec<String>> {
+    check_datatype(&input, BYTES)?;
+    if !matches!(input.shape, [1] | [1, 1]) {
+        return Err(Error::invalid(
+            format!("{TEXT_INPUT}.shape"),
+            format!(
+                "generate models take one prompt per request, shape [1] or [1, 1]; got {}",
+                show_shape(input.shape)
+            ),
+        ));
+    }
+    let elements = tensors::bytes_elements(TEXT_INPUT, input.source(layout, raw), 1)?;
+    tensors::utf8(TEXT_INPUT, elements)
+}
+
+/// The texts of an embed or classify request: shape `[n]` or `[n, 1]`, n within the limit.
+fn encoder_texts(
+    input: Input<'_>,
+    layout: Layout,
+    raw: &[Vec<u8>],
+    limits: &LimitsConfig,
+) -> Result<Vec<String>> {
+    check_datatype(&input, BYTES)?;
+    let field = format!("{TEXT_INPUT}.shape");
+    if !one_per_row(input.shape) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be [n] or [n, 1], one text per row; got {}",
+                show_shape(input.shape)
+            ),
+        ));
+    }
+    let count = tensors::element_count(&field, input.shape, limits.max_texts_per_request)?;
+    let elements = tensors::bytes_elements(TEXT_INPUT, input.source(layout, raw), count)?;
+    tensors::utf8(TEXT_INPUT, elements)
+}
+
+/// The `stream` input: one BOOL.
+fn stream_flag(input: Input<'_>, layout: Layout, raw: &[Vec<u8>]) -> Result<bool> {
+    check_datatype(&input, BOOL)?;
+    if !matches!(input.shape, [1] | [1, 1]) {
+        return Err(Error::invalid(
+            format!("{STREAM_INPUT}.shape"),
+            format!("must be [1]; got {}", show_shape(input.shape)),
+        ));
+    }
+    let flags = tensors::bool_elements(STREAM_INPUT, input.source(layout, raw), 1)?;
+    Ok(flags[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_errors_name_the_fields_the_client_sent() {
+        let names = FieldNames {
+            parameters: vec![("max_new_tokens", "max_tokens")],
+        };
+        let renamed = |field: &str| match names.apply(Error::invalid(field, "x")) {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(renamed("texts[2]"), "text_input[2]");
+        assert_eq!(renamed("texts"), "text_input");
+        assert_eq!(renamed("prompt.text"), "text_input");
+        assert_eq!(renamed("model"), "model_name");
+        assert_eq!(
+            renamed("parameters.max_new_tokens"),
+            "parameters.max_tokens"
+        );
+        assert_eq!(renamed("parameters.top_p"), "parameters.top_p");
+        assert!(matches!(
+            names.apply(Error::ShuttingDown),
+            Error::ShuttingDown
+        ));
+    }
+
+    #[test]
+    fn rows_hold_one_text() {
+        assert!(one_per_row(&[3]) && one_per_row(&[3, 1]));
+        assert!(!one_per_row(&[]) && !one_per_row(&[3, 2]) && !one_per_row(&[1, 1, 1]));
+    }
+}
