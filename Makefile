@@ -16,18 +16,22 @@ export TEST_REAL_MODELS := $(REAL_MODELS)/repository
 HELM_VERSION := v4.3.2
 HELM := $(XDG_CACHE_HOME)/lmserve/tools/helm-$(HELM_VERSION)/helm
 export TEST_HELM := $(HELM)
+# grpcurl, to run the README's examples as written (tests/python/test_readme.py).
+GRPCURL_VERSION := v1.9.4
+GRPCURL := $(XDG_CACHE_HOME)/lmserve/tools/grpcurl-$(GRPCURL_VERSION)/grpcurl
+export TEST_GRPCURL := $(GRPCURL)
 DIST := dist/root
 include proto.mk
 include examples/examples.mk
 # The ONNX Runtime build `make dist` puts in the image tree: cpu, or gpu (onnxruntime-gpu).
 DIST_ORT ?= cpu
 
-.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm chart onnxruntime onnxruntime-gpu pyclient tritonclient lint clean
+.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm grpcurl chart onnxruntime onnxruntime-gpu pyclient tritonclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
 
-test: $(ORT_LIB) $(PY_VENV)/ok $(TRITON_VENV)/ok real-models dist $(HELM) examples proto-lint proto-breaking
+test: $(ORT_LIB) $(PY_VENV)/ok $(TRITON_VENV)/ok real-models dist $(HELM) $(GRPCURL) examples proto-lint proto-breaking
 	cargo test --release -- --test-threads=2
 	$(PY_VENV)/bin/python -m pytest -q tests/python
 	$(TRITON_VENV)/bin/python -m pytest -q tests/python/test_tritonclient.py
@@ -55,6 +59,10 @@ endif
 helm: $(HELM)
 $(HELM):
 	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
+grpcurl: $(GRPCURL)
+$(GRPCURL):
+	GOBIN=$(dir $(GRPCURL)) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
 # The chart: helm lint and template for each value set, every object checked against the
 # Kubernetes schemas, and the real binary started on each rendered lmserve.toml (part of the

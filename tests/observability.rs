@@ -335,8 +335,58 @@ async fn every_finished_call_writes_one_json_request_line_tied_to_its_request_id
         .to_owned();
     assert_eq!(generated_id.len(), 32);
 
-    let lines = request_lines(&server, 2).await;
-    assert_eq!(lines.len(), 2, "{lines:#?}");
+    // A streaming call's work happens as its body is read: still in its log line.
+    let mut request = Request::new(tokio_stream::iter(vec![
+        EmbedRequest {
+            model: "tiny-encoder".into(),
+            texts: vec!["one".into()],
+            ..Default::default()
+        };
+        2
+    ]));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-embed-stream".parse().unwrap());
+    let mut answers = client.embed_stream(request).await.unwrap().into_inner();
+    while answers.next().await.transpose().unwrap().is_some() {}
+
+    // A client that goes away mid-call: logged as CANCELLED.
+    let mut request = Request::new(GenerateRequest {
+        model: "tiny-gpt2".into(),
+        prompt: Some(Prompt::Text("Long".into())),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(200),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-abandoned".parse().unwrap());
+    let mut abandoning = client.clone();
+    let call = tokio::spawn(async move { abandoning.generate(request).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    call.abort();
+
+    let lines = request_lines(&server, 4).await;
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    let by_id = |id: &str| {
+        lines
+            .iter()
+            .find(|line| line["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id}: {lines:#?}"))
+    };
+    let streamed = by_id("req-embed-stream");
+    assert_eq!(streamed["model"], "tiny-encoder");
+    assert_eq!(streamed["code"], "Ok");
+    assert!(
+        streamed["input_tokens"].as_u64().unwrap() >= 2,
+        "{streamed}"
+    );
+    let abandoned = by_id("req-abandoned");
+    assert_eq!(abandoned["code"], "Cancelled", "{abandoned}");
+    assert_eq!(abandoned["model"], "tiny-gpt2");
     let ok = lines
         .iter()
         .find(|line| line["request_id"] == "req-generate-1")

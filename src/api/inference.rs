@@ -1,5 +1,7 @@
 //! The `lmserve.v1.Inference` service.
 
+use crate::error::bounded;
+use crate::telemetry::traces::MAX_SPAN_TEXT;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -81,7 +83,7 @@ impl InferenceService {
     ) -> Result<proto::EmbedResponse, Status> {
         let routing = self.routing(metadata, deadline, &request.route_key);
         let params = convert::embed_params(request)?;
-        let span = tracing::info_span!("embed", model = %params.model, texts = params.texts.len());
+        let span = tracing::info_span!("embed", model = %bounded(&params.model, MAX_SPAN_TEXT), texts = params.texts.len());
         let output = embed::embed(&self.registry, &self.limits, params, &routing)
             .instrument(span)
             .await?;
@@ -96,8 +98,7 @@ impl InferenceService {
     ) -> Result<proto::ClassifyResponse, Status> {
         let routing = self.routing(metadata, deadline, &request.route_key);
         let params = convert::classify_params(request)?;
-        let span =
-            tracing::info_span!("classify", model = %params.model, texts = params.texts.len());
+        let span = tracing::info_span!("classify", model = %bounded(&params.model, MAX_SPAN_TEXT), texts = params.texts.len());
         let output = classify::classify(&self.registry, &self.limits, params, &routing)
             .instrument(span)
             .await?;
@@ -144,7 +145,7 @@ impl Inference for InferenceService {
         let deadline = deadline::from_request(&metadata, &extensions);
         let routing = self.routing(&metadata, deadline, &request.route_key);
         let params = generate::params(request);
-        let span = tracing::info_span!("generate", model = %params.model);
+        let span = tracing::info_span!("generate", model = %bounded(&params.model, MAX_SPAN_TEXT));
         let output =
             generation::generate(&self.registry, self.generation_limits(), params, &routing)
                 .instrument(span)
@@ -162,7 +163,8 @@ impl Inference for InferenceService {
         let deadline = deadline::from_request(&metadata, &extensions);
         let routing = self.routing(&metadata, deadline, &request.route_key);
         let params = generate::params(request);
-        let span = tracing::info_span!("generate_stream", model = %params.model);
+        let span =
+            tracing::info_span!("generate_stream", model = %bounded(&params.model, MAX_SPAN_TEXT));
         let stream = generation::start(&self.registry, self.generation_limits(), params, &routing)
             .instrument(span.clone())
             .await?;

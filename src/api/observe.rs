@@ -27,6 +27,8 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// A client's request id longer than this (or not printable ASCII) is replaced by a new one,
 /// so a log line's size stays bounded whatever the client sends.
 const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Longest method path kept for spans and logs.
+const MAX_METHOD_BYTES: usize = 128;
 
 #[derive(Clone, Copy)]
 pub struct ObserveLayer {
@@ -75,8 +77,10 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
-        let method = request.uri().path().to_owned();
+        // Bounded: the path of an unknown method is whatever the client sent.
+        let method = crate::error::bounded(request.uri().path(), MAX_METHOD_BYTES).into_owned();
         let request_id = request_id(request.headers());
+        let client_trace_id = client_trace_id(request.headers());
         let span = rpc_span(&method, &request_id, request.headers());
         let record = CallRecord::default();
         let response = {
@@ -84,27 +88,27 @@ where
             self.inner.call(request)
         };
         let response = record.clone().scope(response.instrument(span.clone()));
-        let requests = self.requests;
+        // Made before the handler runs: if the client goes away first, dropping it logs the call
+        // as CANCELLED.
+        let mut end = CallEnd {
+            method,
+            request_id: request_id.clone(),
+            client_trace_id,
+            started,
+            record,
+            span,
+            requests: self.requests,
+            status: None,
+            logged: false,
+        };
         Box::pin(async move {
             let mut response = response.await?;
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
-            let mut end = CallEnd {
-                method,
-                request_id,
-                started,
-                record,
-                span,
-                requests,
-                status: None,
-            };
             // A trailers-only response (most errors) carries its status in the headers.
             end.status = grpc_status(response.headers());
-            Ok(response.map(|body| LoggedBody {
-                inner: body,
-                end: Some(end),
-            }))
+            Ok(response.map(|body| LoggedBody { inner: body, end }))
         })
     }
 }
@@ -133,6 +137,26 @@ fn request_id(headers: &HeaderMap) -> String {
         })
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
+}
+
+/// The trace id of the caller's W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), for the
+/// request log even when no spans are exported.
+fn client_trace_id(headers: &HeaderMap) -> String {
+    let Some(value) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
+        return String::new();
+    };
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    match parts.as_slice() {
+        [_, trace, span, _]
+            if trace.len() == 32
+                && span.len() == 16
+                && trace.bytes().all(|b| b.is_ascii_hexdigit())
+                && trace.bytes().any(|b| b != b'0') =>
+        {
+            trace.to_ascii_lowercase()
+        }
+        _ => String::new(),
+    }
 }
 
 /// Reads W3C trace context from gRPC metadata (HTTP/2 headers).
@@ -208,15 +232,18 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Everything needed to write the call's log line once its status is known.
+/// Everything needed to write the call's log line once its status is known. Writes it when
+/// finished, or when dropped unfinished (the client went away: CANCELLED).
 struct CallEnd {
     method: String,
     request_id: String,
+    client_trace_id: String,
     started: Instant,
     record: CallRecord,
     span: tracing::Span,
     requests: RequestLog,
     status: Option<(i32, String)>,
+    logged: bool,
 }
 
 /// Health probes and reflection arrive every few seconds from orchestrators and tools: they are
@@ -226,11 +253,14 @@ fn is_infrastructure(method: &str) -> bool {
 }
 
 impl CallEnd {
-    fn log(self) {
-        // Entered last now: the OpenTelemetry span ends here, when the call really ended.
+    fn log(&mut self) {
+        if std::mem::replace(&mut self.logged, true) {
+            return;
+        }
+        // Entered last now: the OpenTelemetry span's end time is when the call really ended.
         drop(self.span.enter());
         // No status: the body was dropped before its trailers, the client went away.
-        let (code, message) = self.status.unwrap_or((
+        let (code, message) = self.status.take().unwrap_or((
             tonic::Code::Cancelled as i32,
             "the client cancelled".to_owned(),
         ));
@@ -247,7 +277,7 @@ impl CallEnd {
             if span_context.is_valid() {
                 span_context.trace_id().to_string()
             } else {
-                String::new()
+                self.client_trace_id.clone()
             }
         };
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
@@ -283,10 +313,18 @@ impl CallEnd {
     }
 }
 
-/// A response body that writes the call's log line when it ends or is dropped.
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        self.log();
+    }
+}
+
+/// A response body that writes the call's log line when it ends or is dropped. Polled inside the
+/// call's span and record, so the work a streaming call does as its body is read (EmbedStream,
+/// ClassifyStream, ModelStreamInfer) stays in its trace and its log line.
 pub struct LoggedBody<B> {
     inner: B,
-    end: Option<CallEnd>,
+    end: CallEnd,
 }
 
 impl<B> Body for LoggedBody<B>
@@ -300,24 +338,38 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let polled = {
+            let _entered = this.end.span.enter();
+            let inner = &mut this.inner;
+            this.end
+                .record
+                .clone()
+                .sync_scope(|| Pin::new(inner).poll_frame(cx))
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref()
-                    && let Some(end) = &mut self.end
+                    && let Some(status) = grpc_status(trailers)
                 {
-                    end.status = grpc_status(trailers).or(end.status.take());
+                    this.end.status = Some(status);
                 }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                let failed = (
+                    tonic::Code::Internal as i32,
+                    "the response body failed".to_owned(),
+                );
+                this.end.status = Some(failed);
+                this.end.log();
             }
             Poll::Ready(None) => {
                 // The end of a body without trailers: a trailers-only response already had its
                 // status; anything else ended cleanly.
-                if let Some(mut end) = self.end.take() {
-                    end.status = end.status.or(Some((0, String::new())));
-                    end.log();
-                }
+                this.end.status = this.end.status.take().or(Some((0, String::new())));
+                this.end.log();
             }
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            Poll::Pending => {}
         }
         polled
     }
@@ -328,13 +380,5 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for LoggedBody<B> {
-    fn drop(&mut self) {
-        if let Some(end) = self.end.take() {
-            end.log();
-        }
     }
 }

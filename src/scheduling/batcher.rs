@@ -299,7 +299,11 @@ fn batch_spans(batch: &[Pending], labels: &ModelLabels) -> Vec<Span> {
     let mut spans: Vec<Span> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for pending in batch {
-        if pending.span.id().is_some_and(|id| !seen.insert(id)) {
+        // A request without a span (tracing off) gets none; one with rows here gets one.
+        let Some(id) = pending.span.id() else {
+            continue;
+        };
+        if !seen.insert(id) {
             continue;
         }
         spans.push(tracing::info_span!(

@@ -91,15 +91,18 @@ impl RequestMetrics {
     pub fn tokens(&mut self, input: usize, generated: usize) {
         self.input_tokens = input;
         self.generated_tokens = generated;
+        // Added: one call may run several tasks (KServe's embed and classify outputs together).
         self.record(|call| {
-            call.input_tokens = input;
-            call.output_tokens = generated;
+            call.input_tokens += input;
+            call.output_tokens += generated;
         });
     }
 
     /// How long the request waited in the model's queue (the longest of its texts).
     pub fn queued(&mut self, waited: Duration) {
-        self.record(|call| call.queue = Some(call.queue.map_or(waited, |q| q.max(waited))));
+        if let Some(call) = &self.call {
+            call.queued(waited);
+        }
     }
 
     pub fn model(&mut self, model: &ModelVersion) {
@@ -191,7 +194,7 @@ pub(crate) async fn run_encoder(
         .collect();
     let batched = batcher.submit(rows, place).await?;
     if let Some(call) = CallRecord::current() {
-        call.update(|call| call.queue = Some(batched.queued));
+        call.queued(batched.queued);
     }
     Ok(shapes
         .into_iter()

@@ -37,7 +37,7 @@ where
 {
     let span = tracing::info_span!(
         "route",
-        target = %target,
+        target = %crate::error::bounded(target, crate::telemetry::traces::MAX_SPAN_TEXT),
         model = tracing::field::Empty,
         route = tracing::field::Empty,
         arm = tracing::field::Empty

@@ -38,6 +38,17 @@ impl CallRecord {
         CALL.scope(self, work)
     }
 
+    /// Runs `work` synchronously with this record as the current one (a response body's poll).
+    pub fn sync_scope<R>(self, work: impl FnOnce() -> R) -> R {
+        CALL.sync_scope(self, work)
+    }
+
+    /// Adds a wait in the queue: a call that queued more than once (several tasks, or a
+    /// stream's messages) reports its longest.
+    pub fn queued(&self, waited: Duration) {
+        self.update(|call| call.queue = Some(call.queue.map_or(waited, |q| q.max(waited))));
+    }
+
     pub fn update(&self, change: impl FnOnce(&mut CallFields)) {
         change(&mut self.0.lock().expect("call record lock"));
     }

@@ -41,7 +41,8 @@ pub async fn serve(
             get(move || {
                 let handle = handle.clone();
                 async move {
-                    process::record();
+                    // /proc reads (one entry per open file) stay off the async workers.
+                    let _ = tokio::task::spawn_blocking(process::record).await;
                     (
                         [(
                             header::CONTENT_TYPE,

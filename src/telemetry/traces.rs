@@ -9,6 +9,10 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
 use crate::config::TracingConfig;
 
+/// Longest client-sent text (a model name) put in a span: spans are exported, and a collector
+/// drops a whole batch that is too large.
+pub const MAX_SPAN_TEXT: usize = 128;
+
 /// The running exporter; `shutdown` sends the spans still buffered.
 pub struct Traces {
     provider: SdkTracerProvider,
@@ -33,8 +37,8 @@ impl Traces {
 /// Starts exporting when `otlp_endpoint` is set. Must run inside the Tokio runtime: the gRPC
 /// client lives on it.
 pub fn start(config: &TracingConfig) -> anyhow::Result<Option<Traces>> {
-    // The propagator is installed even without a collector: request logs still show a caller's
-    // trace id only when spans are exported, but nothing else depends on it.
+    // Installed even without a collector; the request log then takes the caller's trace id
+    // from its traceparent directly.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let Some(endpoint) = &config.otlp_endpoint else {
         return Ok(None);

@@ -232,6 +232,8 @@ def test_the_kserve_serving_runtime_runs_lmserve_as_documented():
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1" and runtime["kind"] == "ServingRuntime"
     assert service["apiVersion"] == "serving.kserve.io/v1beta1" and service["kind"] == "InferenceService"
     assert service["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    # It claims the protocol the same port serves (tests/python/test_tritonclient.py).
+    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
     formats = {entry["name"] for entry in runtime["spec"]["supportedModelFormats"]}
     assert service["spec"]["predictor"]["model"]["modelFormat"]["name"] in formats
     # The containers are core Kubernetes: checked as the containers of a Pod.

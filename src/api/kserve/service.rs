@@ -1,6 +1,9 @@
 //! The `inference.GRPCInferenceService` tonic service: health and metadata answered here,
 //! inference handed to `request` (read), `infer` (run) and `stream` (ModelStreamInfer).
 
+use crate::error::bounded;
+use crate::telemetry::metrics;
+use crate::telemetry::traces::MAX_SPAN_TEXT;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -58,8 +61,12 @@ impl KserveService {
         }
     }
 
+    /// Reads a request; one refused here (before its task is known) is counted as task `infer`.
     pub(super) fn read(&self, request: ModelInferRequest) -> Result<request::Request> {
-        request::read(&self.registry, &self.limits, request)
+        let named = self.registry.known_name(&request.model_name);
+        request::read(&self.registry, &self.limits, request).inspect_err(|error| {
+            metrics::request_rejected(named.as_deref().unwrap_or(""), "infer", error.kind())
+        })
     }
 
     pub(super) fn routing(
@@ -138,7 +145,7 @@ impl GrpcInferenceService for KserveService {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (metadata, extensions, request) = request.into_parts();
         let deadline = deadline::from_request(&metadata, &extensions);
-        let span = tracing::info_span!("kserve_infer", model = %request.model_name);
+        let span = tracing::info_span!("kserve_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
         let request = self.read(request)?;
         let routing = self.routing(&metadata, deadline, request.route_key.as_deref());
         let response = infer::infer(self.tasks(), request, &routing)

@@ -5,6 +5,8 @@
 //! gets one response, marked final too. A request that fails gets an `error_message` response
 //! and the stream goes on, as Triton's does; only a message the stream cannot read ends it.
 
+use crate::error::bounded;
+use crate::telemetry::traces::MAX_SPAN_TEXT;
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
@@ -68,7 +70,7 @@ fn answer(
         model_name: request.model_name.clone(),
         layout: super::tensors::Layout::Typed,
     };
-    let span = tracing::info_span!("kserve_stream_infer", model = %request.model_name);
+    let span = tracing::info_span!("kserve_stream_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
     start(service, request, metadata, deadline)
         .instrument(span)
         .map(move |started| match started {

@@ -43,7 +43,11 @@ pub struct GenerationStream {
     arrived: Instant,
     started: Option<Instant>,
     first_token: Option<Instant>,
-    last_token: Option<Instant>,
+    /// When the whole generation was handed to the scheduler: its queue time starts here.
+    submitted: Instant,
+    delivery: Delivery,
+    /// Each sequence's last token, for the time between tokens.
+    last_token: Vec<Option<Instant>>,
     /// Looked up at the second token, then recorded into at every token after it.
     inter_token: Option<metrics::Histogram>,
     finished_sequences: usize,
@@ -63,31 +67,39 @@ impl GenerationStream {
             Some(Event::Started { at, .. }) => {
                 if self.started.is_none() {
                     self.started = Some(*at);
-                    let waited = at.saturating_duration_since(self.arrived);
+                    let waited = at.saturating_duration_since(self.submitted);
                     metrics::queue_time(&self.model.labels, waited);
                     if let Some(request) = &mut self.metrics {
                         request.queued(waited);
                     }
                 }
             }
-            Some(Event::Token { .. }) => {
+            Some(Event::Token { index, .. }) => {
                 self.generated_tokens += 1;
                 let now = Instant::now();
-                match self.last_token {
-                    None => metrics::time_to_first_token(
+                if self.first_token.is_none() {
+                    self.first_token = Some(now);
+                    metrics::time_to_first_token(
                         &self.model.labels,
                         self.served_by.route_labels(),
                         now - self.arrived,
-                    ),
-                    Some(last) => self
-                        .inter_token
-                        .get_or_insert_with(|| {
-                            metrics::inter_token(&self.model.labels, self.served_by.route_labels())
-                        })
-                        .record(now - last),
+                    );
                 }
-                self.first_token.get_or_insert(now);
-                self.last_token = Some(now);
+                // Only where tokens leave one by one: a collected generation holds them back.
+                if self.delivery == Delivery::Stream
+                    && let Some(last) = self.last_token.get_mut(*index)
+                {
+                    if let Some(previous) = last.replace(now) {
+                        self.inter_token
+                            .get_or_insert_with(|| {
+                                metrics::inter_token(
+                                    &self.model.labels,
+                                    self.served_by.route_labels(),
+                                )
+                            })
+                            .record(now - previous);
+                    }
+                }
             }
             Some(Event::Finished { .. }) | Some(Event::Failed { .. }) => {
                 self.finished_sequences += 1;
@@ -328,6 +340,7 @@ async fn start_on(
             }
         })
         .collect();
+    let submitted = Instant::now();
     if let Err(error) = scheduler.submit(jobs, place) {
         return Err(finish_early(request, error));
     }
@@ -339,7 +352,9 @@ async fn start_on(
         arrived,
         started: None,
         first_token: None,
-        last_token: None,
+        submitted,
+        delivery,
+        last_token: vec![None; checked.n],
         inter_token: None,
         finished_sequences: 0,
         generated_tokens: 0,
