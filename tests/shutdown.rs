@@ -199,15 +199,40 @@ async fn streams_that_outlive_the_grace_end_with_a_closing_message_and_unavailab
 async fn deadlines_end_as_deadline_exceeded() {
     let server = TestServer::start().await;
     let mut client = server.inference().await;
+    // The client's own timer fires at the same deadline; the server answers a moment before it,
+    // and on a loaded machine its answer may still arrive second. So the client may see either;
+    // what the server answered is read from its request log.
+    let expired = |status: &tonic::Status| {
+        status.code() == Code::DeadlineExceeded
+            || (status.code() == Code::Cancelled && status.message() == "Timeout expired")
+    };
     for _ in 0..5 {
         let mut request = tonic::Request::new(generate("tiny-transformer-lm", 250, 4));
         request.set_timeout(Duration::from_millis(150));
         let status = client.generate(request).await.unwrap_err();
-        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(expired(&status), "{status:?}");
     }
     let mut request = tonic::Request::new(generate("tiny-transformer-lm", 250, 4));
     request.set_timeout(Duration::from_millis(150));
     let stream = client.generate_stream(request).await.unwrap().into_inner();
     let (_, status) = collect(stream).await;
-    assert_eq!(status.unwrap().code(), Code::DeadlineExceeded);
+    assert!(expired(&status.unwrap()));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = std::fs::read_to_string(&server.stderr_path).unwrap();
+        let answered = logs
+            .lines()
+            .filter(|line| line.contains("lmserve::request") && line.contains("Generate"))
+            .filter(|line| line.contains("code=DeadlineExceeded"))
+            .count();
+        if answered == 6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{answered} of 6 answered DEADLINE_EXCEEDED:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
