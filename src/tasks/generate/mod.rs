@@ -88,17 +88,13 @@ impl GenerationStream {
                 // Only where tokens leave one by one: a collected generation holds them back.
                 if self.delivery == Delivery::Stream
                     && let Some(last) = self.last_token.get_mut(*index)
+                    && let Some(previous) = last.replace(now)
                 {
-                    if let Some(previous) = last.replace(now) {
-                        self.inter_token
-                            .get_or_insert_with(|| {
-                                metrics::inter_token(
-                                    &self.model.labels,
-                                    self.served_by.route_labels(),
-                                )
-                            })
-                            .record(now - previous);
-                    }
+                    self.inter_token
+                        .get_or_insert_with(|| {
+                            metrics::inter_token(&self.model.labels, self.served_by.route_labels())
+                        })
+                        .record(now - previous);
                 }
             }
             Some(Event::Finished { .. }) | Some(Event::Failed { .. }) => {
