@@ -1,5 +1,6 @@
 //! The `lmserve` command: `lmserve serve` runs the server (the default when no command is
-//! given); `generate`, `embed`, `classify`, `models` and `routes` are clients of a running server.
+//! given); `generate`, `chat`, `embed`, `classify`, `models` and `routes` are clients of a
+//! running server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ enum Command {
     Serve(ServeArgs),
     /// Generate text with a running server, printing tokens as they arrive.
     Generate(GenerateArgs),
+    /// Chat with a model that has a chat template: each stdin line is your turn, the reply
+    /// streams back, the conversation is kept. EOF or /exit ends it.
+    Chat(ChatArgs),
     /// Embed texts with a running server (one JSON array per line).
     Embed(TextsArgs),
     /// Classify texts with a running server.
@@ -154,6 +158,32 @@ struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: u32,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt.
+    prompt: String,
+}
+
+#[derive(clap::Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Model, "name" or "name@version"; it must have a chat template.
+    #[arg(long, short)]
+    model: String,
+    /// A system message that opens the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: u32,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// How `generate` and `chat` pick tokens.
+#[derive(clap::Args)]
+struct SamplingArgs {
     /// Sample instead of greedy decoding.
     #[arg(long)]
     sample: bool,
@@ -168,8 +198,21 @@ struct GenerateArgs {
     /// Stop when the text contains this (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// The prompt.
-    prompt: String,
+}
+
+impl SamplingArgs {
+    fn parameters(self, max_new_tokens: u32) -> GenerationParameters {
+        GenerationParameters {
+            max_new_tokens: Some(max_new_tokens),
+            do_sample: self.sample.then_some(true),
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -250,23 +293,28 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
-        Command::Generate(args) => {
-            let parameters = GenerationParameters {
-                max_new_tokens: Some(args.max_new_tokens),
-                do_sample: args.sample.then_some(true),
-                temperature: args.temperature,
-                top_k: args.top_k,
-                top_p: args.top_p,
-                seed: args.seed,
-                stop: args.stop,
-                ..Default::default()
+        Command::Generate(args) => run_client(client::inference::generate(
+            &args.server.target(),
+            args.model,
+            args.prompt,
+            args.sampling.parameters(args.max_new_tokens),
+        )),
+        Command::Chat(args) => {
+            let options = client::chat::ChatOptions {
+                model: args.model,
+                system: args.system,
+                parameters: args.sampling.parameters(args.max_new_tokens),
             };
-            run_client(client::inference::generate(
-                &args.server.target(),
-                args.model,
-                args.prompt,
-                parameters,
-            ))
+            run_client(async move {
+                let input = std::io::stdin().lock();
+                client::chat::chat(
+                    &args.server.target(),
+                    options,
+                    input,
+                    &mut std::io::stdout(),
+                )
+                .await
+            })
         }
         Command::Embed(args) => run_client(client::inference::embed(
             &args.server.target(),

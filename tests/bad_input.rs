@@ -150,6 +150,7 @@ fn canary(channel: Channel) -> Arc<Mutex<Duration>> {
                     model: "tiny-gpt2".into(),
                     text: "canary".into(),
                     add_special_tokens: None,
+                    messages: None,
                 })
                 .await;
             let took = started.elapsed();
@@ -279,6 +280,83 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
             GenerateRequest {
                 prompt: Some(Prompt::TokenIds(TokenIds {
                     ids: vec![1, 9_999_999]
+                })),
+                ..g("tiny-gpt2", params())
+            }
+        ),
+    ));
+    let turn = |role: &str, content: &str| ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    cases.push(case(
+        "generate: messages to a model without a chat template",
+        FailedPrecondition,
+        &["tiny-gpt2@1", "no chat_template"],
+        on!(
+            inference(),
+            generate,
+            GenerateRequest {
+                prompt: Some(Prompt::Messages(ChatMessages {
+                    messages: vec![turn("user", "hi")]
+                })),
+                ..g("tiny-gpt2", params())
+            }
+        ),
+    ));
+    cases.push(case(
+        "generate: empty messages",
+        InvalidArgument,
+        &["prompt.messages", "at least one message"],
+        on!(
+            inference(),
+            generate,
+            GenerateRequest {
+                prompt: Some(Prompt::Messages(ChatMessages { messages: vec![] })),
+                ..g("tiny-gpt2", params())
+            }
+        ),
+    ));
+    cases.push(case(
+        "generate: 2000 messages",
+        InvalidArgument,
+        &["prompt.messages", "2000 messages", "1024"],
+        on!(
+            inference(),
+            generate,
+            GenerateRequest {
+                prompt: Some(Prompt::Messages(ChatMessages {
+                    messages: vec![turn("user", "hi"); 2000]
+                })),
+                ..g("tiny-gpt2", params())
+            }
+        ),
+    ));
+    cases.push(case(
+        "generate: a message with no role",
+        InvalidArgument,
+        &["prompt.messages[1].role", "empty"],
+        on!(
+            inference(),
+            generate,
+            GenerateRequest {
+                prompt: Some(Prompt::Messages(ChatMessages {
+                    messages: vec![turn("user", "hi"), turn("", "hi")]
+                })),
+                ..g("tiny-gpt2", params())
+            }
+        ),
+    ));
+    cases.push(case(
+        "generate: messages over the prompt bytes",
+        InvalidArgument,
+        &["prompt.messages[2].content", "262144"],
+        on!(
+            inference(),
+            generate,
+            GenerateRequest {
+                prompt: Some(Prompt::Messages(ChatMessages {
+                    messages: vec![turn("user", &"x".repeat(100_000)); 3]
                 })),
                 ..g("tiny-gpt2", params())
             }
@@ -798,7 +876,38 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
         model: model.into(),
         text,
         add_special_tokens: None,
+        messages: None,
     };
+    cases.push(case(
+        "tokenize: both text and messages",
+        InvalidArgument,
+        &["text", "messages"],
+        on!(
+            inference(),
+            tokenize,
+            TokenizeRequest {
+                messages: Some(ChatMessages {
+                    messages: vec![turn("user", "hi")]
+                }),
+                ..tokenize("tiny-gpt2", "x".into())
+            }
+        ),
+    ));
+    cases.push(case(
+        "tokenize: messages with a model without a chat template",
+        FailedPrecondition,
+        &["tiny-gpt2@1", "no chat_template"],
+        on!(
+            inference(),
+            tokenize,
+            TokenizeRequest {
+                messages: Some(ChatMessages {
+                    messages: vec![turn("user", "hi")]
+                }),
+                ..tokenize("tiny-gpt2", String::new())
+            }
+        ),
+    ));
     cases.push(case(
         "tokenize: 300 kB text",
         InvalidArgument,

@@ -184,3 +184,73 @@ async fn models_and_routes_from_the_command_line_with_a_host_port_address() {
         "the transport error says why: {output}"
     );
 }
+
+/// `lmserve chat` with two lines piped in: each reply streams to stdout on its own line, and
+/// the second is the reply to the whole conversation so far (the history is kept).
+#[tokio::test]
+async fn chat_from_the_command_line_keeps_the_history() {
+    use lmserve::api::proto::{ChatMessage, ChatMessages};
+
+    let repository = common::chat_repository("<|endoftext|>");
+    common::copy_version("tiny-gpt2", "1", repository.path(), "tiny-gpt2", "1");
+    let server = TestServer::start_with(common::ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let addr = server.url();
+    let (ok, stdout, stderr) = common::run_with_input(
+        &[
+            "chat",
+            "--addr",
+            &addr,
+            "--model",
+            "tiny-chat",
+            "--system",
+            "Speak verse.",
+            "--max-new-tokens",
+            "8",
+        ],
+        "ROMEO.\nJULIET.\n/exit\nnever sent\n",
+    );
+    assert!(ok, "{stdout}{stderr}");
+
+    let mut client = server.inference().await;
+    let turn = |role: &str, content: &str| ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    let mut history = vec![turn("system", "Speak verse."), turn("user", "ROMEO.")];
+    let mut expected = String::new();
+    for next in ["JULIET.", ""] {
+        let reply = client
+            .generate(GenerateRequest {
+                model: "tiny-chat".into(),
+                prompt: Some(Prompt::Messages(ChatMessages {
+                    messages: history.clone(),
+                })),
+                parameters: Some(GenerationParameters {
+                    max_new_tokens: Some(8),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let text = &reply.sequences[0].text;
+        expected.push_str(&format!("{text}\n"));
+        history.push(turn("assistant", text));
+        history.push(turn("user", next));
+    }
+    assert_eq!(stdout, expected);
+
+    // A model without a chat template: the server's reason, and a failing exit.
+    let (ok, stdout, stderr) =
+        common::run_with_input(&["chat", "--addr", &addr, "--model", "tiny-gpt2"], "hi\n");
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("tiny-gpt2@1") && stderr.contains("no chat_template"),
+        "{stderr}"
+    );
+}

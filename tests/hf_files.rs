@@ -125,6 +125,7 @@ async fn settings_come_from_the_hugging_face_files_and_the_graph() {
         model: "pooled-encoder".into(),
         text: "the king is dead".into(),
         add_special_tokens,
+        messages: None,
     };
     let ids = |response: lmserve::api::proto::TokenizeResponse| {
         response.tokens.iter().map(|t| t.id).collect::<Vec<_>>()
@@ -542,6 +543,7 @@ async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
             model: "llama-bos".into(),
             text: prompt.into(),
             add_special_tokens: Some(false),
+            messages: None,
         })
         .await
         .unwrap()
@@ -552,6 +554,7 @@ async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
             model: "llama-bos".into(),
             text: prompt.into(),
             add_special_tokens: None,
+            messages: None,
         })
         .await
         .unwrap()
@@ -611,6 +614,7 @@ async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
             model: "tiny-gpt2".into(),
             text: prompt.into(),
             add_special_tokens: None,
+            messages: None,
         })
         .await
         .unwrap()

@@ -1,7 +1,8 @@
 //! The real pretrained models of `make real-models`, through the Rust client: SmolLM2's streamed
 //! greedy tokens against transformers' (the model's own implementation, from its GGUF file) and
 //! all-MiniLM-L6-v2's embeddings against sentence-transformers'. The references are committed in
-//! models/real/reference/; tests/python/test_real_models.py checks the rest.
+//! models/real/reference/; tests/python/test_real_models.py checks the rest. SmolLM2's chat
+//! template is checked against transformers' apply_chat_template (reference/smollm2-chat.json).
 
 mod common;
 
@@ -9,7 +10,8 @@ use common::{ServerOptions, TestServer};
 use futures::StreamExt;
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::{
-    EmbedRequest, FinishReason, GenerateRequest, GenerationParameters, Truncate,
+    ChatMessage, ChatMessages, EmbedRequest, FinishReason, GenerateRequest, GenerationParameters,
+    TokenizeRequest, Truncate,
 };
 
 fn reference(name: &str) -> serde_json::Value {
@@ -107,4 +109,88 @@ async fn real_models_match_their_own_libraries() {
         let cosine = dot / (norm(&embedding.values) * norm(&expected));
         assert!(cosine >= 0.99999, "{}: cosine {cosine}", case["text"]);
     }
+}
+
+fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn conversation(value: &serde_json::Value) -> ChatMessages {
+    ChatMessages {
+        messages: value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| ChatMessage {
+                role: m["role"].as_str().unwrap().into(),
+                content: m["content"].as_str().unwrap().into(),
+            })
+            .collect(),
+    }
+}
+
+/// Conversations rendered by SmolLM2's own chat template give exactly transformers' text and
+/// token ids; a greedy chat reply is transformers' greedy reply to the same prompt, and it ends
+/// at the end of the assistant's turn (`<|im_end|>`) with FINISH_REASON_EOS.
+#[tokio::test]
+async fn chat_renders_like_transformers_and_stops_at_end_of_turn() {
+    let server = real_server().await;
+    let mut client = server.inference().await;
+    let chat = reference("smollm2-chat");
+    for case in chat["cases"].as_array().unwrap() {
+        let tokens = client
+            .tokenize(TokenizeRequest {
+                model: "smollm2-135m-instruct".into(),
+                messages: Some(conversation(&case["messages"])),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            tokens.rendered_text,
+            case["text"].as_str().unwrap(),
+            "{}",
+            case["name"]
+        );
+        let got: Vec<u32> = tokens.tokens.iter().map(|t| t.id).collect();
+        assert_eq!(got, ids(&case["ids"]), "{}", case["name"]);
+    }
+
+    // The first conversation renders to the prompt of one of the greedy references.
+    let first = &chat["cases"][0];
+    let greedy = reference("smollm2-135m-instruct");
+    let expected = greedy["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|case| ids(&case["prompt_ids"]) == ids(&first["ids"]))
+        .expect("a greedy reference for the chat prompt");
+    let expected = ids(&expected["tokens"]);
+    let end_of_turn = chat["eos_token_id"].as_u64().unwrap() as u32;
+    assert_eq!(expected.last(), Some(&end_of_turn));
+    let response = client
+        .generate(GenerateRequest {
+            model: "smollm2-135m-instruct".into(),
+            prompt: Some(Prompt::Messages(conversation(&first["messages"]))),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(expected.len() as u32 + 8),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.prompt_tokens as usize, ids(&first["ids"]).len());
+    let sequence = &response.sequences[0];
+    let got: Vec<u32> = sequence.tokens.iter().map(|t| t.id).collect();
+    assert_eq!(got, expected);
+    assert_eq!(sequence.finish_reason, FinishReason::Eos as i32);
+    assert!(!sequence.text.contains("<|im_end|>"), "{:?}", sequence.text);
 }

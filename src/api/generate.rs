@@ -12,6 +12,7 @@ use super::closing::{self, Closing};
 use super::convert::served_by;
 use super::proto;
 use crate::error::Error;
+use crate::registry::chat::ChatMessage;
 use crate::tasks::generate::driver::{Event, FinishReason, GeneratedToken, TokenChoice};
 use crate::tasks::generate::params::{GenerateParams, Prompt};
 use crate::tasks::generate::{GenerateOutput, GenerationStream, Timings};
@@ -26,6 +27,7 @@ pub fn params(request: proto::GenerateRequest) -> GenerateParams {
         prompt: request.prompt.map(|prompt| match prompt {
             proto::generate_request::Prompt::Text(text) => Prompt::Text(text),
             proto::generate_request::Prompt::TokenIds(ids) => Prompt::Ids(ids.ids),
+            proto::generate_request::Prompt::Messages(chat) => Prompt::Messages(messages(chat)),
         }),
         truncate_prompt: request.truncate_prompt,
         max_new_tokens: p.max_new_tokens,
@@ -45,6 +47,17 @@ pub fn params(request: proto::GenerateRequest) -> GenerateParams {
         n: p.n,
         top_logprobs: p.top_logprobs,
     }
+}
+
+/// A conversation from the wire.
+pub fn messages(chat: proto::ChatMessages) -> Vec<ChatMessage> {
+    chat.messages
+        .into_iter()
+        .map(|message| ChatMessage {
+            role: message.role,
+            content: message.content,
+        })
+        .collect()
 }
 
 fn finish_reason(reason: Option<FinishReason>) -> i32 {

@@ -1,6 +1,6 @@
 //! The `lmserve.v1.Inference` service.
 
-use crate::error::bounded;
+use crate::error::{Error, bounded};
 use crate::telemetry::traces::MAX_SPAN_TEXT;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -231,11 +231,22 @@ impl Inference for InferenceService {
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         let request = request.into_inner();
+        let input = match request.messages {
+            None => tokenize::TokenizeInput::Text(request.text),
+            Some(_) if !request.text.is_empty() => {
+                return Err(Error::invalid(
+                    "text",
+                    "must be empty when messages is set; send one or the other",
+                )
+                .into());
+            }
+            Some(chat) => tokenize::TokenizeInput::Messages(generate::messages(chat)),
+        };
         let output = tokenize::tokenize(
             &self.registry,
             &self.limits,
             &request.model,
-            request.text,
+            input,
             request.add_special_tokens,
         )
         .await?;
@@ -251,6 +262,7 @@ impl Inference for InferenceService {
                 })
                 .collect(),
             served_by: convert::served_by(output.served_by),
+            rendered_text: output.rendered.unwrap_or_default(),
         }))
     }
 

@@ -14,6 +14,9 @@ pub struct LimitsConfig {
     pub max_prompt_bytes: usize,
     /// Most token ids in a Generate prompt or a Detokenize request.
     pub max_prompt_tokens: usize,
+    /// Most messages in a conversation (a Generate or Tokenize `messages`); their roles and
+    /// contents together are bounded by `max_prompt_bytes`.
+    pub max_messages_per_request: usize,
     /// Longest model name, route name or arm target, in bytes.
     pub max_name_bytes: usize,
     /// Most arms in one route.
@@ -32,6 +35,7 @@ impl Default for LimitsConfig {
             max_text_bytes: 64 * 1024,
             max_prompt_bytes: 256 * 1024,
             max_prompt_tokens: 65_536,
+            max_messages_per_request: 1024,
             max_name_bytes: 128,
             max_route_arms: 16,
             // 256 texts of 64 KiB, with room for the rest of the message.

@@ -207,6 +207,7 @@ impl Registry {
             tokenizer: Arc::new(parts.tokenizer),
             manifest: parts.manifest,
             settings: parts.settings,
+            chat: parts.chat,
             pool: parts.pool,
             bindings: parts.bindings,
             pad_id,

@@ -9,6 +9,7 @@ use anyhow::bail;
 use tokenizers::Tokenizer;
 
 use super::bindings;
+use super::chat::{self, ChatTemplate};
 use super::hf::HfFiles;
 use super::manifest::{Family, MODEL_FILE, Manifest};
 use super::settings::ModelSettings;
@@ -24,6 +25,8 @@ pub struct LoadedParts {
     pub pool: Arc<SessionPool>,
     pub bindings: Arc<Bindings>,
     pub settings: ModelSettings,
+    /// The compiled chat template, for a generating model that has one.
+    pub chat: Option<Arc<ChatTemplate>>,
 }
 
 /// Why a version did not load, with the graph's inputs and outputs when it got that far.
@@ -162,6 +165,7 @@ pub fn prepare(
         bail!("an rnn model must carry state between steps; map it in [state]");
     }
     let settings = ModelSettings::resolve(&manifest, &files, &tokenizer, pool.graph(), &bindings)?;
+    let chat = chat::for_model(&settings, &files, &tokenizer)?.map(Arc::new);
     let pad_id = i64::from(settings.pad_token_id.value);
     let pool = Arc::new(pool);
     let inputs = pool.inputs().to_vec();
@@ -175,5 +179,6 @@ pub fn prepare(
         pool,
         bindings: Arc::new(bindings),
         settings,
+        chat,
     })
 }

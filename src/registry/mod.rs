@@ -3,6 +3,7 @@
 //! version. Loading and unloading live in `lifecycle`, routes in `route_table`.
 
 pub mod bindings;
+pub mod chat;
 pub mod hf;
 pub mod inspect;
 mod lifecycle;
@@ -43,6 +44,8 @@ pub struct ModelVersion {
     pub manifest: Manifest,
     /// What the manifest, the Hugging Face files and the defaults add up to.
     pub settings: ModelSettings,
+    /// The compiled chat template, when the model generates and has one.
+    pub chat: Option<Arc<chat::ChatTemplate>>,
     pub tokenizer: Arc<Tokenizer>,
     /// Size of the token space: the larger of the tokenizer's vocabulary and the logits width.
     pub vocab_size: usize,

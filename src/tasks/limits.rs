@@ -3,6 +3,7 @@
 
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, echo};
+use crate::registry::chat::ChatMessage;
 
 /// A model, route or target name: within `max_name_bytes`, and printable.
 pub fn check_name(field: &str, value: &str, limits: &LimitsConfig) -> Result<()> {
@@ -87,6 +88,50 @@ pub fn check_token_ids(field: &str, count: usize, limits: &LimitsConfig) -> Resu
     Ok(())
 }
 
+/// A conversation: at least one message, at most `max_messages_per_request`, each role a short
+/// printable name, and roles and contents together within `max_prompt_bytes`. `field` is the
+/// list's name, e.g. "prompt.messages".
+pub fn check_messages(field: &str, messages: &[ChatMessage], limits: &LimitsConfig) -> Result<()> {
+    if messages.is_empty() {
+        return Err(Error::invalid(
+            field,
+            "must hold at least one message; got 0",
+        ));
+    }
+    if messages.len() > limits.max_messages_per_request {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} messages is over the limit of {} per request",
+                messages.len(),
+                limits.max_messages_per_request
+            ),
+        ));
+    }
+    let mut bytes = 0;
+    for (index, message) in messages.iter().enumerate() {
+        let role = format!("{field}[{index}].role");
+        if message.role.is_empty() {
+            return Err(Error::invalid(
+                role,
+                "is empty; say who speaks, e.g. \"user\"",
+            ));
+        }
+        check_name(&role, &message.role, limits)?;
+        bytes += message.role.len() + message.content.len();
+        if bytes > limits.max_prompt_bytes {
+            return Err(Error::invalid(
+                format!("{field}[{index}].content"),
+                format!(
+                    "the messages reach {bytes} bytes here, over the limit of {} bytes",
+                    limits.max_prompt_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +167,47 @@ mod tests {
         assert_eq!(
             message(check_texts(&[], &limits)),
             "texts: must hold at least one text; got 0"
+        );
+    }
+
+    #[test]
+    fn conversations_are_bounded_by_count_role_and_bytes() {
+        let limits = LimitsConfig {
+            max_messages_per_request: 2,
+            max_prompt_bytes: 10,
+            ..LimitsConfig::default()
+        };
+        let turn = |role: &str, content: &str| ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        assert!(check_messages("m", &[turn("user", "hi")], &limits).is_ok());
+        assert_eq!(
+            message(check_messages("m", &[], &limits)),
+            "m: must hold at least one message; got 0"
+        );
+        assert_eq!(
+            message(check_messages("m", &vec![turn("user", ""); 3], &limits)),
+            "m: 3 messages is over the limit of 2 per request"
+        );
+        assert_eq!(
+            message(check_messages(
+                "m",
+                &[turn("user", ""), turn("", "x")],
+                &limits
+            )),
+            "m[1].role: is empty; say who speaks, e.g. \"user\""
+        );
+        assert!(
+            message(check_messages("m", &[turn("us\ner", "")], &limits)).starts_with("m[0].role: ")
+        );
+        assert_eq!(
+            message(check_messages(
+                "m",
+                &[turn("user", "a"), turn("bot", "abc")],
+                &limits
+            )),
+            "m[1].content: the messages reach 11 bytes here, over the limit of 10 bytes"
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The work behind each RPC, free of gRPC types: validate, tokenize, schedule, post-process.
 
+pub mod chat;
 pub mod classify;
 pub mod embed;
 pub mod generate;

@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
-use super::limits::{check_name, check_prompt_text, check_token_ids};
+use super::chat;
+use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
 use super::text::blocking;
 use super::{RequestMetrics, ServedBy};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
+use crate::registry::chat::ChatMessage;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
@@ -18,9 +20,19 @@ pub struct Token {
     pub end: usize,
 }
 
+/// What to tokenize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizeInput {
+    Text(String),
+    /// A conversation, rendered with the model's chat template first.
+    Messages(Vec<ChatMessage>),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenizeOutput {
     pub tokens: Vec<Token>,
+    /// The rendered conversation, for `Messages`.
+    pub rendered: Option<String>,
     pub served_by: ServedBy,
 }
 
@@ -30,28 +42,42 @@ pub struct DetokenizeOutput {
     pub served_by: ServedBy,
 }
 
-/// Splits `text` into tokens; `add_special_tokens` unset does what inference feeds the model.
+/// Splits the input into tokens. `add_special_tokens` unset does what inference feeds the
+/// model: the model's setting for text, none for a conversation (its template writes them).
 pub async fn tokenize(
     registry: &Registry,
     limits: &LimitsConfig,
     model: &str,
-    text: String,
+    input: TokenizeInput,
     add_special_tokens: Option<bool>,
 ) -> Result<TokenizeOutput> {
     let mut request = RequestMetrics::start("tokenize");
     request.requested(registry, model);
     let result = async {
         check_name("model", model, limits)?;
-        check_prompt_text("text", &text, limits)?;
+        match &input {
+            TokenizeInput::Text(text) => check_prompt_text("text", text, limits)?,
+            TokenizeInput::Messages(messages) => check_messages("messages", messages, limits)?,
+        }
         let model = registry.resolve(model, None)?;
         request.model(&model);
-        let special = add_special_tokens.unwrap_or(model.settings.add_special_tokens.value);
-        let tokenizer = Arc::clone(&model.tokenizer);
-        let tokens = blocking(move || {
-            let encoding = tokenizer
+        let served_by = ServedBy::of(&model);
+        let (tokens, rendered) = blocking(move || {
+            let (text, rendered, special) = match input {
+                TokenizeInput::Text(text) => {
+                    let special = model.settings.add_special_tokens.value;
+                    (text, false, add_special_tokens.unwrap_or(special))
+                }
+                TokenizeInput::Messages(messages) => {
+                    let text = chat::render(&model, "messages", &messages)?;
+                    (text, true, add_special_tokens.unwrap_or(false))
+                }
+            };
+            let encoding = model
+                .tokenizer
                 .encode_char_offsets(text.as_str(), special)
                 .map_err(|error| Error::invalid("text", format!("cannot be tokenized: {error}")))?;
-            Ok(encoding
+            let tokens = encoding
                 .get_ids()
                 .iter()
                 .zip(encoding.get_tokens())
@@ -62,12 +88,14 @@ pub async fn tokenize(
                     start,
                     end,
                 })
-                .collect())
+                .collect();
+            Ok((tokens, rendered.then_some(text)))
         })
         .await?;
         Ok(TokenizeOutput {
             tokens,
-            served_by: ServedBy::of(&model),
+            rendered,
+            served_by,
         })
     }
     .await;

@@ -348,3 +348,45 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A plain chat template (one line per turn, then the assistant's cue), as a model folder's
+/// `chat_template.jinja` holds it.
+pub const CHAT_TEMPLATE: &str = "{% for m in messages %}\n{{ m.role | upper }}: {{ m.content }}\n{% endfor %}\n{% if add_generation_prompt %}ASSISTANT:{% endif %}\n";
+
+/// A repository with tiny-gpt2 as `tiny-chat`: the same model with `CHAT_TEMPLATE` and a
+/// tokenizer_config.json whose eos_token (the template's end of turn) is `eos_token`.
+pub fn chat_repository(eos_token: &str) -> tempfile::TempDir {
+    let repository = tempfile::tempdir().unwrap();
+    copy_version("tiny-gpt2", "1", repository.path(), "tiny-chat", "1");
+    let folder = repository.path().join("tiny-chat/1");
+    std::fs::write(folder.join("chat_template.jinja"), CHAT_TEMPLATE).unwrap();
+    let config = serde_json::json!({ "eos_token": eos_token, "bos_token": "<|endoftext|>" });
+    std::fs::write(folder.join("tokenizer_config.json"), config.to_string()).unwrap();
+    repository
+}
+
+/// Runs the binary to completion with `input` on its stdin, returning (success, stdout, stderr).
+pub fn run_with_input(args: &[&str], input: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmserve"))
+        .current_dir(root())
+        .args(args)
+        .env("LMSERVE_STATE__PATH", "")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run lmserve");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,6 +1,7 @@
 //! The command-line client: `lmserve generate|embed|classify|models|routes` against a running
 //! server. `Target` says where the server is and how to reach it; each submodule owns one service.
 
+pub mod chat;
 pub mod inference;
 pub mod registry;
 

@@ -17,7 +17,8 @@ use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRu
 use self::params::{GenerateParams, Prompt};
 use self::sampling::Sampler;
 use self::text::TextStream;
-use super::limits::{check_name, check_prompt_text, check_token_ids};
+use super::chat;
+use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
 use super::routing::{self, Routing};
 use super::text::{self as text_input, EncodeError, Truncate};
 use super::{RequestMetrics, ServedBy};
@@ -180,6 +181,7 @@ fn check_request(params: &GenerateParams, limits: &LimitsConfig) -> Result<()> {
     match &params.prompt {
         Some(Prompt::Text(text)) => check_prompt_text("prompt.text", text, limits),
         Some(Prompt::Ids(ids)) => check_token_ids("prompt.token_ids", ids.len(), limits),
+        Some(Prompt::Messages(messages)) => check_messages("prompt.messages", messages, limits),
         None => Ok(()),
     }
 }
@@ -271,6 +273,7 @@ async fn start_on(
         Ok(place) => place,
         Err(error) => return Err(finish_early(request, error)),
     };
+    let is_chat = matches!(params.prompt, Some(Prompt::Messages(_)));
     let prompt = match prompt_ids(&model, params.prompt, params.truncate_prompt)
         .instrument(tracing::info_span!("tokenize"))
         .await
@@ -302,6 +305,13 @@ async fn start_on(
                 .iter()
                 .map(|&id| i64::from(id)),
         );
+        // A reply ends with its turn, even where the model's EOS is another token.
+        if is_chat
+            && let Some(end) = chat::end_of_turn(&model).map(i64::from)
+            && !stop_ids.contains(&end)
+        {
+            stop_ids.push(end);
+        }
     }
     let rules = StopRules {
         max_new_tokens,
@@ -462,6 +472,7 @@ async fn prompt_ids(
     let model = Arc::clone(model);
     let bytes = match &prompt {
         Some(Prompt::Text(text)) => text.len(),
+        Some(Prompt::Messages(messages)) => messages.iter().map(|m| m.content.len()).sum(),
         _ => 0,
     };
     // Off the async executor: a long prompt must not hold up every other request.
@@ -483,22 +494,32 @@ fn encode_prompt(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -
             ),
         )
     };
+    let cut = if truncate {
+        Truncate::Left
+    } else {
+        Truncate::None
+    };
     match prompt {
         None => Err(Error::invalid(
             "prompt",
-            "is missing; set text or token_ids",
+            "is missing; set text, token_ids or messages",
         )),
         Some(Prompt::Text(text)) => {
-            let cut = if truncate {
-                Truncate::Left
-            } else {
-                Truncate::None
-            };
             let special = model.settings.add_special_tokens.value;
             match text_input::encode(&model.tokenizer, &text, special, room, cut) {
                 Ok(encoded) => Ok(encoded.ids),
                 Err(EncodeError::TooLong { tokens, .. }) => Err(too_long(tokens)),
                 Err(error) => Err(text_input::text_error("prompt.text", error, "")),
+            }
+        }
+        // The template writes the special tokens itself, so the tokenizer adds none (as
+        // transformers' apply_chat_template(tokenize=True) does).
+        Some(Prompt::Messages(messages)) => {
+            let text = chat::render(model, "prompt.messages", &messages)?;
+            match text_input::encode(&model.tokenizer, &text, false, room, cut) {
+                Ok(encoded) => Ok(encoded.ids),
+                Err(EncodeError::TooLong { tokens, .. }) => Err(too_long(tokens)),
+                Err(error) => Err(text_input::text_error("prompt.messages", error, "")),
             }
         }
         Some(Prompt::Ids(ids)) => {

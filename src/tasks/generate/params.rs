@@ -4,12 +4,15 @@
 use super::sampling::SamplingConfig;
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
+use crate::registry::chat::ChatMessage;
 use crate::registry::settings::{GenerationDefaults, Sourced};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
     Text(String),
     Ids(Vec<u32>),
+    /// A conversation, rendered with the model's chat template.
+    Messages(Vec<ChatMessage>),
 }
 
 /// Everything a Generate request asks for, before validation.

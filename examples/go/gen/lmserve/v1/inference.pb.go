@@ -822,8 +822,13 @@ type TokenizeRequest struct {
 	// Add the special tokens the tokenizer's post-processor defines, if any. Unset: what inference
 	// feeds the model (the model's add_special_tokens setting, see GetModel).
 	AddSpecialTokens *bool `protobuf:"varint,3,opt,name=add_special_tokens,json=addSpecialTokens,proto3,oneof" json:"add_special_tokens,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Instead of `text` (which must then be empty): a conversation, rendered with the model's
+	// chat template exactly as a Generate request's `messages` prompt is, then tokenized without
+	// special tokens unless add_special_tokens says otherwise. The tokens' offsets refer to the
+	// rendered text, which the response returns.
+	Messages      *ChatMessages `protobuf:"bytes,4,opt,name=messages,proto3" json:"messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TokenizeRequest) Reset() {
@@ -875,6 +880,13 @@ func (x *TokenizeRequest) GetAddSpecialTokens() bool {
 		return *x.AddSpecialTokens
 	}
 	return false
+}
+
+func (x *TokenizeRequest) GetMessages() *ChatMessages {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
 }
 
 type Token struct {
@@ -954,7 +966,10 @@ type TokenizeResponse struct {
 	// The tokens in order.
 	Tokens []*Token `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty"`
 	// The model version whose tokenizer was used.
-	ServedBy      *ServedBy `protobuf:"bytes,2,opt,name=served_by,json=servedBy,proto3" json:"served_by,omitempty"`
+	ServedBy *ServedBy `protobuf:"bytes,2,opt,name=served_by,json=servedBy,proto3" json:"served_by,omitempty"`
+	// The text that was tokenized when the request sent `messages` (the rendered chat template);
+	// empty otherwise.
+	RenderedText  string `protobuf:"bytes,3,opt,name=rendered_text,json=renderedText,proto3" json:"rendered_text,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1001,6 +1016,13 @@ func (x *TokenizeResponse) GetServedBy() *ServedBy {
 		return x.ServedBy
 	}
 	return nil
+}
+
+func (x *TokenizeResponse) GetRenderedText() string {
+	if x != nil {
+		return x.RenderedText
+	}
+	return ""
 }
 
 type DetokenizeRequest struct {
@@ -1122,8 +1144,9 @@ func (x *DetokenizeResponse) GetServedBy() *ServedBy {
 
 // Token ids given directly, instead of text.
 type TokenIds struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ids           []uint32               `protobuf:"varint,1,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Vocabulary ids, in order.
+	Ids           []uint32 `protobuf:"varint,1,rep,packed,name=ids,proto3" json:"ids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1165,16 +1188,123 @@ func (x *TokenIds) GetIds() []uint32 {
 	return nil
 }
 
+// One turn of a conversation.
+type ChatMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Who speaks: "system", "user" or "assistant" (the model's chat template decides which roles
+	// it accepts). Not empty, at most the server's name limit in bytes, no control characters.
+	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
+	// What was said.
+	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChatMessage) Reset() {
+	*x = ChatMessage{}
+	mi := &file_lmserve_v1_inference_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessage) ProtoMessage() {}
+
+func (x *ChatMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_lmserve_v1_inference_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
+func (*ChatMessage) Descriptor() ([]byte, []int) {
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ChatMessage) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetContent() string {
+	if x != nil {
+		return x.Content
+	}
+	return ""
+}
+
+// A conversation, oldest message first. The server renders it with the model's chat template
+// (`chat_template` in tokenizer_config.json, or chat_template.jinja) as transformers'
+// apply_chat_template(messages, add_generation_prompt=True) does, and tokenizes the result
+// without adding special tokens again (the template writes them). At most the server's
+// max_messages_per_request messages, and together at most max_prompt_bytes of roles and contents.
+type ChatMessages struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The messages, at least one.
+	Messages      []*ChatMessage `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChatMessages) Reset() {
+	*x = ChatMessages{}
+	mi := &file_lmserve_v1_inference_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessages) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessages) ProtoMessage() {}
+
+func (x *ChatMessages) ProtoReflect() protoreflect.Message {
+	mi := &file_lmserve_v1_inference_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessages.ProtoReflect.Descriptor instead.
+func (*ChatMessages) Descriptor() ([]byte, []int) {
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ChatMessages) GetMessages() []*ChatMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
 type GenerateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Target model: "name" or "name@version".
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
-	// The prompt, as text or as token ids of the model's tokenizer.
+	// The prompt: text, token ids of the model's tokenizer, or a conversation.
 	//
 	// Types that are valid to be assigned to Prompt:
 	//
 	//	*GenerateRequest_Text
 	//	*GenerateRequest_TokenIds
+	//	*GenerateRequest_Messages
 	Prompt isGenerateRequest_Prompt `protobuf_oneof:"prompt"`
 	// How to generate; defaults: greedy, the server's default length.
 	Parameters *GenerationParameters `protobuf:"bytes,4,opt,name=parameters,proto3" json:"parameters,omitempty"`
@@ -1189,7 +1319,7 @@ type GenerateRequest struct {
 
 func (x *GenerateRequest) Reset() {
 	*x = GenerateRequest{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[14]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1201,7 +1331,7 @@ func (x *GenerateRequest) String() string {
 func (*GenerateRequest) ProtoMessage() {}
 
 func (x *GenerateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[14]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1214,7 +1344,7 @@ func (x *GenerateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateRequest.ProtoReflect.Descriptor instead.
 func (*GenerateRequest) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{14}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GenerateRequest) GetModel() string {
@@ -1249,6 +1379,15 @@ func (x *GenerateRequest) GetTokenIds() *TokenIds {
 	return nil
 }
 
+func (x *GenerateRequest) GetMessages() *ChatMessages {
+	if x != nil {
+		if x, ok := x.Prompt.(*GenerateRequest_Messages); ok {
+			return x.Messages
+		}
+	}
+	return nil
+}
+
 func (x *GenerateRequest) GetParameters() *GenerationParameters {
 	if x != nil {
 		return x.Parameters
@@ -1275,16 +1414,28 @@ type isGenerateRequest_Prompt interface {
 }
 
 type GenerateRequest_Text struct {
+	// Text, tokenized with the special tokens the model's tokenizer adds.
 	Text string `protobuf:"bytes,2,opt,name=text,proto3,oneof"`
 }
 
 type GenerateRequest_TokenIds struct {
+	// Token ids, fed as they are.
 	TokenIds *TokenIds `protobuf:"bytes,3,opt,name=token_ids,json=tokenIds,proto3,oneof"`
+}
+
+type GenerateRequest_Messages struct {
+	// A conversation rendered with the model's chat template; the reply is the assistant's
+	// next turn, and generation also stops at the template's end-of-turn token (its
+	// eos_token). A model without a chat template answers FAILED_PRECONDITION; a template that
+	// refuses the conversation (raise_exception) answers INVALID_ARGUMENT with its message.
+	Messages *ChatMessages `protobuf:"bytes,7,opt,name=messages,proto3,oneof"`
 }
 
 func (*GenerateRequest_Text) isGenerateRequest_Prompt() {}
 
 func (*GenerateRequest_TokenIds) isGenerateRequest_Prompt() {}
+
+func (*GenerateRequest_Messages) isGenerateRequest_Prompt() {}
 
 type GenerationParameters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1334,7 +1485,7 @@ type GenerationParameters struct {
 
 func (x *GenerationParameters) Reset() {
 	*x = GenerationParameters{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[15]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1346,7 +1497,7 @@ func (x *GenerationParameters) String() string {
 func (*GenerationParameters) ProtoMessage() {}
 
 func (x *GenerationParameters) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[15]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1359,7 +1510,7 @@ func (x *GenerationParameters) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerationParameters.ProtoReflect.Descriptor instead.
 func (*GenerationParameters) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{15}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GenerationParameters) GetMaxNewTokens() uint32 {
@@ -1488,7 +1639,7 @@ type TokenLogprob struct {
 
 func (x *TokenLogprob) Reset() {
 	*x = TokenLogprob{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[16]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1500,7 +1651,7 @@ func (x *TokenLogprob) String() string {
 func (*TokenLogprob) ProtoMessage() {}
 
 func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[16]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1513,7 +1664,7 @@ func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
 func (*TokenLogprob) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{16}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *TokenLogprob) GetId() uint32 {
@@ -1554,7 +1705,7 @@ type GeneratedToken struct {
 
 func (x *GeneratedToken) Reset() {
 	*x = GeneratedToken{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[17]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +1717,7 @@ func (x *GeneratedToken) String() string {
 func (*GeneratedToken) ProtoMessage() {}
 
 func (x *GeneratedToken) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[17]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +1730,7 @@ func (x *GeneratedToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GeneratedToken.ProtoReflect.Descriptor instead.
 func (*GeneratedToken) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{17}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GeneratedToken) GetId() uint32 {
@@ -1624,7 +1775,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[18]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1636,7 +1787,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[18]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1649,7 +1800,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{18}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Timings) GetQueueSeconds() float64 {
@@ -1691,7 +1842,7 @@ type GeneratedSequence struct {
 
 func (x *GeneratedSequence) Reset() {
 	*x = GeneratedSequence{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[19]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1703,7 +1854,7 @@ func (x *GeneratedSequence) String() string {
 func (*GeneratedSequence) ProtoMessage() {}
 
 func (x *GeneratedSequence) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[19]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1716,7 +1867,7 @@ func (x *GeneratedSequence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GeneratedSequence.ProtoReflect.Descriptor instead.
 func (*GeneratedSequence) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{19}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GeneratedSequence) GetIndex() uint32 {
@@ -1772,7 +1923,7 @@ type GenerateResponse struct {
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[20]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1784,7 +1935,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[20]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1797,7 +1948,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{20}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GenerateResponse) GetSequences() []*GeneratedSequence {
@@ -1865,7 +2016,7 @@ type GenerateStreamResponse struct {
 
 func (x *GenerateStreamResponse) Reset() {
 	*x = GenerateStreamResponse{}
-	mi := &file_lmserve_v1_inference_proto_msgTypes[21]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +2028,7 @@ func (x *GenerateStreamResponse) String() string {
 func (*GenerateStreamResponse) ProtoMessage() {}
 
 func (x *GenerateStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_inference_proto_msgTypes[21]
+	mi := &file_lmserve_v1_inference_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +2041,7 @@ func (x *GenerateStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateStreamResponse.ProtoReflect.Descriptor instead.
 func (*GenerateStreamResponse) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{21}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GenerateStreamResponse) GetIndex() uint32 {
@@ -2008,20 +2159,22 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"multiLabel\"\x8b\x01\n" +
 	"\x10ClassifyResponse\x12D\n" +
 	"\x0fclassifications\x18\x01 \x03(\v2\x1a.lmserve.v1.ClassificationR\x0fclassifications\x121\n" +
-	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"\x85\x01\n" +
+	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"\xbb\x01\n" +
 	"\x0fTokenizeRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x121\n" +
-	"\x12add_special_tokens\x18\x03 \x01(\bH\x00R\x10addSpecialTokens\x88\x01\x01B\x15\n" +
+	"\x12add_special_tokens\x18\x03 \x01(\bH\x00R\x10addSpecialTokens\x88\x01\x01\x124\n" +
+	"\bmessages\x18\x04 \x01(\v2\x18.lmserve.v1.ChatMessagesR\bmessagesB\x15\n" +
 	"\x13_add_special_tokens\"S\n" +
 	"\x05Token\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n" +
 	"\x05start\x18\x03 \x01(\rR\x05start\x12\x10\n" +
-	"\x03end\x18\x04 \x01(\rR\x03end\"p\n" +
+	"\x03end\x18\x04 \x01(\rR\x03end\"\x95\x01\n" +
 	"\x10TokenizeResponse\x12)\n" +
 	"\x06tokens\x18\x01 \x03(\v2\x11.lmserve.v1.TokenR\x06tokens\x121\n" +
-	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"k\n" +
+	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\x12#\n" +
+	"\rrendered_text\x18\x03 \x01(\tR\frenderedText\"k\n" +
 	"\x11DetokenizeRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\rR\x03ids\x12.\n" +
@@ -2030,11 +2183,17 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x121\n" +
 	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"\x1c\n" +
 	"\bTokenIds\x12\x10\n" +
-	"\x03ids\x18\x01 \x03(\rR\x03ids\"\x84\x02\n" +
+	"\x03ids\x18\x01 \x03(\rR\x03ids\";\n" +
+	"\vChatMessage\x12\x12\n" +
+	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"C\n" +
+	"\fChatMessages\x123\n" +
+	"\bmessages\x18\x01 \x03(\v2\x17.lmserve.v1.ChatMessageR\bmessages\"\xbc\x02\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
 	"\x04text\x18\x02 \x01(\tH\x00R\x04text\x123\n" +
-	"\ttoken_ids\x18\x03 \x01(\v2\x14.lmserve.v1.TokenIdsH\x00R\btokenIds\x12@\n" +
+	"\ttoken_ids\x18\x03 \x01(\v2\x14.lmserve.v1.TokenIdsH\x00R\btokenIds\x126\n" +
+	"\bmessages\x18\a \x01(\v2\x18.lmserve.v1.ChatMessagesH\x00R\bmessages\x12@\n" +
 	"\n" +
 	"parameters\x18\x04 \x01(\v2 .lmserve.v1.GenerationParametersR\n" +
 	"parameters\x12'\n" +
@@ -2152,7 +2311,7 @@ func file_lmserve_v1_inference_proto_rawDescGZIP() []byte {
 }
 
 var file_lmserve_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_lmserve_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_lmserve_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_lmserve_v1_inference_proto_goTypes = []any{
 	(Truncate)(0),                  // 0: lmserve.v1.Truncate
 	(Pooling)(0),                   // 1: lmserve.v1.Pooling
@@ -2172,14 +2331,16 @@ var file_lmserve_v1_inference_proto_goTypes = []any{
 	(*DetokenizeRequest)(nil),      // 15: lmserve.v1.DetokenizeRequest
 	(*DetokenizeResponse)(nil),     // 16: lmserve.v1.DetokenizeResponse
 	(*TokenIds)(nil),               // 17: lmserve.v1.TokenIds
-	(*GenerateRequest)(nil),        // 18: lmserve.v1.GenerateRequest
-	(*GenerationParameters)(nil),   // 19: lmserve.v1.GenerationParameters
-	(*TokenLogprob)(nil),           // 20: lmserve.v1.TokenLogprob
-	(*GeneratedToken)(nil),         // 21: lmserve.v1.GeneratedToken
-	(*Timings)(nil),                // 22: lmserve.v1.Timings
-	(*GeneratedSequence)(nil),      // 23: lmserve.v1.GeneratedSequence
-	(*GenerateResponse)(nil),       // 24: lmserve.v1.GenerateResponse
-	(*GenerateStreamResponse)(nil), // 25: lmserve.v1.GenerateStreamResponse
+	(*ChatMessage)(nil),            // 18: lmserve.v1.ChatMessage
+	(*ChatMessages)(nil),           // 19: lmserve.v1.ChatMessages
+	(*GenerateRequest)(nil),        // 20: lmserve.v1.GenerateRequest
+	(*GenerationParameters)(nil),   // 21: lmserve.v1.GenerationParameters
+	(*TokenLogprob)(nil),           // 22: lmserve.v1.TokenLogprob
+	(*GeneratedToken)(nil),         // 23: lmserve.v1.GeneratedToken
+	(*Timings)(nil),                // 24: lmserve.v1.Timings
+	(*GeneratedSequence)(nil),      // 25: lmserve.v1.GeneratedSequence
+	(*GenerateResponse)(nil),       // 26: lmserve.v1.GenerateResponse
+	(*GenerateStreamResponse)(nil), // 27: lmserve.v1.GenerateStreamResponse
 }
 var file_lmserve_v1_inference_proto_depIdxs = []int32{
 	1,  // 0: lmserve.v1.EmbedRequest.pooling:type_name -> lmserve.v1.Pooling
@@ -2191,42 +2352,45 @@ var file_lmserve_v1_inference_proto_depIdxs = []int32{
 	9,  // 6: lmserve.v1.Classification.labels:type_name -> lmserve.v1.LabelScore
 	10, // 7: lmserve.v1.ClassifyResponse.classifications:type_name -> lmserve.v1.Classification
 	4,  // 8: lmserve.v1.ClassifyResponse.served_by:type_name -> lmserve.v1.ServedBy
-	13, // 9: lmserve.v1.TokenizeResponse.tokens:type_name -> lmserve.v1.Token
-	4,  // 10: lmserve.v1.TokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
-	4,  // 11: lmserve.v1.DetokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
-	17, // 12: lmserve.v1.GenerateRequest.token_ids:type_name -> lmserve.v1.TokenIds
-	19, // 13: lmserve.v1.GenerateRequest.parameters:type_name -> lmserve.v1.GenerationParameters
-	20, // 14: lmserve.v1.GeneratedToken.top_logprobs:type_name -> lmserve.v1.TokenLogprob
-	21, // 15: lmserve.v1.GeneratedSequence.tokens:type_name -> lmserve.v1.GeneratedToken
-	3,  // 16: lmserve.v1.GeneratedSequence.finish_reason:type_name -> lmserve.v1.FinishReason
-	23, // 17: lmserve.v1.GenerateResponse.sequences:type_name -> lmserve.v1.GeneratedSequence
-	22, // 18: lmserve.v1.GenerateResponse.timings:type_name -> lmserve.v1.Timings
-	4,  // 19: lmserve.v1.GenerateResponse.served_by:type_name -> lmserve.v1.ServedBy
-	21, // 20: lmserve.v1.GenerateStreamResponse.token:type_name -> lmserve.v1.GeneratedToken
-	3,  // 21: lmserve.v1.GenerateStreamResponse.finish_reason:type_name -> lmserve.v1.FinishReason
-	4,  // 22: lmserve.v1.GenerateStreamResponse.served_by:type_name -> lmserve.v1.ServedBy
-	22, // 23: lmserve.v1.GenerateStreamResponse.timings:type_name -> lmserve.v1.Timings
-	18, // 24: lmserve.v1.Inference.Generate:input_type -> lmserve.v1.GenerateRequest
-	18, // 25: lmserve.v1.Inference.GenerateStream:input_type -> lmserve.v1.GenerateRequest
-	5,  // 26: lmserve.v1.Inference.Embed:input_type -> lmserve.v1.EmbedRequest
-	5,  // 27: lmserve.v1.Inference.EmbedStream:input_type -> lmserve.v1.EmbedRequest
-	8,  // 28: lmserve.v1.Inference.Classify:input_type -> lmserve.v1.ClassifyRequest
-	8,  // 29: lmserve.v1.Inference.ClassifyStream:input_type -> lmserve.v1.ClassifyRequest
-	12, // 30: lmserve.v1.Inference.Tokenize:input_type -> lmserve.v1.TokenizeRequest
-	15, // 31: lmserve.v1.Inference.Detokenize:input_type -> lmserve.v1.DetokenizeRequest
-	24, // 32: lmserve.v1.Inference.Generate:output_type -> lmserve.v1.GenerateResponse
-	25, // 33: lmserve.v1.Inference.GenerateStream:output_type -> lmserve.v1.GenerateStreamResponse
-	7,  // 34: lmserve.v1.Inference.Embed:output_type -> lmserve.v1.EmbedResponse
-	7,  // 35: lmserve.v1.Inference.EmbedStream:output_type -> lmserve.v1.EmbedResponse
-	11, // 36: lmserve.v1.Inference.Classify:output_type -> lmserve.v1.ClassifyResponse
-	11, // 37: lmserve.v1.Inference.ClassifyStream:output_type -> lmserve.v1.ClassifyResponse
-	14, // 38: lmserve.v1.Inference.Tokenize:output_type -> lmserve.v1.TokenizeResponse
-	16, // 39: lmserve.v1.Inference.Detokenize:output_type -> lmserve.v1.DetokenizeResponse
-	32, // [32:40] is the sub-list for method output_type
-	24, // [24:32] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	19, // 9: lmserve.v1.TokenizeRequest.messages:type_name -> lmserve.v1.ChatMessages
+	13, // 10: lmserve.v1.TokenizeResponse.tokens:type_name -> lmserve.v1.Token
+	4,  // 11: lmserve.v1.TokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
+	4,  // 12: lmserve.v1.DetokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
+	18, // 13: lmserve.v1.ChatMessages.messages:type_name -> lmserve.v1.ChatMessage
+	17, // 14: lmserve.v1.GenerateRequest.token_ids:type_name -> lmserve.v1.TokenIds
+	19, // 15: lmserve.v1.GenerateRequest.messages:type_name -> lmserve.v1.ChatMessages
+	21, // 16: lmserve.v1.GenerateRequest.parameters:type_name -> lmserve.v1.GenerationParameters
+	22, // 17: lmserve.v1.GeneratedToken.top_logprobs:type_name -> lmserve.v1.TokenLogprob
+	23, // 18: lmserve.v1.GeneratedSequence.tokens:type_name -> lmserve.v1.GeneratedToken
+	3,  // 19: lmserve.v1.GeneratedSequence.finish_reason:type_name -> lmserve.v1.FinishReason
+	25, // 20: lmserve.v1.GenerateResponse.sequences:type_name -> lmserve.v1.GeneratedSequence
+	24, // 21: lmserve.v1.GenerateResponse.timings:type_name -> lmserve.v1.Timings
+	4,  // 22: lmserve.v1.GenerateResponse.served_by:type_name -> lmserve.v1.ServedBy
+	23, // 23: lmserve.v1.GenerateStreamResponse.token:type_name -> lmserve.v1.GeneratedToken
+	3,  // 24: lmserve.v1.GenerateStreamResponse.finish_reason:type_name -> lmserve.v1.FinishReason
+	4,  // 25: lmserve.v1.GenerateStreamResponse.served_by:type_name -> lmserve.v1.ServedBy
+	24, // 26: lmserve.v1.GenerateStreamResponse.timings:type_name -> lmserve.v1.Timings
+	20, // 27: lmserve.v1.Inference.Generate:input_type -> lmserve.v1.GenerateRequest
+	20, // 28: lmserve.v1.Inference.GenerateStream:input_type -> lmserve.v1.GenerateRequest
+	5,  // 29: lmserve.v1.Inference.Embed:input_type -> lmserve.v1.EmbedRequest
+	5,  // 30: lmserve.v1.Inference.EmbedStream:input_type -> lmserve.v1.EmbedRequest
+	8,  // 31: lmserve.v1.Inference.Classify:input_type -> lmserve.v1.ClassifyRequest
+	8,  // 32: lmserve.v1.Inference.ClassifyStream:input_type -> lmserve.v1.ClassifyRequest
+	12, // 33: lmserve.v1.Inference.Tokenize:input_type -> lmserve.v1.TokenizeRequest
+	15, // 34: lmserve.v1.Inference.Detokenize:input_type -> lmserve.v1.DetokenizeRequest
+	26, // 35: lmserve.v1.Inference.Generate:output_type -> lmserve.v1.GenerateResponse
+	27, // 36: lmserve.v1.Inference.GenerateStream:output_type -> lmserve.v1.GenerateStreamResponse
+	7,  // 37: lmserve.v1.Inference.Embed:output_type -> lmserve.v1.EmbedResponse
+	7,  // 38: lmserve.v1.Inference.EmbedStream:output_type -> lmserve.v1.EmbedResponse
+	11, // 39: lmserve.v1.Inference.Classify:output_type -> lmserve.v1.ClassifyResponse
+	11, // 40: lmserve.v1.Inference.ClassifyStream:output_type -> lmserve.v1.ClassifyResponse
+	14, // 41: lmserve.v1.Inference.Tokenize:output_type -> lmserve.v1.TokenizeResponse
+	16, // 42: lmserve.v1.Inference.Detokenize:output_type -> lmserve.v1.DetokenizeResponse
+	35, // [35:43] is the sub-list for method output_type
+	27, // [27:35] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_lmserve_v1_inference_proto_init() }
@@ -2237,18 +2401,19 @@ func file_lmserve_v1_inference_proto_init() {
 	file_lmserve_v1_inference_proto_msgTypes[1].OneofWrappers = []any{}
 	file_lmserve_v1_inference_proto_msgTypes[4].OneofWrappers = []any{}
 	file_lmserve_v1_inference_proto_msgTypes[8].OneofWrappers = []any{}
-	file_lmserve_v1_inference_proto_msgTypes[14].OneofWrappers = []any{
+	file_lmserve_v1_inference_proto_msgTypes[16].OneofWrappers = []any{
 		(*GenerateRequest_Text)(nil),
 		(*GenerateRequest_TokenIds)(nil),
+		(*GenerateRequest_Messages)(nil),
 	}
-	file_lmserve_v1_inference_proto_msgTypes[15].OneofWrappers = []any{}
+	file_lmserve_v1_inference_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lmserve_v1_inference_proto_rawDesc), len(file_lmserve_v1_inference_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
