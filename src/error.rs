@@ -2,32 +2,8 @@
 
 use std::fmt;
 
-/// The work a request asks of a model.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    Generate,
-    Embed,
-    Classify,
-}
-
-impl Task {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::Generate => "generate",
-            Task::Embed => "embed",
-            Task::Classify => "classify",
-        }
-    }
-}
-
-impl fmt::Display for Task {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::kinds::Task;
+use crate::runtime::step::SharedRunError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,9 +53,12 @@ pub enum Error {
     /// The caller went away before the work finished; recorded, never sent.
     #[error("cancelled by the caller")]
     Cancelled,
-    /// A fault inside the server (a session run failed, a worker died); never the client's doing.
+    /// A fault inside the server (a worker died, a broken invariant); never the client's doing.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A run of the model failed; the runtime's error is kept as the source.
+    #[error("internal error: {0}")]
+    Run(#[source] SharedRunError),
 }
 
 impl Error {
@@ -105,7 +84,7 @@ impl Error {
     }
 
     /// A refusal by admission control: `refusal` says by how much and when to retry.
-    pub fn overloaded(model: &str, refusal: crate::scheduling::admission::Refusal) -> Self {
+    pub fn overloaded(model: &str, refusal: crate::engine::admission::Refusal) -> Self {
         let ms =
             |duration: std::time::Duration| duration.as_millis().min(u128::from(u64::MAX)) as u64;
         Error::Overloaded {
@@ -130,7 +109,7 @@ impl Error {
             Error::Overloaded { .. } => "overloaded",
             Error::ShuttingDown => "shutting_down",
             Error::Cancelled => "cancelled",
-            Error::Internal(_) => "internal",
+            Error::Internal(_) | Error::Run(_) => "internal",
         }
     }
 }

@@ -7,9 +7,10 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod engine;
 pub mod error;
+pub mod kinds;
 pub mod registry;
 pub mod runtime;
-pub mod scheduling;
 pub mod tasks;
 pub mod telemetry;

@@ -771,7 +771,8 @@ async fn a_full_generation_queue_is_resource_exhausted() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn decode_threads_run_on_their_reserved_cpus() {
-    use lmserve::runtime::placement::{CpuList, allowed_cpus};
+    use lmserve::config::CpuList;
+    use lmserve::runtime::placement::allowed_cpus;
 
     let allowed = allowed_cpus().unwrap();
     if allowed.ids().len() < 2 {

@@ -173,8 +173,8 @@ pub fn stream(generation: GenerationStream, closing: Closing) -> GenerateEventSt
                                 ..Default::default()
                             }
                         }
-                        Event::Failed { message, .. } => {
-                            let failed = Err(Status::from(Error::Internal(message)));
+                        Event::Failed { error, .. } => {
+                            let failed = Err(Status::from(Error::Run(error)));
                             return Some((Box::new(std::iter::once(failed)) as Pending, None));
                         }
                     };

@@ -228,6 +228,7 @@ fn describe_manifest(info: &mut proto::ModelVersion, manifest: &Manifest) {
         Family::Decoder => proto::Family::Decoder,
         Family::Rnn => proto::Family::Rnn,
         Family::Encoder => proto::Family::Encoder,
+        Family::EncoderDecoder => proto::Family::EncoderDecoder,
     } as i32;
     info.tasks = manifest
         .tasks

@@ -22,7 +22,7 @@ impl From<Error> for Status {
             Error::ModelUnavailable { .. } | Error::ShuttingDown => Code::Unavailable,
             Error::QueueFull { .. } | Error::Overloaded { .. } => Code::ResourceExhausted,
             Error::Cancelled => Code::Cancelled,
-            Error::Internal(_) => Code::Internal,
+            Error::Internal(_) | Error::Run(_) => Code::Internal,
         };
         let message = error.to_string();
         let mut status = Status::new(

@@ -9,15 +9,15 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+pub mod cpus;
 pub mod limits;
 pub mod routes;
 pub mod security;
 
+pub use cpus::CpuList;
 pub use limits::LimitsConfig;
 use routes::RouteConfig;
 pub use security::{AuthConfig, TlsConfig};
-
-use crate::runtime::placement::CpuList;
 
 /// Prefix of every environment variable the server reads as configuration.
 pub const ENV_PREFIX: &str = "LMSERVE_";
@@ -35,6 +35,8 @@ fn environment() -> Env {
 
 /// Where ort looks for the ONNX Runtime shared library when the config names none.
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+/// Where `make onnxruntime` unpacks the library from the PyPI wheel.
+pub const CACHED_ORT_LIBRARY: &str = ".cache/onnxruntime-1.31.1/libonnxruntime.so";
 /// The config file read from the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "lmserve.toml";
 /// The state file, beside the config file, when `state.path` is not set.
@@ -454,7 +456,7 @@ impl Config {
         if let Some(path) = std::env::var_os(ORT_DYLIB_ENV) {
             candidates.push(PathBuf::from(path));
         }
-        candidates.push(PathBuf::from(crate::runtime::library::CACHED_LIBRARY));
+        candidates.push(PathBuf::from(CACHED_ORT_LIBRARY));
         candidates
     }
 }

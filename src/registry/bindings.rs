@@ -54,6 +54,16 @@ fn find<'a>(specs: &'a [TensorSpec], name: &str) -> Option<&'a TensorSpec> {
 
 /// Resolves every role the model needs against the graph, or says what does not match.
 pub fn resolve(manifest: &Manifest, graph: &GraphIo) -> anyhow::Result<Bindings> {
+    resolve_feeding(manifest, graph, &[])
+}
+
+/// `resolve` for a graph some of whose inputs are fed by another part of the model: an
+/// encoder-decoder's steps take the encoder's outputs.
+pub fn resolve_feeding(
+    manifest: &Manifest,
+    graph: &GraphIo,
+    fed_elsewhere: &[&str],
+) -> anyhow::Result<Bindings> {
     let names = &manifest.tensors;
 
     let input_role = |need: Need, named: &Option<String>, standard: &str, required: bool| {
@@ -205,7 +215,7 @@ pub fn resolve(manifest: &Manifest, graph: &GraphIo) -> anyhow::Result<Bindings>
         state,
     };
     for spec in &graph.inputs {
-        if !bindings.feeds(&spec.name) {
+        if !bindings.feeds(&spec.name) && !fed_elsewhere.contains(&spec.name.as_str()) {
             bail!(
                 "graph input `{}` has no role; name it in the manifest's [tensors] or [state]",
                 spec.name

@@ -47,6 +47,8 @@ pub struct ModelConfig {
     pub eos_token_id: TokenIds,
     pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
+    /// The token an encoder-decoder's target starts from.
+    pub decoder_start_token_id: Option<u32>,
 }
 
 impl ModelConfig {
@@ -85,6 +87,7 @@ pub struct GenerationConfig {
     pub eos_token_id: TokenIds,
     pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
+    pub decoder_start_token_id: Option<u32>,
     pub max_new_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,

@@ -114,11 +114,7 @@ pub fn infer_manifest(graph: &GraphIo) -> Option<String> {
         }
         (Family::Encoder, tasks)
     };
-    let family = match family {
-        Family::Decoder => "decoder",
-        Family::Rnn => "rnn",
-        Family::Encoder => "encoder",
-    };
+    let family = family.as_str();
     let tasks: Vec<String> = tasks.iter().map(|task| format!("\"{task}\"")).collect();
     Some(format!(
         "family = \"{family}\"\ntasks = [{}]\n",

@@ -7,16 +7,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::loader::LoadFailure;
-use super::manifest::Family;
 use super::route_changes::{self, RouteTable};
 use super::state::PersistedState;
 use super::{LoadState, ModelVersion, Registry, Slot, loader, repository, state};
 use crate::config::VersionPolicy;
+use crate::engine::{self, EngineGraphs, FaultTracker};
 use crate::error::{Error, Result};
-use crate::runtime::decoder::DecoderModel;
-use crate::scheduling::batcher::BatcherSettings;
-use crate::scheduling::continuous::{ContinuousLimits, ContinuousScheduler, SchedulerSettings};
-use crate::scheduling::{BatchLimits, Batcher, FaultTracker};
 use crate::telemetry::metrics::{self, ModelLabels};
 
 fn key(model: &str, version: u64) -> String {
@@ -137,7 +133,7 @@ impl Registry {
         }
     }
 
-    /// Attaches the scheduler the model's family needs.
+    /// Starts the engine the model's family needs.
     fn serve(&self, slot: &Slot, parts: loader::LoadedParts) -> anyhow::Result<ModelVersion> {
         let labels = ModelLabels {
             model: slot.model.clone(),
@@ -147,47 +143,18 @@ impl Registry {
             self.config.runtime.max_consecutive_failures,
         ));
         let pad_id = i64::from(parts.settings.pad_token_id.value);
-        let (mut batcher, mut generator) = (None, None);
-        match parts.manifest.family {
-            Family::Encoder => {
-                batcher = Some(Batcher::spawn(
-                    Arc::clone(&parts.pool),
-                    Arc::clone(&parts.bindings),
-                    pad_id,
-                    self.batcher_settings(),
-                    labels.clone(),
-                    Arc::clone(&faults),
-                ));
-            }
-            Family::Decoder | Family::Rnn => {
-                let recurrent = parts.manifest.family == Family::Rnn;
-                let decoder = DecoderModel::new(
-                    Arc::clone(&parts.bindings),
-                    parts.pool.inputs(),
-                    recurrent,
-                    pad_id,
-                )
-                .map_err(anyhow::Error::msg)?;
-                let generation = &self.config.generation;
-                let settings = SchedulerSettings {
-                    faults: Arc::clone(&faults),
-                    limits: ContinuousLimits {
-                        max_batch_size: generation.max_batch_size.max(1),
-                        max_total_tokens: generation.max_total_tokens.max(1),
-                        max_prefill_batch: generation.max_prefill_batch.max(1),
-                    },
-                    queue_capacity: generation.queue_capacity.max(1),
-                    decode_cpus: self.config.runtime.decode_cpus.clone(),
-                    max_queue_time: Duration::from_millis(generation.max_queue_time_ms),
-                };
-                generator = Some(ContinuousScheduler::spawn(
-                    decoder,
-                    Arc::clone(&parts.pool),
-                    settings,
-                    labels.clone(),
-                )?);
-            }
-        }
+        let engine = engine::start(
+            EngineGraphs {
+                family: parts.manifest.family,
+                pool: Arc::clone(&parts.pool),
+                bindings: Arc::clone(&parts.bindings),
+                pad_id,
+                seq2seq: parts.seq2seq,
+            },
+            &self.config,
+            &labels,
+            &faults,
+        )?;
         let logits_width = parts
             .bindings
             .logits
@@ -211,25 +178,10 @@ impl Registry {
             pool: parts.pool,
             bindings: parts.bindings,
             pad_id,
-            batcher,
-            generator,
+            engine,
             labels,
             faults,
         })
-    }
-
-    fn batcher_settings(&self) -> BatcherSettings {
-        let batching = &self.config.batching;
-        BatcherSettings {
-            limits: BatchLimits {
-                max_batch_size: batching.max_batch_size.max(1),
-                max_batch_tokens: batching.max_batch_tokens.max(1),
-                max_padding_ratio: batching.max_padding_ratio.max(0.0),
-            },
-            max_wait: Duration::from_micros(batching.max_wait_micros),
-            queue_capacity: batching.queue_capacity.max(1),
-            max_queue_time: Duration::from_millis(batching.max_queue_time_ms),
-        }
     }
 
     pub(super) fn record_load_states(&self) {

@@ -12,9 +12,11 @@ use super::bindings;
 use super::chat::{self, ChatTemplate};
 use super::hf::HfFiles;
 use super::manifest::{Family, MODEL_FILE, Manifest};
+use super::seq2seq;
 use super::settings::ModelSettings;
 use crate::config::ModelRuntime;
 use crate::runtime::bindings::Bindings;
+use crate::runtime::decoder::seq2seq::Seq2SeqDecoder;
 use crate::runtime::session::RequiredProviderMissing;
 use crate::runtime::{GraphIo, SessionPool, warmup};
 
@@ -27,6 +29,8 @@ pub struct LoadedParts {
     pub settings: ModelSettings,
     /// The compiled chat template, for a generating model that has one.
     pub chat: Option<Arc<ChatTemplate>>,
+    /// The encoder and first-step graphs beside `pool`'s step graph, for an encoder-decoder.
+    pub seq2seq: Option<Seq2SeqDecoder>,
 }
 
 /// Why a version did not load, with the graph's inputs and outputs when it got that far.
@@ -82,6 +86,13 @@ pub fn load(
     let fail = |error: anyhow::Error, graph: Option<&GraphIo>| LoadFailure::new(error, graph, dir);
     check_contained(root, dir).map_err(|error| fail(error, None))?;
     let (manifest, files, tokenizer) = read_files(dir).map_err(|error| fail(error, None))?;
+    if manifest.family == Family::EncoderDecoder {
+        let pools = seq2seq::open(environment, &manifest, dir, runtime)
+            .map_err(|error| fail(error, None))?;
+        let graph = pools.step.graph().clone();
+        return prepare_seq2seq(manifest, files, tokenizer, pools)
+            .map_err(|error| fail(error, Some(&graph)));
+    }
     if !dir.join(MODEL_FILE).is_file() {
         return Err(fail(
             anyhow::anyhow!("{MODEL_FILE} is missing from the version folder"),
@@ -153,6 +164,27 @@ pub fn read_tokenizer(dir: &Path, manifest: &Manifest) -> anyhow::Result<Tokeniz
     Ok(tokenizer)
 }
 
+/// An encoder-decoder's parts: its step graph stands where other families' one graph does.
+fn prepare_seq2seq(
+    manifest: Manifest,
+    files: HfFiles,
+    tokenizer: Tokenizer,
+    pools: seq2seq::Seq2SeqPools,
+) -> anyhow::Result<LoadedParts> {
+    let (pool, bindings, settings, decoder) =
+        seq2seq::prepare(&manifest, &files, &tokenizer, pools)?;
+    let chat = chat::for_model(&settings, &files, &tokenizer)?.map(Arc::new);
+    Ok(LoadedParts {
+        manifest,
+        tokenizer,
+        pool,
+        bindings,
+        settings,
+        chat,
+        seq2seq: Some(decoder),
+    })
+}
+
 /// Binds the graph, works out the settings and warms every session up.
 pub fn prepare(
     manifest: Manifest,
@@ -180,5 +212,6 @@ pub fn prepare(
         bindings: Arc::new(bindings),
         settings,
         chat,
+        seq2seq: None,
     })
 }

@@ -7,23 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::error::Task;
-pub use crate::runtime::encoder::Pooling;
+pub use crate::kinds::{Family, Pooling, Task};
 
 pub const MANIFEST_FILE: &str = "model.toml";
 pub const MODEL_FILE: &str = "model.onnx";
 pub const DEFAULT_TOKENIZER_FILE: &str = "tokenizer.json";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// Causal language model, with a KV cache when the graph carries one.
-    Decoder,
-    /// Recurrent language model carrying a hidden state from step to step.
-    Rnn,
-    /// Bidirectional encoder for embeddings and classification.
-    Encoder,
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +40,44 @@ pub struct Manifest {
     pub classify: Option<ClassifySection>,
     /// The model's own defaults for a Generate request's unset parameters.
     pub generation: Option<GenerationSection>,
+    /// An encoder-decoder's graph files; unset, optimum's file names are looked for.
+    pub graphs: Option<GraphFiles>,
+    /// Encoder outputs fed to every decoder step: encoder output = decoder input.
+    #[serde(default)]
+    pub encoder_outputs: BTreeMap<String, String>,
+    /// The token an encoder-decoder's target starts from. Unset: the Hugging Face files'.
+    pub decoder_start_token_id: Option<u32>,
+}
+
+/// The graphs of an encoder-decoder, as files in the version folder.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFiles {
+    /// Reads the source once per request (optimum: `encoder_model.onnx`).
+    pub encoder: Option<PathBuf>,
+    /// One decoder step fed the encoder's outputs, or with `decoder_with_past`, optimum's
+    /// first step, which reads the encoder's hidden states (`decoder_model.onnx`).
+    pub decoder: Option<PathBuf>,
+    /// optimum's later steps, fed the cross-attention keys and values the first step made
+    /// (`decoder_with_past_model.onnx`).
+    pub decoder_with_past: Option<PathBuf>,
+    /// optimum's merged decoder, both steps in one graph chosen by `use_cache_branch`
+    /// (`decoder_model_merged.onnx`).
+    pub decoder_merged: Option<PathBuf>,
+}
+
+impl GraphFiles {
+    pub fn named(&self) -> impl Iterator<Item = &Path> {
+        [
+            &self.encoder,
+            &self.decoder,
+            &self.decoder_with_past,
+            &self.decoder_merged,
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+    }
 }
 
 /// Graph names for each role; unset roles fall back to the standard optimum names.
@@ -64,6 +90,8 @@ pub struct TensorNames {
     pub token_type_ids: Option<String>,
     pub logits: Option<String>,
     pub hidden_states: Option<String>,
+    /// An encoder-decoder's source mask, fed to the decoder steps.
+    pub encoder_attention_mask: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -168,7 +196,31 @@ impl Manifest {
         }
         let generates = self.serves(Task::Generate);
         if generates && self.family == Family::Encoder {
-            bail!("an encoder cannot serve `generate`; use family \"decoder\" or \"rnn\"");
+            bail!(
+                "an encoder cannot serve `generate`; use family \"decoder\", \"rnn\" or \"encoder-decoder\""
+            );
+        }
+        if let Some(graphs) = &self.graphs {
+            if self.family != Family::EncoderDecoder {
+                bail!("[graphs] is for family \"encoder-decoder\"; other families read model.onnx");
+            }
+            if let Some(file) = graphs.named().find(|file| {
+                file.components()
+                    .any(|part| !matches!(part, std::path::Component::Normal(_)))
+            }) {
+                bail!(
+                    "[graphs] files must be names inside the version folder, got {}",
+                    file.display()
+                );
+            }
+            if graphs.decoder_merged.is_some()
+                && (graphs.decoder.is_some() || graphs.decoder_with_past.is_some())
+            {
+                bail!("[graphs] names decoder_merged and a split decoder; keep one layout");
+            }
+        }
+        if !self.encoder_outputs.is_empty() && self.family != Family::EncoderDecoder {
+            bail!("[encoder_outputs] is for family \"encoder-decoder\"");
         }
         if (self.serves(Task::Embed) || self.serves(Task::Classify))
             && self.family != Family::Encoder

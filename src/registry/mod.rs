@@ -13,6 +13,7 @@ pub mod repository;
 mod route_changes;
 mod route_table;
 pub mod routes;
+pub mod seq2seq;
 pub mod settings;
 pub mod state;
 
@@ -23,11 +24,10 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use tokenizers::Tokenizer;
 
 use crate::config::Config;
+use crate::engine::{Engine, FaultTracker};
 use crate::error::{Error, Result, Task};
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
-use crate::scheduling::continuous::ContinuousScheduler;
-use crate::scheduling::{Batcher, FaultTracker};
 use crate::telemetry::metrics::ModelLabels;
 use loader::LoadFailure;
 use manifest::Manifest;
@@ -56,10 +56,8 @@ pub struct ModelVersion {
     pub pool: Arc<SessionPool>,
     pub bindings: Arc<Bindings>,
     pub pad_id: i64,
-    /// The dynamic batcher, for encoders.
-    pub batcher: Option<Batcher>,
-    /// The continuous batcher, for decoders and RNNs.
-    pub generator: Option<ContinuousScheduler>,
+    /// The batcher or continuous scheduler serving it.
+    pub engine: Engine,
     pub labels: ModelLabels,
     /// Failed runs in a row; past the limit the version reports FAILED.
     pub faults: Arc<FaultTracker>,

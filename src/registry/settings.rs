@@ -9,7 +9,7 @@ use anyhow::bail;
 use tokenizers::Tokenizer;
 
 use super::hf::{self, HfFiles};
-use super::manifest::Manifest;
+use super::manifest::{Family, Manifest};
 use crate::error::Task;
 use crate::runtime::GraphIo;
 use crate::runtime::bindings::Bindings;
@@ -69,6 +69,8 @@ pub struct ModelSettings {
     /// Generation stops at any of these (unless a request ignores EOS).
     pub eos_token_ids: Sourced<Vec<u32>>,
     pub pad_token_id: Sourced<u32>,
+    /// An encoder-decoder's first target token.
+    pub decoder_start_token_id: Option<Sourced<u32>>,
     pub embed: Option<EmbedSettings>,
     pub classify: Option<ClassifySettings>,
     pub generation: GenerationDefaults,
@@ -209,6 +211,27 @@ impl ModelSettings {
                 .map(|&v| sourced(v, eos_token_ids.source.clone())),
         ])
         .unwrap_or(sourced(0, Source::Default));
+        let decoder_start_token_id = if manifest.family == Family::EncoderDecoder {
+            let found = first([
+                manifest
+                    .decoder_start_token_id
+                    .map(|v| sourced(v, Source::Manifest)),
+                generation
+                    .and_then(|g| g.decoder_start_token_id)
+                    .map(|v| sourced(v, file(hf::GENERATION_CONFIG))),
+                config
+                    .and_then(|c| c.decoder_start_token_id)
+                    .map(|v| sourced(v, file(hf::CONFIG))),
+            ])
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "an encoder-decoder needs the token its targets start from: set decoder_start_token_id in model.toml, generation_config.json or config.json"
+                )
+            })?;
+            Some(found)
+        } else {
+            None
+        };
         let vocab = tokenizer.get_vocab_size(true);
         if pad_token_id.value as usize >= vocab {
             bail!(
@@ -246,6 +269,7 @@ impl ModelSettings {
             bos_token_id,
             eos_token_ids,
             pad_token_id,
+            decoder_start_token_id,
             embed,
             classify,
             generation: generation_defaults,
@@ -270,6 +294,7 @@ impl ModelSettings {
         );
         if self.generates {
             rows.add_optional("bos_token_id", &self.bos_token_id);
+            rows.add_optional("decoder_start_token_id", &self.decoder_start_token_id);
             rows.push(
                 "eos_token_ids",
                 format!("{:?}", self.eos_token_ids.value),

@@ -3,23 +3,10 @@
 
 use ort::session::Session;
 use ort::value::Tensor;
-use serde::Deserialize;
 
 use super::bindings::Bindings;
 
-/// How per-token states become one vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pooling {
-    /// Average over the real (unpadded) tokens.
-    Mean,
-    /// The first token's state.
-    Cls,
-    /// The last real token's state.
-    Last,
-    /// The largest value of each dimension over the real tokens.
-    Max,
-}
+pub use crate::kinds::Pooling;
 
 /// Which embedding a text wants from the pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,8 +5,6 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, bail};
 
-/// Where `make onnxruntime` unpacks the library from the PyPI wheel.
-pub const CACHED_LIBRARY: &str = ".cache/onnxruntime-1.31.1/libonnxruntime.so";
 /// The command that fetches the library, quoted in the error when none is found.
 pub const FETCH_COMMAND: &str = "make onnxruntime";
 

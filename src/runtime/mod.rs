@@ -8,6 +8,7 @@ pub mod memory;
 pub mod placement;
 pub mod providers;
 pub mod session;
+pub mod step;
 pub mod warmup;
 
 pub use session::{GraphIo, SessionPool, TensorSpec};

@@ -7,137 +7,26 @@
 //! else (gRPC, tokenization, encoder sessions, and the intra-op helpers of every session) on the
 //! others, so that work lands beside a helper thread instead of on the decode thread.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
-/// CPUs an affinity mask can name (1024 with glibc); a higher id cannot be pinned to, and
-/// refusing it while parsing keeps a typo like "0-4000000000" from allocating gigabytes.
-#[cfg(target_os = "linux")]
-const MAX_CPUS: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
-#[cfg(not(target_os = "linux"))]
-const MAX_CPUS: usize = 1024;
-
-/// A set of CPU ids, written as Linux writes them: "0", "0-3", "0,2-3".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "WrittenCpuList", into = "String")]
-pub struct CpuList(Vec<usize>);
-
-/// A CPU list as a config file or the environment gives it: a lone id arrives as a number.
-#[derive(Deserialize)]
-#[serde(
-    untagged,
-    expecting = "expected a CPU list such as \"0\", \"0-3\" or \"0,2-3\""
-)]
-enum WrittenCpuList {
-    Id(usize),
-    Text(String),
-}
-
-impl CpuList {
-    pub fn ids(&self) -> &[usize] {
-        &self.0
-    }
-
-    fn from_ids(mut ids: Vec<usize>) -> Self {
-        ids.sort_unstable();
-        ids.dedup();
-        Self(ids)
-    }
-}
-
-impl FromStr for CpuList {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let mut ids = Vec::new();
-        for part in text.split(',').map(str::trim) {
-            let parse = |id: &str| {
-                let id = id
-                    .trim()
-                    .parse::<usize>()
-                    .map_err(|_| format!("`{part}` in `{text}` is not a CPU id or range"))?;
-                if id >= MAX_CPUS {
-                    return Err(format!(
-                        "CPU {id} in `{text}` is beyond the {MAX_CPUS} CPUs an affinity mask names"
-                    ));
-                }
-                Ok(id)
-            };
-            match part.split_once('-') {
-                Some((first, last)) => {
-                    let (first, last) = (parse(first)?, parse(last)?);
-                    if first > last {
-                        return Err(format!("the range `{part}` in `{text}` runs backwards"));
-                    }
-                    ids.extend(first..=last);
-                }
-                None => ids.push(parse(part)?),
-            }
-        }
-        Ok(Self::from_ids(ids))
-    }
-}
-
-impl TryFrom<WrittenCpuList> for CpuList {
-    type Error = String;
-
-    fn try_from(written: WrittenCpuList) -> Result<Self, String> {
-        match written {
-            WrittenCpuList::Id(id) => id.to_string().parse(),
-            WrittenCpuList::Text(text) => text.parse(),
-        }
-    }
-}
-
-impl From<CpuList> for String {
-    fn from(list: CpuList) -> Self {
-        list.to_string()
-    }
-}
-
-impl fmt::Display for CpuList {
-    /// Ranges where ids run on: "0-2,5".
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut ids = self.0.iter().copied().peekable();
-        let mut first = true;
-        while let Some(start) = ids.next() {
-            let mut end = start;
-            while ids.peek() == Some(&(end + 1)) {
-                end = ids.next().expect("peeked");
-            }
-            if !first {
-                f.write_str(",")?;
-            }
-            first = false;
-            if end == start {
-                write!(f, "{start}")?;
-            } else {
-                write!(f, "{start}-{end}")?;
-            }
-        }
-        Ok(())
-    }
-}
+use crate::config::CpuList;
+use crate::config::cpus::MAX_CPUS;
 
 /// The CPUs left for everything but the decode threads: `allowed` less `decode`. Fails, naming
 /// the setting, when `decode` asks for a CPU this process may not use or leaves none over.
 pub fn rest_of(allowed: &CpuList, decode: &CpuList) -> Result<CpuList, String> {
-    if decode.0.is_empty() {
+    if decode.ids().is_empty() {
         return Err("runtime.decode_cpus is empty".to_owned());
     }
-    if let Some(outside) = decode.0.iter().find(|id| !allowed.0.contains(id)) {
+    if let Some(outside) = decode.ids().iter().find(|id| !allowed.ids().contains(id)) {
         return Err(format!(
             "runtime.decode_cpus = \"{decode}\" names CPU {outside}, but this process may only \
              run on CPUs {allowed}"
         ));
     }
     let rest: Vec<usize> = allowed
-        .0
+        .ids()
         .iter()
         .copied()
-        .filter(|id| !decode.0.contains(id))
+        .filter(|id| !decode.ids().contains(id))
         .collect();
     if rest.is_empty() {
         return Err(format!(
@@ -145,7 +34,7 @@ pub fn rest_of(allowed: &CpuList, decode: &CpuList) -> Result<CpuList, String> {
              ({allowed}); leave at least one for the rest of the server"
         ));
     }
-    Ok(CpuList(rest))
+    Ok(CpuList::from_ids(rest))
 }
 
 /// Moves the calling thread, and every thread it starts from then on, off `decode`, and returns
@@ -172,7 +61,7 @@ pub fn allowed_cpus() -> std::io::Result<CpuList> {
         let ids = (0..MAX_CPUS)
             .filter(|&id| libc::CPU_ISSET(id, &set))
             .collect();
-        Ok(CpuList(ids))
+        Ok(CpuList::from_ids(ids))
     }
 }
 
@@ -182,7 +71,7 @@ pub fn pin_current_thread(cpus: &CpuList) -> std::io::Result<()> {
     // SAFETY: as above; parsing refused ids beyond the set's size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &id in &cpus.0 {
+        for &id in cpus.ids() {
             libc::CPU_SET(id, &mut set);
         }
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
@@ -249,7 +138,7 @@ mod tests {
     #[test]
     fn a_thread_can_be_pinned_to_one_of_its_cpus() {
         let allowed = allowed_cpus().unwrap();
-        let first = CpuList(vec![allowed.ids()[0]]);
+        let first = CpuList::from_ids(vec![allowed.ids()[0]]);
         let (pinned, inherited) = std::thread::spawn(move || {
             pin_current_thread(&first).unwrap();
             // Threads started afterwards inherit the mask: the server relies on it.

@@ -174,8 +174,8 @@ pub(crate) async fn run_encoder(
     deadline: Option<Instant>,
 ) -> Result<Vec<EncodedOutput>> {
     let batcher = model
-        .batcher
-        .as_ref()
+        .engine
+        .batcher()
         .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     // Before tokenizing: a request the queue cannot serve in time costs nothing more.
     let place = batcher.admit(texts.len(), deadline)?;

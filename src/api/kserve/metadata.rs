@@ -181,6 +181,7 @@ fn platform(model: Option<&ModelVersion>) -> &'static str {
         Some(Family::Decoder) => "lmserve_decoder",
         Some(Family::Rnn) => "lmserve_rnn",
         Some(Family::Encoder) => "lmserve_encoder",
+        Some(Family::EncoderDecoder) => "lmserve_encoder_decoder",
     }
 }
 

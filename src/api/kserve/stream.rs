@@ -159,8 +159,8 @@ fn tokens(reply: Reply, generation: GenerationStream, shape: Vec<i64>) -> Respon
                             ("generated_tokens", count(generation.generated_tokens())),
                         ],
                     ),
-                    Event::Failed { message, .. } => {
-                        let failed = failure(&reply, Error::Internal(message));
+                    Event::Failed { error, .. } => {
+                        let failed = failure(&reply, Error::Run(error));
                         return Some((Ok(failed), None));
                     }
                 };

@@ -10,7 +10,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::sampling::{Sampler, log_softmax, log_sum_exp, top_n};
 use super::spans::SequenceSpans;
 use super::text::TextStream;
-use crate::scheduling::continuous::{Decision, SequenceDriver, StopCause};
+use crate::engine::continuous::{Decision, SequenceDriver, StopCause};
+use crate::runtime::step::SharedRunError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -36,7 +37,7 @@ pub struct GeneratedToken {
 
 /// What a sequence tells its caller, in order: `Started`, then `Token`s, then `Finished` (or
 /// `Failed`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Event {
     Started {
         index: usize,
@@ -55,7 +56,7 @@ pub enum Event {
     },
     Failed {
         index: usize,
-        message: String,
+        error: SharedRunError,
     },
 }
 
@@ -259,9 +260,9 @@ impl SequenceDriver for Driver {
                 text: String::new(),
                 stop_sequence: None,
             }),
-            StopCause::Failed(message) => self.send(Event::Failed {
+            StopCause::Failed(error) => self.send(Event::Failed {
                 index: self.index,
-                message,
+                error,
             }),
         }
     }

@@ -23,9 +23,10 @@ use super::routing::{self, Routing};
 use super::text::{self as text_input, EncodeError, Truncate};
 use super::{RequestMetrics, ServedBy};
 use crate::config::{GenerationConfig, LimitsConfig};
+use crate::engine::continuous::GenerationJob;
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
-use crate::scheduling::continuous::GenerationJob;
+use crate::runtime::step::RunError;
 use crate::telemetry::metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -108,7 +109,7 @@ impl GenerationStream {
                 self.finished_sequences = self.sequences;
                 let failure = Event::Failed {
                     index: 0,
-                    message: "the scheduler stopped".into(),
+                    error: Arc::new(RunError::SchedulerStopped),
                 };
                 self.close(&Some(failure.clone()));
                 return Some(failure);
@@ -141,7 +142,7 @@ impl GenerationStream {
         if let Some(mut request) = self.metrics.take() {
             request.tokens(self.prompt_tokens * self.sequences, self.generated_tokens);
             let result = match last {
-                Some(Event::Failed { message, .. }) => Err(Error::Internal(message.clone())),
+                Some(Event::Failed { error, .. }) => Err(Error::Run(Arc::clone(error))),
                 _ => Ok(()),
             };
             let _ = request.finish(result);
@@ -256,7 +257,7 @@ async fn start_on(
     deadline: Option<Instant>,
 ) -> Result<GenerationStream> {
     let arrived = Instant::now();
-    let Some(scheduler) = &model.generator else {
+    let Some(scheduler) = model.engine.generator() else {
         let error = Error::Internal(format!("{} has no scheduler", model.name));
         return Err(finish_early(request, error));
     };
@@ -289,7 +290,17 @@ async fn start_on(
         Ok(prompt) => prompt,
         Err(error) => return Err(finish_early(request, error)),
     };
-    let context_left = model.settings.max_length.value - prompt.len();
+    // What the generated tokens follow: the prompt, or an encoder-decoder's start token (its
+    // prompt is the source, read by the encoder). Penalties and detokenization look at it.
+    let target_context: Vec<i64> = match &model.settings.decoder_start_token_id {
+        Some(start) => vec![i64::from(start.value)],
+        None => prompt.clone(),
+    };
+    let context_left = model
+        .settings
+        .max_length
+        .value
+        .saturating_sub(target_context.len());
     let max_new_tokens = checked.max_new_tokens.min(context_left);
     let mut stop_ids: Vec<i64> = checked
         .stop_token_ids
@@ -322,14 +333,14 @@ async fn start_on(
 
     let (sender, events) = mpsc::unbounded_channel();
     let vocab = model.vocab_size;
-    let prompt_u32: Vec<u32> = prompt.iter().map(|&id| id as u32).collect();
+    let context_u32: Vec<u32> = target_context.iter().map(|&id| id as u32).collect();
     let jobs = (0..checked.n)
         .map(|index| {
             let seed = checked
                 .seed
                 .map_or_else(rand::random, |seed| seed.wrapping_add(index as u64));
-            let sampler = Sampler::new(checked.sampling.clone(), seed, vocab, &prompt);
-            let text = TextStream::new(&prompt_u32, checked.stop.clone());
+            let sampler = Sampler::new(checked.sampling.clone(), seed, vocab, &target_context);
+            let text = TextStream::new(&context_u32, checked.stop.clone());
             let driver = Driver::new(
                 index,
                 sampler,
@@ -434,7 +445,7 @@ async fn collect(mut stream: GenerationStream) -> Result<GenerateOutput> {
                 sequences[index].finish_reason = Some(reason);
                 sequences[index].stop_sequence = stop_sequence;
             }
-            Event::Failed { message, .. } => return Err(Error::Internal(message)),
+            Event::Failed { error, .. } => return Err(Error::Run(error)),
         }
     }
     Ok(GenerateOutput {

@@ -9,3 +9,6 @@ pub use scheduler::{
     ContinuousScheduler, Decision, GenerationJob, SchedulerSettings, SequenceDriver, StopCause,
 };
 pub use state::ContinuousLimits;
+
+#[cfg(test)]
+mod tests;

@@ -7,13 +7,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::state::{AdmissionQueue, ContinuousLimits, Waiting};
+use crate::config::CpuList;
+use crate::engine::FaultTracker;
+use crate::engine::admission::{QueueClock, Reservation};
 use crate::error::{Error, Result};
-use crate::runtime::SessionPool;
-use crate::runtime::decoder::{DecodeBatch, DecoderModel};
-use crate::runtime::placement::{self, CpuList};
+use crate::runtime::placement;
 use crate::runtime::session::panic_message;
-use crate::scheduling::FaultTracker;
-use crate::scheduling::admission::{QueueClock, Reservation};
+use crate::runtime::step::{RowBatch, RunError, SharedRunError, StepDecoder};
 use crate::telemetry::metrics::{self, DecodeLoopMetrics, ModelLabels};
 
 /// What the driver chose at one step.
@@ -25,10 +25,11 @@ pub struct Decision {
 }
 
 /// Why a sequence left before it finished.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum StopCause {
     Cancelled,
-    Failed(String),
+    /// A run of the model failed; every sequence in it ends with the same error.
+    Failed(SharedRunError),
 }
 
 /// One sequence's policy, called on the scheduler thread: it must not block.
@@ -84,9 +85,8 @@ pub struct ContinuousScheduler {
 }
 
 impl ContinuousScheduler {
-    pub fn spawn(
-        decoder: DecoderModel,
-        pool: Arc<SessionPool>,
+    pub fn spawn<D: StepDecoder>(
+        decoder: D,
         settings: SchedulerSettings,
         labels: ModelLabels,
     ) -> std::io::Result<Self> {
@@ -115,12 +115,11 @@ impl ContinuousScheduler {
                     pin_decode_thread(&cpus, &thread_shared.labels);
                 }
                 Loop {
+                    batch: decoder.empty(),
                     decoder,
-                    pool,
                     limits,
                     faults,
                     shared: thread_shared,
-                    batch: DecodeBatch::empty(),
                     rows: Vec::new(),
                 }
                 .run()
@@ -219,18 +218,17 @@ struct Active {
     reserved_tokens: usize,
 }
 
-struct Loop {
-    decoder: DecoderModel,
-    pool: Arc<SessionPool>,
+struct Loop<D: StepDecoder> {
+    decoder: D,
     limits: ContinuousLimits,
     faults: Arc<FaultTracker>,
     shared: Arc<Shared>,
-    batch: DecodeBatch,
+    batch: D::Batch,
     /// Row-aligned with `batch`.
     rows: Vec<Active>,
 }
 
-impl Loop {
+impl<D: StepDecoder> Loop<D> {
     fn run(mut self) {
         loop {
             let Some(admitted) = self.wait_and_admit() else {
@@ -241,11 +239,11 @@ impl Loop {
             let step =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.iterate(admitted)));
             if let Err(panic) = step {
-                let reason = format!("a decode step panicked: {}", panic_message(&*panic));
-                tracing::error!(model = %self.shared.labels.model, version = %self.shared.labels.version, %reason, "dropping its batch");
-                self.batch = DecodeBatch::empty();
+                let error = RunError::Panicked(panic_message(&*panic));
+                tracing::error!(model = %self.shared.labels.model, version = %self.shared.labels.version, %error, "dropping its batch");
+                self.batch = self.decoder.empty();
                 let rows = std::mem::take(&mut self.rows);
-                self.fail_all(reason, rows);
+                self.fail_all(error, rows);
             }
         }
     }
@@ -311,16 +309,13 @@ impl Loop {
             });
         }
         let started = Instant::now();
-        let result = {
-            let mut session = self.pool.session(0);
-            self.decoder.prefill(&mut session, prompts)
-        };
+        let result = self.decoder.prefill(prompts);
         self.shared.metrics.prefill(started.elapsed());
         let (mut new_batch, logits) = match result {
             Ok(done) => done,
             Err(error) => {
                 tracing::error!(%error, "prefill failed");
-                return self.fail_all(format!("onnxruntime: {error}"), joining);
+                return self.fail_all(error, joining);
             }
         };
         self.faults.succeeded();
@@ -338,12 +333,12 @@ impl Loop {
             .filter(|(i, _)| keep.contains(i))
             .map(|(_, a)| a)
             .collect();
-        let new_batch = match self.decoder.filter(new_batch, &keep) {
+        let new_batch = match self.decoder.keep(new_batch, &keep) {
             Ok(new_batch) => new_batch,
-            Err(error) => return self.fail_all(error.to_string(), joining),
+            Err(error) => return self.fail_all(error, joining),
         };
-        let running = std::mem::replace(&mut self.batch, DecodeBatch::empty());
-        match self.decoder.concat(running, new_batch) {
+        let running = std::mem::replace(&mut self.batch, self.decoder.empty());
+        match self.decoder.merge(running, new_batch) {
             Ok(batch) => {
                 self.batch = batch;
                 self.rows.extend(joining);
@@ -352,17 +347,14 @@ impl Loop {
                 // The running batch went into the failed concat: its rows have no state left.
                 let mut rows = std::mem::take(&mut self.rows);
                 rows.extend(joining);
-                self.fail_all(error.to_string(), rows);
+                self.fail_all(error, rows);
             }
         }
     }
 
     fn step(&mut self) {
         let started = Instant::now();
-        let result = {
-            let mut session = self.pool.session(0);
-            self.decoder.step(&mut session, &mut self.batch)
-        };
+        let result = self.decoder.step(&mut self.batch);
         let took = started.elapsed();
         self.shared.metrics.decode_step(took, self.rows.len());
         self.shared.clock.lock().expect("clock lock").served(took);
@@ -380,8 +372,8 @@ impl Loop {
             Err(error) => {
                 tracing::error!(%error, "decode step failed");
                 let rows = std::mem::take(&mut self.rows);
-                self.batch = DecodeBatch::empty();
-                self.fail_all(format!("onnxruntime: {error}"), rows);
+                self.batch = self.decoder.empty();
+                self.fail_all(error, rows);
             }
         }
     }
@@ -403,21 +395,23 @@ impl Loop {
                 kept_rows.push(active);
             }
         }
-        let batch = std::mem::replace(&mut self.batch, DecodeBatch::empty());
-        match self.decoder.filter(batch, &keep) {
+        let batch = std::mem::replace(&mut self.batch, self.decoder.empty());
+        match self.decoder.keep(batch, &keep) {
             Ok(batch) => {
                 self.batch = batch;
                 self.rows = kept_rows;
             }
-            Err(error) => self.fail_all(error.to_string(), kept_rows),
+            Err(error) => self.fail_all(error, kept_rows),
         }
     }
 
     /// Ends `rows` with a failure. Each call is one failed run for the fault tracker.
-    fn fail_all(&mut self, message: String, rows: Vec<Active>) {
-        self.faults.failed(&self.shared.labels.model, &message);
+    fn fail_all(&mut self, error: RunError, rows: Vec<Active>) {
+        self.faults
+            .failed(&self.shared.labels.model, &error.to_string());
+        let error = Arc::new(error);
         for mut active in rows {
-            active.driver.stopped(StopCause::Failed(message.clone()));
+            active.driver.stopped(StopCause::Failed(Arc::clone(&error)));
         }
     }
 }

@@ -1,0 +1,454 @@
+//! The scheduler's loop against a fake decoder, no ONNX file: each row's carried state is the
+//! sum of the tokens it has been fed, and the next token is a function of the whole history, so
+//! a row whose state went to another row, or a token fed twice or never, shows up as a wrong
+//! sequence. Timing varies from run to run; the sequences must not.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::scheduler::{
+    ContinuousScheduler, Decision, GenerationJob, SchedulerSettings, SequenceDriver, StopCause,
+};
+use super::state::ContinuousLimits;
+use crate::engine::FaultTracker;
+use crate::runtime::step::{RowBatch, RunError, StepDecoder};
+use crate::telemetry::metrics::ModelLabels;
+
+const VOCAB: usize = 50;
+/// A token the fake never chooses, for prompts.
+const END: i64 = 0;
+
+/// The token the fake model predicts after `history`.
+fn next_token(history: &[i64]) -> i64 {
+    let mixed = history
+        .iter()
+        .fold(7_i64, |acc, &token| (acc * 31 + token) % 1_000_003);
+    1 + mixed % (VOCAB as i64 - 1)
+}
+
+/// What a sequence must generate: `steps` tokens, each from the history before it.
+fn expected(prompt: &[i64], steps: usize) -> Vec<i64> {
+    let mut history = prompt.to_vec();
+    for _ in 0..steps {
+        history.push(next_token(&history));
+    }
+    history[prompt.len()..].to_vec()
+}
+
+fn one_hot(token: i64) -> Vec<f32> {
+    let mut logits = vec![0.0; VOCAB];
+    logits[token as usize] = 1.0;
+    logits
+}
+
+#[derive(Clone)]
+struct FakeRow {
+    tokens: Vec<i64>,
+    fed: usize,
+    /// The carried state: the sum of the tokens fed so far.
+    state: i64,
+}
+
+struct FakeBatch(Vec<FakeRow>);
+
+impl RowBatch for FakeBatch {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn push_token(&mut self, row: usize, token: i64) {
+        self.0[row].tokens.push(token);
+    }
+}
+
+/// What the scheduler asked of the fake.
+#[derive(Default)]
+struct Calls {
+    prefills: Vec<usize>,
+    steps: Vec<usize>,
+}
+
+#[derive(Default)]
+struct FakeDecoder {
+    calls: Arc<Mutex<Calls>>,
+    /// Steps to go before one fails (0: none), and before one panics.
+    fail_at_step: Arc<AtomicUsize>,
+    panic_at_step: Arc<AtomicUsize>,
+    /// How long a step takes, so sequences overlap.
+    step_time: Duration,
+}
+
+fn countdown(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+            left.checked_sub(1)
+        })
+        .is_ok_and(|left| left == 1)
+}
+
+impl StepDecoder for FakeDecoder {
+    type Batch = FakeBatch;
+
+    fn empty(&self) -> FakeBatch {
+        FakeBatch(Vec::new())
+    }
+
+    fn prefill(&mut self, prompts: Vec<Vec<i64>>) -> Result<(FakeBatch, Vec<Vec<f32>>), RunError> {
+        self.calls.lock().unwrap().prefills.push(prompts.len());
+        let logits = prompts.iter().map(|p| one_hot(next_token(p))).collect();
+        let rows = prompts
+            .into_iter()
+            .map(|tokens| FakeRow {
+                fed: tokens.len(),
+                state: tokens.iter().sum(),
+                tokens,
+            })
+            .collect();
+        Ok((FakeBatch(rows), logits))
+    }
+
+    fn step(&mut self, batch: &mut FakeBatch) -> Result<Vec<Vec<f32>>, RunError> {
+        self.calls.lock().unwrap().steps.push(batch.len());
+        std::thread::sleep(self.step_time);
+        if countdown(&self.fail_at_step) {
+            return Err(RunError::MissingOutput("logits".into()));
+        }
+        if countdown(&self.panic_at_step) {
+            panic!("a bug in the step");
+        }
+        let mut logits = Vec::with_capacity(batch.len());
+        for row in &mut batch.0 {
+            // The state must be this row's own: the sum of exactly the tokens it was fed.
+            let own: i64 = row.tokens[..row.fed].iter().sum();
+            assert_eq!(
+                row.state, own,
+                "a row's carried state belongs to another row"
+            );
+            assert_eq!(row.fed + 1, row.tokens.len(), "one pending token per row");
+            row.state += row.tokens[row.fed];
+            row.fed += 1;
+            logits.push(one_hot(next_token(&row.tokens)));
+        }
+        Ok(logits)
+    }
+
+    fn keep(&self, batch: FakeBatch, rows: &[usize]) -> Result<FakeBatch, RunError> {
+        Ok(FakeBatch(
+            rows.iter().map(|&i| batch.0[i].clone()).collect(),
+        ))
+    }
+
+    fn merge(&self, running: FakeBatch, joining: FakeBatch) -> Result<FakeBatch, RunError> {
+        let mut rows = running.0;
+        rows.extend(joining.0);
+        Ok(FakeBatch(rows))
+    }
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Done(Vec<i64>),
+    Cancelled(Vec<i64>),
+    Failed(String),
+}
+
+/// Takes the argmax for `steps` tokens and reports what it got.
+struct TestDriver {
+    id: usize,
+    steps: usize,
+    tokens: Vec<i64>,
+    /// Set by the test to walk away; `cancel_after` sets it itself after that many tokens.
+    abandoned: Arc<AtomicBool>,
+    cancel_after: Option<usize>,
+    report: Sender<(usize, Outcome)>,
+    progress: Sender<(usize, usize)>,
+}
+
+impl SequenceDriver for TestDriver {
+    fn started(&mut self) {}
+
+    fn next(&mut self, logits: &[f32]) -> Decision {
+        let token = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as i64)
+            .unwrap();
+        self.tokens.push(token);
+        let _ = self.progress.send((self.id, self.tokens.len()));
+        if self.cancel_after == Some(self.tokens.len()) {
+            self.abandoned.store(true, Ordering::Release);
+        }
+        let finished = self.tokens.len() == self.steps;
+        if finished {
+            let _ = self
+                .report
+                .send((self.id, Outcome::Done(self.tokens.clone())));
+        }
+        Decision { token, finished }
+    }
+
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    fn stopped(&mut self, cause: StopCause) {
+        let outcome = match cause {
+            StopCause::Cancelled => Outcome::Cancelled(self.tokens.clone()),
+            StopCause::Failed(error) => Outcome::Failed(error.to_string()),
+        };
+        let _ = self.report.send((self.id, outcome));
+    }
+}
+
+struct Harness {
+    scheduler: ContinuousScheduler,
+    calls: Arc<Mutex<Calls>>,
+    fail_at_step: Arc<AtomicUsize>,
+    panic_at_step: Arc<AtomicUsize>,
+    faults: Arc<FaultTracker>,
+    report: Sender<(usize, Outcome)>,
+    outcomes: Receiver<(usize, Outcome)>,
+    progress_tx: Sender<(usize, usize)>,
+    progress: Receiver<(usize, usize)>,
+}
+
+fn harness(max_batch_size: usize, step_time: Duration) -> Harness {
+    let decoder = FakeDecoder {
+        step_time,
+        ..FakeDecoder::default()
+    };
+    let (calls, fail_at_step, panic_at_step) = (
+        Arc::clone(&decoder.calls),
+        Arc::clone(&decoder.fail_at_step),
+        Arc::clone(&decoder.panic_at_step),
+    );
+    let faults = Arc::new(FaultTracker::new(100));
+    let settings = SchedulerSettings {
+        faults: Arc::clone(&faults),
+        limits: ContinuousLimits {
+            max_batch_size,
+            max_total_tokens: 100_000,
+            max_prefill_batch: 64,
+        },
+        queue_capacity: 64,
+        decode_cpus: None,
+        max_queue_time: Duration::from_secs(60),
+    };
+    let labels = ModelLabels {
+        model: "fake".into(),
+        version: "1".into(),
+    };
+    let scheduler = ContinuousScheduler::spawn(decoder, settings, labels).unwrap();
+    let (report, outcomes) = channel();
+    let (progress_tx, progress) = channel();
+    Harness {
+        scheduler,
+        calls,
+        fail_at_step,
+        panic_at_step,
+        faults,
+        report,
+        outcomes,
+        progress_tx,
+        progress,
+    }
+}
+
+impl Harness {
+    /// Queues one sequence; returns its cancel switch.
+    fn submit(
+        &self,
+        id: usize,
+        prompt: Vec<i64>,
+        steps: usize,
+        cancel_after: Option<usize>,
+    ) -> Arc<AtomicBool> {
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let driver = TestDriver {
+            id,
+            steps,
+            tokens: Vec::new(),
+            abandoned: Arc::clone(&abandoned),
+            cancel_after,
+            report: self.report.clone(),
+            progress: self.progress_tx.clone(),
+        };
+        let place = self.scheduler.admit(1, steps, None).unwrap();
+        let job = GenerationJob {
+            reserved_tokens: prompt.len() + steps,
+            prompt,
+            driver: Box::new(driver),
+        };
+        self.scheduler.submit(vec![job], place).unwrap();
+        abandoned
+    }
+
+    /// Waits for `count` outcomes, in id order.
+    fn outcomes(&self, count: usize) -> Vec<Outcome> {
+        let mut got: Vec<(usize, Outcome)> = (0..count)
+            .map(|_| {
+                self.outcomes
+                    .recv_timeout(Duration::from_secs(20))
+                    .expect("an outcome")
+            })
+            .collect();
+        got.sort_by_key(|(id, _)| *id);
+        got.into_iter().map(|(_, outcome)| outcome).collect()
+    }
+
+    /// Waits until sequence `id` has `tokens` tokens.
+    fn wait_for(&self, id: usize, tokens: usize) {
+        loop {
+            let (who, count) = self
+                .progress
+                .recv_timeout(Duration::from_secs(20))
+                .expect("progress");
+            if who == id && count >= tokens {
+                return;
+            }
+        }
+    }
+}
+
+fn prompt(seed: i64, len: usize) -> Vec<i64> {
+    (0..len as i64)
+        .map(|i| END + 1 + (seed * 7 + i * 3) % 40)
+        .collect()
+}
+
+fn assert_done(outcome: &Outcome, want: &[i64]) {
+    match outcome {
+        Outcome::Done(tokens) => assert_eq!(tokens, want),
+        other => panic!("expected {want:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn sequences_started_together_each_follow_their_own_history() {
+    let h = harness(8, Duration::ZERO);
+    let specs: Vec<(Vec<i64>, usize)> = (0..5)
+        .map(|i| (prompt(i, 2 + i as usize), 3 + 4 * i as usize))
+        .collect();
+    for (id, (p, steps)) in specs.iter().enumerate() {
+        h.submit(id, p.clone(), *steps, None);
+    }
+    for (outcome, (p, steps)) in h.outcomes(specs.len()).iter().zip(&specs) {
+        assert_done(outcome, &expected(p, *steps));
+    }
+    let calls = h.calls.lock().unwrap();
+    // Every step ran every live row at once: at most one step per token of the longest.
+    assert!(
+        calls.steps.len() <= 3 + 4 * 4,
+        "{} steps",
+        calls.steps.len()
+    );
+}
+
+#[test]
+fn rows_joining_a_running_batch_and_leaving_it_keep_their_state() {
+    let h = harness(8, Duration::from_millis(2));
+    let long = prompt(1, 3);
+    h.submit(0, long.clone(), 60, None);
+    h.wait_for(0, 5);
+    let joiners: Vec<(Vec<i64>, usize)> = (2..6)
+        .map(|i| (prompt(i, i as usize), 5 * i as usize))
+        .collect();
+    for (n, (p, steps)) in joiners.iter().enumerate() {
+        h.submit(n + 1, p.clone(), *steps, None);
+        h.wait_for(0, 8 + 3 * n);
+    }
+    let outcomes = h.outcomes(1 + joiners.len());
+    assert_done(&outcomes[0], &expected(&long, 60));
+    for (outcome, (p, steps)) in outcomes[1..].iter().zip(&joiners) {
+        assert_done(outcome, &expected(p, *steps));
+    }
+    let calls = h.calls.lock().unwrap();
+    assert!(
+        calls.prefills.len() >= 2,
+        "the joiners were prefilled while the first ran"
+    );
+    assert!(
+        calls.steps.iter().any(|&rows| rows >= 2),
+        "rows decoded together: {:?}",
+        calls.steps
+    );
+}
+
+#[test]
+fn admission_never_exceeds_the_batch_size_and_everyone_finishes() {
+    let h = harness(2, Duration::from_millis(1));
+    let specs: Vec<(Vec<i64>, usize)> = (0..6).map(|i| (prompt(i, 3), 4 + i as usize)).collect();
+    for (id, (p, steps)) in specs.iter().enumerate() {
+        h.submit(id, p.clone(), *steps, None);
+    }
+    for (outcome, (p, steps)) in h.outcomes(specs.len()).iter().zip(&specs) {
+        assert_done(outcome, &expected(p, *steps));
+    }
+    let calls = h.calls.lock().unwrap();
+    assert!(
+        calls.steps.iter().all(|&rows| rows <= 2),
+        "{:?}",
+        calls.steps
+    );
+    assert!(
+        calls.prefills.iter().all(|&rows| rows <= 2),
+        "{:?}",
+        calls.prefills
+    );
+}
+
+#[test]
+fn a_cancelled_sequence_leaves_and_the_others_are_unaffected() {
+    let h = harness(8, Duration::from_millis(1));
+    let specs: Vec<(Vec<i64>, usize)> = (0..3).map(|i| (prompt(i, 4), 30)).collect();
+    h.submit(0, specs[0].0.clone(), 30, None);
+    h.submit(1, specs[1].0.clone(), 30, Some(6));
+    h.submit(2, specs[2].0.clone(), 30, None);
+    let outcomes = h.outcomes(3);
+    assert_done(&outcomes[0], &expected(&specs[0].0, 30));
+    match &outcomes[1] {
+        // It may take one more step before the scheduler sees it gone, never more.
+        Outcome::Cancelled(tokens) => {
+            assert!((6..=7).contains(&tokens.len()), "{tokens:?}");
+            assert_eq!(tokens[..], expected(&specs[1].0, tokens.len())[..]);
+        }
+        other => panic!("expected a cancellation, got {other:?}"),
+    }
+    assert_done(&outcomes[2], &expected(&specs[2].0, 30));
+}
+
+#[test]
+fn a_failed_step_fails_its_rows_and_the_scheduler_goes_on() {
+    let h = harness(8, Duration::ZERO);
+    h.fail_at_step.store(3, Ordering::Release);
+    h.submit(0, prompt(0, 3), 10, None);
+    h.submit(1, prompt(1, 3), 10, None);
+    for outcome in h.outcomes(2) {
+        match outcome {
+            Outcome::Failed(message) => assert!(message.contains("logits"), "{message}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+    assert!(
+        h.faults.broken().is_none(),
+        "one failure does not break a model"
+    );
+    h.submit(2, prompt(2, 3), 5, None);
+    assert_done(&h.outcomes(1)[0], &expected(&prompt(2, 3), 5));
+}
+
+#[test]
+fn a_panicking_step_drops_its_batch_not_the_scheduler() {
+    let h = harness(8, Duration::ZERO);
+    h.panic_at_step.store(2, Ordering::Release);
+    h.submit(0, prompt(0, 3), 10, None);
+    match &h.outcomes(1)[0] {
+        Outcome::Failed(message) => assert!(message.contains("panicked"), "{message}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    h.submit(1, prompt(1, 2), 6, None);
+    assert_done(&h.outcomes(1)[0], &expected(&prompt(1, 2), 6));
+}

@@ -1,0 +1,138 @@
+//! Each loaded version's engine: the dynamic batcher that merges concurrent embed/classify texts
+//! into one encoder run (grouped by length so padding does not eat the gain), or the continuous
+//! scheduler that decodes many generations together over one of the decoder families.
+
+pub mod admission;
+pub mod batch_state;
+pub mod batcher;
+pub mod continuous;
+pub mod faults;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use batch_state::{BatchLimits, BatchState};
+pub use batcher::Batcher;
+use batcher::BatcherSettings;
+use continuous::{ContinuousLimits, ContinuousScheduler, SchedulerSettings};
+pub use faults::FaultTracker;
+
+use crate::config::Config;
+use crate::kinds::Family;
+use crate::runtime::SessionPool;
+use crate::runtime::bindings::Bindings;
+use crate::runtime::decoder::seq2seq::Seq2SeqDecoder;
+use crate::runtime::decoder::{self, Carry, KvCacheDecoder, RecomputeDecoder, RecurrentDecoder};
+use crate::telemetry::metrics::ModelLabels;
+
+/// What serves a loaded version's requests.
+pub enum Engine {
+    /// Embed and classify over an encoder.
+    Batcher(Batcher),
+    /// Generate over a decoder family.
+    Generator(ContinuousScheduler),
+}
+
+impl Engine {
+    pub fn batcher(&self) -> Option<&Batcher> {
+        match self {
+            Engine::Batcher(batcher) => Some(batcher),
+            Engine::Generator(_) => None,
+        }
+    }
+
+    pub fn generator(&self) -> Option<&ContinuousScheduler> {
+        match self {
+            Engine::Generator(scheduler) => Some(scheduler),
+            Engine::Batcher(_) => None,
+        }
+    }
+}
+
+/// The graphs a version's engine runs, as the loader prepared them.
+pub struct EngineGraphs {
+    pub family: Family,
+    /// The graph every request runs: the encoder, the decoder, or a seq2seq model's step graph.
+    pub pool: Arc<SessionPool>,
+    pub bindings: Arc<Bindings>,
+    pub pad_id: i64,
+    /// The encoder-decoder, for that family.
+    pub seq2seq: Option<Seq2SeqDecoder>,
+}
+
+/// Starts the engine `graphs.family` needs, on its own thread.
+pub fn start(
+    graphs: EngineGraphs,
+    config: &Config,
+    labels: &ModelLabels,
+    faults: &Arc<FaultTracker>,
+) -> anyhow::Result<Engine> {
+    let EngineGraphs {
+        family,
+        pool,
+        bindings,
+        pad_id,
+        seq2seq,
+    } = graphs;
+    if family == Family::Encoder {
+        return Ok(Engine::Batcher(Batcher::spawn(
+            pool,
+            bindings,
+            pad_id,
+            batcher_settings(config),
+            labels.clone(),
+            Arc::clone(faults),
+        )));
+    }
+    let settings = scheduler_settings(config, faults);
+    let labels = labels.clone();
+    let scheduler = match seq2seq {
+        Some(seq2seq) => ContinuousScheduler::spawn(seq2seq, settings, labels)?,
+        None => {
+            let recurrent = family == Family::Rnn;
+            let graph = decoder::step_graph(pool, bindings, recurrent, pad_id)
+                .map_err(anyhow::Error::msg)?;
+            match graph.carry {
+                Carry::KvCache => {
+                    ContinuousScheduler::spawn(KvCacheDecoder(graph), settings, labels)?
+                }
+                Carry::Recurrent => {
+                    ContinuousScheduler::spawn(RecurrentDecoder(graph), settings, labels)?
+                }
+                Carry::Nothing => {
+                    ContinuousScheduler::spawn(RecomputeDecoder(graph), settings, labels)?
+                }
+            }
+        }
+    };
+    Ok(Engine::Generator(scheduler))
+}
+
+fn batcher_settings(config: &Config) -> BatcherSettings {
+    let batching = &config.batching;
+    BatcherSettings {
+        limits: BatchLimits {
+            max_batch_size: batching.max_batch_size.max(1),
+            max_batch_tokens: batching.max_batch_tokens.max(1),
+            max_padding_ratio: batching.max_padding_ratio.max(0.0),
+        },
+        max_wait: Duration::from_micros(batching.max_wait_micros),
+        queue_capacity: batching.queue_capacity.max(1),
+        max_queue_time: Duration::from_millis(batching.max_queue_time_ms),
+    }
+}
+
+fn scheduler_settings(config: &Config, faults: &Arc<FaultTracker>) -> SchedulerSettings {
+    let generation = &config.generation;
+    SchedulerSettings {
+        faults: Arc::clone(faults),
+        limits: ContinuousLimits {
+            max_batch_size: generation.max_batch_size.max(1),
+            max_total_tokens: generation.max_total_tokens.max(1),
+            max_prefill_batch: generation.max_prefill_batch.max(1),
+        },
+        queue_capacity: generation.queue_capacity.max(1),
+        decode_cpus: config.runtime.decode_cpus.clone(),
+        max_queue_time: Duration::from_millis(generation.max_queue_time_ms),
+    }
+}

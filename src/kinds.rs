@@ -1,0 +1,81 @@
+//! What kinds of model and work exist: the task a request asks for, the family a model belongs
+//! to, and how an encoder pools. Plain names every layer shares, so this module imports nothing
+//! of the crate.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+/// The work a request asks of a model.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Generate,
+    Embed,
+    Classify,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Generate => "generate",
+            Task::Embed => "embed",
+            Task::Classify => "classify",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a model's graphs turn tokens into results; it decides which engine serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Causal language model, with a KV cache when the graph carries one.
+    Decoder,
+    /// Recurrent language model carrying a hidden state from step to step.
+    Rnn,
+    /// Bidirectional encoder for embeddings and classification.
+    Encoder,
+    /// An encoder read once per request and a decoder that generates from its outputs
+    /// (translation, summarization).
+    #[serde(rename = "encoder-decoder")]
+    EncoderDecoder,
+}
+
+impl Family {
+    /// The name `model.toml` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Decoder => "decoder",
+            Family::Rnn => "rnn",
+            Family::Encoder => "encoder",
+            Family::EncoderDecoder => "encoder-decoder",
+        }
+    }
+
+    /// Whether the family generates text token by token.
+    pub fn generates(self) -> bool {
+        !matches!(self, Family::Encoder)
+    }
+}
+
+/// How per-token states become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Average over the real (unpadded) tokens.
+    Mean,
+    /// The first token's state.
+    Cls,
+    /// The last real token's state.
+    Last,
+    /// The largest value of each dimension over the real tokens.
+    Max,
+}

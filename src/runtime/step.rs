@@ -1,0 +1,66 @@
+//! What every generating family does, seen from the continuous scheduler: start sequences from
+//! their prompts, advance all of them by one token, and let rows leave or join between steps.
+//! The scheduler knows nothing else about a model, so a new family is one implementation of
+//! `StepDecoder`, and the scheduler can be tested with a fake one.
+
+use std::sync::Arc;
+
+/// Why a run of a model failed. Kept typed from the session up to the gRPC status mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("onnxruntime: {0}")]
+    Onnx(#[from] ort::Error),
+    #[error("the model returned no `{0}` output")]
+    MissingOutput(String),
+    #[error("the model returned `{name}` shaped {shape:?}; expected {expected}")]
+    BadShape {
+        name: String,
+        shape: Vec<i64>,
+        expected: &'static str,
+    },
+    /// The model's scheduler ended before the sequence did (its version was unloaded mid-way
+    /// and its thread stopped, or it died).
+    #[error("the scheduler stopped")]
+    SchedulerStopped,
+    /// A bug in one step; its batch is dropped and the model goes on serving.
+    #[error("a decode step panicked: {0}")]
+    Panicked(String),
+}
+
+/// Shared by every sequence a failed run ends.
+pub type SharedRunError = Arc<RunError>;
+
+/// Rows decoded together, in the scheduler's order: row `i` of the batch is the scheduler's
+/// sequence `i`, before and after every call.
+pub trait RowBatch: Send {
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records the token chosen for row `row`; the next step feeds it.
+    fn push_token(&mut self, row: usize, token: i64);
+}
+
+/// One generating model, driven a step at a time on the scheduler's thread.
+pub trait StepDecoder: Send + 'static {
+    type Batch: RowBatch;
+
+    /// A batch with no rows.
+    fn empty(&self) -> Self::Batch;
+
+    /// Runs the prompts of new sequences; returns them as a batch and each row's next-token
+    /// logits.
+    fn prefill(&mut self, prompts: Vec<Vec<i64>>)
+    -> Result<(Self::Batch, Vec<Vec<f32>>), RunError>;
+
+    /// Feeds each row's pending token; returns every row's next-token logits.
+    fn step(&mut self, batch: &mut Self::Batch) -> Result<Vec<Vec<f32>>, RunError>;
+
+    /// Keeps the rows at `rows`, in that order.
+    fn keep(&self, batch: Self::Batch, rows: &[usize]) -> Result<Self::Batch, RunError>;
+
+    /// Appends `joining`'s rows after `running`'s.
+    fn merge(&self, running: Self::Batch, joining: Self::Batch) -> Result<Self::Batch, RunError>;
+}
