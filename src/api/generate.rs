@@ -46,6 +46,9 @@ pub fn params(request: proto::GenerateRequest) -> GenerateParams {
         seed: p.seed,
         n: p.n,
         top_logprobs: p.top_logprobs,
+        num_beams: p.num_beams,
+        length_penalty: p.length_penalty,
+        early_stopping: p.early_stopping,
     }
 }
 

@@ -17,11 +17,14 @@ use crate::runtime::step::{RowBatch, RunError, SharedRunError, StepDecoder};
 use crate::telemetry::metrics::{self, DecodeLoopMetrics, ModelLabels};
 
 /// What the driver chose at one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
-    pub token: i64,
-    /// The sequence ends with this token; it is not fed to the model.
-    pub finished: bool,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The sequence's one row goes on with `token`, or ends with it (`finished`: it is not fed
+    /// to the model).
+    Token { token: i64, finished: bool },
+    /// A beam search's rows for the next step: each continues row `parent` of this sequence
+    /// with `token`; a row may go on more than once, or not at all. Empty: the search is over.
+    Beams(Vec<(usize, i64)>),
 }
 
 /// Why a sequence left before it finished.
@@ -36,8 +39,9 @@ pub enum StopCause {
 pub trait SequenceDriver: Send {
     /// The sequence left the queue and its prompt is about to run.
     fn started(&mut self);
-    /// Chooses the next token from this sequence's logits.
-    fn next(&mut self, logits: &[f32]) -> Decision;
+    /// Chooses what comes next from the logits of each of this sequence's rows: one row, or
+    /// one per live beam.
+    fn next(&mut self, logits: &[Vec<f32>]) -> Decision;
     /// The caller went away (cancelled, disconnected, deadline passed).
     fn abandoned(&self) -> bool;
     /// The sequence was dropped before it finished.
@@ -46,7 +50,9 @@ pub trait SequenceDriver: Send {
 
 pub struct GenerationJob {
     pub prompt: Vec<i64>,
-    /// Prompt tokens plus the most this sequence may generate.
+    /// The most rows the sequence decodes at once: 1, or its beam count.
+    pub rows: usize,
+    /// Prompt tokens plus the most this sequence may generate, over all its rows.
     pub reserved_tokens: usize,
     pub driver: Box<dyn SequenceDriver>,
 }
@@ -120,7 +126,7 @@ impl ContinuousScheduler {
                     limits,
                     faults,
                     shared: thread_shared,
-                    rows: Vec::new(),
+                    active: Vec::new(),
                 }
                 .run()
             })?;
@@ -169,6 +175,7 @@ impl ContinuousScheduler {
             .into_iter()
             .map(|job| Waiting {
                 reserved_tokens: job.reserved_tokens,
+                rows: job.rows.max(1),
                 job,
             })
             .collect();
@@ -212,10 +219,12 @@ impl Drop for ContinuousScheduler {
     }
 }
 
-/// A running sequence: its driver and its token reservation.
+/// A running sequence: its driver, its token reservation, and how many batch rows it holds
+/// (they are consecutive, in the order of `Loop::active`).
 struct Active {
     driver: Box<dyn SequenceDriver>,
     reserved_tokens: usize,
+    rows: usize,
 }
 
 struct Loop<D: StepDecoder> {
@@ -224,8 +233,8 @@ struct Loop<D: StepDecoder> {
     faults: Arc<FaultTracker>,
     shared: Arc<Shared>,
     batch: D::Batch,
-    /// Row-aligned with `batch`.
-    rows: Vec<Active>,
+    /// The sequences whose rows `batch` holds, in row order.
+    active: Vec<Active>,
 }
 
 impl<D: StepDecoder> Loop<D> {
@@ -242,8 +251,8 @@ impl<D: StepDecoder> Loop<D> {
                 let error = RunError::Panicked(panic_message(&*panic));
                 tracing::error!(model = %self.shared.labels.model, version = %self.shared.labels.version, %error, "dropping its batch");
                 self.batch = self.decoder.empty();
-                let rows = std::mem::take(&mut self.rows);
-                self.fail_all(error, rows);
+                let active = std::mem::take(&mut self.active);
+                self.fail_all(error, active);
             }
         }
     }
@@ -254,11 +263,11 @@ impl<D: StepDecoder> Loop<D> {
             self.prefill(admitted);
         }
         let abandoned = self
-            .rows
+            .active
             .iter()
             .map(|active| active.driver.abandoned())
             .collect();
-        self.retire(abandoned, Some(StopCause::Cancelled));
+        self.retire(abandoned);
         if !self.batch.is_empty() {
             self.step();
         }
@@ -284,8 +293,13 @@ impl<D: StepDecoder> Loop<D> {
             }
             queue = self.shared.wake.wait(queue).expect("queue lock");
         }
-        let reserved: usize = self.rows.iter().map(|active| active.reserved_tokens).sum();
-        let admitted = queue.admit(self.rows.len(), reserved, &self.limits);
+        let reserved: usize = self
+            .active
+            .iter()
+            .map(|active| active.reserved_tokens)
+            .sum();
+        let running_rows: usize = self.active.iter().map(|active| active.rows).sum();
+        let admitted = queue.admit(running_rows, reserved, &self.limits);
         self.shared.metrics.queue_depth(queue.len());
         drop(queue);
         let clock = &self.shared.clock;
@@ -306,12 +320,13 @@ impl<D: StepDecoder> Loop<D> {
             joining.push(Active {
                 driver: job.driver,
                 reserved_tokens: waiting.reserved_tokens,
+                rows: 1,
             });
         }
         let started = Instant::now();
         let result = self.decoder.prefill(prompts);
         self.shared.metrics.prefill(started.elapsed());
-        let (mut new_batch, logits) = match result {
+        let (new_batch, logits) = match result {
             Ok(done) => done,
             Err(error) => {
                 tracing::error!(%error, "prefill failed");
@@ -319,35 +334,21 @@ impl<D: StepDecoder> Loop<D> {
             }
         };
         self.faults.succeeded();
-        let mut keep = Vec::with_capacity(joining.len());
-        for (index, (active, logits)) in joining.iter_mut().zip(&logits).enumerate() {
-            let decision = active.driver.next(logits);
-            new_batch.push_token(index, decision.token);
-            if !decision.finished {
-                keep.push(index);
-            }
-        }
-        let joining: Vec<Active> = joining
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| keep.contains(i))
-            .map(|(_, a)| a)
-            .collect();
-        let new_batch = match self.decoder.keep(new_batch, &keep) {
-            Ok(new_batch) => new_batch,
-            Err(error) => return self.fail_all(error, joining),
+        let (new_batch, joining) = match self.advance(new_batch, joining, logits) {
+            Ok(advanced) => advanced,
+            Err((error, joining)) => return self.fail_all(error, joining),
         };
         let running = std::mem::replace(&mut self.batch, self.decoder.empty());
         match self.decoder.merge(running, new_batch) {
             Ok(batch) => {
                 self.batch = batch;
-                self.rows.extend(joining);
+                self.active.extend(joining);
             }
             Err(error) => {
-                // The running batch went into the failed concat: its rows have no state left.
-                let mut rows = std::mem::take(&mut self.rows);
-                rows.extend(joining);
-                self.fail_all(error, rows);
+                // The running batch went into the failed merge: its rows have no state left.
+                let mut active = std::mem::take(&mut self.active);
+                active.extend(joining);
+                self.fail_all(error, active);
             }
         }
     }
@@ -356,61 +357,112 @@ impl<D: StepDecoder> Loop<D> {
         let started = Instant::now();
         let result = self.decoder.step(&mut self.batch);
         let took = started.elapsed();
-        self.shared.metrics.decode_step(took, self.rows.len());
+        self.shared.metrics.decode_step(took, self.batch.len());
         self.shared.clock.lock().expect("clock lock").served(took);
-        match result {
+        let batch = std::mem::replace(&mut self.batch, self.decoder.empty());
+        let active = std::mem::take(&mut self.active);
+        let advanced = match result {
             Ok(logits) => {
                 self.faults.succeeded();
-                let mut finished = vec![false; self.rows.len()];
-                for (index, (active, logits)) in self.rows.iter_mut().zip(&logits).enumerate() {
-                    let decision = active.driver.next(logits);
-                    self.batch.push_token(index, decision.token);
-                    finished[index] = decision.finished;
-                }
-                self.retire(finished, None);
+                self.advance(batch, active, logits)
             }
             Err(error) => {
                 tracing::error!(%error, "decode step failed");
-                let rows = std::mem::take(&mut self.rows);
-                self.batch = self.decoder.empty();
-                self.fail_all(error, rows);
+                Err((error, active))
             }
+        };
+        match advanced {
+            Ok((batch, active)) => {
+                self.batch = batch;
+                self.active = active;
+            }
+            Err((error, active)) => self.fail_all(error, active),
         }
     }
 
-    /// Removes the rows flagged in `leaving`, telling their drivers `cause` when given.
-    fn retire(&mut self, leaving: Vec<bool>, cause: Option<StopCause>) {
+    /// Gives each sequence its rows' logits and arranges the batch as the drivers decided:
+    /// finished sequences leave, every row that goes on gets its token, and beams are
+    /// reordered. A batch whose rows all go on in place is not copied.
+    #[allow(clippy::type_complexity)]
+    fn advance(
+        &mut self,
+        batch: D::Batch,
+        active: Vec<Active>,
+        logits: Vec<Vec<f32>>,
+    ) -> Result<(D::Batch, Vec<Active>), (RunError, Vec<Active>)> {
+        let mut keep = Vec::with_capacity(logits.len());
+        let mut tokens = Vec::with_capacity(logits.len());
+        let mut going_on = Vec::with_capacity(active.len());
+        let mut offset = 0;
+        for mut sequence in active {
+            let rows = &logits[offset..offset + sequence.rows];
+            match sequence.driver.next(rows) {
+                Decision::Token { token, finished } => {
+                    if !finished {
+                        keep.push(offset);
+                        tokens.push(token);
+                        sequence.rows = 1;
+                        going_on.push(sequence);
+                    }
+                }
+                Decision::Beams(next) => {
+                    if !next.is_empty() {
+                        for &(parent, token) in &next {
+                            debug_assert!(parent < sequence.rows, "a beam's parent is its own row");
+                            keep.push(offset + parent);
+                            tokens.push(token);
+                        }
+                        sequence.rows = next.len();
+                        going_on.push(sequence);
+                    }
+                }
+            }
+            offset += rows.len();
+        }
+        let mut batch = match self.decoder.keep(batch, &keep) {
+            Ok(batch) => batch,
+            Err(error) => return Err((error, going_on)),
+        };
+        for (row, token) in tokens.into_iter().enumerate() {
+            batch.push_token(row, token);
+        }
+        Ok((batch, going_on))
+    }
+
+    /// Removes the sequences flagged in `leaving`, telling their drivers they were cancelled.
+    fn retire(&mut self, leaving: Vec<bool>) {
         if !leaving.contains(&true) {
             return;
         }
-        let mut keep = Vec::with_capacity(self.rows.len());
-        let mut kept_rows = Vec::with_capacity(self.rows.len());
-        for (index, mut active) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+        let mut keep = Vec::with_capacity(self.batch.len());
+        let mut kept = Vec::with_capacity(self.active.len());
+        let mut offset = 0;
+        for (index, mut active) in std::mem::take(&mut self.active).into_iter().enumerate() {
+            let rows = offset..offset + active.rows;
+            offset = rows.end;
             if leaving[index] {
-                if let Some(cause) = &cause {
-                    active.driver.stopped(cause.clone());
-                }
+                active.driver.stopped(StopCause::Cancelled);
             } else {
-                keep.push(index);
-                kept_rows.push(active);
+                keep.extend(rows);
+                kept.push(active);
             }
         }
         let batch = std::mem::replace(&mut self.batch, self.decoder.empty());
         match self.decoder.keep(batch, &keep) {
             Ok(batch) => {
                 self.batch = batch;
-                self.rows = kept_rows;
+                self.active = kept;
             }
-            Err(error) => self.fail_all(error, kept_rows),
+            Err(error) => self.fail_all(error, kept),
         }
     }
 
-    /// Ends `rows` with a failure. Each call is one failed run for the fault tracker.
-    fn fail_all(&mut self, error: RunError, rows: Vec<Active>) {
+    /// Ends `sequences` with a failure. Each call is one failed run for the fault tracker.
+    fn fail_all(&mut self, error: RunError, sequences: Vec<Active>) {
         self.faults
             .failed(&self.shared.labels.model, &error.to_string());
         let error = Arc::new(error);
-        for mut active in rows {
+        for mut active in sequences {
             active.driver.stopped(StopCause::Failed(Arc::clone(&error)));
         }
     }

@@ -18,6 +18,8 @@ pub struct ContinuousLimits {
 #[derive(Debug)]
 pub struct Waiting<T> {
     pub job: T,
+    /// The most batch rows it holds at once (its beams).
+    pub rows: usize,
     /// Prompt tokens plus the most it may generate: what it can hold at its longest.
     pub reserved_tokens: usize,
 }
@@ -72,7 +74,7 @@ impl<T> AdmissionQueue<T> {
         removed
     }
 
-    /// Takes the sequences that may join a batch of `running` sequences holding `running_tokens`,
+    /// Takes the sequences that may join a batch of `running` rows holding `running_tokens`,
     /// first come first served: the queue's head is never overtaken, so nothing starves.
     pub fn admit(
         &mut self,
@@ -83,13 +85,14 @@ impl<T> AdmissionQueue<T> {
         let mut admitted = Vec::new();
         let (mut rows, mut tokens) = (running, running_tokens);
         while let Some(head) = self.queue.front() {
-            let fits_rows = rows < limits.max_batch_size.max(1);
+            // An empty batch takes the head whatever its beam count, so it can make progress.
+            let fits_rows = rows + head.rows <= limits.max_batch_size.max(1) || rows == 0;
             // An empty batch always takes one sequence, however long, so it can make progress.
             let fits_tokens = tokens + head.reserved_tokens <= limits.max_total_tokens || rows == 0;
             if !fits_rows || !fits_tokens || admitted.len() >= limits.max_prefill_batch.max(1) {
                 break;
             }
-            rows += 1;
+            rows += head.rows;
             tokens += head.reserved_tokens;
             admitted.push(self.queue.pop_front().expect("head exists"));
         }
@@ -110,6 +113,7 @@ mod tests {
     fn waiting(job: u32, reserved_tokens: usize) -> Waiting<u32> {
         Waiting {
             job,
+            rows: 1,
             reserved_tokens,
         }
     }
@@ -138,6 +142,27 @@ mod tests {
         assert_eq!(jobs(queue.admit(0, 0, &LIMITS)), vec![0]);
         assert_eq!(jobs(queue.admit(1, 60, &LIMITS)), Vec::<u32>::new());
         assert_eq!(jobs(queue.admit(0, 0, &LIMITS)), vec![1, 2]);
+    }
+
+    #[test]
+    fn beams_count_as_rows_against_the_batch_size() {
+        let mut queue = AdmissionQueue::new(10);
+        let beams = |job, rows| Waiting {
+            job,
+            rows,
+            reserved_tokens: 1,
+        };
+        queue
+            .append(vec![beams(0, 2), beams(1, 2), beams(2, 1)])
+            .unwrap();
+        // Two rows run: a two-beam search fits the batch of three only alone.
+        assert_eq!(jobs(queue.admit(1, 0, &LIMITS)), vec![0]);
+        assert_eq!(jobs(queue.admit(3, 0, &LIMITS)), Vec::<u32>::new());
+        // An empty batch takes a search wider than the batch size rather than stall.
+        queue.append(vec![beams(3, 5)]).unwrap();
+        assert_eq!(jobs(queue.admit(0, 0, &LIMITS)), vec![1, 2]);
+        assert_eq!(jobs(queue.admit(1, 0, &LIMITS)), Vec::<u32>::new());
+        assert_eq!(jobs(queue.admit(0, 0, &LIMITS)), vec![3]);
     }
 
     #[test]

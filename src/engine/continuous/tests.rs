@@ -169,7 +169,8 @@ struct TestDriver {
 impl SequenceDriver for TestDriver {
     fn started(&mut self) {}
 
-    fn next(&mut self, logits: &[f32]) -> Decision {
+    fn next(&mut self, rows: &[Vec<f32>]) -> Decision {
+        let logits = rows[0].as_slice();
         let token = logits
             .iter()
             .enumerate()
@@ -187,7 +188,7 @@ impl SequenceDriver for TestDriver {
                 .report
                 .send((self.id, Outcome::Done(self.tokens.clone())));
         }
-        Decision { token, finished }
+        Decision::Token { token, finished }
     }
 
     fn abandoned(&self) -> bool {
@@ -278,6 +279,7 @@ impl Harness {
         };
         let place = self.scheduler.admit(1, steps, None).unwrap();
         let job = GenerationJob {
+            rows: 1,
             reserved_tokens: prompt.len() + steps,
             prompt,
             driver: Box::new(driver),
@@ -451,4 +453,88 @@ fn a_panicking_step_drops_its_batch_not_the_scheduler() {
     }
     h.submit(1, prompt(1, 2), 6, None);
     assert_done(&h.outcomes(1)[0], &expected(&prompt(1, 2), 6));
+}
+
+/// Holds three beams that swap, copy and drop each other's rows every step, and checks each
+/// row's logits come from that beam's own history.
+struct ShufflingBeams {
+    histories: Vec<Vec<i64>>,
+    steps_left: usize,
+    report: Sender<(usize, Outcome)>,
+}
+
+impl SequenceDriver for ShufflingBeams {
+    fn started(&mut self) {}
+
+    fn next(&mut self, rows: &[Vec<f32>]) -> Decision {
+        assert_eq!(rows.len(), self.histories.len(), "one row per beam");
+        for (row, history) in rows.iter().zip(&self.histories) {
+            assert_eq!(
+                row,
+                &one_hot(next_token(history)),
+                "row logits belong to another beam"
+            );
+        }
+        self.steps_left -= 1;
+        if self.steps_left == 0 {
+            let best = self.histories[0].clone();
+            let _ = self.report.send((0, Outcome::Done(best)));
+            return Decision::Beams(Vec::new());
+        }
+        // Parents: the last beam twice (once with its predicted token, once another), then the
+        // first; the middle one is dropped.
+        let last = self.histories.len() - 1;
+        let parents = [last, last, 0];
+        let next: Vec<(usize, i64)> = parents
+            .iter()
+            .enumerate()
+            .map(|(i, &parent)| {
+                (
+                    parent,
+                    1 + (next_token(&self.histories[parent]) + i as i64) % 40,
+                )
+            })
+            .collect();
+        self.histories = next
+            .iter()
+            .map(|&(parent, token)| {
+                let mut history = self.histories[parent].clone();
+                history.push(token);
+                history
+            })
+            .collect();
+        Decision::Beams(next)
+    }
+
+    fn abandoned(&self) -> bool {
+        false
+    }
+
+    fn stopped(&mut self, cause: StopCause) {
+        let _ = self.report.send((0, Outcome::Failed(format!("{cause:?}"))));
+    }
+}
+
+#[test]
+fn beams_reorder_and_copy_rows_with_their_state() {
+    let h = harness(8, Duration::ZERO);
+    // A plain sequence runs beside the beams, so their rows move around it.
+    h.submit(1, prompt(5, 3), 12, None);
+    let start = prompt(9, 4);
+    let driver = ShufflingBeams {
+        histories: vec![start.clone()],
+        steps_left: 10,
+        report: h.report.clone(),
+    };
+    let place = h.scheduler.admit(1, 10, None).unwrap();
+    let job = GenerationJob {
+        rows: 3,
+        reserved_tokens: 3 * (start.len() + 10),
+        prompt: start,
+        driver: Box::new(driver),
+    };
+    h.scheduler.submit(vec![job], place).unwrap();
+    let outcomes = h.outcomes(2);
+    assert!(matches!(outcomes[0], Outcome::Done(_)), "{:?}", outcomes[0]);
+    assert_done(&outcomes[1], &expected(&prompt(5, 3), 12));
 }

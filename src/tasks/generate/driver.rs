@@ -158,7 +158,8 @@ impl SequenceDriver for Driver {
         });
     }
 
-    fn next(&mut self, logits: &[f32]) -> Decision {
+    fn next(&mut self, rows: &[Vec<f32>]) -> Decision {
+        let logits = rows[0].as_slice();
         let banned: &[i64] = if self.generated < self.rules.min_new_tokens {
             &self.rules.stop_ids
         } else {
@@ -202,7 +203,7 @@ impl SequenceDriver for Driver {
                 text,
                 stop_sequence: None,
             });
-            return Decision {
+            return Decision::Token {
                 token,
                 finished: true,
             };
@@ -223,7 +224,7 @@ impl SequenceDriver for Driver {
                 text: String::new(),
                 stop_sequence: Some(stop),
             });
-            return Decision {
+            return Decision::Token {
                 token,
                 finished: true,
             };
@@ -237,12 +238,12 @@ impl SequenceDriver for Driver {
                 text,
                 stop_sequence: None,
             });
-            return Decision {
+            return Decision::Token {
                 token,
                 finished: true,
             };
         }
-        Decision {
+        Decision::Token {
             token,
             finished: false,
         }
@@ -271,6 +272,10 @@ impl SequenceDriver for Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn finished(decision: Decision) -> bool {
+        matches!(decision, Decision::Token { finished: true, .. })
+    }
     use crate::tasks::generate::sampling::SamplingConfig;
     use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -320,10 +325,10 @@ mod tests {
     fn a_stream_gets_every_token_at_once() {
         let (mut driver, mut events) = driver(Delivery::Stream, 3);
         for token in [100, 101] {
-            assert!(!driver.next(&pointing_at(token)).finished);
+            assert!(!finished(driver.next(&[pointing_at(token)])));
             assert_eq!(token_ids(&drain(&mut events)), vec![token as u32]);
         }
-        assert!(driver.next(&pointing_at(102)).finished);
+        assert!(finished(driver.next(&[pointing_at(102)])));
         let last = drain(&mut events);
         assert_eq!(token_ids(&last), vec![102]);
         assert!(matches!(
@@ -338,13 +343,13 @@ mod tests {
     #[test]
     fn a_collected_sequence_sends_its_first_token_then_the_rest_at_the_end() {
         let (mut driver, mut events) = driver(Delivery::Collect, 4);
-        driver.next(&pointing_at(100));
+        driver.next(&[pointing_at(100)]);
         assert_eq!(token_ids(&drain(&mut events)), vec![100]);
         for token in [101, 102] {
-            driver.next(&pointing_at(token));
+            driver.next(&[pointing_at(token)]);
             assert!(drain(&mut events).is_empty());
         }
-        assert!(driver.next(&pointing_at(103)).finished);
+        assert!(finished(driver.next(&[pointing_at(103)])));
         let rest = drain(&mut events);
         assert_eq!(token_ids(&rest), vec![101, 102, 103]);
         assert!(matches!(rest.last(), Some(Event::Finished { .. })));
@@ -354,7 +359,7 @@ mod tests {
     fn held_tokens_go_out_before_a_cancellation() {
         let (mut driver, mut events) = driver(Delivery::Collect, 10);
         for token in [100, 101, 102] {
-            driver.next(&pointing_at(token));
+            driver.next(&[pointing_at(token)]);
         }
         driver.stopped(StopCause::Cancelled);
         let all = drain(&mut events);

@@ -1,6 +1,7 @@
 //! Generate: validate, tokenize the prompt, hand one driver per sequence to the model's
 //! continuous scheduler, and follow the events it sends back — as a stream, or collected.
 
+pub mod beam;
 pub mod driver;
 pub mod params;
 pub mod sampling;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use self::beam::{BeamDriver, BeamSearch};
 use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRules};
 use self::params::{GenerateParams, Prompt};
 use self::sampling::Sampler;
@@ -270,7 +272,13 @@ async fn start_on(
         Err(error) => return Err(finish_early(request, error)),
     };
     // Before tokenizing: a request the queue cannot serve in time costs nothing more.
-    let place = match scheduler.admit(checked.n, checked.max_new_tokens, deadline) {
+    // A beam search is one sequence of the scheduler, whatever its n.
+    let queued = if checked.beams.is_some() {
+        1
+    } else {
+        checked.n
+    };
+    let place = match scheduler.admit(queued, checked.max_new_tokens, deadline) {
         Ok(place) => place,
         Err(error) => return Err(finish_early(request, error)),
     };
@@ -334,29 +342,53 @@ async fn start_on(
     let (sender, events) = mpsc::unbounded_channel();
     let vocab = model.vocab_size;
     let context_u32: Vec<u32> = target_context.iter().map(|&id| id as u32).collect();
-    let jobs = (0..checked.n)
-        .map(|index| {
-            let seed = checked
-                .seed
-                .map_or_else(rand::random, |seed| seed.wrapping_add(index as u64));
-            let sampler = Sampler::new(checked.sampling.clone(), seed, vocab, &target_context);
-            let text = TextStream::new(&context_u32, checked.stop.clone());
-            let driver = Driver::new(
-                index,
-                sampler,
-                text,
-                Arc::clone(&model.tokenizer),
-                rules.clone(),
-                sender.clone(),
-                delivery,
+    let jobs = match checked.beams {
+        Some(beams) => {
+            let search = BeamSearch::new(
+                beams,
+                max_new_tokens,
+                rules.min_new_tokens,
+                rules.stop_ids.clone(),
             );
-            GenerationJob {
+            let driver = BeamDriver::new(
+                search,
+                checked.n,
+                context_u32,
+                Arc::clone(&model.tokenizer),
+                sender.clone(),
+            );
+            vec![GenerationJob {
+                rows: beams.num_beams,
+                reserved_tokens: beams.num_beams * (prompt.len() + max_new_tokens),
                 prompt: prompt.clone(),
-                reserved_tokens: prompt.len() + max_new_tokens,
                 driver: Box::new(driver),
-            }
-        })
-        .collect();
+            }]
+        }
+        None => (0..checked.n)
+            .map(|index| {
+                let seed = checked
+                    .seed
+                    .map_or_else(rand::random, |seed| seed.wrapping_add(index as u64));
+                let sampler = Sampler::new(checked.sampling.clone(), seed, vocab, &target_context);
+                let text = TextStream::new(&context_u32, checked.stop.clone());
+                let driver = Driver::new(
+                    index,
+                    sampler,
+                    text,
+                    Arc::clone(&model.tokenizer),
+                    rules.clone(),
+                    sender.clone(),
+                    delivery,
+                );
+                GenerationJob {
+                    rows: 1,
+                    prompt: prompt.clone(),
+                    reserved_tokens: prompt.len() + max_new_tokens,
+                    driver: Box::new(driver),
+                }
+            })
+            .collect(),
+    };
     let submitted = Instant::now();
     if let Err(error) = scheduler.submit(jobs, place) {
         return Err(finish_early(request, error));

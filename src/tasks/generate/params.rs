@@ -1,6 +1,7 @@
 //! Generation parameters as a client sends them, and their validation: every bad value is an
 //! INVALID_ARGUMENT naming the field, the limit and the value.
 
+use super::beam::{BeamConfig, EarlyStopping};
 use super::sampling::SamplingConfig;
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
@@ -37,6 +38,10 @@ pub struct GenerateParams {
     pub seed: Option<u64>,
     pub n: u32,
     pub top_logprobs: u32,
+    pub num_beams: u32,
+    pub length_penalty: Option<f32>,
+    /// The wire's `EarlyStopping` value, checked with the rest.
+    pub early_stopping: i32,
 }
 
 /// The model-independent part of a request, checked.
@@ -52,6 +57,8 @@ pub struct Checked {
     pub seed: Option<u64>,
     pub n: usize,
     pub top_logprobs: usize,
+    /// Beam search instead of one token at a time, when asked for with more than one beam.
+    pub beams: Option<BeamConfig>,
 }
 
 fn check_unit_interval(field: &str, value: Option<f32>) -> Result<f32> {
@@ -222,7 +229,9 @@ impl GenerateParams {
             )?,
             presence_penalty: check_penalty("parameters.presence_penalty", self.presence_penalty)?,
         };
+        let beams = self.check_beams(&sampling, n, limits)?;
         Ok(Checked {
+            beams,
             sampling,
             max_new_tokens,
             min_new_tokens,
@@ -233,6 +242,90 @@ impl GenerateParams {
             n,
             top_logprobs: self.top_logprobs as usize,
         })
+    }
+}
+
+impl GenerateParams {
+    /// A beam search's settings, and what it cannot be combined with.
+    fn check_beams(
+        &self,
+        sampling: &SamplingConfig,
+        n: usize,
+        limits: &GenerationConfig,
+    ) -> Result<Option<BeamConfig>> {
+        let early_stopping = match self.early_stopping {
+            0 | 2 => EarlyStopping::Heuristic,
+            1 => EarlyStopping::FirstBeams,
+            3 => EarlyStopping::Never,
+            other => {
+                return Err(Error::invalid(
+                    "parameters.early_stopping",
+                    format!("unknown value {other}; known: 0 to 3"),
+                ));
+            }
+        };
+        let length_penalty = match self.length_penalty {
+            None => 1.0,
+            Some(p) if p.is_finite() => p,
+            Some(p) => {
+                return Err(Error::invalid(
+                    "parameters.length_penalty",
+                    format!("must be a finite number; got {p}"),
+                ));
+            }
+        };
+        let num_beams = self.num_beams as usize;
+        if num_beams <= 1 {
+            return Ok(None);
+        }
+        let beam = |field: &str, message: String| Err(Error::invalid(field, message));
+        if num_beams > limits.max_sequences {
+            return beam(
+                "parameters.num_beams",
+                format!("{num_beams} is over the limit of {}", limits.max_sequences),
+            );
+        }
+        if n > num_beams {
+            return beam(
+                "parameters.n",
+                format!("{n} sequences from {num_beams} beams: n is at most num_beams"),
+            );
+        }
+        if sampling.do_sample {
+            return beam(
+                "parameters.do_sample",
+                format!(
+                    "beam search ({num_beams} beams) chooses the most likely tokens; leave do_sample false"
+                ),
+            );
+        }
+        let unsupported = [
+            ("parameters.top_logprobs", self.top_logprobs != 0),
+            ("parameters.stop", !self.stop.is_empty()),
+            (
+                "parameters.repetition_penalty",
+                sampling.repetition_penalty != 1.0,
+            ),
+            (
+                "parameters.frequency_penalty",
+                sampling.frequency_penalty != 0.0,
+            ),
+            (
+                "parameters.presence_penalty",
+                sampling.presence_penalty != 0.0,
+            ),
+        ];
+        if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return beam(
+                field,
+                format!("is not available with beam search ({num_beams} beams); leave it unset"),
+            );
+        }
+        Ok(Some(BeamConfig {
+            num_beams,
+            length_penalty,
+            early_stopping,
+        }))
     }
 }
 
