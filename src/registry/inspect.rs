@@ -7,9 +7,9 @@ use std::fmt::Write;
 use std::path::Path;
 
 use super::hf::HfFiles;
-use super::loader;
 use super::manifest::{Family, MANIFEST_FILE, Manifest};
 use super::settings::SettingRow;
+use super::{loader, seq2seq};
 use crate::config::ModelRuntime;
 use crate::error::Task;
 use crate::runtime::{GraphIo, TensorSpec};
@@ -28,6 +28,9 @@ pub fn inspect(environment: &ort::environment::Environment, dir: &Path) -> anyho
         execution_providers: vec!["cpu".into()],
         required_provider: None,
     };
+    if seq2seq::is_encoder_decoder(dir) {
+        return inspect_encoder_decoder(environment, dir, &runtime);
+    }
     let pool = loader::open_graph(environment, dir, &runtime)?;
     let graph = pool.graph().clone();
     let mut text = String::new();
@@ -69,6 +72,67 @@ pub fn inspect(environment: &ort::environment::Environment, dir: &Path) -> anyho
         Ok(parts) => {
             writeln!(text, "\nsettings:")?;
             write_settings(&mut text, &parts.settings.rows());
+            writeln!(text, "\nresult: loads and runs")?;
+            true
+        }
+        Err(error) => {
+            writeln!(text, "\nresult: does not load: {error:#}")?;
+            false
+        }
+    };
+    Ok(Report { text, loads })
+}
+
+/// An encoder-decoder's folder: every graph its layout uses, its manifest (or the two lines an
+/// optimum export needs), its settings and whether it loads.
+fn inspect_encoder_decoder(
+    environment: &ort::environment::Environment,
+    dir: &Path,
+    runtime: &ModelRuntime,
+) -> anyhow::Result<Report> {
+    let mut text = String::new();
+    writeln!(text, "folder: {}", dir.display())?;
+    let manifest = if dir.join(MANIFEST_FILE).is_file() {
+        writeln!(text, "\nmanifest ({MANIFEST_FILE}):")?;
+        for line in std::fs::read_to_string(dir.join(MANIFEST_FILE))?.lines() {
+            writeln!(text, "  {line}")?;
+        }
+        Manifest::read(dir)
+    } else {
+        let inferred = "family = \"encoder-decoder\"\ntasks = [\"generate\"]\n";
+        writeln!(
+            text,
+            "\nmanifest (none in the folder; an optimum seq2seq export needs only this, save it as {MANIFEST_FILE}):"
+        )?;
+        for line in inferred.lines() {
+            writeln!(text, "  {line}")?;
+        }
+        Manifest::parse(inferred)
+    };
+    let pools = manifest.and_then(|manifest| {
+        let pools = seq2seq::open(environment, &manifest, dir, runtime)?;
+        Ok((manifest, pools))
+    });
+    let (manifest, pools) = match pools {
+        Ok(opened) => opened,
+        Err(error) => {
+            writeln!(text, "\nresult: does not load: {error:#}")?;
+            return Ok(Report { text, loads: false });
+        }
+    };
+    for (role, graph) in pools.graphs() {
+        writeln!(text)?;
+        write_tensors(&mut text, &format!("{role} inputs"), &graph.inputs);
+        write_tensors(&mut text, &format!("{role} outputs"), &graph.outputs);
+    }
+    let prepared = HfFiles::read(dir).and_then(|files| {
+        let tokenizer = loader::read_tokenizer(dir, &manifest)?;
+        seq2seq::prepare(&manifest, &files, &tokenizer, pools)
+    });
+    let loads = match prepared {
+        Ok((_, _, settings, _)) => {
+            writeln!(text, "\nsettings:")?;
+            write_settings(&mut text, &settings.rows());
             writeln!(text, "\nresult: loads and runs")?;
             true
         }

@@ -127,6 +127,19 @@ impl Files {
     }
 }
 
+/// Whether `dir` holds an encoder-decoder: its manifest says so, or it has no manifest and no
+/// model.onnx but optimum's encoder_model.onnx.
+pub fn is_encoder_decoder(dir: &Path) -> bool {
+    match Manifest::read(dir) {
+        Ok(manifest) => manifest.family == crate::kinds::Family::EncoderDecoder,
+        Err(_) => {
+            !dir.join(super::manifest::MANIFEST_FILE).is_file()
+                && !dir.join(super::manifest::MODEL_FILE).is_file()
+                && dir.join(ENCODER_FILE).is_file()
+        }
+    }
+}
+
 /// The sessions of an encoder-decoder's graphs.
 pub struct Seq2SeqPools {
     files: Files,
@@ -135,6 +148,45 @@ pub struct Seq2SeqPools {
     pub first: Option<Arc<SessionPool>>,
     /// The graph every later step runs; with the merged export, every step.
     pub step: SessionPool,
+}
+
+impl Seq2SeqPools {
+    /// Each graph with what it does, for a person reading them.
+    pub fn graphs(&self) -> Vec<(String, &GraphIo)> {
+        let name = |file: &Path| file.display().to_string();
+        match &self.files {
+            Files::Step { encoder, step } => vec![
+                (format!("encoder ({})", name(encoder)), self.encoder.graph()),
+                (format!("decoder step ({})", name(step)), self.step.graph()),
+            ],
+            Files::Split {
+                encoder,
+                first,
+                step,
+            } => {
+                let mut graphs =
+                    vec![(format!("encoder ({})", name(encoder)), self.encoder.graph())];
+                if let Some(first_pool) = &self.first {
+                    graphs.push((
+                        format!("first decoder step ({})", name(first)),
+                        first_pool.graph(),
+                    ));
+                }
+                graphs.push((
+                    format!("later decoder steps ({})", name(step)),
+                    self.step.graph(),
+                ));
+                graphs
+            }
+            Files::Merged { encoder, merged } => vec![
+                (format!("encoder ({})", name(encoder)), self.encoder.graph()),
+                (
+                    format!("merged decoder ({})", name(merged)),
+                    self.step.graph(),
+                ),
+            ],
+        }
+    }
 }
 
 /// Opens every graph the version's layout uses.

@@ -1,0 +1,247 @@
+//! Encoder-decoder models from optimum's export, against what transformers generates for the
+//! same weights: an untrained MarianMT (tests/fixtures/seq2seq, built by bench/seq2seq/build.py)
+//! in the split layout (encoder, decoder, decoder with past) and the merged one. The references
+//! came from transformers' `generate` on the PyTorch model and were checked equal to optimum's
+//! ORTModelForSeq2SeqLM and to a plain onnxruntime loop over the same files.
+
+mod common;
+
+use common::{ServerOptions, TestServer, root};
+use futures::StreamExt;
+use futures::future::join_all;
+use lmserve::api::proto::generate_request::Prompt;
+use lmserve::api::proto::{
+    EarlyStopping, GenerateRequest, GenerateResponse, GenerationParameters, TokenizeRequest,
+};
+use serde_json::Value;
+use tonic::Code;
+
+const MODELS: [&str; 2] = ["marian-tiny-untrained", "marian-tiny-untrained-merged"];
+
+fn fixtures() -> std::path::PathBuf {
+    root().join("tests/fixtures/seq2seq")
+}
+
+fn reference() -> Value {
+    let path = fixtures().join("marian-tiny-untrained/1/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn cases() -> Vec<Value> {
+    reference()["cases"].as_array().unwrap().clone()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect()
+}
+
+async fn serve() -> TestServer {
+    TestServer::start_with(ServerOptions {
+        repository: fixtures(),
+        ..Default::default()
+    })
+    .await
+}
+
+fn request(model: &str, source: &str, num_beams: u32) -> GenerateRequest {
+    let max_new_tokens = reference()["max_new_tokens"].as_u64().unwrap() as u32;
+    GenerateRequest {
+        model: model.into(),
+        prompt: Some(Prompt::Text(source.into())),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(max_new_tokens),
+            num_beams,
+            // The references were made with transformers' early_stopping=True.
+            early_stopping: EarlyStopping::FirstBeams as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn generated(response: &GenerateResponse) -> Vec<u32> {
+    response.sequences[0]
+        .tokens
+        .iter()
+        .map(|token| token.id)
+        .collect()
+}
+
+/// transformers' beam score: the summed log-probabilities over the generated length.
+fn score(response: &GenerateResponse) -> f32 {
+    let tokens = &response.sequences[0].tokens;
+    tokens.iter().map(|token| token.logprob).sum::<f32>() / tokens.len() as f32
+}
+
+#[tokio::test]
+async fn sources_are_read_as_transformers_tokenizes_them() {
+    let server = serve().await;
+    let mut client = server.inference().await;
+    for case in cases() {
+        let tokens = client
+            .tokenize(TokenizeRequest {
+                model: MODELS[0].into(),
+                text: case["source"].as_str().unwrap().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got: Vec<u32> = tokens.tokens.iter().map(|token| token.id).collect();
+        assert_eq!(got, ids(&case["source_ids"]), "ends with </s> as Marian's do");
+    }
+}
+
+#[tokio::test]
+async fn greedy_and_beam_search_give_transformers_tokens_in_both_layouts() {
+    let server = serve().await;
+    let mut client = server.inference().await;
+    for model in MODELS {
+        for case in cases() {
+            let source = case["source"].as_str().unwrap();
+            let greedy = client
+                .generate(request(model, source, 1))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(generated(&greedy), ids(&case["greedy"]["ids"]), "{model}: {source}");
+            assert_eq!(
+                greedy.prompt_tokens as usize,
+                ids(&case["source_ids"]).len()
+            );
+            let beam = client
+                .generate(request(model, source, 4))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(generated(&beam), ids(&case["beam"]["ids"]), "{model}: {source}");
+            let expected = case["beam"]["score"].as_f64().unwrap() as f32;
+            assert!(
+                (score(&beam) - expected).abs() < 1e-4,
+                "{model}: score {} against transformers' {expected}",
+                score(&beam)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_sources_batch_together_without_changing_a_token() {
+    // Sources of different lengths share the encoder's run and the decoder's steps; rows at
+    // different positions (optimum's graphs take no decoder mask) run apart.
+    let server = serve().await;
+    let client = server.inference().await;
+    let mut calls = Vec::new();
+    for round in 0..2 {
+        for model in MODELS {
+            for case in cases() {
+                let beams = if round == 0 { 1 } else { 4 };
+                let want = if beams == 1 {
+                    ids(&case["greedy"]["ids"])
+                } else {
+                    ids(&case["beam"]["ids"])
+                };
+                let source = case["source"].as_str().unwrap().to_owned();
+                let mut client = client.clone();
+                calls.push(async move {
+                    let response = client
+                        .generate(request(model, &source, beams))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    (model, beams, source, generated(&response), want)
+                });
+            }
+        }
+    }
+    for (model, beams, source, got, want) in join_all(calls).await {
+        assert_eq!(got, want, "{model} with {beams} beams: {source}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_carries_the_unary_text_and_tokens() {
+    let server = serve().await;
+    let mut client = server.inference().await;
+    let case = &cases()[0];
+    let source = case["source"].as_str().unwrap();
+    for beams in [1, 3] {
+        let unary = client
+            .generate(request(MODELS[0], source, beams))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut stream = client
+            .generate_stream(request(MODELS[0], source, beams))
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut text, mut tokens) = (String::new(), Vec::new());
+        while let Some(message) = stream.next().await {
+            let message = message.unwrap();
+            text.push_str(&message.text);
+            tokens.extend(message.token.map(|token| token.id));
+        }
+        assert_eq!(text, unary.sequences[0].text, "{beams} beams");
+        assert_eq!(tokens, generated(&unary), "{beams} beams");
+    }
+}
+
+#[tokio::test]
+async fn beam_search_returns_the_n_best_and_refuses_what_it_cannot_honour() {
+    let server = serve().await;
+    let mut client = server.inference().await;
+    let source = cases()[1]["source"].as_str().unwrap().to_owned();
+    let mut two = request(MODELS[0], &source, 4);
+    two.parameters.as_mut().unwrap().n = 2;
+    let response = client.generate(two).await.unwrap().into_inner();
+    assert_eq!(response.sequences.len(), 2);
+    assert_eq!(generated(&response), ids(&cases()[1]["beam"]["ids"]));
+    assert_ne!(response.sequences[0].tokens, response.sequences[1].tokens);
+
+    let refusals: [(&str, fn(&mut GenerationParameters)); 5] = [
+        ("parameters.do_sample", |p| p.do_sample = Some(true)),
+        ("parameters.n", |p| p.n = 5),
+        ("parameters.early_stopping", |p| p.early_stopping = 9),
+        ("parameters.top_logprobs", |p| p.top_logprobs = 2),
+        ("parameters.num_beams", |p| p.num_beams = 1000),
+    ];
+    for (field, change) in refusals {
+        let mut bad = request(MODELS[0], &source, 4);
+        change(bad.parameters.as_mut().unwrap());
+        let status = client.generate(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}");
+        assert!(status.message().contains(field), "{field}: {}", status.message());
+    }
+}
+
+#[test]
+fn inspect_shows_every_graph_and_what_an_export_without_a_manifest_needs() {
+    let folder = tempfile::tempdir().unwrap();
+    let export = folder.path().join("1");
+    common::copy_dir(&fixtures().join("marian-tiny-untrained/1"), &export);
+    std::fs::remove_file(export.join("model.toml")).unwrap();
+    let (loads, text) = common::run_to_exit(&["inspect", export.to_str().unwrap()], &[]);
+    assert!(loads, "{text}");
+    for expected in [
+        "family = \"encoder-decoder\"",
+        "first decoder step (decoder_model.onnx) inputs",
+        "later decoder steps (decoder_with_past_model.onnx) inputs",
+        "past_key_values.0.encoder.key",
+        "decoder_start_token_id",
+        "result: loads and runs",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+    }
+
+    // Without the later-step graph, the folder says which files it lacks.
+    std::fs::remove_file(export.join("decoder_with_past_model.onnx")).unwrap();
+    let (loads, text) = common::run_to_exit(&["inspect", export.to_str().unwrap()], &[]);
+    assert!(!loads, "{text}");
+    assert!(text.contains("decoder_with_past_model.onnx"), "{text}");
+}
