@@ -192,6 +192,9 @@ async fn a_stream_carries_the_unary_text_and_tokens() {
     }
 }
 
+/// One way to spoil a request's parameters.
+type Change = fn(&mut GenerationParameters);
+
 #[tokio::test]
 async fn beam_search_returns_the_n_best_and_refuses_what_it_cannot_honour() {
     let server = serve().await;
@@ -204,7 +207,7 @@ async fn beam_search_returns_the_n_best_and_refuses_what_it_cannot_honour() {
     assert_eq!(generated(&response), ids(&cases()[1]["beam"]["ids"]));
     assert_ne!(response.sequences[0].tokens, response.sequences[1].tokens);
 
-    let refusals: [(&str, fn(&mut GenerationParameters)); 5] = [
+    let refusals: [(&str, Change); 5] = [
         ("parameters.do_sample", |p| p.do_sample = Some(true)),
         ("parameters.n", |p| p.n = 5),
         ("parameters.early_stopping", |p| p.early_stopping = 9),
