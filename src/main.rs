@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
 use lmserve::api::client;
-use lmserve::api::proto::GenerationParameters;
+use lmserve::api::proto::{EarlyStopping, GenerationParameters};
 use lmserve::config::{Config, LogFormat};
 
 #[derive(Parser)]
@@ -160,7 +160,16 @@ struct GenerateArgs {
     max_new_tokens: u32,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// The prompt.
+    /// Beam search with this many beams (1: none); the text arrives when the search ends.
+    #[arg(long, default_value_t = 1)]
+    num_beams: u32,
+    /// Beam search: finished candidates score sum(log p) / length^length_penalty.
+    #[arg(long)]
+    length_penalty: Option<f32>,
+    /// Beam search: stop as soon as num_beams candidates have finished.
+    #[arg(long)]
+    early_stopping: bool,
+    /// The prompt (for a translation or summarization model, the source text).
     prompt: String,
 }
 
@@ -293,12 +302,24 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
-        Command::Generate(args) => run_client(client::inference::generate(
-            &args.server.target(),
-            args.model,
-            args.prompt,
-            args.sampling.parameters(args.max_new_tokens),
-        )),
+        Command::Generate(args) => {
+            let parameters = GenerationParameters {
+                num_beams: args.num_beams,
+                length_penalty: args.length_penalty,
+                early_stopping: if args.early_stopping {
+                    EarlyStopping::FirstBeams as i32
+                } else {
+                    EarlyStopping::Unspecified as i32
+                },
+                ..args.sampling.parameters(args.max_new_tokens)
+            };
+            run_client(client::inference::generate(
+                &args.server.target(),
+                args.model,
+                args.prompt,
+                parameters,
+            ))
+        }
         Command::Chat(args) => {
             let options = client::chat::ChatOptions {
                 model: args.model,

@@ -7,6 +7,7 @@ use futures::StreamExt;
 use super::{Connection, Target, status};
 use crate::api::proto::generate_request::Prompt;
 use crate::api::proto::inference_client::InferenceClient;
+use crate::api::proto::models_client::ModelsClient;
 use crate::api::proto::{self, GenerationParameters};
 
 async fn connect(target: &Target) -> anyhow::Result<InferenceClient<Connection>> {
@@ -20,6 +21,8 @@ pub async fn generate(
     prompt: String,
     parameters: GenerationParameters,
 ) -> anyhow::Result<()> {
+    // A continuation follows its prompt on screen; a translation stands on its own.
+    let echo_prompt = !is_encoder_decoder(target, &model).await;
     let mut client = connect(target).await?;
     let request = proto::GenerateRequest {
         model,
@@ -34,8 +37,10 @@ pub async fn generate(
         .map_err(status)?
         .into_inner();
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{prompt}")?;
-    stdout.flush()?;
+    if echo_prompt {
+        write!(stdout, "{prompt}")?;
+        stdout.flush()?;
+    }
     let mut summary = None;
     while let Some(message) = stream.next().await {
         let message = message.map_err(status)?;
@@ -58,6 +63,25 @@ pub async fn generate(
         );
     }
     Ok(())
+}
+
+/// Whether `model` names an encoder-decoder (its newest version's family). A route, or a
+/// server that will not say, counts as not.
+async fn is_encoder_decoder(target: &Target, model: &str) -> bool {
+    let Ok(connection) = target.connect().await else {
+        return false;
+    };
+    let name = model.split('@').next().unwrap_or(model).to_owned();
+    let Ok(info) = ModelsClient::new(connection)
+        .get_model(proto::GetModelRequest { name })
+        .await
+    else {
+        return false;
+    };
+    info.into_inner()
+        .versions
+        .last()
+        .is_some_and(|version| version.family == proto::Family::EncoderDecoder as i32)
 }
 
 /// Prints one embedding per text, as JSON lines.
