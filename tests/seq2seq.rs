@@ -93,7 +93,11 @@ async fn sources_are_read_as_transformers_tokenizes_them() {
             .unwrap()
             .into_inner();
         let got: Vec<u32> = tokens.tokens.iter().map(|token| token.id).collect();
-        assert_eq!(got, ids(&case["source_ids"]), "ends with </s> as Marian's do");
+        assert_eq!(
+            got,
+            ids(&case["source_ids"]),
+            "ends with </s> as Marian's do"
+        );
     }
 }
 
@@ -109,7 +113,11 @@ async fn greedy_and_beam_search_give_transformers_tokens_in_both_layouts() {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(generated(&greedy), ids(&case["greedy"]["ids"]), "{model}: {source}");
+            assert_eq!(
+                generated(&greedy),
+                ids(&case["greedy"]["ids"]),
+                "{model}: {source}"
+            );
             assert_eq!(
                 greedy.prompt_tokens as usize,
                 ids(&case["source_ids"]).len()
@@ -119,7 +127,11 @@ async fn greedy_and_beam_search_give_transformers_tokens_in_both_layouts() {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(generated(&beam), ids(&case["beam"]["ids"]), "{model}: {source}");
+            assert_eq!(
+                generated(&beam),
+                ids(&case["beam"]["ids"]),
+                "{model}: {source}"
+            );
             let expected = case["beam"]["score"].as_f64().unwrap() as f32;
             assert!(
                 (score(&beam) - expected).abs() < 1e-4,
@@ -219,7 +231,11 @@ async fn beam_search_returns_the_n_best_and_refuses_what_it_cannot_honour() {
         change(bad.parameters.as_mut().unwrap());
         let status = client.generate(bad).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{field}");
-        assert!(status.message().contains(field), "{field}: {}", status.message());
+        assert!(
+            status.message().contains(field),
+            "{field}: {}",
+            status.message()
+        );
     }
 }
 
@@ -239,7 +255,10 @@ fn inspect_shows_every_graph_and_what_an_export_without_a_manifest_needs() {
         "decoder_start_token_id",
         "result: loads and runs",
     ] {
-        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
     }
 
     // Without the later-step graph, the folder says which files it lacks.
@@ -247,4 +266,94 @@ fn inspect_shows_every_graph_and_what_an_export_without_a_manifest_needs() {
     let (loads, text) = common::run_to_exit(&["inspect", export.to_str().unwrap()], &[]);
     assert!(!loads, "{text}");
     assert!(text.contains("decoder_with_past_model.onnx"), "{text}");
+}
+
+/// tiny-translator, trained here (models/pipeline/translation.py): its references were made by
+/// nn.Transformer itself (greedy, full recompute) and by a beam search that transformers'
+/// generate reproduces over the same graphs.
+fn translator_reference() -> Value {
+    let path = root().join("models/repository/tiny-translator/1/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn translate(source: &str, num_beams: u32) -> GenerateRequest {
+    let reference = translator_reference();
+    let settings = &reference["beam_settings"];
+    GenerateRequest {
+        model: "tiny-translator".into(),
+        prompt: Some(Prompt::Text(source.into())),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(reference["max_new_tokens"].as_u64().unwrap() as u32),
+            num_beams,
+            length_penalty: settings["length_penalty"].as_f64().map(|p| p as f32),
+            early_stopping: if settings["early_stopping"].as_bool().unwrap() {
+                EarlyStopping::FirstBeams as i32
+            } else {
+                EarlyStopping::Heuristic as i32
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_translator_translates_as_its_own_definition_does() {
+    let server = TestServer::start().await;
+    let client = server.inference().await;
+    let reference = translator_reference();
+    let num_beams = reference["beam_settings"]["num_beams"].as_u64().unwrap() as u32;
+    let mut calls = Vec::new();
+    // Greedy and beam requests for every source at once: they batch with each other.
+    for (kind, beams) in [("greedy", 1), ("beam", num_beams)] {
+        for case in reference[kind].as_array().unwrap().clone() {
+            let mut client = client.clone();
+            calls.push(async move {
+                let source = case["source"].as_str().unwrap();
+                let response = client
+                    .generate(translate(source, beams))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                (kind, case, response)
+            });
+        }
+    }
+    for (kind, case, response) in join_all(calls).await {
+        let source = case["source"].as_str().unwrap();
+        assert_eq!(generated(&response), ids(&case["ids"]), "{kind}: {source}");
+        assert_eq!(
+            response.sequences[0].text,
+            case["text"].as_str().unwrap(),
+            "{kind}: {source}"
+        );
+        if kind == "beam" {
+            let expected = case["score"].as_f64().unwrap() as f32;
+            assert!((score(&response) - expected).abs() < 1e-4, "{source}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn lmserve_generate_prints_the_translation_alone() {
+    let server = TestServer::start().await;
+    let case = &translator_reference()["greedy"][1];
+    let (ok, output) = common::run_to_exit(
+        &[
+            "generate",
+            "--addr",
+            &server.addr,
+            "--model",
+            "tiny-translator",
+            "--num-beams",
+            "2",
+            case["source"].as_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{output}");
+    let printed = output.lines().next().unwrap();
+    assert!(!printed.contains(case["source"].as_str().unwrap()), "{output}");
+    assert!(!printed.trim().is_empty(), "{output}");
+    assert!(output.contains("FINISH_REASON_EOS"), "{output}");
 }

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from . import encoder, gpt2, llama, lstm, reference, transformer_lm, word2vec
+from . import encoder, gpt2, llama, lstm, reference, transformer_lm, translation, word2vec
 from .common import SEED, TrainLog, seed_everything
 from .data import shakespeare_texts, spam_corpus
 from .export_util import finalize
@@ -199,6 +199,10 @@ def main():
         _save(summary_path, summary)
     if want("tiny-word2vec"):
         build_word2vec(args, texts, summary)
+        _save(summary_path, summary)
+    # Last, and only when asked for (or everything is): it trains for about 20 minutes on its own data.
+    if want(translation.NAME):
+        translation.build(args, summary)
         _save(summary_path, summary)
     print(f"all done in {time.time() - t0:.0f}s")
 
