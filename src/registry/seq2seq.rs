@@ -404,8 +404,16 @@ pub fn prepare(
         }
     };
 
+    // A state whose every dimension after the batch is fixed is recurrent; one with a dynamic
+    // length axis is a cache that grows a column a step.
+    let recurrent = bindings.state.iter().all(|pair| {
+        step_graph
+            .inputs
+            .iter()
+            .any(|spec| spec.name == pair.input && spec.shape.iter().skip(1).all(|&dim| dim >= 0))
+    });
     let step_graph_runtime =
-        StepGraph::new(Arc::clone(&step), Arc::clone(&bindings), false, pad_id)
+        StepGraph::new(Arc::clone(&step), Arc::clone(&bindings), recurrent, pad_id)
             .map_err(anyhow::Error::msg)?;
     let mut decoder = Seq2SeqDecoder {
         encoder: EncoderGraph {

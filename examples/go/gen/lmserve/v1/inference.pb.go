@@ -195,6 +195,65 @@ func (ScoreKind) EnumDescriptor() ([]byte, []int) {
 	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{2}
 }
 
+// When a beam search ends (transformers' early_stopping).
+type EarlyStopping int32
+
+const (
+	// As EARLY_STOPPING_HEURISTIC, transformers' default.
+	EarlyStopping_EARLY_STOPPING_UNSPECIFIED EarlyStopping = 0
+	// As soon as num_beams candidates have finished (early_stopping=True).
+	EarlyStopping_EARLY_STOPPING_FIRST_BEAMS EarlyStopping = 1
+	// When the best running candidate, scored at its current length, cannot beat the worst
+	// finished one (early_stopping=False).
+	EarlyStopping_EARLY_STOPPING_HEURISTIC EarlyStopping = 2
+	// Only when no running candidate can beat the finished ones at any length
+	// (early_stopping="never").
+	EarlyStopping_EARLY_STOPPING_NEVER EarlyStopping = 3
+)
+
+// Enum value maps for EarlyStopping.
+var (
+	EarlyStopping_name = map[int32]string{
+		0: "EARLY_STOPPING_UNSPECIFIED",
+		1: "EARLY_STOPPING_FIRST_BEAMS",
+		2: "EARLY_STOPPING_HEURISTIC",
+		3: "EARLY_STOPPING_NEVER",
+	}
+	EarlyStopping_value = map[string]int32{
+		"EARLY_STOPPING_UNSPECIFIED": 0,
+		"EARLY_STOPPING_FIRST_BEAMS": 1,
+		"EARLY_STOPPING_HEURISTIC":   2,
+		"EARLY_STOPPING_NEVER":       3,
+	}
+)
+
+func (x EarlyStopping) Enum() *EarlyStopping {
+	p := new(EarlyStopping)
+	*p = x
+	return p
+}
+
+func (x EarlyStopping) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (EarlyStopping) Descriptor() protoreflect.EnumDescriptor {
+	return file_lmserve_v1_inference_proto_enumTypes[3].Descriptor()
+}
+
+func (EarlyStopping) Type() protoreflect.EnumType {
+	return &file_lmserve_v1_inference_proto_enumTypes[3]
+}
+
+func (x EarlyStopping) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use EarlyStopping.Descriptor instead.
+func (EarlyStopping) EnumDescriptor() ([]byte, []int) {
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{3}
+}
+
 type FinishReason int32
 
 const (
@@ -238,11 +297,11 @@ func (x FinishReason) String() string {
 }
 
 func (FinishReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_lmserve_v1_inference_proto_enumTypes[3].Descriptor()
+	return file_lmserve_v1_inference_proto_enumTypes[4].Descriptor()
 }
 
 func (FinishReason) Type() protoreflect.EnumType {
-	return &file_lmserve_v1_inference_proto_enumTypes[3]
+	return &file_lmserve_v1_inference_proto_enumTypes[4]
 }
 
 func (x FinishReason) Number() protoreflect.EnumNumber {
@@ -251,7 +310,7 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
-	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{3}
+	return file_lmserve_v1_inference_proto_rawDescGZIP(), []int{4}
 }
 
 // The model version that served a request, and the route and arm that chose it.
@@ -1478,7 +1537,17 @@ type GenerationParameters struct {
 	// 0 or unset: 1. Sequence i samples with seed + i.
 	N uint32 `protobuf:"varint,15,opt,name=n,proto3" json:"n,omitempty"`
 	// Also return this many most likely alternatives, with log-probabilities, per token.
-	TopLogprobs   uint32 `protobuf:"varint,16,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
+	TopLogprobs uint32 `protobuf:"varint,16,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
+	// Beam search, as transformers' generate does it: keep the num_beams most likely candidate
+	// sequences at every step and return the best n of them. 0 or 1: no beam search. Needs
+	// do_sample false; top_logprobs, stop sequences and the penalties are not available with it.
+	// The sequences arrive whole when the search ends, on GenerateStream too.
+	NumBeams uint32 `protobuf:"varint,17,opt,name=num_beams,json=numBeams,proto3" json:"num_beams,omitempty"`
+	// Beam search: a finished candidate scores its summed token log-probabilities divided by
+	// (generated tokens ** length_penalty); > 0 favours longer output, < 0 shorter. Unset: 1.0.
+	LengthPenalty *float32 `protobuf:"fixed32,18,opt,name=length_penalty,json=lengthPenalty,proto3,oneof" json:"length_penalty,omitempty"`
+	// Beam search: when the search may end.
+	EarlyStopping EarlyStopping `protobuf:"varint,19,opt,name=early_stopping,json=earlyStopping,proto3,enum=lmserve.v1.EarlyStopping" json:"early_stopping,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1623,6 +1692,27 @@ func (x *GenerationParameters) GetTopLogprobs() uint32 {
 		return x.TopLogprobs
 	}
 	return 0
+}
+
+func (x *GenerationParameters) GetNumBeams() uint32 {
+	if x != nil {
+		return x.NumBeams
+	}
+	return 0
+}
+
+func (x *GenerationParameters) GetLengthPenalty() float32 {
+	if x != nil && x.LengthPenalty != nil {
+		return *x.LengthPenalty
+	}
+	return 0
+}
+
+func (x *GenerationParameters) GetEarlyStopping() EarlyStopping {
+	if x != nil {
+		return x.EarlyStopping
+	}
+	return EarlyStopping_EARLY_STOPPING_UNSPECIFIED
 }
 
 type TokenLogprob struct {
@@ -2199,7 +2289,7 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"parameters\x12'\n" +
 	"\x0ftruncate_prompt\x18\x05 \x01(\bR\x0etruncatePrompt\x12\x1b\n" +
 	"\troute_key\x18\x06 \x01(\tR\brouteKeyB\b\n" +
-	"\x06prompt\"\xa8\x05\n" +
+	"\x06prompt\"\xc6\x06\n" +
 	"\x14GenerationParameters\x12)\n" +
 	"\x0emax_new_tokens\x18\x01 \x01(\rH\x00R\fmaxNewTokens\x88\x01\x01\x12$\n" +
 	"\x0emin_new_tokens\x18\x02 \x01(\rR\fminNewTokens\x12 \n" +
@@ -2218,7 +2308,10 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"ignore_eos\x18\r \x01(\bR\tignoreEos\x12\x17\n" +
 	"\x04seed\x18\x0e \x01(\x04H\aR\x04seed\x88\x01\x01\x12\f\n" +
 	"\x01n\x18\x0f \x01(\rR\x01n\x12!\n" +
-	"\ftop_logprobs\x18\x10 \x01(\rR\vtopLogprobsB\x11\n" +
+	"\ftop_logprobs\x18\x10 \x01(\rR\vtopLogprobs\x12\x1b\n" +
+	"\tnum_beams\x18\x11 \x01(\rR\bnumBeams\x12*\n" +
+	"\x0elength_penalty\x18\x12 \x01(\x02H\bR\rlengthPenalty\x88\x01\x01\x12@\n" +
+	"\x0eearly_stopping\x18\x13 \x01(\x0e2\x19.lmserve.v1.EarlyStoppingR\rearlyStoppingB\x11\n" +
 	"\x0f_max_new_tokensB\f\n" +
 	"\n" +
 	"_do_sampleB\x0e\n" +
@@ -2228,7 +2321,8 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\n" +
 	"_typical_pB\x15\n" +
 	"\x13_repetition_penaltyB\a\n" +
-	"\x05_seed\"L\n" +
+	"\x05_seedB\x11\n" +
+	"\x0f_length_penalty\"L\n" +
 	"\fTokenLogprob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x18\n" +
@@ -2278,7 +2372,12 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\tScoreKind\x12\x1a\n" +
 	"\x16SCORE_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSCORE_KIND_RAW\x10\x01\x12\x1a\n" +
-	"\x16SCORE_KIND_PROBABILITY\x10\x02*\x9c\x01\n" +
+	"\x16SCORE_KIND_PROBABILITY\x10\x02*\x87\x01\n" +
+	"\rEarlyStopping\x12\x1e\n" +
+	"\x1aEARLY_STOPPING_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aEARLY_STOPPING_FIRST_BEAMS\x10\x01\x12\x1c\n" +
+	"\x18EARLY_STOPPING_HEURISTIC\x10\x02\x12\x18\n" +
+	"\x14EARLY_STOPPING_NEVER\x10\x03*\x9c\x01\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x01\x12\x15\n" +
@@ -2310,87 +2409,89 @@ func file_lmserve_v1_inference_proto_rawDescGZIP() []byte {
 	return file_lmserve_v1_inference_proto_rawDescData
 }
 
-var file_lmserve_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_lmserve_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
 var file_lmserve_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_lmserve_v1_inference_proto_goTypes = []any{
 	(Truncate)(0),                  // 0: lmserve.v1.Truncate
 	(Pooling)(0),                   // 1: lmserve.v1.Pooling
 	(ScoreKind)(0),                 // 2: lmserve.v1.ScoreKind
-	(FinishReason)(0),              // 3: lmserve.v1.FinishReason
-	(*ServedBy)(nil),               // 4: lmserve.v1.ServedBy
-	(*EmbedRequest)(nil),           // 5: lmserve.v1.EmbedRequest
-	(*Embedding)(nil),              // 6: lmserve.v1.Embedding
-	(*EmbedResponse)(nil),          // 7: lmserve.v1.EmbedResponse
-	(*ClassifyRequest)(nil),        // 8: lmserve.v1.ClassifyRequest
-	(*LabelScore)(nil),             // 9: lmserve.v1.LabelScore
-	(*Classification)(nil),         // 10: lmserve.v1.Classification
-	(*ClassifyResponse)(nil),       // 11: lmserve.v1.ClassifyResponse
-	(*TokenizeRequest)(nil),        // 12: lmserve.v1.TokenizeRequest
-	(*Token)(nil),                  // 13: lmserve.v1.Token
-	(*TokenizeResponse)(nil),       // 14: lmserve.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),      // 15: lmserve.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil),     // 16: lmserve.v1.DetokenizeResponse
-	(*TokenIds)(nil),               // 17: lmserve.v1.TokenIds
-	(*ChatMessage)(nil),            // 18: lmserve.v1.ChatMessage
-	(*ChatMessages)(nil),           // 19: lmserve.v1.ChatMessages
-	(*GenerateRequest)(nil),        // 20: lmserve.v1.GenerateRequest
-	(*GenerationParameters)(nil),   // 21: lmserve.v1.GenerationParameters
-	(*TokenLogprob)(nil),           // 22: lmserve.v1.TokenLogprob
-	(*GeneratedToken)(nil),         // 23: lmserve.v1.GeneratedToken
-	(*Timings)(nil),                // 24: lmserve.v1.Timings
-	(*GeneratedSequence)(nil),      // 25: lmserve.v1.GeneratedSequence
-	(*GenerateResponse)(nil),       // 26: lmserve.v1.GenerateResponse
-	(*GenerateStreamResponse)(nil), // 27: lmserve.v1.GenerateStreamResponse
+	(EarlyStopping)(0),             // 3: lmserve.v1.EarlyStopping
+	(FinishReason)(0),              // 4: lmserve.v1.FinishReason
+	(*ServedBy)(nil),               // 5: lmserve.v1.ServedBy
+	(*EmbedRequest)(nil),           // 6: lmserve.v1.EmbedRequest
+	(*Embedding)(nil),              // 7: lmserve.v1.Embedding
+	(*EmbedResponse)(nil),          // 8: lmserve.v1.EmbedResponse
+	(*ClassifyRequest)(nil),        // 9: lmserve.v1.ClassifyRequest
+	(*LabelScore)(nil),             // 10: lmserve.v1.LabelScore
+	(*Classification)(nil),         // 11: lmserve.v1.Classification
+	(*ClassifyResponse)(nil),       // 12: lmserve.v1.ClassifyResponse
+	(*TokenizeRequest)(nil),        // 13: lmserve.v1.TokenizeRequest
+	(*Token)(nil),                  // 14: lmserve.v1.Token
+	(*TokenizeResponse)(nil),       // 15: lmserve.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),      // 16: lmserve.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),     // 17: lmserve.v1.DetokenizeResponse
+	(*TokenIds)(nil),               // 18: lmserve.v1.TokenIds
+	(*ChatMessage)(nil),            // 19: lmserve.v1.ChatMessage
+	(*ChatMessages)(nil),           // 20: lmserve.v1.ChatMessages
+	(*GenerateRequest)(nil),        // 21: lmserve.v1.GenerateRequest
+	(*GenerationParameters)(nil),   // 22: lmserve.v1.GenerationParameters
+	(*TokenLogprob)(nil),           // 23: lmserve.v1.TokenLogprob
+	(*GeneratedToken)(nil),         // 24: lmserve.v1.GeneratedToken
+	(*Timings)(nil),                // 25: lmserve.v1.Timings
+	(*GeneratedSequence)(nil),      // 26: lmserve.v1.GeneratedSequence
+	(*GenerateResponse)(nil),       // 27: lmserve.v1.GenerateResponse
+	(*GenerateStreamResponse)(nil), // 28: lmserve.v1.GenerateStreamResponse
 }
 var file_lmserve_v1_inference_proto_depIdxs = []int32{
 	1,  // 0: lmserve.v1.EmbedRequest.pooling:type_name -> lmserve.v1.Pooling
 	0,  // 1: lmserve.v1.EmbedRequest.truncate:type_name -> lmserve.v1.Truncate
-	6,  // 2: lmserve.v1.EmbedResponse.embeddings:type_name -> lmserve.v1.Embedding
-	4,  // 3: lmserve.v1.EmbedResponse.served_by:type_name -> lmserve.v1.ServedBy
+	7,  // 2: lmserve.v1.EmbedResponse.embeddings:type_name -> lmserve.v1.Embedding
+	5,  // 3: lmserve.v1.EmbedResponse.served_by:type_name -> lmserve.v1.ServedBy
 	2,  // 4: lmserve.v1.ClassifyRequest.scores:type_name -> lmserve.v1.ScoreKind
 	0,  // 5: lmserve.v1.ClassifyRequest.truncate:type_name -> lmserve.v1.Truncate
-	9,  // 6: lmserve.v1.Classification.labels:type_name -> lmserve.v1.LabelScore
-	10, // 7: lmserve.v1.ClassifyResponse.classifications:type_name -> lmserve.v1.Classification
-	4,  // 8: lmserve.v1.ClassifyResponse.served_by:type_name -> lmserve.v1.ServedBy
-	19, // 9: lmserve.v1.TokenizeRequest.messages:type_name -> lmserve.v1.ChatMessages
-	13, // 10: lmserve.v1.TokenizeResponse.tokens:type_name -> lmserve.v1.Token
-	4,  // 11: lmserve.v1.TokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
-	4,  // 12: lmserve.v1.DetokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
-	18, // 13: lmserve.v1.ChatMessages.messages:type_name -> lmserve.v1.ChatMessage
-	17, // 14: lmserve.v1.GenerateRequest.token_ids:type_name -> lmserve.v1.TokenIds
-	19, // 15: lmserve.v1.GenerateRequest.messages:type_name -> lmserve.v1.ChatMessages
-	21, // 16: lmserve.v1.GenerateRequest.parameters:type_name -> lmserve.v1.GenerationParameters
-	22, // 17: lmserve.v1.GeneratedToken.top_logprobs:type_name -> lmserve.v1.TokenLogprob
-	23, // 18: lmserve.v1.GeneratedSequence.tokens:type_name -> lmserve.v1.GeneratedToken
-	3,  // 19: lmserve.v1.GeneratedSequence.finish_reason:type_name -> lmserve.v1.FinishReason
-	25, // 20: lmserve.v1.GenerateResponse.sequences:type_name -> lmserve.v1.GeneratedSequence
-	24, // 21: lmserve.v1.GenerateResponse.timings:type_name -> lmserve.v1.Timings
-	4,  // 22: lmserve.v1.GenerateResponse.served_by:type_name -> lmserve.v1.ServedBy
-	23, // 23: lmserve.v1.GenerateStreamResponse.token:type_name -> lmserve.v1.GeneratedToken
-	3,  // 24: lmserve.v1.GenerateStreamResponse.finish_reason:type_name -> lmserve.v1.FinishReason
-	4,  // 25: lmserve.v1.GenerateStreamResponse.served_by:type_name -> lmserve.v1.ServedBy
-	24, // 26: lmserve.v1.GenerateStreamResponse.timings:type_name -> lmserve.v1.Timings
-	20, // 27: lmserve.v1.Inference.Generate:input_type -> lmserve.v1.GenerateRequest
-	20, // 28: lmserve.v1.Inference.GenerateStream:input_type -> lmserve.v1.GenerateRequest
-	5,  // 29: lmserve.v1.Inference.Embed:input_type -> lmserve.v1.EmbedRequest
-	5,  // 30: lmserve.v1.Inference.EmbedStream:input_type -> lmserve.v1.EmbedRequest
-	8,  // 31: lmserve.v1.Inference.Classify:input_type -> lmserve.v1.ClassifyRequest
-	8,  // 32: lmserve.v1.Inference.ClassifyStream:input_type -> lmserve.v1.ClassifyRequest
-	12, // 33: lmserve.v1.Inference.Tokenize:input_type -> lmserve.v1.TokenizeRequest
-	15, // 34: lmserve.v1.Inference.Detokenize:input_type -> lmserve.v1.DetokenizeRequest
-	26, // 35: lmserve.v1.Inference.Generate:output_type -> lmserve.v1.GenerateResponse
-	27, // 36: lmserve.v1.Inference.GenerateStream:output_type -> lmserve.v1.GenerateStreamResponse
-	7,  // 37: lmserve.v1.Inference.Embed:output_type -> lmserve.v1.EmbedResponse
-	7,  // 38: lmserve.v1.Inference.EmbedStream:output_type -> lmserve.v1.EmbedResponse
-	11, // 39: lmserve.v1.Inference.Classify:output_type -> lmserve.v1.ClassifyResponse
-	11, // 40: lmserve.v1.Inference.ClassifyStream:output_type -> lmserve.v1.ClassifyResponse
-	14, // 41: lmserve.v1.Inference.Tokenize:output_type -> lmserve.v1.TokenizeResponse
-	16, // 42: lmserve.v1.Inference.Detokenize:output_type -> lmserve.v1.DetokenizeResponse
-	35, // [35:43] is the sub-list for method output_type
-	27, // [27:35] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	10, // 6: lmserve.v1.Classification.labels:type_name -> lmserve.v1.LabelScore
+	11, // 7: lmserve.v1.ClassifyResponse.classifications:type_name -> lmserve.v1.Classification
+	5,  // 8: lmserve.v1.ClassifyResponse.served_by:type_name -> lmserve.v1.ServedBy
+	20, // 9: lmserve.v1.TokenizeRequest.messages:type_name -> lmserve.v1.ChatMessages
+	14, // 10: lmserve.v1.TokenizeResponse.tokens:type_name -> lmserve.v1.Token
+	5,  // 11: lmserve.v1.TokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
+	5,  // 12: lmserve.v1.DetokenizeResponse.served_by:type_name -> lmserve.v1.ServedBy
+	19, // 13: lmserve.v1.ChatMessages.messages:type_name -> lmserve.v1.ChatMessage
+	18, // 14: lmserve.v1.GenerateRequest.token_ids:type_name -> lmserve.v1.TokenIds
+	20, // 15: lmserve.v1.GenerateRequest.messages:type_name -> lmserve.v1.ChatMessages
+	22, // 16: lmserve.v1.GenerateRequest.parameters:type_name -> lmserve.v1.GenerationParameters
+	3,  // 17: lmserve.v1.GenerationParameters.early_stopping:type_name -> lmserve.v1.EarlyStopping
+	23, // 18: lmserve.v1.GeneratedToken.top_logprobs:type_name -> lmserve.v1.TokenLogprob
+	24, // 19: lmserve.v1.GeneratedSequence.tokens:type_name -> lmserve.v1.GeneratedToken
+	4,  // 20: lmserve.v1.GeneratedSequence.finish_reason:type_name -> lmserve.v1.FinishReason
+	26, // 21: lmserve.v1.GenerateResponse.sequences:type_name -> lmserve.v1.GeneratedSequence
+	25, // 22: lmserve.v1.GenerateResponse.timings:type_name -> lmserve.v1.Timings
+	5,  // 23: lmserve.v1.GenerateResponse.served_by:type_name -> lmserve.v1.ServedBy
+	24, // 24: lmserve.v1.GenerateStreamResponse.token:type_name -> lmserve.v1.GeneratedToken
+	4,  // 25: lmserve.v1.GenerateStreamResponse.finish_reason:type_name -> lmserve.v1.FinishReason
+	5,  // 26: lmserve.v1.GenerateStreamResponse.served_by:type_name -> lmserve.v1.ServedBy
+	25, // 27: lmserve.v1.GenerateStreamResponse.timings:type_name -> lmserve.v1.Timings
+	21, // 28: lmserve.v1.Inference.Generate:input_type -> lmserve.v1.GenerateRequest
+	21, // 29: lmserve.v1.Inference.GenerateStream:input_type -> lmserve.v1.GenerateRequest
+	6,  // 30: lmserve.v1.Inference.Embed:input_type -> lmserve.v1.EmbedRequest
+	6,  // 31: lmserve.v1.Inference.EmbedStream:input_type -> lmserve.v1.EmbedRequest
+	9,  // 32: lmserve.v1.Inference.Classify:input_type -> lmserve.v1.ClassifyRequest
+	9,  // 33: lmserve.v1.Inference.ClassifyStream:input_type -> lmserve.v1.ClassifyRequest
+	13, // 34: lmserve.v1.Inference.Tokenize:input_type -> lmserve.v1.TokenizeRequest
+	16, // 35: lmserve.v1.Inference.Detokenize:input_type -> lmserve.v1.DetokenizeRequest
+	27, // 36: lmserve.v1.Inference.Generate:output_type -> lmserve.v1.GenerateResponse
+	28, // 37: lmserve.v1.Inference.GenerateStream:output_type -> lmserve.v1.GenerateStreamResponse
+	8,  // 38: lmserve.v1.Inference.Embed:output_type -> lmserve.v1.EmbedResponse
+	8,  // 39: lmserve.v1.Inference.EmbedStream:output_type -> lmserve.v1.EmbedResponse
+	12, // 40: lmserve.v1.Inference.Classify:output_type -> lmserve.v1.ClassifyResponse
+	12, // 41: lmserve.v1.Inference.ClassifyStream:output_type -> lmserve.v1.ClassifyResponse
+	15, // 42: lmserve.v1.Inference.Tokenize:output_type -> lmserve.v1.TokenizeResponse
+	17, // 43: lmserve.v1.Inference.Detokenize:output_type -> lmserve.v1.DetokenizeResponse
+	36, // [36:44] is the sub-list for method output_type
+	28, // [28:36] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_lmserve_v1_inference_proto_init() }
@@ -2412,7 +2513,7 @@ func file_lmserve_v1_inference_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lmserve_v1_inference_proto_rawDesc), len(file_lmserve_v1_inference_proto_rawDesc)),
-			NumEnums:      4,
+			NumEnums:      5,
 			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,

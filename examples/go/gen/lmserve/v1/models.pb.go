@@ -88,6 +88,9 @@ const (
 	Family_FAMILY_RNN Family = 2
 	// A bidirectional encoder for embeddings and classification.
 	Family_FAMILY_ENCODER Family = 3
+	// An encoder read once per request and a decoder generating from its outputs (translation,
+	// summarization).
+	Family_FAMILY_ENCODER_DECODER Family = 4
 )
 
 // Enum value maps for Family.
@@ -97,12 +100,14 @@ var (
 		1: "FAMILY_DECODER",
 		2: "FAMILY_RNN",
 		3: "FAMILY_ENCODER",
+		4: "FAMILY_ENCODER_DECODER",
 	}
 	Family_value = map[string]int32{
-		"FAMILY_UNSPECIFIED": 0,
-		"FAMILY_DECODER":     1,
-		"FAMILY_RNN":         2,
-		"FAMILY_ENCODER":     3,
+		"FAMILY_UNSPECIFIED":     0,
+		"FAMILY_DECODER":         1,
+		"FAMILY_RNN":             2,
+		"FAMILY_ENCODER":         3,
+		"FAMILY_ENCODER_DECODER": 4,
 	}
 )
 
@@ -1367,13 +1372,14 @@ const file_lmserve_v1_models_proto_rawDesc = "" +
 	"\vRouteSource\x12\x1c\n" +
 	"\x18ROUTE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13ROUTE_SOURCE_CONFIG\x10\x01\x12\x14\n" +
-	"\x10ROUTE_SOURCE_API\x10\x02*X\n" +
+	"\x10ROUTE_SOURCE_API\x10\x02*t\n" +
 	"\x06Family\x12\x16\n" +
 	"\x12FAMILY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eFAMILY_DECODER\x10\x01\x12\x0e\n" +
 	"\n" +
 	"FAMILY_RNN\x10\x02\x12\x12\n" +
-	"\x0eFAMILY_ENCODER\x10\x03*R\n" +
+	"\x0eFAMILY_ENCODER\x10\x03\x12\x1a\n" +
+	"\x16FAMILY_ENCODER_DECODER\x10\x04*R\n" +
 	"\x04Task\x12\x14\n" +
 	"\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rTASK_GENERATE\x10\x01\x12\x0e\n" +
