@@ -79,3 +79,49 @@ pub enum Pooling {
     /// The largest value of each dimension over the real tokens.
     Max,
 }
+
+/// When a beam search may end (transformers' `early_stopping`: `true`, `false` or `"never"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "WrittenEarlyStopping")]
+pub enum EarlyStopping {
+    /// As soon as `num_beams` candidates have finished (`true`).
+    FirstBeams,
+    /// When the best running beam, scored at its current length, cannot beat the worst
+    /// finished candidate (`false`, the default).
+    Heuristic,
+    /// When no running beam can beat the finished ones at any length (`"never"`).
+    Never,
+}
+
+/// `early_stopping` as generation_config.json and model.toml write it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WrittenEarlyStopping {
+    Flag(bool),
+    Word(String),
+}
+
+impl TryFrom<WrittenEarlyStopping> for EarlyStopping {
+    type Error = String;
+
+    fn try_from(written: WrittenEarlyStopping) -> Result<Self, String> {
+        match written {
+            WrittenEarlyStopping::Flag(true) => Ok(EarlyStopping::FirstBeams),
+            WrittenEarlyStopping::Flag(false) => Ok(EarlyStopping::Heuristic),
+            WrittenEarlyStopping::Word(word) if word == "never" => Ok(EarlyStopping::Never),
+            WrittenEarlyStopping::Word(word) => Err(format!(
+                "early_stopping is true, false or \"never\"; got \"{word}\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for EarlyStopping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EarlyStopping::FirstBeams => "true",
+            EarlyStopping::Heuristic => "false",
+            EarlyStopping::Never => "never",
+        })
+    }
+}

@@ -353,7 +353,78 @@ async fn lmserve_generate_prints_the_translation_alone() {
     );
     assert!(ok, "{output}");
     let printed = output.lines().next().unwrap();
-    assert!(!printed.contains(case["source"].as_str().unwrap()), "{output}");
+    assert!(
+        !printed.contains(case["source"].as_str().unwrap()),
+        "{output}"
+    );
     assert!(!printed.trim().is_empty(), "{output}");
     assert!(output.contains("FINISH_REASON_EOS"), "{output}");
+}
+
+#[tokio::test]
+async fn sampling_settings_apply_to_translations() {
+    let server = TestServer::start().await;
+    let mut client = server.inference().await;
+    let source = "She talks a lot.";
+    let sampled = |seed: u64| {
+        let mut request = translate(source, 1);
+        let parameters = request.parameters.as_mut().unwrap();
+        parameters.do_sample = Some(true);
+        parameters.temperature = Some(1.5);
+        parameters.seed = Some(seed);
+        parameters.n = 4;
+        request
+    };
+    let first = client.generate(sampled(7)).await.unwrap().into_inner();
+    let again = client.generate(sampled(7)).await.unwrap().into_inner();
+    let texts = |response: &GenerateResponse| -> Vec<String> {
+        response.sequences.iter().map(|s| s.text.clone()).collect()
+    };
+    assert_eq!(texts(&first), texts(&again), "a seed fixes the samples");
+    let distinct: std::collections::BTreeSet<_> = texts(&first).into_iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "four samples at temperature 1.5: {distinct:?}"
+    );
+
+    // Stop sequences and token limits cut the target, not the source.
+    let mut cut = translate(source, 1);
+    let parameters = cut.parameters.as_mut().unwrap();
+    parameters.stop = vec!["habla".into()];
+    let response = client.generate(cut).await.unwrap().into_inner();
+    assert_eq!(response.sequences[0].text, "Ella ");
+    assert_eq!(response.sequences[0].stop_sequence, "habla");
+    let mut short = translate(source, 1);
+    short.parameters.as_mut().unwrap().max_new_tokens = Some(2);
+    let response = client.generate(short).await.unwrap().into_inner();
+    assert_eq!(response.generated_tokens, 2);
+}
+
+#[tokio::test]
+async fn a_models_own_num_beams_is_its_default_decoding() {
+    // As opus-mt's generation_config.json does: beams unless the request asks otherwise.
+    let repository = tempfile::tempdir().unwrap();
+    let version = repository.path().join("marian/1");
+    common::copy_dir(&fixtures().join("marian-tiny-untrained/1"), &version);
+    let path = version.join("generation_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["num_beams"] = 4.into();
+    config["early_stopping"] = true.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+    let case = &cases()[2];
+    let source = case["source"].as_str().unwrap();
+    let mut plain = request("marian", source, 0);
+    plain.parameters.as_mut().unwrap().early_stopping = 0;
+    let response = client.generate(plain.clone()).await.unwrap().into_inner();
+    assert_eq!(generated(&response), ids(&case["beam"]["ids"]));
+    // Asking for log-probabilities of alternatives keeps it on one row: greedy.
+    plain.parameters.as_mut().unwrap().top_logprobs = 2;
+    let response = client.generate(plain).await.unwrap().into_inner();
+    assert_eq!(generated(&response), ids(&case["greedy"]["ids"]));
 }

@@ -94,6 +94,9 @@ pub struct GenerationConfig {
     pub top_k: Option<u32>,
     pub repetition_penalty: Option<f32>,
     pub do_sample: Option<bool>,
+    pub num_beams: Option<u32>,
+    pub length_penalty: Option<f32>,
+    pub early_stopping: Option<crate::kinds::EarlyStopping>,
 }
 
 /// One id or a list of ids, as transformers allows for `eos_token_id`.

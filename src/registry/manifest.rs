@@ -119,6 +119,11 @@ pub struct GenerationSection {
     pub top_k: Option<u32>,
     pub repetition_penalty: Option<f32>,
     pub do_sample: Option<bool>,
+    /// Beam search by default, for requests that neither sample nor ask for what beams cannot
+    /// give (top_logprobs, stop sequences, penalties).
+    pub num_beams: Option<u32>,
+    pub length_penalty: Option<f32>,
+    pub early_stopping: Option<crate::kinds::EarlyStopping>,
 }
 
 impl GenerationSection {
@@ -139,6 +144,11 @@ impl GenerationSection {
         }
         if self.max_new_tokens == Some(0) {
             bail!("[generation].max_new_tokens must be at least 1; got 0");
+        }
+        if let Some(penalty) = self.length_penalty
+            && !penalty.is_finite()
+        {
+            bail!("[generation].length_penalty must be a finite number; got {penalty}");
         }
         Ok(())
     }

@@ -102,6 +102,9 @@ pub struct GenerationDefaults {
     pub top_k: Option<Sourced<u32>>,
     pub repetition_penalty: Option<Sourced<f32>>,
     pub do_sample: Option<Sourced<bool>>,
+    pub num_beams: Option<Sourced<u32>>,
+    pub length_penalty: Option<Sourced<f32>>,
+    pub early_stopping: Option<Sourced<crate::kinds::EarlyStopping>>,
 }
 
 /// One effective setting, rendered for people.
@@ -333,6 +336,9 @@ impl ModelSettings {
             &generation.repetition_penalty,
         );
         rows.add_optional("generation.do_sample", &generation.do_sample);
+        rows.add_optional("generation.num_beams", &generation.num_beams);
+        rows.add_optional("generation.length_penalty", &generation.length_penalty);
+        rows.add_optional("generation.early_stopping", &generation.early_stopping);
         if let Some(template) = &self.chat_template {
             let size = format!("{} characters", template.value.chars().count());
             rows.push("chat_template", size, &template.source);
@@ -409,6 +415,19 @@ fn generation_defaults(
             positive,
         ),
         do_sample: pick("do_sample", own.do_sample, file.do_sample, |_| true),
+        num_beams: pick("num_beams", own.num_beams, file.num_beams, |v| v >= 1),
+        length_penalty: pick(
+            "length_penalty",
+            own.length_penalty,
+            file.length_penalty,
+            f32::is_finite,
+        ),
+        early_stopping: pick(
+            "early_stopping",
+            own.early_stopping,
+            file.early_stopping,
+            |_| true,
+        ),
     }
 }
 

@@ -22,17 +22,7 @@ use crate::engine::continuous::{Decision, SequenceDriver, StopCause};
 /// transformers' stand-in for minus infinity in beam scores.
 const EXCLUDED: f32 = -1.0e9;
 
-/// When a search may end (transformers' `early_stopping`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EarlyStopping {
-    /// As soon as `num_beams` candidates have finished (`True`).
-    FirstBeams,
-    /// When the best running beam, scored at its current length, cannot beat the worst
-    /// finished candidate (`False`, the default).
-    Heuristic,
-    /// When no running beam can beat the finished ones at any length (`"never"`).
-    Never,
-}
+pub use crate::kinds::EarlyStopping;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BeamConfig {

@@ -94,9 +94,13 @@ impl GenerateParams {
         limits: &GenerationConfig,
     ) -> Self {
         self.do_sample = self.do_sample.or(value(&defaults.do_sample));
-        self.repetition_penalty = self
-            .repetition_penalty
-            .or(value(&defaults.repetition_penalty));
+        // A beam search asked for takes no penalties, the model's default one included.
+        if self.num_beams <= 1 {
+            self.repetition_penalty = self
+                .repetition_penalty
+                .or(value(&defaults.repetition_penalty));
+        }
+        self.apply_beam_defaults(defaults);
         let limit = u32::try_from(limits.max_new_tokens).unwrap_or(u32::MAX);
         self.max_new_tokens = self
             .max_new_tokens
@@ -246,6 +250,37 @@ impl GenerateParams {
 }
 
 impl GenerateParams {
+    /// The model's beam search (generation_config.json's `num_beams`, as transformers'
+    /// `generate` uses it), for a request that leaves `num_beams` unset and asks for nothing a
+    /// beam search cannot give; such a request decodes as it asked instead.
+    fn apply_beam_defaults(&mut self, defaults: &GenerationDefaults) {
+        if self.length_penalty.is_none() {
+            self.length_penalty = value(&defaults.length_penalty);
+        }
+        if self.early_stopping == 0
+            && let Some(stopping) = value(&defaults.early_stopping)
+        {
+            self.early_stopping = match stopping {
+                EarlyStopping::FirstBeams => 1,
+                EarlyStopping::Heuristic => 2,
+                EarlyStopping::Never => 3,
+            };
+        }
+        let Some(beams) = value(&defaults.num_beams) else {
+            return;
+        };
+        let beam_compatible = self.do_sample != Some(true)
+            && self.top_logprobs == 0
+            && self.stop.is_empty()
+            && self.repetition_penalty.is_none_or(|p| p == 1.0)
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+            && self.n <= beams;
+        if self.num_beams == 0 && beam_compatible {
+            self.num_beams = beams;
+        }
+    }
+
     /// A beam search's settings, and what it cannot be combined with.
     fn check_beams(
         &self,
@@ -461,5 +496,77 @@ mod tests {
             let error = error_of(params);
             assert!(error.contains(expected), "{error:?} lacks {expected:?}");
         }
+    }
+
+    #[test]
+    fn a_models_beam_search_applies_where_the_request_allows_it() {
+        use crate::registry::settings::{Source, Sourced};
+        fn model<T>(value: T) -> Option<Sourced<T>> {
+            Some(Sourced {
+                value,
+                source: Source::Manifest,
+            })
+        }
+        let defaults = GenerationDefaults {
+            num_beams: model(4),
+            length_penalty: model(0.5),
+            early_stopping: model(EarlyStopping::FirstBeams),
+            ..Default::default()
+        };
+        let limits = GenerationConfig::default();
+        let beams = |params: GenerateParams| {
+            params
+                .with_model_defaults(&defaults, &limits)
+                .check(&limits)
+                .unwrap()
+                .beams
+        };
+        assert_eq!(
+            beams(GenerateParams::default()),
+            Some(BeamConfig {
+                num_beams: 4,
+                length_penalty: 0.5,
+                early_stopping: EarlyStopping::FirstBeams,
+            })
+        );
+        // What beams cannot give keeps the request on one row, as it asked.
+        for params in [
+            GenerateParams {
+                do_sample: Some(true),
+                ..Default::default()
+            },
+            GenerateParams {
+                top_logprobs: 2,
+                ..Default::default()
+            },
+            GenerateParams {
+                stop: vec!["\n".into()],
+                ..Default::default()
+            },
+            GenerateParams {
+                num_beams: 1,
+                ..Default::default()
+            },
+            GenerateParams {
+                n: 5,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(beams(params.clone()), None, "{params:?}");
+        }
+        // A penalty the model sets by default gives way to beams the request asks for.
+        let penalising = GenerationDefaults {
+            repetition_penalty: model(1.2),
+            ..Default::default()
+        };
+        let asked = GenerateParams {
+            num_beams: 2,
+            ..Default::default()
+        };
+        let checked = asked
+            .with_model_defaults(&penalising, &limits)
+            .check(&limits)
+            .unwrap();
+        assert_eq!(checked.beams.map(|b| b.num_beams), Some(2));
     }
 }
