@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::hf::HfFiles;
 use super::manifest::{Family, MANIFEST_FILE, Manifest};
-use super::settings::SettingRow;
+use super::settings::{ModelSettings, SettingRow};
 use super::{loader, seq2seq};
 use crate::config::ModelRuntime;
 use crate::error::Task;
@@ -66,12 +66,17 @@ pub fn inspect(environment: &ort::environment::Environment, dir: &Path) -> anyho
     let prepared = manifest.and_then(|manifest| {
         let files = HfFiles::read(dir)?;
         let tokenizer = loader::read_tokenizer(dir, &manifest)?;
-        loader::prepare(manifest, files, tokenizer, pool)
+        Ok(loader::prepare(manifest, files, tokenizer, pool)?.settings)
     });
+    finish(text, prepared)
+}
+
+/// Ends a report with the settings and "loads", or with why the folder does not load.
+fn finish(mut text: String, prepared: anyhow::Result<ModelSettings>) -> anyhow::Result<Report> {
     let loads = match prepared {
-        Ok(parts) => {
+        Ok(settings) => {
             writeln!(text, "\nsettings:")?;
-            write_settings(&mut text, &parts.settings.rows());
+            write_settings(&mut text, &settings.rows());
             writeln!(text, "\nresult: loads and runs")?;
             true
         }
@@ -127,21 +132,9 @@ fn inspect_encoder_decoder(
     }
     let prepared = HfFiles::read(dir).and_then(|files| {
         let tokenizer = loader::read_tokenizer(dir, &manifest)?;
-        seq2seq::prepare(&manifest, &files, &tokenizer, pools)
+        Ok(seq2seq::prepare(&manifest, &files, &tokenizer, pools)?.2)
     });
-    let loads = match prepared {
-        Ok((_, _, settings, _)) => {
-            writeln!(text, "\nsettings:")?;
-            write_settings(&mut text, &settings.rows());
-            writeln!(text, "\nresult: loads and runs")?;
-            true
-        }
-        Err(error) => {
-            writeln!(text, "\nresult: does not load: {error:#}")?;
-            false
-        }
-    };
-    Ok(Report { text, loads })
+    finish(text, prepared)
 }
 
 /// The two-line manifest for a graph in one of the standard layouts, if it is in one.

@@ -254,17 +254,6 @@ impl BeamDriver {
         }
     }
 
-    fn choice(&self, id: i64, logprob: f32) -> TokenChoice {
-        TokenChoice {
-            id: id as u32,
-            text: self
-                .tokenizer
-                .decode(&[id as u32], false)
-                .unwrap_or_default(),
-            logprob,
-        }
-    }
-
     /// Sends the best `n` candidates as sequences `0..n`.
     fn finish(&mut self) {
         self.spans.end();
@@ -274,7 +263,7 @@ impl BeamDriver {
             let mut reason = FinishReason::Length;
             for (&token, &logprob) in hypothesis.tokens.iter().zip(&hypothesis.logprobs) {
                 let generated = GeneratedToken {
-                    choice: self.choice(token, logprob),
+                    choice: TokenChoice::of(&self.tokenizer, token as u32, logprob),
                     top: Vec::new(),
                 };
                 let delta = if self.search.eos_ids.contains(&token) {

@@ -28,6 +28,17 @@ pub struct TokenChoice {
     pub logprob: f32,
 }
 
+impl TokenChoice {
+    /// Token `id` with its text decoded on its own.
+    pub fn of(tokenizer: &Tokenizer, id: u32, logprob: f32) -> Self {
+        Self {
+            id,
+            text: tokenizer.decode(&[id], false).unwrap_or_default(),
+            logprob,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedToken {
     pub choice: TokenChoice,
@@ -120,14 +131,7 @@ impl Driver {
     }
 
     fn choice(&self, id: usize, logprob: f32) -> TokenChoice {
-        TokenChoice {
-            id: id as u32,
-            text: self
-                .tokenizer
-                .decode(&[id as u32], false)
-                .unwrap_or_default(),
-            logprob,
-        }
+        TokenChoice::of(&self.tokenizer, id as u32, logprob)
     }
 
     fn send(&mut self, event: Event) {
