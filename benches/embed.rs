@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench embed` (or `make bench`). Prints texts per second and ratios; server and
 //! in-process passes alternate so that drift on a shared machine hits both alike.
+//! `EMBED_MODEL_DIR=<repository>/<model>/<version>` benches another encoder, e.g. all-MiniLM-L6-v2
+//! from `make real-models`.
 
 mod common;
 
@@ -17,7 +19,8 @@ use lmserve::registry::loader::{self, LoadedParts};
 use lmserve::runtime::encoder::{self, Embedding, EncoderRow, Pooling};
 use lmserve::tasks::text::{self, Truncate};
 
-const MODEL: &str = "tiny-encoder";
+/// The default model: `models/repository/tiny-encoder/1`.
+const DEFAULT_MODEL: &str = "tiny-encoder";
 const BATCH: usize = 32;
 /// Paired measurements per concurrency; figures are medians.
 const REPEATS: usize = 5;
@@ -69,12 +72,28 @@ fn in_process(parts: &LoadedParts, texts: &[String], batch: usize, sorted: bool)
     texts.len() as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The version folder benched, its model's name and the repository holding it.
+fn target() -> (std::path::PathBuf, String, std::path::PathBuf) {
+    let dir = std::env::var_os("EMBED_MODEL_DIR").map_or_else(
+        || common::model_dir(DEFAULT_MODEL),
+        std::path::PathBuf::from,
+    );
+    let model = dir.parent().expect("a model folder holds the version");
+    let name = model.file_name().unwrap().to_string_lossy().into_owned();
+    let repository = model
+        .parent()
+        .expect("a repository holds the model")
+        .to_owned();
+    (dir, name, repository)
+}
+
 fn main() {
+    let (dir, model, repository) = target();
     let texts = Arc::new(common::read_lines(&common::root().join("bench/texts.txt")));
     let environment = common::ort_environment();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "Embed benchmark: {MODEL}, {} texts of 3-150 words per pass, {cores} cores",
+        "Embed benchmark: {model}, {} texts of 3-150 words per pass, {cores} cores",
         texts.len()
     );
 
@@ -86,13 +105,7 @@ fn main() {
             execution_providers: vec!["cpu".into()],
             required_provider: None,
         };
-        let parts = loader::load(
-            environment,
-            &common::model_dir(MODEL),
-            &common::model_dir(MODEL),
-            &runtime,
-        )
-        .expect("load model");
+        let parts = loader::load(environment, &repository, &dir, &runtime).expect("load model");
         in_process(&parts, &texts, BATCH, true);
         println!("in-process, {threads} intra-op thread(s):");
         common::print_row(
@@ -137,17 +150,22 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let server = runtime.block_on(common::Server::start(&[]));
+    let repository_path = repository.to_string_lossy().into_owned();
+    let server = runtime.block_on(common::Server::start(&[(
+        "LMSERVE_REPOSITORY__PATH",
+        &repository_path,
+    )]));
     let client = runtime.block_on(async { InferenceClient::new(server.channel().await) });
     let serve = |concurrency: usize| {
         let start = Instant::now();
         runtime.block_on(join_all((0..concurrency).map(|worker| {
             let mut client = client.clone();
+            let model = model.clone();
             let texts = Arc::clone(&texts);
             async move {
                 for text in texts.iter().skip(worker).step_by(concurrency) {
                     let request = EmbedRequest {
-                        model: MODEL.into(),
+                        model: model.clone(),
                         texts: vec![text.clone()],
                         truncate: 1,
                         ..Default::default()
