@@ -178,7 +178,7 @@ fn main() {
     };
     serve(8);
     println!(
-        "server (one text per request; defaults: {} sessions x 1 thread) against length-sorted batches of {BATCH} in-process ({limit_threads} thread(s)):",
+        "server (one text per request; defaults: {} sessions on one shared pool of {cores} threads) against length-sorted batches of {BATCH} in-process ({limit_threads} thread(s)):",
         lmserve::config::Config::default()
             .runtime
             .sessions_per_model

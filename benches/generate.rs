@@ -355,6 +355,8 @@ fn run_bench(runtime: &Runtime, bench: &Bench, cpus: &[usize]) {
             .unwrap()
             .with_optimization_level(GraphOptimizationLevel::All)
             .unwrap()
+            .with_independent_thread_pool()
+            .unwrap()
             .with_intra_threads(threads)
             .unwrap()
             .commit_from_file(dir.join("model.onnx"))

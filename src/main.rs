@@ -407,7 +407,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         overrides = overrides.merge(Serialized::default("runtime.ort_library", path));
     }
     let config = Config::load(args.config.as_deref(), overrides)?;
-    let environment = lmserve::runtime::library::init(&config.ort_library_candidates())?;
+    let environment = lmserve::runtime::library::init(&config.ort_library_candidates(), 1)?;
     let report = lmserve::registry::inspect::inspect(environment, &args.dir)?;
     print!("{}", report.text);
     if !report.loads {
@@ -417,7 +417,9 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref(), args.overrides())?;
+    let mut config = Config::load(args.config.as_deref(), args.overrides())?;
+    // Counted while every CPU is still this thread's.
+    config.runtime.shared_threads = Some(config.shared_threads());
     lmserve::runtime::memory::limit_arenas(config.runtime.malloc_arenas);
     // Before the runtime, logging, ONNX Runtime or the metrics exporter start any thread, so
     // that they all inherit the CPUs left over.

@@ -246,3 +246,85 @@ async fn metrics_count_requests_by_model_and_outcome() {
         assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
     }
 }
+
+/// GetModel reports a generating model's KV budget from its graph and the configured memory,
+/// and what a running stream holds of it; an encoder reports the batch limits timed at load.
+#[tokio::test]
+async fn reports_the_kv_cache_budget_and_its_use() {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![("LMSERVE_GENERATION__KV_CACHE_MIB".into(), "1".into())],
+        ..Default::default()
+    })
+    .await;
+    let models = server.models().await;
+    let describe = |name: &str| {
+        let mut models = models.clone();
+        let name = name.to_owned();
+        async move {
+            models
+                .get_model(GetModelRequest { name })
+                .await
+                .unwrap()
+                .into_inner()
+                .versions
+                .remove(0)
+        }
+    };
+
+    // tiny-gpt2 carries 4 layers of keys and values, [batch, 4 heads, past, 32] in float32.
+    let per_token = 4 * 2 * 4 * 32 * 4;
+    let idle = describe("tiny-gpt2").await.kv_cache.unwrap();
+    assert_eq!(idle.bytes_per_token, per_token);
+    assert_eq!(idle.budget_tokens, (1 << 20) / per_token);
+    assert_eq!(idle.budget_bytes, 1 << 20);
+    assert_eq!((idle.used_tokens, idle.used_bytes), (0, 0));
+
+    // A recurrent state does not grow with the sequence: max_total_tokens alone limits it.
+    let lstm = describe("tiny-lstm").await.kv_cache.unwrap();
+    assert_eq!(lstm.bytes_per_token, 0);
+    assert_eq!(lstm.budget_tokens, 32_768);
+    assert!(describe("tiny-encoder").await.kv_cache.is_none());
+
+    let mut client = server.inference().await;
+    let mut stream = client
+        .generate_stream(proto::GenerateRequest {
+            model: "tiny-gpt2".into(),
+            prompt: Some(proto::generate_request::Prompt::TokenIds(proto::TokenIds {
+                ids: vec![1, 2, 3, 4, 5],
+            })),
+            parameters: Some(proto::GenerationParameters {
+                max_new_tokens: Some(200),
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // While it runs, GetModel sees the prompt plus the most it may generate held, or (once it
+    // is done) nothing; how exactly admission holds tokens back is the scheduler's unit test.
+    let reader = tokio::spawn(async move { while stream.message().await.unwrap().is_some() {} });
+    while !reader.is_finished() {
+        let running = describe("tiny-gpt2").await.kv_cache.unwrap();
+        assert!([0, 205].contains(&running.used_tokens), "{running:?}");
+        assert_eq!(running.used_bytes, running.used_tokens * per_token);
+    }
+    reader.await.unwrap();
+    let mut after = describe("tiny-gpt2").await.kv_cache.unwrap();
+    for _ in 0..100 {
+        if after.used_tokens == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        after = describe("tiny-gpt2").await.kv_cache.unwrap();
+    }
+    assert_eq!(after.used_tokens, 0);
+
+    let encoder = describe("tiny-encoder").await;
+    for name in ["batching.best_batch_size", "batching.best_batch_tokens"] {
+        let row = encoder.settings.iter().find(|s| s.name == name).unwrap();
+        assert_eq!(row.source, "measured at load");
+        assert!(row.value.parse::<usize>().unwrap() >= 1, "{row:?}");
+    }
+}

@@ -11,8 +11,9 @@ use lmserve::runtime::encoder::{self, Embedding, EncoderRow, Pooling};
 
 #[tokio::test]
 async fn a_panicking_run_fails_alone_and_returns_its_session() {
-    let environment = lmserve::runtime::library::init(&Config::default().ort_library_candidates())
-        .expect("ONNX Runtime (make onnxruntime)");
+    let environment =
+        lmserve::runtime::library::init(&Config::default().ort_library_candidates(), 1)
+            .expect("ONNX Runtime (make onnxruntime)");
     let runtime = ModelRuntime {
         intra_threads: 1,
         sessions: 1,

@@ -82,7 +82,7 @@ impl Drop for Server {
 pub fn ort_environment() -> &'static ort::environment::Environment {
     let config = lmserve::config::Config::default();
     std::env::set_current_dir(root()).unwrap();
-    lmserve::runtime::library::init(&config.ort_library_candidates())
+    lmserve::runtime::library::init(&config.ort_library_candidates(), config.shared_threads())
         .expect("ONNX Runtime (run `make onnxruntime`)")
 }
 

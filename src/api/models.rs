@@ -208,6 +208,18 @@ fn describe_slot(slot: &Slot) -> proto::ModelVersion {
                     source: row.source,
                 })
                 .collect();
+            info.kv_cache = model.engine.generator().map(|scheduler| {
+                let kv = scheduler.kv_budget();
+                let per_token = kv.bytes_per_token as u64;
+                let used = kv.tokens_in_use() as u64;
+                proto::KvCache {
+                    bytes_per_token: per_token,
+                    budget_tokens: kv.budget_tokens as u64,
+                    budget_bytes: kv.budget_bytes() as u64,
+                    used_tokens: used,
+                    used_bytes: used * per_token,
+                }
+            });
         }
     }
     info

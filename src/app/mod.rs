@@ -40,7 +40,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let traces = telemetry::logging::init(&config.logging, &config.tracing)?;
     let keys = security::api_keys(&config.auth)?;
     let tls = tls::server_config(&config.tls)?;
-    let environment = library::init(&config.ort_library_candidates())?;
+    let environment = library::init(&config.ort_library_candidates(), config.shared_threads())?;
     // Before the registry, so what loading records is counted.
     let metrics = match config.server.metrics_addr {
         Some(addr) => Some((addr, telemetry::metrics::install()?)),

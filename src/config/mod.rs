@@ -153,9 +153,17 @@ pub struct RepositoryConfig {
 pub struct RuntimeConfig {
     /// Path of `libonnxruntime.so`; unset: `ORT_DYLIB_PATH`, then the Makefile's cache folder.
     pub ort_library: Option<PathBuf>,
-    /// Threads ONNX Runtime uses inside one operator, per session.
+    /// Threads of a session's own intra-op pool. 0 (the default): the session runs on the
+    /// process-wide pool of `shared_threads` instead, so a request alone uses every core and
+    /// concurrent runs, of any model, split them rather than oversubscribe the host.
     pub intra_threads: usize,
-    /// Session instances per model version; each runs one batch at a time.
+    /// Threads in the process-wide intra-op pool (the calling thread counts as one); unset: one
+    /// per CPU the process may use, `decode_cpus` included.
+    pub shared_threads: Option<usize>,
+    /// Session instances per encoder version; each runs one batch at a time (a generating model
+    /// steps one). On the shared pool one is best on a small host: a second session's run
+    /// competes for the same threads (measured in bench/RESULTS.md); more help where one run
+    /// cannot fill the device, as on a GPU or with sessions of their own threads.
     pub sessions_per_model: usize,
     /// Execution providers tried in order, e.g. `["cuda:0", "cpu"]`.
     pub execution_providers: Vec<String>,
@@ -203,6 +211,9 @@ pub struct GenerationConfig {
     pub max_batch_size: usize,
     /// Most tokens (prompt plus the most each may generate) in flight per model.
     pub max_total_tokens: usize,
+    /// Memory one model's KV cache may hold, in MiB: with the model's bytes per token (from its
+    /// graph), it caps the tokens in flight below `max_total_tokens`. 0: no byte budget.
+    pub kv_cache_mib: usize,
     /// Most waiting sequences prefilled in one run between decode steps.
     pub max_prefill_batch: usize,
     /// Sequences waiting per model before new requests get RESOURCE_EXHAUSTED.
@@ -228,6 +239,7 @@ impl Default for GenerationConfig {
         Self {
             max_batch_size: 32,
             max_total_tokens: 32_768,
+            kv_cache_mib: 1024,
             max_prefill_batch: 8,
             queue_capacity: 1024,
             max_queue_time_ms: 10_000,
@@ -328,8 +340,9 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             ort_library: None,
-            intra_threads: 1,
-            sessions_per_model: 2,
+            intra_threads: 0,
+            shared_threads: None,
+            sessions_per_model: 1,
             execution_providers: vec!["cpu".to_owned()],
             required_provider: None,
             decode_cpus: None,
@@ -365,6 +378,7 @@ impl Default for LoggingConfig {
 /// The runtime settings one model version is loaded with, after overrides.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRuntime {
+    /// 0: the process-wide pool.
     pub intra_threads: usize,
     pub sessions: usize,
     pub execution_providers: Vec<String>,
@@ -423,8 +437,7 @@ impl Config {
         ModelRuntime {
             intra_threads: overrides
                 .intra_threads
-                .unwrap_or(self.runtime.intra_threads)
-                .max(1),
+                .unwrap_or(self.runtime.intra_threads),
             sessions: overrides
                 .sessions_per_model
                 .unwrap_or(self.runtime.sessions_per_model)
@@ -445,6 +458,14 @@ impl Config {
             Some(text) => VersionPolicy::parse(text)
                 .map_err(|reason| format!("models.{model}.versions: {reason}")),
         }
+    }
+
+    /// Threads of the process-wide intra-op pool: `runtime.shared_threads`, else the CPUs this
+    /// process may use. Read before `decode_cpus` takes CPUs away from the threads started later.
+    pub fn shared_threads(&self) -> usize {
+        self.runtime.shared_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 
     /// The ONNX Runtime library: config, then `ORT_DYLIB_PATH`, then the cache folder `make onnxruntime` fills.

@@ -14,12 +14,13 @@ use std::time::Duration;
 pub use batch_state::{BatchLimits, BatchState};
 pub use batcher::Batcher;
 use batcher::BatcherSettings;
-use continuous::{ContinuousLimits, ContinuousScheduler, SchedulerSettings};
+use continuous::{ContinuousLimits, ContinuousScheduler, KvBudget, SchedulerSettings, kv_budget};
 pub use faults::FaultTracker;
 
 use crate::config::Config;
 use crate::kinds::Family;
 use crate::runtime::SessionPool;
+use crate::runtime::batch_size::BestBatch;
 use crate::runtime::bindings::Bindings;
 use crate::runtime::decoder::seq2seq::Seq2SeqDecoder;
 use crate::runtime::decoder::{self, Carry, KvCacheDecoder, RecomputeDecoder, RecurrentDecoder};
@@ -56,6 +57,8 @@ pub struct EngineGraphs {
     pub pool: Arc<SessionPool>,
     pub bindings: Arc<Bindings>,
     pub pad_id: i64,
+    /// An encoder's batch limits with the best rate per row on this host, when measured.
+    pub best_batch: Option<BestBatch>,
     /// The encoder-decoder, for that family.
     pub seq2seq: Option<Seq2SeqDecoder>,
 }
@@ -72,19 +75,35 @@ pub fn start(
         pool,
         bindings,
         pad_id,
+        best_batch,
         seq2seq,
     } = graphs;
     if family == Family::Encoder {
+        let mut settings = batcher_settings(config);
+        if let Some(best) = best_batch {
+            let limits = &mut settings.limits;
+            limits.max_batch_size = limits.max_batch_size.min(best.rows.max(1));
+            limits.max_batch_tokens = limits.max_batch_tokens.min(best.tokens.max(1));
+        }
         return Ok(Engine::Batcher(Batcher::spawn(
             pool,
             bindings,
             pad_id,
-            batcher_settings(config),
+            settings,
             labels.clone(),
             Arc::clone(faults),
         )));
     }
-    let settings = scheduler_settings(config, faults);
+    // A seq2seq model's target grows its step graph's self-attention cache; what the source
+    // left (cross-attention) is per row and counted in the prompt's reservation.
+    let bytes_per_token = match &seq2seq {
+        Some(seq2seq) => {
+            let (inputs, bindings) = seq2seq.step.io();
+            kv_budget::bytes_per_token(inputs, bindings)
+        }
+        None => kv_budget::bytes_per_token(pool.inputs(), &bindings),
+    };
+    let settings = scheduler_settings(config, faults, bytes_per_token);
     let labels = labels.clone();
     let scheduler = match seq2seq {
         Some(seq2seq) => ContinuousScheduler::spawn(seq2seq, settings, labels)?,
@@ -122,17 +141,27 @@ fn batcher_settings(config: &Config) -> BatcherSettings {
     }
 }
 
-fn scheduler_settings(config: &Config, faults: &Arc<FaultTracker>) -> SchedulerSettings {
+fn scheduler_settings(
+    config: &Config,
+    faults: &Arc<FaultTracker>,
+    bytes_per_token: usize,
+) -> SchedulerSettings {
     let generation = &config.generation;
+    let kv = Arc::new(KvBudget::new(
+        bytes_per_token,
+        generation.max_total_tokens.max(1),
+        generation.kv_cache_mib,
+    ));
     SchedulerSettings {
         faults: Arc::clone(faults),
         limits: ContinuousLimits {
             max_batch_size: generation.max_batch_size.max(1),
-            max_total_tokens: generation.max_total_tokens.max(1),
+            max_total_tokens: kv.budget_tokens,
             max_prefill_batch: generation.max_prefill_batch.max(1),
         },
         queue_capacity: generation.queue_capacity.max(1),
         decode_cpus: config.runtime.decode_cpus.clone(),
         max_queue_time: Duration::from_millis(generation.max_queue_time_ms),
+        kv,
     }
 }

@@ -149,6 +149,7 @@ impl Registry {
                 pool: Arc::clone(&parts.pool),
                 bindings: Arc::clone(&parts.bindings),
                 pad_id,
+                best_batch: parts.settings.best_batch.as_ref().map(|best| best.value),
                 seq2seq: parts.seq2seq,
             },
             &self.config,

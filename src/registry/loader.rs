@@ -13,12 +13,12 @@ use super::chat::{self, ChatTemplate};
 use super::hf::HfFiles;
 use super::manifest::{Family, MODEL_FILE, Manifest};
 use super::seq2seq;
-use super::settings::ModelSettings;
+use super::settings::{ModelSettings, Source, Sourced};
 use crate::config::ModelRuntime;
 use crate::runtime::bindings::Bindings;
 use crate::runtime::decoder::seq2seq::Seq2SeqDecoder;
 use crate::runtime::session::RequiredProviderMissing;
-use crate::runtime::{GraphIo, SessionPool, warmup};
+use crate::runtime::{GraphIo, SessionPool, batch_size, warmup};
 
 /// Everything a loaded version needs to serve, before its engine is attached.
 pub struct LoadedParts {
@@ -86,6 +86,15 @@ pub fn load(
     let fail = |error: anyhow::Error, graph: Option<&GraphIo>| LoadFailure::new(error, graph, dir);
     check_contained(root, dir).map_err(|error| fail(error, None))?;
     let (manifest, files, tokenizer) = read_files(dir).map_err(|error| fail(error, None))?;
+    // A generating model's scheduler steps one session; more would only hold more copies of
+    // its weights (and of ONNX Runtime's prepacked ones).
+    let runtime = &ModelRuntime {
+        sessions: match manifest.family {
+            Family::Encoder => runtime.sessions,
+            _ => 1,
+        },
+        ..runtime.clone()
+    };
     if manifest.family == Family::EncoderDecoder {
         let pools = seq2seq::open(environment, &manifest, dir, runtime)
             .map_err(|error| fail(error, None))?;
@@ -196,7 +205,8 @@ pub fn prepare(
     if manifest.family == Family::Rnn && !bindings.has_state() {
         bail!("an rnn model must carry state between steps; map it in [state]");
     }
-    let settings = ModelSettings::resolve(&manifest, &files, &tokenizer, pool.graph(), &bindings)?;
+    let mut settings =
+        ModelSettings::resolve(&manifest, &files, &tokenizer, pool.graph(), &bindings)?;
     let chat = chat::for_model(&settings, &files, &tokenizer)?.map(Arc::new);
     let pad_id = i64::from(settings.pad_token_id.value);
     let pool = Arc::new(pool);
@@ -205,6 +215,20 @@ pub fn prepare(
         .map_err(|error| {
             anyhow::anyhow!("warm-up run failed (does the manifest match the graph?): {error}")
         })?;
+    if manifest.family == Family::Encoder {
+        let (best, timed) = batch_size::best_batch(
+            &mut pool.session(0),
+            &bindings,
+            pad_id,
+            settings.max_length.value,
+        )
+        .map_err(|error| anyhow::anyhow!("timing batch sizes failed: {error}"))?;
+        tracing::info!(rows = best.rows, tokens = best.tokens, %timed, "encoder batch limits timed");
+        settings.best_batch = Some(Sourced {
+            value: best,
+            source: Source::Measured,
+        });
+    }
     Ok(LoadedParts {
         manifest,
         tokenizer,

@@ -12,6 +12,7 @@ use super::hf::{self, HfFiles};
 use super::manifest::{Family, Manifest};
 use crate::error::Task;
 use crate::runtime::GraphIo;
+use crate::runtime::batch_size::BestBatch;
 use crate::runtime::bindings::Bindings;
 use crate::runtime::encoder::Pooling;
 
@@ -25,6 +26,8 @@ pub enum Source {
     Graph,
     /// The tokenizer's own definition (its post-processor, its special tokens).
     Tokenizer,
+    /// Timed on this host when the version loaded.
+    Measured,
     Default,
 }
 
@@ -35,6 +38,7 @@ impl fmt::Display for Source {
             Source::File(name) => f.write_str(name),
             Source::Graph => f.write_str("graph"),
             Source::Tokenizer => f.write_str("tokenizer.json"),
+            Source::Measured => f.write_str("measured at load"),
             Source::Default => f.write_str("default"),
         }
     }
@@ -76,6 +80,9 @@ pub struct ModelSettings {
     pub generation: GenerationDefaults,
     /// Kept for a chat API: the Jinja template that turns messages into a prompt.
     pub chat_template: Option<Sourced<String>>,
+    /// An encoder's batch limits with the best rate per row here (runtime::batch_size); the
+    /// batcher forms no bigger batches, nor bigger than `[batching]` allows.
+    pub best_batch: Option<Sourced<BestBatch>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -280,6 +287,7 @@ impl ModelSettings {
                 .chat_template
                 .clone()
                 .map(|(template, name)| sourced(template, file(name))),
+            best_batch: None,
         })
     }
 
@@ -339,6 +347,18 @@ impl ModelSettings {
         rows.add_optional("generation.num_beams", &generation.num_beams);
         rows.add_optional("generation.length_penalty", &generation.length_penalty);
         rows.add_optional("generation.early_stopping", &generation.early_stopping);
+        if let Some(best) = &self.best_batch {
+            rows.push(
+                "batching.best_batch_size",
+                best.value.rows.to_string(),
+                &best.source,
+            );
+            rows.push(
+                "batching.best_batch_tokens",
+                best.value.tokens.to_string(),
+                &best.source,
+            );
+        }
         if let Some(template) = &self.chat_template {
             let size = format!("{} characters", template.value.chars().count());
             rows.push("chat_template", size, &template.source);

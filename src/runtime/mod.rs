@@ -1,5 +1,6 @@
 //! ONNX Runtime: the shared library, sessions on worker threads, execution providers, tensors.
 
+pub mod batch_size;
 pub mod bindings;
 pub mod decoder;
 pub mod encoder;

@@ -297,9 +297,15 @@ fn build_session(
     provider: Provider,
     intra_threads: usize,
 ) -> ort::Result<Session> {
-    let session = Session::builder(environment)?
-        .with_optimization_level(GraphOptimizationLevel::All)?
-        .with_intra_threads(intra_threads)?
+    let mut builder =
+        Session::builder(environment)?.with_optimization_level(GraphOptimizationLevel::All)?;
+    // 0: the environment's shared pool (runtime::library), which sessions use unless told not to.
+    if intra_threads > 0 {
+        builder = builder
+            .with_independent_thread_pool()?
+            .with_intra_threads(intra_threads)?;
+    }
+    let session = builder
         // Intra-op threads otherwise keep spinning for a while after each run, taking the cores
         // the server needs in between: the gRPC tasks streaming the token just produced, the
         // other models' sessions, and (measured) 25-35% of a concurrent run's speed.

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::kv_budget::KvBudget;
 use super::state::{AdmissionQueue, ContinuousLimits, Waiting};
 use crate::config::CpuList;
 use crate::engine::FaultTracker;
@@ -69,6 +70,7 @@ struct Shared {
     closed: AtomicBool,
     labels: ModelLabels,
     metrics: DecodeLoopMetrics,
+    kv: Arc<KvBudget>,
 }
 
 /// How one model's scheduler runs: its admission limits, its queue, and where its thread runs.
@@ -82,6 +84,8 @@ pub struct SchedulerSettings {
     pub decode_cpus: Option<CpuList>,
     /// The longest a sequence may wait to start; requests expected to wait longer are refused.
     pub max_queue_time: Duration,
+    /// The KV cache's budget; admission holds the tokens in flight to its `budget_tokens`.
+    pub kv: Arc<KvBudget>,
 }
 
 /// Owns the scheduler thread of one model version; dropping it stops the thread once the
@@ -102,6 +106,7 @@ impl ContinuousScheduler {
             queue_capacity,
             decode_cpus,
             max_queue_time,
+            kv,
         } = settings;
         let shared = Arc::new(Shared {
             queue: Mutex::new(AdmissionQueue::new(queue_capacity)),
@@ -112,6 +117,7 @@ impl ContinuousScheduler {
             closed: AtomicBool::new(false),
             metrics: DecodeLoopMetrics::new(&labels),
             labels: labels.clone(),
+            kv,
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -131,6 +137,11 @@ impl ContinuousScheduler {
                 .run()
             })?;
         Ok(Self { shared })
+    }
+
+    /// The KV cache's budget, and what the running sequences hold of it.
+    pub fn kv_budget(&self) -> &KvBudget {
+        &self.shared.kv
     }
 
     /// Whether `sequences` more may queue: refused at once (RESOURCE_EXHAUSTED) when the queue is
@@ -253,6 +264,7 @@ impl<D: StepDecoder> Loop<D> {
                 self.batch = self.decoder.empty();
                 let active = std::mem::take(&mut self.active);
                 self.fail_all(error, active);
+                self.publish_kv_use();
             }
         }
     }
@@ -271,6 +283,16 @@ impl<D: StepDecoder> Loop<D> {
         if !self.batch.is_empty() {
             self.step();
         }
+        self.publish_kv_use();
+    }
+
+    fn publish_kv_use(&self) {
+        let reserved = self
+            .active
+            .iter()
+            .map(|active| active.reserved_tokens)
+            .sum();
+        self.shared.kv.set_in_use(reserved);
     }
 
     /// Blocks while there is nothing to do; returns the sequences that may join now, or

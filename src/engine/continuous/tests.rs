@@ -8,6 +8,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::kv_budget::KvBudget;
 use super::scheduler::{
     ContinuousScheduler, Decision, GenerationJob, SchedulerSettings, SequenceDriver, StopCause,
 };
@@ -217,6 +218,10 @@ struct Harness {
 }
 
 fn harness(max_batch_size: usize, step_time: Duration) -> Harness {
+    harness_with_kv(max_batch_size, step_time, KvBudget::new(0, 100_000, 0))
+}
+
+fn harness_with_kv(max_batch_size: usize, step_time: Duration, kv: KvBudget) -> Harness {
     let decoder = FakeDecoder {
         step_time,
         ..FakeDecoder::default()
@@ -231,12 +236,13 @@ fn harness(max_batch_size: usize, step_time: Duration) -> Harness {
         faults: Arc::clone(&faults),
         limits: ContinuousLimits {
             max_batch_size,
-            max_total_tokens: 100_000,
+            max_total_tokens: kv.budget_tokens,
             max_prefill_batch: 64,
         },
         queue_capacity: 64,
         decode_cpus: None,
         max_queue_time: Duration::from_secs(60),
+        kv: Arc::new(kv),
     };
     let labels = ModelLabels {
         model: "fake".into(),
@@ -400,6 +406,29 @@ fn admission_never_exceeds_the_batch_size_and_everyone_finishes() {
         "{:?}",
         calls.prefills
     );
+}
+
+#[test]
+fn the_kv_budget_holds_a_sequence_back_and_reports_what_runs() {
+    // 1 MiB at 17,476 bytes a token: 60 tokens, so two sequences of 44 cannot run together.
+    let kv = KvBudget::new(17_476, 100_000, 1);
+    assert_eq!(kv.budget_tokens, 60);
+    let h = harness_with_kv(8, Duration::from_millis(2), kv);
+    let (first, second) = (prompt(1, 4), prompt(2, 4));
+    h.submit(0, first.clone(), 40, None);
+    h.wait_for(0, 5);
+    h.submit(1, second.clone(), 40, None);
+    h.wait_for(0, 20);
+    // The second waits: only the first's prompt and its most tokens are held.
+    assert_eq!(h.scheduler.kv_budget().tokens_in_use(), 44);
+    let outcomes = h.outcomes(2);
+    assert_done(&outcomes[0], &expected(&first, 40));
+    assert_done(&outcomes[1], &expected(&second, 40));
+    let released = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(2));
+        h.scheduler.kv_budget().tokens_in_use() == 0
+    });
+    assert!(released, "{}", h.scheduler.kv_budget().tokens_in_use());
 }
 
 #[test]

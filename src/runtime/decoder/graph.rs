@@ -50,6 +50,11 @@ pub struct RunInputs<'a> {
 }
 
 impl StepGraph {
+    /// The graph's inputs and the names bound to them.
+    pub fn io(&self) -> (&[crate::runtime::TensorSpec], &Bindings) {
+        (self.pool.inputs(), &self.bindings)
+    }
+
     /// Checks the graph's state inputs against what `carry` needs of them.
     pub fn new(
         pool: Arc<SessionPool>,

@@ -1057,7 +1057,9 @@ type ModelVersion struct {
 	// One line from the manifest.
 	Description string `protobuf:"bytes,11,opt,name=description,proto3" json:"description,omitempty"`
 	// Every effective setting of a ready version and where it came from.
-	Settings      []*Setting `protobuf:"bytes,12,rep,name=settings,proto3" json:"settings,omitempty"`
+	Settings []*Setting `protobuf:"bytes,12,rep,name=settings,proto3" json:"settings,omitempty"`
+	// A ready generating version's KV cache budget and what its running sequences hold of it.
+	KvCache       *KvCache `protobuf:"bytes,13,opt,name=kv_cache,json=kvCache,proto3" json:"kv_cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1176,6 +1178,97 @@ func (x *ModelVersion) GetSettings() []*Setting {
 	return nil
 }
 
+func (x *ModelVersion) GetKvCache() *KvCache {
+	if x != nil {
+		return x.KvCache
+	}
+	return nil
+}
+
+// The KV cache memory of one generating model version. Admission reserves each sequence's
+// prompt plus the most tokens it may generate, so `used_tokens` never passes `budget_tokens`.
+type KvCache struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What one token of one sequence adds to the carried state (0 for a recurrent state).
+	BytesPerToken uint64 `protobuf:"varint,1,opt,name=bytes_per_token,json=bytesPerToken,proto3" json:"bytes_per_token,omitempty"`
+	// Tokens admitted at once: generation.max_total_tokens, or fewer where
+	// generation.kv_cache_mib holds less at this model's bytes per token.
+	BudgetTokens uint64 `protobuf:"varint,2,opt,name=budget_tokens,json=budgetTokens,proto3" json:"budget_tokens,omitempty"`
+	// budget_tokens times bytes_per_token.
+	BudgetBytes uint64 `protobuf:"varint,3,opt,name=budget_bytes,json=budgetBytes,proto3" json:"budget_bytes,omitempty"`
+	// Tokens reserved by the sequences running now.
+	UsedTokens uint64 `protobuf:"varint,4,opt,name=used_tokens,json=usedTokens,proto3" json:"used_tokens,omitempty"`
+	// used_tokens times bytes_per_token.
+	UsedBytes     uint64 `protobuf:"varint,5,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KvCache) Reset() {
+	*x = KvCache{}
+	mi := &file_lmserve_v1_models_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KvCache) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KvCache) ProtoMessage() {}
+
+func (x *KvCache) ProtoReflect() protoreflect.Message {
+	mi := &file_lmserve_v1_models_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KvCache.ProtoReflect.Descriptor instead.
+func (*KvCache) Descriptor() ([]byte, []int) {
+	return file_lmserve_v1_models_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *KvCache) GetBytesPerToken() uint64 {
+	if x != nil {
+		return x.BytesPerToken
+	}
+	return 0
+}
+
+func (x *KvCache) GetBudgetTokens() uint64 {
+	if x != nil {
+		return x.BudgetTokens
+	}
+	return 0
+}
+
+func (x *KvCache) GetBudgetBytes() uint64 {
+	if x != nil {
+		return x.BudgetBytes
+	}
+	return 0
+}
+
+func (x *KvCache) GetUsedTokens() uint64 {
+	if x != nil {
+		return x.UsedTokens
+	}
+	return 0
+}
+
+func (x *KvCache) GetUsedBytes() uint64 {
+	if x != nil {
+		return x.UsedBytes
+	}
+	return 0
+}
+
 // One effective setting of a model version.
 type Setting struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1193,7 +1286,7 @@ type Setting struct {
 
 func (x *Setting) Reset() {
 	*x = Setting{}
-	mi := &file_lmserve_v1_models_proto_msgTypes[17]
+	mi := &file_lmserve_v1_models_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1205,7 +1298,7 @@ func (x *Setting) String() string {
 func (*Setting) ProtoMessage() {}
 
 func (x *Setting) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_models_proto_msgTypes[17]
+	mi := &file_lmserve_v1_models_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1218,7 +1311,7 @@ func (x *Setting) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Setting.ProtoReflect.Descriptor instead.
 func (*Setting) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_models_proto_rawDescGZIP(), []int{17}
+	return file_lmserve_v1_models_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Setting) GetName() string {
@@ -1254,7 +1347,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_lmserve_v1_models_proto_msgTypes[18]
+	mi := &file_lmserve_v1_models_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1266,7 +1359,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_lmserve_v1_models_proto_msgTypes[18]
+	mi := &file_lmserve_v1_models_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1279,7 +1372,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_lmserve_v1_models_proto_rawDescGZIP(), []int{18}
+	return file_lmserve_v1_models_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ModelInfo) GetName() string {
@@ -1345,7 +1438,7 @@ const file_lmserve_v1_models_proto_rawDesc = "" +
 	"TensorInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05dtype\x18\x02 \x01(\tR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\x03R\x05shape\"\xe3\x03\n" +
+	"\x05shape\x18\x03 \x03(\x03R\x05shape\"\x93\x04\n" +
 	"\fModelVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12+\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x15.lmserve.v1.LoadStateR\x05state\x12\x1d\n" +
@@ -1361,7 +1454,16 @@ const file_lmserve_v1_models_proto_rawDesc = "" +
 	"\x06labels\x18\n" +
 	" \x03(\tR\x06labels\x12 \n" +
 	"\vdescription\x18\v \x01(\tR\vdescription\x12/\n" +
-	"\bsettings\x18\f \x03(\v2\x13.lmserve.v1.SettingR\bsettings\"K\n" +
+	"\bsettings\x18\f \x03(\v2\x13.lmserve.v1.SettingR\bsettings\x12.\n" +
+	"\bkv_cache\x18\r \x01(\v2\x13.lmserve.v1.KvCacheR\akvCache\"\xb9\x01\n" +
+	"\aKvCache\x12&\n" +
+	"\x0fbytes_per_token\x18\x01 \x01(\x04R\rbytesPerToken\x12#\n" +
+	"\rbudget_tokens\x18\x02 \x01(\x04R\fbudgetTokens\x12!\n" +
+	"\fbudget_bytes\x18\x03 \x01(\x04R\vbudgetBytes\x12\x1f\n" +
+	"\vused_tokens\x18\x04 \x01(\x04R\n" +
+	"usedTokens\x12\x1d\n" +
+	"\n" +
+	"used_bytes\x18\x05 \x01(\x04R\tusedBytes\"K\n" +
 	"\aSetting\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value\x12\x16\n" +
@@ -1419,7 +1521,7 @@ func file_lmserve_v1_models_proto_rawDescGZIP() []byte {
 }
 
 var file_lmserve_v1_models_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_lmserve_v1_models_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_lmserve_v1_models_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_lmserve_v1_models_proto_goTypes = []any{
 	(RouteSource)(0),            // 0: lmserve.v1.RouteSource
 	(Family)(0),                 // 1: lmserve.v1.Family
@@ -1442,8 +1544,9 @@ var file_lmserve_v1_models_proto_goTypes = []any{
 	(*GetModelRequest)(nil),     // 18: lmserve.v1.GetModelRequest
 	(*TensorInfo)(nil),          // 19: lmserve.v1.TensorInfo
 	(*ModelVersion)(nil),        // 20: lmserve.v1.ModelVersion
-	(*Setting)(nil),             // 21: lmserve.v1.Setting
-	(*ModelInfo)(nil),           // 22: lmserve.v1.ModelInfo
+	(*KvCache)(nil),             // 21: lmserve.v1.KvCache
+	(*Setting)(nil),             // 22: lmserve.v1.Setting
+	(*ModelInfo)(nil),           // 23: lmserve.v1.ModelInfo
 }
 var file_lmserve_v1_models_proto_depIdxs = []int32{
 	2,  // 0: lmserve.v1.Route.task:type_name -> lmserve.v1.Task
@@ -1452,35 +1555,36 @@ var file_lmserve_v1_models_proto_depIdxs = []int32{
 	0,  // 3: lmserve.v1.Route.source:type_name -> lmserve.v1.RouteSource
 	9,  // 4: lmserve.v1.SetRouteRequest.route:type_name -> lmserve.v1.Route
 	9,  // 5: lmserve.v1.ListRoutesResponse.routes:type_name -> lmserve.v1.Route
-	22, // 6: lmserve.v1.ListModelsResponse.models:type_name -> lmserve.v1.ModelInfo
+	23, // 6: lmserve.v1.ListModelsResponse.models:type_name -> lmserve.v1.ModelInfo
 	3,  // 7: lmserve.v1.ModelVersion.state:type_name -> lmserve.v1.LoadState
 	1,  // 8: lmserve.v1.ModelVersion.family:type_name -> lmserve.v1.Family
 	2,  // 9: lmserve.v1.ModelVersion.tasks:type_name -> lmserve.v1.Task
 	19, // 10: lmserve.v1.ModelVersion.inputs:type_name -> lmserve.v1.TensorInfo
 	19, // 11: lmserve.v1.ModelVersion.outputs:type_name -> lmserve.v1.TensorInfo
-	21, // 12: lmserve.v1.ModelVersion.settings:type_name -> lmserve.v1.Setting
-	20, // 13: lmserve.v1.ModelInfo.versions:type_name -> lmserve.v1.ModelVersion
-	16, // 14: lmserve.v1.Models.ListModels:input_type -> lmserve.v1.ListModelsRequest
-	18, // 15: lmserve.v1.Models.GetModel:input_type -> lmserve.v1.GetModelRequest
-	4,  // 16: lmserve.v1.Models.LoadModel:input_type -> lmserve.v1.LoadModelRequest
-	5,  // 17: lmserve.v1.Models.UnloadModel:input_type -> lmserve.v1.UnloadModelRequest
-	10, // 18: lmserve.v1.Models.SetRoute:input_type -> lmserve.v1.SetRouteRequest
-	11, // 19: lmserve.v1.Models.DeleteRoute:input_type -> lmserve.v1.DeleteRouteRequest
-	13, // 20: lmserve.v1.Models.GetRoute:input_type -> lmserve.v1.GetRouteRequest
-	14, // 21: lmserve.v1.Models.ListRoutes:input_type -> lmserve.v1.ListRoutesRequest
-	17, // 22: lmserve.v1.Models.ListModels:output_type -> lmserve.v1.ListModelsResponse
-	22, // 23: lmserve.v1.Models.GetModel:output_type -> lmserve.v1.ModelInfo
-	22, // 24: lmserve.v1.Models.LoadModel:output_type -> lmserve.v1.ModelInfo
-	6,  // 25: lmserve.v1.Models.UnloadModel:output_type -> lmserve.v1.UnloadModelResponse
-	9,  // 26: lmserve.v1.Models.SetRoute:output_type -> lmserve.v1.Route
-	12, // 27: lmserve.v1.Models.DeleteRoute:output_type -> lmserve.v1.DeleteRouteResponse
-	9,  // 28: lmserve.v1.Models.GetRoute:output_type -> lmserve.v1.Route
-	15, // 29: lmserve.v1.Models.ListRoutes:output_type -> lmserve.v1.ListRoutesResponse
-	22, // [22:30] is the sub-list for method output_type
-	14, // [14:22] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	22, // 12: lmserve.v1.ModelVersion.settings:type_name -> lmserve.v1.Setting
+	21, // 13: lmserve.v1.ModelVersion.kv_cache:type_name -> lmserve.v1.KvCache
+	20, // 14: lmserve.v1.ModelInfo.versions:type_name -> lmserve.v1.ModelVersion
+	16, // 15: lmserve.v1.Models.ListModels:input_type -> lmserve.v1.ListModelsRequest
+	18, // 16: lmserve.v1.Models.GetModel:input_type -> lmserve.v1.GetModelRequest
+	4,  // 17: lmserve.v1.Models.LoadModel:input_type -> lmserve.v1.LoadModelRequest
+	5,  // 18: lmserve.v1.Models.UnloadModel:input_type -> lmserve.v1.UnloadModelRequest
+	10, // 19: lmserve.v1.Models.SetRoute:input_type -> lmserve.v1.SetRouteRequest
+	11, // 20: lmserve.v1.Models.DeleteRoute:input_type -> lmserve.v1.DeleteRouteRequest
+	13, // 21: lmserve.v1.Models.GetRoute:input_type -> lmserve.v1.GetRouteRequest
+	14, // 22: lmserve.v1.Models.ListRoutes:input_type -> lmserve.v1.ListRoutesRequest
+	17, // 23: lmserve.v1.Models.ListModels:output_type -> lmserve.v1.ListModelsResponse
+	23, // 24: lmserve.v1.Models.GetModel:output_type -> lmserve.v1.ModelInfo
+	23, // 25: lmserve.v1.Models.LoadModel:output_type -> lmserve.v1.ModelInfo
+	6,  // 26: lmserve.v1.Models.UnloadModel:output_type -> lmserve.v1.UnloadModelResponse
+	9,  // 27: lmserve.v1.Models.SetRoute:output_type -> lmserve.v1.Route
+	12, // 28: lmserve.v1.Models.DeleteRoute:output_type -> lmserve.v1.DeleteRouteResponse
+	9,  // 29: lmserve.v1.Models.GetRoute:output_type -> lmserve.v1.Route
+	15, // 30: lmserve.v1.Models.ListRoutes:output_type -> lmserve.v1.ListRoutesResponse
+	23, // [23:31] is the sub-list for method output_type
+	15, // [15:23] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_lmserve_v1_models_proto_init() }
@@ -1496,7 +1600,7 @@ func file_lmserve_v1_models_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lmserve_v1_models_proto_rawDesc), len(file_lmserve_v1_models_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
