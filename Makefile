@@ -26,7 +26,7 @@ include examples/examples.mk
 # The ONNX Runtime build `make dist` puts in the image tree: cpu, or gpu (onnxruntime-gpu).
 DIST_ORT ?= cpu
 
-.PHONY: run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm grpcurl chart onnxruntime onnxruntime-gpu pyclient tritonclient lint clean
+.PHONY: bench-real run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm grpcurl chart onnxruntime onnxruntime-gpu pyclient tritonclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
@@ -92,6 +92,18 @@ fixtures: $(PY_VENV)/ok
 bench: $(ORT_LIB) bench-models
 	cargo bench --bench embed
 	cargo bench --bench generate
+
+# lmserve on the real models against in-process onnxruntime and a plain Python gRPC server
+# (bench/real/plain_server.py): prints each goal's ratio, writes bench/RESULTS.md's real-model
+# section and bench/plots/*.png.
+BENCH_VENV := $(CACHE)/benchreal
+bench-real: $(ORT_LIB) real-models $(BENCH_VENV)/ok
+	cargo build --release
+	$(BENCH_VENV)/bin/python bench/real/run.py --binary target/release/lmserve --repository $(TEST_REAL_MODELS)
+$(BENCH_VENV)/ok: bench/real/requirements.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/real/requirements.txt
+	touch $@
 
 # A GPT-2-small-sized decoder with random weights, for the generation benchmark only (340 MB,
 # not committed): built with the models/ Python environment.

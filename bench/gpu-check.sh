@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# GPU check: on a host with an NVIDIA GPU, serves the default models on the CUDA execution
+# provider next to the same binary on the CPU, and checks parity and speed.
+#
+#   bench/gpu-check.sh [LMSERVE_BINARY]
+#
+# Needs: the release binary (default target/release/lmserve), the ONNX Runtime CUDA build in
+# ORT_GPU_LIB (`make onnxruntime-gpu` prints the path; its CUDA and cuDNN libraries must be on
+# the loader's path) and the CPU build in ORT_DYLIB_PATH (`make onnxruntime`). It fetches
+# nothing, so it runs on a host without a network.
+#
+# Checks, each printed PASS or FAIL (the exit status is the number of failures):
+#   1. every model loads on cuda:0 (required_provider, so no silent fallback to the CPU) and
+#      GetModel reports the provider;
+#   2. greedy tokens of every generating model are identical on the GPU and the CPU;
+#   3. embeddings of tiny-encoder agree within 1e-3;
+# then prints tokens/s of one stream and of 8 concurrent streams on each, and their ratio.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/lmserve}
+: "${ORT_GPU_LIB:?set ORT_GPU_LIB to libonnxruntime.so of onnxruntime-gpu 1.31.1}"
+: "${ORT_DYLIB_PATH:=$PWD/.cache/onnxruntime-1.31.1/libonnxruntime.so}"
+REPO=${REPO:-models/repository}
+# The provider under test; GPU_PROVIDER=cpu with ORT_GPU_LIB=$ORT_DYLIB_PATH dry-runs the script.
+GPU=${GPU_PROVIDER:-cuda:0}
+CPU_PORT=${CPU_PORT:-50171}
+GPU_PORT=${GPU_PORT:-50172}
+failures=0
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+
+check() { # name, status
+    if [ "$2" = 0 ]; then echo "PASS $1"; else echo "FAIL $1"; failures=$((failures + 1)); fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+serve() { # port, library, providers, log
+    ORT_DYLIB_PATH=$2 LMSERVE_RUNTIME__EXECUTION_PROVIDERS=$3 \
+        LMSERVE_RUNTIME__REQUIRED_PROVIDER=$(echo "$3" | tr -d '[]"' | cut -d, -f1) \
+        "$BIN" serve --grpc-addr "127.0.0.1:$1" --no-metrics --repository "$REPO" >"$4" 2>&1 &
+    for _ in $(seq 1 240); do
+        if "$BIN" models list --addr "127.0.0.1:$1" >"$4.models" 2>&1 &&
+            ! grep -q LOADING "$4.models"; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "server on :$1 did not start:"; tail -20 "$4"; return 1
+}
+
+serve "$CPU_PORT" "$ORT_DYLIB_PATH" '["cpu"]' "$work/cpu.log" || exit 100
+serve "$GPU_PORT" "$ORT_GPU_LIB" "[\"$GPU\"]" "$work/gpu.log" || exit 100
+
+# 1. Every model on the GPU.
+"$BIN" models list --addr "127.0.0.1:$GPU_PORT" >"$work/models.txt"
+cat "$work/models.txt"
+# `models list` prints: name@version, state, tasks, provider.
+while read -r model state _ provider; do
+    [ "$state" = READY ] && [ "$provider" = "$GPU" ]
+    check "$model runs on $GPU" $?
+done < <(awk '$1 ~ /@/' "$work/models.txt")
+
+# 2. Greedy parity.
+for model in tiny-gpt2 tiny-llama tiny-lstm tiny-transformer-lm tiny-translator; do
+    prompt="To be, or not to be"
+    [ "$model" = tiny-translator ] && prompt="Where is the station?"
+    for port in "$CPU_PORT" "$GPU_PORT"; do
+        "$BIN" generate --addr "127.0.0.1:$port" -m "$model" --max-new-tokens 48 "$prompt" \
+            >"$work/$model.$port.txt" 2>"$work/$model.$port.err"
+    done
+    cmp -s "$work/$model.$CPU_PORT.txt" "$work/$model.$GPU_PORT.txt"
+    check "$model greedy text identical on GPU and CPU" $?
+done
+
+# 3. Embedding parity.
+text="Now is the winter of our discontent made glorious summer by this sun of York."
+for port in "$CPU_PORT" "$GPU_PORT"; do
+    "$BIN" embed --addr "127.0.0.1:$port" -m tiny-encoder "$text" | tr -d '[] ' | tr ',' '\n' \
+        >"$work/embed.$port.txt"
+done
+paste "$work/embed.$CPU_PORT.txt" "$work/embed.$GPU_PORT.txt" | awk '
+    { d = $1 - $2; if (d < 0) d = -d; if (d > worst) worst = d; n++ }
+    END { printf "embedding: %d values, largest difference %.2e\n", n, worst; exit !(n > 0 && worst < 1e-3) }'
+check "tiny-encoder embeddings agree within 1e-3" $?
+
+# Speed: one stream, and 8 at once, of 128 tokens each.
+rate() { # port, streams
+    local start end pids=()
+    start=$(date +%s.%N)
+    for i in $(seq 1 "$2"); do
+        "$BIN" generate --addr "127.0.0.1:$1" -m tiny-gpt2 --max-new-tokens 128 \
+            "Stream $i: to be, or not to be" >/dev/null 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    end=$(date +%s.%N)
+    echo "$2 * 128 / ($end - $start)" | bc -l
+}
+for streams in 1 8; do
+    cpu=$(rate "$CPU_PORT" "$streams")
+    gpu=$(rate "$GPU_PORT" "$streams")
+    printf "tiny-gpt2, %d stream(s): cpu %.0f tokens/s, gpu %.0f tokens/s, %.2fx\n" \
+        "$streams" "$cpu" "$gpu" "$(echo "$gpu / $cpu" | bc -l)"
+done
+
+echo "$failures failure(s)"
+exit "$failures"
