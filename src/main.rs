@@ -395,6 +395,14 @@ async fn routes(command: RoutesCommand) -> anyhow::Result<()> {
 }
 
 fn run_client(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    // A client printing into a pipe whose reader has gone (`lmserve models get m | head`) ends
+    // quietly, as other command-line tools do, instead of panicking in `println!`. Only the
+    // clients: the server keeps Rust's default, where a closed socket is an error to handle.
+    #[cfg(unix)]
+    // SAFETY: called before this process starts any thread, and SIG_DFL is a valid action.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

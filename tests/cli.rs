@@ -254,3 +254,22 @@ async fn chat_from_the_command_line_keeps_the_history() {
         "{stderr}"
     );
 }
+
+/// A client whose output goes to a reader that has already gone (`lmserve models get m | head`)
+/// ends quietly on SIGPIPE, without a panic and its backtrace.
+#[tokio::test]
+async fn a_client_piped_into_a_closed_reader_ends_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let server = TestServer::start().await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lmserve"))
+        .args(["models", "get", "--addr", &server.url(), "tiny-gpt2@1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}
