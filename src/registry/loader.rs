@@ -18,7 +18,7 @@ use crate::config::ModelRuntime;
 use crate::runtime::bindings::Bindings;
 use crate::runtime::decoder::seq2seq::Seq2SeqDecoder;
 use crate::runtime::session::RequiredProviderMissing;
-use crate::runtime::{GraphIo, SessionPool, batch_size, warmup};
+use crate::runtime::{GraphIo, SessionPool, batch_size, memory, warmup};
 
 /// Everything a loaded version needs to serve, before its engine is attached.
 pub struct LoadedParts {
@@ -95,22 +95,30 @@ pub fn load(
         },
         ..runtime.clone()
     };
-    if manifest.family == Family::EncoderDecoder {
+    let loaded = if manifest.family == Family::EncoderDecoder {
         let pools = seq2seq::open(environment, &manifest, dir, runtime)
             .map_err(|error| fail(error, None))?;
         let graph = pools.step.graph().clone();
-        return prepare_seq2seq(manifest, files, tokenizer, pools)
-            .map_err(|error| fail(error, Some(&graph)));
-    }
-    if !dir.join(MODEL_FILE).is_file() {
-        return Err(fail(
-            anyhow::anyhow!("{MODEL_FILE} is missing from the version folder"),
-            None,
-        ));
-    }
-    let pool = open_graph(environment, dir, runtime).map_err(|error| fail(error, None))?;
-    let graph = pool.graph().clone();
-    prepare(manifest, files, tokenizer, pool).map_err(|error| fail(error, Some(&graph)))
+        prepare_seq2seq(manifest, files, tokenizer, pools)
+            .map_err(|error| fail(error, Some(&graph)))?
+    } else {
+        if !dir.join(MODEL_FILE).is_file() {
+            return Err(fail(
+                anyhow::anyhow!("{MODEL_FILE} is missing from the version folder"),
+                None,
+            ));
+        }
+        let pool = open_graph(environment, dir, runtime).map_err(|error| fail(error, None))?;
+        let graph = pool.graph().clone();
+        prepare(manifest, files, tokenizer, pool).map_err(|error| fail(error, Some(&graph)))?
+    };
+    // Warm-up and prepacking have read the weights files through; what stays mapped is read a
+    // few rows at a time, so its pages need not stay resident.
+    let mapped = memory::page_out_files(dir);
+    // Parsing the graph and prepacking freed more than a model's worth of heap.
+    memory::give_back();
+    tracing::debug!(dir = %dir.display(), mapped_mib = mapped >> 20, "weights file pages handed back");
+    Ok(loaded)
 }
 
 /// Refuses a version folder any of whose files (followed through symlinks) lies outside `root`.
