@@ -133,6 +133,7 @@ impl ContinuousScheduler {
                     faults,
                     shared: thread_shared,
                     active: Vec::new(),
+                    deferred_step: false,
                 }
                 .run()
             })?;
@@ -246,6 +247,8 @@ struct Loop<D: StepDecoder> {
     batch: D::Batch,
     /// The sequences whose rows `batch` holds, in row order.
     active: Vec<Active>,
+    /// The last iteration prefilled waiting prompts instead of stepping.
+    deferred_step: bool,
 }
 
 impl<D: StepDecoder> Loop<D> {
@@ -269,9 +272,10 @@ impl<D: StepDecoder> Loop<D> {
         }
     }
 
-    /// Admits, retires the abandoned, and runs one decode step.
+    /// Admits, retires the abandoned, and runs one decode step, unless prompts wait to go first.
     fn iterate(&mut self, admitted: Vec<Waiting<GenerationJob>>) {
-        if !admitted.is_empty() {
+        let prefilled = !admitted.is_empty();
+        if prefilled {
             self.prefill(admitted);
         }
         let abandoned = self
@@ -280,10 +284,20 @@ impl<D: StepDecoder> Loop<D> {
             .map(|active| active.driver.abandoned())
             .collect();
         self.retire(abandoned);
-        if !self.batch.is_empty() {
+        // Prompts that arrived while that prefill ran are prefilled before the running rows'
+        // next step: otherwise a step more stands between them and their first token, and
+        // they are prefilled in smaller runs, which cost more per prompt. The running rows
+        // wait one prefill longer for their next token, and never two in a row.
+        let prefill_next = prefilled && !self.deferred_step && self.prompts_waiting();
+        self.deferred_step = prefill_next;
+        if !prefill_next && !self.batch.is_empty() {
             self.step();
         }
         self.publish_kv_use();
+    }
+
+    fn prompts_waiting(&self) -> bool {
+        !self.shared.queue.lock().expect("queue lock").is_empty()
     }
 
     fn publish_kv_use(&self) {

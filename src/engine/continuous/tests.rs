@@ -69,6 +69,14 @@ impl RowBatch for FakeBatch {
 struct Calls {
     prefills: Vec<usize>,
     steps: Vec<usize>,
+    /// Both, in the order they ran.
+    order: Vec<Call>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Prefill(usize),
+    Step(usize),
 }
 
 #[derive(Default)]
@@ -79,6 +87,8 @@ struct FakeDecoder {
     panic_at_step: Arc<AtomicUsize>,
     /// How long a step takes, so sequences overlap.
     step_time: Duration,
+    /// How long a prefill takes, in milliseconds; the test may change it while the loop runs.
+    prefill_millis: Arc<AtomicUsize>,
 }
 
 fn countdown(counter: &AtomicUsize) -> bool {
@@ -97,7 +107,13 @@ impl StepDecoder for FakeDecoder {
     }
 
     fn prefill(&mut self, prompts: Vec<Vec<i64>>) -> Result<(FakeBatch, Vec<Vec<f32>>), RunError> {
-        self.calls.lock().unwrap().prefills.push(prompts.len());
+        {
+            let mut calls = self.calls.lock().unwrap();
+            calls.prefills.push(prompts.len());
+            calls.order.push(Call::Prefill(prompts.len()));
+        }
+        let millis = self.prefill_millis.load(Ordering::Acquire) as u64;
+        std::thread::sleep(Duration::from_millis(millis));
         let logits = prompts.iter().map(|p| one_hot(next_token(p))).collect();
         let rows = prompts
             .into_iter()
@@ -111,7 +127,11 @@ impl StepDecoder for FakeDecoder {
     }
 
     fn step(&mut self, batch: &mut FakeBatch) -> Result<Vec<Vec<f32>>, RunError> {
-        self.calls.lock().unwrap().steps.push(batch.len());
+        {
+            let mut calls = self.calls.lock().unwrap();
+            calls.steps.push(batch.len());
+            calls.order.push(Call::Step(batch.len()));
+        }
         std::thread::sleep(self.step_time);
         if countdown(&self.fail_at_step) {
             return Err(RunError::MissingOutput("logits".into()));
@@ -210,6 +230,7 @@ struct Harness {
     calls: Arc<Mutex<Calls>>,
     fail_at_step: Arc<AtomicUsize>,
     panic_at_step: Arc<AtomicUsize>,
+    prefill_millis: Arc<AtomicUsize>,
     faults: Arc<FaultTracker>,
     report: Sender<(usize, Outcome)>,
     outcomes: Receiver<(usize, Outcome)>,
@@ -226,10 +247,11 @@ fn harness_with_kv(max_batch_size: usize, step_time: Duration, kv: KvBudget) -> 
         step_time,
         ..FakeDecoder::default()
     };
-    let (calls, fail_at_step, panic_at_step) = (
+    let (calls, fail_at_step, panic_at_step, prefill_millis) = (
         Arc::clone(&decoder.calls),
         Arc::clone(&decoder.fail_at_step),
         Arc::clone(&decoder.panic_at_step),
+        Arc::clone(&decoder.prefill_millis),
     );
     let faults = Arc::new(FaultTracker::new(100));
     let settings = SchedulerSettings {
@@ -256,6 +278,7 @@ fn harness_with_kv(max_batch_size: usize, step_time: Duration, kv: KvBudget) -> 
         calls,
         fail_at_step,
         panic_at_step,
+        prefill_millis,
         faults,
         report,
         outcomes,
@@ -305,6 +328,17 @@ impl Harness {
             .collect();
         got.sort_by_key(|(id, _)| *id);
         got.into_iter().map(|(_, outcome)| outcome).collect()
+    }
+
+    /// Waits until the fake has been asked for `count` prefills.
+    fn wait_for_prefills(&self, count: usize) {
+        for _ in 0..10_000 {
+            if self.calls.lock().unwrap().prefills.len() >= count {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("prefill {count} never started");
     }
 
     /// Waits until sequence `id` has `tokens` tokens.
@@ -382,6 +416,49 @@ fn rows_joining_a_running_batch_and_leaving_it_keep_their_state() {
         calls.steps.iter().any(|&rows| rows >= 2),
         "rows decoded together: {:?}",
         calls.steps
+    );
+}
+
+#[test]
+fn a_prompt_that_arrives_during_a_prefill_goes_before_the_next_step_once() {
+    let h = harness(8, Duration::from_millis(1));
+    let specs: Vec<(Vec<i64>, usize)> = (0..4).map(|i| (prompt(i, 3), 40)).collect();
+    h.submit(0, specs[0].0.clone(), 40, None);
+    h.wait_for(0, 3);
+    // Each of the next three arrives while the one before it is being prefilled.
+    h.prefill_millis.store(60, Ordering::Release);
+    for (id, (p, steps)) in specs.iter().enumerate().skip(1) {
+        h.submit(id, p.clone(), *steps, None);
+        h.wait_for_prefills(id + 1);
+    }
+    h.prefill_millis.store(0, Ordering::Release);
+    for (outcome, (p, steps)) in h.outcomes(specs.len()).iter().zip(&specs) {
+        assert_done(outcome, &expected(p, *steps));
+    }
+    let calls = h.calls.lock().unwrap();
+    let second = calls
+        .order
+        .iter()
+        .position(|&call| call == Call::Prefill(1))
+        .and_then(|first| {
+            calls.order[first + 1..]
+                .iter()
+                .position(|&call| call == Call::Prefill(1))
+                .map(|at| first + 1 + at)
+        })
+        .expect("a second prefill");
+    // The second sequence's prefill was followed by the third's, with no step between; the
+    // running rows then stepped before the fourth's.
+    assert_eq!(
+        calls.order[second..second + 4],
+        [
+            Call::Prefill(1),
+            Call::Prefill(1),
+            Call::Step(3),
+            Call::Prefill(1)
+        ],
+        "{:?}",
+        calls.order
     );
 }
 
