@@ -28,7 +28,7 @@ import gguf_files
 import llama
 
 # Bump when the files this script writes change, so cached folders are rebuilt.
-REVISION = 1
+REVISION = 2
 
 
 def default_cache() -> str:

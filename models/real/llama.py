@@ -4,8 +4,9 @@ numpy and onnx only, in optimum's decoder layout with a KV cache:
   inputs   input_ids [batch, sequence], attention_mask [batch, past + sequence],
            position_ids [batch, sequence],
            past_key_values.N.key / .value [batch, kv_heads, past, head_dim]
-  outputs  logits [batch, sequence, vocab], present.N.key / .value [batch, kv_heads,
-           past + sequence, head_dim]
+  outputs  logits [batch, 1, vocab] (the last position's: the only one a decoder samples
+           from, and computing the others was a fifth of a 64-token prefill),
+           present.N.key / .value [batch, kv_heads, past + sequence, head_dim]
 
 Weights are dequantised to float32. llama.cpp stores the query and key projections with their
 rows permuted for its rotary layout; they are permuted back, so the graph applies rotary
@@ -186,14 +187,14 @@ def build(weights: dict, hp: dict) -> Graph:
     # with transB so the one [vocab, hidden] table serves both ends.
     head = (g.weight("output.weight", weights["output.weight"]) if "output.weight" in weights
             else embedding)
-    flat = g.op("Reshape", [x, g.const([-1, hidden])], "final_flat")
+    # Only the last position's logits: with left padding it is every row's newest token.
+    last = g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],
+                "final_last")
+    flat = g.op("Reshape", [last, g.const([-1, hidden])], "final_flat")
     logits_flat = g.op("Gemm", [flat, head], "lm_head", transB=1)
-    batch_seq = g.op("Slice", [g.op("Shape", [input_ids], "ids_shape"), g.const([0]),
-                               g.const([2])], "batch_seq")
-    logits_shape = g.op("Concat", [batch_seq, g.const([-1])], "logits_shape", axis=0)
-    logits = g.op("Reshape", [logits_flat, logits_shape], "logits_3d")
+    logits = g.op("Unsqueeze", [logits_flat, g.const([1])], "logits_3d")
 
-    g.output(logits, "logits", FLOAT, ["batch", "sequence", hp["vocab_size"]])
+    g.output(logits, "logits", FLOAT, ["batch", 1, hp["vocab_size"]])
     for i, (key, value) in enumerate(presents):
         g.output(key, f"present.{i}.key", FLOAT, ["batch", kv_heads, "total", head_dim])
         g.output(value, f"present.{i}.value", FLOAT, ["batch", kv_heads, "total", head_dim])
