@@ -46,7 +46,8 @@ pub fn give_back() {
 /// a hint, not a change of contents: a page still as the file holds it is read back from the
 /// file when touched, one written since (ONNX Runtime maps the file private and writable) is
 /// kept or swapped, and a range that stopped being this mapping in the meantime is at worst
-/// paged out too.
+/// paged out too. The kernel leaves alone the pages another process maps as well (a second
+/// server on the same files): they stay in both resident sets.
 pub fn page_out_files(folder: &std::path::Path) -> u64 {
     #[cfg(target_os = "linux")]
     {
