@@ -219,24 +219,16 @@ fn write_settings(text: &mut String, rows: &[SettingRow]) {
 mod tests {
     use super::*;
 
-    fn spec(name: &str, shape: &[i64]) -> TensorSpec {
-        TensorSpec {
-            name: name.into(),
-            dtype: "float32".into(),
-            shape: shape.to_vec(),
-        }
-    }
-
     #[test]
     fn infers_the_standard_layouts() {
         let decoder = GraphIo {
             inputs: vec![
-                spec("input_ids", &[-1, -1]),
-                spec("past_key_values.0.key", &[-1, 2, -1, 8]),
+                TensorSpec::float32("input_ids", &[-1, -1]),
+                TensorSpec::float32("past_key_values.0.key", &[-1, 2, -1, 8]),
             ],
             outputs: vec![
-                spec("logits", &[-1, -1, 9]),
-                spec("present.0.key", &[-1, 2, -1, 8]),
+                TensorSpec::float32("logits", &[-1, -1, 9]),
+                TensorSpec::float32("present.0.key", &[-1, 2, -1, 8]),
             ],
         };
         assert_eq!(
@@ -244,10 +236,10 @@ mod tests {
             "family = \"decoder\"\ntasks = [\"generate\"]\n"
         );
         let classifier = GraphIo {
-            inputs: vec![spec("input_ids", &[-1, -1])],
+            inputs: vec![TensorSpec::float32("input_ids", &[-1, -1])],
             outputs: vec![
-                spec("last_hidden_state", &[-1, -1, 8]),
-                spec("logits", &[-1, 2]),
+                TensorSpec::float32("last_hidden_state", &[-1, -1, 8]),
+                TensorSpec::float32("logits", &[-1, 2]),
             ],
         };
         assert_eq!(
@@ -255,8 +247,8 @@ mod tests {
             "family = \"encoder\"\ntasks = [\"embed\", \"classify\"]\n"
         );
         let unknown = GraphIo {
-            inputs: vec![spec("pixel_values", &[-1, 3, 224, 224])],
-            outputs: vec![spec("image_embeds", &[-1, 512])],
+            inputs: vec![TensorSpec::float32("pixel_values", &[-1, 3, 224, 224])],
+            outputs: vec![TensorSpec::float32("image_embeds", &[-1, 512])],
         };
         assert_eq!(infer_manifest(&unknown), None);
     }

@@ -24,6 +24,18 @@ pub struct TensorSpec {
     pub shape: Vec<i64>,
 }
 
+#[cfg(test)]
+impl TensorSpec {
+    /// A float32 tensor of `shape`, for tests that build a graph's signature by hand.
+    pub fn float32(name: &str, shape: &[i64]) -> Self {
+        Self {
+            name: name.into(),
+            dtype: "float32".into(),
+            shape: shape.to_vec(),
+        }
+    }
+}
+
 impl fmt::Display for TensorSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dims: Vec<String> = self

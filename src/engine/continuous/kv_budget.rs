@@ -66,14 +66,6 @@ mod tests {
     use super::*;
     use crate::runtime::bindings::StatePair;
 
-    fn spec(name: &str, shape: &[i64]) -> TensorSpec {
-        TensorSpec {
-            name: name.into(),
-            dtype: "float32".into(),
-            shape: shape.to_vec(),
-        }
-    }
-
     fn carrying(inputs: &[&str]) -> Bindings {
         Bindings {
             input_ids: "input_ids".into(),
@@ -97,14 +89,17 @@ mod tests {
     fn a_kv_cache_costs_its_fixed_dimensions_per_token() {
         // SmolLM2-135M: 30 layers of keys and values, 3 KV heads of 64.
         let names: Vec<String> = (0..60).map(|i| format!("past.{i}")).collect();
-        let inputs: Vec<TensorSpec> = names.iter().map(|n| spec(n, &[-1, 3, -1, 64])).collect();
+        let inputs: Vec<TensorSpec> = names
+            .iter()
+            .map(|n| TensorSpec::float32(n, &[-1, 3, -1, 64]))
+            .collect();
         let bindings = carrying(&names.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(bytes_per_token(&inputs, &bindings), 60 * 3 * 64 * 4);
     }
 
     #[test]
     fn a_recurrent_state_does_not_grow() {
-        let inputs = [spec("h", &[2, -1, 128])];
+        let inputs = [TensorSpec::float32("h", &[2, -1, 128])];
         // [layers, batch, hidden]: the batch is not the first axis, but nothing grows with time.
         let bindings = carrying(&["h"]);
         assert_eq!(bytes_per_token(&inputs, &bindings), 0);
