@@ -21,6 +21,13 @@ GRPCURL_VERSION := v1.9.4
 GRPCURL := $(XDG_CACHE_HOME)/lmserve/tools/grpcurl-$(GRPCURL_VERSION)/grpcurl
 export TEST_GRPCURL := $(GRPCURL)
 DIST := dist/root
+# $(call go-install,PACKAGE@VERSION,BIN): builds a pinned Go tool into BIN's folder with build
+# and module caches of its own, removed afterwards. The tools are built once per version, and
+# what compiling them leaves (about 3 GB for helm, buf and grpcurl) would otherwise stay in the
+# user's Go caches.
+go-install = scratch=$$(mktemp -d) && \
+	GOCACHE=$$scratch/build GOMODCACHE=$$scratch/mod GOFLAGS=-modcacherw GOBIN=$(abspath $(dir $(2))) \
+	go install $(1); status=$$?; rm -rf "$$scratch"; exit $$status
 include proto.mk
 include examples/examples.mk
 # The ONNX Runtime build `make dist` puts in the image tree: cpu, or gpu (onnxruntime-gpu).
@@ -58,11 +65,11 @@ endif
 
 helm: $(HELM)
 $(HELM):
-	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+	$(call go-install,helm.sh/helm/v4/cmd/helm@$(HELM_VERSION),$(HELM))
 
 grpcurl: $(GRPCURL)
 $(GRPCURL):
-	GOBIN=$(dir $(GRPCURL)) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+	$(call go-install,github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION),$(GRPCURL))
 
 # The chart: helm lint and template for each value set, every object checked against the
 # Kubernetes schemas, and the real binary started on each rendered lmserve.toml (part of the

@@ -10,7 +10,7 @@ PROTO_BASELINE := proto/BASELINE
 
 buf: $(BUF)
 $(BUF):
-	GOBIN=$(dir $(BUF)) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+	$(call go-install,github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION),$(BUF))
 
 proto-lint: $(BUF)
 	$(BUF) lint

@@ -30,9 +30,9 @@ CARGO_HOME ?= $(HOME)/.cargo
 EXAMPLES_FIND_PROTOC := ls -d $(CARGO_HOME)/registry/src/*/protoc-bin-vendored-linux-x86_64-*/bin/protoc 2>/dev/null | sort -V | tail -n 1
 
 $(PROTOC_GEN_GO):
-	GOBIN=$(dir $@) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	$(call go-install,google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION),$@)
 $(PROTOC_GEN_GO_GRPC):
-	GOBIN=$(dir $@) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	$(call go-install,google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION),$@)
 
 # $(call examples-go-protoc,OUT): the Go code for every proto, in the gen module's layout.
 define examples-go-protoc
