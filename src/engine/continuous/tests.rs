@@ -64,13 +64,34 @@ impl RowBatch for FakeBatch {
     }
 }
 
-/// What the scheduler asked of the fake.
+/// What the scheduler asked of the fake, in the order it ran.
 #[derive(Default)]
 struct Calls {
-    prefills: Vec<usize>,
-    steps: Vec<usize>,
-    /// Both, in the order they ran.
     order: Vec<Call>,
+}
+
+impl Calls {
+    /// The rows of each prefill.
+    fn prefills(&self) -> Vec<usize> {
+        self.order
+            .iter()
+            .filter_map(|call| match call {
+                Call::Prefill(rows) => Some(*rows),
+                Call::Step(_) => None,
+            })
+            .collect()
+    }
+
+    /// The rows of each step.
+    fn steps(&self) -> Vec<usize> {
+        self.order
+            .iter()
+            .filter_map(|call| match call {
+                Call::Step(rows) => Some(*rows),
+                Call::Prefill(_) => None,
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,11 +128,11 @@ impl StepDecoder for FakeDecoder {
     }
 
     fn prefill(&mut self, prompts: Vec<Vec<i64>>) -> Result<(FakeBatch, Vec<Vec<f32>>), RunError> {
-        {
-            let mut calls = self.calls.lock().unwrap();
-            calls.prefills.push(prompts.len());
-            calls.order.push(Call::Prefill(prompts.len()));
-        }
+        self.calls
+            .lock()
+            .unwrap()
+            .order
+            .push(Call::Prefill(prompts.len()));
         let millis = self.prefill_millis.load(Ordering::Acquire) as u64;
         std::thread::sleep(Duration::from_millis(millis));
         let logits = prompts.iter().map(|p| one_hot(next_token(p))).collect();
@@ -127,11 +148,11 @@ impl StepDecoder for FakeDecoder {
     }
 
     fn step(&mut self, batch: &mut FakeBatch) -> Result<Vec<Vec<f32>>, RunError> {
-        {
-            let mut calls = self.calls.lock().unwrap();
-            calls.steps.push(batch.len());
-            calls.order.push(Call::Step(batch.len()));
-        }
+        self.calls
+            .lock()
+            .unwrap()
+            .order
+            .push(Call::Step(batch.len()));
         std::thread::sleep(self.step_time);
         if countdown(&self.fail_at_step) {
             return Err(RunError::MissingOutput("logits".into()));
@@ -333,7 +354,7 @@ impl Harness {
     /// Waits until the fake has been asked for `count` prefills.
     fn wait_for_prefills(&self, count: usize) {
         for _ in 0..10_000 {
-            if self.calls.lock().unwrap().prefills.len() >= count {
+            if self.calls.lock().unwrap().prefills().len() >= count {
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -383,9 +404,9 @@ fn sequences_started_together_each_follow_their_own_history() {
     let calls = h.calls.lock().unwrap();
     // Every step ran every live row at once: at most one step per token of the longest.
     assert!(
-        calls.steps.len() <= 3 + 4 * 4,
+        calls.steps().len() <= 3 + 4 * 4,
         "{} steps",
-        calls.steps.len()
+        calls.steps().len()
     );
 }
 
@@ -409,13 +430,13 @@ fn rows_joining_a_running_batch_and_leaving_it_keep_their_state() {
     }
     let calls = h.calls.lock().unwrap();
     assert!(
-        calls.prefills.len() >= 2,
+        calls.prefills().len() >= 2,
         "the joiners were prefilled while the first ran"
     );
     assert!(
-        calls.steps.iter().any(|&rows| rows >= 2),
+        calls.steps().iter().any(|&rows| rows >= 2),
         "rows decoded together: {:?}",
-        calls.steps
+        calls.steps()
     );
 }
 
@@ -439,13 +460,10 @@ fn a_prompt_that_arrives_during_a_prefill_goes_before_the_next_step_once() {
     let second = calls
         .order
         .iter()
-        .position(|&call| call == Call::Prefill(1))
-        .and_then(|first| {
-            calls.order[first + 1..]
-                .iter()
-                .position(|&call| call == Call::Prefill(1))
-                .map(|at| first + 1 + at)
-        })
+        .enumerate()
+        .filter(|&(_, &call)| call == Call::Prefill(1))
+        .nth(1)
+        .map(|(at, _)| at)
         .expect("a second prefill");
     // The second sequence's prefill was followed by the third's, with no step between; the
     // running rows then stepped before the fourth's.
@@ -474,14 +492,14 @@ fn admission_never_exceeds_the_batch_size_and_everyone_finishes() {
     }
     let calls = h.calls.lock().unwrap();
     assert!(
-        calls.steps.iter().all(|&rows| rows <= 2),
+        calls.steps().iter().all(|&rows| rows <= 2),
         "{:?}",
-        calls.steps
+        calls.steps()
     );
     assert!(
-        calls.prefills.iter().all(|&rows| rows <= 2),
+        calls.prefills().iter().all(|&rows| rows <= 2),
         "{:?}",
-        calls.prefills
+        calls.prefills()
     );
 }
 
