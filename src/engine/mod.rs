@@ -23,7 +23,9 @@ use crate::runtime::SessionPool;
 use crate::runtime::batch_size::BestBatch;
 use crate::runtime::bindings::Bindings;
 use crate::runtime::decoder::seq2seq::Seq2SeqDecoder;
-use crate::runtime::decoder::{self, Carry, KvCacheDecoder, RecomputeDecoder, RecurrentDecoder};
+use crate::runtime::decoder::{
+    self, Carry, KvCacheDecoder, RecomputeDecoder, RecurrentDecoder, SharedCacheDecoder,
+};
 use crate::telemetry::metrics::ModelLabels;
 
 /// What serves a loaded version's requests.
@@ -114,6 +116,10 @@ pub fn start(
             match graph.carry {
                 Carry::KvCache => {
                     ContinuousScheduler::spawn(KvCacheDecoder(graph), settings, labels)?
+                }
+                Carry::SharedKvCache => {
+                    let decoder = SharedCacheDecoder::new(graph).map_err(anyhow::Error::msg)?;
+                    ContinuousScheduler::spawn(decoder, settings, labels)?
                 }
                 Carry::Recurrent => {
                     ContinuousScheduler::spawn(RecurrentDecoder(graph), settings, labels)?

@@ -22,6 +22,12 @@ const POOLED_OUTPUT: &str = "sentence_embedding";
 const PRESENT_PREFIX: &str = "present.";
 const PAST_PREFIX: &str = "past_key_values.";
 
+/// onnxruntime's GroupQueryAttention inputs, which a graph that writes its cache in place takes
+/// instead of attention_mask and position_ids.
+const SEQLENS_K: &str = "seqlens_k";
+const TOTAL_SEQUENCE_LENGTH: &str = "total_sequence_length";
+
+const INT32: &str = "int32";
 const INT64: &str = "int64";
 const FLOAT32: &str = "float32";
 
@@ -196,6 +202,14 @@ pub fn resolve_feeding(
         (None, None)
     };
 
+    let seqlens_k = length_input(graph, SEQLENS_K, &[1], "[batch]")?;
+    let total_sequence_length = length_input(graph, TOTAL_SEQUENCE_LENGTH, &[0, 1], "[]")?;
+    if seqlens_k.is_some() != total_sequence_length.is_some() {
+        bail!(
+            "the graph takes only one of `{SEQLENS_K}` and `{TOTAL_SEQUENCE_LENGTH}`; a graph that writes its KV cache in place needs both"
+        );
+    }
+
     let state = state_pairs(manifest, graph)?;
     if manifest.family == Family::Encoder && !state.is_empty() {
         bail!(
@@ -213,6 +227,8 @@ pub fn resolve_feeding(
         hidden_states,
         pooled_output,
         state,
+        seqlens_k,
+        total_sequence_length,
     };
     for spec in &graph.inputs {
         if !bindings.feeds(&spec.name) && !fed_elsewhere.contains(&spec.name.as_str()) {
@@ -223,6 +239,24 @@ pub fn resolve_feeding(
         }
     }
     Ok(bindings)
+}
+
+/// A row-length input of a graph that writes its cache in place, by its onnxruntime name.
+fn length_input(
+    graph: &GraphIo,
+    name: &str,
+    ranks: &[usize],
+    layout: &str,
+) -> anyhow::Result<Option<String>> {
+    let Some(spec) = find(&graph.inputs, name) else {
+        return Ok(None);
+    };
+    if spec.dtype != INT32 || (known_rank(spec) && !ranks.contains(&spec.shape.len())) {
+        bail!(
+            "input `{spec}` is read as onnxruntime's GroupQueryAttention `{name}`, which needs int32 {layout}"
+        );
+    }
+    Ok(Some(spec.name.clone()))
 }
 
 /// The state carried from step to step: the manifest's `[state]`, else optimum's KV-cache names.
@@ -341,6 +375,41 @@ mod tests {
             }
         );
         assert_eq!(bindings.position_ids.as_deref(), Some("position_ids"));
+        assert!(!bindings.writes_cache_in_place());
+    }
+
+    #[test]
+    fn recognises_a_decoder_that_writes_its_cache_in_place() {
+        let manifest = Manifest::parse("family = \"decoder\"\ntasks = [\"generate\"]").unwrap();
+        let cache = || spec("past_key_values.0.key", FLOAT32, &[-1, 3, -1, 64]);
+        let mut inputs = ids(&["input_ids"]);
+        inputs.extend([
+            spec(SEQLENS_K, INT32, &[-1]),
+            spec(TOTAL_SEQUENCE_LENGTH, INT32, &[]),
+            cache(),
+        ]);
+        let outputs = vec![
+            spec("logits", FLOAT32, &[-1, 1, 50]),
+            spec("present.0.key", FLOAT32, &[-1, 3, -1, 64]),
+        ];
+        let graph = GraphIo { inputs, outputs };
+        let bindings = resolve(&manifest, &graph).unwrap();
+        assert!(bindings.writes_cache_in_place());
+        assert_eq!(bindings.seqlens_k.as_deref(), Some(SEQLENS_K));
+        assert_eq!(bindings.attention_mask, None);
+
+        // Row lengths in int64, or only one of the two inputs, are refused with the reason.
+        let mut wrong = graph.clone();
+        wrong.inputs[1] = spec(SEQLENS_K, INT64, &[-1]);
+        let error = resolve(&manifest, &wrong).unwrap_err().to_string();
+        assert!(
+            error.contains("`seqlens_k`, which needs int32 [batch]"),
+            "{error}"
+        );
+        let mut half = graph.clone();
+        half.inputs.remove(2);
+        let error = resolve(&manifest, &half).unwrap_err().to_string();
+        assert!(error.contains("needs both"), "{error}");
     }
 
     #[test]

@@ -412,6 +412,11 @@ pub fn prepare(
             .iter()
             .any(|spec| spec.name == pair.input && spec.shape.iter().skip(1).all(|&dim| dim >= 0))
     });
+    if bindings.writes_cache_in_place() {
+        bail!(
+            "the decoder step graph writes its cache in place (it takes seqlens_k and total_sequence_length); an encoder-decoder's step graph must return its cache as outputs"
+        );
+    }
     let step_graph_runtime =
         StepGraph::new(Arc::clone(&step), Arc::clone(&bindings), recurrent, pad_id)
             .map_err(anyhow::Error::msg)?;

@@ -21,6 +21,11 @@ pub struct Bindings {
     /// An embedding the graph already pooled, `[B,D]`.
     pub pooled_output: Option<String>,
     pub state: Vec<StatePair>,
+    /// Each row's length minus one, `[batch]` int32, and the longest row's length, a scalar:
+    /// what a graph that writes its KV cache in place (onnxruntime's GroupQueryAttention over a
+    /// buffer bound as both past and present) takes instead of a mask and positions.
+    pub seqlens_k: Option<String>,
+    pub total_sequence_length: Option<String>,
 }
 
 impl Bindings {
@@ -30,7 +35,14 @@ impl Bindings {
             || self.attention_mask.as_deref() == Some(name)
             || self.position_ids.as_deref() == Some(name)
             || self.token_type_ids.as_deref() == Some(name)
+            || self.seqlens_k.as_deref() == Some(name)
+            || self.total_sequence_length.as_deref() == Some(name)
             || self.state.iter().any(|pair| pair.input == name)
+    }
+
+    /// Whether the graph takes row lengths and writes its cache into the buffers it is fed.
+    pub fn writes_cache_in_place(&self) -> bool {
+        self.seqlens_k.is_some() && self.total_sequence_length.is_some() && self.has_state()
     }
 
     /// Whether the model carries state (a KV cache or a recurrent state) between steps.

@@ -24,6 +24,11 @@ pub fn run(
             Tensor::from_array(([1_usize, 1], vec![0_i64]))?.into_dyn()
         } else if bindings.attention_mask.as_deref() == Some(&spec.name) {
             Tensor::from_array(([1_usize, 1], vec![1_i64]))?.into_dyn()
+        } else if bindings.seqlens_k.as_deref() == Some(&spec.name) {
+            // One row of one token: its length minus one.
+            Tensor::from_array(([1_usize], vec![0_i32]))?.into_dyn()
+        } else if bindings.total_sequence_length.as_deref() == Some(&spec.name) {
+            Tensor::from_array((Vec::<usize>::new(), vec![1_i32]))?.into_dyn()
         } else {
             // Carried state: batch 1, every other dynamic axis (the past length) empty.
             let shape: Vec<usize> = spec

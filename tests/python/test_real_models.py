@@ -4,9 +4,10 @@ references computed without lmserve:
 - all-MiniLM-L6-v2: sentence-transformers' own embeddings (its tokenizer with [CLS]/[SEP], mean
   pooling over the attention mask, L2 norm, 256-token limit) of held-out Tatoeba sentences,
   committed in models/real/reference/ by models/real/reference.py.
-- SmolLM2-135M-Instruct: a plain onnxruntime greedy loop over the same ONNX file, written here
-  with the tokenizers library; and transformers' greedy tokens from the package's GGUF file
-  (committed), which the converted graph must reproduce.
+- SmolLM2-135M-Instruct: a plain onnxruntime greedy loop, written here with the tokenizers
+  library, over the same weights in optimum's layout (the served graph writes its cache in
+  place, which a plain loop cannot feed); and transformers' greedy tokens from the package's
+  GGUF file (committed), which the converted graph must reproduce.
 """
 import json
 import math
@@ -122,7 +123,7 @@ class OnnxLoop:
 @pytest.fixture(scope="module")
 def smollm2_cases():
     reference = json.loads((REFERENCES / f"{SMOLLM2}.json").read_text())
-    loop = OnnxLoop(real_models() / SMOLLM2 / "1")
+    loop = OnnxLoop(real_models().parent / "optimum" / SMOLLM2 / "1")
     limit = reference["max_new_tokens"]
     cases = [(case["prompt"], loop.greedy(case["prompt"], limit), case["tokens"])
              for case in reference["cases"]]

@@ -82,6 +82,8 @@ mod tests {
                     output: format!("present{name}"),
                 })
                 .collect(),
+            seqlens_k: None,
+            total_sequence_length: None,
         }
     }
 

@@ -19,6 +19,9 @@ pub const KV_SEQUENCE_AXIS: usize = 2;
 pub enum Carry {
     /// Keys and values `[batch, heads, past, head_dim]` that grow by one column a step.
     KvCache,
+    /// Keys and values in buffers `[batch, heads, capacity, head_dim]` the graph writes each
+    /// step's columns into, told each row's length (see `shared_cache`).
+    SharedKvCache,
     /// A fixed-size state `[batch, ...]`, e.g. an LSTM's `h` and `c`.
     Recurrent,
     /// Nothing: each step re-runs the whole sequence.
@@ -32,7 +35,7 @@ pub struct StepGraph {
     pub(super) pool: Arc<SessionPool>,
     pub(super) bindings: Arc<Bindings>,
     /// Declared shape of each state input, in `bindings.state` order.
-    state_shapes: Vec<Vec<i64>>,
+    pub(super) state_shapes: Vec<Vec<i64>>,
     pub(super) pad_id: i64,
 }
 
@@ -92,6 +95,7 @@ impl StepGraph {
         let carry = match (bindings.has_state(), recurrent) {
             (false, _) => Carry::Nothing,
             (true, true) => Carry::Recurrent,
+            (true, false) if bindings.writes_cache_in_place() => Carry::SharedKvCache,
             (true, false) => Carry::KvCache,
         };
         Ok(Self {
@@ -248,7 +252,9 @@ impl StepGraph {
     /// A copy of the rows at `keep`, as `filter` makes them.
     pub fn select(&self, batch: &DecodeBatch, keep: &[usize]) -> Result<DecodeBatch, RunError> {
         let width = match self.carry {
-            Carry::KvCache => keep.iter().map(|&i| batch.rows[i].fed).max().unwrap_or(0),
+            Carry::KvCache | Carry::SharedKvCache => {
+                keep.iter().map(|&i| batch.rows[i].fed).max().unwrap_or(0)
+            }
             _ => 0,
         };
         let mut state = Vec::with_capacity(batch.state.len());
@@ -266,7 +272,9 @@ impl StepGraph {
         width: usize,
     ) -> Result<DynValue, RunError> {
         match self.carry {
-            Carry::KvCache => gather_columns(sources, KV_SEQUENCE_AXIS, width, Align::Right),
+            Carry::KvCache | Carry::SharedKvCache => {
+                gather_columns(sources, KV_SEQUENCE_AXIS, width, Align::Right)
+            }
             Carry::Recurrent | Carry::Nothing => gather_rows(sources),
         }
     }

@@ -1,14 +1,17 @@
-//! The generating families as `StepDecoder`s: a causal decoder with a KV cache, a recurrent
-//! model carrying a fixed-size state, a decoder that carries nothing and re-runs the whole
-//! sequence, and an encoder-decoder. They share the step graph in `graph`.
+//! The generating families as `StepDecoder`s: a causal decoder with a KV cache (fed back as the
+//! graph returned it, or written in place: `shared_cache`), a recurrent model carrying a
+//! fixed-size state, a decoder that carries nothing and re-runs the whole sequence, and an
+//! encoder-decoder. They share the step graph in `graph`.
 
 pub mod graph;
 pub mod seq2seq;
+pub mod shared_cache;
 
 use std::sync::Arc;
 
 pub use graph::{Carry, DecodeBatch, StepGraph};
 use graph::{Row, RunInputs, left_pad};
+pub use shared_cache::SharedCacheDecoder;
 
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;

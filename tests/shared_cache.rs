@@ -1,0 +1,153 @@
+//! The decoder that writes its KV cache in place, on the real SmolLM2 graph of
+//! `make real-models`: rows prefilled together, joining a running batch, leaving it, and
+//! outgrowing their buffers at every step greedy-decode exactly as each prompt does alone.
+
+mod common;
+
+use std::sync::Arc;
+
+use lmserve::config::{Config, ModelRuntime};
+use lmserve::runtime::SessionPool;
+use lmserve::runtime::bindings::{Bindings, StatePair};
+use lmserve::runtime::decoder::{self, Carry, SharedCacheDecoder};
+use lmserve::runtime::step::{RowBatch, StepDecoder};
+
+const LAYERS: usize = 30;
+const NEW_TOKENS: usize = 10;
+
+fn smollm2(growth: usize) -> SharedCacheDecoder {
+    let environment =
+        lmserve::runtime::library::init(&Config::default().ort_library_candidates(), 1)
+            .expect("ONNX Runtime (make onnxruntime)");
+    let runtime = ModelRuntime {
+        intra_threads: 2,
+        sessions: 1,
+        execution_providers: vec!["cpu".into()],
+        required_provider: None,
+    };
+    let model = common::real_models().join("smollm2-135m-instruct/1/model.onnx");
+    let pool = Arc::new(SessionPool::load(environment, &model, &runtime).unwrap());
+    let state = (0..LAYERS)
+        .flat_map(|layer| ["key", "value"].map(|kind| (layer, kind)))
+        .map(|(layer, kind)| StatePair {
+            output: format!("present.{layer}.{kind}"),
+            input: format!("past_key_values.{layer}.{kind}"),
+        })
+        .collect();
+    let bindings = Bindings {
+        input_ids: "input_ids".into(),
+        attention_mask: None,
+        position_ids: None,
+        token_type_ids: None,
+        logits: Some("logits".into()),
+        hidden_states: None,
+        pooled_output: None,
+        state,
+        seqlens_k: Some("seqlens_k".into()),
+        total_sequence_length: Some("total_sequence_length".into()),
+    };
+    let graph = decoder::step_graph(pool, Arc::new(bindings), false, 2).unwrap();
+    assert_eq!(graph.carry, Carry::SharedKvCache);
+    SharedCacheDecoder::new(graph).unwrap().with_growth(growth)
+}
+
+fn argmax(logits: &[f32]) -> i64 {
+    let best = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap();
+    best.0 as i64
+}
+
+/// SmolLM2 token ids of three prompts of different lengths (any ids below the vocabulary do).
+fn prompts() -> Vec<Vec<i64>> {
+    vec![
+        vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47],
+        vec![9555, 2056, 253, 655],
+        vec![504, 1341, 4110, 3521, 359, 30, 216, 1780, 314],
+    ]
+}
+
+/// Each prompt decoded alone, with the default headroom.
+fn alone(decoder: &mut SharedCacheDecoder, prompt: &[i64]) -> Vec<i64> {
+    let (mut batch, logits) = decoder.prefill(vec![prompt.to_vec()]).unwrap();
+    let mut tokens = vec![argmax(&logits[0])];
+    while tokens.len() < NEW_TOKENS {
+        batch.push_token(0, *tokens.last().unwrap());
+        let logits = decoder.step(&mut batch).unwrap();
+        tokens.push(argmax(&logits[0]));
+    }
+    tokens
+}
+
+/// The running rows' prompts (indices into `prompts()`) and the tokens each prompt has got.
+struct Running {
+    batch: <SharedCacheDecoder as StepDecoder>::Batch,
+    rows: Vec<usize>,
+    tokens: Vec<Vec<i64>>,
+}
+
+impl Running {
+    fn take(&mut self, rows: &[usize], logits: &[Vec<f32>]) {
+        for (&prompt, logits) in rows.iter().zip(logits) {
+            self.tokens[prompt].push(argmax(logits));
+        }
+    }
+
+    fn step(&mut self, decoder: &mut SharedCacheDecoder) {
+        for (row, &prompt) in self.rows.iter().enumerate() {
+            let token = *self.tokens[prompt].last().unwrap();
+            self.batch.push_token(row, token);
+        }
+        let logits = decoder.step(&mut self.batch).unwrap();
+        let rows = self.rows.clone();
+        self.take(&rows, &logits);
+    }
+}
+
+#[test]
+fn rows_decode_as_alone_when_batched_joining_leaving_and_outgrowing_buffers() {
+    let prompts = prompts();
+    let mut roomy = smollm2(128);
+    let expected: Vec<Vec<i64>> = prompts.iter().map(|p| alone(&mut roomy, p)).collect();
+    drop(roomy);
+
+    // One column of headroom: every step copies the cache into larger buffers.
+    let mut decoder = smollm2(1);
+    let (batch, logits) = decoder.prefill(prompts[..2].to_vec()).unwrap();
+    let mut running = Running {
+        batch,
+        rows: vec![0, 1],
+        tokens: vec![Vec::new(); prompts.len()],
+    };
+    running.take(&[0, 1], &logits);
+    for _ in 0..3 {
+        running.step(&mut decoder);
+    }
+    // The third prompt joins a batch whose rows are longer than it.
+    let (joining, logits) = decoder.prefill(vec![prompts[2].clone()]).unwrap();
+    running.take(&[2], &logits);
+    let batch = std::mem::replace(&mut running.batch, decoder.empty());
+    running.batch = decoder.merge(batch, joining).unwrap();
+    running.rows.push(2);
+    for _ in 0..2 {
+        running.step(&mut decoder);
+    }
+    // The first row leaves; the others go on, reordered.
+    let batch = std::mem::replace(&mut running.batch, decoder.empty());
+    running.batch = decoder.keep(batch, &[2, 1]).unwrap();
+    running.rows = vec![2, 1];
+    while running.tokens[2].len() < NEW_TOKENS {
+        running.step(&mut decoder);
+    }
+
+    assert_eq!(running.tokens[0], expected[0][..running.tokens[0].len()]);
+    for prompt in [1, 2] {
+        assert_eq!(
+            running.tokens[prompt][..NEW_TOKENS],
+            expected[prompt][..],
+            "prompt {prompt}"
+        );
+    }
+}
