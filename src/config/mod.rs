@@ -216,6 +216,10 @@ pub struct GenerationConfig {
     pub kv_cache_mib: usize,
     /// Most waiting sequences prefilled in one run between decode steps.
     pub max_prefill_batch: usize,
+    /// How long running sequences may wait for their next token, in milliseconds, while prompts
+    /// that arrived during a prefill are prefilled first (each prefill run is one more wait).
+    /// 0: a step after every prefill.
+    pub max_decode_stall_ms: u64,
     /// Sequences waiting per model before new requests get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
     /// The longest a request may wait to start, in milliseconds; as `[batching]`'s.
@@ -241,6 +245,7 @@ impl Default for GenerationConfig {
             max_total_tokens: 32_768,
             kv_cache_mib: 1024,
             max_prefill_batch: 8,
+            max_decode_stall_ms: 500,
             queue_capacity: 1024,
             max_queue_time_ms: 10_000,
             default_max_new_tokens: 64,

@@ -164,6 +164,7 @@ fn scheduler_settings(
             max_batch_size: generation.max_batch_size.max(1),
             max_total_tokens: kv.budget_tokens,
             max_prefill_batch: generation.max_prefill_batch.max(1),
+            max_decode_stall: Duration::from_millis(generation.max_decode_stall_ms),
         },
         queue_capacity: generation.queue_capacity.max(1),
         decode_cpus: config.runtime.decode_cpus.clone(),

@@ -133,7 +133,7 @@ impl ContinuousScheduler {
                     faults,
                     shared: thread_shared,
                     active: Vec::new(),
-                    deferred_step: false,
+                    last_token: Instant::now(),
                 }
                 .run()
             })?;
@@ -247,8 +247,8 @@ struct Loop<D: StepDecoder> {
     batch: D::Batch,
     /// The sequences whose rows `batch` holds, in row order.
     active: Vec<Active>,
-    /// The last iteration prefilled waiting prompts instead of stepping.
-    deferred_step: bool,
+    /// When the running rows last got a token (a step, or the prefill that started them).
+    last_token: Instant,
 }
 
 impl<D: StepDecoder> Loop<D> {
@@ -276,7 +276,11 @@ impl<D: StepDecoder> Loop<D> {
     fn iterate(&mut self, admitted: Vec<Waiting<GenerationJob>>) {
         let prefilled = !admitted.is_empty();
         if prefilled {
+            let started_batch = self.batch.is_empty();
             self.prefill(admitted);
+            if started_batch {
+                self.last_token = Instant::now();
+            }
         }
         let abandoned = self
             .active
@@ -286,12 +290,14 @@ impl<D: StepDecoder> Loop<D> {
         self.retire(abandoned);
         // Prompts that arrived while that prefill ran are prefilled before the running rows'
         // next step: otherwise a step more stands between them and their first token, and
-        // they are prefilled in smaller runs, which cost more per prompt. The running rows
-        // wait one prefill longer for their next token, and never two in a row.
-        let prefill_next = prefilled && !self.deferred_step && self.prompts_waiting();
-        self.deferred_step = prefill_next;
+        // they are prefilled in smaller runs, which cost more per prompt. The running rows wait
+        // for their next token meanwhile, until `max_decode_stall` has passed.
+        let prefill_next = prefilled
+            && self.last_token.elapsed() < self.limits.max_decode_stall
+            && self.prompts_waiting();
         if !prefill_next && !self.batch.is_empty() {
             self.step();
+            self.last_token = Instant::now();
         }
         self.publish_kv_use();
     }

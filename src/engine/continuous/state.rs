@@ -2,6 +2,7 @@
 //! the running batch, given its size and the tokens it holds. No I/O, tested directly.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContinuousLimits {
@@ -12,6 +13,9 @@ pub struct ContinuousLimits {
     /// Most sequences admitted in one prefill, so a burst of arrivals does not stall the
     /// running sequences for long.
     pub max_prefill_batch: usize,
+    /// How long the running sequences may go without a token while prompts that arrived in the
+    /// meantime are prefilled first; past it they step before the next prefill.
+    pub max_decode_stall: Duration,
 }
 
 /// A sequence waiting to start.
@@ -108,6 +112,7 @@ mod tests {
         max_batch_size: 3,
         max_total_tokens: 100,
         max_prefill_batch: 8,
+        max_decode_stall: Duration::ZERO,
     };
 
     fn waiting(job: u32, reserved_tokens: usize) -> Waiting<u32> {

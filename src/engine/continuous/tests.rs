@@ -259,6 +259,9 @@ struct Harness {
     progress: Receiver<(usize, usize)>,
 }
 
+/// The harness's `max_decode_stall`.
+const MAX_DECODE_STALL: Duration = Duration::from_millis(150);
+
 fn harness(max_batch_size: usize, step_time: Duration) -> Harness {
     harness_with_kv(max_batch_size, step_time, KvBudget::new(0, 100_000, 0))
 }
@@ -281,6 +284,7 @@ fn harness_with_kv(max_batch_size: usize, step_time: Duration, kv: KvBudget) -> 
             max_batch_size,
             max_total_tokens: kv.budget_tokens,
             max_prefill_batch: 64,
+            max_decode_stall: MAX_DECODE_STALL,
         },
         queue_capacity: 64,
         decode_cpus: None,
@@ -441,13 +445,17 @@ fn rows_joining_a_running_batch_and_leaving_it_keep_their_state() {
 }
 
 #[test]
-fn a_prompt_that_arrives_during_a_prefill_goes_before_the_next_step_once() {
+fn prompts_arriving_during_prefills_go_first_until_the_running_rows_waited_the_stall_limit() {
     let h = harness(8, Duration::from_millis(1));
     let specs: Vec<(Vec<i64>, usize)> = (0..4).map(|i| (prompt(i, 3), 40)).collect();
     h.submit(0, specs[0].0.clone(), 40, None);
     h.wait_for(0, 3);
-    // Each of the next three arrives while the one before it is being prefilled.
-    h.prefill_millis.store(60, Ordering::Release);
+    // Each of the next three arrives while the one before it is being prefilled. Prefills take
+    // 2/3 of the stall limit: the running row waits through two of them, not three.
+    h.prefill_millis.store(
+        MAX_DECODE_STALL.as_millis() as usize * 2 / 3,
+        Ordering::Release,
+    );
     for (id, (p, steps)) in specs.iter().enumerate().skip(1) {
         h.submit(id, p.clone(), *steps, None);
         h.wait_for_prefills(id + 1);
@@ -465,8 +473,6 @@ fn a_prompt_that_arrives_during_a_prefill_goes_before_the_next_step_once() {
         .nth(1)
         .map(|(at, _)| at)
         .expect("a second prefill");
-    // The second sequence's prefill was followed by the third's, with no step between; the
-    // running rows then stepped before the fourth's.
     assert_eq!(
         calls.order[second..second + 4],
         [
