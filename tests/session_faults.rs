@@ -3,25 +3,14 @@
 
 mod common;
 
-use lmserve::config::{Config, ModelRuntime};
 use lmserve::error::Error;
-use lmserve::runtime::SessionPool;
 use lmserve::runtime::bindings::Bindings;
 use lmserve::runtime::encoder::{self, Embedding, EncoderRow, Pooling};
 
 #[tokio::test]
 async fn a_panicking_run_fails_alone_and_returns_its_session() {
-    let environment =
-        lmserve::runtime::library::init(&Config::default().ort_library_candidates(), 1)
-            .expect("ONNX Runtime (make onnxruntime)");
-    let runtime = ModelRuntime {
-        intra_threads: 1,
-        sessions: 1,
-        execution_providers: vec!["cpu".into()],
-        required_provider: None,
-    };
     let model = common::fixtures().join("pooled-encoder/1/model.onnx");
-    let pool = std::sync::Arc::new(SessionPool::load(environment, &model, &runtime).unwrap());
+    let pool = std::sync::Arc::new(common::cpu_session_pool(&model, 1));
     let bindings = Bindings {
         input_ids: "input_ids".into(),
         attention_mask: Some("attention_mask".into()),

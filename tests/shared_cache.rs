@@ -6,46 +6,20 @@ mod common;
 
 use std::sync::Arc;
 
-use lmserve::config::{Config, ModelRuntime};
-use lmserve::runtime::SessionPool;
-use lmserve::runtime::bindings::{Bindings, StatePair};
+use lmserve::registry::bindings::resolve;
+use lmserve::registry::manifest::Manifest;
 use lmserve::runtime::decoder::{self, Carry, SharedCacheDecoder};
 use lmserve::runtime::step::{RowBatch, StepDecoder};
 
-const LAYERS: usize = 30;
 const NEW_TOKENS: usize = 10;
 
 fn smollm2(growth: usize) -> SharedCacheDecoder {
-    let environment =
-        lmserve::runtime::library::init(&Config::default().ort_library_candidates(), 1)
-            .expect("ONNX Runtime (make onnxruntime)");
-    let runtime = ModelRuntime {
-        intra_threads: 2,
-        sessions: 1,
-        execution_providers: vec!["cpu".into()],
-        required_provider: None,
-    };
-    let model = common::real_models().join("smollm2-135m-instruct/1/model.onnx");
-    let pool = Arc::new(SessionPool::load(environment, &model, &runtime).unwrap());
-    let state = (0..LAYERS)
-        .flat_map(|layer| ["key", "value"].map(|kind| (layer, kind)))
-        .map(|(layer, kind)| StatePair {
-            output: format!("present.{layer}.{kind}"),
-            input: format!("past_key_values.{layer}.{kind}"),
-        })
-        .collect();
-    let bindings = Bindings {
-        input_ids: "input_ids".into(),
-        attention_mask: None,
-        position_ids: None,
-        token_type_ids: None,
-        logits: Some("logits".into()),
-        hidden_states: None,
-        pooled_output: None,
-        state,
-        seqlens_k: Some("seqlens_k".into()),
-        total_sequence_length: Some("total_sequence_length".into()),
-    };
+    let folder = common::real_models().join("smollm2-135m-instruct/1");
+    let pool = Arc::new(common::cpu_session_pool(&folder.join("model.onnx"), 2));
+    // The roles as the registry resolves them from the graph, which names them itself.
+    let manifest = std::fs::read_to_string(folder.join("model.toml")).unwrap();
+    let bindings = resolve(&Manifest::parse(&manifest).unwrap(), pool.graph()).unwrap();
+    assert!(bindings.writes_cache_in_place());
     let graph = decoder::step_graph(pool, Arc::new(bindings), false, 2).unwrap();
     assert_eq!(graph.carry, Carry::SharedKvCache);
     SharedCacheDecoder::new(graph).unwrap().with_growth(growth)

@@ -307,6 +307,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// One CPU session of `model` with `intra_threads` threads of its own, outside any server.
+pub fn cpu_session_pool(model: &Path, intra_threads: usize) -> lmserve::runtime::SessionPool {
+    let environment = lmserve::runtime::library::init(
+        &lmserve::config::Config::default().ort_library_candidates(),
+        1,
+    )
+    .expect("ONNX Runtime (make onnxruntime)");
+    let runtime = lmserve::config::ModelRuntime {
+        intra_threads,
+        sessions: 1,
+        execution_providers: vec!["cpu".into()],
+        required_provider: None,
+    };
+    lmserve::runtime::SessionPool::load(environment, model, &runtime).unwrap()
+}
+
 /// The repository `make real-models` builds: `TEST_REAL_MODELS`, else the user's cache folder.
 pub fn real_models() -> PathBuf {
     if let Some(path) = std::env::var_os("TEST_REAL_MODELS") {
