@@ -14,6 +14,8 @@
 #      GetModel reports the provider;
 #   2. greedy tokens of every generating model are identical on the GPU and the CPU;
 #   3. embeddings of tiny-encoder agree within 1e-3;
+#   4. greedy tokens of 8 streams that join and leave one batch on the GPU (its carried state
+#      kept in GPU memory between steps) are those of each stream alone on the CPU;
 # then prints tokens/s of one stream and of 8 concurrent streams on each, and their ratio.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +85,31 @@ paste "$work/embed.$CPU_PORT.txt" "$work/embed.$GPU_PORT.txt" | awk '
     { d = $1 - $2; if (d < 0) d = -d; if (d > worst) worst = d; n++ }
     END { printf "embedding: %d values, largest difference %.2e\n", n, worst; exit !(n > 0 && worst < 1e-3) }'
 check "tiny-encoder embeddings agree within 1e-3" $?
+
+# 4. Rows joining and leaving a batch whose state lives on the GPU: 8 streams of different
+# lengths started together on the GPU (they join as their prompts arrive and leave as each
+# reaches its length), each against the same request alone on the CPU. Between steps the
+# carried state stays in GPU memory; a join or a leave gathers it through the host.
+for model in tiny-gpt2 tiny-lstm tiny-translator; do
+    pids=()
+    for i in $(seq 1 8); do
+        prompt="Stream $i: to be, or not to be"
+        [ "$model" = tiny-translator ] && prompt="Where is station number $i?"
+        "$BIN" generate --addr "127.0.0.1:$GPU_PORT" -m "$model" --max-new-tokens $((16 * i)) \
+            "$prompt" >"$work/$model.batch.$i.gpu" 2>/dev/null &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    same=0
+    for i in $(seq 1 8); do
+        prompt="Stream $i: to be, or not to be"
+        [ "$model" = tiny-translator ] && prompt="Where is station number $i?"
+        "$BIN" generate --addr "127.0.0.1:$CPU_PORT" -m "$model" --max-new-tokens $((16 * i)) \
+            "$prompt" >"$work/$model.batch.$i.cpu" 2>/dev/null
+        cmp -s "$work/$model.batch.$i.cpu" "$work/$model.batch.$i.gpu" || same=1
+    done
+    check "$model: 8 streams joining and leaving on the GPU match each alone on the CPU" $same
+done
 
 # Speed: one stream, and 8 at once, of 128 tokens each.
 rate() { # port, streams

@@ -8,6 +8,7 @@ pub mod library;
 pub mod memory;
 pub mod placement;
 pub mod providers;
+pub mod residency;
 pub mod session;
 pub mod step;
 pub mod warmup;

@@ -1,6 +1,7 @@
 //! One decoder step graph and the rows it runs. Rows are left-padded, so every row's newest
 //! token sits in the last column; carried state (a KV cache, a recurrent state) is fed back
-//! as the graph returned it, and copied only when rows leave or join.
+//! as the graph returned it, in the memory of the device that ran it (`runtime::residency`),
+//! and copied only when rows leave or join.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
+use crate::runtime::residency::{self, Placement};
 use crate::runtime::step::{RowBatch, RunError};
 
 /// Axis of the past length in a KV-cache tensor (optimum's layout).
@@ -173,26 +175,29 @@ impl StepGraph {
         }
         feed.extend(extra);
 
-        let mut outputs = session.run(feed)?;
         let logits_name = bindings
             .logits
             .as_deref()
             .expect("decoders have a logits output (checked at load)");
+        let state_names: Vec<&str> = bindings.state.iter().map(|p| p.output.as_str()).collect();
+        let memory = residency::device_memory(self.pool.provider())?;
+        let mut outputs = residency::run_placed(
+            session,
+            &feed,
+            &Placement {
+                host: &[logits_name],
+                device: &state_names,
+                memory: &memory,
+            },
+        )?;
         let logits = {
-            let (shape, data) = outputs
-                .get(logits_name)
-                .ok_or_else(|| RunError::MissingOutput(logits_name.to_owned()))?
-                .try_extract_tensor::<f32>()?;
+            let (shape, data) = outputs.get(logits_name)?.try_extract_tensor::<f32>()?;
             last_column(shape, data, rows)
         };
-        let mut new_state = Vec::with_capacity(bindings.state.len());
-        for pair in &bindings.state {
-            new_state.push(
-                outputs
-                    .remove(&pair.output)
-                    .ok_or_else(|| RunError::MissingOutput(pair.output.clone()))?,
-            );
-        }
+        let new_state = state_names
+            .iter()
+            .map(|name| outputs.take(name))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok((logits, new_state))
     }
 
@@ -295,7 +300,8 @@ pub fn gather_rows(sources: &[(&DynValue, usize, &[usize])]) -> Result<DynValue,
     let mut data = Vec::new();
     let mut total_rows = 0;
     for &(value, _, rows) in sources {
-        let (shape, values) = value.try_extract_tensor::<f32>()?;
+        let host = residency::host_readable(value)?;
+        let (shape, values) = host.as_ref().unwrap_or(value).try_extract_tensor::<f32>()?;
         let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         let row_len: usize = shape[1..].iter().product();
         for &row in rows {
@@ -322,7 +328,8 @@ pub fn gather_columns(
     let mut data = Vec::new();
     let mut total_rows = 0;
     for &(value, source_width, rows) in sources {
-        let (shape, values) = value.try_extract_tensor::<f32>()?;
+        let host = residency::host_readable(value)?;
+        let (shape, values) = host.as_ref().unwrap_or(value).try_extract_tensor::<f32>()?;
         let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         if shape.len() <= axis || shape[axis] != source_width {
             return Err(RunError::BadShape {

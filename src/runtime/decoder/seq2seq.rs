@@ -16,6 +16,7 @@ use ort::value::{DynValue, Tensor};
 use super::graph::{Align, Row, RunInputs, StepGraph, gather_columns, last_column};
 use super::{DecodeBatch, step_with};
 use crate::runtime::SessionPool;
+use crate::runtime::residency::{self, Placement};
 use crate::runtime::step::{RowBatch, RunError, StepDecoder};
 
 /// The encoder graph and what becomes of its outputs.
@@ -130,12 +131,31 @@ impl Seq2SeqDecoder {
                 source_mask(sources.iter().map(Vec::len), width)?.into(),
             ));
         }
-        let mut session = encoder.pool.session(0);
-        let outputs = session.run(feed)?;
-        Ok(outputs
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value))
-            .collect())
+        // What the steps are fed stays in the memory of the device that computed it.
+        let mut wanted: Vec<&str> = self
+            .encoder_to_step
+            .iter()
+            .map(|(output, _)| output.as_str())
+            .collect();
+        if let Some(first) = &self.first_step
+            && !wanted.contains(&first.hidden_states.1.as_str())
+        {
+            wanted.push(&first.hidden_states.1);
+        }
+        let memory = residency::device_memory(encoder.pool.provider())?;
+        let mut outputs = residency::run_placed(
+            &mut encoder.pool.session(0),
+            &feed,
+            &Placement {
+                host: &[],
+                device: &wanted,
+                memory: &memory,
+            },
+        )?;
+        wanted
+            .iter()
+            .map(|name| Ok(((*name).to_owned(), outputs.take(name)?)))
+            .collect()
     }
 
     /// The first decoder step of optimum's layout: logits, the carried state and the tensors
@@ -178,20 +198,27 @@ impl Seq2SeqDecoder {
                 Tensor::from_array(([1_usize], vec![false]))?.into(),
             ));
         }
-        let mut session = first.pool.session(0);
-        let mut outputs = session.run(feed)?;
+        let carried: Vec<&str> = first
+            .state_outputs
+            .iter()
+            .chain(first.fixed_outputs.iter().map(|(output, _)| output))
+            .map(String::as_str)
+            .collect();
+        let memory = residency::device_memory(first.pool.provider())?;
+        let mut outputs = residency::run_placed(
+            &mut first.pool.session(0),
+            &feed,
+            &Placement {
+                host: &[&first.logits],
+                device: &carried,
+                memory: &memory,
+            },
+        )?;
         let logits = {
-            let (shape, data) = outputs
-                .get(&first.logits)
-                .ok_or_else(|| RunError::MissingOutput(first.logits.clone()))?
-                .try_extract_tensor::<f32>()?;
+            let (shape, data) = outputs.get(&first.logits)?.try_extract_tensor::<f32>()?;
             last_column(shape, data, rows)
         };
-        let mut take = |name: &String| {
-            outputs
-                .remove(name)
-                .ok_or_else(|| RunError::MissingOutput(name.clone()))
-        };
+        let mut take = |name: &String| outputs.take(name);
         let state = first
             .state_outputs
             .iter()

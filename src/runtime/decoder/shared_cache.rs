@@ -6,6 +6,11 @@
 //! `[rows, heads, capacity, head_dim]`, and the graph learns each row's length from
 //! `seqlens_k`. The buffers are copied only when rows join or leave, or when a row outgrows
 //! the capacity, which then grows to `GROWTH` columns beyond what is needed.
+//!
+//! The buffers live in host memory on every provider. onnxruntime's GroupQueryAttention has
+//! CUDA kernels for float16 and bfloat16 only, so under CUDA a float32 graph runs that operator
+//! on the CPU, which reads and writes the buffers where they are; keeping them on the GPU needs
+//! a float16 graph, which `models/real` does not write yet.
 
 use ort::memory::{Allocator, MemoryInfo};
 use ort::session::Session;
