@@ -26,6 +26,7 @@ use crate::runtime::decoder::seq2seq::Seq2SeqDecoder;
 use crate::runtime::decoder::{
     self, Carry, KvCacheDecoder, RecomputeDecoder, RecurrentDecoder, SharedCacheDecoder,
 };
+use crate::runtime::step::{self, StepDecoder};
 use crate::telemetry::metrics::ModelLabels;
 
 /// What serves a loaded version's requests.
@@ -107,30 +108,44 @@ pub fn start(
     };
     let settings = scheduler_settings(config, faults, bytes_per_token);
     let labels = labels.clone();
+    let token = pad_id.max(0);
     let scheduler = match seq2seq {
-        Some(seq2seq) => ContinuousScheduler::spawn(seq2seq, settings, labels)?,
+        Some(seq2seq) => spawn_rehearsed(seq2seq, settings, labels, token)?,
         None => {
             let recurrent = family == Family::Rnn;
             let graph = decoder::step_graph(pool, bindings, recurrent, pad_id)
                 .map_err(anyhow::Error::msg)?;
             match graph.carry {
-                Carry::KvCache => {
-                    ContinuousScheduler::spawn(KvCacheDecoder(graph), settings, labels)?
-                }
+                Carry::KvCache => spawn_rehearsed(KvCacheDecoder(graph), settings, labels, token)?,
                 Carry::SharedKvCache => {
                     let decoder = SharedCacheDecoder::new(graph).map_err(anyhow::Error::msg)?;
-                    ContinuousScheduler::spawn(decoder, settings, labels)?
+                    spawn_rehearsed(decoder, settings, labels, token)?
                 }
                 Carry::Recurrent => {
-                    ContinuousScheduler::spawn(RecurrentDecoder(graph), settings, labels)?
+                    spawn_rehearsed(RecurrentDecoder(graph), settings, labels, token)?
                 }
                 Carry::Nothing => {
-                    ContinuousScheduler::spawn(RecomputeDecoder(graph), settings, labels)?
+                    spawn_rehearsed(RecomputeDecoder(graph), settings, labels, token)?
                 }
             }
         }
     };
     Ok(Engine::Generator(scheduler))
+}
+
+/// Starts `decoder`'s scheduler once it has decoded a changing batch (`step::rehearse`).
+fn spawn_rehearsed<D: StepDecoder>(
+    mut decoder: D,
+    settings: SchedulerSettings,
+    labels: ModelLabels,
+    token: i64,
+) -> anyhow::Result<ContinuousScheduler> {
+    step::rehearse(&mut decoder, token).map_err(|error| {
+        anyhow::anyhow!(
+            "rehearsing a batch (prompts of different lengths, a row joining, one leaving): {error}"
+        )
+    })?;
+    Ok(ContinuousScheduler::spawn(decoder, settings, labels)?)
 }
 
 fn batcher_settings(config: &Config) -> BatcherSettings {

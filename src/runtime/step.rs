@@ -64,3 +64,28 @@ pub trait StepDecoder: Send + 'static {
     /// Appends `joining`'s rows after `running`'s.
     fn merge(&self, running: Self::Batch, joining: Self::Batch) -> Result<Self::Batch, RunError>;
 }
+
+/// Puts `decoder` through what serving does to a batch, with throwaway rows of `token`: a
+/// prefill of two prompts of different lengths, a step, a third row joining, a step, a row
+/// leaving with the rest reordered, and a last step. Run once at load time, it pays ONNX
+/// Runtime's first-run costs for batched shapes (and on a GPU, the first copy of carried state
+/// through the host) before the first requests do, and a graph that cannot decode a changing
+/// batch fails its load instead of its first concurrent requests.
+pub fn rehearse<D: StepDecoder>(decoder: &mut D, token: i64) -> Result<(), RunError> {
+    let feed_next = |batch: &mut D::Batch| {
+        for row in 0..batch.len() {
+            batch.push_token(row, token);
+        }
+    };
+    let (mut batch, _) = decoder.prefill(vec![vec![token; 4], vec![token; 2]])?;
+    feed_next(&mut batch);
+    decoder.step(&mut batch)?;
+    let (joining, _) = decoder.prefill(vec![vec![token; 3]])?;
+    let mut batch = decoder.merge(batch, joining)?;
+    feed_next(&mut batch);
+    decoder.step(&mut batch)?;
+    let mut batch = decoder.keep(batch, &[2, 0])?;
+    feed_next(&mut batch);
+    decoder.step(&mut batch)?;
+    Ok(())
+}

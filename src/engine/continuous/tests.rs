@@ -189,6 +189,17 @@ impl StepDecoder for FakeDecoder {
     }
 }
 
+#[test]
+fn the_load_time_rehearsal_joins_steps_and_drops_rows_as_serving_does() {
+    let mut decoder = FakeDecoder::default();
+    let calls = Arc::clone(&decoder.calls);
+    // The fake checks at every step that each row has one pending token and its own state.
+    crate::runtime::step::rehearse(&mut decoder, 7).unwrap();
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.prefills(), vec![2, 1]);
+    assert_eq!(calls.steps(), vec![2, 3, 2]);
+}
+
 #[derive(Debug)]
 enum Outcome {
     Done(Vec<i64>),
