@@ -17,12 +17,16 @@
 #   4. greedy tokens of 8 streams that join and leave one batch on the GPU (its carried state
 #      kept in GPU memory between steps) are those of each stream alone on the CPU;
 # then prints tokens/s of one stream and of 8 concurrent streams on each, and their ratio.
+# Where `make real-models` has built the real models (REAL_REPO), it also checks:
+#   5. SmolLM2-135M's greedy text and all-MiniLM-L6-v2's embeddings (within 1e-3) on the GPU
+#      against the CPU, and prints SmolLM2's tokens/s on each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/lmserve}
 : "${ORT_GPU_LIB:?set ORT_GPU_LIB to libonnxruntime.so of onnxruntime-gpu 1.31.1}"
 : "${ORT_DYLIB_PATH:=$PWD/.cache/onnxruntime-1.31.1/libonnxruntime.so}"
 REPO=${REPO:-models/repository}
+REAL_REPO=${REAL_REPO:-$HOME/.cache/lmserve/real-models/repository}
 # The provider under test; GPU_PROVIDER=cpu with ORT_GPU_LIB=$ORT_DYLIB_PATH dry-runs the script.
 GPU=${GPU_PROVIDER:-cuda:0}
 CPU_PORT=${CPU_PORT:-50171}
@@ -37,10 +41,10 @@ check() { # name, status
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-serve() { # port, library, providers, log
+serve() { # port, library, providers, log[, repository]
     ORT_DYLIB_PATH=$2 LMSERVE_RUNTIME__EXECUTION_PROVIDERS=$3 \
         LMSERVE_RUNTIME__REQUIRED_PROVIDER=$(echo "$3" | tr -d '[]"' | cut -d, -f1) \
-        "$BIN" serve --grpc-addr "127.0.0.1:$1" --no-metrics --repository "$REPO" >"$4" 2>&1 &
+        "$BIN" serve --grpc-addr "127.0.0.1:$1" --no-metrics --repository "${5:-$REPO}" >"$4" 2>&1 &
     for _ in $(seq 1 240); do
         if "$BIN" models list --addr "127.0.0.1:$1" >"$4.models" 2>&1 &&
             ! grep -q LOADING "$4.models"; then
@@ -76,15 +80,18 @@ for model in tiny-gpt2 tiny-llama tiny-lstm tiny-transformer-lm tiny-translator;
 done
 
 # 3. Embedding parity.
+embeddings_agree() { # model, text, label
+    for port in "$CPU_PORT" "$GPU_PORT"; do
+        "$BIN" embed --addr "127.0.0.1:$port" -m "$1" "$2" | tr -d '[] ' | tr ',' '\n' \
+            >"$work/embed.$1.$port.txt"
+    done
+    paste "$work/embed.$1.$CPU_PORT.txt" "$work/embed.$1.$GPU_PORT.txt" | awk '
+        { d = $1 - $2; if (d < 0) d = -d; if (d > worst) worst = d; n++ }
+        END { printf "embedding: %d values, largest difference %.2e\n", n, worst; exit !(n > 0 && worst < 1e-3) }'
+    check "$3" $?
+}
 text="Now is the winter of our discontent made glorious summer by this sun of York."
-for port in "$CPU_PORT" "$GPU_PORT"; do
-    "$BIN" embed --addr "127.0.0.1:$port" -m tiny-encoder "$text" | tr -d '[] ' | tr ',' '\n' \
-        >"$work/embed.$port.txt"
-done
-paste "$work/embed.$CPU_PORT.txt" "$work/embed.$GPU_PORT.txt" | awk '
-    { d = $1 - $2; if (d < 0) d = -d; if (d > worst) worst = d; n++ }
-    END { printf "embedding: %d values, largest difference %.2e\n", n, worst; exit !(n > 0 && worst < 1e-3) }'
-check "tiny-encoder embeddings agree within 1e-3" $?
+embeddings_agree tiny-encoder "$text" "tiny-encoder embeddings agree within 1e-3"
 
 # 4. Rows joining and leaving a batch whose state lives on the GPU: 8 streams of different
 # lengths started together on the GPU (they join as their prompts arrive and leave as each
@@ -130,6 +137,34 @@ for streams in 1 8; do
     printf "tiny-gpt2, %d stream(s): cpu %.0f tokens/s, gpu %.0f tokens/s, %.2fx\n" \
         "$streams" "$cpu" "$gpu" "$(echo "$gpu / $cpu" | bc -l)"
 done
+
+# 5. Real models, when built.
+if [ -d "$REAL_REPO/smollm2-135m-instruct" ]; then
+    kill $(jobs -p) 2>/dev/null
+    wait 2>/dev/null
+    CPU_PORT=$((CPU_PORT + 10))
+    GPU_PORT=$((GPU_PORT + 10))
+    serve "$CPU_PORT" "$ORT_DYLIB_PATH" '["cpu"]' "$work/real-cpu.log" "$REAL_REPO" || exit 100
+    serve "$GPU_PORT" "$ORT_GPU_LIB" "[\"$GPU\"]" "$work/real-gpu.log" "$REAL_REPO" || exit 100
+    "$BIN" models list --addr "127.0.0.1:$GPU_PORT"
+    prompt="Once upon a time"
+    for port in "$CPU_PORT" "$GPU_PORT"; do
+        "$BIN" generate --addr "127.0.0.1:$port" -m smollm2-135m-instruct --max-new-tokens 48 \
+            "$prompt" >"$work/smollm2.$port.txt" 2>"$work/smollm2.$port.err"
+    done
+    cat "$work/smollm2.$GPU_PORT.txt"
+    cmp -s "$work/smollm2.$CPU_PORT.txt" "$work/smollm2.$GPU_PORT.txt"
+    check "smollm2-135m-instruct greedy text identical on GPU and CPU" $?
+    embeddings_agree all-minilm-l6-v2 "$text" "all-minilm-l6-v2 embeddings agree within 1e-3"
+    for port in "$CPU_PORT" "$GPU_PORT"; do
+        # The client prints "[N tokens, ..., total T ms]" on stderr.
+        "$BIN" generate --addr "127.0.0.1:$port" -m smollm2-135m-instruct --max-new-tokens 64 \
+            "$prompt" 2>&1 >/dev/null | sed -nE 's/^\[([0-9]+) tokens.*total ([0-9.]+) ms\]$/\1 \2/p' |
+            awk -v port="$port" '{ printf "smollm2-135m-instruct, 1 stream on :%s: %d tokens, %.1f tokens/s\n", port, $1, $1 * 1000 / $2 }' 
+    done
+else
+    echo "(no real models in $REAL_REPO: \`make real-models\` builds them)"
+fi
 
 echo "$failures failure(s)"
 exit "$failures"
