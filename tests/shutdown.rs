@@ -76,6 +76,13 @@ async fn sigterm_drains_in_the_order_load_balancers_need() {
         watch.next().await.unwrap().unwrap().status,
         ServingStatus::Serving as i32
     );
+    // A Watch stream hears changes only, though the statuses are refreshed every 500 ms.
+    let quiet = tokio::time::timeout(Duration::from_millis(1200), watch.next()).await;
+    assert!(
+        quiet.is_err(),
+        "Watch sent an unchanged status: {:?}",
+        quiet.unwrap()
+    );
 
     // 30 streams in flight, each long enough to outlast the drain delay.
     let mut client = server.inference().await;
@@ -87,8 +94,6 @@ async fn sigterm_drains_in_the_order_load_balancers_need() {
             .unwrap();
         streams.push(tokio::spawn(collect(stream.into_inner())));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
     let signalled = Instant::now();
     terminate(&server);
     // Health turns NOT_SERVING at once, and Watch streams hear it...

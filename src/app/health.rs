@@ -6,7 +6,7 @@
 //! - `model/<name>` (any version ready) and `model/<name>@<version>`: SERVING when ready,
 //!   NOT_SERVING while loading or after failing; a model no longer held has no status.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,29 +29,54 @@ pub const LIVENESS: &str = "liveness";
 const REFRESH: Duration = Duration::from_millis(500);
 
 pub struct Health {
-    reporter: Mutex<HealthReporter>,
+    reporter: Mutex<Reporter>,
     ready_when: ReadyWhen,
-    /// Model statuses published last, to clear those of models that went away.
-    published: Mutex<BTreeSet<String>>,
     /// The whole server's readiness, for services that answer it themselves (KServe's
     /// ServerReady, the metrics port's /health/ready), always the same as the health status "".
     ready: watch::Sender<bool>,
 }
 
+/// The health service's statuses and what they were last set to, changed under one lock.
+struct Reporter {
+    reporter: HealthReporter,
+    /// Each status as last set. Setting a status sends it to every Watch stream of that service
+    /// even when it is unchanged, so a refresh sets only those that changed.
+    statuses: BTreeMap<String, ServingStatus>,
+    /// Model statuses published last, to clear those of models that went away.
+    models: BTreeSet<String>,
+    /// Set once the shutdown began: a refresh after it must not turn anything SERVING again.
+    draining: bool,
+}
+
+impl Reporter {
+    async fn set(&mut self, service: &str, status: ServingStatus) {
+        if self.statuses.get(service) != Some(&status) {
+            self.reporter.set_service_status(service, status).await;
+            self.statuses.insert(service.to_owned(), status);
+        }
+    }
+
+    async fn clear(&mut self, service: &str) {
+        self.reporter.clear_service_status(service).await;
+        self.statuses.remove(service);
+    }
+}
+
 impl Health {
     pub async fn new(reporter: HealthReporter, ready_when: ReadyWhen) -> Arc<Self> {
-        reporter
-            .set_service_status(LIVENESS, ServingStatus::Serving)
-            .await;
+        let mut reporter = Reporter {
+            reporter,
+            statuses: BTreeMap::new(),
+            models: BTreeSet::new(),
+            draining: false,
+        };
+        reporter.set(LIVENESS, ServingStatus::Serving).await;
         for service in SERVER {
-            reporter
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
+            reporter.set(service, ServingStatus::NotServing).await;
         }
         Arc::new(Self {
             reporter: Mutex::new(reporter),
             ready_when,
-            published: Mutex::new(BTreeSet::new()),
             ready: watch::Sender::new(false),
         })
     }
@@ -61,7 +86,7 @@ impl Health {
         self.ready.subscribe()
     }
 
-    /// Publishes every status from the registry's state now.
+    /// Publishes every status from the registry's state now (nothing once draining).
     pub async fn publish(&self, registry: &Registry) {
         let mut statuses = Vec::new();
         let (mut versions, mut ready) = (0, 0);
@@ -83,21 +108,23 @@ impl Health {
                 ReadyWhen::All => ready == versions,
                 ReadyWhen::Any => ready > 0,
             };
-        let reporter = self.reporter.lock().await;
+        let mut reporter = self.reporter.lock().await;
+        if reporter.draining {
+            return;
+        }
         for service in SERVER {
-            reporter.set_service_status(service, status(serving)).await;
+            reporter.set(service, status(serving)).await;
         }
         self.ready.send_replace(serving);
-        let mut published = self.published.lock().await;
         let now: BTreeSet<String> = statuses.iter().map(|(name, _)| name.clone()).collect();
         for (name, up) in statuses {
-            reporter.set_service_status(&name, status(up)).await;
+            reporter.set(&name, status(up)).await;
         }
-        let mut reporter = reporter;
-        for gone in published.difference(&now) {
-            reporter.clear_service_status(gone).await;
+        let gone: Vec<String> = reporter.models.difference(&now).cloned().collect();
+        for name in gone {
+            reporter.clear(&name).await;
         }
-        *published = now;
+        reporter.models = now;
     }
 
     /// Keeps the statuses up to date until `stop` turns true.
@@ -116,32 +143,32 @@ impl Health {
 
     /// Everything but liveness NOT_SERVING: the start of a shutdown.
     pub async fn not_serving(&self) {
-        let reporter = self.reporter.lock().await;
+        let mut reporter = self.reporter.lock().await;
+        reporter.draining = true;
         self.ready.send_replace(false);
-        let published = self.published.lock().await;
-        for service in SERVER
+        let services: Vec<String> = SERVER
             .iter()
-            .copied()
-            .chain(published.iter().map(String::as_str))
-        {
-            reporter
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
+            .map(|service| (*service).to_owned())
+            .chain(reporter.models.iter().cloned())
+            .collect();
+        for service in services {
+            reporter.set(&service, ServingStatus::NotServing).await;
         }
     }
 
     /// Forgets every status: open Watch streams end, and Check answers NOT_FOUND.
     pub async fn clear(&self) {
         let mut reporter = self.reporter.lock().await;
+        reporter.draining = true;
         self.ready.send_replace(false);
-        let published = self.published.lock().await;
-        let all = SERVER
+        let services: Vec<String> = SERVER
             .iter()
-            .copied()
-            .chain([LIVENESS])
-            .chain(published.iter().map(String::as_str));
-        for service in all {
-            reporter.clear_service_status(service).await;
+            .chain(&[LIVENESS])
+            .map(|service| (*service).to_owned())
+            .chain(reporter.models.iter().cloned())
+            .collect();
+        for service in services {
+            reporter.clear(&service).await;
         }
     }
 }
