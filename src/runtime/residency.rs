@@ -32,9 +32,9 @@ pub fn device_memory(provider: Provider) -> ort::Result<MemoryInfo<'static>> {
 pub struct Placement<'a> {
     /// Outputs the host reads (logits).
     pub host: &'a [&'a str],
-    /// Outputs fed to later runs, left in `memory`.
+    /// Outputs fed to later runs, left in the memory of the provider that runs them.
     pub device: &'a [&'a str],
-    pub memory: &'a MemoryInfo<'a>,
+    pub provider: Provider,
 }
 
 /// The outputs of one run, by name.
@@ -75,8 +75,9 @@ pub fn run_placed(
     for &name in placement.host {
         binding.bind_output_to_device(name, &host)?;
     }
+    let device = device_memory(placement.provider)?;
     for &name in placement.device {
-        binding.bind_output_to_device(name, placement.memory)?;
+        binding.bind_output_to_device(name, &device)?;
     }
     let outputs = session.run_binding(&binding)?;
     Ok(PlacedOutputs(

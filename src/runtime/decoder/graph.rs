@@ -180,14 +180,13 @@ impl StepGraph {
             .as_deref()
             .expect("decoders have a logits output (checked at load)");
         let state_names: Vec<&str> = bindings.state.iter().map(|p| p.output.as_str()).collect();
-        let memory = residency::device_memory(self.pool.provider())?;
         let mut outputs = residency::run_placed(
             session,
             &feed,
             &Placement {
                 host: &[logits_name],
                 device: &state_names,
-                memory: &memory,
+                provider: self.pool.provider(),
             },
         )?;
         let logits = {

@@ -142,14 +142,13 @@ impl Seq2SeqDecoder {
         {
             wanted.push(&first.hidden_states.1);
         }
-        let memory = residency::device_memory(encoder.pool.provider())?;
         let mut outputs = residency::run_placed(
             &mut encoder.pool.session(0),
             &feed,
             &Placement {
                 host: &[],
                 device: &wanted,
-                memory: &memory,
+                provider: encoder.pool.provider(),
             },
         )?;
         wanted
@@ -204,14 +203,13 @@ impl Seq2SeqDecoder {
             .chain(first.fixed_outputs.iter().map(|(output, _)| output))
             .map(String::as_str)
             .collect();
-        let memory = residency::device_memory(first.pool.provider())?;
         let mut outputs = residency::run_placed(
             &mut first.pool.session(0),
             &feed,
             &Placement {
                 host: &[&first.logits],
                 device: &carried,
-                memory: &memory,
+                provider: first.pool.provider(),
             },
         )?;
         let logits = {
