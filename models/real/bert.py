@@ -1,9 +1,19 @@
 """BERT (as in transformers' BertModel) to ONNX from a safetensors file, with numpy and onnx only.
 
-The graph is what optimum exports for feature extraction: inputs `input_ids`, `attention_mask`,
-`token_type_ids` ([batch, sequence], int64), output `last_hidden_state` ([batch, sequence,
-hidden]). Pooling and normalisation stay outside the graph, where sentence-transformers keeps
-them (modules.json, 1_Pooling/config.json), for the server to apply as they say.
+The graph has the inputs and output optimum exports for feature extraction: `input_ids`,
+`attention_mask`, `token_type_ids` ([batch, sequence], int64) and `last_hidden_state` ([batch,
+sequence, hidden]). Pooling and normalisation stay outside the graph, where sentence-transformers
+keeps them (modules.json, 1_Pooling/config.json), for the server to apply as they say.
+
+Inside, the dense layers run on the real tokens alone. A batch of texts of different lengths is
+padded to its longest, and in optimum's export every padding position goes through every
+projection and feed-forward layer (nearly all of the work) only to be masked out of attention and
+pooling. Here the real tokens are gathered into one [tokens, hidden] matrix after the embeddings;
+only attention, a small share of the work at sentence lengths, scatters them back into the padded
+[batch, sequence] layout, and the output is scattered back once at the end, with zeros where the
+padding was. The vectors are the same; a batch costs what its real tokens cost (measured on
+all-MiniLM-L6-v2: 16 sentences padded by half as much again ran in 56 ms instead of 79), so the
+server can batch texts of different lengths without paying for the padding.
 """
 import numpy as np
 
@@ -57,8 +67,8 @@ def build(weights: dict, config: dict) -> Graph:
                  "word_embeddings", axis=0)
     # Positions 0..T-1 are the first T rows of the table, sliced as transformers' export does
     # (ONNX Runtime's embedding fusion expects this form).
-    length = g.op("Slice", [g.op("Shape", [input_ids], "input_shape"), g.const([1]),
-                            g.const([2])], "sequence_length")
+    input_shape = g.op("Shape", [input_ids], "input_shape")
+    length = g.op("Slice", [input_shape, g.const([1]), g.const([2])], "sequence_length")
     position_embeddings = g.op(
         "Slice", [g.weight("embeddings.position_embeddings.weight",
                            weights["embeddings.position_embeddings.weight"]), g.const([0]),
@@ -77,14 +87,35 @@ def build(weights: dict, config: dict) -> Graph:
     mask_bias = g.op("Mul", [inverted, g.const(np.finfo(np.float32).min, np.float32)],
                      "mask_bias")
 
-    heads_shape = g.const([0, 0, heads, head_dim])
-    merged_shape = g.const([0, 0, hidden])
+    # The real tokens' places among the batch's [batch * sequence] slots: `real_rows` [tokens]
+    # to gather them, `real_index` [tokens, 1] to scatter them back.
+    flat_mask = g.op("Reshape", [attention_mask, g.const([-1])], "flat_mask")
+    real = g.op("NonZero", [flat_mask], "real_tokens")
+    real_rows = g.op("Reshape", [real, g.const([-1])], "real_rows")
+    real_index = g.op("Transpose", [real], "real_index", perm=[1, 0])
+    slots = g.op("Shape", [flat_mask], "slots")
+    qkv_zeros = g.op("ConstantOfShape", [g.op("Concat", [slots, g.const([3 * hidden])],
+                                              "qkv_slots", axis=0)], "qkv_zeros")
+    hidden_zeros = g.op("ConstantOfShape", [g.op("Concat", [slots, g.const([hidden])],
+                                                 "hidden_slots", axis=0)], "hidden_zeros")
+    heads_shape = g.op("Concat", [input_shape, g.const([heads, head_dim])], "heads_shape", axis=0)
+    x = g.op("Gather", [g.op("Reshape", [x, g.const([-1, hidden])], "embedded_slots"),
+                        real_rows], "embedded_real", axis=0)
+
     scale = g.const(1.0 / np.sqrt(head_dim), np.float32)
     for i in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{i}"
-        q = _dense(g, x, weights, f"{p}.attention.self.query", f"l{i}_q")
-        k = _dense(g, x, weights, f"{p}.attention.self.key", f"l{i}_k")
-        v = _dense(g, x, weights, f"{p}.attention.self.value", f"l{i}_v")
+        # Query, key and value in one product, so one scatter pads all three for attention.
+        qkv_weight = g.weight(f"{p}.attention.self.qkv.weight", np.concatenate(
+            [weights[f"{p}.attention.self.{n}.weight"].T for n in ("query", "key", "value")],
+            axis=1))
+        qkv_bias = g.weight(f"{p}.attention.self.qkv.bias", np.concatenate(
+            [weights[f"{p}.attention.self.{n}.bias"] for n in ("query", "key", "value")]))
+        qkv = g.op("Add", [g.op("MatMul", [x, qkv_weight], f"l{i}_qkv_matmul"), qkv_bias],
+                   f"l{i}_qkv")
+        qkv = g.op("ScatterND", [qkv_zeros, real_index, qkv], f"l{i}_qkv_padded")
+        q, k, v = g.op("Split", [qkv, g.const([hidden] * 3)], f"l{i}_qkv_split", outputs=3,
+                       axis=1)
         q = g.op("Transpose", [g.op("Reshape", [q, heads_shape], f"l{i}_q_heads")],
                  f"l{i}_q_t", perm=[0, 2, 1, 3])
         k = g.op("Transpose", [g.op("Reshape", [k, heads_shape], f"l{i}_k_heads")],
@@ -96,7 +127,8 @@ def build(weights: dict, config: dict) -> Graph:
                      f"l{i}_probs", axis=-1)
         context = g.op("Transpose", [g.op("MatMul", [probs, v], f"l{i}_context")],
                        f"l{i}_context_t", perm=[0, 2, 1, 3])
-        context = g.op("Reshape", [context, merged_shape], f"l{i}_context_merged")
+        context = g.op("Reshape", [context, g.const([-1, hidden])], f"l{i}_context_slots")
+        context = g.op("Gather", [context, real_rows], f"l{i}_context_real", axis=0)
         attention = _dense(g, context, weights, f"{p}.attention.output.dense", f"l{i}_attn_out")
         x = _layer_norm(g, g.op("Add", [attention, x], f"l{i}_attn_residual"), weights,
                         f"{p}.attention.output.LayerNorm", eps, f"l{i}_attn_norm")
@@ -106,5 +138,8 @@ def build(weights: dict, config: dict) -> Graph:
         x = _layer_norm(g, g.op("Add", [out, x], f"l{i}_ffn_residual"), weights,
                         f"{p}.output.LayerNorm", eps, f"l{i}_ffn_norm")
 
+    x = g.op("ScatterND", [hidden_zeros, real_index, x], "hidden_padded")
+    x = g.op("Reshape", [x, g.op("Concat", [input_shape, g.const([hidden])], "output_shape",
+                                  axis=0)], "hidden_batch")
     g.output(x, "last_hidden_state", FLOAT, ["batch", "sequence", hidden])
     return g

@@ -31,7 +31,7 @@ import gguf_files
 import llama
 
 # Bump when the files this script writes change, so cached folders are rebuilt.
-REVISION = 3
+REVISION = 4
 
 
 def default_cache() -> str:
