@@ -164,6 +164,19 @@ def in_process_decode(decoder: Decoder, prompts: list[list[int]]) -> dict:
     return {"tokens_per_s": rows * NEW_TOKENS / elapsed, "ttft": first}
 
 
+def in_process_prefill(decoder: Decoder, prompts: list[list[int]]) -> float:
+    """Seconds for one run that prefills `prompts` (all the same length) together."""
+    rows = len(prompts)
+    feed = {"input_ids": np.array(prompts, np.int64),
+            "attention_mask": np.ones((rows, len(prompts[0])), np.int64),
+            "position_ids": np.tile(np.arange(len(prompts[0])), (rows, 1)),
+            **{name: np.zeros((rows,) + decoder.empty.shape[1:], np.float32)
+               for name in decoder.pasts}}
+    start = time.perf_counter()
+    decoder.session.run(None, feed)
+    return time.perf_counter() - start
+
+
 # ---- a gRPC client, the same for both servers --------------------------------------------------
 
 async def serve_embed(address: str, texts: list[str], concurrency: int) -> float:
@@ -340,6 +353,13 @@ def decode_runs(decoder: Decoder, prompts: list[list[int]], servers: dict) -> di
             for name, server in servers.items()]
         for run_one in work[round % len(work):] + work[:round % len(work)]:
             run_one()
+    # What a prefill run of k prompts costs here, k = 1 .. STREAMS, rounds interleaved: the
+    # costs any scheduler of the staggered streams has to work with.
+    costs = {k: [] for k in range(1, STREAMS + 1)}
+    for _ in range(ROUNDS):
+        for k in costs:
+            costs[k].append(in_process_prefill(decoder, prompts[:k]))
+    out["prefill_seconds"] = [statistics.median(costs[k]) for k in costs]
     print(f"  decode, in-process: loop {med(out['loop'], 'tokens_per_s'):.1f} tokens/s "
           f"(first token {med(out['loop'], 'ttft') * 1e3:.0f} ms), static batch of {STREAMS} "
           f"{med(out['static8'], 'tokens_per_s'):.1f} tokens/s", flush=True)
@@ -352,16 +372,24 @@ def decode_runs(decoder: Decoder, prompts: list[list[int]], servers: dict) -> di
     return out
 
 
-def least_mean_ttft(prefill_seconds: float) -> float:
-    """The least mean time to first token any scheduler can give the staggered streams if each
-    prompt costs `prefill_seconds` of the whole machine: served in arrival order (with equal
-    costs no order finishes sooner on average), no decode step in between."""
-    done, total = 0.0, 0.0
-    for index in range(STREAMS):
-        arrival = index * ARRIVAL_GAP
-        done = max(done, arrival) + prefill_seconds
-        total += done - arrival
-    return total / STREAMS
+def best_mean_ttft(prefill_seconds: list[float]) -> float:
+    """The least mean time to first token any scheduler can give the staggered streams when a
+    prefill run of k prompts costs `prefill_seconds[k - 1]` and no decode step runs in between.
+    Prompts are equal, so runs take them in arrival order; a run starts when the machine is free
+    and its last prompt has arrived. Searched over every way of cutting the arrivals into runs."""
+    arrivals = [index * ARRIVAL_GAP for index in range(STREAMS)]
+
+    def best(first: int, free: float) -> float:
+        if first == STREAMS:
+            return 0.0
+        options = []
+        for last in range(first, STREAMS):
+            done = max(free, arrivals[last]) + prefill_seconds[last - first]
+            waits = sum(done - arrivals[i] for i in range(first, last + 1))
+            options.append(waits + best(last + 1, done))
+        return min(options)
+
+    return best(0, 0.0) / STREAMS
 
 
 def med(runs: list[dict], key: str) -> float:
@@ -382,9 +410,8 @@ def report(results: dict, results_file: Path, plots: Path):
     load_ttft = {n: med(r, "ttft") for n, r in decode["staggered"].items()}
     itl = {n: [g for run in r for g in run["itl"]] for n, r in decode["staggered"].items()}
     beyond = memory["rss_idle_mib"] - memory["weights_mib"]
-    # The prefill cost per prompt when 8 go in one run: the cheapest any batching could make it.
-    batched_prefill = med(decode["static8"], "ttft") / STREAMS
-    ttft_floor = least_mean_ttft(batched_prefill)
+    prefill = decode["prefill_seconds"]
+    ttft_best = best_mean_ttft(prefill)
 
     goals = [
         ("embed c=32 / in-process length-sorted batches of 32",
@@ -416,12 +443,16 @@ def report(results: dict, results_file: Path, plots: Path):
         "",
         "Bounds on two goals, and memory under load:",
         "",
-        f"- TTFT: if every prompt prefilled at the rate it gets inside a batch of {STREAMS} "
-        f"({batched_prefill * 1e3:.0f} ms each, against {lone_ttft * 1e3:.0f} ms alone), and no decode "
-        f"step ran in between, the least mean TTFT of {STREAMS} prompts arriving "
-        f"{ARRIVAL_GAP * 1e3:.0f} ms apart is {ttft_floor * 1e3:.0f} ms, "
-        f"{ttft_floor / single_ttft['lmserve']:.2f}x lmserve's lone TTFT; lmserve's "
-        f"{load_ttft['lmserve'] * 1e3:.0f} ms is {load_ttft['lmserve'] / ttft_floor:.2f}x that floor.",
+        f"- TTFT: a prefill run here costs {prefill[0] * 1e3:.0f} ms for one prompt, "
+        f"{prefill[1] * 1e3:.0f} for two, {prefill[3] * 1e3:.0f} for four and "
+        f"{prefill[-1] * 1e3:.0f} for {STREAMS} (in-process, the median of {ROUNDS}, in optimum's "
+        f"layout, which also computes logits at every prompt position: lmserve's graph does a "
+        f"little less). With those "
+        f"costs the best any schedule of {STREAMS} prompts arriving {ARRIVAL_GAP * 1e3:.0f} ms "
+        f"apart can give, with no decode step in between, is a mean TTFT of "
+        f"{ttft_best * 1e3:.0f} ms: {ttft_best / single_ttft['lmserve']:.2f}x lmserve's lone TTFT, "
+        f"so the goal of 2x is out of reach on this machine when that exceeds 2. lmserve's "
+        f"{load_ttft['lmserve'] * 1e3:.0f} ms is {load_ttft['lmserve'] / ttft_best:.2f}x that best.",
         f"- Embed: the in-process sorted limit is {sorted_limit / served['python'][32]:.2f}x the plain "
         f"Python server at c=32, so 1.5x that server would need "
         f"{1.5 * served['python'][32] / sorted_limit:.2f}x the in-process limit.",
@@ -458,8 +489,9 @@ def report(results: dict, results_file: Path, plots: Path):
     for name, ratio, target in goals:
         print(f"{name:<66} {ratio:6.2f}x  (goal {target})")
     print(f"{'resident memory idle beyond the model files':<66} {beyond:6.0f} MiB (goal < 150)")
-    print(f"{'mean TTFT of the 8 / the least any scheduler can give here':<66} "
-          f"{load_ttft['lmserve'] / ttft_floor:6.2f}x  (floor {ttft_floor * 1e3:.0f} ms)")
+    print(f"{'mean TTFT of the 8 / the best any prefill schedule gives here':<66} "
+          f"{load_ttft['lmserve'] / ttft_best:6.2f}x  (best {ttft_best * 1e3:.0f} ms, "
+          f"{ttft_best / single_ttft['lmserve']:.2f}x the lone TTFT)")
     text = results_file.read_text() if results_file.exists() else "# Benchmark results\n"
     pattern = re.compile(r"<!-- bench-real:.*?<!-- /bench-real -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
