@@ -23,9 +23,9 @@ pub const LONG_ROW: usize = 128;
 /// length from, so under load a bigger limit forms fuller, better matched runs (all-MiniLM-L6-v2
 /// at 32 concurrent requests, one 2-core host: 186-193 sentences/s with a limit of 8 rows, whose
 /// runs averaged 4.7 texts; 266-283 with 32, averaging 9.7, in the same hour), while a lone
-/// request, which runs at once whatever the limit, pays nothing for it. Rates past
-/// a few rows are flat to within a few percent, and timings on a shared host move by that much,
-/// so a narrower margin picks a size by noise (8, 16, 32 or 64 rows of MiniLM between starts).
+/// request, which runs at once whatever the limit, pays nothing for it. Rates past a few rows
+/// are flat to within a few percent, and timings on a shared host move by that much, so a
+/// narrower margin picks a size by noise (8, 16, 32 or 64 rows of MiniLM between starts).
 const WITHIN_BEST: f64 = 0.95;
 /// Rounds over the sizes; each size's rate is its fastest run. A round times every size once,
 /// so a slow spell of the host slows all sizes alike instead of the ones timed during it.
