@@ -60,6 +60,15 @@ impl Reporter {
         self.reporter.clear_service_status(service).await;
         self.statuses.remove(service);
     }
+
+    /// The server's readiness services and every model's, as published last.
+    fn readiness_services(&self) -> Vec<String> {
+        SERVER
+            .iter()
+            .map(|service| (*service).to_owned())
+            .chain(self.models.iter().cloned())
+            .collect()
+    }
 }
 
 impl Health {
@@ -146,12 +155,7 @@ impl Health {
         let mut reporter = self.reporter.lock().await;
         reporter.draining = true;
         self.ready.send_replace(false);
-        let services: Vec<String> = SERVER
-            .iter()
-            .map(|service| (*service).to_owned())
-            .chain(reporter.models.iter().cloned())
-            .collect();
-        for service in services {
+        for service in reporter.readiness_services() {
             reporter.set(&service, ServingStatus::NotServing).await;
         }
     }
@@ -161,15 +165,10 @@ impl Health {
         let mut reporter = self.reporter.lock().await;
         reporter.draining = true;
         self.ready.send_replace(false);
-        let services: Vec<String> = SERVER
-            .iter()
-            .chain(&[LIVENESS])
-            .map(|service| (*service).to_owned())
-            .chain(reporter.models.iter().cloned())
-            .collect();
-        for service in services {
+        for service in reporter.readiness_services() {
             reporter.clear(&service).await;
         }
+        reporter.clear(LIVENESS).await;
     }
 }
 
