@@ -102,6 +102,7 @@ fn main() {
         let runtime = ModelRuntime {
             intra_threads: threads,
             sessions: 1,
+            narrow_lanes: 0,
             execution_providers: vec!["cpu".into()],
             required_provider: None,
         };

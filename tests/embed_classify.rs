@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, floats, max_abs_diff, reference};
+use common::{ServerOptions, TestServer, floats, max_abs_diff, reference};
 use futures::future::join_all;
 use lmserve::api::proto::{self, ClassifyRequest, EmbedRequest, Pooling, ScoreKind};
 
@@ -258,6 +258,96 @@ async fn batched_results_equal_unbatched_results() {
         for (x, y) in a.labels.iter().zip(&b.labels) {
             assert_eq!(x.label, y.label);
             assert!((x.score - y.score).abs() <= 1e-5);
+        }
+    }
+}
+
+/// The count of encoder runs of tiny-encoder on `lane` in a metrics page.
+fn lane_runs(metrics: &str, lane: &str) -> u64 {
+    let series =
+        format!(r#"lmserve_batch_lane_total{{model="tiny-encoder",version="1",lane="{lane}"}} "#);
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
+/// A request alone runs on the wide lane (every core); requests that queue behind each other run
+/// on the narrow one-thread sessions, which hold the same weights and give the same results.
+/// With `split_under_load` off, everything runs wide.
+#[tokio::test]
+async fn lone_requests_run_wide_and_queued_ones_narrow_with_equal_results() {
+    let words = "the quick brown fox jumps over the lazy dog while the king of denmark sleeps";
+    let texts: Vec<String> = (0..48)
+        .map(|n| {
+            words
+                .split(' ')
+                .cycle()
+                .skip(n % 7)
+                .take(3 + n % 20)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    for split in [true, false] {
+        let metrics_port = common::free_port();
+        let server = TestServer::start_with(ServerOptions {
+            args: vec!["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")],
+            env: vec![
+                ("LMSERVE_RUNTIME__SHARED_THREADS".into(), "2".into()),
+                (
+                    "LMSERVE_RUNTIME__SPLIT_UNDER_LOAD".into(),
+                    split.to_string(),
+                ),
+            ],
+            ..Default::default()
+        })
+        .await;
+        let mut client = server.inference().await;
+        let mut alone = Vec::new();
+        for text in &texts {
+            let response = client
+                .embed(embed_request("tiny-encoder", &[text]))
+                .await
+                .unwrap()
+                .into_inner();
+            alone.push(response.embeddings[0].values.clone());
+        }
+        let after_alone = common::scrape_metrics(metrics_port).await;
+        // Warm-up runs no batch through the batcher: every run so far was a lone request.
+        assert_eq!(lane_runs(&after_alone, "wide"), texts.len() as u64);
+        assert_eq!(lane_runs(&after_alone, "narrow"), 0);
+
+        let concurrent = join_all(texts.iter().map(|text| {
+            let mut client = client.clone();
+            let request = embed_request("tiny-encoder", &[text]);
+            async move {
+                client
+                    .embed(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .embeddings
+                    .remove(0)
+                    .values
+            }
+        }))
+        .await;
+        for (i, expected) in alone.iter().enumerate() {
+            assert!(
+                max_abs_diff(&concurrent[i], expected) <= 1e-5,
+                "split {split}, text {i}: a queued request's embedding differs from its lone one"
+            );
+        }
+        let metrics = common::scrape_metrics(metrics_port).await;
+        let narrow = lane_runs(&metrics, "narrow");
+        if split {
+            assert!(
+                narrow > 0,
+                "48 requests at once never ran narrow:\n{metrics}"
+            );
+        } else {
+            assert_eq!(narrow, 0, "split_under_load = false ran narrow");
         }
     }
 }

@@ -35,6 +35,7 @@ def session(path: Path, threads: int) -> onnxruntime.InferenceSession:
 
 class Encoder:
     def __init__(self, folder: Path, threads: int):
+        self.folder = folder
         self.session = session(folder / "model.onnx", threads)
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         # The file pads every text to 128 tokens, for a batch of one that is waste.

@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,6 +142,25 @@ def in_process_embed(encoder: Encoder, texts: list[str], batch: int, sort: bool)
     order = sorted(texts, key=lambda t: len(encoder.tokenizer.encode(t).ids)) if sort else texts
     for i in range(0, len(order), batch):
         encoder.embed(order[i:i + batch])
+    return len(texts) / (time.perf_counter() - start)
+
+
+def in_process_embed_split(encoders: list[Encoder], texts: list[str], batch: int) -> float:
+    """Length-sorted batches shared out over one-thread sessions running side by side, as
+    lmserve's narrow lanes run them under load (onnxruntime lets go of the GIL while it runs)."""
+    start = time.perf_counter()
+    order = sorted(texts, key=lambda t: len(encoders[0].tokenizer.encode(t).ids))
+    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+
+    def lane(index: int):
+        for texts in batches[index::len(encoders)]:
+            encoders[index].embed(texts)
+
+    threads = [threading.Thread(target=lane, args=(i,)) for i in range(len(encoders))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return len(texts) / (time.perf_counter() - start)
 
 
@@ -318,9 +338,10 @@ def embed_runs(encoder: Encoder, texts: list[str], servers: dict) -> dict:
     sorted batches of 32 above) and then every server, in a rotated order, so each ratio can
     pair a server's pass with the limit measured next to it: this host's speed drifts by a fifth
     over seconds, more than the differences measured."""
-    out = {"limits": {c: [] for c in CONCURRENCY}, "served": {}}
+    out = {"limits": {c: [] for c in CONCURRENCY}, "served": {}, "split": []}
     for name in servers:
         out["served"][name] = {c: [] for c in CONCURRENCY}
+    narrow = [Encoder(encoder.folder, 1) for _ in range(os.cpu_count())]
     for concurrency in CONCURRENCY:
         batch, ordered = (1, False) if concurrency == 1 else (32, True)
         for round in range(EMBED_ROUNDS):
@@ -329,6 +350,8 @@ def embed_runs(encoder: Encoder, texts: list[str], servers: dict) -> dict:
                 lambda name=name, server=server: out["served"][name][concurrency].append(
                     asyncio.run(serve_embed(server.address, texts, concurrency)))
                 for name, server in servers.items()]
+            if concurrency == max(CONCURRENCY):
+                work.append(lambda: out["split"].append(in_process_embed_split(narrow, texts, 32)))
             run_rotated(work, round)
         print(f"  embed c={concurrency}: " + ", ".join(
             f"{name} {statistics.median(out['served'][name][concurrency]):.1f}/s"
@@ -464,7 +487,11 @@ def report(results: dict, results_file: Path, plots: Path):
         f"{load_ttft['lmserve'] * 1e3:.0f} ms is {load_ttft['lmserve'] / ttft_best:.2f}x that best.",
         f"- Embed: the in-process sorted limit is {sorted_limit / served['python'][32]:.2f}x the plain "
         f"Python server at c=32, so 1.5x that server would need "
-        f"{1.5 * served['python'][32] / sorted_limit:.2f}x the in-process limit.",
+        f"{1.5 * served['python'][32] / sorted_limit:.2f}x the in-process limit. "
+        f"{os.cpu_count()} one-thread sessions side by side on the same sorted batches (as "
+        f"lmserve's narrow lanes run under load) gave {statistics.median(embed['split']):.1f}/s, "
+        f"{paired(embed['split'], embed['limits'][32]):.2f}x one {os.cpu_count()}-thread session; "
+        f"lmserve at c=32 is {paired(runs['lmserve'][32], embed['split']):.2f}x that.",
         f"- Resident memory after all the benchmark's traffic: {memory['rss_after_mib']:.0f} MiB, "
         f"{memory['anon_after_mib']:.0f} MiB of it anonymous (the rest is file pages, some shared "
         "with the in-process sessions).",
@@ -498,6 +525,8 @@ def report(results: dict, results_file: Path, plots: Path):
     for name, ratio, target in goals:
         print(f"{name:<66} {ratio:6.2f}x  (goal {target})")
     print(f"{'resident memory idle beyond the model files':<66} {beyond:6.0f} MiB (goal < 150)")
+    print(f"{'embed c=32 / in-process one-thread sessions side by side':<66} "
+          f"{paired(runs['lmserve'][32], embed['split']):6.2f}x  (no goal)")
     print(f"{'mean TTFT of the 8 / the best any prefill schedule gives here':<66} "
           f"{load_ttft['lmserve'] / ttft_best:6.2f}x  (best {ttft_best * 1e3:.0f} ms, "
           f"{ttft_best / single_ttft['lmserve']:.2f}x the lone TTFT)")

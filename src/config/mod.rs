@@ -165,6 +165,11 @@ pub struct RuntimeConfig {
     /// competes for the same threads (measured in bench/RESULTS.md); more help where one run
     /// cannot fill the device, as on a GPU or with sessions of their own threads.
     pub sessions_per_model: usize,
+    /// Gives an encoder on the CPU and the shared pool also one single-thread session per
+    /// shared-pool thread, holding the same weights once: a batch that runs alone spreads over
+    /// every core, and batches under load run side by side on one core each, which need not
+    /// meet after every operator (measured in bench/RESULTS.md).
+    pub split_under_load: bool,
     /// Execution providers tried in order, e.g. `["cuda:0", "cpu"]`.
     pub execution_providers: Vec<String>,
     /// A provider that must register; when it cannot, startup fails instead of falling back.
@@ -314,6 +319,7 @@ pub struct ModelOverrides {
     pub versions: Option<String>,
     pub intra_threads: Option<usize>,
     pub sessions_per_model: Option<usize>,
+    pub split_under_load: Option<bool>,
     pub execution_providers: Option<Vec<String>>,
     pub required_provider: Option<String>,
 }
@@ -348,6 +354,7 @@ impl Default for RuntimeConfig {
             intra_threads: 0,
             shared_threads: None,
             sessions_per_model: 1,
+            split_under_load: true,
             execution_providers: vec!["cpu".to_owned()],
             required_provider: None,
             decode_cpus: None,
@@ -386,6 +393,9 @@ pub struct ModelRuntime {
     /// 0: the process-wide pool.
     pub intra_threads: usize,
     pub sessions: usize,
+    /// One-thread sessions that share the weights of the first and take batches under load
+    /// (`split_under_load`); 0: none. Built only on the CPU provider.
+    pub narrow_lanes: usize,
     pub execution_providers: Vec<String>,
     pub required_provider: Option<String>,
 }
@@ -439,14 +449,24 @@ impl Config {
     /// The runtime settings for `model`, its overrides applied over `[runtime]`.
     pub fn model_runtime(&self, model: &str) -> ModelRuntime {
         let overrides = self.models.get(model).cloned().unwrap_or_default();
+        let intra_threads = overrides
+            .intra_threads
+            .unwrap_or(self.runtime.intra_threads);
+        let split = overrides
+            .split_under_load
+            .unwrap_or(self.runtime.split_under_load);
+        // Lanes split the shared pool's cores; a session with threads of its own has no share.
+        let narrow_lanes = match self.shared_threads() {
+            threads if split && intra_threads == 0 && threads > 1 => threads,
+            _ => 0,
+        };
         ModelRuntime {
-            intra_threads: overrides
-                .intra_threads
-                .unwrap_or(self.runtime.intra_threads),
+            intra_threads,
             sessions: overrides
                 .sessions_per_model
                 .unwrap_or(self.runtime.sessions_per_model)
                 .max(1),
+            narrow_lanes,
             execution_providers: overrides
                 .execution_providers
                 .unwrap_or_else(|| self.runtime.execution_providers.clone()),
@@ -672,6 +692,35 @@ mod tests {
         assert_eq!(
             config.model_runtime("other").sessions,
             config.runtime.sessions_per_model
+        );
+    }
+
+    #[test]
+    fn narrow_lanes_split_the_shared_pool_only() {
+        let mut config = Config::default();
+        config.runtime.shared_threads = Some(4);
+        config.models.insert(
+            "own-threads".into(),
+            ModelOverrides {
+                intra_threads: Some(2),
+                ..Default::default()
+            },
+        );
+        config.models.insert(
+            "unsplit".into(),
+            ModelOverrides {
+                split_under_load: Some(false),
+                ..Default::default()
+            },
+        );
+        assert_eq!(config.model_runtime("m").narrow_lanes, 4);
+        assert_eq!(config.model_runtime("own-threads").narrow_lanes, 0);
+        assert_eq!(config.model_runtime("unsplit").narrow_lanes, 0);
+        config.runtime.shared_threads = Some(1);
+        assert_eq!(
+            config.model_runtime("m").narrow_lanes,
+            0,
+            "one core: nothing to split"
         );
     }
 }

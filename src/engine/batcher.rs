@@ -11,6 +11,7 @@ use tracing::{Instrument, Span};
 use super::admission::{QueueClock, Reservation};
 use super::batch_state::{BatchLimits, BatchState};
 use super::faults::FaultTracker;
+use super::lanes::Lanes;
 use crate::error::{Error, Result};
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
@@ -90,7 +91,7 @@ impl Batcher {
             max_queue_time: settings.max_queue_time,
         });
         let runner = Runner {
-            pool,
+            lanes: Lanes::new(pool),
             bindings,
             pad_id,
             settings,
@@ -184,7 +185,7 @@ impl Batcher {
 }
 
 struct Runner {
-    pool: Arc<SessionPool>,
+    lanes: Lanes,
     bindings: Arc<Bindings>,
     pad_id: i64,
     settings: BatcherSettings,
@@ -195,7 +196,7 @@ struct Runner {
 impl Runner {
     async fn run(self) {
         loop {
-            let lease = self.pool.acquire().await;
+            let turn = self.lanes.turn().await;
             let shared = &self.shared;
             let Some(batch) = self.gather(shared).await else {
                 return;
@@ -203,6 +204,8 @@ impl Runner {
             if batch.is_empty() {
                 continue;
             }
+            let lease = self.lanes.lease(turn, self.queued(shared) == 0).await;
+            metrics::batch_lane(&shared.labels, lease.lane().name());
             let bindings = Arc::clone(&self.bindings);
             let pad_id = self.pad_id;
             let labels = shared.labels.clone();
@@ -262,7 +265,7 @@ impl Runner {
                     let mut state = shared.state.lock().expect("batch state lock");
                     // Spread what waits over the sessions: one session taking the whole queue
                     // while the others idle is slower than each running its share.
-                    let share = state.len().div_ceil(self.pool.size()).max(1);
+                    let share = state.len().div_ceil(self.lanes.parallel()).max(1);
                     let limits = BatchLimits {
                         max_batch_size: self.settings.limits.max_batch_size.min(share),
                         ..self.settings.limits

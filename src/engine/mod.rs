@@ -7,6 +7,7 @@ pub mod batch_state;
 pub mod batcher;
 pub mod continuous;
 pub mod faults;
+pub mod lanes;
 
 use std::sync::Arc;
 use std::time::Duration;

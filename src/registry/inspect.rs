@@ -25,6 +25,7 @@ pub fn inspect(environment: &ort::environment::Environment, dir: &Path) -> anyho
     let runtime = ModelRuntime {
         intra_threads: 1,
         sessions: 1,
+        narrow_lanes: 0,
         execution_providers: vec!["cpu".into()],
         required_provider: None,
     };

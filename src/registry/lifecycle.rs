@@ -117,7 +117,7 @@ impl Registry {
         });
         match served {
             Ok(model) => {
-                tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), "model ready");
+                tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), narrow_lanes = model.pool.narrow().map_or(0, |lanes| lanes.size()), "model ready");
                 slot.set(LoadState::Ready(Arc::new(model)));
                 Ok(())
             }

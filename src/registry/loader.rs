@@ -88,11 +88,10 @@ pub fn load(
     let (manifest, files, tokenizer) = read_files(dir).map_err(|error| fail(error, None))?;
     // A generating model's scheduler steps one session; more would only hold more copies of
     // its weights (and of ONNX Runtime's prepacked ones).
+    let encoder = manifest.family == Family::Encoder;
     let runtime = &ModelRuntime {
-        sessions: match manifest.family {
-            Family::Encoder => runtime.sessions,
-            _ => 1,
-        },
+        sessions: if encoder { runtime.sessions } else { 1 },
+        narrow_lanes: if encoder { runtime.narrow_lanes } else { 0 },
         ..runtime.clone()
     };
     let loaded = if manifest.family == Family::EncoderDecoder {

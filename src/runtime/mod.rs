@@ -10,6 +10,7 @@ pub mod placement;
 pub mod providers;
 pub mod residency;
 pub mod session;
+pub mod shared_weights;
 pub mod step;
 pub mod warmup;
 

@@ -12,6 +12,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::providers::Provider;
+use super::shared_weights::SharedWeights;
 use crate::config::ModelRuntime;
 use crate::error::Error;
 
@@ -84,6 +85,9 @@ pub struct SessionPool {
     permits: Arc<Semaphore>,
     provider: Provider,
     graph: GraphIo,
+    /// One-thread sessions holding the same weights as these, for batches under load
+    /// (`ModelRuntime::narrow_lanes`).
+    narrow: Option<Arc<SessionPool>>,
 }
 
 /// A provider the config requires could not register. Typed so that startup can tell it from a
@@ -128,19 +132,44 @@ impl SessionPool {
 
         let mut failures = Vec::new();
         for provider in providers {
-            match build_session(environment, model_file, provider, runtime.intra_threads) {
+            let mut shared = match provider {
+                Provider::Cpu if runtime.narrow_lanes > 0 && runtime.intra_threads == 0 => {
+                    shared_weights(model_file)
+                }
+                _ => None,
+            };
+            let build = |threads, shared: Option<&SharedWeights>| {
+                build_session(environment, model_file, provider, threads, shared)
+            };
+            let mut first = build(runtime.intra_threads, shared.as_ref());
+            if let (Err(error), Some(_)) = (&first, &shared) {
+                // Lanes are a speed-up; a graph that refuses its own weights from outside still
+                // loads the plain way.
+                tracing::warn!(model = %model_file.display(), %error, "shared weights refused; no narrow lanes");
+                shared = None;
+                first = build(runtime.intra_threads, None);
+            }
+            match first {
                 Ok(first) => {
                     let mut sessions = vec![first];
                     for _ in 1..runtime.sessions {
-                        let session =
-                            build_session(environment, model_file, provider, runtime.intra_threads)
-                                .map_err(|error| anyhow::anyhow!("{error}"))?;
-                        sessions.push(session);
+                        sessions.push(
+                            build(runtime.intra_threads, shared.as_ref())
+                                .map_err(|error| anyhow::anyhow!("{error}"))?,
+                        );
                     }
                     if !failures.is_empty() {
                         tracing::warn!(model = %model_file.display(), %provider, skipped = ?failures, "fell back to a later execution provider");
                     }
-                    return Ok(Self::from_sessions(sessions, provider));
+                    let mut pool = Self::from_sessions(sessions, provider);
+                    if shared.is_some() {
+                        let narrow = (0..runtime.narrow_lanes)
+                            .map(|_| build(1, shared.as_ref()))
+                            .collect::<ort::Result<Vec<_>>>()
+                            .map_err(|error| anyhow::anyhow!("a narrow lane: {error}"))?;
+                        pool.narrow = Some(Arc::new(Self::from_sessions(narrow, provider)));
+                    }
+                    return Ok(pool);
                 }
                 Err(error) if required == Some(provider) => {
                     return Err(RequiredProviderMissing {
@@ -176,6 +205,7 @@ impl SessionPool {
             permits: Arc::new(Semaphore::new(count)),
             provider,
             graph: GraphIo { inputs, outputs },
+            narrow: None,
         }
     }
 
@@ -199,7 +229,13 @@ impl SessionPool {
         self.sessions.len()
     }
 
-    /// Runs `work` on every session in turn, outside any scheduler (at load time).
+    /// The one-thread sessions that share these sessions' weights, when the model has them.
+    pub fn narrow(&self) -> Option<&Arc<SessionPool>> {
+        self.narrow.as_ref()
+    }
+
+    /// Runs `work` on every session in turn, narrow lanes included, outside any scheduler (at
+    /// load time).
     pub fn each_session<E>(
         &self,
         mut work: impl FnMut(&mut Session) -> Result<(), E>,
@@ -207,7 +243,10 @@ impl SessionPool {
         for index in 0..self.sessions.len() {
             work(&mut self.session(index))?;
         }
-        Ok(())
+        match &self.narrow {
+            Some(narrow) => narrow.each_session(work),
+            None => Ok(()),
+        }
     }
 
     /// Session `index`, locked, for a scheduler that owns it outright (the decode loop).
@@ -303,14 +342,34 @@ impl SessionLease {
     }
 }
 
+/// The model's weights read once for all its sessions, or `None` (each session then reads its
+/// own, and the model gets no narrow lanes) when they cannot be read that way.
+fn shared_weights(model_file: &Path) -> Option<SharedWeights> {
+    match SharedWeights::read(model_file) {
+        Ok(shared) => {
+            let (count, bytes) = shared.size();
+            tracing::debug!(model = %model_file.display(), initializers = count, mib = bytes >> 20, "weights shared between sessions");
+            Some(shared)
+        }
+        Err(error) => {
+            tracing::warn!(model = %model_file.display(), error = format!("{error:#}"), "weights not shareable; no narrow lanes");
+            None
+        }
+    }
+}
+
 fn build_session(
     environment: &ort::environment::Environment,
     model_file: &Path,
     provider: Provider,
     intra_threads: usize,
+    shared: Option<&SharedWeights>,
 ) -> ort::Result<Session> {
     let mut builder =
         Session::builder(environment)?.with_optimization_level(GraphOptimizationLevel::All)?;
+    if let Some(shared) = shared {
+        builder = shared.apply(builder)?;
+    }
     // 0: the environment's shared pool (runtime::library), which sessions use unless told not to.
     if intra_threads > 0 {
         builder = builder

@@ -16,6 +16,7 @@ pub const TOKENIZE_SECONDS: &str = "lmserve_tokenize_duration_seconds";
 pub const INFERENCE_SECONDS: &str = "lmserve_inference_duration_seconds";
 pub const BATCH_SIZE: &str = "lmserve_batch_size_rows";
 pub const BATCH_TOKENS: &str = "lmserve_batch_padded_tokens";
+pub const BATCH_LANE_TOTAL: &str = "lmserve_batch_lane_total";
 pub const QUEUE_DEPTH: &str = "lmserve_queue_depth_texts";
 pub const QUEUE_REJECTED_TOTAL: &str = "lmserve_queue_rejected_total";
 pub const INPUT_TOKENS_TOTAL: &str = "lmserve_input_tokens_total";
@@ -118,6 +119,11 @@ fn describe() {
         BATCH_TOKENS,
         Unit::Count,
         "Padded tokens (rows x longest row) in one session run."
+    );
+    describe_counter!(
+        BATCH_LANE_TOTAL,
+        Unit::Count,
+        "Encoder runs by lane: wide (every core of the shared pool) or narrow (one core each)."
     );
     describe_gauge!(
         QUEUE_DEPTH,
@@ -266,6 +272,12 @@ pub fn batch_formed(labels: &ModelLabels, rows: usize, padded_tokens: usize) {
         .record(rows as f64);
     histogram!(BATCH_TOKENS, "model" => labels.model.clone(), "version" => labels.version.clone())
         .record(padded_tokens as f64);
+}
+
+/// One encoder run started on `lane` ("wide" or "narrow").
+pub fn batch_lane(labels: &ModelLabels, lane: &'static str) {
+    counter!(BATCH_LANE_TOTAL, "model" => labels.model.clone(), "version" => labels.version.clone(), "lane" => lane)
+        .increment(1);
 }
 
 pub fn queue_depth(labels: &ModelLabels, depth: usize) {

@@ -317,6 +317,7 @@ pub fn cpu_session_pool(model: &Path, intra_threads: usize) -> lmserve::runtime:
     let runtime = lmserve::config::ModelRuntime {
         intra_threads,
         sessions: 1,
+        narrow_lanes: 0,
         execution_providers: vec!["cpu".into()],
         required_provider: None,
     };

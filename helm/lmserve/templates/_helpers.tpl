@@ -62,7 +62,8 @@ keys when enabled, the routes, and .Values.config merged over all of it.
 {{- $runtime := dict
     "execution_providers" .Values.runtime.executionProviders
     "intra_threads" (int .Values.runtime.intraThreads)
-    "sessions_per_model" (int .Values.runtime.sessionsPerModel) -}}
+    "sessions_per_model" (int .Values.runtime.sessionsPerModel)
+    "split_under_load" .Values.runtime.splitUnderLoad -}}
 {{- if .Values.runtime.requiredProvider }}
 {{- $_ := set $runtime "required_provider" .Values.runtime.requiredProvider }}
 {{- end }}
