@@ -178,11 +178,14 @@ fn main() {
         texts.len() as f64 / start.elapsed().as_secs_f64()
     };
     serve(8);
+    let defaults = lmserve::config::Config::default();
+    let lanes = match defaults.runtime.split_under_load && cores > 1 {
+        true => format!(", and {cores} one-thread sessions under load"),
+        false => String::new(),
+    };
     println!(
-        "server (one text per request; defaults: {} sessions on one shared pool of {cores} threads) against length-sorted batches of {BATCH} in-process ({limit_threads} thread(s)):",
-        lmserve::config::Config::default()
-            .runtime
-            .sessions_per_model
+        "server (one text per request; defaults: {} session(s) on one shared pool of {cores} threads{lanes}) against length-sorted batches of {BATCH} in-process ({limit_threads} thread(s)):",
+        defaults.runtime.sessions_per_model
     );
     for concurrency in [1, 8, 32] {
         let (mut rates, mut ratios) = (Vec::new(), Vec::new());
