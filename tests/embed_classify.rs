@@ -5,7 +5,9 @@ mod common;
 
 use common::{ServerOptions, TestServer, floats, max_abs_diff, reference};
 use futures::future::join_all;
+use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::{self, ClassifyRequest, EmbedRequest, Pooling, ScoreKind};
+use tonic::transport::Channel;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -159,6 +161,47 @@ async fn class_probabilities_match_the_reference_file() {
     assert!(max_abs_diff(&probabilities, &expected) <= TOLERANCE);
 }
 
+/// Each text's embedding, one request after another.
+async fn embed_one_by_one(
+    client: &mut InferenceClient<Channel>,
+    model: &str,
+    texts: &[String],
+) -> Vec<Vec<f32>> {
+    let mut embeddings = Vec::new();
+    for text in texts {
+        let response = client
+            .embed(embed_request(model, &[text]))
+            .await
+            .unwrap()
+            .into_inner();
+        embeddings.push(response.embeddings[0].values.clone());
+    }
+    embeddings
+}
+
+/// Each text's embedding, from one request per text, all sent at once.
+async fn embed_all_at_once(
+    client: &InferenceClient<Channel>,
+    model: &str,
+    texts: &[String],
+) -> Vec<Vec<f32>> {
+    join_all(texts.iter().map(|text| {
+        let mut client = client.clone();
+        let request = embed_request(model, &[text]);
+        async move {
+            client
+                .embed(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .embeddings
+                .remove(0)
+                .values
+        }
+    }))
+    .await
+}
+
 /// Texts of many lengths sent at once by concurrent callers come back exactly as they do alone.
 #[tokio::test]
 async fn batched_results_equal_unbatched_results() {
@@ -177,30 +220,8 @@ async fn batched_results_equal_unbatched_results() {
 
     for model in ["tiny-encoder", "tiny-word2vec"] {
         let mut client = server.inference().await;
-        let mut alone = Vec::new();
-        for text in &texts {
-            let response = client
-                .embed(embed_request(model, &[text]))
-                .await
-                .unwrap()
-                .into_inner();
-            alone.push(response.embeddings[0].values.clone());
-        }
-        let concurrent = join_all(texts.iter().map(|text| {
-            let mut client = client.clone();
-            let request = embed_request(model, &[text]);
-            async move {
-                client
-                    .embed(request)
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .embeddings
-                    .remove(0)
-                    .values
-            }
-        }))
-        .await;
+        let alone = embed_one_by_one(&mut client, model, &texts).await;
+        let concurrent = embed_all_at_once(&client, model, &texts).await;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let one_request = client
             .embed(embed_request(model, &refs))
@@ -304,35 +325,13 @@ async fn lone_requests_run_wide_and_queued_ones_narrow_with_equal_results() {
         })
         .await;
         let mut client = server.inference().await;
-        let mut alone = Vec::new();
-        for text in &texts {
-            let response = client
-                .embed(embed_request("tiny-encoder", &[text]))
-                .await
-                .unwrap()
-                .into_inner();
-            alone.push(response.embeddings[0].values.clone());
-        }
+        let alone = embed_one_by_one(&mut client, "tiny-encoder", &texts).await;
         let after_alone = common::scrape_metrics(metrics_port).await;
         // Warm-up runs no batch through the batcher: every run so far was a lone request.
         assert_eq!(lane_runs(&after_alone, "wide"), texts.len() as u64);
         assert_eq!(lane_runs(&after_alone, "narrow"), 0);
 
-        let concurrent = join_all(texts.iter().map(|text| {
-            let mut client = client.clone();
-            let request = embed_request("tiny-encoder", &[text]);
-            async move {
-                client
-                    .embed(request)
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .embeddings
-                    .remove(0)
-                    .values
-            }
-        }))
-        .await;
+        let concurrent = embed_all_at_once(&client, "tiny-encoder", &texts).await;
         for (i, expected) in alone.iter().enumerate() {
             assert!(
                 max_abs_diff(&concurrent[i], expected) <= 1e-5,
