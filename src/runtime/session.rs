@@ -143,9 +143,9 @@ impl SessionPool {
             };
             let mut first = build(runtime.intra_threads, shared.as_ref());
             if let (Err(error), Some(_)) = (&first, &shared) {
-                // Lanes are a speed-up; a graph that refuses its own weights from outside still
-                // loads the plain way.
-                tracing::warn!(model = %model_file.display(), %error, "shared weights refused; no narrow lanes");
+                // Lanes are a speed-up: a graph that will not take its weights from outside still
+                // loads the plain way (and a broken one fails there with its own error).
+                tracing::warn!(model = %model_file.display(), %error, "a session with shared weights failed; loading without them, and without narrow lanes");
                 shared = None;
                 first = build(runtime.intra_threads, None);
             }
