@@ -41,9 +41,13 @@ impl SharedWeights {
             .map(|graph| graph.initializer)
             .unwrap_or_default()
         {
-            let raw = match tensor.location() {
-                onnx::Location::External(external) => external.read(folder)?,
-                onnx::Location::Inline => tensor.raw_data.clone(),
+            let external;
+            let raw: &[u8] = match tensor.location() {
+                onnx::Location::External(location) => {
+                    external = location.read(folder)?;
+                    &external
+                }
+                onnx::Location::Inline => &tensor.raw_data,
             };
             let Some((value, bytes)) = tensor.value(raw)? else {
                 continue;
@@ -188,16 +192,16 @@ mod onnx {
 
         /// The tensor as an ONNX Runtime value and its size in bytes, from its little-endian
         /// `raw` bytes or its typed fields; `None` for a type not read here or no elements.
-        pub fn value(&self, raw: Vec<u8>) -> anyhow::Result<Option<(DynValue, usize)>> {
+        pub fn value(&self, raw: &[u8]) -> anyhow::Result<Option<(DynValue, usize)>> {
             let elements: i64 = self.dims.iter().product();
             if elements <= 0 || self.dims.iter().any(|&dim| dim < 0) {
                 return Ok(None);
             }
             let shape = self.dims.clone();
             let value = match self.data_type {
-                FLOAT => typed(shape, &raw, &self.float_data, f32::from_le_bytes)?,
-                INT32 => typed(shape, &raw, &self.int32_data, i32::from_le_bytes)?,
-                INT64 => typed(shape, &raw, &self.int64_data, i64::from_le_bytes)?,
+                FLOAT => typed(shape, raw, &self.float_data, f32::from_le_bytes)?,
+                INT32 => typed(shape, raw, &self.int32_data, i32::from_le_bytes)?,
+                INT64 => typed(shape, raw, &self.int64_data, i64::from_le_bytes)?,
                 _ => return Ok(None),
             };
             Ok(Some(value))
