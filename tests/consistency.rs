@@ -1,6 +1,7 @@
 //! State and answers agree: a change that cannot be saved is not applied, a failed load is never
 //! saved as loaded, load errors show no server paths or file contents, gauges stay true when
-//! calls expire, and a request that could not leave the queue in time is refused at once.
+//! calls expire, a request that could not leave the queue in time is refused at once, and a
+//! burst after a quiet spell is not.
 
 mod common;
 
@@ -331,5 +332,66 @@ async fn a_request_that_cannot_start_in_time_is_refused_at_once() {
     // What was admitted finishes.
     for outcome in join_all(backlog).await {
         outcome.unwrap().unwrap();
+    }
+}
+
+/// Admission by time judges a queue by how fast it drains while it holds work: a burst that
+/// follows a quiet spell must not read the spell as a slow drain and be refused.
+#[tokio::test]
+async fn a_burst_after_a_quiet_spell_is_admitted() {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![
+            ("LMSERVE_BATCHING__MAX_QUEUE_TIME_MS".into(), "200".into()),
+            ("LMSERVE_GENERATION__MAX_QUEUE_TIME_MS".into(), "200".into()),
+            ("LMSERVE_GENERATION__MAX_BATCH_SIZE".into(), "2".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let client = || lmserve::api::proto::inference_client::InferenceClient::new(channel.clone());
+    let embed = |text: String| EmbedRequest {
+        model: "tiny-encoder".into(),
+        texts: vec![text],
+        ..Default::default()
+    };
+    let generate = || GenerateRequest {
+        model: "tiny-gpt2".into(),
+        prompt: Some(Prompt::Text("ROMEO.".into())),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(4),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    client().embed(embed("a lone text".into())).await.unwrap();
+    client().generate(generate()).await.unwrap();
+    // Quiet, within the window the drain rate looks back over.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Callers that each send their next request as soon as the last is answered: the queue
+    // holds a few at a time, each served within milliseconds.
+    let embedders = (0..8).map(|caller| {
+        let mut client = client();
+        async move {
+            for i in 0..12 {
+                let text = format!("caller {caller} sends text {i} ").repeat(1 + i % 4);
+                client.embed(embed(text)).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        }
+    });
+    let generators = (0..4).map(|_| {
+        let mut client = client();
+        async move {
+            for _ in 0..6 {
+                client.generate(generate()).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        }
+    });
+    let (embedded, generated) = tokio::join!(join_all(embedders), join_all(generators));
+    for outcome in embedded.into_iter().chain(generated) {
+        outcome.unwrap();
     }
 }

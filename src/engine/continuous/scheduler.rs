@@ -183,11 +183,13 @@ impl ContinuousScheduler {
 
     /// Queues every sequence of one request, or none: a full queue is RESOURCE_EXHAUSTED.
     pub fn submit(&self, jobs: Vec<GenerationJob>, place: Reservation) -> Result<()> {
+        let now = Instant::now();
         let waiting = jobs
             .into_iter()
             .map(|job| Waiting {
                 reserved_tokens: job.reserved_tokens,
                 rows: job.rows.max(1),
+                queued_at: now,
                 job,
             })
             .collect();
@@ -344,11 +346,17 @@ impl<D: StepDecoder> Loop<D> {
         let admitted = queue.admit(running_rows, reserved, &self.limits);
         self.shared.metrics.queue_depth(queue.len());
         drop(queue);
+        let now = Instant::now();
+        let waiting_since = admitted
+            .iter()
+            .map(|waiting| waiting.queued_at)
+            .min()
+            .unwrap_or(now);
         let clock = &self.shared.clock;
         clock
             .lock()
             .expect("clock lock")
-            .departed(admitted.len(), Instant::now());
+            .departed(admitted.len(), waiting_since, now);
         Some(admitted)
     }
 

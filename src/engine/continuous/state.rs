@@ -2,7 +2,7 @@
 //! the running batch, given its size and the tokens it holds. No I/O, tested directly.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContinuousLimits {
@@ -26,6 +26,8 @@ pub struct Waiting<T> {
     pub rows: usize,
     /// Prompt tokens plus the most it may generate: what it can hold at its longest.
     pub reserved_tokens: usize,
+    /// When it joined the queue.
+    pub queued_at: Instant,
 }
 
 #[derive(Debug)]
@@ -120,6 +122,7 @@ mod tests {
             job,
             rows: 1,
             reserved_tokens,
+            queued_at: Instant::now(),
         }
     }
 
@@ -156,6 +159,7 @@ mod tests {
             job,
             rows,
             reserved_tokens: 1,
+            queued_at: Instant::now(),
         };
         queue
             .append(vec![beams(0, 2), beams(1, 2), beams(2, 1)])
