@@ -62,7 +62,10 @@ impl DrainRate {
     }
 
     /// Items per second over the window's busy time; `None` until enough left to tell.
-    pub fn per_second(&self, now: Instant) -> Option<f64> {
+    /// `waiting_since`, the oldest waiting item's arrival, keeps the time since the last
+    /// departure in the count while items wait: a queue that has stopped draining reads slower
+    /// the longer it stays stuck.
+    pub fn per_second(&self, waiting_since: Option<Instant>, now: Instant) -> Option<f64> {
         let (mut count, mut busy) = (0, Duration::ZERO);
         for departure in self
             .departures
@@ -75,8 +78,21 @@ impl DrainRate {
         if count < MIN_DEPARTURES {
             return None;
         }
+        if let Some(waiting_since) = waiting_since {
+            let last = self.departures.back().map_or(waiting_since, |last| last.at);
+            busy += now.saturating_duration_since(waiting_since.max(last));
+        }
         Some(count as f64 / busy.max(MIN_SPAN).as_secs_f64())
     }
+}
+
+/// What waits in a queue when a request asks to join it.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    /// Items queued or admitted to queue.
+    pub items: usize,
+    /// When the oldest queued item arrived; `None` while the queue is empty.
+    pub waiting_since: Option<Instant>,
 }
 
 /// A moving average of how long a unit of work (a batch run, a decode step) takes, so that the
@@ -150,11 +166,11 @@ impl QueueClock {
         self.service.record(took);
     }
 
-    /// Whether `items` more, whose own work takes `units` units, may queue behind `queued` and
-    /// still start within `max_queue_time` and in time to finish by `deadline`.
+    /// Whether `items` more, whose own work takes `units` units, may queue behind `backlog`
+    /// and still start within `max_queue_time` and in time to finish by `deadline`.
     pub fn admit(
         &self,
-        queued: usize,
+        backlog: Backlog,
         items: usize,
         units: usize,
         deadline: Option<Instant>,
@@ -162,7 +178,8 @@ impl QueueClock {
         now: Instant,
     ) -> Result<(), Refusal> {
         let allowed = allowed_wait(max_queue_time, deadline, self.service.of(units), now);
-        admit(queued, items, self.drain.per_second(now), allowed)
+        let rate = self.drain.per_second(backlog.waiting_since, now);
+        admit(backlog.items, items, rate, allowed)
     }
 }
 
@@ -236,16 +253,16 @@ mod tests {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         let mut rate = DrainRate::default();
-        assert_eq!(rate.per_second(start), None);
+        assert_eq!(rate.per_second(None, start), None);
         // A backlog: 10 items every 100 ms, each waiting since before the previous departure.
         for step in 0..10 {
             rate.departed(10, start, at(100 * step + 100));
         }
-        let measured = rate.per_second(at(1000)).unwrap();
+        let measured = rate.per_second(None, at(1000)).unwrap();
         assert!((measured - 100.0).abs() < 1.0, "{measured}");
         // Departures older than the window are forgotten.
         rate.departed(1, at(10_000), at(10_000));
-        assert_eq!(rate.per_second(at(10_000)), None);
+        assert_eq!(rate.per_second(None, at(10_000)), None);
     }
 
     #[test]
@@ -259,11 +276,28 @@ mod tests {
         for batch in 1..=3 {
             rate.departed(16, at(1800), at(1800 + 40 * batch));
         }
-        let measured = rate.per_second(at(1920)).unwrap();
+        let measured = rate.per_second(None, at(1920)).unwrap();
         // Counting the quiet spell would say 49 items in 1.9 s: 26 a second.
         assert!(measured > 350.0, "{measured}");
         // A wait estimated on it admits what the model can serve in time.
         assert!(admit(32, 1, Some(measured), Duration::from_millis(200)).is_ok());
+    }
+
+    #[test]
+    fn a_queue_that_stops_draining_reads_slower_while_items_wait() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut rate = DrainRate::default();
+        for step in 1..=4 {
+            rate.departed(10, start, at(100 * step));
+        }
+        // 40 items in 400 ms; then nothing leaves for 400 ms while items wait.
+        let draining = rate.per_second(Some(at(350)), at(400)).unwrap();
+        let stuck = rate.per_second(Some(at(350)), at(800)).unwrap();
+        assert!((draining - 100.0).abs() < 1.0, "{draining}");
+        assert!((stuck - 50.0).abs() < 1.0, "{stuck}");
+        // With nothing waiting, the pause is idleness and costs the rate nothing.
+        assert!((rate.per_second(None, at(800)).unwrap() - 100.0).abs() < 1.0);
     }
 
     #[test]

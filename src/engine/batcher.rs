@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 use tracing::{Instrument, Span};
 
-use super::admission::{QueueClock, Reservation};
+use super::admission::{Backlog, QueueClock, Reservation};
 use super::batch_state::{BatchLimits, BatchState};
 use super::faults::FaultTracker;
 use super::lanes::Lanes;
@@ -118,10 +118,14 @@ impl Batcher {
                 });
             }
         }
+        let backlog = Backlog {
+            items: queued,
+            waiting_since: state.front().map(|pending| pending.enqueued),
+        };
         let clock = self.shared.clock.lock().expect("clock lock");
         let max_queue_time = self.shared.max_queue_time;
         clock
-            .admit(queued, texts, 1, deadline, max_queue_time, now)
+            .admit(backlog, texts, 1, deadline, max_queue_time, now)
             .map_err(|refusal| {
                 metrics::queue_rejected(&self.shared.labels);
                 Error::overloaded(&self.shared.labels.model, refusal)

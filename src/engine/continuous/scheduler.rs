@@ -10,7 +10,7 @@ use super::kv_budget::KvBudget;
 use super::state::{AdmissionQueue, ContinuousLimits, Waiting};
 use crate::config::CpuList;
 use crate::engine::FaultTracker;
-use crate::engine::admission::{QueueClock, Reservation};
+use crate::engine::admission::{Backlog, QueueClock, Reservation};
 use crate::error::{Error, Result};
 use crate::runtime::placement;
 use crate::runtime::session::panic_message;
@@ -169,10 +169,14 @@ impl ContinuousScheduler {
                 });
             }
         }
+        let backlog = Backlog {
+            items: queued,
+            waiting_since: queue.oldest_queued_at(),
+        };
         let clock = self.shared.clock.lock().expect("clock lock");
         let max_queue_time = self.shared.max_queue_time;
         clock
-            .admit(queued, sequences, steps, deadline, max_queue_time, now)
+            .admit(backlog, sequences, steps, deadline, max_queue_time, now)
             .map_err(|refusal| {
                 metrics::queue_rejected(&self.shared.labels);
                 Error::overloaded(&self.shared.labels.model, refusal)

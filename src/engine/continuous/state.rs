@@ -56,6 +56,11 @@ impl<T> AdmissionQueue<T> {
         self.capacity
     }
 
+    /// When the sequence that has waited longest joined the queue.
+    pub fn oldest_queued_at(&self) -> Option<Instant> {
+        self.queue.front().map(|waiting| waiting.queued_at)
+    }
+
     /// Queues a request's sequences (all of them, or none when the queue is full).
     pub fn append(&mut self, items: Vec<Waiting<T>>) -> Result<(), Vec<Waiting<T>>> {
         if self.queue.len() + items.len() > self.capacity {
