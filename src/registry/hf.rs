@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::paths::stays_inside;
 use crate::runtime::encoder::Pooling;
 
 pub const CONFIG: &str = "config.json";
@@ -252,7 +253,7 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
             "Pooling" => {
                 let file = Path::new(&module.path).join("config.json");
                 let name = file.display().to_string();
-                if !is_inside(&file) {
+                if !stays_inside(&file) {
                     bail!(
                         "{MODULES}: the Pooling module's path `{}` leaves the model folder",
                         module.path
@@ -323,12 +324,6 @@ fn pooling_mode(config: &PoolingConfig, file: &str) -> anyhow::Result<Pooling> {
                 .join(", ")
         ),
     }
-}
-
-/// A relative path that stays inside the folder it is joined to.
-fn is_inside(path: &Path) -> bool {
-    path.components()
-        .all(|part| matches!(part, std::path::Component::Normal(_)))
 }
 
 /// Parses `dir/name` as JSON; `None` when the file does not exist.

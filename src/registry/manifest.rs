@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::paths::stays_inside;
+
 pub use crate::kinds::{Family, Pooling, Task};
 
 pub const MANIFEST_FILE: &str = "model.toml";
@@ -194,11 +196,7 @@ impl Manifest {
         if self.max_length == Some(0) {
             bail!("`max_length` must be at least 1");
         }
-        if self
-            .tokenizer
-            .components()
-            .any(|part| !matches!(part, std::path::Component::Normal(_)))
-        {
+        if !stays_inside(&self.tokenizer) {
             bail!(
                 "`tokenizer` must be a file name inside the version folder, got {}",
                 self.tokenizer.display()
@@ -214,10 +212,7 @@ impl Manifest {
             if self.family != Family::EncoderDecoder {
                 bail!("[graphs] is for family \"encoder-decoder\"; other families read model.onnx");
             }
-            if let Some(file) = graphs.named().find(|file| {
-                file.components()
-                    .any(|part| !matches!(part, std::path::Component::Normal(_)))
-            }) {
+            if let Some(file) = graphs.named().find(|file| !stays_inside(file)) {
                 bail!(
                     "[graphs] files must be names inside the version folder, got {}",
                     file.display()

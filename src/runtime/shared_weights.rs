@@ -143,11 +143,7 @@ mod onnx {
             use std::io::{Read, Seek, SeekFrom};
             // The loader has already refused a version folder whose files lead outside the
             // repository; a location that climbs out of the folder is refused here too.
-            if self
-                .file
-                .components()
-                .any(|part| !matches!(part, std::path::Component::Normal(_)))
-            {
+            if !crate::paths::stays_inside(&self.file) {
                 bail!(
                     "external data location {} leaves the model's folder",
                     self.file.display()
