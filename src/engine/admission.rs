@@ -155,10 +155,12 @@ pub struct QueueClock {
 }
 
 impl QueueClock {
-    /// `count` items left the queue for a run at `now`, the oldest of them queued since
-    /// `waiting_since`.
-    pub fn departed(&mut self, count: usize, waiting_since: Instant, now: Instant) {
-        self.drain.departed(count, waiting_since, now);
+    /// Items that had queued at `arrivals` left the queue for a run at `now`.
+    pub fn departed(&mut self, arrivals: impl IntoIterator<Item = Instant>, now: Instant) {
+        let (count, oldest) = arrivals
+            .into_iter()
+            .fold((0, now), |(count, oldest), at| (count + 1, oldest.min(at)));
+        self.drain.departed(count, oldest, now);
     }
 
     /// A unit of work (a batch run, a decode step) took `took`.

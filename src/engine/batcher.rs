@@ -277,17 +277,10 @@ impl Runner {
                     let batch = state.next_batch(&limits);
                     metrics::queue_depth(&shared.labels, state.len());
                     drop(state);
-                    let now = Instant::now();
-                    let waiting_since = batch
-                        .iter()
-                        .map(|queued| queued.item.enqueued)
-                        .min()
-                        .unwrap_or(now);
-                    let clock = &shared.clock;
-                    clock
-                        .lock()
-                        .expect("clock lock")
-                        .departed(batch.len(), waiting_since, now);
+                    shared.clock.lock().expect("clock lock").departed(
+                        batch.iter().map(|queued| queued.item.enqueued),
+                        Instant::now(),
+                    );
                     return Some(batch.into_iter().map(|queued| queued.item).collect());
                 }
                 None if shared.closed.load(Ordering::Acquire) => return None,

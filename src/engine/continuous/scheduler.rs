@@ -350,17 +350,10 @@ impl<D: StepDecoder> Loop<D> {
         let admitted = queue.admit(running_rows, reserved, &self.limits);
         self.shared.metrics.queue_depth(queue.len());
         drop(queue);
-        let now = Instant::now();
-        let waiting_since = admitted
-            .iter()
-            .map(|waiting| waiting.queued_at)
-            .min()
-            .unwrap_or(now);
-        let clock = &self.shared.clock;
-        clock
-            .lock()
-            .expect("clock lock")
-            .departed(admitted.len(), waiting_since, now);
+        self.shared.clock.lock().expect("clock lock").departed(
+            admitted.iter().map(|waiting| waiting.queued_at),
+            Instant::now(),
+        );
         Some(admitted)
     }
 
