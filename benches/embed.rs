@@ -9,6 +9,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use futures::future::join_all;
@@ -159,12 +160,16 @@ fn main() {
     let client = runtime.block_on(async { InferenceClient::new(server.channel().await) });
     let serve = |concurrency: usize| {
         let start = Instant::now();
-        runtime.block_on(join_all((0..concurrency).map(|worker| {
+        // Every caller takes the next text from one counter, so all of them stay busy until the
+        // texts run out (a fixed share each left the pass's end below its concurrency).
+        let next = Arc::new(AtomicUsize::new(0));
+        runtime.block_on(join_all((0..concurrency).map(|_| {
             let mut client = client.clone();
             let model = model.clone();
             let texts = Arc::clone(&texts);
+            let next = Arc::clone(&next);
             async move {
-                for text in texts.iter().skip(worker).step_by(concurrency) {
+                while let Some(text) = texts.get(next.fetch_add(1, Ordering::Relaxed)) {
                     let request = EmbedRequest {
                         model: model.clone(),
                         texts: vec![text.clone()],
