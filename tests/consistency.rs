@@ -16,6 +16,20 @@ use lmserve::api::proto::{
 };
 use tonic::Code;
 
+/// tiny-gpt2 continuing "ROMEO." for exactly `max_new_tokens` tokens.
+fn romeo(max_new_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        model: "tiny-gpt2".into(),
+        prompt: Some(Prompt::Text("ROMEO.".into())),
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(max_new_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn state_of(info: &lmserve::api::proto::ModelInfo, version: &str) -> i32 {
     info.versions
         .iter()
@@ -281,16 +295,7 @@ async fn a_request_that_cannot_start_in_time_is_refused_at_once() {
         ..Default::default()
     })
     .await;
-    let request = || GenerateRequest {
-        model: "tiny-gpt2".into(),
-        prompt: Some(Prompt::Text("ROMEO.".into())),
-        parameters: Some(GenerationParameters {
-            max_new_tokens: Some(250),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let request = || romeo(250);
     // One sequence at a time, a fraction of a second each: a queue of 30 holds seconds of work.
     let channel = server.channel().await;
     let backlog: Vec<_> = (0..30)
@@ -355,16 +360,7 @@ async fn a_burst_after_a_quiet_spell_is_admitted() {
         texts: vec![text],
         ..Default::default()
     };
-    let generate = || GenerateRequest {
-        model: "tiny-gpt2".into(),
-        prompt: Some(Prompt::Text("ROMEO.".into())),
-        parameters: Some(GenerationParameters {
-            max_new_tokens: Some(4),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let generate = || romeo(4);
     client().embed(embed("a lone text".into())).await.unwrap();
     client().generate(generate()).await.unwrap();
     // Quiet, within the window the drain rate looks back over.
