@@ -19,7 +19,11 @@
 # then prints tokens/s of one stream and of 8 concurrent streams on each, and their ratio.
 # Where `make real-models` has built the real models (REAL_REPO), it also checks:
 #   5. SmolLM2-135M's greedy text and all-MiniLM-L6-v2's embeddings (within 1e-3) on the GPU
-#      against the CPU, and prints SmolLM2's tokens/s on each.
+#      against the CPU, and prints SmolLM2's tokens/s on each;
+#   6. SmolLM2-135M in float16 (FLOAT16_REPO, which `make real-models` builds beside REAL_REPO;
+#      its cache buffers stay in GPU memory): it loads on the GPU, its greedy text is the CPU's
+#      float32 text, and 8 streams joining and leaving one batch each decode as alone; then
+#      prints its tokens/s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/lmserve}
@@ -27,6 +31,7 @@ BIN=${1:-target/release/lmserve}
 : "${ORT_DYLIB_PATH:=$PWD/.cache/onnxruntime-1.31.1/libonnxruntime.so}"
 REPO=${REPO:-models/repository}
 REAL_REPO=${REAL_REPO:-$HOME/.cache/lmserve/real-models/repository}
+FLOAT16_REPO=${FLOAT16_REPO:-$(dirname "$REAL_REPO")/float16}
 # The provider under test; GPU_PROVIDER=cpu with ORT_GPU_LIB=$ORT_DYLIB_PATH dry-runs the script.
 GPU=${GPU_PROVIDER:-cuda:0}
 CPU_PORT=${CPU_PORT:-50171}
@@ -156,12 +161,46 @@ if [ -d "$REAL_REPO/smollm2-135m-instruct" ]; then
     cmp -s "$work/smollm2.$CPU_PORT.txt" "$work/smollm2.$GPU_PORT.txt"
     check "smollm2-135m-instruct greedy text identical on GPU and CPU" $?
     embeddings_agree all-minilm-l6-v2 "$text" "all-minilm-l6-v2 embeddings agree within 1e-3"
-    for port in "$CPU_PORT" "$GPU_PORT"; do
+    smollm2_rate() { # port, label
         # The client prints "[N tokens, ..., total T ms]" on stderr.
-        "$BIN" generate --addr "127.0.0.1:$port" -m smollm2-135m-instruct --max-new-tokens 64 \
+        "$BIN" generate --addr "127.0.0.1:$1" -m smollm2-135m-instruct --max-new-tokens 64 \
             "$prompt" 2>&1 >/dev/null | sed -nE 's/^\[([0-9]+) tokens.*total ([0-9.]+) ms\]$/\1 \2/p' |
-            awk -v port="$port" '{ printf "smollm2-135m-instruct, 1 stream on :%s: %d tokens, %.1f tokens/s\n", port, $1, $1 * 1000 / $2 }' 
-    done
+            awk -v label="$2" '{ printf "smollm2-135m-instruct, 1 stream, %s: %d tokens, %.1f tokens/s\n", label, $1, $1 * 1000 / $2 }'
+    }
+    smollm2_rate "$CPU_PORT" "float32 on the CPU"
+    smollm2_rate "$GPU_PORT" "float32 on $GPU"
+    float32_text="$work/smollm2.$CPU_PORT.txt"
+
+    # 6. The float16 graph, whose attention (and so its cache) runs on the GPU.
+    if [ -d "$FLOAT16_REPO/smollm2-135m-instruct" ]; then
+        kill $(jobs -p) 2>/dev/null
+        wait 2>/dev/null
+        GPU_PORT=$((GPU_PORT + 10))
+        serve "$GPU_PORT" "$ORT_GPU_LIB" "[\"$GPU\"]" "$work/f16-gpu.log" "$FLOAT16_REPO" || exit 100
+        "$BIN" models list --addr "127.0.0.1:$GPU_PORT" | grep -q "smollm2-135m-instruct@1 *READY .*$GPU"
+        check "float16 smollm2-135m-instruct runs on $GPU" $?
+        "$BIN" generate --addr "127.0.0.1:$GPU_PORT" -m smollm2-135m-instruct --max-new-tokens 48 \
+            "$prompt" >"$work/smollm2.f16.txt" 2>"$work/smollm2.f16.err"
+        cmp -s "$float32_text" "$work/smollm2.f16.txt"
+        check "float16 smollm2-135m-instruct greedy text on $GPU is the CPU's float32 text" $?
+        pids=()
+        for i in $(seq 1 8); do
+            "$BIN" generate --addr "127.0.0.1:$GPU_PORT" -m smollm2-135m-instruct \
+                --max-new-tokens $((8 * i)) "Story $i: once upon a time" >"$work/f16.batch.$i" 2>/dev/null &
+            pids+=($!)
+        done
+        wait "${pids[@]}"
+        same=0
+        for i in $(seq 1 8); do
+            "$BIN" generate --addr "127.0.0.1:$GPU_PORT" -m smollm2-135m-instruct \
+                --max-new-tokens $((8 * i)) "Story $i: once upon a time" >"$work/f16.alone.$i" 2>/dev/null
+            cmp -s "$work/f16.alone.$i" "$work/f16.batch.$i" || same=1
+        done
+        check "float16 smollm2-135m-instruct: 8 streams joining and leaving on $GPU decode as alone" $same
+        smollm2_rate "$GPU_PORT" "float16 on $GPU"
+    else
+        echo "(no float16 SmolLM2 in $FLOAT16_REPO: \`make real-models\` builds it)"
+    fi
 else
     echo "(no real models in $REAL_REPO: \`make real-models\` builds them)"
 fi

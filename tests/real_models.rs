@@ -3,16 +3,19 @@
 //! all-MiniLM-L6-v2's embeddings against sentence-transformers'. The references are committed in
 //! models/real/reference/; tests/python/test_real_models.py checks the rest. SmolLM2's chat
 //! template is checked against transformers' apply_chat_template (reference/smollm2-chat.json).
+//! SmolLM2's float16 graph (the one for GPUs) is held to the same greedy tokens.
 
 mod common;
 
 use common::{ServerOptions, TestServer};
 use futures::StreamExt;
 use lmserve::api::proto::generate_request::Prompt;
+use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::{
     ChatMessage, ChatMessages, EmbedRequest, FinishReason, GenerateRequest, GenerationParameters,
-    TokenizeRequest, Truncate,
+    GetModelRequest, TokenizeRequest, Truncate,
 };
+use tonic::transport::Channel;
 
 fn reference(name: &str) -> serde_json::Value {
     let path = common::root()
@@ -22,8 +25,12 @@ fn reference(name: &str) -> serde_json::Value {
 }
 
 async fn real_server() -> TestServer {
+    serve(common::real_models()).await
+}
+
+async fn serve(repository: std::path::PathBuf) -> TestServer {
     TestServer::start_with(ServerOptions {
-        repository: common::real_models(),
+        repository,
         env: vec![
             ("LMSERVE_RUNTIME__SESSIONS_PER_MODEL".into(), "1".into()),
             ("LMSERVE_RUNTIME__INTRA_THREADS".into(), "2".into()),
@@ -37,7 +44,69 @@ async fn real_server() -> TestServer {
 async fn real_models_match_their_own_libraries() {
     let server = real_server().await;
     let mut client = server.inference().await;
+    greedy_as_transformers(&mut client).await;
 
+    let minilm = reference("all-minilm-l6-v2");
+    let cases: Vec<&serde_json::Value> = minilm["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .step_by(6)
+        .collect();
+    let response = client
+        .embed(EmbedRequest {
+            model: "all-minilm-l6-v2".into(),
+            texts: cases
+                .iter()
+                .map(|c| c["text"].as_str().unwrap().to_owned())
+                .collect(),
+            truncate: Truncate::Right as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (case, embedding) in cases.iter().zip(&response.embeddings) {
+        let expected = common::floats(&case["embedding"]);
+        let dot: f64 = embedding
+            .values
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / (norm(&embedding.values) * norm(&expected));
+        assert!(cosine >= 0.99999, "{}: cosine {cosine}", case["text"]);
+    }
+}
+
+/// SmolLM2's float16 graph, in which a GPU runs its attention, served on the CPU: its greedy
+/// tokens are transformers' float32 ones too.
+#[tokio::test]
+async fn float16_smollm2_decodes_as_transformers() {
+    let server = serve(common::real_models_float16()).await;
+    greedy_as_transformers(&mut server.inference().await).await;
+
+    // Its cache is budgeted at float16's size: 30 layers of keys and values, 3 heads of 64.
+    let version = server
+        .models()
+        .await
+        .get_model(GetModelRequest {
+            name: "smollm2-135m-instruct".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .remove(0);
+    assert_eq!(
+        version.kv_cache.unwrap().bytes_per_token,
+        30 * 2 * 3 * 64 * 2
+    );
+}
+
+/// SmolLM2's streamed greedy tokens and finish reasons are transformers' (reference cases).
+async fn greedy_as_transformers(client: &mut InferenceClient<Channel>) {
     let smollm2 = reference("smollm2-135m-instruct");
     let limit = smollm2["max_new_tokens"].as_u64().unwrap() as u32;
     let eos = smollm2["eos_token_id"].as_u64().unwrap() as u32;
@@ -75,39 +144,6 @@ async fn real_models_match_their_own_libraries() {
             FinishReason::Length
         };
         assert_eq!(finish, reason as i32, "{}", case["prompt"]);
-    }
-
-    let minilm = reference("all-minilm-l6-v2");
-    let cases: Vec<&serde_json::Value> = minilm["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .step_by(6)
-        .collect();
-    let response = client
-        .embed(EmbedRequest {
-            model: "all-minilm-l6-v2".into(),
-            texts: cases
-                .iter()
-                .map(|c| c["text"].as_str().unwrap().to_owned())
-                .collect(),
-            truncate: Truncate::Right as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for (case, embedding) in cases.iter().zip(&response.embeddings) {
-        let expected = common::floats(&case["embedding"]);
-        let dot: f64 = embedding
-            .values
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| f64::from(*a) * f64::from(*b))
-            .sum();
-        let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-        let cosine = dot / (norm(&embedding.values) * norm(&expected));
-        assert!(cosine >= 0.99999, "{}: cosine {cosine}", case["text"]);
     }
 }
 

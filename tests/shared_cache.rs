@@ -1,9 +1,11 @@
-//! The decoder that writes its KV cache in place, on the real SmolLM2 graph of
-//! `make real-models`: rows prefilled together, joining a running batch, leaving it, and
-//! outgrowing their buffers at every step greedy-decode exactly as each prompt does alone.
+//! The decoder that writes its KV cache in place, on the real SmolLM2 graphs of
+//! `make real-models` (float32, and the float16 graph for GPUs): rows prefilled together,
+//! joining a running batch, leaving it, and outgrowing their buffers at every step
+//! greedy-decode exactly as each prompt does alone.
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use lmserve::registry::bindings::resolve;
@@ -13,8 +15,9 @@ use lmserve::runtime::step::{RowBatch, StepDecoder};
 
 const NEW_TOKENS: usize = 10;
 
-fn smollm2(growth: usize) -> SharedCacheDecoder {
-    let folder = common::real_models().join("smollm2-135m-instruct/1");
+/// SmolLM2 of `repository`, as `make real-models` builds it there.
+fn smollm2(repository: &Path, growth: usize) -> SharedCacheDecoder {
+    let folder = repository.join("smollm2-135m-instruct/1");
     let pool = Arc::new(common::cpu_session_pool(&folder.join("model.onnx"), 2));
     // The roles as the registry resolves them from the graph, which names them itself.
     let manifest = std::fs::read_to_string(folder.join("model.toml")).unwrap();
@@ -82,13 +85,22 @@ impl Running {
 
 #[test]
 fn rows_decode_as_alone_when_batched_joining_leaving_and_outgrowing_buffers() {
+    decode_batched_as_alone(&common::real_models());
+}
+
+#[test]
+fn float16_rows_decode_as_alone_when_batched_joining_leaving_and_outgrowing_buffers() {
+    decode_batched_as_alone(&common::real_models_float16());
+}
+
+fn decode_batched_as_alone(repository: &Path) {
     let prompts = prompts();
-    let mut roomy = smollm2(128);
+    let mut roomy = smollm2(repository, 128);
     let expected: Vec<Vec<i64>> = prompts.iter().map(|p| alone(&mut roomy, p)).collect();
     drop(roomy);
 
     // One column of headroom: every step copies the cache into larger buffers.
-    let mut decoder = smollm2(1);
+    let mut decoder = smollm2(repository, 1);
     let (batch, logits) = decoder.prefill(prompts[..2].to_vec()).unwrap();
     let mut running = Running {
         batch,

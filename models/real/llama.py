@@ -25,13 +25,20 @@ past/present buffer):
 
 Rows are left-aligned: a batch of prompts is right-padded, and a row's cache holds its tokens in
 its first columns. Positions come from the row lengths, so there is no position_ids input.
+
+`precision="float16"` (shared layout only) writes the weights, the activations and the cache in
+float16, which onnxruntime's GroupQueryAttention needs to run on CUDA: a float32 graph runs that
+operator on the CPU there. The RMS norms compute in float32 (a square of a float16 activation
+overflows above 256), and the logits are cast to float32, so the server reads the same output
+type from either precision.
 """
 import numpy as np
 from gguf import GGUFReader, dequantize
 
-from graph import FLOAT, INT32, INT64, Graph
+from graph import FLOAT, FLOAT16, INT32, INT64, Graph
 
 LAYOUTS = ("optimum", "shared")
+PRECISIONS = {"float32": (FLOAT, np.float32), "float16": (FLOAT16, np.float16)}
 
 
 def field(reader: GGUFReader, key: str, default=None):
@@ -74,12 +81,18 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _rms_norm(g: Graph, x: str, weight: str, eps: float, name: str) -> str:
+def _rms_norm(g: Graph, x: str, weight: str, eps: float, name: str, elem_type: int) -> str:
+    """RMS norm in float32 (`weight` is float32) of `x`, returned as `elem_type`."""
+    if elem_type != FLOAT:
+        x = g.op("Cast", [x], f"{name}_in", to=FLOAT)
     squared = g.op("Mul", [x, x], f"{name}_sq")
     mean = g.op("ReduceMean", [squared], f"{name}_mean", axes=[-1], keepdims=1)
     root = g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float32)], f"{name}_eps")],
                 f"{name}_sqrt")
-    return g.op("Mul", [g.op("Div", [x, root], f"{name}_div"), weight], name)
+    if elem_type == FLOAT:
+        return g.op("Mul", [g.op("Div", [x, root], f"{name}_div"), weight], name)
+    normed = g.op("Mul", [g.op("Div", [x, root], f"{name}_div"), weight], f"{name}_f32")
+    return g.op("Cast", [normed], name, to=elem_type)
 
 
 def _rotate(g: Graph, x: str, cos: str, sin: str, half: int, name: str) -> str:
@@ -92,9 +105,12 @@ def _rotate(g: Graph, x: str, cos: str, sin: str, half: int, name: str) -> str:
                         g.op("Mul", [rotated, sin], f"{name}_sin")], name)
 
 
-def build(weights: dict, hp: dict, layout: str = "optimum") -> Graph:
+def build(weights: dict, hp: dict, layout: str = "optimum", precision: str = "float32") -> Graph:
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    if precision not in PRECISIONS or (layout == "optimum" and precision != "float32"):
+        raise ValueError(f"precision {precision!r} is not one the {layout} layout is written in")
+    elem_type, dtype = PRECISIONS[precision]
     heads, kv_heads, head_dim = hp["num_attention_heads"], hp["num_key_value_heads"], hp["head_dim"]
     g = Graph()
     input_ids = g.input("input_ids", INT64, ["batch", "sequence"])
@@ -104,14 +120,15 @@ def build(weights: dict, hp: dict, layout: str = "optimum") -> Graph:
     if layout == "optimum":
         attention = _optimum_attention(g, input_ids, inv_freq, hp)
     else:
-        attention = _shared_attention(g, input_ids, inv_freq, hp)
+        attention = _shared_attention(g, input_ids, inv_freq, hp, dtype)
     pasts = []
     for i in range(hp["num_hidden_layers"]):
         pasts.append((
-            g.input(f"past_key_values.{i}.key", FLOAT, ["batch", kv_heads, cache, head_dim]),
-            g.input(f"past_key_values.{i}.value", FLOAT, ["batch", kv_heads, cache, head_dim]),
+            g.input(f"past_key_values.{i}.key", elem_type, ["batch", kv_heads, cache, head_dim]),
+            g.input(f"past_key_values.{i}.value", elem_type,
+                    ["batch", kv_heads, cache, head_dim]),
         ))
-    return _decoder(g, weights, hp, input_ids, pasts, attention)
+    return _decoder(g, weights, hp, input_ids, pasts, attention, precision)
 
 
 def _optimum_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict):
@@ -190,15 +207,15 @@ def _optimum_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict)
     return attend, newest, False
 
 
-def _shared_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict):
+def _shared_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict, dtype):
     """GroupQueryAttention over a cache buffer bound as both past and present: rotary
     embeddings from cos/sin tables over every position, row lengths instead of masks."""
     heads, kv_heads, hidden = hp["num_attention_heads"], hp["num_key_value_heads"], hp["hidden_size"]
     seqlens_k = g.input("seqlens_k", INT32, ["batch"])
     total = g.input("total_sequence_length", INT32, [])
     angles = np.arange(hp["max_position_embeddings"], dtype=np.float32)[:, None] * inv_freq[None]
-    cos = g.weight("rotary_cos", np.cos(angles).astype(np.float32))
-    sin = g.weight("rotary_sin", np.sin(angles).astype(np.float32))
+    cos = g.weight("rotary_cos", np.cos(angles).astype(dtype, copy=False))
+    sin = g.weight("rotary_sin", np.sin(angles).astype(dtype, copy=False))
 
     def attend(i: int, q: str, k: str, v: str, past: tuple) -> tuple:
         return g.op("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total, cos, sin],
@@ -219,20 +236,25 @@ def _shared_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict):
     return attend, newest, True
 
 
-def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, attention) -> Graph:
+def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, attention,
+             precision: str) -> Graph:
     """The layers around the attention block, which `attention` supplies with the way to find
     each row's newest position and whether presents alias the pasts."""
     heads, kv_heads, head_dim = hp["num_attention_heads"], hp["num_key_value_heads"], hp["head_dim"]
     hidden, eps = hp["hidden_size"], hp["rms_norm_eps"]
+    elem_type, dtype = PRECISIONS[precision]
     attend, newest, shared = attention
-    embedding = g.weight("token_embd.weight", weights["token_embd.weight"])
+    table = weights["token_embd.weight"].astype(dtype, copy=False)
+    embedding = g.weight("token_embd.weight", table)
     x = g.op("Gather", [embedding, input_ids], "embed_tokens", axis=0)
     presents = []
     for i in range(hp["num_hidden_layers"]):
         p = f"blk.{i}"
-        w = lambda key, array: g.weight(f"{p}.{key}", array)  # noqa: E731
-        normed = _rms_norm(g, x, w("attn_norm.weight", weights[f"{p}.attn_norm.weight"]), eps,
-                           f"l{i}_attn_norm")
+        # Matrices in the graph's precision; norm weights stay float32, as the norms compute.
+        w = lambda key, array: g.weight(f"{p}.{key}", array.astype(dtype, copy=False))  # noqa: E731
+        norm = lambda key, x, name: _rms_norm(  # noqa: E731
+            g, x, g.weight(f"{p}.{key}", weights[f"{p}.{key}"]), eps, name, elem_type)
+        normed = norm("attn_norm.weight", x, f"l{i}_attn_norm")
         q_w = unpermute(weights[f"{p}.attn_q.weight"], heads)
         k_w = unpermute(weights[f"{p}.attn_k.weight"], kv_heads)
         q = g.op("MatMul", [normed, w("attn_q.weight", q_w.T)], f"l{i}_q")
@@ -245,8 +267,7 @@ def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, att
                          f"l{i}_attn_out")
         x = g.op("Add", [x, attention], f"l{i}_attn_residual")
 
-        normed = _rms_norm(g, x, w("ffn_norm.weight", weights[f"{p}.ffn_norm.weight"]), eps,
-                           f"l{i}_ffn_norm")
+        normed = norm("ffn_norm.weight", x, f"l{i}_ffn_norm")
         gate = g.op("MatMul", [normed, w("ffn_gate.weight", weights[f"{p}.ffn_gate.weight"].T)],
                     f"l{i}_gate")
         up = g.op("MatMul", [normed, w("ffn_up.weight", weights[f"{p}.ffn_up.weight"].T)],
@@ -258,15 +279,18 @@ def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, att
         x = g.op("Add", [x, down], f"l{i}_ffn_residual")
 
     x = _rms_norm(g, x, g.weight("output_norm.weight", weights["output_norm.weight"]), eps,
-                  "final_norm")
+                  "final_norm", elem_type)
     # Tied embeddings when the file has no output matrix: logits = x @ embedding^T, through Gemm
     # with transB so the one [vocab, hidden] table serves both ends.
-    head = (g.weight("output.weight", weights["output.weight"]) if "output.weight" in weights
-            else embedding)
+    head = (g.weight("output.weight", weights["output.weight"].astype(dtype, copy=False))
+            if "output.weight" in weights else embedding)
     # Only the newest position's logits: the only one a decoder samples from.
     last = newest(x)
     flat = g.op("Reshape", [last, g.const([-1, hidden])], "final_flat")
     logits_flat = g.op("Gemm", [flat, head], "lm_head", transB=1)
+    if elem_type != FLOAT:
+        # The server samples from float32 logits whatever the graph computes in.
+        logits_flat = g.op("Cast", [logits_flat], "lm_head_f32", to=FLOAT)
     logits = g.op("Unsqueeze", [logits_flat, g.const([1])], "logits_3d")
 
     g.output(logits, "logits", FLOAT, ["batch", 1, hp["vocab_size"]])
@@ -277,5 +301,5 @@ def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, att
             # A shared buffer must be the attention's own output: an Identity would copy it.
             if shared:
                 tensor = g.rename(tensor, name)
-            g.output(tensor, name, FLOAT, ["batch", kv_heads, cache, head_dim])
+            g.output(tensor, name, elem_type, ["batch", kv_heads, cache, head_dim])
     return g

@@ -30,6 +30,7 @@ const TOTAL_SEQUENCE_LENGTH: &str = "total_sequence_length";
 const INT32: &str = "int32";
 const INT64: &str = "int64";
 const FLOAT32: &str = "float32";
+const FLOAT16: &str = "float16";
 
 /// What a role needs of its tensor, and where the manifest sets it.
 struct Need {
@@ -210,7 +211,7 @@ pub fn resolve_feeding(
         );
     }
 
-    let state = state_pairs(manifest, graph)?;
+    let state = state_pairs(manifest, graph, seqlens_k.is_some())?;
     if manifest.family == Family::Encoder && !state.is_empty() {
         bail!(
             "an encoder carries no state, but the graph has state tensors {:?}",
@@ -260,7 +261,13 @@ fn length_input(
 }
 
 /// The state carried from step to step: the manifest's `[state]`, else optimum's KV-cache names.
-fn state_pairs(manifest: &Manifest, graph: &GraphIo) -> anyhow::Result<Vec<StatePair>> {
+/// State is float32, or float16 in a cache written in place (`in_place`): the type
+/// onnxruntime's GroupQueryAttention needs to run on CUDA.
+fn state_pairs(
+    manifest: &Manifest,
+    graph: &GraphIo,
+    in_place: bool,
+) -> anyhow::Result<Vec<StatePair>> {
     let pairs: Vec<StatePair> = if manifest.state.is_empty() {
         graph
             .outputs
@@ -292,12 +299,20 @@ fn state_pairs(manifest: &Manifest, graph: &GraphIo) -> anyhow::Result<Vec<State
             );
         };
         for (spec, kind) in [(output, "output"), (input, "input")] {
-            if spec.dtype != FLOAT32 {
-                bail!(
-                    "state {kind} `{spec}` must be float32; check [state] in model.toml",
-                    spec = spec
-                );
+            let supported = spec.dtype == FLOAT32 || (in_place && spec.dtype == FLOAT16);
+            if !supported {
+                let types = if in_place {
+                    "float32 or float16"
+                } else {
+                    "float32 (float16 only in a cache written in place)"
+                };
+                bail!("state {kind} `{spec}` must be {types}; check [state] in model.toml");
             }
+        }
+        if output.dtype != input.dtype {
+            bail!(
+                "[state] feeds output `{output}` back as input `{input}`, but their types differ"
+            );
         }
         if known_rank(output) && known_rank(input) && output.shape.len() != input.shape.len() {
             bail!(
@@ -410,6 +425,50 @@ mod tests {
         half.inputs.remove(2);
         let error = resolve(&manifest, &half).unwrap_err().to_string();
         assert!(error.contains("needs both"), "{error}");
+    }
+
+    #[test]
+    fn float16_state_is_accepted_only_in_a_cache_written_in_place() {
+        let manifest = Manifest::parse("family = \"decoder\"\ntasks = [\"generate\"]").unwrap();
+        let cache = |name: &str, dtype: &str| spec(name, dtype, &[-1, 3, -1, 64]);
+        let mut inputs = ids(&["input_ids"]);
+        inputs.extend([
+            spec(SEQLENS_K, INT32, &[-1]),
+            spec(TOTAL_SEQUENCE_LENGTH, INT32, &[]),
+            cache("past_key_values.0.key", FLOAT16),
+        ]);
+        let outputs = vec![
+            spec("logits", FLOAT32, &[-1, 1, 50]),
+            cache("present.0.key", FLOAT16),
+        ];
+        let in_place = GraphIo { inputs, outputs };
+        assert!(
+            resolve(&manifest, &in_place)
+                .unwrap()
+                .writes_cache_in_place()
+        );
+
+        // A float32 past fed from a float16 present would not be the same buffer.
+        let mut mixed = in_place.clone();
+        mixed.outputs[1] = cache("present.0.key", FLOAT32);
+        let error = resolve(&manifest, &mixed).unwrap_err().to_string();
+        assert!(error.contains("their types differ"), "{error}");
+
+        // optimum's layout concatenates its cache, which the server gathers as float32.
+        let mut optimum = ids(&["input_ids", "attention_mask", "position_ids"]);
+        optimum.push(cache("past_key_values.0.key", FLOAT16));
+        let graph = GraphIo {
+            inputs: optimum,
+            outputs: vec![
+                spec("logits", FLOAT32, &[-1, -1, 50]),
+                cache("present.0.key", FLOAT16),
+            ],
+        };
+        let error = resolve(&manifest, &graph).unwrap_err().to_string();
+        assert!(
+            error.contains("must be float32 (float16 only in a cache written in place)"),
+            "{error}"
+        );
     }
 
     #[test]

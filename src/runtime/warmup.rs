@@ -1,6 +1,7 @@
 //! One throwaway run per session at load time: it proves the graph accepts the inputs the
 //! bindings will feed, and pays ONNX Runtime's first-run costs before traffic arrives.
 
+use half::f16;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
@@ -46,7 +47,11 @@ pub fn run(
                 })
                 .collect();
             let len = shape.iter().product();
-            Tensor::from_array((shape, vec![0.0_f32; len]))?.into_dyn()
+            if spec.dtype == "float16" {
+                Tensor::from_array((shape, vec![f16::ZERO; len]))?.into_dyn()
+            } else {
+                Tensor::from_array((shape, vec![0.0_f32; len]))?.into_dyn()
+            }
         };
         values.push((spec.name.clone(), value));
     }

@@ -324,6 +324,12 @@ pub fn cpu_session_pool(model: &Path, intra_threads: usize) -> lmserve::runtime:
     lmserve::runtime::SessionPool::load(environment, model, &runtime).unwrap()
 }
 
+/// The repository `make real-models` writes SmolLM2 into in float16 (the graph for GPUs),
+/// beside the main one.
+pub fn real_models_float16() -> PathBuf {
+    real_models().with_file_name("float16")
+}
+
 /// The repository `make real-models` builds: `TEST_REAL_MODELS`, else the user's cache folder.
 pub fn real_models() -> PathBuf {
     if let Some(path) = std::env::var_os("TEST_REAL_MODELS") {

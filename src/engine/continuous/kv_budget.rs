@@ -9,8 +9,9 @@ use crate::runtime::bindings::Bindings;
 
 /// Bytes one token adds to a sequence's carried state: every state input with a growing axis
 /// besides the batch (a KV cache `[batch, heads, past, head_dim]`), its fixed dimensions times
-/// four bytes (state is float32, checked at load). A recurrent state (`[layers, batch, hidden]`,
-/// one dynamic axis) does not grow with the sequence: 0.
+/// its element's size (float32, or float16 in a cache written in place; checked at load). A
+/// recurrent state (`[layers, batch, hidden]`, one dynamic axis) does not grow with the
+/// sequence: 0.
 pub fn bytes_per_token(inputs: &[TensorSpec], bindings: &Bindings) -> usize {
     bindings
         .state
@@ -19,7 +20,8 @@ pub fn bytes_per_token(inputs: &[TensorSpec], bindings: &Bindings) -> usize {
         .filter(|spec| spec.shape.iter().filter(|&&dim| dim < 0).count() >= 2)
         .map(|spec| {
             let fixed: i64 = spec.shape.iter().filter(|&&dim| dim > 0).product();
-            fixed as usize * std::mem::size_of::<f32>()
+            let element = if spec.dtype == "float16" { 2 } else { 4 };
+            fixed as usize * element
         })
         .sum()
 }
@@ -97,6 +99,15 @@ mod tests {
             .collect();
         let bindings = carrying(&names.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(bytes_per_token(&inputs, &bindings), 60 * 3 * 64 * 4);
+        // The same cache in float16 (the graph CUDA runs) costs half.
+        let half: Vec<TensorSpec> = inputs
+            .into_iter()
+            .map(|spec| TensorSpec {
+                dtype: "float16".into(),
+                ..spec
+            })
+            .collect();
+        assert_eq!(bytes_per_token(&half, &bindings), 60 * 3 * 64 * 2);
     }
 
     #[test]

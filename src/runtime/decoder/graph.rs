@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::runtime::SessionPool;
 use crate::runtime::bindings::Bindings;
@@ -38,6 +38,8 @@ pub struct StepGraph {
     pub(super) bindings: Arc<Bindings>,
     /// Declared shape of each state input, in `bindings.state` order.
     pub(super) state_shapes: Vec<Vec<i64>>,
+    /// The state's element type: float32, or float16 in a cache written in place.
+    pub(super) state_type: TensorElementType,
     pub(super) pad_id: i64,
 }
 
@@ -67,19 +69,32 @@ impl StepGraph {
         recurrent: bool,
         pad_id: i64,
     ) -> Result<Self, String> {
+        let in_place = !recurrent && bindings.writes_cache_in_place();
         let mut state_shapes = Vec::new();
+        let mut state_type = TensorElementType::Float32;
         for pair in &bindings.state {
             let spec = pool
                 .inputs()
                 .iter()
                 .find(|spec| spec.name == pair.input)
                 .ok_or_else(|| format!("no state input `{}`", pair.input))?;
-            if spec.dtype != "float32" {
+            let element = match spec.dtype.as_str() {
+                "float32" => TensorElementType::Float32,
+                "float16" if in_place => TensorElementType::Float16,
+                other => {
+                    return Err(format!(
+                        "state input `{}` is {other}; state is float32, or float16 in a cache written in place",
+                        spec.name
+                    ));
+                }
+            };
+            if !state_shapes.is_empty() && element != state_type {
                 return Err(format!(
-                    "state input `{}` is {}; only float32 state is supported",
+                    "state input `{}` is {}, unlike the state before it; all state shares one type",
                     spec.name, spec.dtype
                 ));
             }
+            state_type = element;
             if recurrent && spec.shape.iter().skip(1).any(|&dim| dim < 0) {
                 return Err(format!(
                     "recurrent state `{}` needs fixed dimensions after the batch axis, got {:?}",
@@ -97,7 +112,7 @@ impl StepGraph {
         let carry = match (bindings.has_state(), recurrent) {
             (false, _) => Carry::Nothing,
             (true, true) => Carry::Recurrent,
-            (true, false) if bindings.writes_cache_in_place() => Carry::SharedKvCache,
+            (true, false) if in_place => Carry::SharedKvCache,
             (true, false) => Carry::KvCache,
         };
         Ok(Self {
@@ -105,6 +120,7 @@ impl StepGraph {
             pool,
             bindings,
             state_shapes,
+            state_type,
             pad_id,
         })
     }

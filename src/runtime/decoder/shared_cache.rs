@@ -7,16 +7,23 @@
 //! `seqlens_k`. The buffers are copied only when rows join or leave, or when a row outgrows
 //! the capacity, which then grows to `GROWTH` columns beyond what is needed.
 //!
-//! The buffers live in host memory on every provider. onnxruntime's GroupQueryAttention has
-//! CUDA kernels for float16 and bfloat16 only, so under CUDA a float32 graph runs that operator
-//! on the CPU, which reads and writes the buffers where they are; keeping them on the GPU needs
-//! a float16 graph, which `models/real` does not write yet.
+//! The buffers are float32 or float16, as the graph declares them, and live where the graph's
+//! attention reads them. onnxruntime's GroupQueryAttention has CUDA kernels for float16 and
+//! bfloat16 only: so under CUDA a float16 graph's buffers stay in GPU memory, where a step
+//! reads and writes them and only rows joining or leaving pass them through the host, while a
+//! float32 graph runs that operator on the CPU, over buffers in host memory (`models/real`
+//! writes SmolLM2 in float16 for GPUs).
 
-use ort::memory::{Allocator, MemoryInfo};
+use std::borrow::Cow;
+
+use half::f16;
+use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::{DynTensor, PrimitiveTensorElementType, Tensor, TensorElementType};
 
 use super::graph::{Row, StepGraph};
+use crate::runtime::providers::Provider;
+use crate::runtime::residency;
 use crate::runtime::step::{RowBatch, RunError, StepDecoder};
 
 /// Columns a buffer gets beyond the longest row when it is allocated: steps run that many
@@ -27,7 +34,7 @@ const GROWTH: usize = 128;
 pub struct SharedCacheBatch {
     rows: Vec<Row>,
     /// One buffer `[rows, heads, capacity, head_dim]` per state pair, in `bindings.state` order.
-    buffers: Vec<Tensor<f32>>,
+    buffers: Vec<DynTensor>,
     capacity: usize,
 }
 
@@ -88,21 +95,45 @@ impl SharedCacheDecoder {
         }
     }
 
-    /// Buffers for `rows` rows of `capacity` columns (ort zeroes them). The graph reads only
-    /// each row's first `seqlens_k + 1` columns, which a copy or a run has written: filling the
-    /// rest with NaN left the real-model parity tests, batched rows of different lengths
-    /// included, token-identical.
-    fn allocate(&self, rows: usize, capacity: usize) -> Result<Vec<Tensor<f32>>, RunError> {
-        let allocator = Allocator::default();
+    /// Buffers for `rows` rows of `capacity` columns from `allocator` (ort zeroes host memory; GPU
+    /// memory is left as it was). The graph reads only each row's first `seqlens_k + 1`
+    /// columns, which a copy or a run has written: filling the rest with NaN left the
+    /// real-model parity tests, batched rows of different lengths included, token-identical.
+    fn allocate(
+        &self,
+        allocator: &Allocator,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<Vec<DynTensor>, RunError> {
         self.layouts
             .iter()
             .map(|&(heads, dim)| {
-                Ok(Tensor::<f32>::new(
-                    &allocator,
+                Ok(DynTensor::new(
+                    allocator,
+                    self.graph.state_type,
                     [rows, heads, capacity, dim],
                 )?)
             })
             .collect()
+    }
+
+    /// The CUDA device the buffers live on, if not in host memory: see the module's comment.
+    fn gpu(&self) -> Option<i32> {
+        match self.graph.pool.provider() {
+            Provider::Cpu => None,
+            Provider::Cuda { device } => {
+                (self.graph.state_type == TensorElementType::Float16).then_some(device)
+            }
+        }
+    }
+
+    /// The allocator of the memory the buffers live in.
+    fn buffer_allocator(&self, session: &Session) -> Result<Allocator, RunError> {
+        let Some(device) = self.gpu() else {
+            return Ok(Allocator::default());
+        };
+        let memory = residency::device_memory(Provider::Cuda { device })?;
+        Ok(Allocator::new(session, memory)?)
     }
 
     /// A batch of `rows`, each taken from a source batch as `(source, row)`, in buffers of
@@ -113,20 +144,30 @@ impl SharedCacheDecoder {
         picks: &[(usize, usize)],
         capacity: usize,
     ) -> Result<SharedCacheBatch, RunError> {
-        let mut buffers = self.allocate(picks.len(), capacity)?;
+        // Assembled in host memory, from host copies of buffers on a GPU: rows join and leave
+        // far less often than steps run, and a step copies nothing.
+        let mut buffers = self.allocate(&Allocator::default(), picks.len(), capacity)?;
         for (index, buffer) in buffers.iter_mut().enumerate() {
-            let (heads, dim) = self.layouts[index];
-            let target = buffer.extract_tensor_mut().1;
-            for (to, &(source, row)) in picks.iter().enumerate() {
-                let from = sources[source];
-                let data = from.buffers[index].extract_tensor().1;
-                let columns = from.rows[row].fed * dim;
-                for head in 0..heads {
-                    let read = (row * heads + head) * from.capacity * dim;
-                    let write = (to * heads + head) * capacity * dim;
-                    target[write..write + columns].copy_from_slice(&data[read..read + columns]);
-                }
+            let readable = sources
+                .iter()
+                .map(|source| host_readable(&source.buffers[index]))
+                .collect::<Result<Vec<_>, _>>()?;
+            let copy = RowCopy {
+                layout: self.layouts[index],
+                sources,
+                picks,
+                capacity,
+            };
+            match self.graph.state_type {
+                TensorElementType::Float16 => copy.run::<f16>(&readable, buffer)?,
+                _ => copy.run::<f32>(&readable, buffer)?,
             }
+        }
+        if let Some(device) = self.gpu() {
+            buffers = buffers
+                .iter()
+                .map(|buffer| buffer.to(AllocationDevice::CUDA, device))
+                .collect::<Result<_, _>>()?;
         }
         let rows = picks
             .iter()
@@ -193,6 +234,48 @@ impl SharedCacheDecoder {
     }
 }
 
+/// `value` where the host can read it: itself, or a copy of a buffer on a GPU.
+fn host_readable(value: &DynTensor) -> Result<Cow<'_, DynTensor>, RunError> {
+    if value.memory_info().is_cpu_accessible() {
+        return Ok(Cow::Borrowed(value));
+    }
+    Ok(Cow::Owned(value.to(AllocationDevice::CPU, 0)?))
+}
+
+/// Which rows of which batches a new batch's buffer takes, for one state pair.
+struct RowCopy<'a> {
+    /// `(heads, head_dim)` of the buffers.
+    layout: (usize, usize),
+    sources: &'a [&'a SharedCacheBatch],
+    /// `(source, row)` for each row of the new buffer, in order.
+    picks: &'a [(usize, usize)],
+    capacity: usize,
+}
+
+impl RowCopy<'_> {
+    /// Copies each picked row's cached columns from `readable` (the sources' buffers, readable
+    /// by the host) into `target`, a host buffer of `capacity` columns.
+    fn run<T: PrimitiveTensorElementType + Copy>(
+        &self,
+        readable: &[Cow<'_, DynTensor>],
+        target: &mut DynTensor,
+    ) -> Result<(), RunError> {
+        let (heads, dim) = self.layout;
+        let target = target.try_extract_tensor_mut::<T>()?.1;
+        for (to, &(source, row)) in self.picks.iter().enumerate() {
+            let from = self.sources[source];
+            let data = readable[source].try_extract_tensor::<T>()?.1;
+            let columns = from.rows[row].fed * dim;
+            for head in 0..heads {
+                let read = (row * heads + head) * from.capacity * dim;
+                let write = (to * heads + head) * self.capacity * dim;
+                target[write..write + columns].copy_from_slice(&data[read..read + columns]);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Row `r`'s logits at column `newest[r]` of `[rows, columns, vocab]`, or of `[rows, 1, vocab]`
 /// and `[rows, vocab]` where the graph already picked each row's newest column.
 fn newest_logits(shape: &[i64], data: &[f32], newest: &[usize]) -> Vec<Vec<f32>> {
@@ -232,12 +315,14 @@ impl StepDecoder for SharedCacheDecoder {
             ids.extend(std::iter::repeat_n(self.graph.pad_id, width - prompt.len()));
         }
         let capacity = width + self.growth;
+        let mut session = self.graph.session();
+        let allocator = self.buffer_allocator(&session)?;
         let mut batch = SharedCacheBatch {
             rows: Vec::new(),
-            buffers: self.allocate(prompts.len(), capacity)?,
+            buffers: self.allocate(&allocator, prompts.len(), capacity)?,
             capacity,
         };
-        let logits = self.run(&mut self.graph.session(), &mut batch, ids, &lengths)?;
+        let logits = self.run(&mut session, &mut batch, ids, &lengths)?;
         batch.rows = prompts.into_iter().map(Row::new).collect();
         Ok((batch, logits))
     }
