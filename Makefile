@@ -92,9 +92,11 @@ overload: $(ORT_LIB)
 real-models: $(PY_VENV)/ok
 	$(PY_VENV)/bin/python models/real/build.py --cache $(REAL_MODELS)
 
-# The small models the Rust tests use (committed under tests/fixtures/repository).
+# The small models the Rust tests use (committed under tests/fixtures/repository), and
+# tiny-llama with a KV cache written in place (tests/fixtures/in-place).
 fixtures: $(PY_VENV)/ok
 	$(PY_VENV)/bin/python tests/fixtures/build.py
+	$(PY_VENV)/bin/python tests/fixtures/in_place.py
 
 bench: $(ORT_LIB) bench-models
 	cargo bench --bench embed

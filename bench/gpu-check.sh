@@ -16,11 +16,15 @@
 #   3. embeddings of tiny-encoder agree within 1e-3;
 #   4. greedy tokens of 8 streams that join and leave one batch on the GPU (its carried state
 #      kept in GPU memory between steps) are those of each stream alone on the CPU;
+#   5. tiny-llama converted to a KV cache written in place (tests/fixtures/in-place), in float32
+#      and in float16 (whose cache buffers stay in GPU memory), loads on the GPU, decodes
+#      tiny-llama's greedy text, and decodes 8 streams joining and leaving one batch as each
+#      alone;
 # then prints tokens/s of one stream and of 8 concurrent streams on each, and their ratio.
 # Where `make real-models` has built the real models (REAL_REPO), it also checks:
-#   5. SmolLM2-135M's greedy text and all-MiniLM-L6-v2's embeddings (within 1e-3) on the GPU
+#   6. SmolLM2-135M's greedy text and all-MiniLM-L6-v2's embeddings (within 1e-3) on the GPU
 #      against the CPU, and prints SmolLM2's tokens/s on each;
-#   6. SmolLM2-135M in float16 (FLOAT16_REPO, which `make real-models` builds beside REAL_REPO;
+#   7. SmolLM2-135M in float16 (FLOAT16_REPO, which `make real-models` builds beside REAL_REPO;
 #      its cache buffers stay in GPU memory): it loads on the GPU, its greedy text is the CPU's
 #      float32 text, and 8 streams joining and leaving one batch each decode as alone; then
 #      prints its tokens/s.
@@ -30,6 +34,7 @@ BIN=${1:-target/release/lmserve}
 : "${ORT_GPU_LIB:?set ORT_GPU_LIB to libonnxruntime.so of onnxruntime-gpu 1.31.1}"
 : "${ORT_DYLIB_PATH:=$PWD/.cache/onnxruntime-1.31.1/libonnxruntime.so}"
 REPO=${REPO:-models/repository}
+IN_PLACE_REPO=${IN_PLACE_REPO:-tests/fixtures/in-place}
 REAL_REPO=${REAL_REPO:-$HOME/.cache/lmserve/real-models/repository}
 FLOAT16_REPO=${FLOAT16_REPO:-$(dirname "$REAL_REPO")/float16}
 # The provider under test; GPU_PROVIDER=cpu with ORT_GPU_LIB=$ORT_DYLIB_PATH dry-runs the script.
@@ -123,6 +128,37 @@ for model in tiny-gpt2 tiny-lstm tiny-translator; do
     check "$model: 8 streams joining and leaving on the GPU match each alone on the CPU" $same
 done
 
+# 5. Caches written in place. The float16 graph runs its attention on the GPU, over buffers in
+# GPU memory; the float32 graph runs it on the CPU. Texts are compared with tiny-llama's on the
+# CPU, and each of 8 streams on the GPU with the same request alone there (a join or a leave
+# copies the buffers through the host).
+IN_PLACE_PORT=$((GPU_PORT + 1))
+serve "$IN_PLACE_PORT" "$ORT_GPU_LIB" "[\"$GPU\"]" "$work/in-place.log" "$IN_PLACE_REPO" || exit 100
+"$BIN" generate --addr "127.0.0.1:$CPU_PORT" -m tiny-llama --max-new-tokens 48 \
+    "To be, or not to be" >"$work/tiny-llama.reference.txt" 2>/dev/null
+for model in tiny-llama-in-place tiny-llama-in-place-fp16; do
+    "$BIN" models list --addr "127.0.0.1:$IN_PLACE_PORT" | grep -q "^$model@1 *READY .*$GPU"
+    check "$model runs on $GPU" $?
+    "$BIN" generate --addr "127.0.0.1:$IN_PLACE_PORT" -m "$model" --max-new-tokens 48 \
+        "To be, or not to be" >"$work/$model.txt" 2>"$work/$model.err"
+    cmp -s "$work/tiny-llama.reference.txt" "$work/$model.txt"
+    check "$model greedy text on $GPU is tiny-llama's on the CPU" $?
+    pids=()
+    for i in $(seq 1 8); do
+        "$BIN" generate --addr "127.0.0.1:$IN_PLACE_PORT" -m "$model" --max-new-tokens $((16 * i)) \
+            "Stream $i: to be, or not to be" >"$work/$model.batch.$i" 2>/dev/null &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    same=0
+    for i in $(seq 1 8); do
+        "$BIN" generate --addr "127.0.0.1:$IN_PLACE_PORT" -m "$model" --max-new-tokens $((16 * i)) \
+            "Stream $i: to be, or not to be" >"$work/$model.alone.$i" 2>/dev/null
+        cmp -s "$work/$model.alone.$i" "$work/$model.batch.$i" || same=1
+    done
+    check "$model: 8 streams joining and leaving on $GPU decode as each alone" $same
+done
+
 # Speed: one stream, and 8 at once, of 128 tokens each.
 rate() { # port, streams
     local start end pids=()
@@ -143,7 +179,7 @@ for streams in 1 8; do
         "$streams" "$cpu" "$gpu" "$(echo "$gpu / $cpu" | bc -l)"
 done
 
-# 5. Real models, when built.
+# 6-7. Real models, when built.
 if [ -d "$REAL_REPO/smollm2-135m-instruct" ]; then
     kill $(jobs -p) 2>/dev/null
     wait 2>/dev/null
@@ -171,7 +207,7 @@ if [ -d "$REAL_REPO/smollm2-135m-instruct" ]; then
     smollm2_rate "$GPU_PORT" "float32 on $GPU"
     float32_text="$work/smollm2.$CPU_PORT.txt"
 
-    # 6. The float16 graph, whose attention (and so its cache) runs on the GPU.
+    # 7. The float16 graph, whose attention (and so its cache) runs on the GPU.
     if [ -d "$FLOAT16_REPO/smollm2-135m-instruct" ]; then
         kill $(jobs -p) 2>/dev/null
         wait 2>/dev/null

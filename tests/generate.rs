@@ -1,5 +1,6 @@
 //! Generation against the committed references: greedy decoding is token-identical for all
-//! three families, alone and in a busy batch; sampling, streaming, stops and cancellation.
+//! three families, alone and in a busy batch, and for a cache written in place in float32 and
+//! float16; sampling, streaming, stops and cancellation.
 
 mod common;
 
@@ -9,8 +10,10 @@ use common::{TestServer, reference};
 use futures::StreamExt;
 use futures::future::join_all;
 use lmserve::api::proto::generate_request::Prompt;
+use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::{FinishReason, GenerateRequest, GenerateResponse, GenerationParameters};
 use tonic::Code;
+use tonic::transport::Channel;
 
 const GENERATORS: [&str; 4] = [
     "tiny-gpt2",
@@ -67,76 +70,100 @@ async fn greedy_output_matches_the_reference_for_every_family() {
     let server = TestServer::start().await;
     let client = server.inference().await;
     for model in GENERATORS {
-        let reference = reference(model);
-        let generate = &reference["generate"];
-        let steps = generate["max_new_tokens"].as_u64().unwrap() as u32;
-        // One prompt at a time.
-        for case in generate["cases"].as_array().unwrap() {
-            let prompt = case["prompt"].as_str().unwrap();
-            let response = client
-                .clone()
-                .generate(request(model, prompt, greedy(steps)))
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(
-                ids(&response, 0),
-                expected_ids(&case["greedy_ids"]),
-                "{model} {prompt:?}"
-            );
-            assert_eq!(
-                response.prompt_tokens as usize,
-                case["prompt_ids"].as_array().unwrap().len()
-            );
-            assert_eq!(
-                response.sequences[0].finish_reason,
-                FinishReason::Length as i32
-            );
-            // The first step's top five, as logprobs of the same logits: same ids, same order.
-            let top5: Vec<u64> = case["first_step_top5"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["id"].as_u64().unwrap())
-                .collect();
-            let params = GenerationParameters {
-                top_logprobs: 5,
-                ..greedy(1)
-            };
-            let first = client
-                .clone()
-                .generate(request(model, prompt, params))
-                .await
-                .unwrap()
-                .into_inner();
-            let got: Vec<u64> = first.sequences[0].tokens[0]
-                .top_logprobs
-                .iter()
-                .map(|t| t.id as u64)
-                .collect();
-            assert_eq!(got, top5, "{model} {prompt:?} top-5");
-        }
-        // Prompts of different lengths sent at once.
-        let batch = &generate["batch"];
-        let prompts: Vec<&str> = batch["prompts"]
+        greedy_as_reference(&client, model, &reference(model)).await;
+    }
+}
+
+/// tiny-llama converted to the layout that writes its KV cache in place, in float32 and in
+/// float16 (tests/fixtures/in_place.py), decodes tiny-llama's PyTorch greedy tokens.
+#[tokio::test]
+async fn caches_written_in_place_decode_as_the_pytorch_reference() {
+    let server = TestServer::start_with(common::ServerOptions {
+        repository: common::root().join("tests/fixtures/in-place"),
+        ..Default::default()
+    })
+    .await;
+    let client = server.inference().await;
+    for model in ["tiny-llama-in-place", "tiny-llama-in-place-fp16"] {
+        greedy_as_reference(&client, model, &reference("tiny-llama")).await;
+    }
+}
+
+/// `model`'s greedy tokens against `reference`'s: each case alone with its first step's top
+/// five, and the batch's prompts of different lengths sent at once.
+async fn greedy_as_reference(
+    client: &InferenceClient<Channel>,
+    model: &str,
+    reference: &serde_json::Value,
+) {
+    let generate = &reference["generate"];
+    let steps = generate["max_new_tokens"].as_u64().unwrap() as u32;
+    // One prompt at a time.
+    for case in generate["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let response = client
+            .clone()
+            .generate(request(model, prompt, greedy(steps)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            ids(&response, 0),
+            expected_ids(&case["greedy_ids"]),
+            "{model} {prompt:?}"
+        );
+        assert_eq!(
+            response.prompt_tokens as usize,
+            case["prompt_ids"].as_array().unwrap().len()
+        );
+        assert_eq!(
+            response.sequences[0].finish_reason,
+            FinishReason::Length as i32
+        );
+        // The first step's top five, as logprobs of the same logits: same ids, same order.
+        let top5: Vec<u64> = case["first_step_top5"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| p.as_str().unwrap())
+            .map(|t| t["id"].as_u64().unwrap())
             .collect();
-        let responses = join_all(prompts.iter().map(|prompt| {
-            let mut client = client.clone();
-            let request = request(model, prompt, greedy(steps));
-            async move { client.generate(request).await.unwrap().into_inner() }
-        }))
-        .await;
-        for (i, response) in responses.iter().enumerate() {
-            assert_eq!(
-                ids(response, 0),
-                expected_ids(&batch["greedy_ids"][i]),
-                "{model} batch prompt {i}"
-            );
-        }
+        let params = GenerationParameters {
+            top_logprobs: 5,
+            ..greedy(1)
+        };
+        let first = client
+            .clone()
+            .generate(request(model, prompt, params))
+            .await
+            .unwrap()
+            .into_inner();
+        let got: Vec<u64> = first.sequences[0].tokens[0]
+            .top_logprobs
+            .iter()
+            .map(|t| t.id as u64)
+            .collect();
+        assert_eq!(got, top5, "{model} {prompt:?} top-5");
+    }
+    // Prompts of different lengths sent at once.
+    let batch = &generate["batch"];
+    let prompts: Vec<&str> = batch["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let responses = join_all(prompts.iter().map(|prompt| {
+        let mut client = client.clone();
+        let request = request(model, prompt, greedy(steps));
+        async move { client.generate(request).await.unwrap().into_inner() }
+    }))
+    .await;
+    for (i, response) in responses.iter().enumerate() {
+        assert_eq!(
+            ids(response, 0),
+            expected_ids(&batch["greedy_ids"][i]),
+            "{model} batch prompt {i}"
+        );
     }
 }
 
