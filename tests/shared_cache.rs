@@ -98,9 +98,23 @@ fn decode_batched_as_alone(repository: &Path) {
     let mut roomy = smollm2(repository, 128);
     let expected: Vec<Vec<i64>> = prompts.iter().map(|p| alone(&mut roomy, p)).collect();
     drop(roomy);
+    // With the default headroom rows join into free slots and leave by moving later rows down;
+    // with one column every step also copies the cache into larger buffers.
+    for growth in [128, 1] {
+        let tokens = decode_batched(&mut smollm2(repository, growth), &prompts);
+        assert_eq!(tokens[0], expected[0][..tokens[0].len()], "growth {growth}");
+        for prompt in [1, 2] {
+            assert_eq!(
+                tokens[prompt][..NEW_TOKENS],
+                expected[prompt][..],
+                "prompt {prompt}, growth {growth}"
+            );
+        }
+    }
+}
 
-    // One column of headroom: every step copies the cache into larger buffers.
-    let mut decoder = smollm2(repository, 1);
+/// Each prompt's tokens from one batch that the prompts join and leave.
+fn decode_batched(decoder: &mut SharedCacheDecoder, prompts: &[Vec<i64>]) -> Vec<Vec<i64>> {
     let (batch, logits) = decoder.prefill(prompts[..2].to_vec()).unwrap();
     let mut running = Running {
         batch,
@@ -109,7 +123,7 @@ fn decode_batched_as_alone(repository: &Path) {
     };
     running.take(&[0, 1], &logits);
     for _ in 0..3 {
-        running.step(&mut decoder);
+        running.step(decoder);
     }
     // The third prompt joins a batch whose rows are longer than it.
     let (joining, logits) = decoder.prefill(vec![prompts[2].clone()]).unwrap();
@@ -118,22 +132,19 @@ fn decode_batched_as_alone(repository: &Path) {
     running.batch = decoder.merge(batch, joining).unwrap();
     running.rows.push(2);
     for _ in 0..2 {
-        running.step(&mut decoder);
+        running.step(decoder);
     }
-    // The first row leaves; the others go on, reordered.
+    // The first row leaves; the others go on in their order.
     let batch = std::mem::replace(&mut running.batch, decoder.empty());
-    running.batch = decoder.keep(batch, &[2, 1]).unwrap();
+    running.batch = decoder.keep(batch, &[1, 2]).unwrap();
+    running.rows = vec![1, 2];
+    running.step(decoder);
+    // The two go on reordered.
+    let batch = std::mem::replace(&mut running.batch, decoder.empty());
+    running.batch = decoder.keep(batch, &[1, 0]).unwrap();
     running.rows = vec![2, 1];
     while running.tokens[2].len() < NEW_TOKENS {
-        running.step(&mut decoder);
+        running.step(decoder);
     }
-
-    assert_eq!(running.tokens[0], expected[0][..running.tokens[0].len()]);
-    for prompt in [1, 2] {
-        assert_eq!(
-            running.tokens[prompt][..NEW_TOKENS],
-            expected[prompt][..],
-            "prompt {prompt}"
-        );
-    }
+    running.tokens
 }

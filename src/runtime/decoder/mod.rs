@@ -3,6 +3,7 @@
 //! fixed-size state, a decoder that carries nothing and re-runs the whole sequence, and an
 //! encoder-decoder. They share the step graph in `graph`.
 
+mod cache_buffers;
 pub mod graph;
 pub mod seq2seq;
 pub mod shared_cache;

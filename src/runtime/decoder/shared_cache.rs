@@ -2,10 +2,12 @@
 //! fed (onnxruntime's GroupQueryAttention, with one buffer bound as both past and present), so
 //! a step neither concatenates nor reallocates the cache: it binds the same buffers again.
 //!
-//! Rows are left-aligned: row `b`'s cache holds its `fed` tokens in columns `0..fed` of a buffer
-//! `[rows, heads, capacity, head_dim]`, and the graph learns each row's length from
-//! `seqlens_k`. The buffers are copied only when rows join or leave, or when a row outgrows
-//! the capacity, which then grows to `GROWTH` columns beyond what is needed.
+//! Rows are left-aligned: row `b`'s cache holds its `fed` tokens in columns `0..fed` of its slot
+//! in buffers `[slots, heads, capacity, head_dim]` (`cache_buffers`), and the graph learns each
+//! row's length from `seqlens_k`. Rows joining a batch are copied into its free slots, and a
+//! leaving row's slot is refilled by moving a later row down; the buffers are laid out anew only
+//! when the slots run out, when rows are reordered (beams), or when a row outgrows the capacity,
+//! which then grows to `GROWTH` columns beyond what is needed.
 //!
 //! The buffers are float32 or float16, as the graph declares them, and live where the graph's
 //! attention reads them. onnxruntime's GroupQueryAttention has CUDA kernels for float16 and
@@ -14,13 +16,11 @@
 //! float32 graph runs that operator on the CPU, over buffers in host memory (`models/real`
 //! writes SmolLM2 in float16 for GPUs).
 
-use std::borrow::Cow;
-
-use half::f16;
-use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
+use ort::memory::{Allocator, MemoryInfo};
 use ort::session::Session;
-use ort::value::{DynTensor, PrimitiveTensorElementType, Tensor, TensorElementType};
+use ort::value::{Tensor, TensorElementType};
 
+use super::cache_buffers::{CacheBuffers, RowMove};
 use super::graph::{Row, StepGraph};
 use crate::runtime::providers::Provider;
 use crate::runtime::residency;
@@ -30,12 +30,25 @@ use crate::runtime::step::{RowBatch, RunError, StepDecoder};
 /// times before the cache is copied into a larger one.
 const GROWTH: usize = 128;
 
-/// Sequences decoded together, each row's cache left-aligned in the shared buffers.
+/// Slots host buffers get for `rows` rows: room for as many again, and at least 8, so that rows
+/// joining later are copied into free slots. Slots no row uses cost address space, not memory.
+fn slots_for(rows: usize) -> usize {
+    (rows * 2).max(8)
+}
+
+/// Sequences decoded together, each row's cache left-aligned in its slot of the buffers.
 pub struct SharedCacheBatch {
     rows: Vec<Row>,
-    /// One buffer `[rows, heads, capacity, head_dim]` per state pair, in `bindings.state` order.
-    buffers: Vec<DynTensor>,
-    capacity: usize,
+    /// The buffers rows `0..rows.len()` occupy the first slots of; none while the batch is empty.
+    buffers: Option<CacheBuffers>,
+}
+
+impl SharedCacheBatch {
+    fn buffers(&self) -> &CacheBuffers {
+        self.buffers
+            .as_ref()
+            .expect("a batch with rows has buffers")
+    }
 }
 
 impl RowBatch for SharedCacheBatch {
@@ -90,31 +103,8 @@ impl SharedCacheDecoder {
     fn empty_batch() -> SharedCacheBatch {
         SharedCacheBatch {
             rows: Vec::new(),
-            buffers: Vec::new(),
-            capacity: 0,
+            buffers: None,
         }
-    }
-
-    /// Buffers for `rows` rows of `capacity` columns from `allocator` (ort zeroes host memory; GPU
-    /// memory is left as it was). The graph reads only each row's first `seqlens_k + 1`
-    /// columns, which a copy or a run has written: filling the rest with NaN left the
-    /// real-model parity tests, batched rows of different lengths included, token-identical.
-    fn allocate(
-        &self,
-        allocator: &Allocator,
-        rows: usize,
-        capacity: usize,
-    ) -> Result<Vec<DynTensor>, RunError> {
-        self.layouts
-            .iter()
-            .map(|&(heads, dim)| {
-                Ok(DynTensor::new(
-                    allocator,
-                    self.graph.state_type,
-                    [rows, heads, capacity, dim],
-                )?)
-            })
-            .collect()
     }
 
     /// The CUDA device the buffers live on, if not in host memory: see the module's comment.
@@ -127,47 +117,62 @@ impl SharedCacheDecoder {
         }
     }
 
-    /// The allocator of the memory the buffers live in.
-    fn buffer_allocator(&self, session: &Session) -> Result<Allocator, RunError> {
+    /// New buffers for `rows` rows of `capacity` columns, where the graph reads them. The graph
+    /// reads only each row's first `seqlens_k + 1` columns, which a copy or a run has written:
+    /// filling the rest with NaN left the real-model parity tests, batched rows of different
+    /// lengths included, token-identical.
+    fn allocate(
+        &self,
+        session: &Session,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<CacheBuffers, RunError> {
+        let element = self.graph.state_type;
         let Some(device) = self.gpu() else {
-            return Ok(Allocator::default());
+            return Ok(CacheBuffers::host(
+                element,
+                &self.layouts,
+                slots_for(rows),
+                capacity,
+            ));
         };
         let memory = residency::device_memory(Provider::Cuda { device })?;
-        Ok(Allocator::new(session, memory)?)
+        let allocator = Allocator::new(session, memory)?;
+        CacheBuffers::device(&allocator, element, &self.layouts, rows, capacity)
     }
 
-    /// A batch of `rows`, each taken from a source batch as `(source, row)`, in buffers of
-    /// `capacity` columns: every source row's cached columns are copied.
+    /// A batch of `rows`, each taken from a source batch as `(source, row)`, in buffers laid out
+    /// anew with `capacity` columns: every picked row's cached columns are copied.
     fn assemble(
         &self,
         sources: &[&SharedCacheBatch],
         picks: &[(usize, usize)],
         capacity: usize,
     ) -> Result<SharedCacheBatch, RunError> {
-        // Assembled in host memory, from host copies of buffers on a GPU: rows join and leave
-        // far less often than steps run, and a step copies nothing.
-        let mut buffers = self.allocate(&Allocator::default(), picks.len(), capacity)?;
-        for (index, buffer) in buffers.iter_mut().enumerate() {
-            let readable = sources
+        // Laid out in host memory, from host copies of buffers on a GPU (which hold exactly
+        // their rows): rows join and leave far less often than steps run.
+        let slots = match self.gpu() {
+            Some(_) => picks.len(),
+            None => slots_for(picks.len()),
+        };
+        let mut buffers = CacheBuffers::host(self.graph.state_type, &self.layouts, slots, capacity);
+        for (index, source) in sources.iter().enumerate() {
+            let moves: Vec<RowMove> = picks
                 .iter()
-                .map(|source| host_readable(&source.buffers[index]))
-                .collect::<Result<Vec<_>, _>>()?;
-            let copy = RowCopy {
-                layout: self.layouts[index],
-                sources,
-                picks,
-                capacity,
-            };
-            match self.graph.state_type {
-                TensorElementType::Float16 => copy.run::<f16>(&readable, buffer)?,
-                _ => copy.run::<f32>(&readable, buffer)?,
+                .enumerate()
+                .filter(|(_, (from, _))| *from == index)
+                .map(|(to, &(_, row))| RowMove {
+                    from: row,
+                    to,
+                    columns: source.rows[row].fed,
+                })
+                .collect();
+            if !moves.is_empty() {
+                buffers.copy_rows_from(source.buffers(), &moves)?;
             }
         }
         if let Some(device) = self.gpu() {
-            buffers = buffers
-                .iter()
-                .map(|buffer| buffer.to(AllocationDevice::CUDA, device))
-                .collect::<Result<_, _>>()?;
+            buffers = buffers.upload(device)?;
         }
         let rows = picks
             .iter()
@@ -175,8 +180,7 @@ impl SharedCacheDecoder {
             .collect();
         Ok(SharedCacheBatch {
             rows,
-            buffers,
-            capacity,
+            buffers: Some(buffers),
         })
     }
 
@@ -209,11 +213,11 @@ impl SharedCacheDecoder {
             total_name,
             &Tensor::from_array((Vec::<usize>::new(), vec![total as i32]))?,
         )?;
-        for (pair, buffer) in bindings.state.iter().zip(&mut batch.buffers) {
-            // The same value as input and output: the graph sees one buffer and writes in place.
-            binding.bind_input(&pair.input, buffer)?;
-            binding.bind_output(&pair.output, &mut *buffer)?;
-        }
+        let buffers = batch
+            .buffers
+            .as_mut()
+            .expect("a batch that runs has buffers");
+        buffers.bind(&mut binding, &bindings.state, rows)?;
         let logits_name = bindings
             .logits
             .as_deref()
@@ -231,48 +235,6 @@ impl SharedCacheDecoder {
             lengths.iter().map(|&len| len - 1).collect()
         };
         Ok(newest_logits(shape, data, &newest))
-    }
-}
-
-/// `value` where the host can read it: itself, or a copy of a buffer on a GPU.
-fn host_readable(value: &DynTensor) -> Result<Cow<'_, DynTensor>, RunError> {
-    if value.memory_info().is_cpu_accessible() {
-        return Ok(Cow::Borrowed(value));
-    }
-    Ok(Cow::Owned(value.to(AllocationDevice::CPU, 0)?))
-}
-
-/// Which rows of which batches a new batch's buffer takes, for one state pair.
-struct RowCopy<'a> {
-    /// `(heads, head_dim)` of the buffers.
-    layout: (usize, usize),
-    sources: &'a [&'a SharedCacheBatch],
-    /// `(source, row)` for each row of the new buffer, in order.
-    picks: &'a [(usize, usize)],
-    capacity: usize,
-}
-
-impl RowCopy<'_> {
-    /// Copies each picked row's cached columns from `readable` (the sources' buffers, readable
-    /// by the host) into `target`, a host buffer of `capacity` columns.
-    fn run<T: PrimitiveTensorElementType + Copy>(
-        &self,
-        readable: &[Cow<'_, DynTensor>],
-        target: &mut DynTensor,
-    ) -> Result<(), RunError> {
-        let (heads, dim) = self.layout;
-        let target = target.try_extract_tensor_mut::<T>()?.1;
-        for (to, &(source, row)) in self.picks.iter().enumerate() {
-            let from = self.sources[source];
-            let data = readable[source].try_extract_tensor::<T>()?.1;
-            let columns = from.rows[row].fed * dim;
-            for head in 0..heads {
-                let read = (row * heads + head) * from.capacity * dim;
-                let write = (to * heads + head) * self.capacity * dim;
-                target[write..write + columns].copy_from_slice(&data[read..read + columns]);
-            }
-        }
-        Ok(())
     }
 }
 
@@ -314,13 +276,11 @@ impl StepDecoder for SharedCacheDecoder {
             ids.extend_from_slice(prompt);
             ids.extend(std::iter::repeat_n(self.graph.pad_id, width - prompt.len()));
         }
-        let capacity = width + self.growth;
         let mut session = self.graph.session();
-        let allocator = self.buffer_allocator(&session)?;
+        let buffers = self.allocate(&session, prompts.len(), width + self.growth)?;
         let mut batch = SharedCacheBatch {
             rows: Vec::new(),
-            buffers: self.allocate(&allocator, prompts.len(), capacity)?,
-            capacity,
+            buffers: Some(buffers),
         };
         let logits = self.run(&mut session, &mut batch, ids, &lengths)?;
         batch.rows = prompts.into_iter().map(Row::new).collect();
@@ -329,7 +289,7 @@ impl StepDecoder for SharedCacheDecoder {
 
     fn step(&mut self, batch: &mut SharedCacheBatch) -> Result<Vec<Vec<f32>>, RunError> {
         let longest = batch.rows.iter().map(|row| row.fed).max().unwrap_or(0);
-        if longest + 1 > batch.capacity {
+        if longest + 1 > batch.buffers().capacity() {
             let all: Vec<(usize, usize)> = (0..batch.rows.len()).map(|row| (0, row)).collect();
             *batch = self.assemble(&[&*batch], &all, longest + 1 + self.growth)?;
         }
@@ -342,20 +302,56 @@ impl StepDecoder for SharedCacheDecoder {
         Ok(logits)
     }
 
-    fn keep(&self, batch: SharedCacheBatch, rows: &[usize]) -> Result<SharedCacheBatch, RunError> {
+    fn keep(
+        &self,
+        mut batch: SharedCacheBatch,
+        rows: &[usize],
+    ) -> Result<SharedCacheBatch, RunError> {
         if rows.iter().copied().eq(0..batch.rows.len()) {
             return Ok(batch);
         }
         if rows.is_empty() {
             return Ok(Self::empty_batch());
         }
+        let in_order = rows.windows(2).all(|pair| pair[0] < pair[1]);
+        let buffers = batch
+            .buffers
+            .as_mut()
+            .expect("a batch with rows has buffers");
+        if in_order && buffers.in_host_memory() {
+            // Rows leave and the others keep their order: each moves down into the first free
+            // slot, and rows already in place are not copied.
+            let moves: Vec<RowMove> = rows
+                .iter()
+                .enumerate()
+                .filter(|&(to, &from)| from != to)
+                .map(|(to, &from)| RowMove {
+                    from,
+                    to,
+                    columns: batch.rows[from].fed,
+                })
+                .collect();
+            buffers.move_rows_down(&moves);
+            let mut old = std::mem::take(&mut batch.rows).into_iter().enumerate();
+            batch.rows = rows
+                .iter()
+                .map(|&wanted| {
+                    let (_, row) = old
+                        .find(|&(index, _)| index == wanted)
+                        .expect("rows in order");
+                    row
+                })
+                .collect();
+            return Ok(batch);
+        }
         let picks: Vec<(usize, usize)> = rows.iter().map(|&row| (0, row)).collect();
-        self.assemble(&[&batch], &picks, batch.capacity)
+        let capacity = batch.buffers().capacity();
+        self.assemble(&[&batch], &picks, capacity)
     }
 
     fn merge(
         &self,
-        running: SharedCacheBatch,
+        mut running: SharedCacheBatch,
         joining: SharedCacheBatch,
     ) -> Result<SharedCacheBatch, RunError> {
         if running.rows.is_empty() {
@@ -364,11 +360,39 @@ impl StepDecoder for SharedCacheDecoder {
         if joining.rows.is_empty() {
             return Ok(running);
         }
-        let picks: Vec<(usize, usize)> = (0..running.rows.len())
+        let (before, total) = (running.rows.len(), running.rows.len() + joining.rows.len());
+        let buffers = running
+            .buffers
+            .as_mut()
+            .expect("a batch with rows has buffers");
+        let longest_joining = joining.rows.iter().map(|row| row.fed).max().unwrap_or(0);
+        if buffers.in_host_memory()
+            && total <= buffers.slots()
+            && longest_joining <= buffers.capacity()
+        {
+            // The joining rows go into the running batch's free slots; its own rows stay put.
+            let moves: Vec<RowMove> = joining
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(row, joiner)| RowMove {
+                    from: row,
+                    to: before + row,
+                    columns: joiner.fed,
+                })
+                .collect();
+            buffers.copy_rows_from(joining.buffers(), &moves)?;
+            running.rows.extend(joining.rows);
+            return Ok(running);
+        }
+        let picks: Vec<(usize, usize)> = (0..before)
             .map(|row| (0, row))
             .chain((0..joining.rows.len()).map(|row| (1, row)))
             .collect();
-        let capacity = running.capacity.max(joining.capacity);
+        let capacity = running
+            .buffers()
+            .capacity()
+            .max(joining.buffers().capacity());
         self.assemble(&[&running, &joining], &picks, capacity)
     }
 }
