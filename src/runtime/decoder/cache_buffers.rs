@@ -44,6 +44,26 @@ enum Storage {
     Device(Vec<DynTensor>),
 }
 
+/// Element types whose zero is all zero bytes, so zeroed memory holds zeros of them.
+trait ZeroBits: Copy {}
+impl ZeroBits for f32 {}
+impl ZeroBits for u16 {}
+
+/// `len` zeros from `alloc_zeroed`, which takes a large allocation straight from the kernel's
+/// zeroed pages, so that pages nothing writes stay unbacked; `None` where the allocator refuses.
+fn zeroed<W: ZeroBits>(len: usize) -> Option<Vec<W>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<W>(len).ok()?;
+    // SAFETY: `layout` has a non-zero size. The memory is `len` zeroed `W`s, which `ZeroBits`
+    // makes valid zeros, and the Vec takes it over with the layout it was allocated with.
+    unsafe {
+        let data = std::alloc::alloc_zeroed(layout).cast::<W>();
+        (!data.is_null()).then(|| Vec::from_raw_parts(data, len, len))
+    }
+}
+
 /// A host buffer's words, of either element type.
 enum Words<'a> {
     F32(&'a [f32]),
@@ -51,27 +71,44 @@ enum Words<'a> {
 }
 
 impl CacheBuffers {
-    /// Zeroed host buffers of `slots` rows and `capacity` columns.
+    /// Zeroed host buffers of `slots` rows and `capacity` columns, or an error naming their
+    /// size where the host cannot give that much memory (a request must not abort the server).
     pub fn host(
         element: TensorElementType,
         layouts: &[(usize, usize)],
         slots: usize,
         capacity: usize,
-    ) -> Self {
-        let len = layouts
-            .iter()
-            .map(|&(heads, dim)| slots * heads * capacity * dim)
-            .sum();
-        let storage = match element {
-            TensorElementType::Float16 => Storage::HostF16(vec![0; len]),
-            _ => Storage::HostF32(vec![0.0; len]),
+    ) -> Result<Self, RunError> {
+        let width = if element == TensorElementType::Float16 {
+            2
+        } else {
+            4
         };
-        Self {
+        let len = layouts.iter().try_fold(0_usize, |len, &(heads, dim)| {
+            len.checked_add(
+                slots
+                    .checked_mul(heads)?
+                    .checked_mul(capacity)?
+                    .checked_mul(dim)?,
+            )
+        });
+        let storage = len.and_then(|len| match element {
+            TensorElementType::Float16 => zeroed(len).map(Storage::HostF16),
+            _ => zeroed(len).map(Storage::HostF32),
+        });
+        let Some(storage) = storage else {
+            let mib = len.map_or(u128::MAX, |len| (len as u128 * width) >> 20);
+            return Err(ort::Error::new(format!(
+                "cannot allocate {mib} MiB for a KV cache of {slots} rows of {capacity} columns"
+            ))
+            .into());
+        };
+        Ok(Self {
             storage,
             layouts: layouts.to_vec(),
             slots,
             capacity,
-        }
+        })
     }
 
     /// Buffers of exactly `rows` rows from `allocator`, a GPU's, left as the device had them: a
@@ -353,7 +390,7 @@ mod tests {
     /// Fills every slot's columns with `slot * 100 + head * 10 + column`.
     fn numbered(slots: usize, capacity: usize) -> CacheBuffers {
         let mut buffers =
-            CacheBuffers::host(TensorElementType::Float32, &[(2, 1)], slots, capacity);
+            CacheBuffers::host(TensorElementType::Float32, &[(2, 1)], slots, capacity).unwrap();
         let Storage::HostF32(words) = &mut buffers.storage else {
             unreachable!()
         };
@@ -377,10 +414,28 @@ mod tests {
     }
 
     #[test]
+    fn memory_the_host_cannot_give_is_an_error_not_an_abort() {
+        let error = CacheBuffers::host(
+            TensorElementType::Float32,
+            &[(1 << 16, 1 << 10)],
+            1 << 16,
+            1 << 10,
+        )
+        .err()
+        .expect("no host has that much memory");
+        assert!(
+            error
+                .to_string()
+                .contains("MiB for a KV cache of 65536 rows"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn joining_rows_land_in_free_slots_with_their_own_columns() {
         // Two source rows of 3 columns, copied into slots 2 and 3 of 5-column buffers.
         let source = numbered(2, 3);
-        let mut target = CacheBuffers::host(TensorElementType::Float32, &[(2, 1)], 4, 5);
+        let mut target = CacheBuffers::host(TensorElementType::Float32, &[(2, 1)], 4, 5).unwrap();
         let moves = [
             RowMove {
                 from: 1,

@@ -129,16 +129,19 @@ impl SharedCacheDecoder {
     ) -> Result<CacheBuffers, RunError> {
         let element = self.graph.state_type;
         let Some(device) = self.gpu() else {
-            return Ok(CacheBuffers::host(
-                element,
-                &self.layouts,
-                slots_for(rows),
-                capacity,
-            ));
+            return self.host_buffers(rows, capacity);
         };
         let memory = residency::device_memory(Provider::Cuda { device })?;
         let allocator = Allocator::new(session, memory)?;
         CacheBuffers::device(&allocator, element, &self.layouts, rows, capacity)
+    }
+
+    /// Host buffers for `rows` rows with free slots (`slots_for`), or without them where the
+    /// host cannot give the memory for both.
+    fn host_buffers(&self, rows: usize, capacity: usize) -> Result<CacheBuffers, RunError> {
+        let element = self.graph.state_type;
+        CacheBuffers::host(element, &self.layouts, slots_for(rows), capacity)
+            .or_else(|_| CacheBuffers::host(element, &self.layouts, rows, capacity))
     }
 
     /// A batch of `rows`, each taken from a source batch as `(source, row)`, in buffers laid out
@@ -151,11 +154,12 @@ impl SharedCacheDecoder {
     ) -> Result<SharedCacheBatch, RunError> {
         // Laid out in host memory, from host copies of buffers on a GPU (which hold exactly
         // their rows): rows join and leave far less often than steps run.
-        let slots = match self.gpu() {
-            Some(_) => picks.len(),
-            None => slots_for(picks.len()),
+        let mut buffers = match self.gpu() {
+            Some(_) => {
+                CacheBuffers::host(self.graph.state_type, &self.layouts, picks.len(), capacity)?
+            }
+            None => self.host_buffers(picks.len(), capacity)?,
         };
-        let mut buffers = CacheBuffers::host(self.graph.state_type, &self.layouts, slots, capacity);
         for (index, source) in sources.iter().enumerate() {
             let moves: Vec<RowMove> = picks
                 .iter()
