@@ -1,7 +1,8 @@
 //! The decoder that writes its KV cache in place, on the real SmolLM2 graphs of
 //! `make real-models` (float32, and the float16 graph for GPUs): rows prefilled together,
 //! joining a running batch, leaving it, and outgrowing their buffers at every step
-//! greedy-decode exactly as each prompt does alone.
+//! greedy-decode exactly as each prompt does alone. On the committed tiny-llama fixtures, more
+//! rows join than the buffers have free slots, and most leave again.
 
 mod common;
 
@@ -17,13 +18,17 @@ const NEW_TOKENS: usize = 10;
 
 /// SmolLM2 of `repository`, as `make real-models` builds it there.
 fn smollm2(repository: &Path, growth: usize) -> SharedCacheDecoder {
-    let folder = repository.join("smollm2-135m-instruct/1");
+    in_place(&repository.join("smollm2-135m-instruct/1"), 2, growth)
+}
+
+/// The decoder of the model version in `folder`, which writes its cache in place.
+fn in_place(folder: &Path, pad_id: i64, growth: usize) -> SharedCacheDecoder {
     let pool = Arc::new(common::cpu_session_pool(&folder.join("model.onnx"), 2));
     // The roles as the registry resolves them from the graph, which names them itself.
     let manifest = std::fs::read_to_string(folder.join("model.toml")).unwrap();
     let bindings = resolve(&Manifest::parse(&manifest).unwrap(), pool.graph()).unwrap();
     assert!(bindings.writes_cache_in_place());
-    let graph = decoder::step_graph(pool, Arc::new(bindings), false, 2).unwrap();
+    let graph = decoder::step_graph(pool, Arc::new(bindings), false, pad_id).unwrap();
     assert_eq!(graph.carry, Carry::SharedKvCache);
     SharedCacheDecoder::new(graph).unwrap().with_growth(growth)
 }
@@ -147,4 +152,76 @@ fn decode_batched(decoder: &mut SharedCacheDecoder, prompts: &[Vec<i64>]) -> Vec
         running.step(decoder);
     }
     running.tokens
+}
+
+#[test]
+fn more_rows_than_free_slots_join_and_most_leave_as_alone() {
+    for model in ["tiny-llama-in-place", "tiny-llama-in-place-fp16"] {
+        let folder = common::root()
+            .join("tests/fixtures/in-place")
+            .join(model)
+            .join("1");
+        let reference = common::reference("tiny-llama");
+        // 15 prompts of 3 to 7 tokens, from the reference's.
+        let prompts: Vec<Vec<i64>> = reference["generate"]["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|case| {
+                let ids: Vec<i64> = case["prompt_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|id| id.as_i64().unwrap())
+                    .collect();
+                [3, 5, 7].map(|len| ids[..len.min(ids.len())].to_vec())
+            })
+            .collect();
+        let mut roomy = in_place(&folder, 0, 128);
+        let expected: Vec<Vec<i64>> = prompts.iter().map(|p| alone(&mut roomy, p)).collect();
+
+        // One prompt joins before each step: the 9th finds the 8 slots of the first full.
+        let mut decoder = in_place(&folder, 0, 128);
+        let mut running = Running {
+            batch: decoder.empty(),
+            rows: Vec::new(),
+            tokens: vec![Vec::new(); prompts.len()],
+        };
+        for (prompt, ids) in prompts.iter().enumerate() {
+            let (joining, logits) = decoder.prefill(vec![ids.clone()]).unwrap();
+            running.take(&[prompt], &logits);
+            let batch = std::mem::replace(&mut running.batch, decoder.empty());
+            running.batch = decoder.merge(batch, joining).unwrap();
+            running.rows.push(prompt);
+            if running.tokens[0].len() < NEW_TOKENS {
+                running.step(&mut decoder);
+            }
+        }
+        // Every row but the last two leaves, a few at a time and in order, down to a batch
+        // small enough to be laid out anew in fewer slots.
+        while running.rows.len() > 2 {
+            let keep: Vec<usize> = (0..running.rows.len()).filter(|row| row % 3 != 0).collect();
+            let batch = std::mem::replace(&mut running.batch, decoder.empty());
+            running.batch = decoder.keep(batch, &keep).unwrap();
+            running.rows = keep.iter().map(|&row| running.rows[row]).collect();
+            running.step(&mut decoder);
+        }
+        while running.tokens[*running.rows.last().unwrap()].len() < NEW_TOKENS {
+            running.step(&mut decoder);
+        }
+        for (prompt, tokens) in running.tokens.iter().enumerate() {
+            let n = tokens.len().min(NEW_TOKENS);
+            assert_eq!(
+                tokens[..n],
+                expected[prompt][..n],
+                "{model} prompt {prompt}"
+            );
+        }
+        assert!(
+            running
+                .rows
+                .iter()
+                .all(|&row| running.tokens[row].len() >= NEW_TOKENS)
+        );
+    }
 }

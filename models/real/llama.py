@@ -8,7 +8,7 @@ numpy and onnx only, in optimum's decoder layout with a KV cache:
            from, and computing the others was a fifth of a 64-token prefill),
            present.N.key / .value [batch, kv_heads, past + sequence, head_dim]
 
-Weights are dequantised to float32. llama.cpp stores the query and key projections with their
+Weights are dequantised to float32 (and stored in float16 by `precision="float16"`, below). llama.cpp stores the query and key projections with their
 rows permuted for its rotary layout; they are permuted back, so the graph applies rotary
 embeddings as transformers' Llama does (rotate the two halves of each head).
 

@@ -5,6 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::error::Error;
+use crate::runtime::step::RunError;
 
 /// Longest status message sent: a few echoed values and the reason, never a whole input.
 const MAX_MESSAGE_BYTES: usize = 1024;
@@ -21,6 +22,9 @@ impl From<Error> for Status {
             Error::TaskNotServed { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ModelUnavailable { .. } | Error::ShuttingDown => Code::Unavailable,
             Error::QueueFull { .. } | Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::Run(run) if matches!(**run, RunError::CacheMemory { .. }) => {
+                Code::ResourceExhausted
+            }
             Error::Cancelled => Code::Cancelled,
             Error::Internal(_) | Error::Run(_) => Code::Internal,
         };

@@ -25,6 +25,15 @@ pub enum RunError {
     /// A bug in one step; its batch is dropped and the model goes on serving.
     #[error("a decode step panicked: {0}")]
     Panicked(String),
+    /// The host could not give the memory a batch's KV cache needed.
+    #[error(
+        "the host could not allocate {mib} MiB for a KV cache of {rows} rows of {columns} columns"
+    )]
+    CacheMemory {
+        mib: u128,
+        rows: usize,
+        columns: usize,
+    },
 }
 
 /// Shared by every sequence a failed run ends.

@@ -1,19 +1,20 @@
 //! The memory of a KV cache written in place (`shared_cache`): for each key and value of each
 //! layer a buffer `[slots, heads, capacity, head_dim]`, of which a run binds the first `rows`
-//! slots. Rows that join a batch are copied into free slots and a leaving row's slot is refilled
-//! by moving a later row down, so the rows that stay where they are are never copied.
+//! slots. In host memory, rows that join a batch are copied into free slots and a leaving row's
+//! slot is refilled by moving a later row down, so the rows that stay where they are are never
+//! copied.
 //!
 //! In host memory a batch's buffers are one allocation, zeroed by the allocator
 //! (`alloc_zeroed`): a large one is mapped on demand, so slots and columns no row has reached
-//! cost no resident memory. In GPU memory each buffer is an ONNX Runtime tensor of exactly the
-//! batch's rows, rearranged through the host when rows join or leave.
+//! yet cost no resident memory. In GPU memory each buffer is an ONNX Runtime tensor of exactly
+//! the batch's rows, laid out anew through the host whenever rows join or leave or a row
+//! outgrows the capacity.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use ort::AsPointer;
-use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
-use ort::session::IoBinding;
-use ort::value::{DynTensor, TensorElementType};
+use ort::memory::{Allocator, MemoryInfo};
+use ort::session::{IoBinding, Session, SessionOutputs};
+use ort::value::{DynTensor, PrimitiveTensorElementType, TensorElementType};
 
 use crate::runtime::bindings::StatePair;
 use crate::runtime::step::RunError;
@@ -37,37 +38,47 @@ pub struct CacheBuffers {
 
 enum Storage {
     HostF32(Vec<f32>),
-    /// float16 values as their bits: `alloc_zeroed` serves primitive integers, and the zero
-    /// bits are float16's zero.
-    HostF16(Vec<u16>),
+    HostF16(Vec<f16>),
     /// One tensor per buffer in a GPU's memory, of exactly `slots` rows.
     Device(Vec<DynTensor>),
 }
 
-/// Element types whose zero is all zero bytes, so zeroed memory holds zeros of them.
-trait ZeroBits: Copy {}
-impl ZeroBits for f32 {}
-impl ZeroBits for u16 {}
+/// An element type a cache's host memory holds.
+///
+/// # Safety
+/// All-zero bytes must be a valid value of the type (`zeroed` hands out zeroed memory as
+/// values), and `TYPE` must be the type's ONNX element type, of the same size.
+unsafe trait HostElement: PrimitiveTensorElementType + Copy + std::fmt::Debug {
+    const TYPE: TensorElementType;
+}
+
+// SAFETY: zero bytes are 0.0 in both, and both are the ONNX types of their size.
+unsafe impl HostElement for f32 {
+    const TYPE: TensorElementType = TensorElementType::Float32;
+}
+unsafe impl HostElement for f16 {
+    const TYPE: TensorElementType = TensorElementType::Float16;
+}
 
 /// `len` zeros from `alloc_zeroed`, which takes a large allocation straight from the kernel's
 /// zeroed pages, so that pages nothing writes stay unbacked; `None` where the allocator refuses.
-fn zeroed<W: ZeroBits>(len: usize) -> Option<Vec<W>> {
+fn zeroed<W: HostElement>(len: usize) -> Option<Vec<W>> {
     if len == 0 {
         return Some(Vec::new());
     }
     let layout = std::alloc::Layout::array::<W>(len).ok()?;
-    // SAFETY: `layout` has a non-zero size. The memory is `len` zeroed `W`s, which `ZeroBits`
-    // makes valid zeros, and the Vec takes it over with the layout it was allocated with.
+    // SAFETY: `layout` has a non-zero size. The memory is `len` zeroed `W`s, which `HostElement`
+    // makes valid values, and the Vec takes it over with the layout it was allocated with.
     unsafe {
         let data = std::alloc::alloc_zeroed(layout).cast::<W>();
         (!data.is_null()).then(|| Vec::from_raw_parts(data, len, len))
     }
 }
 
-/// A host buffer's words, of either element type.
-enum Words<'a> {
+/// A host buffer's values, of either element type.
+enum Values<'a> {
     F32(&'a [f32]),
-    F16(&'a [u16]),
+    F16(&'a [f16]),
 }
 
 impl CacheBuffers {
@@ -79,11 +90,6 @@ impl CacheBuffers {
         slots: usize,
         capacity: usize,
     ) -> Result<Self, RunError> {
-        let width = if element == TensorElementType::Float16 {
-            2
-        } else {
-            4
-        };
         let len = layouts.iter().try_fold(0_usize, |len, &(heads, dim)| {
             len.checked_add(
                 slots
@@ -92,42 +98,27 @@ impl CacheBuffers {
                     .checked_mul(dim)?,
             )
         });
-        let storage = len.and_then(|len| match element {
-            TensorElementType::Float16 => zeroed(len).map(Storage::HostF16),
-            _ => zeroed(len).map(Storage::HostF32),
-        });
+        let (storage, width) = match element {
+            TensorElementType::Float32 => (len.and_then(zeroed).map(Storage::HostF32), 4),
+            TensorElementType::Float16 => (len.and_then(zeroed).map(Storage::HostF16), 2),
+            other => {
+                return Err(ort::Error::new(format!(
+                    "a cache written in place is float32 or float16, not {other:?}"
+                ))
+                .into());
+            }
+        };
         let Some(storage) = storage else {
-            let mib = len.map_or(u128::MAX, |len| (len as u128 * width) >> 20);
-            return Err(ort::Error::new(format!(
-                "cannot allocate {mib} MiB for a KV cache of {slots} rows of {capacity} columns"
-            ))
-            .into());
+            return Err(RunError::CacheMemory {
+                mib: len.map_or(u128::MAX, |len| (len as u128 * width) >> 20),
+                rows: slots,
+                columns: capacity,
+            });
         };
         Ok(Self {
             storage,
             layouts: layouts.to_vec(),
             slots,
-            capacity,
-        })
-    }
-
-    /// Buffers of exactly `rows` rows from `allocator`, a GPU's, left as the device had them: a
-    /// run reads only the columns it or a copy has written.
-    pub fn device(
-        allocator: &Allocator,
-        element: TensorElementType,
-        layouts: &[(usize, usize)],
-        rows: usize,
-        capacity: usize,
-    ) -> Result<Self, RunError> {
-        let tensors = layouts
-            .iter()
-            .map(|&(heads, dim)| DynTensor::new(allocator, element, [rows, heads, capacity, dim]))
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            storage: Storage::Device(tensors),
-            layouts: layouts.to_vec(),
-            slots: rows,
             capacity,
         })
     }
@@ -145,30 +136,35 @@ impl CacheBuffers {
         !matches!(self.storage, Storage::Device(_))
     }
 
-    /// Binds the first `rows` slots of each buffer as both the graph's past input and its
-    /// present output, so the graph writes the new columns in place. The binding then refers to
-    /// this memory: it must be dropped before the buffers are (`SharedCacheDecoder::run` drops
-    /// it, and the run's outputs, before it returns).
-    pub fn bind(
+    /// Runs `session` on `binding` (its other inputs bound) with the first `rows` slots of
+    /// each buffer bound as both the graph's past input and its present output, so the graph
+    /// writes the new columns in place, and hands the outputs to `read`. The binding and the
+    /// outputs refer to this memory, so they end here, before the buffers can change.
+    pub fn run<R>(
         &mut self,
-        binding: &mut IoBinding,
+        session: &mut Session,
+        mut binding: IoBinding,
         pairs: &[StatePair],
         rows: usize,
-    ) -> Result<(), RunError> {
+        read: impl FnOnce(&SessionOutputs<'_>) -> Result<R, RunError>,
+    ) -> Result<R, RunError> {
         if let Storage::Device(tensors) = &mut self.storage {
             debug_assert_eq!(rows, self.slots, "device buffers hold exactly the batch");
             for (pair, tensor) in pairs.iter().zip(tensors) {
                 binding.bind_input(&pair.input, &*tensor)?;
                 binding.bind_output(&pair.output, &mut *tensor)?;
             }
-            return Ok(());
+        } else {
+            for (index, pair) in pairs.iter().enumerate() {
+                // SAFETY: the view and the binding that holds it end with this call, while
+                // `self` (and so the memory) is borrowed mutably.
+                let mut view = unsafe { self.host_view(index, rows)? };
+                binding.bind_input(&pair.input, &view)?;
+                binding.bind_output(&pair.output, &mut view)?;
+            }
         }
-        for (index, pair) in pairs.iter().enumerate() {
-            let mut view = self.host_view(index, rows)?;
-            binding.bind_input(&pair.input, &view.tensor)?;
-            binding.bind_output(&pair.output, &mut view.tensor)?;
-        }
-        Ok(())
+        let outputs = session.run_binding(&binding)?;
+        read(&outputs)
     }
 
     /// Copies rows of `source` (in host or GPU memory) into these host buffers' slots.
@@ -177,24 +173,18 @@ impl CacheBuffers {
         source: &CacheBuffers,
         moves: &[RowMove],
     ) -> Result<(), RunError> {
-        let (to_capacity, to_slots) = (self.capacity, self.slots);
-        let (from_capacity, from_slots) = (source.capacity, source.slots);
         for (index, &layout) in self.layouts.iter().enumerate() {
             let plan = CopyPlan {
                 layout,
-                from_capacity,
-                to_capacity,
+                from_capacity: source.capacity,
+                to_capacity: self.capacity,
                 moves,
             };
-            let start = self.start(index);
-            let target = start..start + to_slots * plan.row_len(to_capacity);
-            let from_len = from_slots * plan.row_len(from_capacity);
-            source.with_words(index, source.start(index), from_len, |words| {
-                match (&mut self.storage, words) {
-                    (Storage::HostF32(to), Words::F32(from)) => plan.copy(&mut to[target], from),
-                    (Storage::HostF16(to), Words::F16(from)) => plan.copy(&mut to[target], from),
-                    _ => unreachable!("rows are copied between host buffers of one element type"),
-                }
+            let target = self.region(index);
+            source.with_values(index, |values| match (&mut self.storage, values) {
+                (Storage::HostF32(to), Values::F32(from)) => plan.copy(&mut to[target], from),
+                (Storage::HostF16(to), Values::F16(from)) => plan.copy(&mut to[target], from),
+                _ => unreachable!("rows are copied into host buffers of their element type"),
             })?;
         }
         Ok(())
@@ -203,32 +193,38 @@ impl CacheBuffers {
     /// Moves rows down within these host buffers: each move's `from` is past its `to`, and
     /// moves go in increasing order, so no row is overwritten before it has moved.
     pub fn move_rows_down(&mut self, moves: &[RowMove]) {
-        let capacity = self.capacity;
         for (index, &layout) in self.layouts.iter().enumerate() {
             let plan = CopyPlan {
                 layout,
-                from_capacity: capacity,
-                to_capacity: capacity,
+                from_capacity: self.capacity,
+                to_capacity: self.capacity,
                 moves,
             };
-            let start = self.start(index);
-            let region = start..start + self.slots * plan.row_len(capacity);
+            let region = self.region(index);
             match &mut self.storage {
-                Storage::HostF32(words) => plan.move_down(&mut words[region]),
-                Storage::HostF16(words) => plan.move_down(&mut words[region]),
+                Storage::HostF32(values) => plan.move_down(&mut values[region]),
+                Storage::HostF16(values) => plan.move_down(&mut values[region]),
                 Storage::Device(_) => unreachable!("rows move in place in host memory only"),
             }
         }
     }
 
-    /// These host buffers copied into the memory of CUDA device `device`.
-    pub fn upload(mut self, device: i32) -> Result<CacheBuffers, RunError> {
-        let tensors = (0..self.layouts.len())
-            .map(|index| {
-                let view = self.host_view(index, self.slots)?;
-                Ok(view.tensor.to(AllocationDevice::CUDA, device)?)
-            })
-            .collect::<Result<_, RunError>>()?;
+    /// These host buffers copied into GPU memory from `allocator` (the session's own, so the
+    /// cache stays in the pool the session allocates from).
+    pub fn upload(mut self, allocator: &Allocator) -> Result<CacheBuffers, RunError> {
+        let element = match self.storage {
+            Storage::HostF16(_) => TensorElementType::Float16,
+            _ => TensorElementType::Float32,
+        };
+        let mut tensors = Vec::with_capacity(self.layouts.len());
+        for (index, &(heads, dim)) in self.layouts.clone().iter().enumerate() {
+            let shape = [self.slots, heads, self.capacity, dim];
+            let mut tensor = DynTensor::new(allocator, element, shape)?;
+            // SAFETY: the view ends with this iteration, while `self` is borrowed mutably.
+            let view = unsafe { self.host_view(index, self.slots)? };
+            view.copy_into(&mut tensor)?;
+            tensors.push(tensor);
+        }
         Ok(CacheBuffers {
             storage: Storage::Device(tensors),
             layouts: self.layouts,
@@ -237,81 +233,76 @@ impl CacheBuffers {
         })
     }
 
-    /// A tensor over the first `rows` slots of host buffer `index`.
-    fn host_view(&mut self, index: usize, rows: usize) -> Result<ViewOf<'_>, RunError> {
-        let (heads, dim) = self.layouts[index];
-        let start = self.start(index);
-        let shape = [rows, heads, self.capacity, dim];
-        match &mut self.storage {
-            Storage::HostF32(words) => view(words, start, TensorElementType::Float32, shape),
-            Storage::HostF16(words) => view(words, start, TensorElementType::Float16, shape),
-            Storage::Device(_) => unreachable!("views are of host memory"),
-        }
+    /// Where buffer `index` lies in a host allocation: after the buffers before it.
+    fn region(&self, index: usize) -> std::ops::Range<usize> {
+        let len = |&(heads, dim): &(usize, usize)| self.slots * heads * self.capacity * dim;
+        let start = self.layouts[..index].iter().map(len).sum();
+        start..start + len(&self.layouts[index])
     }
 
-    /// Where buffer `index` starts in a host allocation: after the buffers before it.
-    fn start(&self, index: usize) -> usize {
-        self.layouts[..index]
-            .iter()
-            .map(|&(heads, dim)| self.slots * heads * self.capacity * dim)
-            .sum()
-    }
-
-    /// Runs `read` on buffer `index`'s words, `len` of them from `start` in host memory, or a
-    /// host copy of its tensor on a GPU.
-    fn with_words(
-        &self,
-        index: usize,
-        start: usize,
-        len: usize,
-        read: impl FnOnce(Words<'_>),
-    ) -> Result<(), RunError> {
+    /// Runs `read` on buffer `index`'s values, in host memory or in a host copy of its tensor
+    /// on a GPU.
+    fn with_values(&self, index: usize, read: impl FnOnce(Values<'_>)) -> Result<(), RunError> {
         match &self.storage {
-            Storage::HostF32(words) => read(Words::F32(&words[start..start + len])),
-            Storage::HostF16(words) => read(Words::F16(&words[start..start + len])),
+            Storage::HostF32(values) => read(Values::F32(&values[self.region(index)])),
+            Storage::HostF16(values) => read(Values::F16(&values[self.region(index)])),
             Storage::Device(tensors) => {
-                let host = tensors[index].to(AllocationDevice::CPU, 0)?;
+                let host = tensors[index].to(ort::memory::AllocationDevice::CPU, 0)?;
                 match *host.data_type() {
-                    TensorElementType::Float16 => read(Words::F16(
-                        host.try_extract_tensor::<f16>()?.1.reinterpret_cast(),
-                    )),
-                    _ => read(Words::F32(host.try_extract_tensor::<f32>()?.1)),
+                    TensorElementType::Float16 => {
+                        read(Values::F16(host.try_extract_tensor::<f16>()?.1))
+                    }
+                    _ => read(Values::F32(host.try_extract_tensor::<f32>()?.1)),
                 }
             }
         }
         Ok(())
     }
+
+    /// A tensor over the first `rows` slots of host buffer `index`, which ONNX Runtime reads
+    /// and writes where it is.
+    ///
+    /// # Safety
+    /// The tensor points into `self`'s memory without borrowing it: it, and anything that
+    /// holds it (a binding, a run's outputs), must be dropped before `self` changes or drops.
+    unsafe fn host_view(&mut self, index: usize, rows: usize) -> Result<DynTensor, RunError> {
+        let (heads, dim) = self.layouts[index];
+        let shape = [rows, heads, self.capacity, dim];
+        let start = self.region(index).start;
+        match &mut self.storage {
+            // SAFETY: passed on to the caller.
+            Storage::HostF32(values) => unsafe { view(&mut values[start..], shape) },
+            Storage::HostF16(values) => unsafe { view(&mut values[start..], shape) },
+            Storage::Device(_) => unreachable!("views are of host memory"),
+        }
+    }
 }
 
-/// A tensor of `shape` over `words[start..]`, which ONNX Runtime reads and writes where it is.
+/// A tensor of `shape` over the start of `values`.
 ///
 /// ort's tensors over borrowed memory (`TensorRefMut::from_raw`) are copied when bound as an
 /// input, which would make the graph write its new columns into the copy; so the tensor is made
-/// through the C API and held as a value ort may bind as it is. The returned value borrows
-/// `words` mutably: the memory outlives it, and nothing else touches it meanwhile.
-fn view<W>(
-    words: &mut [W],
-    start: usize,
-    element: TensorElementType,
-    shape: [usize; 4],
-) -> Result<ViewOf<'_>, RunError> {
+/// through the C API and held as a value ort binds as it is.
+///
+/// # Safety
+/// The returned tensor points into `values` without borrowing them: it must be dropped before
+/// they are moved, changed or freed.
+unsafe fn view<W: HostElement>(values: &mut [W], shape: [usize; 4]) -> Result<DynTensor, RunError> {
     let len: usize = shape.iter().product();
-    assert!(start + len <= words.len(), "a view stays inside its buffer");
-    let data = words[start..].as_mut_ptr().cast::<std::ffi::c_void>();
+    assert!(len <= values.len(), "a view stays inside its buffer");
     let dims = shape.map(|dim| dim as i64);
     let api = ort::api();
     let memory = MemoryInfo::default();
     let mut value = std::ptr::null_mut();
-    // SAFETY: `data` points at `len` elements of `W`, each one element of `element` (the
-    // callers pair `f32` words with float32 and `u16` words with float16), inside `words`.
+    // SAFETY: the data is `len` values of `W`, whose ONNX type is `W::TYPE`, all inside `values`.
     let status = unsafe {
         (api.CreateTensorWithDataAsOrtValue)(
             memory.ptr(),
-            data,
+            values.as_mut_ptr().cast(),
             len * size_of::<W>(),
             dims.as_ptr(),
             dims.len(),
-            element.into(),
+            W::TYPE.into(),
             &mut value,
         )
     };
@@ -327,18 +318,8 @@ fn view<W>(
     }
     let value = std::ptr::NonNull::new(value).expect("ONNX Runtime returned a tensor");
     // SAFETY: `value` is a tensor just created over host memory; the default allocator is the
-    // host's, and releasing the value leaves `words` to their owner.
-    let tensor = unsafe { DynTensor::from_ptr(value, Some(&Allocator::default())) };
-    Ok(ViewOf {
-        tensor,
-        _words: std::marker::PhantomData,
-    })
-}
-
-/// A tensor over memory it borrows mutably.
-struct ViewOf<'a> {
-    tensor: DynTensor,
-    _words: std::marker::PhantomData<&'a mut ()>,
+    // host's, and releasing the value leaves the memory to its owner.
+    Ok(unsafe { DynTensor::from_ptr(value, Some(&Allocator::default())) })
 }
 
 /// Which rows to copy between two buffers of one layout.
@@ -351,11 +332,6 @@ struct CopyPlan<'a> {
 }
 
 impl CopyPlan<'_> {
-    /// Words one slot takes at `capacity` columns.
-    fn row_len(&self, capacity: usize) -> usize {
-        self.layout.0 * capacity * self.layout.1
-    }
-
     fn copy<T: Copy>(&self, target: &mut [T], source: &[T]) {
         let (heads, dim) = self.layout;
         for row in self.moves {
@@ -368,7 +344,7 @@ impl CopyPlan<'_> {
         }
     }
 
-    fn move_down<T: Copy>(&self, words: &mut [T]) {
+    fn move_down<T: Copy>(&self, values: &mut [T]) {
         let (heads, dim) = self.layout;
         let capacity = self.to_capacity;
         for row in self.moves {
@@ -377,7 +353,7 @@ impl CopyPlan<'_> {
             for head in 0..heads {
                 let read = (row.from * heads + head) * capacity * dim;
                 let write = (row.to * heads + head) * capacity * dim;
-                words.copy_within(read..read + len, write);
+                values.copy_within(read..read + len, write);
             }
         }
     }
@@ -391,13 +367,13 @@ mod tests {
     fn numbered(slots: usize, capacity: usize) -> CacheBuffers {
         let mut buffers =
             CacheBuffers::host(TensorElementType::Float32, &[(2, 1)], slots, capacity).unwrap();
-        let Storage::HostF32(words) = &mut buffers.storage else {
+        let Storage::HostF32(values) = &mut buffers.storage else {
             unreachable!()
         };
         for slot in 0..slots {
             for head in 0..2 {
                 for column in 0..capacity {
-                    words[(slot * 2 + head) * capacity + column] =
+                    values[(slot * 2 + head) * capacity + column] =
                         (slot * 100 + head * 10 + column) as f32;
                 }
             }
@@ -406,11 +382,11 @@ mod tests {
     }
 
     fn slot(buffers: &CacheBuffers, slot: usize, head: usize) -> Vec<f32> {
-        let Storage::HostF32(words) = &buffers.storage else {
+        let Storage::HostF32(values) = &buffers.storage else {
             unreachable!()
         };
         let start = (slot * 2 + head) * buffers.capacity;
-        words[start..start + buffers.capacity].to_vec()
+        values[start..start + buffers.capacity].to_vec()
     }
 
     #[test]

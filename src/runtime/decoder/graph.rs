@@ -90,8 +90,8 @@ impl StepGraph {
             };
             if !state_shapes.is_empty() && element != state_type {
                 return Err(format!(
-                    "state input `{}` is {}, unlike the state before it; all state shares one type",
-                    spec.name, spec.dtype
+                    "state input `{}` is {}, but `{}` is {state_type:?}; all state shares one type",
+                    spec.name, spec.dtype, bindings.state[0].input
                 ));
             }
             state_type = element;

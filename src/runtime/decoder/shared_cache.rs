@@ -12,7 +12,8 @@
 //! The buffers are float32 or float16, as the graph declares them, and live where the graph's
 //! attention reads them. onnxruntime's GroupQueryAttention has CUDA kernels for float16 and
 //! bfloat16 only: so under CUDA a float16 graph's buffers stay in GPU memory, where a step
-//! reads and writes them and only rows joining or leaving pass them through the host, while a
+//! reads and writes them and only rows joining or leaving, or a row outgrowing the capacity,
+//! pass them through the host (GPU buffers hold exactly their rows: no free slots), while a
 //! float32 graph runs that operator on the CPU, over buffers in host memory (`models/real`
 //! writes SmolLM2 in float16 for GPUs).
 
@@ -31,7 +32,8 @@ use crate::runtime::step::{RowBatch, RunError, StepDecoder};
 const GROWTH: usize = 128;
 
 /// Slots host buffers get for `rows` rows: room for as many again, and at least 8, so that rows
-/// joining later are copied into free slots. Slots no row uses cost address space, not memory.
+/// joining later are copied into free slots. Slots no row has reached yet cost address space,
+/// not memory; a batch that has shrunk to a quarter of its slots is laid out anew (`keep`).
 fn slots_for(rows: usize) -> usize {
     (rows * 2).max(8)
 }
@@ -47,6 +49,12 @@ impl SharedCacheBatch {
     fn buffers(&self) -> &CacheBuffers {
         self.buffers
             .as_ref()
+            .expect("a batch with rows has buffers")
+    }
+
+    fn buffers_mut(&mut self) -> &mut CacheBuffers {
+        self.buffers
+            .as_mut()
             .expect("a batch with rows has buffers")
     }
 }
@@ -117,23 +125,32 @@ impl SharedCacheDecoder {
         }
     }
 
-    /// New buffers for `rows` rows of `capacity` columns, where the graph reads them. The graph
-    /// reads only each row's first `seqlens_k + 1` columns, which a copy or a run has written:
-    /// filling the rest with NaN left the real-model parity tests, batched rows of different
-    /// lengths included, token-identical.
+    /// New buffers for `rows` rows of `capacity` columns, where the graph reads them, zeroed.
     fn allocate(
         &self,
         session: &Session,
         rows: usize,
         capacity: usize,
     ) -> Result<CacheBuffers, RunError> {
-        let element = self.graph.state_type;
-        let Some(device) = self.gpu() else {
-            return self.host_buffers(rows, capacity);
-        };
+        match self.gpu() {
+            None => self.host_buffers(rows, capacity),
+            Some(device) => self.upload(
+                CacheBuffers::host(self.graph.state_type, &self.layouts, rows, capacity)?,
+                session,
+                device,
+            ),
+        }
+    }
+
+    /// `buffers` copied into the memory of CUDA device `device`, from `session`'s allocator.
+    fn upload(
+        &self,
+        buffers: CacheBuffers,
+        session: &Session,
+        device: i32,
+    ) -> Result<CacheBuffers, RunError> {
         let memory = residency::device_memory(Provider::Cuda { device })?;
-        let allocator = Allocator::new(session, memory)?;
-        CacheBuffers::device(&allocator, element, &self.layouts, rows, capacity)
+        buffers.upload(&Allocator::new(session, memory)?)
     }
 
     /// Host buffers for `rows` rows with free slots (`slots_for`), or without them where the
@@ -176,7 +193,7 @@ impl SharedCacheDecoder {
             }
         }
         if let Some(device) = self.gpu() {
-            buffers = buffers.upload(device)?;
+            buffers = self.upload(buffers, &self.graph.session(), device)?;
         }
         let rows = picks
             .iter()
@@ -217,28 +234,26 @@ impl SharedCacheDecoder {
             total_name,
             &Tensor::from_array((Vec::<usize>::new(), vec![total as i32]))?,
         )?;
-        let buffers = batch
-            .buffers
-            .as_mut()
-            .expect("a batch that runs has buffers");
-        buffers.bind(&mut binding, &bindings.state, rows)?;
         let logits_name = bindings
             .logits
             .as_deref()
             .expect("decoders have a logits output (checked at load)");
         binding.bind_output_to_device(logits_name, &MemoryInfo::default())?;
-        let outputs = session.run_binding(&binding)?;
-        let (shape, data) = outputs
-            .get(logits_name)
-            .ok_or_else(|| RunError::MissingOutput(logits_name.to_owned()))?
-            .try_extract_tensor::<f32>()?;
         // A graph may return every column's logits; each row's newest token is its last real one.
         let newest: Vec<usize> = if columns == 1 {
             vec![0; rows]
         } else {
             lengths.iter().map(|&len| len - 1).collect()
         };
-        Ok(newest_logits(shape, data, &newest))
+        batch
+            .buffers_mut()
+            .run(session, binding, &bindings.state, rows, |outputs| {
+                let (shape, data) = outputs
+                    .get(logits_name)
+                    .ok_or_else(|| RunError::MissingOutput(logits_name.to_owned()))?
+                    .try_extract_tensor::<f32>()?;
+                Ok(newest_logits(shape, data, &newest))
+            })
     }
 }
 
@@ -318,11 +333,10 @@ impl StepDecoder for SharedCacheDecoder {
             return Ok(Self::empty_batch());
         }
         let in_order = rows.windows(2).all(|pair| pair[0] < pair[1]);
-        let buffers = batch
-            .buffers
-            .as_mut()
-            .expect("a batch with rows has buffers");
-        if in_order && buffers.in_host_memory() {
+        let buffers = batch.buffers();
+        // Kept where they are unless a quarter of the slots would hold every row.
+        let roomy = rows.len() * 4 < buffers.slots() && slots_for(rows.len()) < buffers.slots();
+        if in_order && buffers.in_host_memory() && !roomy {
             // Rows leave and the others keep their order: each moves down into the first free
             // slot, and rows already in place are not copied.
             let moves: Vec<RowMove> = rows
@@ -335,16 +349,11 @@ impl StepDecoder for SharedCacheDecoder {
                     columns: batch.rows[from].fed,
                 })
                 .collect();
-            buffers.move_rows_down(&moves);
-            let mut old = std::mem::take(&mut batch.rows).into_iter().enumerate();
+            batch.buffers_mut().move_rows_down(&moves);
+            let mut old: Vec<Option<Row>> = batch.rows.drain(..).map(Some).collect();
             batch.rows = rows
                 .iter()
-                .map(|&wanted| {
-                    let (_, row) = old
-                        .find(|&(index, _)| index == wanted)
-                        .expect("rows in order");
-                    row
-                })
+                .map(|&row| old[row].take().expect("each row is kept once"))
                 .collect();
             return Ok(batch);
         }
@@ -365,10 +374,7 @@ impl StepDecoder for SharedCacheDecoder {
             return Ok(running);
         }
         let (before, total) = (running.rows.len(), running.rows.len() + joining.rows.len());
-        let buffers = running
-            .buffers
-            .as_mut()
-            .expect("a batch with rows has buffers");
+        let buffers = running.buffers_mut();
         let longest_joining = joining.rows.iter().map(|row| row.fed).max().unwrap_or(0);
         if buffers.in_host_memory()
             && total <= buffers.slots()
