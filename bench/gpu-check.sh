@@ -103,29 +103,37 @@ embeddings_agree() { # model, text, label
 text="Now is the winter of our discontent made glorious summer by this sun of York."
 embeddings_agree tiny-encoder "$text" "tiny-encoder embeddings agree within 1e-3"
 
-# 4. Rows joining and leaving a batch whose state lives on the GPU: 8 streams of different
-# lengths started together on the GPU (they join as their prompts arrive and leave as each
-# reaches its length), each against the same request alone on the CPU. Between steps the
-# carried state stays in GPU memory; a join or a leave gathers it through the host.
-for model in tiny-gpt2 tiny-lstm tiny-translator; do
-    pids=()
+# 8 streams of `model` started together on :batch_port, stream i with prompt (printf) format
+# `prompt` and `step` * i new tokens, so they join as their prompts arrive and leave as each
+# reaches its length; each against the same request alone on :alone_port. An empty output
+# counts as a failure, not a match.
+batch_matches_alone() { # model, batch_port, alone_port, prompt, step
+    local i pids=() same=0
     for i in $(seq 1 8); do
-        prompt="Stream $i: to be, or not to be"
-        [ "$model" = tiny-translator ] && prompt="Where is station number $i?"
-        "$BIN" generate --addr "127.0.0.1:$GPU_PORT" -m "$model" --max-new-tokens $((16 * i)) \
-            "$prompt" >"$work/$model.batch.$i.gpu" 2>/dev/null &
+        # shellcheck disable=SC2059 # the format is the caller's
+        "$BIN" generate --addr "127.0.0.1:$2" -m "$1" --max-new-tokens $(($5 * i)) \
+            "$(printf "$4" "$i")" >"$work/$1.$2.batch.$i" 2>/dev/null &
         pids+=($!)
     done
     wait "${pids[@]}"
-    same=0
     for i in $(seq 1 8); do
-        prompt="Stream $i: to be, or not to be"
-        [ "$model" = tiny-translator ] && prompt="Where is station number $i?"
-        "$BIN" generate --addr "127.0.0.1:$CPU_PORT" -m "$model" --max-new-tokens $((16 * i)) \
-            "$prompt" >"$work/$model.batch.$i.cpu" 2>/dev/null
-        cmp -s "$work/$model.batch.$i.cpu" "$work/$model.batch.$i.gpu" || same=1
+        # shellcheck disable=SC2059
+        "$BIN" generate --addr "127.0.0.1:$3" -m "$1" --max-new-tokens $(($5 * i)) \
+            "$(printf "$4" "$i")" >"$work/$1.$3.alone.$i" 2>/dev/null
+        [ -s "$work/$1.$2.batch.$i" ] && cmp -s "$work/$1.$3.alone.$i" "$work/$1.$2.batch.$i" ||
+            same=1
     done
-    check "$model: 8 streams joining and leaving on the GPU match each alone on the CPU" $same
+    return "$same"
+}
+
+# 4. Rows joining and leaving a batch whose state lives on the GPU, each stream against the
+# same request alone on the CPU. Between steps the carried state stays in GPU memory; a join
+# or a leave gathers it through the host.
+for model in tiny-gpt2 tiny-lstm tiny-translator; do
+    prompt="Stream %d: to be, or not to be"
+    [ "$model" = tiny-translator ] && prompt="Where is station number %d?"
+    batch_matches_alone "$model" "$GPU_PORT" "$CPU_PORT" "$prompt" 16
+    check "$model: 8 streams joining and leaving on the GPU match each alone on the CPU" $?
 done
 
 # 5. Caches written in place. The float16 graph runs its attention on the GPU, over buffers in
@@ -145,20 +153,8 @@ for model in tiny-llama-in-place tiny-llama-in-place-fp16; do
         "To be, or not to be" >"$work/$model.txt" 2>"$work/$model.err"
     [ -s "$work/tiny-llama.reference.txt" ] && cmp -s "$work/tiny-llama.reference.txt" "$work/$model.txt"
     check "$model greedy text on $GPU is tiny-llama's on the CPU" $?
-    pids=()
-    for i in $(seq 1 8); do
-        "$BIN" generate --addr "127.0.0.1:$IN_PLACE_PORT" -m "$model" --max-new-tokens $((16 * i)) \
-            "Stream $i: to be, or not to be" >"$work/$model.batch.$i" 2>/dev/null &
-        pids+=($!)
-    done
-    wait "${pids[@]}"
-    same=0
-    for i in $(seq 1 8); do
-        "$BIN" generate --addr "127.0.0.1:$IN_PLACE_PORT" -m "$model" --max-new-tokens $((16 * i)) \
-            "Stream $i: to be, or not to be" >"$work/$model.alone.$i" 2>/dev/null
-        [ -s "$work/$model.batch.$i" ] && cmp -s "$work/$model.alone.$i" "$work/$model.batch.$i" || same=1
-    done
-    check "$model: 8 streams joining and leaving on $GPU decode as each alone" $same
+    batch_matches_alone "$model" "$IN_PLACE_PORT" "$IN_PLACE_PORT" "Stream %d: to be, or not to be" 16
+    check "$model: 8 streams joining and leaving on $GPU decode as each alone" $?
 done
 kill "$in_place_server" 2>/dev/null
 
@@ -223,20 +219,8 @@ if [ -d "$REAL_REPO/smollm2-135m-instruct" ]; then
             "$prompt" >"$work/smollm2.f16.txt" 2>"$work/smollm2.f16.err"
         [ -s "$float32_text" ] && cmp -s "$float32_text" "$work/smollm2.f16.txt"
         check "float16 smollm2-135m-instruct greedy text on $GPU is the CPU's float32 text" $?
-        pids=()
-        for i in $(seq 1 8); do
-            "$BIN" generate --addr "127.0.0.1:$GPU_PORT" -m smollm2-135m-instruct \
-                --max-new-tokens $((8 * i)) "Story $i: once upon a time" >"$work/f16.batch.$i" 2>/dev/null &
-            pids+=($!)
-        done
-        wait "${pids[@]}"
-        same=0
-        for i in $(seq 1 8); do
-            "$BIN" generate --addr "127.0.0.1:$GPU_PORT" -m smollm2-135m-instruct \
-                --max-new-tokens $((8 * i)) "Story $i: once upon a time" >"$work/f16.alone.$i" 2>/dev/null
-            [ -s "$work/f16.batch.$i" ] && cmp -s "$work/f16.alone.$i" "$work/f16.batch.$i" || same=1
-        done
-        check "float16 smollm2-135m-instruct: 8 streams joining and leaving on $GPU decode as alone" $same
+        batch_matches_alone smollm2-135m-instruct "$GPU_PORT" "$GPU_PORT" "Story %d: once upon a time" 8
+        check "float16 smollm2-135m-instruct: 8 streams joining and leaving on $GPU decode as alone" $?
         smollm2_rate "$GPU_PORT" "float16 on $GPU"
     else
         echo "(no float16 SmolLM2 in $FLOAT16_REPO: \`make real-models\` builds it)"
