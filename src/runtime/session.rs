@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorElementType;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::providers::Provider;
@@ -23,6 +24,17 @@ pub struct TensorSpec {
     pub dtype: String,
     /// -1 marks a dynamic axis.
     pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// The tensor's element type where it is float32 or float16, the types carried state has.
+    pub fn float_type(&self) -> Option<TensorElementType> {
+        match self.dtype.as_str() {
+            "float32" => Some(TensorElementType::Float32),
+            "float16" => Some(TensorElementType::Float16),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use half::f16;
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynValue, Tensor, TensorElementType};
 
 use super::bindings::Bindings;
 use super::session::TensorSpec;
@@ -47,7 +47,7 @@ pub fn run(
                 })
                 .collect();
             let len = shape.iter().product();
-            if spec.dtype == "float16" {
+            if spec.float_type() == Some(TensorElementType::Float16) {
                 Tensor::from_array((shape, vec![f16::ZERO; len]))?.into_dyn()
             } else {
                 Tensor::from_array((shape, vec![0.0_f32; len]))?.into_dyn()

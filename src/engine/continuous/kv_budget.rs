@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use ort::value::TensorElementType;
+
 use crate::runtime::TensorSpec;
 use crate::runtime::bindings::Bindings;
 
@@ -20,7 +22,10 @@ pub fn bytes_per_token(inputs: &[TensorSpec], bindings: &Bindings) -> usize {
         .filter(|spec| spec.shape.iter().filter(|&&dim| dim < 0).count() >= 2)
         .map(|spec| {
             let fixed: i64 = spec.shape.iter().filter(|&&dim| dim > 0).product();
-            let element = if spec.dtype == "float16" { 2 } else { 4 };
+            let element = match spec.float_type() {
+                Some(TensorElementType::Float16) => 2,
+                _ => 4,
+            };
             fixed as usize * element
         })
         .sum()

@@ -78,13 +78,13 @@ impl StepGraph {
                 .iter()
                 .find(|spec| spec.name == pair.input)
                 .ok_or_else(|| format!("no state input `{}`", pair.input))?;
-            let element = match spec.dtype.as_str() {
-                "float32" => TensorElementType::Float32,
-                "float16" if in_place => TensorElementType::Float16,
-                other => {
+            let element = match spec.float_type() {
+                Some(TensorElementType::Float32) => TensorElementType::Float32,
+                Some(TensorElementType::Float16) if in_place => TensorElementType::Float16,
+                _ => {
                     return Err(format!(
-                        "state input `{}` is {other}; state is float32, or float16 in a cache written in place",
-                        spec.name
+                        "state input `{}` is {}; state is float32, or float16 in a cache written in place",
+                        spec.name, spec.dtype
                     ));
                 }
             };
