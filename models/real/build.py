@@ -34,7 +34,7 @@ import gguf_files
 import llama
 
 # Bump when the files this script writes change, so cached folders are rebuilt.
-REVISION = 4
+REVISION = 5
 
 
 def default_cache() -> str:

@@ -26,6 +26,12 @@ past/present buffer):
 Rows are left-aligned: a batch of prompts is right-padded, and a row's cache holds its tokens in
 its first columns. Positions come from the row lengths, so there is no position_ids input.
 
+The shared layout also runs fewer kernels a step, the same arithmetic regrouped: each norm and the
+residual Add before it are one onnxruntime kernel, and a layer's seven products are four (query,
+key and value packed into one, gate and up into another). A decode step of SmolLM2 on 2 CPU cores
+took 8-10% less time for it (bench/RESULTS.md); the optimum layout keeps the kernels an export
+from transformers has, as the baseline the plain loops run.
+
 `precision="float16"` (shared layout only) writes the weights, the activations and the cache in
 float16, which onnxruntime's GroupQueryAttention needs to run on CUDA: a float32 graph runs that
 operator on the CPU there. The RMS norms compute in float32 (a square of a float16 activation
@@ -81,11 +87,20 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _rms_norm(g: Graph, x: str, weight: str, eps: float, name: str, elem_type: int) -> str:
-    """RMS norm in float32 (`weight` is float32) of `x`, returned as `elem_type`."""
+def _rms_norm(g: Graph, x: str, weight: str, eps: float, name: str, elem_type: int,
+              fused: bool) -> str:
+    """RMS norm in float32 (`weight` is float32) of `x`, returned as `elem_type`.
+
+    `fused` squares with Pow, the form onnxruntime's SimplifiedLayerNormFusion matches, so the six
+    nodes run as one kernel (SimplifiedLayerNormalization itself is no operator the ONNX checker
+    knows). A squaring Mul, as the optimum layout keeps, stays six kernels, as the rsqrt form of a
+    transformers export does: onnxruntime 1.31.1 fuses neither."""
     if elem_type != FLOAT:
         x = g.op("Cast", [x], f"{name}_in", to=FLOAT)
-    squared = g.op("Mul", [x, x], f"{name}_sq")
+    if fused:
+        squared = g.op("Pow", [x, g.const(2.0, np.float32)], f"{name}_sq")
+    else:
+        squared = g.op("Mul", [x, x], f"{name}_sq")
     mean = g.op("ReduceMean", [squared], f"{name}_mean", axes=[-1], keepdims=1)
     root = g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float32)], f"{name}_eps")],
                 f"{name}_sqrt")
@@ -93,6 +108,20 @@ def _rms_norm(g: Graph, x: str, weight: str, eps: float, name: str, elem_type: i
         return g.op("Mul", [g.op("Div", [x, root], f"{name}_div"), weight], name)
     normed = g.op("Mul", [g.op("Div", [x, root], f"{name}_div"), weight], f"{name}_f32")
     return g.op("Cast", [normed], name, to=elem_type)
+
+
+def _residual_norm(g: Graph, x: str, delta: str, weight: str, eps: float, name: str,
+                   elem_type: int, fused: bool) -> tuple:
+    """The residual stream `x` + `delta`, and its RMS norm: (normed, stream).
+
+    `fused` in float32 writes onnxruntime's SkipSimplifiedLayerNormalization, one kernel for the
+    Add and the norm."""
+    if fused and elem_type == FLOAT:
+        normed, _, _, stream = g.op("SkipSimplifiedLayerNormalization", [x, delta, weight], name,
+                                    outputs=4, domain="com.microsoft", epsilon=eps)
+        return normed, stream
+    stream = g.op("Add", [x, delta], f"{name}_residual")
+    return _rms_norm(g, stream, weight, eps, name, elem_type, fused), stream
 
 
 def _rotate(g: Graph, x: str, cos: str, sin: str, half: int, name: str) -> str:
@@ -170,8 +199,9 @@ def _optimum_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict)
     scale = g.const(1.0 / np.sqrt(head_dim), np.float32)
     half = head_dim // 2
 
-    def attend(i: int, q: str, k: str, v: str, past: tuple) -> tuple:
+    def attend(i: int, projections: list, past: tuple) -> tuple:
         """[batch, sequence, hidden] context, and the present key and value."""
+        q, k, v = projections
         q = g.op("Transpose", [g.op("Reshape", [q, q_shape], f"l{i}_q_heads")], f"l{i}_q_t",
                  perm=[0, 2, 1, 3])
         k = g.op("Transpose", [g.op("Reshape", [k, kv_shape], f"l{i}_k_heads")], f"l{i}_k_t",
@@ -217,8 +247,9 @@ def _shared_attention(g: Graph, input_ids: str, inv_freq: np.ndarray, hp: dict, 
     cos = g.weight("rotary_cos", np.cos(angles).astype(dtype, copy=False))
     sin = g.weight("rotary_sin", np.sin(angles).astype(dtype, copy=False))
 
-    def attend(i: int, q: str, k: str, v: str, past: tuple) -> tuple:
-        return g.op("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total, cos, sin],
+    def attend(i: int, projections: list, past: tuple) -> tuple:
+        return g.op("GroupQueryAttention", [*projections, past[0], past[1], seqlens_k, total, cos,
+                                            sin],
                     f"l{i}_attention", outputs=3, domain="com.microsoft", num_heads=heads,
                     kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
                     scale=float(1.0 / np.sqrt(hp["head_dim"])))
@@ -248,38 +279,58 @@ def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, att
     embedding = g.weight("token_embd.weight", table)
     x = g.op("Gather", [embedding, input_ids], "embed_tokens", axis=0)
     presents = []
+    residual = None  # each layer's last output, added to the stream by the next norm
     for i in range(hp["num_hidden_layers"]):
         p = f"blk.{i}"
         # Matrices in the graph's precision; norm weights stay float32, as the norms compute.
         w = lambda key, array: g.weight(f"{p}.{key}", array.astype(dtype, copy=False))  # noqa: E731
         norm = lambda key, x, name: _rms_norm(  # noqa: E731
-            g, x, g.weight(f"{p}.{key}", weights[f"{p}.{key}"]), eps, name, elem_type)
-        normed = norm("attn_norm.weight", x, f"l{i}_attn_norm")
+            g, x, g.weight(f"{p}.{key}", weights[f"{p}.{key}"]), eps, name, elem_type, shared)
+        add_norm = lambda key, x, delta, name: _residual_norm(  # noqa: E731
+            g, x, delta, g.weight(f"{p}.{key}", weights[f"{p}.{key}"]), eps, name, elem_type,
+            shared)
+        if residual is None:
+            normed = norm("attn_norm.weight", x, f"l{i}_attn_norm")
+        else:
+            normed, x = add_norm("attn_norm.weight", x, residual, f"l{i}_attn_norm")
         q_w = unpermute(weights[f"{p}.attn_q.weight"], heads)
         k_w = unpermute(weights[f"{p}.attn_k.weight"], kv_heads)
-        q = g.op("MatMul", [normed, w("attn_q.weight", q_w.T)], f"l{i}_q")
-        k = g.op("MatMul", [normed, w("attn_k.weight", k_w.T)], f"l{i}_k")
-        v = g.op("MatMul", [normed, w("attn_v.weight", weights[f"{p}.attn_v.weight"].T)], f"l{i}_v")
-        context, key, value = attend(i, q, k, v, pasts[i])
+        v_w = weights[f"{p}.attn_v.weight"]
+        if shared:
+            # One product for the three projections: GroupQueryAttention splits a packed input
+            # itself, and a decode step's time goes as much to launching kernels as to them.
+            qkv_w = np.concatenate([q_w, k_w, v_w]).T
+            projections = [g.op("MatMul", [normed, w("attn_qkv.weight", qkv_w)], f"l{i}_qkv"),
+                           "", ""]
+        else:
+            projections = [g.op("MatMul", [normed, w("attn_q.weight", q_w.T)], f"l{i}_q"),
+                           g.op("MatMul", [normed, w("attn_k.weight", k_w.T)], f"l{i}_k"),
+                           g.op("MatMul", [normed, w("attn_v.weight", v_w.T)], f"l{i}_v")]
+        context, key, value = attend(i, projections, pasts[i])
         presents.append((key, value))
         attention = g.op("MatMul", [context, w("attn_output.weight",
                                                weights[f"{p}.attn_output.weight"].T)],
                          f"l{i}_attn_out")
-        x = g.op("Add", [x, attention], f"l{i}_attn_residual")
+        normed, x = add_norm("ffn_norm.weight", x, attention, f"l{i}_ffn_norm")
 
-        normed = norm("ffn_norm.weight", x, f"l{i}_ffn_norm")
-        gate = g.op("MatMul", [normed, w("ffn_gate.weight", weights[f"{p}.ffn_gate.weight"].T)],
-                    f"l{i}_gate")
-        up = g.op("MatMul", [normed, w("ffn_up.weight", weights[f"{p}.ffn_up.weight"].T)],
-                  f"l{i}_up")
+        gate_w, up_w = weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"]
+        if shared:
+            gate_up = g.op("MatMul", [normed, w("ffn_gate_up.weight",
+                                                np.concatenate([gate_w, up_w]).T)],
+                           f"l{i}_gate_up")
+            gate, up = g.op("Split", [gate_up, g.const([len(gate_w), len(up_w)])],
+                            f"l{i}_gate_up_split", outputs=2, axis=-1)
+        else:
+            gate = g.op("MatMul", [normed, w("ffn_gate.weight", gate_w.T)], f"l{i}_gate")
+            up = g.op("MatMul", [normed, w("ffn_up.weight", up_w.T)], f"l{i}_up")
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
-        down = g.op("MatMul", [g.op("Mul", [silu, up], f"l{i}_gated"),
-                               w("ffn_down.weight", weights[f"{p}.ffn_down.weight"].T)],
-                    f"l{i}_down")
-        x = g.op("Add", [x, down], f"l{i}_ffn_residual")
+        residual = g.op("MatMul", [g.op("Mul", [silu, up], f"l{i}_gated"),
+                                   w("ffn_down.weight", weights[f"{p}.ffn_down.weight"].T)],
+                        f"l{i}_down")
 
-    x = _rms_norm(g, x, g.weight("output_norm.weight", weights["output_norm.weight"]), eps,
-                  "final_norm", elem_type)
+    x = _residual_norm(g, x, residual, g.weight("output_norm.weight",
+                                                weights["output_norm.weight"]),
+                       eps, "final_norm", elem_type, shared)[0]
     # Tied embeddings when the file has no output matrix: logits = x @ embedding^T, through Gemm
     # with transB so the one [vocab, hidden] table serves both ends.
     head = (g.weight("output.weight", weights["output.weight"].astype(dtype, copy=False))
