@@ -28,9 +28,9 @@ its first columns. Positions come from the row lengths, so there is no position_
 
 The shared layout also runs fewer kernels a step, the same arithmetic regrouped: each norm and the
 residual Add before it are one onnxruntime kernel, and a layer's seven products are four (query,
-key and value packed into one, gate and up into another). A decode step of SmolLM2 on 2 CPU cores
-took 8-10% less time for it (bench/RESULTS.md); the optimum layout keeps the kernels an export
-from transformers has, as the baseline the plain loops run.
+key and value packed into one, gate and up into another). In process on 2 CPU cores, a SmolLM2
+decode step took a tenth less time for it (bench/RESULTS.md). The optimum layout keeps the
+kernels an export from transformers has, as the baseline the plain loops run.
 
 `precision="float16"` (shared layout only) writes the weights, the activations and the cache in
 float16, which onnxruntime's GroupQueryAttention needs to run on CUDA: a float32 graph runs that
@@ -297,8 +297,8 @@ def _decoder(g: Graph, weights: dict, hp: dict, input_ids: str, pasts: list, att
         k_w = unpermute(weights[f"{p}.attn_k.weight"], kv_heads)
         v_w = weights[f"{p}.attn_v.weight"]
         if shared:
-            # One product for the three projections: GroupQueryAttention splits a packed input
-            # itself, and a decode step's time goes as much to launching kernels as to them.
+            # One product for the three projections, which GroupQueryAttention takes packed and
+            # splits itself: two kernels fewer a layer.
             qkv_w = np.concatenate([q_w, k_w, v_w]).T
             projections = [g.op("MatMul", [normed, w("attn_qkv.weight", qkv_w)], f"l{i}_qkv"),
                            "", ""]
