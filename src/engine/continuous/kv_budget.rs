@@ -22,11 +22,8 @@ pub fn bytes_per_token(inputs: &[TensorSpec], bindings: &Bindings) -> usize {
         .filter(|spec| spec.shape.iter().filter(|&&dim| dim < 0).count() >= 2)
         .map(|spec| {
             let fixed: i64 = spec.shape.iter().filter(|&&dim| dim > 0).product();
-            let element = match spec.float_type() {
-                Some(TensorElementType::Float16) => 2,
-                _ => 4,
-            };
-            fixed as usize * element
+            let element = spec.float_type().unwrap_or(TensorElementType::Float32);
+            element.byte_size(fixed as usize).unwrap_or(0)
         })
         .sum()
 }

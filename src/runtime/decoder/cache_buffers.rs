@@ -98,9 +98,9 @@ impl CacheBuffers {
                     .checked_mul(dim)?,
             )
         });
-        let (storage, width) = match element {
-            TensorElementType::Float32 => (len.and_then(zeroed).map(Storage::HostF32), 4),
-            TensorElementType::Float16 => (len.and_then(zeroed).map(Storage::HostF16), 2),
+        let storage = match element {
+            TensorElementType::Float32 => len.and_then(zeroed).map(Storage::HostF32),
+            TensorElementType::Float16 => len.and_then(zeroed).map(Storage::HostF16),
             other => {
                 return Err(ort::Error::new(format!(
                     "a cache written in place is float32 or float16, not {other:?}"
@@ -109,6 +109,8 @@ impl CacheBuffers {
             }
         };
         let Some(storage) = storage else {
+            // In u128: a request past the address space is reported, not overflowed.
+            let width = element.byte_size(1).unwrap_or(0) as u128;
             return Err(RunError::CacheMemory {
                 mib: len.map_or(u128::MAX, |len| (len as u128 * width) >> 20),
                 rows: slots,
