@@ -321,6 +321,29 @@ async fn reports_the_kv_cache_budget_and_its_use() {
     }
     assert_eq!(after.used_tokens, 0);
 
+    // A beam search whose beams together need more than the whole budget is refused up front,
+    // not run past it: 4 beams of 5 + 200 tokens reserve 820 of 256.
+    let refused = client
+        .generate(proto::GenerateRequest {
+            model: "tiny-gpt2".into(),
+            prompt: Some(proto::generate_request::Prompt::TokenIds(proto::TokenIds {
+                ids: vec![1, 2, 3, 4, 5],
+            })),
+            parameters: Some(proto::GenerationParameters {
+                max_new_tokens: Some(200),
+                num_beams: 4,
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    for needle in ["parameters.num_beams", "820", "budget of 256"] {
+        assert!(refused.message().contains(needle), "{refused:?}");
+    }
+
     let encoder = describe("tiny-encoder").await;
     for name in ["batching.best_batch_size", "batching.best_batch_tokens"] {
         let row = encoder.settings.iter().find(|s| s.name == name).unwrap();

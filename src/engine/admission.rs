@@ -64,7 +64,9 @@ impl DrainRate {
     /// Items per second over the window's busy time; `None` until enough left to tell.
     /// `waiting_since`, the oldest waiting item's arrival, keeps the time since the last
     /// departure in the count while items wait: a queue that has stopped draining reads slower
-    /// the longer it stays stuck.
+    /// the longer it stays stuck. Once its oldest item has waited longer than the window, too
+    /// few departures are no longer "too little to tell": the queue drained at most one item
+    /// over that time, and saying `None` there would admit everyone as if the model were idle.
     pub fn per_second(&self, waiting_since: Option<Instant>, now: Instant) -> Option<f64> {
         let (mut count, mut busy) = (0, Duration::ZERO);
         for departure in self
@@ -75,14 +77,16 @@ impl DrainRate {
             count += departure.items;
             busy += departure.busy;
         }
-        if count < MIN_DEPARTURES {
+        let stuck =
+            waiting_since.is_some_and(|since| now.saturating_duration_since(since) > WINDOW);
+        if count < MIN_DEPARTURES && !stuck {
             return None;
         }
         if let Some(waiting_since) = waiting_since {
             let last = self.departures.back().map_or(waiting_since, |last| last.at);
             busy += now.saturating_duration_since(waiting_since.max(last));
         }
-        Some(count as f64 / busy.max(MIN_SPAN).as_secs_f64())
+        Some(count.max(1) as f64 / busy.max(MIN_SPAN).as_secs_f64())
     }
 }
 
@@ -300,6 +304,43 @@ mod tests {
         assert!((stuck - 50.0).abs() < 1.0, "{stuck}");
         // With nothing waiting, the pause is idleness and costs the rate nothing.
         assert!((rate.per_second(None, at(800)).unwrap() - 100.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn a_queue_stuck_past_the_window_still_refuses() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut clock = QueueClock::default();
+        for step in 1..=4 {
+            clock.departed([start; 10], at(100 * step));
+        }
+        let backlog = Backlog {
+            items: 500,
+            waiting_since: Some(at(350)),
+        };
+        let max_queue_time = Duration::from_secs(2);
+        assert!(
+            clock
+                .admit(backlog, 1, 1, None, max_queue_time, at(800))
+                .is_err()
+        );
+        // 3 s later nothing has left, and the departures have aged out of the window: the
+        // queue has drained at most one item in the 3 s its oldest has waited.
+        let refusal = clock
+            .admit(backlog, 1, 1, None, max_queue_time, at(3400))
+            .unwrap_err();
+        assert!(refusal.estimated > Duration::from_secs(1000), "{refusal:?}");
+        // A model that has never run anything, with a first request waiting 1 s: no measure.
+        let fresh = QueueClock::default();
+        let waiting = Backlog {
+            items: 3,
+            waiting_since: Some(at(0)),
+        };
+        assert!(
+            fresh
+                .admit(waiting, 1, 1, None, max_queue_time, at(1000))
+                .is_ok()
+        );
     }
 
     #[test]

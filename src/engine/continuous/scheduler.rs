@@ -232,6 +232,14 @@ fn pin_decode_thread(cpus: &CpuList, labels: &ModelLabels) {
 
 impl Drop for ContinuousScheduler {
     fn drop(&mut self) {
+        // Under the queue's lock, so the decode thread is either before its check of `closed`
+        // or already waiting: stored and notified between the two, the wake-up would be lost
+        // and the thread, with its sessions, would wait forever.
+        let _queue = self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.shared.closed.store(true, Ordering::Release);
         self.shared.wake.notify_all();
     }

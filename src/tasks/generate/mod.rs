@@ -25,7 +25,7 @@ use super::routing::{self, Routing};
 use super::text::{self as text_input, EncodeError, Truncate};
 use super::{RequestMetrics, ServedBy};
 use crate::config::{GenerationConfig, LimitsConfig};
-use crate::engine::continuous::GenerationJob;
+use crate::engine::continuous::{ContinuousScheduler, GenerationJob};
 use crate::error::{Error, Result, Task};
 use crate::registry::{ModelVersion, Registry};
 use crate::runtime::step::RunError;
@@ -389,6 +389,9 @@ async fn start_on(
             })
             .collect(),
     };
+    if let Err(error) = check_kv_budget(&jobs, prompt.len(), max_new_tokens, scheduler) {
+        return Err(finish_early(request, error));
+    }
     let submitted = Instant::now();
     if let Err(error) = scheduler.submit(jobs, place) {
         return Err(finish_early(request, error));
@@ -410,6 +413,35 @@ async fn start_on(
         metrics: request,
         model,
     })
+}
+
+/// A sequence that reserves more of the KV cache than the model's whole budget could only run
+/// past it (an empty batch takes any sequence, so that long ones make progress): refused here,
+/// naming what it asks and what the model has.
+fn check_kv_budget(
+    jobs: &[GenerationJob],
+    prompt_tokens: usize,
+    max_new_tokens: usize,
+    scheduler: &ContinuousScheduler,
+) -> Result<()> {
+    let budget = scheduler.kv_budget().budget_tokens;
+    let Some(job) = jobs.iter().find(|job| job.reserved_tokens > budget) else {
+        return Ok(());
+    };
+    let field = if job.rows > 1 {
+        "parameters.num_beams"
+    } else {
+        "parameters.max_new_tokens"
+    };
+    Err(Error::invalid(
+        field,
+        format!(
+            "{} row(s) of {prompt_tokens} prompt and {max_new_tokens} new tokens reserve {} \
+             tokens of the KV cache, over this model's budget of {budget} \
+             (generation.kv_cache_mib, generation.max_total_tokens)",
+            job.rows, job.reserved_tokens
+        ),
+    ))
 }
 
 fn finish_early(request: Option<RequestMetrics>, error: Error) -> Error {
