@@ -88,10 +88,17 @@ def test_every_object_is_valid_kubernetes(name):
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and security["capabilities"]["drop"] == ["ALL"]
     assert not security["allowPrivilegeEscalation"] and pod["securityContext"]["runAsNonRoot"]
-    assert {probe: container[probe]["grpc"]["port"] for probe in
-            ("startupProbe", "readinessProbe", "livenessProbe")} == dict.fromkeys(
-                ("startupProbe", "readinessProbe", "livenessProbe"), 50051)
-    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+    probes = ("startupProbe", "readinessProbe", "livenessProbe")
+    if name == "tls-auth":
+        # The kubelet's gRPC probe speaks plaintext, so with TLS the probes ask the metrics port.
+        assert {probe: (container[probe]["httpGet"]["path"], container[probe]["httpGet"]["port"])
+                for probe in probes} == {"startupProbe": ("/health/ready", 9090),
+                                         "readinessProbe": ("/health/ready", 9090),
+                                         "livenessProbe": ("/health/live", 9090)}
+    else:
+        assert {probe: container[probe]["grpc"]["port"] for probe in probes} == dict.fromkeys(
+            probes, 50051)
+        assert container["livenessProbe"]["grpc"]["service"] == "liveness"
     # The grace covers the drain delay and the grace for calls in flight (5 s + 10 s).
     assert pod["terminationGracePeriodSeconds"] >= 15
     mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
@@ -114,6 +121,26 @@ def test_every_object_is_valid_kubernetes(name):
         assert secrets == {"lmserve-tls", "lmserve-keys"}
         assert "client_ca_file" in config_of(docs) and "keys_file" in config_of(docs)
         assert any(port["name"] == "admin" for port in container["ports"])
+
+
+def test_a_route_change_keeps_the_pods_and_a_setting_change_restarts_them():
+    """Routes reload in place, so the pods' config checksum leaves them out; anything else in
+    lmserve.toml needs a restart, which a changed checksum makes."""
+    def rendered(*sets: str) -> tuple:
+        args = [arg for option in sets for arg in ("--set", option)]
+        output = subprocess.run(
+            [helm(), "template", "lmserve", str(CHART), *values_args("routes"), *args],
+            check=True, capture_output=True, text=True).stdout
+        docs = [doc for doc in yaml.safe_load_all(output) if doc]
+        [deployment] = of_kind(docs, "Deployment")
+        checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return checksum, config_of(docs)
+
+    checksum, config = rendered()
+    new_weights = rendered("routes.chat.arms[0].weight=50", "routes.chat.arms[1].weight=50")
+    assert new_weights[1] != config and "weight = 50" in new_weights[1]
+    assert new_weights[0] == checksum
+    assert rendered("server.logFilter=debug")[0] != checksum
 
 
 def config_of(docs: list) -> str:
@@ -217,6 +244,8 @@ def test_the_server_starts_on_what_the_chart_renders(name, tmp_path):
             # Tools that cannot speak gRPC ask the metrics port.
             with urllib.request.urlopen(f"http://{metrics}/health/ready", timeout=5) as ready:
                 assert ready.status == 200
+            with urllib.request.urlopen(f"http://{metrics}/health/live", timeout=5) as live:
+                assert live.status == 200
             if name == "routes":
                 route = models_pb2_grpc.ModelsStub(channel).GetRoute(models_pb2.GetRouteRequest(name="chat"))
                 assert [arm.weight for arm in route.arms] == [90, 10]

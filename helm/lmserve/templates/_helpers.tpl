@@ -46,7 +46,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 lmserve.toml, rendered from the values: the server, runtime and model settings, TLS and API
-keys when enabled, the routes, and .Values.config merged over all of it.
+keys when enabled, the routes, and .Values.config merged over all of it. Called with a context
+whose omitRoutes is true, it leaves the routes out: what the pods' checksum covers, since the
+server reloads its routes in place and only the other settings need a restart.
 */}}
 {{- define "lmserve.config" -}}
 {{- $server := dict
@@ -88,5 +90,9 @@ keys when enabled, the routes, and .Values.config merged over all of it.
 {{- end }}
 {{- /* YAML numbers reach templates as floats, which toToml writes as "16.0"; the server's
        integer settings refuse those, and its float settings take "16" as well. */}}
-{{- regexReplaceAll "(?m)= (-?[0-9]+)\\.0$" (toToml (mergeOverwrite $config (deepCopy .Values.config))) "= ${1}" }}
+{{- $merged := mergeOverwrite $config (deepCopy .Values.config) }}
+{{- if .omitRoutes }}
+{{- $_ := unset $merged "routes" }}
+{{- end }}
+{{- regexReplaceAll "(?m)= (-?[0-9]+)\\.0$" (toToml $merged) "= ${1}" }}
 {{- end }}
