@@ -732,6 +732,19 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
         ),
     ));
     cases.push(case(
+        "embed: 3 MiB route key",
+        InvalidArgument,
+        &["route_key", "3145728 bytes", "128"],
+        on!(
+            inference(),
+            embed,
+            EmbedRequest {
+                route_key: huge_name.clone(),
+                ..embed("tiny-encoder", vec!["x".into()])
+            }
+        ),
+    ));
+    cases.push(case(
         "embed: empty text",
         InvalidArgument,
         &["texts[0]", "no tokens"],

@@ -562,6 +562,21 @@ async fn bad_input_is_refused_naming_the_field() {
             "text_input.shape: [9223372036854775807, 1] holds more than the limit of 256",
         ),
         (
+            "a 1 MiB id",
+            with(gpt2(&[]), &|r| r.id = "i".repeat(1 << 20)),
+            Code::InvalidArgument,
+            "id: 1048576 bytes is over the limit of 128 bytes",
+        ),
+        (
+            "a 1 MiB route key",
+            gpt2(&[(
+                "route_key",
+                ParameterChoice::StringParam("k".repeat(1 << 20)),
+            )]),
+            Code::InvalidArgument,
+            "parameters.route_key: 1048576 bytes is over the limit of 128 bytes",
+        ),
+        (
             "a negative dimension",
             with(encoder(&["a"]), &|r| r.inputs[0].shape = vec![-3]),
             Code::InvalidArgument,

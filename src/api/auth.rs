@@ -50,14 +50,16 @@ impl KeyRing {
         let Some(needed) = required_scope(path) else {
             return Ok(());
         };
-        let presented = authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "this server needs an API key: send `authorization: Bearer <key>`",
-                )
-            })?;
+        let Some(authorization) = authorization else {
+            return Err(Status::unauthenticated(
+                "this server needs an API key: send `authorization: Bearer <key>`",
+            ));
+        };
+        let presented = bearer_token(authorization).ok_or_else(|| {
+            Status::unauthenticated(
+                "the authorization header is not `Bearer <key>`: send `authorization: Bearer <key>`",
+            )
+        })?;
         match self.scope_of(presented) {
             None => Err(Status::unauthenticated("the API key is not valid")),
             Some(scope) if scope < needed => Err(Status::permission_denied(format!(
@@ -66,6 +68,12 @@ impl KeyRing {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// The token of a `Bearer <token>` header; the scheme's name is case-insensitive (RFC 7235).
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -146,6 +154,8 @@ mod tests {
             Err(tonic::Code::Unauthenticated)
         );
         assert_eq!(code(embed, Some("Bearer readerreaderreader1")), Ok(()));
+        assert_eq!(code(embed, Some("bearer readerreaderreader1")), Ok(()));
+        assert_eq!(code(embed, Some("BEARER  readerreaderreader1")), Ok(()));
         assert_eq!(
             code(load, Some("Bearer readerreaderreader1")),
             Err(tonic::Code::PermissionDenied)

@@ -66,12 +66,18 @@ impl InferenceService {
     }
 
     /// The routing key and pin of a request: its `route_key` field, else the configured headers.
-    fn routing(&self, metadata: &MetadataMap, deadline: Deadline, route_key: &str) -> Routing {
+    fn routing(
+        &self,
+        metadata: &MetadataMap,
+        deadline: Deadline,
+        route_key: &str,
+    ) -> crate::error::Result<Routing> {
         routing::routing(
             &self.registry.config().routing,
+            &self.limits,
             metadata,
             deadline,
-            Some(route_key),
+            ("route_key", Some(route_key)),
         )
     }
 
@@ -81,7 +87,7 @@ impl InferenceService {
         metadata: &MetadataMap,
         deadline: Deadline,
     ) -> Result<proto::EmbedResponse, Status> {
-        let routing = self.routing(metadata, deadline, &request.route_key);
+        let routing = self.routing(metadata, deadline, &request.route_key)?;
         let params = convert::embed_params(request)?;
         let span = tracing::info_span!("embed", model = %bounded(&params.model, MAX_SPAN_TEXT), texts = params.texts.len());
         let output = embed::embed(&self.registry, &self.limits, params, &routing)
@@ -96,7 +102,7 @@ impl InferenceService {
         metadata: &MetadataMap,
         deadline: Deadline,
     ) -> Result<proto::ClassifyResponse, Status> {
-        let routing = self.routing(metadata, deadline, &request.route_key);
+        let routing = self.routing(metadata, deadline, &request.route_key)?;
         let params = convert::classify_params(request)?;
         let span = tracing::info_span!("classify", model = %bounded(&params.model, MAX_SPAN_TEXT), texts = params.texts.len());
         let output = classify::classify(&self.registry, &self.limits, params, &routing)
@@ -143,7 +149,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<proto::GenerateResponse>, Status> {
         let (metadata, extensions, request) = request.into_parts();
         let deadline = deadline::from_request(&metadata, &extensions);
-        let routing = self.routing(&metadata, deadline, &request.route_key);
+        let routing = self.routing(&metadata, deadline, &request.route_key)?;
         let params = generate::params(request);
         let span = tracing::info_span!("generate", model = %bounded(&params.model, MAX_SPAN_TEXT));
         let output =
@@ -161,7 +167,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let (metadata, extensions, request) = request.into_parts();
         let deadline = deadline::from_request(&metadata, &extensions);
-        let routing = self.routing(&metadata, deadline, &request.route_key);
+        let routing = self.routing(&metadata, deadline, &request.route_key)?;
         let params = generate::params(request);
         let span =
             tracing::info_span!("generate_stream", model = %bounded(&params.model, MAX_SPAN_TEXT));

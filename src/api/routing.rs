@@ -5,16 +5,21 @@
 use tonic::metadata::MetadataMap;
 
 use super::deadline::Deadline;
-use crate::config::RoutingConfig;
+use crate::config::{LimitsConfig, RoutingConfig};
+use crate::error::Result;
+use crate::tasks::limits::check_name;
 use crate::tasks::routing::Routing;
 
-/// The routing of a call; `route_key` is the request's own key, when it sent one.
+/// The routing of a call; `route_key` is the request's own key, when it sent one, which
+/// `key_field` names in errors. A key is bounded like a name (`limits.max_name_bytes`): a route
+/// hashes it once per arm, on the async workers.
 pub fn routing(
     config: &RoutingConfig,
+    limits: &LimitsConfig,
     metadata: &MetadataMap,
     deadline: Deadline,
-    route_key: Option<&str>,
-) -> Routing {
+    (key_field, route_key): (&str, Option<&str>),
+) -> Result<Routing> {
     let header = |name: &str| {
         metadata
             .get(name)
@@ -22,12 +27,18 @@ pub fn routing(
             .map(str::to_owned)
     };
     let key = match route_key.filter(|key| !key.is_empty()) {
-        Some(key) => Some(key.to_owned()),
+        Some(key) => {
+            check_name(key_field, key, limits)?;
+            Some(key.to_owned())
+        }
         None => header(&config.key_header),
     };
-    Routing {
+    if let (Some(key), None) = (&key, route_key.filter(|key| !key.is_empty())) {
+        check_name(&format!("the {} header", config.key_header), key, limits)?;
+    }
+    Ok(Routing {
         key,
         pin: header(&config.pin_header),
         deadline: deadline.map(|(at, _)| at.into_std()),
-    }
+    })
 }

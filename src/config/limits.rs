@@ -17,7 +17,8 @@ pub struct LimitsConfig {
     /// Most messages in a conversation (a Generate or Tokenize `messages`); their roles and
     /// contents together are bounded by `max_prompt_bytes`.
     pub max_messages_per_request: usize,
-    /// Longest model name, route name or arm target, in bytes.
+    /// Longest model name, route name, arm target, routing key (a request's own or its header)
+    /// or KServe request id, in bytes.
     pub max_name_bytes: usize,
     /// Most arms in one route.
     pub max_route_arms: usize,

@@ -76,6 +76,8 @@ pub fn read(
 ) -> Result<Request> {
     let mut parameters = Parameters::new(std::mem::take(&mut request.parameters));
     check_name("model_name", &request.model_name, limits)?;
+    // The id is echoed in every response, one per generated token when streamed.
+    check_name("id", &request.id, limits)?;
     let target = metadata::target(&request.model_name, &request.model_version, "model_version")?;
     let served = metadata::served(registry, &target)?;
     let outputs = requested_outputs(&request, &served)?;

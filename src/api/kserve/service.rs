@@ -74,12 +74,13 @@ impl KserveService {
         metadata: &MetadataMap,
         deadline: Deadline,
         route_key: Option<&str>,
-    ) -> Routing {
+    ) -> Result<Routing> {
         routing::routing(
             &self.registry.config().routing,
+            &self.limits,
             metadata,
             deadline,
-            route_key,
+            ("parameters.route_key", route_key),
         )
     }
 
@@ -147,7 +148,7 @@ impl GrpcInferenceService for KserveService {
         let deadline = deadline::from_request(&metadata, &extensions);
         let span = tracing::info_span!("kserve_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
         let request = self.read(request)?;
-        let routing = self.routing(&metadata, deadline, request.route_key.as_deref());
+        let routing = self.routing(&metadata, deadline, request.route_key.as_deref())?;
         let response = infer::infer(self.tasks(), request, &routing)
             .instrument(span)
             .await?;

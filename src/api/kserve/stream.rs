@@ -88,7 +88,7 @@ async fn start(
     deadline: Deadline,
 ) -> Result<Responses> {
     let request = service.read(request)?;
-    let routing = service.routing(&metadata, deadline, request.route_key.as_deref());
+    let routing = service.routing(&metadata, deadline, request.route_key.as_deref())?;
     let tasks = service.tasks();
     match request.work {
         // Triton's vLLM backend streams unless the `stream` input says false.
