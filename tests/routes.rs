@@ -16,6 +16,7 @@ use lmserve::api::proto::{
     ShadowArm, UnloadModelRequest,
 };
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 fn route(
     name: &str,
@@ -468,6 +469,70 @@ async fn the_repository_watch_picks_up_added_and_removed_versions() {
         assert!(Instant::now() < deadline, "version 1 never unloaded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A version copied into a watched repository can be scanned half-copied: it fails, is loaded
+/// again once its files change, and at no point takes a ready server out of rotation, which
+/// would take every replica watching the same volume out at once.
+#[tokio::test]
+async fn a_version_scanned_half_copied_loads_once_complete_and_keeps_the_server_ready() {
+    let repository = ab_repository();
+    let server = start(
+        repository.path(),
+        &[
+            ("LMSERVE_REPOSITORY__POLL_INTERVAL_MS", "100"),
+            ("LMSERVE_SERVER__READY_WHEN", "all"),
+        ],
+    )
+    .await;
+    assert_eq!(server.health("").await, ServingStatus::Serving);
+    let models = server.models().await;
+    let state_of_6 = || {
+        let mut models = models.clone();
+        async move {
+            let info = models
+                .get_model(GetModelRequest { name: "w2v".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            info.versions
+                .iter()
+                .find(|v| v.version == "6")
+                .map(|v| v.state)
+        }
+    };
+    let source = common::repository().join("tiny-word2vec/1");
+    let target = repository.path().join("w2v/6");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::copy(source.join("model.toml"), target.join("model.toml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state_of_6().await != Some(proto::LoadState::Failed as i32) {
+        assert!(
+            Instant::now() < deadline,
+            "the half-copied version never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Health follows the registry every 500 ms.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(server.health("").await, ServingStatus::Serving);
+    assert_eq!(
+        server.health("model/w2v@6").await,
+        ServingStatus::NotServing
+    );
+
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+    }
+    while state_of_6().await != Some(proto::LoadState::Ready as i32) {
+        assert!(
+            Instant::now() < deadline,
+            "the completed version never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.health("").await, ServingStatus::Serving);
 }
 
 #[tokio::test]

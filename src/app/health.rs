@@ -46,6 +46,9 @@ struct Reporter {
     models: BTreeSet<String>,
     /// Set once the shutdown began: a refresh after it must not turn anything SERVING again.
     draining: bool,
+    /// Set once the server was first ready: from then on `ReadyWhen::All` asks only that some
+    /// version serves (below).
+    was_ready: bool,
 }
 
 impl Reporter {
@@ -78,6 +81,7 @@ impl Health {
             statuses: BTreeMap::new(),
             models: BTreeSet::new(),
             draining: false,
+            was_ready: false,
         };
         reporter.set(LIVENESS, ServingStatus::Serving).await;
         for service in SERVER {
@@ -112,15 +116,20 @@ impl Health {
                 .into_iter()
                 .map(|(name, up)| (format!("model/{name}"), up)),
         );
-        let serving = versions == 0
-            || match self.ready_when {
-                ReadyWhen::All => ready == versions,
-                ReadyWhen::Any => ready > 0,
-            };
         let mut reporter = self.reporter.lock().await;
         if reporter.draining {
             return;
         }
+        // "All" holds traffic back until every version found at startup loaded. A version that
+        // comes later (a repository scan, LoadModel) reaches every replica of a deployment at
+        // about the same time: were it counted, all of them would leave the rotation while it
+        // loads, and stay out should it fail. Its own statuses say how it is.
+        let serving = versions == 0
+            || match self.ready_when {
+                ReadyWhen::All => ready == versions || (reporter.was_ready && ready > 0),
+                ReadyWhen::Any => ready > 0,
+            };
+        reporter.was_ready |= serving;
         for service in SERVER {
             reporter.set(service, status(serving)).await;
         }

@@ -133,7 +133,10 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadyWhen {
-    /// Every version the server loads is ready (none failed, none still loading).
+    /// Every version the server loads at startup is ready (none failed, none still loading).
+    /// Once it was, the server stays ready while any version is: versions that come later
+    /// (a repository scan, LoadModel) would otherwise take every replica out of rotation at
+    /// once while they load.
     All,
     /// At least one version is ready.
     Any,

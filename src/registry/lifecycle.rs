@@ -3,7 +3,7 @@
 //! that already hold it; its schedulers stop once those are done.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::loader::LoadFailure;
@@ -46,12 +46,8 @@ impl Registry {
                     .get(name)
                     .is_some_and(|versions| versions.contains_key(&dir.version));
                 if wanted && !present {
-                    let slot = Arc::new(Slot {
-                        model: dir.model.clone(),
-                        version: dir.version,
-                        path: dir.path.clone(),
-                        state: RwLock::new(LoadState::Loading),
-                    });
+                    let slot =
+                        Arc::new(Slot::new(dir.model.clone(), dir.version, dir.path.clone()));
                     models
                         .entry(dir.model.clone())
                         .or_default()
@@ -101,6 +97,7 @@ impl Registry {
             .get()
             .ok_or_else(|| failure("the runtime is not initialised yet".into()))?;
         let runtime = self.config.model_runtime(&slot.model);
+        *slot.loaded_from.lock().expect("slot lock") = repository::Contents::of(&slot.path);
         let path = slot.path.clone();
         let root = self.config.repository.path.clone();
         let loaded =
@@ -235,12 +232,7 @@ impl Registry {
         };
         let mut failures = Vec::new();
         for dir in found.iter().filter(|dir| versions.contains(&dir.version)) {
-            let fresh = Arc::new(Slot {
-                model: dir.model.clone(),
-                version: dir.version,
-                path: dir.path.clone(),
-                state: RwLock::new(LoadState::Loading),
-            });
+            let fresh = Arc::new(Slot::new(dir.model.clone(), dir.version, dir.path.clone()));
             let existing = self
                 .models
                 .read()
@@ -406,6 +398,14 @@ impl Registry {
         for slot in self.add_wanted_slots()? {
             tracing::info!(model = %slot.model, version = slot.version, "new version in the repository");
             let _ = self.load_slot(&slot).await;
+        }
+        // A version copied in while a scan ran fails on the half-copied folder; once its files
+        // change it is tried again, where a folder left as it was is not reloaded every poll.
+        for slot in self.slots() {
+            if slot.failed_and_changed() {
+                tracing::info!(model = %slot.model, version = slot.version, "loading again a version that failed: its files changed");
+                let _ = self.load_slot(&slot).await;
+            }
         }
         let on_disk: BTreeSet<(String, u64)> = repository::scan(&self.config.repository.path)?
             .into_iter()

@@ -92,9 +92,29 @@ pub struct Slot {
     pub version: u64,
     pub path: PathBuf,
     state: RwLock<LoadState>,
+    /// The folder's files as the last load began, so a repository scan can tell a version that
+    /// failed on a half-copied folder from one that failed on files nobody has touched since.
+    loaded_from: Mutex<repository::Contents>,
 }
 
 impl Slot {
+    pub(crate) fn new(model: String, version: u64, path: PathBuf) -> Self {
+        Self {
+            model,
+            version,
+            path,
+            state: RwLock::new(LoadState::Loading),
+            loaded_from: Mutex::new(repository::Contents::default()),
+        }
+    }
+
+    /// Whether the last load failed (not a loaded version whose runs broke since) and the
+    /// folder's files changed after it began: worth loading again.
+    pub(crate) fn failed_and_changed(&self) -> bool {
+        matches!(*self.state.read().expect("slot lock"), LoadState::Failed(_))
+            && *self.loaded_from.lock().expect("slot lock") != repository::Contents::of(&self.path)
+    }
+
     /// The version's state; a loaded version whose runs keep failing is `Failed`.
     pub fn state(&self) -> LoadState {
         let state = self.state.read().expect("slot lock").clone();

@@ -1,6 +1,7 @@
 //! Reads the model repository folder: `<model>/<version>/` with numeric version folders.
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::Context;
 
@@ -10,6 +11,38 @@ pub struct VersionDir {
     pub model: String,
     pub version: u64,
     pub path: PathBuf,
+}
+
+/// Every file under a version folder with its size and modification time, in order: compared
+/// to tell whether the folder changed, never interpreted. An unreadable entry is left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contents(Vec<(PathBuf, u64, Option<SystemTime>)>);
+
+impl Contents {
+    /// Folders deeper than this (a sentence-transformers layout has one level) are not listed.
+    const MAX_DEPTH: usize = 4;
+
+    pub fn of(folder: &Path) -> Self {
+        let mut files = Vec::new();
+        let mut pending = vec![(folder.to_path_buf(), 0)];
+        while let Some((dir, depth)) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                if meta.is_dir() && depth < Self::MAX_DEPTH {
+                    pending.push((entry.path(), depth + 1));
+                } else if meta.is_file() {
+                    files.push((entry.path(), meta.len(), meta.modified().ok()));
+                }
+            }
+        }
+        files.sort();
+        Self(files)
+    }
 }
 
 /// Lists every `<model>/<version>/` under `root`, ordered by model name then version.
