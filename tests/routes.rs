@@ -535,6 +535,47 @@ async fn a_version_scanned_half_copied_loads_once_complete_and_keeps_the_server_
     assert_eq!(server.health("").await, ServingStatus::Serving);
 }
 
+/// A LoadModel whose call ends before the load does (its deadline here) still loads the model:
+/// the load is not thrown away with the call.
+#[tokio::test]
+async fn a_load_outlives_the_call_that_started_it() {
+    let repository = ab_repository();
+    let server = start(repository.path(), &[]).await;
+    let mut models = server.models().await;
+    models
+        .unload_model(UnloadModelRequest {
+            name: "enc".into(),
+            version: None,
+        })
+        .await
+        .unwrap();
+    let mut call = tonic::Request::new(LoadModelRequest {
+        name: "enc".into(),
+        version: None,
+    });
+    // The encoder times its batch sizes as it loads, which takes longer than this.
+    call.set_timeout(Duration::from_millis(30));
+    let ended = models.load_model(call).await.unwrap_err();
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = models
+            .get_model(GetModelRequest { name: "enc".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if info
+            .versions
+            .iter()
+            .any(|v| v.state == proto::LoadState::Ready as i32)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the load was dropped: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn management_errors_name_what_is_wrong() {
     let repository = ab_repository();

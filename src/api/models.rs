@@ -31,9 +31,14 @@ impl Models for ModelsService {
         request: Request<proto::LoadModelRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         let request = request.into_inner();
-        self.registry
-            .load_model(&request.name, request.version)
-            .await?;
+        // On a task of its own, so a load that outlives the call (its deadline, a client gone)
+        // still finishes and is installed; dropped with the call, a load already running on a
+        // blocking thread would be thrown away when done, and a retry would load it again.
+        let registry = Arc::clone(&self.registry);
+        let (name, version) = (request.name.clone(), request.version);
+        tokio::spawn(async move { registry.load_model(&name, version).await })
+            .await
+            .map_err(|error| Error::Internal(format!("the load stopped: {error}")))??;
         self.get_model(Request::new(proto::GetModelRequest { name: request.name }))
             .await
     }

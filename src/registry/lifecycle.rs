@@ -203,6 +203,7 @@ impl Registry {
     /// serving.
     pub async fn load_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
         check_model_name(name, &self.config.limits)?;
+        let _one_at_a_time = self.loads.lock().await;
         let found: Vec<_> = repository::scan(&self.config.repository.path)
             .map_err(|error| Error::Internal(format!("scanning the repository: {error:#}")))?
             .into_iter()
@@ -395,6 +396,7 @@ impl Registry {
     }
 
     async fn rescan(&self) -> anyhow::Result<()> {
+        let _one_at_a_time = self.loads.lock().await;
         for slot in self.add_wanted_slots()? {
             tracing::info!(model = %slot.model, version = slot.version, "new version in the repository");
             let _ = self.load_slot(&slot).await;

@@ -146,6 +146,9 @@ pub struct Registry {
     environment: OnceLock<&'static ort::environment::Environment>,
     /// Shadow requests running now; a full semaphore drops new shadow copies.
     shadow_permits: Arc<tokio::sync::Semaphore>,
+    /// Held by each load through the API or a repository scan: one at a time, so a retried
+    /// LoadModel waits for the load before it instead of holding a second copy of the model.
+    loads: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -167,6 +170,7 @@ impl Registry {
             shadow_permits: Arc::new(tokio::sync::Semaphore::new(
                 config.routing.shadow_concurrency,
             )),
+            loads: tokio::sync::Mutex::new(()),
             config,
         };
         registry.add_wanted_slots()?;
