@@ -256,6 +256,79 @@ async fn a_pooled_output_bound_as_hidden_states_fails_at_load_with_the_graph_and
         .unwrap();
 }
 
+/// What model.toml sets overrides Hugging Face files this server cannot follow: a
+/// sentence-transformers Pooling module in a mode it does not pool by, and a malformed id2label.
+/// Without the override the load fails naming the file and the mode.
+#[tokio::test]
+async fn model_toml_overrides_files_the_server_cannot_follow() {
+    let repository = tempfile::tempdir().unwrap();
+    for name in ["overridden", "not-overridden"] {
+        copy_version("tiny-encoder", "1", repository.path(), name, "1");
+        let folder = repository.path().join(name).join("1");
+        std::fs::write(
+            folder.join("modules.json"),
+            r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#,
+        )
+        .unwrap();
+        std::fs::create_dir(folder.join("1_Pooling")).unwrap();
+        std::fs::write(
+            folder.join("1_Pooling/config.json"),
+            r#"{"word_embedding_dimension": 8, "pooling_mode_weightedmean_tokens": true}"#,
+        )
+        .unwrap();
+        std::fs::write(folder.join("config.json"), r#"{"id2label": {"x": "a"}}"#).unwrap();
+    }
+    let manifest = repository.path().join("not-overridden/1/model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("pooling = \"mean\"\n", "")).unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let models = server.models().await;
+    let version = |name: &str| {
+        let mut models = models.clone();
+        let name = name.to_owned();
+        async move {
+            models
+                .get_model(GetModelRequest { name })
+                .await
+                .unwrap()
+                .into_inner()
+                .versions
+                .remove(0)
+        }
+    };
+    let overridden = version("overridden").await;
+    assert_eq!(
+        overridden.state,
+        LoadState::Ready as i32,
+        "{}",
+        overridden.load_error
+    );
+    assert_eq!(
+        setting(&overridden, "embed.pooling"),
+        ("mean", "model.toml")
+    );
+    let failed = version("not-overridden").await;
+    assert_eq!(failed.state, LoadState::Failed as i32);
+    for needle in [
+        "1_Pooling/config.json",
+        "weightedmean_tokens",
+        "[embed] pooling",
+    ] {
+        assert!(
+            failed.load_error.contains(needle),
+            "{needle:?} not in {}",
+            failed.load_error
+        );
+    }
+    let mut client = server.inference().await;
+    client.embed(embed("overridden", "the king")).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_failing_run_fails_only_its_callers_and_repeated_failures_mark_the_version_failed() {
     let (server, _repository) = fixture_server(vec![(

@@ -256,9 +256,11 @@ impl ModelSettings {
             );
         }
 
-        let embed = manifest
-            .serves(Task::Embed)
-            .then(|| embed_settings(manifest, files, bindings));
+        let embed = if manifest.serves(Task::Embed) {
+            Some(embed_settings(manifest, files, bindings)?)
+        } else {
+            None
+        };
         let classify = if manifest.serves(Task::Classify) {
             Some(classify_settings(manifest, files, graph, bindings)?)
         } else {
@@ -480,19 +482,32 @@ fn static_sequence_length(graph: &GraphIo, bindings: &Bindings) -> Option<usize>
         .map(|dim| dim as usize)
 }
 
-fn embed_settings(manifest: &Manifest, files: &HfFiles, bindings: &Bindings) -> EmbedSettings {
+fn embed_settings(
+    manifest: &Manifest,
+    files: &HfFiles,
+    bindings: &Bindings,
+) -> anyhow::Result<EmbedSettings> {
     let section = manifest.embed.clone().unwrap_or_default();
     let st = files.sentence_transformers.as_ref();
-    let pooling = first([
-        section.pooling.map(|v| sourced(v, Source::Manifest)),
-        st.and_then(|st| st.pooling.as_ref())
-            .map(|(pooling, file)| sourced(*pooling, Source::File(Cow::Owned(file.clone())))),
-    ])
-    .unwrap_or(sourced(Pooling::Mean, Source::Default));
     // The graph's pooled output is the authors' own pooling; a manifest that names a pooling
     // mode over per-token states, or a graph with no pooled output, pools here instead.
     let use_pooled_output = bindings.pooled_output.is_some()
         && (section.pooling.is_none() || bindings.hidden_states.is_none());
+    // A Pooling module this server cannot follow matters only where nothing overrides it.
+    let from_file = match st.and_then(|st| st.pooling.as_ref()) {
+        Some((Ok(pooling), file)) => {
+            Some(sourced(*pooling, Source::File(Cow::Owned(file.clone()))))
+        }
+        Some((Err(reason), _)) if section.pooling.is_none() && !use_pooled_output => {
+            anyhow::bail!("{reason}")
+        }
+        Some((Err(_), _)) | None => None,
+    };
+    let pooling = first([
+        section.pooling.map(|v| sourced(v, Source::Manifest)),
+        from_file,
+    ])
+    .unwrap_or(sourced(Pooling::Mean, Source::Default));
     let normalize = first([
         section.normalize.map(|v| sourced(v, Source::Manifest)),
         st.map(|st| sourced(st.normalize, Source::File(Cow::Borrowed(hf::MODULES)))),
@@ -500,11 +515,11 @@ fn embed_settings(manifest: &Manifest, files: &HfFiles, bindings: &Bindings) -> 
     // A pooled output is returned as it is unless told otherwise; pooled states are normalised,
     // as the server always has.
     .unwrap_or(sourced(!use_pooled_output, Source::Default));
-    EmbedSettings {
+    Ok(EmbedSettings {
         pooling,
         use_pooled_output,
         normalize,
-    }
+    })
 }
 
 fn classify_settings(
@@ -515,9 +530,11 @@ fn classify_settings(
 ) -> anyhow::Result<ClassifySettings> {
     let section = manifest.classify.clone().unwrap_or_default();
     let config = files.config.as_ref();
+    // config.json's id2label is read only where model.toml does not name the labels, so a
+    // malformed one can be overridden.
     let from_config = match config {
-        Some(config) => config.labels()?,
-        None => None,
+        Some(config) if section.labels.is_none() => config.labels()?,
+        _ => None,
     };
     let labels = first([
         section.labels.map(|v| sourced(v, Source::Manifest)),
