@@ -11,7 +11,9 @@ use futures::StreamExt;
 use futures::future::join_all;
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::inference_client::InferenceClient;
-use lmserve::api::proto::{FinishReason, GenerateRequest, GenerateResponse, GenerationParameters};
+use lmserve::api::proto::{
+    FinishReason, GenerateRequest, GenerateResponse, GenerationParameters, TokenIds,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -207,6 +209,53 @@ async fn batching_never_changes_results() {
             "{model}: batching changed the tokens"
         );
         assert_eq!(during.sequences[0].text, alone.sequences[0].text);
+    }
+}
+
+/// A decoder with no cache and no inputs to mask padding, as a plain export of a causal LM can
+/// be, runs rows of different lengths apart: left-padded into one run, a short row would read
+/// its pad tokens as text. Each prompt decodes as the model's definition says (greedy tokens
+/// computed with numpy from its weights, tests/fixtures/build.py), however the rows are batched.
+#[tokio::test]
+async fn a_decoder_that_cannot_mask_padding_runs_rows_of_different_lengths_apart() {
+    let repository = tempfile::tempdir().unwrap();
+    common::copy_dir(
+        &common::fixtures().join("unmasked-decoder"),
+        &repository.path().join("unmasked-decoder"),
+    );
+    let server = TestServer::start_with(common::ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let client = server.inference().await;
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::root().join("tests/fixtures/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = reference["unmasked_decoder"].as_array().unwrap();
+    let calls = cases.iter().cycle().take(3 * cases.len()).map(|case| {
+        let mut client = client.clone();
+        let prompt: Vec<u32> = expected_ids(&case["prompt"])
+            .into_iter()
+            .map(|id| id as u32)
+            .collect();
+        let expected = expected_ids(&case["greedy"]);
+        async move {
+            let request = GenerateRequest {
+                model: "unmasked-decoder".into(),
+                prompt: Some(Prompt::TokenIds(TokenIds {
+                    ids: prompt.clone(),
+                })),
+                parameters: Some(greedy(expected.len() as u32)),
+                ..Default::default()
+            };
+            let response = client.generate(request).await.unwrap().into_inner();
+            (prompt, ids(&response, 0), expected)
+        }
+    });
+    for (prompt, got, expected) in join_all(calls).await {
+        assert_eq!(got, expected, "prompt {prompt:?}");
     }
 }
 

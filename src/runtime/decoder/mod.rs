@@ -172,7 +172,31 @@ fn step_with(
 pub struct RecomputeDecoder(pub StepGraph);
 
 impl RecomputeDecoder {
+    /// Each row's logits for its whole sequence so far. A graph without the inputs that mask
+    /// padding (`attention_mask` and `position_ids`) would read a left-padded row's pad tokens
+    /// as text, so its rows run in groups of one length, with no padding.
     fn run_full(&self, rows: &[Row]) -> Result<Vec<Vec<f32>>, RunError> {
+        if self.0.masks_padding() {
+            return self.run_padded(&rows.iter().collect::<Vec<_>>());
+        }
+        let mut lengths: Vec<usize> = rows.iter().map(|row| row.tokens.len()).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        let mut logits = vec![Vec::new(); rows.len()];
+        for length in lengths {
+            let (indices, group): (Vec<usize>, Vec<&Row>) = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, row)| row.tokens.len() == length)
+                .unzip();
+            for (index, row_logits) in indices.into_iter().zip(self.run_padded(&group)?) {
+                logits[index] = row_logits;
+            }
+        }
+        Ok(logits)
+    }
+
+    fn run_padded(&self, rows: &[&Row]) -> Result<Vec<Vec<f32>>, RunError> {
         let graph = &self.0;
         let width = rows.iter().map(|row| row.tokens.len()).max().unwrap_or(0);
         let padded: Vec<Vec<i64>> = rows
