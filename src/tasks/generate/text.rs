@@ -42,10 +42,14 @@ impl TextStream {
     /// Adds one generated token.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> TextDelta {
         self.ids.push(id);
-        let decoded = self.decode_new(tokenizer);
+        let (decoded, pending) = self.decode_new(tokenizer);
         self.held.push_str(&decoded);
-        if let Some((at, stop)) = self.first_stop() {
-            let text = self.held[..at].to_owned();
+        // A token can end a stop sequence and begin a character the next token completes: the
+        // text before that character is searched too, or the stop would be found late, or
+        // (should the sequence end first) shown.
+        let searched = format!("{}{pending}", self.held);
+        if let Some((at, stop)) = first_stop(&searched, &self.stops) {
+            let text = searched[..at].to_owned();
             self.held.clear();
             return TextDelta {
                 text,
@@ -85,25 +89,20 @@ impl TextStream {
         )
     }
 
-    fn decode_new(&mut self, tokenizer: &Tokenizer) -> String {
+    /// What the unread tokens add, once the characters they end are complete; until then
+    /// nothing, and (second) the complete text before the incomplete character, not yet read.
+    fn decode_new(&mut self, tokenizer: &Tokenizer) -> (String, String) {
         let (prefix, full) = self.decode_window(tokenizer);
-        if full.len() > prefix.len()
-            && !full.ends_with(REPLACEMENT)
-            && let Some(new) = full.get(prefix.len()..)
-        {
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            return new.to_owned();
+        let Some(new) = full.get(prefix.len()..).filter(|new| !new.is_empty()) else {
+            return (String::new(), String::new());
+        };
+        if new.ends_with(REPLACEMENT) {
+            return (String::new(), new.trim_end_matches(REPLACEMENT).to_owned());
         }
-        String::new()
-    }
-
-    /// The earliest stop sequence in the held text, with its byte position.
-    fn first_stop(&self) -> Option<(usize, String)> {
-        self.stops
-            .iter()
-            .filter_map(|stop| self.held.find(stop.as_str()).map(|at| (at, stop.clone())))
-            .min_by_key(|(at, _)| *at)
+        let new = new.to_owned();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        (new, String::new())
     }
 
     /// Length of the longest tail of the held text that could still grow into a stop sequence.
@@ -118,6 +117,14 @@ impl TextStream {
         }
         keep
     }
+}
+
+/// The earliest of `stops` in `text`, with its byte position.
+fn first_stop(text: &str, stops: &[String]) -> Option<(usize, String)> {
+    stops
+        .iter()
+        .filter_map(|stop| text.find(stop.as_str()).map(|at| (at, stop.clone())))
+        .min_by_key(|(at, _)| *at)
 }
 
 #[cfg(test)]
@@ -178,6 +185,37 @@ mod tests {
         }
         assert_eq!(shown, "abc ENx");
         assert_eq!(stopped.as_deref(), Some("END"));
+    }
+
+    /// A byte-level vocabulary whose token 3 is "END" and the first byte of a three-byte
+    /// character ('â' is byte 0xE2 in byte-level BPE), as merged tokens can be.
+    fn split_tokenizer() -> Tokenizer {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                        "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false,
+                      "vocab": {"x": 0, "E": 1, "N": 2, "ENDâ": 3, "Ģ": 4},
+                      "merges": []}}"#;
+        json.parse().unwrap()
+    }
+
+    #[test]
+    fn a_stop_ending_in_a_token_that_begins_a_character_is_found_at_that_token() {
+        let tokenizer = split_tokenizer();
+        assert_eq!(tokenizer.decode(&[0, 3], false).unwrap(), "xEND\u{FFFD}");
+        let mut stream = TextStream::new(&[], vec!["END".into()]);
+        assert_eq!(stream.push(&tokenizer, 0).text, "x");
+        let delta = stream.push(&tokenizer, 3);
+        assert_eq!(delta.stopped_by.as_deref(), Some("END"));
+        assert_eq!(delta.text, "");
+        // Without a stop, the incomplete character is still held back until the end.
+        let mut stream = TextStream::new(&[], vec!["NOPE".into()]);
+        let shown = stream.push(&tokenizer, 0).text + &stream.push(&tokenizer, 3).text;
+        assert_eq!(shown, "x");
+        assert_eq!(shown + &stream.finish(&tokenizer), "xEND\u{FFFD}");
     }
 
     #[test]
