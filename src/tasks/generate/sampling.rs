@@ -1,5 +1,6 @@
 //! Turns one step's logits into the next token: penalties, then greedy choice or sampling with
-//! temperature, top-k, top-p and typical-p, each sequence with its own seeded generator.
+//! temperature, top-k, top-p and typical-p (in transformers' order), each sequence with its own
+//! seeded generator.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -118,14 +119,18 @@ impl Sampler {
             return argmax(logits) as i64;
         }
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.config.top_k > 0 {
-            candidates.truncate(self.config.top_k);
+        // The k best, and every token tied with the k-th: as transformers' top-k (which drops
+        // only scores below the k-th), rather than favouring the lower ids among equals.
+        if self.config.top_k > 0 && candidates.len() > self.config.top_k {
+            let kth = candidates[self.config.top_k - 1].1;
+            let keep = candidates
+                .iter()
+                .position(|c| c.1 < kth)
+                .unwrap_or(candidates.len());
+            candidates.truncate(keep);
         }
         let mut probabilities = softmax_of(&candidates);
-        if self.config.typical_p < 1.0 {
-            (candidates, probabilities) =
-                typical_filter(candidates, probabilities, self.config.typical_p);
-        }
+        // Top-p, then typical-p: transformers' order when both are set.
         if self.config.top_p < 1.0 {
             let mut total = 0.0;
             let keep = probabilities
@@ -137,6 +142,10 @@ impl Sampler {
                 .map_or(probabilities.len(), |i| i + 1);
             candidates.truncate(keep);
             probabilities = softmax_of(&candidates);
+        }
+        if self.config.typical_p < 1.0 {
+            (candidates, probabilities) =
+                typical_filter(candidates, probabilities, self.config.typical_p);
         }
         let draw: f32 = self.rng.random();
         let mut total = 0.0;
@@ -408,6 +417,19 @@ mod tests {
             assert!(top_k.choose(&logits, &[]) < 2);
             assert_eq!(top_p.choose(&logits, &[]), 0);
         }
+    }
+
+    #[test]
+    fn top_k_keeps_every_token_tied_with_the_kth() {
+        let logits = [1.0, 2.0, 2.0, 0.0];
+        let mut top_1 = sampler(SamplingConfig {
+            do_sample: true,
+            top_k: 1,
+            ..Default::default()
+        });
+        let drawn: std::collections::BTreeSet<i64> =
+            (0..200).map(|_| top_1.choose(&logits, &[])).collect();
+        assert_eq!(drawn, [1, 2].into());
     }
 
     #[test]
