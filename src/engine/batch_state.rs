@@ -119,8 +119,9 @@ impl<T> BatchState<T> {
             let fits_padding = padded as f64 <= new_real as f64 * (1.0 + limits.max_padding_ratio);
             // The anchor always goes, even alone over the limits: it must make progress.
             if !chosen.is_empty() && (!fits_tokens || !fits_padding) {
-                // Candidates are sorted by distance from the anchor, so later ones fit no better.
-                break;
+                // Candidates are sorted by distance from the anchor, not by length: a longer one
+                // that pads every row too much can be followed by a shorter one that fits.
+                continue;
             }
             chosen.push(i);
             longest = new_longest;
@@ -180,6 +181,22 @@ mod tests {
             ..LIMITS
         };
         assert_eq!(state.next_batch(&tight).len(), 2);
+    }
+
+    #[test]
+    fn a_shorter_text_fits_where_a_longer_one_as_near_did_not() {
+        let mut state = BatchState::new(100);
+        state
+            .append(vec![(0, 10), (1, 10), (2, 10), (3, 10), (4, 15), (5, 5)])
+            .unwrap();
+        let limits = BatchLimits {
+            max_batch_size: 8,
+            max_padding_ratio: 0.3,
+            ..LIMITS
+        };
+        // 15 would pad the five rows to 75 tokens for 55 real (over 1.3x); 5 pads to 50 for 45.
+        assert_eq!(lengths(&state.next_batch(&limits)), vec![10, 10, 10, 10, 5]);
+        assert_eq!(lengths(&state.next_batch(&limits)), vec![15]);
     }
 
     #[test]
