@@ -779,6 +779,50 @@ async fn management_errors_name_what_is_wrong() {
         .unwrap();
 }
 
+/// A route saved through the API whose target fails to load at the next start is kept in the
+/// state file through other changes, and comes back once its target loads.
+#[tokio::test]
+async fn a_saved_route_waits_for_its_target_and_is_never_dropped_from_the_state() {
+    let repository = ab_repository();
+    let folder = tempfile::tempdir().unwrap();
+    let state = folder.path().join("lmserve-state.json");
+    let state_env = state.to_str().unwrap().to_owned();
+    let saved = route("saved", proto::Task::Embed, &[("w2v@1", 1.0)], None);
+    {
+        let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
+        server.models().await.set_route(saved).await.unwrap();
+    }
+    let graph = repository.path().join("w2v/1/model.onnx");
+    let good = std::fs::read(&graph).unwrap();
+    std::fs::write(&graph, b"not a graph").unwrap();
+    let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
+    let mut models = server.models().await;
+    let get = |name: &str| GetRouteRequest { name: name.into() };
+    let missing = models.get_route(get("saved")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    // Another change is saved; the waiting route stays in the file.
+    models
+        .set_route(route("other", proto::Task::Embed, &[("w2v@2", 1.0)], None))
+        .await
+        .unwrap();
+    let file = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        file.contains("\"saved\"") && file.contains("\"other\""),
+        "{file}"
+    );
+
+    std::fs::write(&graph, good).unwrap();
+    models
+        .load_model(LoadModelRequest {
+            name: "w2v".into(),
+            version: Some(1),
+        })
+        .await
+        .unwrap();
+    let restored = models.get_route(get("saved")).await.unwrap().into_inner();
+    assert_eq!(restored.arms[0].target, "w2v@1");
+}
+
 #[tokio::test]
 async fn route_and_load_changes_survive_a_restart() {
     let repository = ab_repository();

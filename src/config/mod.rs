@@ -39,7 +39,8 @@ pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 pub const CACHED_ORT_LIBRARY: &str = ".cache/onnxruntime-1.31.1/libonnxruntime.so";
 /// The config file read from the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "lmserve.toml";
-/// The state file, beside the config file, when `state.path` is not set.
+/// The state file when `state.path` is not set, relative to the working directory (where the
+/// default config file is read too).
 pub const DEFAULT_STATE_FILE: &str = "lmserve-state.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -95,7 +96,8 @@ impl Default for RoutingConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateConfig {
-    /// The state file; unset: no persistence.
+    /// The state file; unset: `lmserve-state.json` in the working directory; `""`: no
+    /// persistence.
     pub path: Option<PathBuf>,
 }
 

@@ -264,6 +264,9 @@ impl Registry {
             }
         }
         self.record_load_states();
+        if failures.len() < versions.len() {
+            self.retry_routes();
+        }
         if !failures.is_empty() {
             return Err(Error::ModelUnavailable {
                 model: name.to_owned(),
@@ -356,6 +359,12 @@ impl Registry {
         let mut next = persisted.clone();
         change(&mut next);
         next.api_routes = route_changes::api_routes(routes);
+        // Saved routes waiting for their targets stay saved.
+        for (name, route) in &self.waiting_routes.lock().expect("routes lock").api {
+            next.api_routes
+                .entry(name.clone())
+                .or_insert_with(|| route.clone());
+        }
         if next == *persisted {
             return Ok(());
         }
@@ -397,17 +406,21 @@ impl Registry {
 
     async fn rescan(&self) -> anyhow::Result<()> {
         let _one_at_a_time = self.loads.lock().await;
+        let mut loaded = false;
         for slot in self.add_wanted_slots()? {
             tracing::info!(model = %slot.model, version = slot.version, "new version in the repository");
-            let _ = self.load_slot(&slot).await;
+            loaded |= self.load_slot(&slot).await.is_ok();
         }
         // A version copied in while a scan ran fails on the half-copied folder; once its files
         // change it is tried again, where a folder left as it was is not reloaded every poll.
         for slot in self.slots() {
             if slot.failed_and_changed() {
                 tracing::info!(model = %slot.model, version = slot.version, "loading again a version that failed: its files changed");
-                let _ = self.load_slot(&slot).await;
+                loaded |= self.load_slot(&slot).await.is_ok();
             }
+        }
+        if loaded {
+            self.retry_routes();
         }
         let on_disk: BTreeSet<(String, u64)> = repository::scan(&self.config.repository.path)?
             .into_iter()

@@ -149,6 +149,10 @@ pub struct Registry {
     /// Held by each load through the API or a repository scan: one at a time, so a retried
     /// LoadModel waits for the load before it instead of holding a second copy of the model.
     loads: tokio::sync::Mutex<()>,
+    /// The config file's routes as last read, and the API's saved routes left out at startup
+    /// because a target was not ready: tried again after each load, and (the API's) kept in
+    /// the state file meanwhile.
+    waiting_routes: Mutex<route_changes::WaitingRoutes>,
 }
 
 impl Registry {
@@ -171,6 +175,10 @@ impl Registry {
                 config.routing.shadow_concurrency,
             )),
             loads: tokio::sync::Mutex::new(()),
+            waiting_routes: Mutex::new(route_changes::WaitingRoutes {
+                config: config.routes.clone(),
+                api: BTreeMap::new(),
+            }),
             config,
         };
         registry.add_wanted_slots()?;

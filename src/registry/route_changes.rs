@@ -30,6 +30,15 @@ pub struct RouteEntry {
 
 pub type RouteTable = BTreeMap<String, RouteEntry>;
 
+/// Routes wanted but not (all) in the table yet: see `Registry::retry_routes`.
+#[derive(Debug, Default)]
+pub struct WaitingRoutes {
+    /// The config file's `[routes]` as last read, admitted or not.
+    pub config: BTreeMap<String, RouteConfig>,
+    /// Routes the state file saved from the API that did not fit what loaded.
+    pub api: BTreeMap<String, RouteConfig>,
+}
+
 /// The routes of `table` set through the API: what the state file keeps.
 pub(super) fn api_routes(table: &RouteTable) -> BTreeMap<String, RouteConfig> {
     table
@@ -46,6 +55,11 @@ impl Registry {
         self.check_route(name, &route)?;
         let mut routes = self.routes.write().expect("routes lock");
         refuse_config_route(&routes, name)?;
+        self.waiting_routes
+            .lock()
+            .expect("routes lock")
+            .api
+            .remove(name);
         let mut next = routes.clone();
         next.insert(
             name.to_owned(),
@@ -64,7 +78,14 @@ impl Registry {
         let mut routes = self.routes.write().expect("routes lock");
         refuse_config_route(&routes, name)?;
         let mut next = routes.clone();
-        if next.remove(name).is_none() {
+        let waited = self
+            .waiting_routes
+            .lock()
+            .expect("routes lock")
+            .api
+            .remove(name)
+            .is_some();
+        if next.remove(name).is_none() && !waited {
             return Err(Error::RouteNotFound {
                 name: name.to_owned(),
             });
@@ -100,11 +121,63 @@ impl Registry {
             .api_routes
             .clone();
         let mut table = RouteTable::new();
+        let mut waiting = BTreeMap::new();
         for (name, route) in saved {
-            self.admit_route(&mut table, name, route, RouteSource::Api);
+            if !self.admit_route(&mut table, name.clone(), route.clone(), RouteSource::Api) {
+                waiting.insert(name, route);
+            }
         }
         self.replace_config_routes(&mut table, self.config.routes.clone());
+        waiting.retain(|name, _| !table.contains_key(name));
+        self.waiting_routes.lock().expect("routes lock").api = waiting;
         *self.routes.write().expect("routes lock") = table;
+    }
+
+    /// After versions loaded: the config file's routes and the API's saved routes that were
+    /// left out for a target not ready then are admitted where they now fit. Without this a
+    /// replica whose load finished after a route was read would lack it until the next change
+    /// of the file, while the replicas beside it had it.
+    pub(super) fn retry_routes(&self) {
+        let config = self
+            .waiting_routes
+            .lock()
+            .expect("routes lock")
+            .config
+            .clone();
+        self.reload_config_routes(config);
+        let mut routes = self.routes.write().expect("routes lock");
+        let waiting = std::mem::take(&mut self.waiting_routes.lock().expect("routes lock").api);
+        if waiting.is_empty() {
+            return;
+        }
+        let mut next = routes.clone();
+        let mut still = BTreeMap::new();
+        for (name, route) in waiting.clone() {
+            // A config route took the name, or the API set it since: the saved one is gone.
+            if next.contains_key(&name) {
+                continue;
+            }
+            if self.check_route(&name, &route).is_ok() {
+                tracing::info!(route = %name, "a saved route's targets are ready; route restored");
+                next.insert(
+                    name,
+                    RouteEntry {
+                        route,
+                        source: RouteSource::Api,
+                    },
+                );
+            } else {
+                still.insert(name, route);
+            }
+        }
+        self.waiting_routes.lock().expect("routes lock").api = still;
+        match self.commit(&next, |_| {}) {
+            Ok(()) => *routes = next,
+            Err(error) => {
+                tracing::error!(%error, "saved routes not restored");
+                self.waiting_routes.lock().expect("routes lock").api = waiting;
+            }
+        }
     }
 
     /// Puts the config file's `routes` in place of the config routes of `table`; they take the
@@ -122,18 +195,23 @@ impl Registry {
         }
     }
 
+    /// Whether `route` fits what is loaded, and so went into `table`.
     fn admit_route(
         &self,
         table: &mut RouteTable,
         name: String,
         route: RouteConfig,
         source: RouteSource,
-    ) {
+    ) -> bool {
         match self.check_route(&name, &route) {
             Ok(()) => {
                 table.insert(name, RouteEntry { route, source });
+                true
             }
-            Err(error) => tracing::error!(route = %name, %error, "route left out"),
+            Err(error) => {
+                tracing::error!(route = %name, %error, "route left out; tried again after each load");
+                false
+            }
         }
     }
 
@@ -145,7 +223,9 @@ impl Registry {
         if interval == 0 {
             return;
         }
-        let mut seen = std::fs::read(&file).ok();
+        // Nothing seen yet: the first look applies the file as it is now, which a change made
+        // while the models loaded (after the routes were read at startup) may have changed.
+        let mut seen = None;
         let mut ticker = tokio::time::interval(Duration::from_millis(interval));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -156,7 +236,10 @@ impl Registry {
             }
             seen = now;
             match Config::routes_in(&file) {
-                Ok(routes) => self.reload_config_routes(routes),
+                Ok(routes) => {
+                    self.waiting_routes.lock().expect("routes lock").config = routes.clone();
+                    self.reload_config_routes(routes);
+                }
                 Err(error) => {
                     tracing::warn!(error = %format!("{error:#}"), "the config file changed but does not parse; routes unchanged")
                 }
