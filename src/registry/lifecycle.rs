@@ -10,7 +10,7 @@ use super::loader::LoadFailure;
 use super::route_changes::{self, RouteTable};
 use super::state::PersistedState;
 use super::{LoadState, ModelVersion, Registry, Slot, loader, repository, state};
-use crate::config::VersionPolicy;
+use crate::config::{Config, VersionPolicy};
 use crate::engine::{self, EngineGraphs, FaultTracker};
 use crate::error::{Error, Result};
 use crate::telemetry::metrics::{self, ModelLabels};
@@ -99,19 +99,21 @@ impl Registry {
         let runtime = self.config.model_runtime(&slot.model);
         *slot.loaded_from.lock().expect("slot lock") = repository::Contents::of(&slot.path);
         let path = slot.path.clone();
-        let root = self.config.repository.path.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || loader::load(environment, &root, &path, &runtime))
-                .await
-                .map_err(|error| failure(format!("loader failed: {error}")))?;
-        let served = loaded.and_then(|parts| {
+        let config = self.config.clone();
+        let (model, version) = (slot.model.clone(), slot.version);
+        // Starting the engine runs the load-time rehearsal (a decoder's prefill and steps): on
+        // the blocking thread too, not on an async worker that gRPC calls are waiting for.
+        let served = tokio::task::spawn_blocking(move || {
+            let parts = loader::load(environment, &config.repository.path, &path, &runtime)?;
             let graph = parts.pool.graph().clone();
-            self.serve(slot, parts).map_err(|error| LoadFailure {
+            serve(&config, &model, version, parts).map_err(|error| LoadFailure {
                 reason: format!("{error:#}. The {graph}"),
                 graph: Some(graph),
                 fatal: false,
             })
-        });
+        })
+        .await
+        .map_err(|error| failure(format!("loader failed: {error}")))?;
         match served {
             Ok(model) => {
                 tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), narrow_lanes = model.pool.narrow().map_or(0, |lanes| lanes.size()), "model ready");
@@ -131,57 +133,6 @@ impl Registry {
     }
 
     /// Starts the engine the model's family needs.
-    fn serve(&self, slot: &Slot, parts: loader::LoadedParts) -> anyhow::Result<ModelVersion> {
-        let labels = ModelLabels {
-            model: slot.model.clone(),
-            version: slot.version.to_string(),
-        };
-        let faults = Arc::new(FaultTracker::new(
-            self.config.runtime.max_consecutive_failures,
-        ));
-        let pad_id = i64::from(parts.settings.pad_token_id.value);
-        let engine = engine::start(
-            EngineGraphs {
-                family: parts.manifest.family,
-                pool: Arc::clone(&parts.pool),
-                bindings: Arc::clone(&parts.bindings),
-                pad_id,
-                best_batch: parts.settings.best_batch.as_ref().map(|best| best.value),
-                seq2seq: parts.seq2seq,
-            },
-            &self.config,
-            &labels,
-            &faults,
-        )?;
-        let logits_width = parts
-            .bindings
-            .logits
-            .as_ref()
-            .and_then(|name| parts.pool.outputs().iter().find(|spec| &spec.name == name))
-            .and_then(|spec| spec.shape.last().copied())
-            .filter(|&dim| dim > 0)
-            .unwrap_or(0) as usize;
-        Ok(ModelVersion {
-            name: slot.model.clone(),
-            version: slot.version,
-            vocab_size: parts.tokenizer.get_vocab_size(true).max(logits_width),
-            input_vocab_size: match logits_width {
-                0 => parts.tokenizer.get_vocab_size(true),
-                width => width,
-            },
-            tokenizer: Arc::new(parts.tokenizer),
-            manifest: parts.manifest,
-            settings: parts.settings,
-            chat: parts.chat,
-            pool: parts.pool,
-            bindings: parts.bindings,
-            pad_id,
-            engine,
-            labels,
-            faults,
-        })
-    }
-
     pub(super) fn record_load_states(&self) {
         let (mut ready, mut failed, mut loading) = (0, 0, 0);
         for slot in self.slots() {
@@ -469,4 +420,60 @@ fn check_model_name(name: &str, limits: &crate::config::LimitsConfig) -> Result<
         ));
     }
     Ok(())
+}
+
+/// Starts the engine the model's family needs.
+fn serve(
+    config: &Config,
+    model: &str,
+    version: u64,
+    parts: loader::LoadedParts,
+) -> anyhow::Result<ModelVersion> {
+    let labels = ModelLabels {
+        model: model.to_owned(),
+        version: version.to_string(),
+    };
+    let faults = Arc::new(FaultTracker::new(config.runtime.max_consecutive_failures));
+
+    let pad_id = i64::from(parts.settings.pad_token_id.value);
+    let engine = engine::start(
+        EngineGraphs {
+            family: parts.manifest.family,
+            pool: Arc::clone(&parts.pool),
+            bindings: Arc::clone(&parts.bindings),
+            pad_id,
+            best_batch: parts.settings.best_batch.as_ref().map(|best| best.value),
+            seq2seq: parts.seq2seq,
+        },
+        config,
+        &labels,
+        &faults,
+    )?;
+    let logits_width = parts
+        .bindings
+        .logits
+        .as_ref()
+        .and_then(|name| parts.pool.outputs().iter().find(|spec| &spec.name == name))
+        .and_then(|spec| spec.shape.last().copied())
+        .filter(|&dim| dim > 0)
+        .unwrap_or(0) as usize;
+    Ok(ModelVersion {
+        name: model.to_owned(),
+        version,
+        vocab_size: parts.tokenizer.get_vocab_size(true).max(logits_width),
+        input_vocab_size: match logits_width {
+            0 => parts.tokenizer.get_vocab_size(true),
+            width => width,
+        },
+        tokenizer: Arc::new(parts.tokenizer),
+        manifest: parts.manifest,
+        settings: parts.settings,
+        chat: parts.chat,
+        pool: parts.pool,
+        bindings: parts.bindings,
+        pad_id,
+        engine,
+        labels,
+        faults,
+    })
 }
