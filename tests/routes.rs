@@ -576,6 +576,46 @@ async fn a_load_outlives_the_call_that_started_it() {
     }
 }
 
+/// SetRoute and UnloadModel racing on one version: whichever wins, no route is left naming a
+/// version that is gone (each checks the other's side under the routes lock).
+#[tokio::test]
+async fn a_route_never_names_a_version_unloaded_beside_it() {
+    let repository = ab_repository();
+    let server = start(repository.path(), &[]).await;
+    let models = server.models().await;
+    for round in 0..12 {
+        let (mut set, mut unload) = (models.clone(), models.clone());
+        let (routed, unloaded) = tokio::join!(
+            set.set_route(route("race", proto::Task::Embed, &[("w2v@1", 1.0)], None)),
+            unload.unload_model(UnloadModelRequest {
+                name: "w2v".into(),
+                version: Some(1),
+            })
+        );
+        assert!(
+            !(routed.is_ok() && unloaded.is_ok()),
+            "round {round}: both the route and the unload went through"
+        );
+        let mut models = models.clone();
+        if routed.is_ok() {
+            models
+                .delete_route(DeleteRouteRequest {
+                    name: "race".into(),
+                })
+                .await
+                .unwrap();
+        } else {
+            models
+                .load_model(LoadModelRequest {
+                    name: "w2v".into(),
+                    version: Some(1),
+                })
+                .await
+                .unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn management_errors_name_what_is_wrong() {
     let repository = ab_repository();

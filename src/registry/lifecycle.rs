@@ -266,19 +266,22 @@ impl Registry {
             None => slots.iter().map(|slot| slot.version).collect(),
         };
         let leaves_none = versions.len() == slots.len();
-        if let Some(route) = self.route_using(name, &versions, leaves_none) {
+        // Held until the versions are gone: SetRoute checks its targets under the write lock.
+        let routes = self.routes.read().expect("routes lock");
+        if let Some(route) = Self::route_using(&routes, name, &versions, leaves_none) {
             return Err(Error::FailedPrecondition(format!(
                 "route `{route}` uses {name}{}; change or delete the route first",
                 version.map(|v| format!("@{v}")).unwrap_or_default()
             )));
         }
-        self.commit_unchanged_routes(|persisted| {
+        self.commit(&routes, |persisted| {
             for &version in &versions {
                 persisted.loaded.remove(&key(name, version));
                 persisted.unloaded.insert(key(name, version));
             }
         })?;
         self.remove_versions(name, &versions);
+        drop(routes);
         self.record_load_states();
         tracing::info!(model = name, ?versions, "unloaded");
         Ok(versions)
@@ -331,9 +334,10 @@ impl Registry {
         Ok(())
     }
 
-    /// `commit` for a change that leaves the route table as it is.
+    /// `commit` for a change that leaves the route table as it is. The routes lock is held
+    /// through the write, so a route set meanwhile cannot be saved and then overwritten.
     fn commit_unchanged_routes(&self, change: impl FnOnce(&mut PersistedState)) -> Result<()> {
-        let routes = self.routes.read().expect("routes lock").clone();
+        let routes = self.routes.read().expect("routes lock");
         self.commit(&routes, change)
     }
 
@@ -382,7 +386,8 @@ impl Registry {
                 continue;
             }
             let remaining = self.model_slots(&slot.model).map_or(0, |slots| slots.len());
-            match self.route_using(&slot.model, &[slot.version], remaining == 1) {
+            let routes = self.routes.read().expect("routes lock");
+            match Self::route_using(&routes, &slot.model, &[slot.version], remaining == 1) {
                 Some(route) => {
                     tracing::warn!(model = %slot.model, version = slot.version, %route, "version folder removed but a route uses it; keeping it loaded")
                 }

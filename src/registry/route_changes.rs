@@ -52,8 +52,10 @@ impl Registry {
     /// Creates or replaces a route through the API, after checking it against what is loaded;
     /// it takes effect once it is saved.
     pub fn set_route(&self, name: &str, route: RouteConfig) -> Result<()> {
-        self.check_route(name, &route)?;
+        // Checked under the write lock, which an unload holds (read) from its own check of the
+        // routes until its versions are gone: no route can come to name a version going away.
         let mut routes = self.routes.write().expect("routes lock");
+        self.check_route(name, &route)?;
         refuse_config_route(&routes, name)?;
         self.waiting_routes
             .lock()

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{ModelVersion, Registry, parse_target};
+use super::{ModelVersion, Registry, RouteTable, parse_target};
 use crate::error::{Error, Result, Task};
 use crate::telemetry::metrics;
 
@@ -128,14 +128,14 @@ impl Registry {
     }
 
     /// The first route that uses `model` at one of `versions` (or by bare name, when no version
-    /// of the model would be left).
+    /// of the model would be left). The caller holds the routes lock across the check and the
+    /// removal it allows, so that no route can come to use what goes in between.
     pub(super) fn route_using(
-        &self,
+        routes: &RouteTable,
         model: &str,
         versions: &[u64],
         none_left: bool,
     ) -> Option<String> {
-        let routes = self.routes.read().expect("routes lock");
         routes.iter().find_map(|(name, entry)| {
             let targets = entry
                 .route
