@@ -562,6 +562,12 @@ async fn bad_input_is_refused_naming_the_field() {
             "text_input.shape: [9223372036854775807, 1] holds more than the limit of 256",
         ),
         (
+            "a text over the model's length",
+            encoder(&[&"word ".repeat(400)]),
+            Code::InvalidArgument,
+            "set parameters.truncate to right or left to cut it",
+        ),
+        (
             "a 1 MiB id",
             with(gpt2(&[]), &|r| r.id = "i".repeat(1 << 20)),
             Code::InvalidArgument,

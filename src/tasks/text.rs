@@ -41,6 +41,9 @@ pub enum EncodeError {
     TooLong { tokens: usize, limit: usize },
 }
 
+/// What a text over the model's limit is told to set; other APIs say it in their own terms.
+pub const TRUNCATE_HINT: &str = "set truncate to TRUNCATE_RIGHT or TRUNCATE_LEFT to cut it";
+
 /// Tokenizes every text; a text over the model's limit is truncated or rejected by `truncate`.
 pub async fn encode_all(
     model: &Arc<ModelVersion>,
@@ -82,13 +85,8 @@ fn encode_texts(
         .iter()
         .enumerate()
         .map(|(index, text)| {
-            encode(&model.tokenizer, text, special, limit, truncate).map_err(|error| {
-                text_error(
-                    &format!("texts[{index}]"),
-                    error,
-                    "set truncate to TRUNCATE_RIGHT or TRUNCATE_LEFT to cut it",
-                )
-            })
+            encode(&model.tokenizer, text, special, limit, truncate)
+                .map_err(|error| text_error(&format!("texts[{index}]"), error, TRUNCATE_HINT))
         })
         .collect()
 }

@@ -58,12 +58,22 @@ impl FieldNames {
             TEXT_INPUT.to_owned()
         } else if field == "model" {
             "model_name".to_owned()
+        } else if field == "pooling" {
+            "parameters.pooling".to_owned()
         } else {
             self.parameters
                 .iter()
                 .find(|(ours, _)| field.strip_prefix("parameters.") == Some(*ours))
                 .map_or(field.clone(), |(_, theirs)| format!("parameters.{theirs}"))
         };
+        // The advice names lmserve.v1's fields; here they are parameters (generation takes no
+        // truncation, so only shortening is left).
+        let message = message
+            .replace(
+                crate::tasks::text::TRUNCATE_HINT,
+                "set parameters.truncate to right or left to cut it",
+            )
+            .replace(crate::tasks::generate::TRUNCATE_PROMPT_HINT, "shorten it");
         Error::InvalidArgument { field, message }
     }
 }
@@ -405,6 +415,18 @@ mod tests {
             "parameters.max_tokens"
         );
         assert_eq!(renamed("parameters.top_p"), "parameters.top_p");
+        assert_eq!(renamed("pooling"), "parameters.pooling");
+        let advice = names.apply(Error::invalid(
+            "texts[0]",
+            format!(
+                "300 tokens is over 256; {}",
+                crate::tasks::text::TRUNCATE_HINT
+            ),
+        ));
+        assert_eq!(
+            advice.to_string(),
+            "text_input[0]: 300 tokens is over 256; set parameters.truncate to right or left to cut it"
+        );
         assert!(matches!(
             names.apply(Error::ShuttingDown),
             Error::ShuttingDown

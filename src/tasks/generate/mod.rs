@@ -558,6 +558,9 @@ async fn prompt_ids(
     ids
 }
 
+/// What a prompt over the model's context is told to do; other APIs say it in their own terms.
+pub const TRUNCATE_PROMPT_HINT: &str = "shorten it or set truncate_prompt to cut it from the left";
+
 fn encode_prompt(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -> Result<Vec<i64>> {
     let max_length = model.settings.max_length.value;
     let room = max_length.saturating_sub(1).max(1);
@@ -565,7 +568,7 @@ fn encode_prompt(model: &ModelVersion, prompt: Option<Prompt>, truncate: bool) -
         Error::invalid(
             "prompt",
             format!(
-                "{tokens} tokens leaves no room in the model's context of {max_length} tokens; shorten it or set truncate_prompt to cut it from the left"
+                "{tokens} tokens leaves no room in the model's context of {max_length} tokens; {TRUNCATE_PROMPT_HINT}"
             ),
         )
     };
