@@ -256,6 +256,44 @@ async fn a_pooled_output_bound_as_hidden_states_fails_at_load_with_the_graph_and
         .unwrap();
 }
 
+/// A classifier with one label (a reranker, a single-score head) is scored with a sigmoid, as
+/// transformers' text-classification pipeline does: a softmax over one logit would be 1 for
+/// every text. References computed with numpy from the fixture's weights.
+#[tokio::test]
+async fn one_label_is_scored_with_a_sigmoid() {
+    let repository = tempfile::tempdir().unwrap();
+    copy_dir(
+        &fixtures().join("one-label-encoder"),
+        &repository.path().join("one-label-encoder"),
+    );
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+    for case in fixture_reference()["cases"].as_array().unwrap() {
+        let classified = client
+            .classify(ClassifyRequest {
+                model: "one-label-encoder".into(),
+                texts: vec![case["text"].as_str().unwrap().into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let [label] = &classified.classifications[0].labels[..] else {
+            panic!("{classified:?}");
+        };
+        assert_eq!(label.label, "RELEVANT");
+        let expected = case["one_label_score"].as_f64().unwrap() as f32;
+        assert!(
+            (label.score - expected).abs() < 1e-5,
+            "{label:?} against {expected}"
+        );
+    }
+}
+
 /// What model.toml sets overrides Hugging Face files this server cannot follow: a
 /// sentence-transformers Pooling module in a mode it does not pool by, and a malformed id2label.
 /// Without the override the load fails naming the file and the mode.

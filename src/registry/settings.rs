@@ -560,8 +560,12 @@ fn classify_settings(
             labels.value.len()
         );
     }
+    // One label is scored with a sigmoid whatever problem_type says, as transformers'
+    // text-classification pipeline does: a softmax over one logit is always 1.
+    let one_label = (labels.value.len() == 1).then(|| sourced(true, labels.source.clone()));
     let multi_label = first([
         section.multi_label.map(|v| sourced(v, Source::Manifest)),
+        one_label,
         config.and_then(|c| c.problem_type.as_deref()).map(|kind| {
             let multi = kind == "multi_label_classification";
             sourced(multi, Source::File(Cow::Borrowed(hf::CONFIG)))
