@@ -83,6 +83,66 @@ fn a_required_gpu_that_is_missing_is_a_startup_error() {
     );
 }
 
+/// A required provider must be the one that serves: one not in the list is a startup error,
+/// not a silent CPU pod.
+#[test]
+fn a_required_provider_missing_from_the_list_is_a_startup_error() {
+    let repository = tempfile::tempdir().unwrap();
+    common::copy_version("tiny-word2vec", "1", repository.path(), "w2v", "1");
+    let (ok, output) = run_to_exit(
+        &[
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--repository",
+            repository.path().to_str().unwrap(),
+        ],
+        &[("LMSERVE_RUNTIME__REQUIRED_PROVIDER", "cuda:0")],
+    );
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains("cuda:0") && output.contains("not among runtime.execution_providers"),
+        "{output}"
+    );
+}
+
+/// With a required provider that registers, a model's own fault (a corrupt graph) fails that
+/// model alone; the rest serve.
+#[tokio::test]
+async fn a_broken_model_under_a_required_provider_fails_alone() {
+    let repository = tempfile::tempdir().unwrap();
+    common::copy_version("tiny-word2vec", "1", repository.path(), "w2v", "1");
+    common::copy_version("tiny-word2vec", "1", repository.path(), "broken", "1");
+    std::fs::write(
+        repository.path().join("broken/1/model.onnx"),
+        b"not a graph",
+    )
+    .unwrap();
+    let server = common::TestServer::start_with(common::ServerOptions {
+        repository: repository.path().to_owned(),
+        env: vec![("LMSERVE_RUNTIME__REQUIRED_PROVIDER".into(), "cpu".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut models = server.models().await;
+    let state = |info: lmserve::api::proto::ModelInfo| info.versions[0].state;
+    let broken = models
+        .get_model(lmserve::api::proto::GetModelRequest {
+            name: "broken".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(broken), lmserve::api::proto::LoadState::Failed as i32);
+    let w2v = models
+        .get_model(lmserve::api::proto::GetModelRequest { name: "w2v".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(w2v), lmserve::api::proto::LoadState::Ready as i32);
+}
+
 #[test]
 fn an_invalid_config_file_is_reported() {
     let dir = tempfile::tempdir().unwrap();

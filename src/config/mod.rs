@@ -177,7 +177,9 @@ pub struct RuntimeConfig {
     pub split_under_load: bool,
     /// Execution providers tried in order, e.g. `["cuda:0", "cpu"]`.
     pub execution_providers: Vec<String>,
-    /// A provider that must register; when it cannot, startup fails instead of falling back.
+    /// A provider that must register and serve every model: one of `execution_providers`, and
+    /// then the only one tried. When it cannot register (or is not in the list), startup fails
+    /// instead of falling back; a model that fails on it for its own reasons fails alone.
     pub required_provider: Option<String>,
     /// CPUs reserved for the decode threads of generating models, e.g. "0" or "0-1"; the rest of
     /// the server runs on the others. Unset: no thread is pinned. Worth setting when the intra-op

@@ -119,7 +119,8 @@ pub struct SessionLease {
 
 impl SessionPool {
     /// Builds `runtime.sessions` sessions on the first provider in the list that registers.
-    /// A provider named `required_provider` that cannot register is an error, never a fallback.
+    /// With `required_provider`, on that provider alone: one that cannot register (or is not
+    /// in the list) is a `RequiredProviderMissing`, never a fallback.
     pub fn load(
         environment: &ort::environment::Environment,
         model_file: &Path,
@@ -141,6 +142,36 @@ impl SessionPool {
                 "runtime.execution_providers is empty; list at least one, e.g. [\"cpu\"]"
             );
         }
+        // A required provider is the only one tried, wherever the list puts it: any other
+        // would be the fallback it forbids. Whether it registers is asked of a bare session
+        // builder, so that a model's own fault on it (a corrupt graph, memory) stays that
+        // model's failure instead of stopping the server.
+        let providers = match required {
+            Some(required) => {
+                if !providers.contains(&required) {
+                    return Err(RequiredProviderMissing {
+                        provider: required,
+                        reason: format!(
+                            "it is not among runtime.execution_providers {:?}",
+                            runtime.execution_providers
+                        ),
+                    }
+                    .into());
+                }
+                let registers = Session::builder(environment).and_then(|builder| {
+                    builder
+                        .with_execution_providers([required.dispatch()])
+                        .map(drop)
+                        .map_err(ort::Error::from)
+                });
+                registers.map_err(|error| RequiredProviderMissing {
+                    provider: required,
+                    reason: error.to_string(),
+                })?;
+                vec![required]
+            }
+            None => providers,
+        };
 
         let mut failures = Vec::new();
         for provider in providers {
@@ -182,13 +213,6 @@ impl SessionPool {
                         pool.narrow = Some(Arc::new(Self::from_sessions(narrow, provider)));
                     }
                     return Ok(pool);
-                }
-                Err(error) if required == Some(provider) => {
-                    return Err(RequiredProviderMissing {
-                        provider,
-                        reason: error.to_string(),
-                    }
-                    .into());
                 }
                 Err(error) => failures.push(format!("{provider}: {error}")),
             }
