@@ -52,11 +52,16 @@ pub async fn encode_all(
 ) -> Result<Vec<Encoded>> {
     let model = Arc::clone(model);
     let bytes: usize = texts.iter().map(String::len).sum();
-    let encoded = blocking(move || encode_texts(&model, &texts, truncate)).await;
-    if bytes >= TRIM_AFTER_BYTES {
-        give_back_memory();
-    }
-    encoded
+    // The trim too runs on the blocking thread: it takes every malloc arena's lock in turn.
+    blocking(move || {
+        let encoded = encode_texts(&model, &texts, truncate);
+        drop(texts);
+        if bytes >= TRIM_AFTER_BYTES {
+            give_back_memory();
+        }
+        encoded
+    })
+    .await
 }
 
 /// Runs tokenizer work on the blocking pool, never on the async executor's threads: a long

@@ -550,12 +550,16 @@ async fn prompt_ids(
         Some(Prompt::Messages(messages)) => messages.iter().map(|m| m.content.len()).sum(),
         _ => 0,
     };
-    // Off the async executor: a long prompt must not hold up every other request.
-    let ids = text_input::blocking(move || encode_prompt(&model, prompt, truncate)).await;
-    if bytes >= text_input::TRIM_AFTER_BYTES {
-        text_input::give_back_memory();
-    }
-    ids
+    // Off the async executor, the trim included: a long prompt must not hold up every other
+    // request.
+    text_input::blocking(move || {
+        let ids = encode_prompt(&model, prompt, truncate);
+        if bytes >= text_input::TRIM_AFTER_BYTES {
+            text_input::give_back_memory();
+        }
+        ids
+    })
+    .await
 }
 
 /// What a prompt over the model's context is told to do; other APIs say it in their own terms.
