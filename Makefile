@@ -28,12 +28,14 @@ DIST := dist/root
 go-install = scratch=$$(mktemp -d) && \
 	GOCACHE=$$scratch/build GOMODCACHE=$$scratch/mod GOFLAGS=-modcacherw GOBIN=$(abspath $(dir $(2))) \
 	go install $(1); status=$$?; rm -rf "$$scratch"; exit $$status
+# A bare `make` runs the server, whatever the included files define first.
+.DEFAULT_GOAL := run
 include proto.mk
 include examples/examples.mk
 # The ONNX Runtime build `make dist` puts in the image tree: cpu, or gpu (onnxruntime-gpu).
 DIST_ORT ?= cpu
 
-.PHONY: bench-real run test test-rust test-python bench bench-models models real-models fixtures soak overload dist helm grpcurl chart onnxruntime onnxruntime-gpu pyclient tritonclient lint clean
+.PHONY: bench-real run test bench bench-models models real-models fixtures soak overload dist helm grpcurl chart onnxruntime onnxruntime-gpu pyclient tritonclient lint clean
 
 run: $(ORT_LIB)
 	cargo run --release -- serve
@@ -74,7 +76,7 @@ $(GRPCURL):
 # The chart: helm lint and template for each value set, every object checked against the
 # Kubernetes schemas, and the real binary started on each rendered lmserve.toml (part of the
 # Python tests, tests/python/test_chart.py).
-chart: $(HELM) $(PY_VENV)/ok
+chart: $(ORT_LIB) $(HELM) $(PY_VENV)/ok
 	cargo build --release
 	$(PY_VENV)/bin/python -m pytest -q tests/python/test_chart.py
 

@@ -255,6 +255,21 @@ def test_the_server_starts_on_what_the_chart_renders(name, tmp_path):
         process.wait(timeout=30)
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_the_image_finds_onnx_runtime_whatever_config_it_runs(dockerfile):
+    """The chart and KServe's runtime start the image with configurations that do not name the
+    library, so the image's environment must: where the image's own config puts it."""
+    image_config = (ROOT / "deploy" / "lmserve.image.toml").read_text()
+    [library] = re.findall(r'^ort_library = "([^"]+)"', image_config, re.M)
+    text = (ROOT / "deploy" / dockerfile).read_text()
+    final_stage = text.split("\nFROM ")[-1]
+    assert f"ENV ORT_DYLIB_PATH={library}" in final_stage
+    # `make dist` fetches the ONNX Runtime wheel with `python3 -m pip download`.
+    build_stage = text.split("\nFROM ")[1]
+    assert "python3-pip" in build_stage
+    assert "ort_library" not in config_of(render("default"))
+
+
 def test_the_kserve_serving_runtime_runs_lmserve_as_documented():
     runtime = yaml.safe_load((ROOT / "deploy" / "kserve" / "servingruntime.yaml").read_text())
     service = yaml.safe_load((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())

@@ -34,7 +34,9 @@ def test_classify_matches_reference(channel):
     stub = inference_pb2_grpc.InferenceStub(channel)
     ref = reference("tiny-encoder")["classify"]
     response = stub.Classify(inference_pb2.ClassifyRequest(model="tiny-encoder", texts=[c["text"] for c in ref["cases"]]))
+    assert len(response.classifications) == len(ref["cases"])
     for case, classification in zip(ref["cases"], response.classifications):
+        assert len(classification.labels) == len(ref["labels"])
         for label in classification.labels:
             assert label.label == ref["labels"][label.index]
             assert abs(label.score - case["probabilities"][label.index]) <= 1e-4
