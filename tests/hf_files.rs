@@ -12,6 +12,8 @@ use lmserve::api::proto::{
     ClassifyRequest, EmbedRequest, GetModelRequest, LoadModelRequest, LoadState, Pooling,
     ScoreKind, TokenizeRequest, Truncate,
 };
+use lmserve::runtime::bindings::Bindings;
+use lmserve::runtime::encoder::{self, Embedding, EncoderRow};
 use tonic::Code;
 
 fn fixture_reference() -> serde_json::Value {
@@ -254,6 +256,68 @@ async fn a_pooled_output_bound_as_hidden_states_fails_at_load_with_the_graph_and
         .embed(embed("tiny-encoder", "the king"))
         .await
         .unwrap();
+}
+
+/// An encoder with no attention_mask input cannot be told where a row's padding is: a batch of
+/// texts of different lengths runs them apart, so each embedding is what the text alone gives.
+/// The fixture's states add their row's mean, so a text's mean-pooled vector is twice the mean
+/// of its embedding rows (reference computed with numpy from the same table). Run through the
+/// encoder directly: the server's batch limit, timed at load, may keep a tiny graph's texts in
+/// batches of one.
+#[tokio::test]
+async fn an_encoder_without_a_mask_never_reads_padding() {
+    let model = fixtures().join("unmasked-encoder/1/model.onnx");
+    let pool = std::sync::Arc::new(common::cpu_session_pool(&model, 1));
+    let bindings = Bindings {
+        input_ids: "input_ids".into(),
+        attention_mask: None,
+        position_ids: None,
+        token_type_ids: None,
+        logits: None,
+        hidden_states: Some("last_hidden_state".into()),
+        pooled_output: None,
+        state: Vec::new(),
+        seqlens_k: None,
+        total_sequence_length: None,
+    };
+    let reference = fixture_reference();
+    let cases = reference["cases"].as_array().unwrap().clone();
+    let rows: Vec<EncoderRow> = cases
+        .iter()
+        .map(|case| EncoderRow {
+            ids: case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|id| id.as_i64().unwrap())
+                .collect(),
+            embedding: Some(Embedding::Pool(encoder::Pooling::Mean)),
+            logits: false,
+        })
+        .collect();
+    assert!(
+        rows.windows(2)
+            .any(|pair| pair[0].ids.len() != pair[1].ids.len())
+    );
+    let outputs = pool
+        .acquire()
+        .await
+        .run(move |session| encoder::run(session, &bindings, 0, &rows))
+        .await
+        .unwrap()
+        .unwrap();
+    for (case, output) in cases.iter().zip(&outputs) {
+        let expected: Vec<f32> = common::floats(&case["mean"])
+            .iter()
+            .map(|x| 2.0 * x)
+            .collect();
+        let got = output.pooled.as_ref().unwrap();
+        assert!(
+            max_abs_diff(got, &expected) < 1e-5,
+            "{}: {got:?} against {expected:?}",
+            case["text"]
+        );
+    }
 }
 
 /// A classifier with one label (a reranker, a single-score head) is scored with a sigmoid, as

@@ -33,8 +33,40 @@ pub struct EncoderRowOutput {
     pub logits: Option<Vec<f32>>,
 }
 
-/// Runs `rows` as one batch, padded on the right with `pad_id` to the longest row.
+/// Runs `rows` as one batch, padded on the right with `pad_id` to the longest row. A graph with
+/// no attention mask cannot be told where a row's padding is and would attend to it: its rows
+/// run in groups of one length instead, unpadded.
 pub fn run(
+    session: &mut Session,
+    bindings: &Bindings,
+    pad_id: i64,
+    rows: &[EncoderRow],
+) -> ort::Result<Vec<EncoderRowOutput>> {
+    let mut lengths: Vec<usize> = rows.iter().map(|row| row.ids.len()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    if bindings.attention_mask.is_some() || lengths.len() <= 1 {
+        return run_padded(session, bindings, pad_id, rows);
+    }
+    let mut results = vec![EncoderRowOutput::default(); rows.len()];
+    for length in lengths {
+        let (indices, group): (Vec<usize>, Vec<EncoderRow>) = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, row)| row.ids.len() == length)
+            .map(|(index, row)| (index, row.clone()))
+            .unzip();
+        for (index, output) in indices
+            .into_iter()
+            .zip(run_padded(session, bindings, pad_id, &group)?)
+        {
+            results[index] = output;
+        }
+    }
+    Ok(results)
+}
+
+fn run_padded(
     session: &mut Session,
     bindings: &Bindings,
     pad_id: i64,
