@@ -390,20 +390,7 @@ async fn model_toml_overrides_files_the_server_cannot_follow() {
     })
     .await;
     let models = server.models().await;
-    let version = |name: &str| {
-        let mut models = models.clone();
-        let name = name.to_owned();
-        async move {
-            models
-                .get_model(GetModelRequest { name })
-                .await
-                .unwrap()
-                .into_inner()
-                .versions
-                .remove(0)
-        }
-    };
-    let overridden = version("overridden").await;
+    let overridden = common::first_version(&models, "overridden").await;
     assert_eq!(
         overridden.state,
         LoadState::Ready as i32,
@@ -414,7 +401,7 @@ async fn model_toml_overrides_files_the_server_cannot_follow() {
         setting(&overridden, "embed.pooling"),
         ("mean", "model.toml")
     );
-    let failed = version("not-overridden").await;
+    let failed = common::first_version(&models, "not-overridden").await;
     assert_eq!(failed.state, LoadState::Failed as i32);
     for needle in [
         "1_Pooling/config.json",

@@ -257,19 +257,7 @@ async fn reports_the_kv_cache_budget_and_its_use() {
     })
     .await;
     let models = server.models().await;
-    let describe = |name: &str| {
-        let mut models = models.clone();
-        let name = name.to_owned();
-        async move {
-            models
-                .get_model(GetModelRequest { name })
-                .await
-                .unwrap()
-                .into_inner()
-                .versions
-                .remove(0)
-        }
-    };
+    let describe = |name: &'static str| common::first_version(&models, name);
 
     // tiny-gpt2 carries 4 layers of keys and values, [batch, 4 heads, past, 32] in float32.
     let per_token = 4 * 2 * 4 * 32 * 4;

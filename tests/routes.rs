@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{ServerOptions, TestServer, copy_version, run_to_exit};
+use common::{ServerOptions, TestServer, copy_version};
 use futures::future::join_all;
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::{
@@ -556,7 +556,11 @@ async fn a_load_outlives_the_call_that_started_it() {
     // The encoder times its batch sizes as it loads, which takes longer than this.
     call.set_timeout(Duration::from_millis(30));
     let ended = models.load_model(call).await.unwrap_err();
-    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    // The server's deadline or the client's own timer, whichever fires first.
+    assert!(
+        matches!(ended.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{ended:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let info = models
@@ -947,17 +951,8 @@ async fn route_and_load_changes_survive_a_restart() {
     // A state file cut short is reported at startup, with its path.
     let text = std::fs::read_to_string(&state).unwrap();
     std::fs::write(&state, &text[..text.len() / 2]).unwrap();
-    let (ok, output) = run_to_exit(
-        &[
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--no-metrics",
-            "--repository",
-            repository.path().to_str().unwrap(),
-        ],
-        &[("LMSERVE_STATE__PATH", &state_env)],
-    );
+    let (ok, output) =
+        common::serve_to_exit(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]);
     assert!(!ok);
     assert!(
         output.contains("corrupt") && output.contains(&state_env),

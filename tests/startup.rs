@@ -59,15 +59,8 @@ fn decode_cpus_the_process_may_not_use_are_a_startup_error() {
 fn a_required_gpu_that_is_missing_is_a_startup_error() {
     let repository = tempfile::tempdir().unwrap();
     common::copy_version("tiny-word2vec", "1", repository.path(), "w2v", "1");
-    let (ok, output) = run_to_exit(
-        &[
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--no-metrics",
-            "--repository",
-            repository.path().to_str().unwrap(),
-        ],
+    let (ok, output) = common::serve_to_exit(
+        repository.path(),
         &[
             (
                 "LMSERVE_RUNTIME__EXECUTION_PROVIDERS",
@@ -89,15 +82,8 @@ fn a_required_gpu_that_is_missing_is_a_startup_error() {
 fn a_required_provider_missing_from_the_list_is_a_startup_error() {
     let repository = tempfile::tempdir().unwrap();
     common::copy_version("tiny-word2vec", "1", repository.path(), "w2v", "1");
-    let (ok, output) = run_to_exit(
-        &[
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--no-metrics",
-            "--repository",
-            repository.path().to_str().unwrap(),
-        ],
+    let (ok, output) = common::serve_to_exit(
+        repository.path(),
         &[("LMSERVE_RUNTIME__REQUIRED_PROVIDER", "cuda:0")],
     );
     assert!(!ok, "{output}");

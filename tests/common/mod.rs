@@ -257,6 +257,36 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// Serves `repository` (a free port, no metrics) until the server exits: for startups that
+/// must fail. Returns (success, stdout + stderr).
+pub fn serve_to_exit(repository: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let repository = repository.to_str().unwrap();
+    let args = [
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--no-metrics",
+        "--repository",
+        repository,
+    ];
+    run_to_exit(&args, env)
+}
+
+/// The first version GetModel lists for `name`.
+pub async fn first_version(
+    models: &ModelsClient<Channel>,
+    name: &str,
+) -> lmserve::api::proto::ModelVersion {
+    models
+        .clone()
+        .get_model(lmserve::api::proto::GetModelRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .remove(0)
+}
+
 /// The committed reference outputs of one model.
 pub fn reference(model: &str) -> serde_json::Value {
     let path = repository().join(model).join("1").join("reference.json");
