@@ -84,8 +84,8 @@ func (Truncate) EnumDescriptor() ([]byte, []int) {
 type Pooling int32
 
 const (
-	// The model's own pooling: the manifest's, else sentence-transformers' pooling config, else
-	// the graph's already pooled output, else mean.
+	// The model's own pooling: the manifest's, else the graph's already pooled output, else
+	// sentence-transformers' pooling config, else mean.
 	Pooling_POOLING_UNSPECIFIED Pooling = 0
 	// Average of the token states under the attention mask.
 	Pooling_POOLING_MEAN Pooling = 1
@@ -150,7 +150,8 @@ const (
 	ScoreKind_SCORE_KIND_UNSPECIFIED ScoreKind = 0
 	// The model's raw logits.
 	ScoreKind_SCORE_KIND_RAW ScoreKind = 1
-	// Softmax probabilities (sigmoid per label for multi-label models).
+	// Softmax probabilities (sigmoid per label for multi-label models and for a single label, as
+	// transformers' text-classification pipeline scores them).
 	ScoreKind_SCORE_KIND_PROBABILITY ScoreKind = 2
 )
 

@@ -1278,7 +1278,7 @@ type Setting struct {
 	Value string `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
 	// Where it came from: "model.toml", a Hugging Face file ("config.json",
 	// "generation_config.json", "tokenizer_config.json", "1_Pooling/config.json", ...), "graph",
-	// "tokenizer.json" or "default".
+	// "tokenizer.json", "measured at load" or "default".
 	Source        string `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
