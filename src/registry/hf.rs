@@ -35,9 +35,23 @@ pub struct HfFiles {
     pub sentence_transformers: Option<SentenceTransformers>,
 }
 
+/// transformers' model types whose position ids start after the padding id
+/// (`create_position_ids_from_input_ids`).
+const POSITIONS_AFTER_PADDING: [&str; 8] = [
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "mpnet",
+    "longformer",
+    "data2vec-text",
+    "ibert",
+];
+
 /// `config.json` (transformers' PretrainedConfig), the keys the server uses.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ModelConfig {
+    pub model_type: Option<String>,
     pub max_position_embeddings: Option<usize>,
     /// GPT-2's name for the same limit.
     pub n_positions: Option<usize>,
@@ -53,8 +67,18 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The most tokens the position table serves. RoBERTa and the models built like it number
+    /// positions from the padding id plus one, and count those skipped rows in
+    /// `max_position_embeddings` (514 for 512 tokens): a longer text would read past the table.
     pub fn max_positions(&self) -> Option<usize> {
-        self.max_position_embeddings.or(self.n_positions)
+        let table = self.max_position_embeddings.or(self.n_positions)?;
+        let skipped = match self.model_type.as_deref() {
+            Some(kind) if POSITIONS_AFTER_PADDING.contains(&kind) => {
+                self.pad_token_id.map_or(0, |pad| pad as usize + 1)
+            }
+            _ => 0,
+        };
+        Some(table.saturating_sub(skipped).max(1))
     }
 
     /// Labels in class order, when `id2label` names every class from 0 up.
@@ -353,6 +377,22 @@ mod tests {
             std::fs::write(path, text).unwrap();
         }
         dir
+    }
+
+    #[test]
+    fn roberta_style_positions_leave_out_the_rows_before_the_first() {
+        let config = |json: &str| serde_json::from_str::<ModelConfig>(json).unwrap();
+        let roberta = config(
+            r#"{"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1}"#,
+        );
+        assert_eq!(roberta.max_positions(), Some(512));
+        let bert =
+            config(r#"{"model_type": "bert", "max_position_embeddings": 512, "pad_token_id": 0}"#);
+        assert_eq!(bert.max_positions(), Some(512));
+        assert_eq!(
+            config(r#"{"n_positions": 1024}"#).max_positions(),
+            Some(1024)
+        );
     }
 
     #[test]

@@ -57,11 +57,6 @@ impl Registry {
         let mut routes = self.routes.write().expect("routes lock");
         self.check_route(name, &route)?;
         refuse_config_route(&routes, name)?;
-        self.waiting_routes
-            .lock()
-            .expect("routes lock")
-            .api
-            .remove(name);
         let mut next = routes.clone();
         next.insert(
             name.to_owned(),
@@ -71,6 +66,12 @@ impl Registry {
             },
         );
         self.commit(&next, |_| {})?;
+        // Only once saved: a failed write leaves a saved route that waited as it was.
+        self.waiting_routes
+            .lock()
+            .expect("routes lock")
+            .api
+            .remove(name);
         *routes = next;
         tracing::info!(route = name, "route set");
         Ok(())
