@@ -42,35 +42,21 @@ pub fn run(
     pad_id: i64,
     rows: &[EncoderRow],
 ) -> ort::Result<Vec<EncoderRowOutput>> {
-    let mut lengths: Vec<usize> = rows.iter().map(|row| row.ids.len()).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    if bindings.attention_mask.is_some() || lengths.len() <= 1 {
-        return run_padded(session, bindings, pad_id, rows);
+    if bindings.attention_mask.is_some() {
+        return run_padded(session, bindings, pad_id, &rows.iter().collect::<Vec<_>>());
     }
-    let mut results = vec![EncoderRowOutput::default(); rows.len()];
-    for length in lengths {
-        let (indices, group): (Vec<usize>, Vec<EncoderRow>) = rows
-            .iter()
-            .enumerate()
-            .filter(|(_, row)| row.ids.len() == length)
-            .map(|(index, row)| (index, row.clone()))
-            .unzip();
-        for (index, output) in indices
-            .into_iter()
-            .zip(run_padded(session, bindings, pad_id, &group)?)
-        {
-            results[index] = output;
-        }
-    }
-    Ok(results)
+    super::run_by_length(
+        rows,
+        |row| row.ids.len(),
+        |group| run_padded(session, bindings, pad_id, group),
+    )
 }
 
 fn run_padded(
     session: &mut Session,
     bindings: &Bindings,
     pad_id: i64,
-    rows: &[EncoderRow],
+    rows: &[&EncoderRow],
 ) -> ort::Result<Vec<EncoderRowOutput>> {
     let batch = rows.len();
     let width = rows
@@ -110,7 +96,7 @@ fn run_padded(
     ));
 
     let outputs = session.run(inputs)?;
-    let wants = |which: fn(&EncoderRow) -> bool| rows.iter().any(which);
+    let wants = |which: fn(&EncoderRow) -> bool| rows.iter().any(|row| which(row));
     let tensor = |name: &Option<String>, wanted: bool, rank: usize| -> ort::Result<_> {
         match (name, wanted) {
             (Some(name), true) => {

@@ -179,21 +179,7 @@ impl RecomputeDecoder {
         if self.0.masks_padding() {
             return self.run_padded(&rows.iter().collect::<Vec<_>>());
         }
-        let mut lengths: Vec<usize> = rows.iter().map(|row| row.tokens.len()).collect();
-        lengths.sort_unstable();
-        lengths.dedup();
-        let mut logits = vec![Vec::new(); rows.len()];
-        for length in lengths {
-            let (indices, group): (Vec<usize>, Vec<&Row>) = rows
-                .iter()
-                .enumerate()
-                .filter(|(_, row)| row.tokens.len() == length)
-                .unzip();
-            for (index, row_logits) in indices.into_iter().zip(self.run_padded(&group)?) {
-                logits[index] = row_logits;
-            }
-        }
-        Ok(logits)
+        crate::runtime::run_by_length(rows, |row| row.tokens.len(), |group| self.run_padded(group))
     }
 
     fn run_padded(&self, rows: &[&Row]) -> Result<Vec<Vec<f32>>, RunError> {
