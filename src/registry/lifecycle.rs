@@ -132,7 +132,6 @@ impl Registry {
         }
     }
 
-    /// Starts the engine the model's family needs.
     pub(super) fn record_load_states(&self) {
         let (mut ready, mut failed, mut loading) = (0, 0, 0);
         for slot in self.slots() {
