@@ -94,6 +94,9 @@ pub struct TensorNames {
     pub hidden_states: Option<String>,
     /// An encoder-decoder's source mask, fed to the decoder steps.
     pub encoder_attention_mask: Option<String>,
+    /// An encoder-decoder's encoder graph inputs: the source's token ids and its mask.
+    pub source_ids: Option<String>,
+    pub source_mask: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -30,6 +30,8 @@ const ENCODER_FILE: &str = "encoder_model.onnx";
 const DECODER_FILE: &str = "decoder_model.onnx";
 const DECODER_WITH_PAST_FILE: &str = "decoder_with_past_model.onnx";
 const DECODER_MERGED_FILE: &str = "decoder_model_merged.onnx";
+const INPUT_IDS: &str = "input_ids";
+const ATTENTION_MASK: &str = "attention_mask";
 const ENCODER_HIDDEN_STATES: &str = "encoder_hidden_states";
 const ENCODER_ATTENTION_MASK: &str = "encoder_attention_mask";
 const LAST_HIDDEN_STATE: &str = "last_hidden_state";
@@ -420,11 +422,11 @@ pub fn prepare(
     let step_graph_runtime =
         StepGraph::new(Arc::clone(&step), Arc::clone(&bindings), recurrent, pad_id)
             .map_err(anyhow::Error::msg)?;
+    let (source_ids, source_mask) = encoder_inputs(manifest, &encoder_graph)?;
     let mut decoder = Seq2SeqDecoder {
         encoder: EncoderGraph {
-            input_ids: "input_ids".into(),
-            attention_mask: has_input(&encoder_graph, "attention_mask")
-                .then(|| "attention_mask".into()),
+            input_ids: source_ids,
+            attention_mask: source_mask,
             pool: encoder,
             pad_id,
         },
@@ -435,11 +437,48 @@ pub fn prepare(
         cache_branch,
         start_token,
     };
-    if !has_input(&encoder_graph, "input_ids") {
-        bail!("the encoder graph has no `input_ids` input");
-    }
     warm_up(&mut decoder, pad_id)?;
     Ok((step, bindings, settings, decoder))
+}
+
+/// The encoder graph's inputs for the source's token ids and, when it takes one, its mask.
+/// Without a mask, sources of different lengths are encoded apart.
+fn encoder_inputs(
+    manifest: &Manifest,
+    encoder: &GraphIo,
+) -> anyhow::Result<(String, Option<String>)> {
+    let names = &manifest.tensors;
+    let taken: Vec<&str> = encoder
+        .inputs
+        .iter()
+        .map(|spec| spec.name.as_str())
+        .collect();
+    let source_ids = names.source_ids.as_deref().unwrap_or(INPUT_IDS);
+    if !has_input(encoder, source_ids) {
+        bail!(
+            "the encoder graph has no `{source_ids}` input (it takes {taken:?}); name its token ids in [tensors].source_ids"
+        );
+    }
+    let source_mask = match &names.source_mask {
+        Some(name) if !has_input(encoder, name) => {
+            bail!(
+                "[tensors].source_mask names `{name}`, which the encoder graph does not take (it takes {taken:?})"
+            )
+        }
+        Some(name) => Some(name.as_str()),
+        None => has_input(encoder, ATTENTION_MASK).then_some(ATTENTION_MASK),
+    };
+    if let Some(unfed) = encoder
+        .inputs
+        .iter()
+        .find(|spec| spec.name != source_ids && Some(spec.name.as_str()) != source_mask)
+    {
+        bail!(
+            "the encoder graph takes `{}`, which is neither its token ids nor its mask; name those in [tensors].source_ids and [tensors].source_mask",
+            unfed.name
+        );
+    }
+    Ok((source_ids.to_owned(), source_mask.map(str::to_owned)))
 }
 
 /// The encoder output that carries per-token hidden states.

@@ -259,47 +259,18 @@ impl Seq2SeqDecoder {
         Ok(logits)
     }
 
-    /// A copy of the rows at `keep`.
-    fn select(&self, batch: &Seq2SeqBatch, keep: &[usize]) -> Result<Seq2SeqBatch, RunError> {
-        let sources: Vec<usize> = keep.iter().map(|&row| batch.sources[row]).collect();
-        let width = sources.iter().copied().max().unwrap_or(0);
-        let fixed = batch
-            .fixed
-            .iter()
-            .map(|value| {
-                let axis = source_axis(value.shape().len());
-                gather_columns(
-                    &[(value, batch.source_width, keep)],
-                    axis,
-                    width,
-                    Align::Left,
-                )
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Seq2SeqBatch {
-            decoded: self.step.select(&batch.decoded, keep)?,
-            fixed,
-            fixed_inputs: Arc::clone(&batch.fixed_inputs),
-            sources,
-            source_width: width,
-        })
-    }
-}
-
-impl StepDecoder for Seq2SeqDecoder {
-    type Batch = Seq2SeqBatch;
-
-    fn empty(&self) -> Seq2SeqBatch {
-        Seq2SeqBatch {
-            decoded: DecodeBatch::empty(),
-            fixed: Vec::new(),
-            fixed_inputs: self.fixed_inputs().into(),
-            sources: Vec::new(),
-            source_width: 0,
-        }
+    /// Whether the first pass over new sources (the encoder, then the first decoder step) can
+    /// be told which source columns are padding.
+    fn prefill_masks_sources(&self) -> bool {
+        let first_masks = match &self.first_step {
+            Some(first) => first.encoder_attention_mask.is_some(),
+            None => self.encoder_attention_mask.is_some(),
+        };
+        self.encoder.attention_mask.is_some() && first_masks
     }
 
-    fn prefill(
+    /// Encodes the sources right-padded to the longest, and runs the first decoder step.
+    fn prefill_padded(
         &mut self,
         sources: Vec<Vec<i64>>,
     ) -> Result<(Seq2SeqBatch, Vec<Vec<f32>>), RunError> {
@@ -386,46 +357,134 @@ impl StepDecoder for Seq2SeqDecoder {
         Ok((batch, logits))
     }
 
-    fn step(&mut self, batch: &mut Seq2SeqBatch) -> Result<Vec<Vec<f32>>, RunError> {
-        let rows = &batch.decoded.rows;
-        let uniform = rows.windows(2).all(|pair| pair[0].fed == pair[1].fed);
-        if self.step.masks_padding() || uniform {
-            return self.run_step(batch);
-        }
-        // The graph cannot be told which cache columns are padding (optimum's decoders take
-        // no decoder mask and count positions from the cache length), so rows at different
-        // positions run apart, each group at its own length.
-        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-        for (index, row) in rows.iter().enumerate() {
-            match groups.iter_mut().find(|(fed, _)| *fed == row.fed) {
-                Some((_, members)) => members.push(index),
-                None => groups.push((row.fed, vec![index])),
-            }
-        }
-        let mut order = Vec::with_capacity(rows.len());
-        let mut logits_in_order = Vec::with_capacity(rows.len());
-        let mut stepped: Option<Seq2SeqBatch> = None;
-        for (_, members) in groups {
-            let mut group = self.select(batch, &members)?;
-            logits_in_order.extend(self.run_step(&mut group)?);
+    /// One batch, in the scheduler's row order, from groups that ran apart: each part is the
+    /// rows it holds, their batch and their logits.
+    fn reassemble(
+        &self,
+        parts: Vec<(Vec<usize>, Seq2SeqBatch, Vec<Vec<f32>>)>,
+    ) -> Result<(Seq2SeqBatch, Vec<Vec<f32>>), RunError> {
+        let mut order = Vec::new();
+        let mut logits_in_order = Vec::new();
+        let mut joined: Option<Seq2SeqBatch> = None;
+        for (members, batch, logits) in parts {
             order.extend(members);
-            stepped = Some(match stepped {
-                None => group,
-                Some(done) => self.merge(done, group)?,
+            logits_in_order.extend(logits);
+            joined = Some(match joined {
+                None => batch,
+                Some(done) => self.merge(done, batch)?,
             });
         }
-        // Back to the scheduler's row order.
         let mut position = vec![0; order.len()];
         for (at, &row) in order.iter().enumerate() {
             position[row] = at;
         }
-        let stepped = stepped.expect("a batch being stepped has rows");
-        *batch = self.keep(stepped, &position)?;
+        let joined = joined.expect("a batch has rows");
+        let batch = self.keep(joined, &position)?;
         let mut logits: Vec<Option<Vec<f32>>> = logits_in_order.into_iter().map(Some).collect();
-        Ok(position
+        let logits = position
             .iter()
             .map(|&at| logits[at].take().expect("each row once"))
-            .collect())
+            .collect();
+        Ok((batch, logits))
+    }
+
+    /// A copy of the rows at `keep`.
+    fn select(&self, batch: &Seq2SeqBatch, keep: &[usize]) -> Result<Seq2SeqBatch, RunError> {
+        let sources: Vec<usize> = keep.iter().map(|&row| batch.sources[row]).collect();
+        let width = sources.iter().copied().max().unwrap_or(0);
+        let fixed = batch
+            .fixed
+            .iter()
+            .map(|value| {
+                let axis = source_axis(value.shape().len());
+                gather_columns(
+                    &[(value, batch.source_width, keep)],
+                    axis,
+                    width,
+                    Align::Left,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Seq2SeqBatch {
+            decoded: self.step.select(&batch.decoded, keep)?,
+            fixed,
+            fixed_inputs: Arc::clone(&batch.fixed_inputs),
+            sources,
+            source_width: width,
+        })
+    }
+}
+
+impl StepDecoder for Seq2SeqDecoder {
+    type Batch = Seq2SeqBatch;
+
+    fn empty(&self) -> Seq2SeqBatch {
+        Seq2SeqBatch {
+            decoded: DecodeBatch::empty(),
+            fixed: Vec::new(),
+            fixed_inputs: self.fixed_inputs().into(),
+            sources: Vec::new(),
+            source_width: 0,
+        }
+    }
+
+    fn prefill(
+        &mut self,
+        sources: Vec<Vec<i64>>,
+    ) -> Result<(Seq2SeqBatch, Vec<Vec<f32>>), RunError> {
+        if self.prefill_masks_sources() {
+            return self.prefill_padded(sources);
+        }
+        // A graph of the first pass would read a short source's padding: sources of one
+        // length run together, each group apart.
+        let groups = groups_by(sources.iter().map(Vec::len));
+        if groups.len() <= 1 {
+            return self.prefill_padded(sources);
+        }
+        let mut sources: Vec<Option<Vec<i64>>> = sources.into_iter().map(Some).collect();
+        let mut parts = Vec::with_capacity(groups.len());
+        for members in groups {
+            let group = members
+                .iter()
+                .map(|&row| sources[row].take().expect("each row in one group"))
+                .collect();
+            let (batch, logits) = self.prefill_padded(group)?;
+            parts.push((members, batch, logits));
+        }
+        self.reassemble(parts)
+    }
+
+    fn step(&mut self, batch: &mut Seq2SeqBatch) -> Result<Vec<Vec<f32>>, RunError> {
+        // Rows run together only where the step graph can tell their padding apart: optimum's
+        // decoders take no decoder mask and count positions from the cache length, so rows at
+        // different positions run apart; a graph without a source mask runs each source
+        // length apart.
+        let masks_positions = self.step.masks_padding();
+        let masks_sources = self.encoder_attention_mask.is_some();
+        let keys = batch
+            .decoded
+            .rows
+            .iter()
+            .zip(&batch.sources)
+            .map(|(row, &source)| {
+                (
+                    if masks_positions { 0 } else { row.fed },
+                    if masks_sources { 0 } else { source },
+                )
+            });
+        let groups = groups_by(keys);
+        if groups.len() <= 1 {
+            return self.run_step(batch);
+        }
+        let mut parts = Vec::with_capacity(groups.len());
+        for members in groups {
+            let mut group = self.select(batch, &members)?;
+            let logits = self.run_step(&mut group)?;
+            parts.push((members, group, logits));
+        }
+        let (stepped, logits) = self.reassemble(parts)?;
+        *batch = stepped;
+        Ok(logits)
     }
 
     fn keep(&self, batch: Seq2SeqBatch, rows: &[usize]) -> Result<Seq2SeqBatch, RunError> {
@@ -482,6 +541,18 @@ struct FirstStepOutput {
     logits: Vec<Vec<f32>>,
     state: Vec<DynValue>,
     fixed: Vec<DynValue>,
+}
+
+/// Row indices grouped by key, groups in order of first appearance.
+fn groups_by<K: PartialEq>(keys: impl Iterator<Item = K>) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for (index, key) in keys.enumerate() {
+        match groups.iter_mut().find(|(seen, _)| *seen == key) {
+            Some((_, members)) => members.push(index),
+            None => groups.push((key, vec![index])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
 }
 
 /// `[rows, width]` with 1 over each row's first `length` columns.
