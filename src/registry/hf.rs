@@ -64,6 +64,9 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     /// The token an encoder-decoder's target starts from.
     pub decoder_start_token_id: Option<u32>,
+    pub forced_bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub forced_eos_token_id: TokenIds,
 }
 
 impl ModelConfig {
@@ -113,6 +116,9 @@ pub struct GenerationConfig {
     pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     pub decoder_start_token_id: Option<u32>,
+    pub forced_bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub forced_eos_token_id: TokenIds,
     pub max_new_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,

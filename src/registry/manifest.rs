@@ -49,6 +49,12 @@ pub struct Manifest {
     pub encoder_outputs: BTreeMap<String, String>,
     /// The token an encoder-decoder's target starts from. Unset: the Hugging Face files'.
     pub decoder_start_token_id: Option<u32>,
+    /// The token an encoder-decoder's target must begin with (mBART's target language, BART's
+    /// `<s>`). Unset: the Hugging Face files'.
+    pub forced_bos_token_id: Option<u32>,
+    /// The token a sequence must end with when it reaches its length limit; `[]` forces none.
+    /// Unset: the Hugging Face files'.
+    pub forced_eos_token_ids: Option<Vec<u32>>,
 }
 
 /// The graphs of an encoder-decoder, as files in the version folder.

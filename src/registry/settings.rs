@@ -75,6 +75,10 @@ pub struct ModelSettings {
     pub pad_token_id: Sourced<u32>,
     /// An encoder-decoder's first target token.
     pub decoder_start_token_id: Option<Sourced<u32>>,
+    /// The token an encoder-decoder's first generated token is forced to.
+    pub forced_bos_token_id: Option<Sourced<u32>>,
+    /// The tokens a sequence's last allowed token is forced to (any one of them).
+    pub forced_eos_token_ids: Option<Sourced<Vec<u32>>>,
     pub embed: Option<EmbedSettings>,
     pub classify: Option<ClassifySettings>,
     pub generation: GenerationDefaults,
@@ -242,7 +246,26 @@ impl ModelSettings {
         } else {
             None
         };
+        let (forced_bos_token_id, forced_eos_token_ids) =
+            forced_tokens(manifest, generation, config);
         let vocab = tokenizer.get_vocab_size(true);
+        let forced = forced_bos_token_id
+            .iter()
+            .map(|forced| ("forced_bos_token_id", forced.value, &forced.source))
+            .chain(forced_eos_token_ids.iter().flat_map(|forced| {
+                let source = &forced.source;
+                forced
+                    .value
+                    .iter()
+                    .map(move |&id| ("forced_eos_token_id", id, source))
+            }));
+        for (name, id, source) in forced {
+            if id as usize >= vocab {
+                bail!(
+                    "{name} {id} (from {source}) is outside the tokenizer's vocabulary of {vocab}"
+                );
+            }
+        }
         if pad_token_id.value as usize >= vocab {
             bail!(
                 "pad_token_id {} (from {}) is outside the tokenizer's vocabulary of {vocab}",
@@ -282,6 +305,8 @@ impl ModelSettings {
             eos_token_ids,
             pad_token_id,
             decoder_start_token_id,
+            forced_bos_token_id,
+            forced_eos_token_ids,
             embed,
             classify,
             generation: generation_defaults,
@@ -308,6 +333,14 @@ impl ModelSettings {
         if self.generates {
             rows.add_optional("bos_token_id", &self.bos_token_id);
             rows.add_optional("decoder_start_token_id", &self.decoder_start_token_id);
+            rows.add_optional("forced_bos_token_id", &self.forced_bos_token_id);
+            if let Some(forced) = &self.forced_eos_token_ids {
+                rows.push(
+                    "forced_eos_token_ids",
+                    format!("{:?}", forced.value),
+                    &forced.source,
+                );
+            }
             rows.push(
                 "eos_token_ids",
                 format!("{:?}", self.eos_token_ids.value),
@@ -390,6 +423,42 @@ impl Rows {
             self.add(name, setting);
         }
     }
+}
+
+/// The tokens transformers' generate forces (its ForcedBOS and ForcedEOS logits processors).
+/// As there, generation_config.json, when present, is the whole generation config: config.json
+/// is read only without it. The forced BOS applies to encoder-decoders alone, whose target is
+/// one token long (the start token) when the first token is chosen.
+fn forced_tokens(
+    manifest: &Manifest,
+    generation: Option<&hf::GenerationConfig>,
+    config: Option<&hf::ModelConfig>,
+) -> (Option<Sourced<u32>>, Option<Sourced<Vec<u32>>>) {
+    let file = |name: &'static str| Source::File(Cow::Borrowed(name));
+    let (bos, eos, from) = match (generation, config) {
+        (Some(g), _) => (
+            g.forced_bos_token_id,
+            g.forced_eos_token_id.to_vec(),
+            file(hf::GENERATION_CONFIG),
+        ),
+        (None, Some(c)) => (
+            c.forced_bos_token_id,
+            c.forced_eos_token_id.to_vec(),
+            file(hf::CONFIG),
+        ),
+        (None, None) => (None, None, Source::Default),
+    };
+    let bos = match manifest.forced_bos_token_id {
+        Some(id) => Some(sourced(id, Source::Manifest)),
+        None => bos.map(|id| sourced(id, from.clone())),
+    }
+    .filter(|_| manifest.family == Family::EncoderDecoder);
+    let eos = match &manifest.forced_eos_token_ids {
+        Some(ids) => Some(sourced(ids.clone(), Source::Manifest)),
+        None => eos.map(|ids| sourced(ids, from)),
+    }
+    .filter(|forced| !forced.value.is_empty());
+    (bos, eos)
 }
 
 /// The manifest's `[generation]` over generation_config.json. A file's value outside the range

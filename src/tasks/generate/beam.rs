@@ -14,6 +14,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::driver::{Event, FinishReason, GeneratedToken, TokenChoice};
+use super::forced::{ForcedTokens, force};
 use super::sampling::log_softmax;
 use super::spans::SequenceSpans;
 use super::text::TextStream;
@@ -47,6 +48,7 @@ pub struct BeamSearch {
     max_new_tokens: usize,
     min_new_tokens: usize,
     eos_ids: Vec<i64>,
+    forced: ForcedTokens,
     /// Best first; one per batch row.
     running: Vec<Hypothesis>,
     /// Best first, at most `num_beams`.
@@ -71,12 +73,14 @@ impl BeamSearch {
         max_new_tokens: usize,
         min_new_tokens: usize,
         eos_ids: Vec<i64>,
+        forced: ForcedTokens,
     ) -> Self {
         Self {
             config,
             max_new_tokens,
             min_new_tokens,
             eos_ids,
+            forced,
             // The prompt: one row, which the first step widens to `num_beams`.
             running: vec![Hypothesis {
                 tokens: Vec::new(),
@@ -99,7 +103,10 @@ impl BeamSearch {
         let mut candidates: Vec<Candidate> = Vec::with_capacity(keep * logits.len());
         for (beam, row) in logits.iter().enumerate() {
             let mut log_probs = log_softmax(row);
-            if self.generated < self.min_new_tokens {
+            let forced = self.forced.at(self.generated, self.max_new_tokens);
+            if !forced.is_empty() {
+                force(&mut log_probs, forced);
+            } else if self.generated < self.min_new_tokens {
                 for &eos in &self.eos_ids {
                     if let Some(value) = log_probs.get_mut(eos as usize) {
                         *value = f32::NEG_INFINITY;
@@ -107,7 +114,11 @@ impl BeamSearch {
                 }
             }
             let base = self.running[beam].score;
-            for (token, logprob) in best(&log_probs, keep) {
+            // A token that cannot be chosen (banned or forced out) extends no beam.
+            let possible = best(&log_probs, keep)
+                .into_iter()
+                .filter(|(_, logprob)| *logprob > f32::NEG_INFINITY);
+            for (token, logprob) in possible {
                 let token = token as i64;
                 candidates.push(Candidate {
                     beam,
@@ -356,7 +367,13 @@ mod tests {
             [0.1, 0.1, 0.1, 0.6, 0.05, 0.05],
             [0.05, 0.05, 0.1, 0.1, 0.1, 0.6],
         ];
-        let mut search = BeamSearch::new(config(1, EarlyStopping::FirstBeams), 10, 0, vec![EOS]);
+        let mut search = BeamSearch::new(
+            config(1, EarlyStopping::FirstBeams),
+            10,
+            0,
+            vec![EOS],
+            ForcedTokens::default(),
+        );
         let mut tokens = Vec::new();
         for row in &table {
             let next = search.step(&[logits(row)]);
@@ -373,7 +390,13 @@ mod tests {
     #[test]
     fn the_best_sum_wins_over_the_best_first_token() {
         // Greedy takes 0 (0.5) then a flat 0.2; beam search finds 1 (0.4) then 0.9.
-        let mut search = BeamSearch::new(config(2, EarlyStopping::Never), 2, 0, vec![EOS]);
+        let mut search = BeamSearch::new(
+            config(2, EarlyStopping::Never),
+            2,
+            0,
+            vec![EOS],
+            ForcedTokens::default(),
+        );
         let first = search.step(&[logits(&[0.5, 0.4, 0.025, 0.025, 0.025, 0.025])]);
         assert_eq!(first, vec![(0, 0), (0, 1)]);
         let after_0 = logits(&[0.2, 0.2, 0.2, 0.2, 0.1, 0.1]);
@@ -394,7 +417,13 @@ mod tests {
 
     #[test]
     fn a_beam_that_ends_finishes_and_the_others_run_on() {
-        let mut search = BeamSearch::new(config(2, EarlyStopping::FirstBeams), 5, 0, vec![EOS]);
+        let mut search = BeamSearch::new(
+            config(2, EarlyStopping::FirstBeams),
+            5,
+            0,
+            vec![EOS],
+            ForcedTokens::default(),
+        );
         // EOS is the best first token: it finishes; tokens 0 and 1 run.
         let next = search.step(&[logits(&[0.3, 0.2, 0.05, 0.05, 0.0001, 0.3999])]);
         assert_eq!(next, vec![(0, 0), (0, 1)]);
@@ -409,7 +438,13 @@ mod tests {
 
     #[test]
     fn no_end_before_the_minimum_length() {
-        let mut search = BeamSearch::new(config(2, EarlyStopping::FirstBeams), 5, 2, vec![EOS]);
+        let mut search = BeamSearch::new(
+            config(2, EarlyStopping::FirstBeams),
+            5,
+            2,
+            vec![EOS],
+            ForcedTokens::default(),
+        );
         let next = search.step(&[logits(&[0.1, 0.1, 0.1, 0.1, 0.1, 0.5])]);
         assert!(next.iter().all(|&(_, token)| token != EOS), "{next:?}");
         assert!(search.results().is_empty());
@@ -421,5 +456,33 @@ mod tests {
             best(&[0.1, 0.7, 0.3, 0.7], 3),
             vec![(1, 0.7), (3, 0.7), (2, 0.3)]
         );
+    }
+
+    #[test]
+    fn forced_first_and_last_tokens_leave_one_way_through_those_places() {
+        let forced = ForcedTokens {
+            first: Some(2),
+            last: vec![EOS],
+        };
+        let mut search = BeamSearch::new(
+            config(2, EarlyStopping::FirstBeams),
+            3,
+            0,
+            vec![EOS],
+            forced,
+        );
+        // Token 2 is the least likely; forced, it is the one beam that goes on, scored 0.
+        let first = logits(&[0.3, 0.3, 0.01, 0.19, 0.1, 0.1]);
+        assert_eq!(search.step(&[first]), vec![(0, 2)]);
+        let second = logits(&[0.5, 0.3, 0.05, 0.05, 0.05, 0.05]);
+        assert_eq!(search.step(&[second]), vec![(0, 0), (0, 1)]);
+        // The last place: EOS for both, though each beam likes token 0 best.
+        let last = logits(&[0.6, 0.2, 0.05, 0.05, 0.05, 0.05]);
+        assert!(search.step(&[last.clone(), last]).is_empty());
+        let results = search.results();
+        assert_eq!(results[0].tokens, vec![2, 0, EOS]);
+        assert_eq!(results[1].tokens, vec![2, 1, EOS]);
+        assert_eq!(results[0].logprobs[0], 0.0);
+        assert_eq!(results[0].logprobs[2], 0.0);
     }
 }

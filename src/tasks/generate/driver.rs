@@ -7,6 +7,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::forced::{ForcedTokens, force};
 use super::sampling::{Sampler, log_softmax, log_sum_exp, top_n};
 use super::spans::SequenceSpans;
 use super::text::TextStream;
@@ -90,6 +91,8 @@ pub struct StopRules {
     /// The model's end-of-sequence ids (unless ignored) and the caller's stop ids.
     pub stop_ids: Vec<i64>,
     pub top_logprobs: usize,
+    /// Tokens the model's generation config forces at the first and last places.
+    pub forced: ForcedTokens,
 }
 
 pub struct Driver {
@@ -163,8 +166,20 @@ impl SequenceDriver for Driver {
     }
 
     fn next(&mut self, rows: &[Vec<f32>]) -> Decision {
-        let logits = rows[0].as_slice();
-        let banned: &[i64] = if self.generated < self.rules.min_new_tokens {
+        let forced = self
+            .rules
+            .forced
+            .at(self.generated, self.rules.max_new_tokens);
+        let processed;
+        let logits = if forced.is_empty() {
+            rows[0].as_slice()
+        } else {
+            let mut scores = rows[0].clone();
+            force(&mut scores, forced);
+            processed = scores;
+            processed.as_slice()
+        };
+        let banned: &[i64] = if self.generated < self.rules.min_new_tokens && forced.is_empty() {
             &self.rules.stop_ids
         } else {
             &[]
@@ -295,6 +310,7 @@ mod tests {
         let rules = StopRules {
             max_new_tokens,
             min_new_tokens: 0,
+            forced: ForcedTokens::default(),
             stop_ids: vec![0],
             top_logprobs: 0,
         };

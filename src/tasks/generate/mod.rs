@@ -3,6 +3,7 @@
 
 pub mod beam;
 pub mod driver;
+pub mod forced;
 pub mod params;
 pub mod sampling;
 mod spans;
@@ -16,6 +17,7 @@ use tracing::Instrument;
 
 use self::beam::{BeamDriver, BeamSearch};
 use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRules};
+use self::forced::ForcedTokens;
 use self::params::{GenerateParams, Prompt};
 use self::sampling::Sampler;
 use self::text::TextStream;
@@ -332,11 +334,26 @@ async fn start_on(
             stop_ids.push(end);
         }
     }
+    let settings = &model.settings;
+    let forced = ForcedTokens {
+        first: settings
+            .forced_bos_token_id
+            .as_ref()
+            .map(|forced| i64::from(forced.value)),
+        // A caller who ignores EOS asked for every token up to the limit.
+        last: match &settings.forced_eos_token_ids {
+            Some(forced) if !checked.ignore_eos => {
+                forced.value.iter().map(|&id| i64::from(id)).collect()
+            }
+            _ => Vec::new(),
+        },
+    };
     let rules = StopRules {
         max_new_tokens,
         min_new_tokens: checked.min_new_tokens.min(max_new_tokens),
         stop_ids,
         top_logprobs: checked.top_logprobs,
+        forced,
     };
 
     let (sender, events) = mpsc::unbounded_channel();
@@ -349,6 +366,7 @@ async fn start_on(
                 max_new_tokens,
                 rules.min_new_tokens,
                 rules.stop_ids.clone(),
+                rules.forced.clone(),
             );
             let driver = BeamDriver::new(
                 search,

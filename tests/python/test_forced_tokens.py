@@ -1,0 +1,111 @@
+"""Tokens a model's generation config forces, as transformers' generate forces them.
+
+BART and mBART set `forced_bos_token_id` (every target begins with `<s>` or a language code) and
+Marian sets `forced_eos_token_id` (a translation cut by the length limit still ends with EOS).
+The model here is the untrained MarianMT fixture with both set in its generation_config.json;
+the reference is a greedy loop in onnxruntime alone over its first-step graph, recomputing the
+whole target each step, with the two processors' rule applied by hand: the first token is the
+forced BOS, and the last one the length limit allows is the forced EOS.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime
+import pytest
+
+from conftest import serve
+from lmserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+MARIAN = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "seq2seq" / "marian-tiny-untrained" / "1"
+REFERENCE = json.loads((MARIAN / "reference.json").read_text())
+START = REFERENCE["special_tokens"]["decoder_start"]
+EOS = REFERENCE["special_tokens"]["eos"]
+FORCED_BOS = 7
+MAX_NEW_TOKENS = 12
+
+
+def greedy(source_ids, max_new_tokens, forced_bos=None, forced_eos=None):
+    """Greedy ids from onnxruntime, each step over the whole target so far (no cache)."""
+    encoder = onnxruntime.InferenceSession(str(MARIAN / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
+    decoder = onnxruntime.InferenceSession(str(MARIAN / "decoder_model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([source_ids], dtype=np.int64)
+    mask = np.ones_like(ids)
+    (hidden,) = encoder.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
+    target = [START]
+    for index in range(max_new_tokens):
+        (logits,) = decoder.run(["logits"], {"input_ids": np.array([target], dtype=np.int64),
+                                             "encoder_hidden_states": hidden, "encoder_attention_mask": mask})
+        token = int(np.argmax(logits[0, -1]))
+        if index == max_new_tokens - 1 and forced_eos is not None:
+            token = forced_eos
+        elif index == 0 and forced_bos is not None:
+            token = forced_bos
+        target.append(token)
+        if token == EOS:
+            break
+    return target[1:]
+
+
+@pytest.fixture(scope="module")
+def forced_server(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("forced")
+    version = repository / "marian-forced" / "1"
+    shutil.copytree(MARIAN, version)
+    path = version / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.update(forced_bos_token_id=FORCED_BOS, forced_eos_token_id=EOS)
+    path.write_text(json.dumps(config))
+    yield from serve(["--repository", str(repository)])
+
+
+def generate(channel, source, **parameters):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    request = inference_pb2.GenerateRequest(
+        model="marian-forced", text=source,
+        parameters=inference_pb2.GenerationParameters(max_new_tokens=MAX_NEW_TOKENS, **parameters))
+    return stub.Generate(request, timeout=60).sequences[0]
+
+
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda case: case["source"][:20])
+def test_greedy_begins_with_the_forced_bos_and_ends_at_the_limit_with_the_forced_eos(forced_server, case):
+    want = greedy(case["source_ids"], MAX_NEW_TOKENS, forced_bos=FORCED_BOS, forced_eos=EOS)
+    assert want[0] == FORCED_BOS and want[-1] == EOS
+    assert want != greedy(case["source_ids"], MAX_NEW_TOKENS), "forcing must change this case"
+    with grpc.insecure_channel(forced_server) as channel:
+        sequence = generate(channel, case["source"])
+    assert [token.id for token in sequence.tokens] == want
+    # Both are the processors' 0 once forced: certain.
+    assert sequence.tokens[0].logprob == 0.0
+    assert sequence.tokens[-1].logprob == 0.0
+    assert sequence.finish_reason == inference_pb2.FINISH_REASON_EOS
+
+
+def test_a_caller_who_ignores_eos_gets_the_model_s_last_token(forced_server):
+    case = REFERENCE["cases"][0]
+    want = greedy(case["source_ids"], MAX_NEW_TOKENS, forced_bos=FORCED_BOS)
+    with grpc.insecure_channel(forced_server) as channel:
+        sequence = generate(channel, case["source"], ignore_eos=True)
+    assert [token.id for token in sequence.tokens] == want
+    assert sequence.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+
+
+def test_beams_begin_and_end_with_the_forced_tokens(forced_server):
+    with grpc.insecure_channel(forced_server) as channel:
+        for case in REFERENCE["cases"]:
+            ids = [token.id for token in generate(channel, case["source"], num_beams=4).tokens]
+            assert ids[0] == FORCED_BOS, case["source"]
+            assert ids[-1] == EOS and len(ids) <= MAX_NEW_TOKENS, case["source"]
+
+
+def test_get_model_shows_the_forced_tokens_and_their_file(forced_server):
+    with grpc.insecure_channel(forced_server) as channel:
+        models = models_pb2_grpc.ModelsStub(channel)
+        version = models.GetModel(models_pb2.GetModelRequest(name="marian-forced")).versions[0]
+    settings = {setting.name: setting for setting in version.settings}
+    assert settings["forced_bos_token_id"].value == str(FORCED_BOS)
+    assert settings["forced_bos_token_id"].source == "generation_config.json"
+    assert settings["forced_eos_token_ids"].value == f"[{EOS}]"
