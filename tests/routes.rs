@@ -620,6 +620,71 @@ async fn a_route_never_names_a_version_unloaded_beside_it() {
     }
 }
 
+/// LoadModel and UnloadModel of one version racing: whichever ends last, what serves and what is
+/// saved agree. A load that outlasts the unload serves the version again, rather than filling
+/// the slot the unload took out of the registry while the state file says it is loaded.
+#[tokio::test]
+async fn a_load_racing_an_unload_leaves_serving_and_saved_state_agreeing() {
+    let repository = ab_repository();
+    let folder = tempfile::tempdir().unwrap();
+    let state = folder.path().join("lmserve-state.json");
+    let server = start(
+        repository.path(),
+        &[("LMSERVE_STATE__PATH", state.to_str().unwrap())],
+    )
+    .await;
+    let models = server.models().await;
+    let mut outcomes = (0, 0);
+    for round in 0..8_u64 {
+        let (mut load, mut unload) = (models.clone(), models.clone());
+        let version = || Some(1);
+        let (loaded, _) = tokio::join!(
+            load.load_model(LoadModelRequest {
+                name: "w2v".into(),
+                version: version(),
+            }),
+            async move {
+                // Spread over the load's span, so some unloads land while it runs.
+                tokio::time::sleep(Duration::from_millis(round * round * 6)).await;
+                unload
+                    .unload_model(UnloadModelRequest {
+                        name: "w2v".into(),
+                        version: version(),
+                    })
+                    .await
+            }
+        );
+        loaded.unwrap();
+        let serving = models
+            .clone()
+            .get_model(GetModelRequest { name: "w2v".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .versions
+            .iter()
+            .any(|v| v.version == "1" && v.state == proto::LoadState::Ready as i32);
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        let saved_unloaded = saved["unloaded"]
+            .as_array()
+            .is_some_and(|versions| versions.iter().any(|v| v == "w2v@1"));
+        assert_ne!(
+            serving, saved_unloaded,
+            "round {round}: serving {serving}, saved as unloaded {saved_unloaded}"
+        );
+        if serving {
+            outcomes.0 += 1;
+        } else {
+            outcomes.1 += 1;
+        }
+    }
+    eprintln!(
+        "serving after {} rounds, unloaded after {}",
+        outcomes.0, outcomes.1
+    );
+}
+
 #[tokio::test]
 async fn management_errors_name_what_is_wrong() {
     let repository = ab_repository();
@@ -854,7 +919,6 @@ async fn a_saved_route_waits_for_its_target_and_is_never_dropped_from_the_state(
         file.contains("\"saved\"") && file.contains("\"other\""),
         "{file}"
     );
-
     std::fs::write(&graph, good).unwrap();
     models
         .load_model(LoadModelRequest {

@@ -184,27 +184,34 @@ impl Registry {
         let mut failures = Vec::new();
         for dir in found.iter().filter(|dir| versions.contains(&dir.version)) {
             let fresh = Arc::new(Slot::new(dir.model.clone(), dir.version, dir.path.clone()));
-            let existing = self
-                .models
-                .read()
-                .expect("registry lock")
-                .get(name)
-                .and_then(|v| v.get(&dir.version).cloned());
-            match self.load_slot(&fresh).await {
+            let loaded = self.load_slot(&fresh).await;
+            // Looked up after the load: an UnloadModel meanwhile may have taken the slot there
+            // was out of the registry, and one filled then would serve no one.
+            let existing = || {
+                self.models
+                    .read()
+                    .expect("registry lock")
+                    .get(name)
+                    .and_then(|v| v.get(&dir.version).cloned())
+            };
+            match loaded {
                 Ok(()) => {
                     let id = key(name, dir.version);
                     let by_policy = selected.contains(&dir.version);
-                    self.commit_unchanged_routes(|persisted| {
+                    // UnloadModel saves and removes under the routes lock: held here through
+                    // the save and the install, the two land in one order or the other.
+                    let routes = self.routes.write().expect("routes lock");
+                    self.commit(&routes, |persisted| {
                         persisted.unloaded.remove(&id);
                         if !by_policy {
                             persisted.loaded.insert(id.clone());
                         }
                     })?;
-                    self.install(existing, fresh);
+                    self.install(existing(), fresh);
                 }
                 Err(failure) => {
                     failures.push(format!("{name}@{}: {}", dir.version, failure.reason));
-                    match existing {
+                    match existing() {
                         // A working instance keeps serving; the failure is in the answer.
                         Some(slot) if matches!(slot.state(), LoadState::Ready(_)) => {}
                         Some(slot) => slot.set(LoadState::Failed(failure)),
@@ -331,13 +338,6 @@ impl Registry {
         }
         *persisted = next;
         Ok(())
-    }
-
-    /// `commit` for a change that leaves the route table as it is. The routes lock is held
-    /// through the write, so a route set meanwhile cannot be saved and then overwritten.
-    fn commit_unchanged_routes(&self, change: impl FnOnce(&mut PersistedState)) -> Result<()> {
-        let routes = self.routes.read().expect("routes lock");
-        self.commit(&routes, change)
     }
 
     /// Watches the repository folder: loads versions that appear (as policy and state allow)
