@@ -889,7 +889,8 @@ async fn management_errors_name_what_is_wrong() {
 }
 
 /// A route saved through the API whose target fails to load at the next start is kept in the
-/// state file through other changes, and comes back once its target loads.
+/// state file through other changes and through a delete that cannot be saved, and comes back
+/// once its target loads.
 #[tokio::test]
 async fn a_saved_route_waits_for_its_target_and_is_never_dropped_from_the_state() {
     let repository = ab_repository();
@@ -919,6 +920,19 @@ async fn a_saved_route_waits_for_its_target_and_is_never_dropped_from_the_state(
         file.contains("\"saved\"") && file.contains("\"other\""),
         "{file}"
     );
+    // Deleting it when the state file cannot be written changes nothing: it still waits.
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir_all(state.join("in-the-way")).unwrap();
+    let refused = models
+        .delete_route(DeleteRouteRequest {
+            name: "saved".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::write(&state, file).unwrap();
+
     std::fs::write(&graph, good).unwrap();
     models
         .load_model(LoadModelRequest {

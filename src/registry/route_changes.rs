@@ -81,19 +81,29 @@ impl Registry {
         let mut routes = self.routes.write().expect("routes lock");
         refuse_config_route(&routes, name)?;
         let mut next = routes.clone();
-        let waited = self
+        // Out of the waiting routes for the save, which writes the ones still waiting.
+        let waiting = self
             .waiting_routes
             .lock()
             .expect("routes lock")
             .api
-            .remove(name)
-            .is_some();
-        if next.remove(name).is_none() && !waited {
+            .remove(name);
+        if next.remove(name).is_none() && waiting.is_none() {
             return Err(Error::RouteNotFound {
                 name: name.to_owned(),
             });
         }
-        self.commit(&next, |_| {})?;
+        if let Err(error) = self.commit(&next, |_| {}) {
+            // Not deleted: the state file still has it, and it waits as before.
+            if let Some(route) = waiting {
+                self.waiting_routes
+                    .lock()
+                    .expect("routes lock")
+                    .api
+                    .insert(name.to_owned(), route);
+            }
+            return Err(error);
+        }
         *routes = next;
         tracing::info!(route = name, "route deleted");
         Ok(())
