@@ -29,13 +29,15 @@ MAX_NEW_TOKENS = 12
 
 
 def greedy(source_ids, max_new_tokens, forced_bos=None, forced_eos=None):
-    """Greedy ids from onnxruntime, each step over the whole target so far (no cache)."""
+    """Greedy ids from onnxruntime, each step over the whole target so far (no cache), and each
+    one's log-probability under the model's own distribution."""
     encoder = onnxruntime.InferenceSession(str(MARIAN / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
     decoder = onnxruntime.InferenceSession(str(MARIAN / "decoder_model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.array([source_ids], dtype=np.int64)
     mask = np.ones_like(ids)
     (hidden,) = encoder.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
     target = [START]
+    logprobs = []
     for index in range(max_new_tokens):
         (logits,) = decoder.run(["logits"], {"input_ids": np.array([target], dtype=np.int64),
                                              "encoder_hidden_states": hidden, "encoder_attention_mask": mask})
@@ -45,9 +47,11 @@ def greedy(source_ids, max_new_tokens, forced_bos=None, forced_eos=None):
         elif index == 0 and forced_bos is not None:
             token = forced_bos
         target.append(token)
+        last = logits[0, -1].astype(np.float64)
+        logprobs.append(float(last[token] - last.max() - np.log(np.exp(last - last.max()).sum())))
         if token == EOS:
             break
-    return target[1:]
+    return target[1:], logprobs
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +76,21 @@ def generate(channel, source, **parameters):
 
 @pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda case: case["source"][:20])
 def test_greedy_begins_with_the_forced_bos_and_ends_at_the_limit_with_the_forced_eos(forced_server, case):
-    want = greedy(case["source_ids"], MAX_NEW_TOKENS, forced_bos=FORCED_BOS, forced_eos=EOS)
+    want, logprobs = greedy(case["source_ids"], MAX_NEW_TOKENS, forced_bos=FORCED_BOS, forced_eos=EOS)
     assert want[0] == FORCED_BOS and want[-1] == EOS
-    assert want != greedy(case["source_ids"], MAX_NEW_TOKENS), "forcing must change this case"
+    assert want != greedy(case["source_ids"], MAX_NEW_TOKENS)[0], "forcing must change this case"
     with grpc.insecure_channel(forced_server) as channel:
         sequence = generate(channel, case["source"])
     assert [token.id for token in sequence.tokens] == want
-    # Both are the processors' 0 once forced: certain.
-    assert sequence.tokens[0].logprob == 0.0
-    assert sequence.tokens[-1].logprob == 0.0
+    # A forced token's reported log-probability is still the model's own.
+    assert sequence.tokens[0].logprob == pytest.approx(logprobs[0], abs=1e-4)
+    assert sequence.tokens[-1].logprob == pytest.approx(logprobs[-1], abs=1e-4)
     assert sequence.finish_reason == inference_pb2.FINISH_REASON_EOS
 
 
 def test_a_caller_who_ignores_eos_gets_the_model_s_last_token(forced_server):
     case = REFERENCE["cases"][0]
-    want = greedy(case["source_ids"], MAX_NEW_TOKENS, forced_bos=FORCED_BOS)
+    want, _ = greedy(case["source_ids"], MAX_NEW_TOKENS, forced_bos=FORCED_BOS)
     with grpc.insecure_channel(forced_server) as channel:
         sequence = generate(channel, case["source"], ignore_eos=True)
     assert [token.id for token in sequence.tokens] == want
@@ -99,6 +103,17 @@ def test_beams_begin_and_end_with_the_forced_tokens(forced_server):
             ids = [token.id for token in generate(channel, case["source"], num_beams=4).tokens]
             assert ids[0] == FORCED_BOS, case["source"]
             assert ids[-1] == EOS and len(ids) <= MAX_NEW_TOKENS, case["source"]
+
+
+def test_more_beam_answers_than_ways_through_the_forced_places_repeat_the_last(forced_server):
+    # Forced first and last tokens and two new tokens: one sequence is possible, two are asked.
+    case = REFERENCE["cases"][0]
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(forced_server))
+    request = inference_pb2.GenerateRequest(
+        model="marian-forced", text=case["source"],
+        parameters=inference_pb2.GenerationParameters(max_new_tokens=2, num_beams=4, n=2))
+    sequences = stub.Generate(request, timeout=60).sequences
+    assert [[token.id for token in s.tokens] for s in sequences] == [[FORCED_BOS, EOS]] * 2
 
 
 def test_get_model_shows_the_forced_tokens_and_their_file(forced_server):

@@ -19,6 +19,7 @@ use super::sampling::log_softmax;
 use super::spans::SequenceSpans;
 use super::text::TextStream;
 use crate::engine::continuous::{Decision, SequenceDriver, StopCause};
+use crate::runtime::step::RunError;
 
 /// transformers' stand-in for minus infinity in beam scores.
 const EXCLUDED: f32 = -1.0e9;
@@ -62,7 +63,9 @@ pub struct BeamSearch {
 struct Candidate {
     beam: usize,
     token: i64,
+    /// Under the model's own distribution, as reported.
     logprob: f32,
+    /// The beam's score with this token, after the processors (a forced token adds 0).
     score: f32,
     ends: bool,
 }
@@ -104,9 +107,14 @@ impl BeamSearch {
         for (beam, row) in logits.iter().enumerate() {
             let mut log_probs = log_softmax(row);
             let forced = self.forced.at(self.generated, self.max_new_tokens);
-            if !forced.is_empty() {
+            let model_log_probs = if forced.is_empty() {
+                None
+            } else {
+                let model = log_probs.clone();
                 force(&mut log_probs, forced);
-            } else if self.generated < self.min_new_tokens {
+                Some(model)
+            };
+            if forced.is_empty() && self.generated < self.min_new_tokens {
                 for &eos in &self.eos_ids {
                     if let Some(value) = log_probs.get_mut(eos as usize) {
                         *value = f32::NEG_INFINITY;
@@ -118,13 +126,15 @@ impl BeamSearch {
             let possible = best(&log_probs, keep)
                 .into_iter()
                 .filter(|(_, logprob)| *logprob > f32::NEG_INFINITY);
-            for (token, logprob) in possible {
-                let token = token as i64;
+            for (index, processed) in possible {
+                let token = index as i64;
                 candidates.push(Candidate {
                     beam,
                     token,
-                    logprob,
-                    score: base + logprob,
+                    logprob: model_log_probs
+                        .as_ref()
+                        .map_or(processed, |model| model[index]),
+                    score: base + processed,
                     ends: self.eos_ids.contains(&token) || generated >= self.max_new_tokens,
                 });
             }
@@ -265,11 +275,18 @@ impl BeamDriver {
         }
     }
 
-    /// Sends the best `n` candidates as sequences `0..n`.
+    /// Sends the best `n` candidates as sequences `0..n`. Where fewer finished (a forced token
+    /// leaves one way through its place), the last one stands for the rest, as transformers
+    /// returns copies of it.
     fn finish(&mut self) {
         self.spans.end();
         let results = self.search.results().to_vec();
-        for (index, hypothesis) in results.iter().take(self.n).enumerate() {
+        let Some(last) = results.last() else {
+            self.stopped(StopCause::Failed(Arc::new(RunError::SchedulerStopped)));
+            return;
+        };
+        let answers = results.iter().chain(std::iter::repeat(last));
+        for (index, hypothesis) in answers.take(self.n).enumerate() {
             let mut text = TextStream::new(&self.context, Vec::new());
             let mut reason = FinishReason::Length;
             for (&token, &logprob) in hypothesis.tokens.iter().zip(&hypothesis.logprobs) {
@@ -482,7 +499,9 @@ mod tests {
         let results = search.results();
         assert_eq!(results[0].tokens, vec![2, 0, EOS]);
         assert_eq!(results[1].tokens, vec![2, 1, EOS]);
-        assert_eq!(results[0].logprobs[0], 0.0);
-        assert_eq!(results[0].logprobs[2], 0.0);
+        // Each token's reported log-probability is the model's own.
+        assert!((results[0].logprobs[0] - 0.01_f32.ln()).abs() < 1e-5);
+        assert!((results[0].logprobs[2] - 0.05_f32.ln()).abs() < 1e-5);
+        assert!((results[0].score - (0.5_f32.ln() / 3.0)).abs() < 1e-5);
     }
 }

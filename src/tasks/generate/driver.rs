@@ -189,17 +189,19 @@ impl SequenceDriver for Driver {
         self.generated += 1;
         self.spans.stepped();
 
-        let log_normalizer = log_sum_exp(logits);
+        // Reported under the model's own distribution, before penalties, filters and forcing.
+        let model = rows[0].as_slice();
+        let log_normalizer = log_sum_exp(model);
         let top = if self.rules.top_logprobs == 0 {
             Vec::new()
         } else {
-            let log_probs = log_softmax(logits);
+            let log_probs = log_softmax(model);
             top_n(&log_probs, self.rules.top_logprobs)
                 .into_iter()
                 .map(|(id, logprob)| self.choice(id, logprob))
                 .collect()
         };
-        let logprob = logits
+        let logprob = model
             .get(token as usize)
             .map_or(f32::NEG_INFINITY, |logit| logit - log_normalizer);
         let generated = GeneratedToken {
