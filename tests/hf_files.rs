@@ -358,6 +358,65 @@ async fn one_label_is_scored_with_a_sigmoid() {
     }
 }
 
+/// A regression head (problem_type "regression" in config.json, as transformers saves a
+/// one-label model trained on scores) is returned as it is, as transformers' pipeline applies
+/// no function to it; a request may still ask for the sigmoid. The value is the numpy logit.
+#[tokio::test]
+async fn a_regression_head_returns_its_values_as_they_are() {
+    let repository = tempfile::tempdir().unwrap();
+    let version = repository.path().join("scorer/1");
+    copy_dir(&fixtures().join("one-label-encoder/1"), &version);
+    let config = version.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["problem_type"] = "regression".into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let models = server.models().await;
+    let described = common::first_version(&models, "scorer").await;
+    assert_eq!(
+        setting(&described, "classify.regression"),
+        ("true", "config.json")
+    );
+    let mut client = server.inference().await;
+    for case in fixture_reference()["cases"].as_array().unwrap() {
+        let request = |scores: ScoreKind| ClassifyRequest {
+            model: "scorer".into(),
+            texts: vec![case["text"].as_str().unwrap().into()],
+            scores: scores as i32,
+            ..Default::default()
+        };
+        let score = |response: lmserve::api::proto::ClassifyResponse| {
+            response.classifications[0].labels[0].score
+        };
+        let probability = case["one_label_score"].as_f64().unwrap() as f32;
+        let logit = (probability / (1.0 - probability)).ln();
+        let unset = score(
+            client
+                .classify(request(ScoreKind::Unspecified))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert!((unset - logit).abs() < 1e-3, "{unset} against {logit}");
+        let asked = score(
+            client
+                .classify(request(ScoreKind::Probability))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert!(
+            (asked - probability).abs() < 1e-5,
+            "{asked} against {probability}"
+        );
+    }
+}
+
 /// What model.toml sets overrides Hugging Face files this server cannot follow: a
 /// sentence-transformers Pooling module in a mode it does not pool by, and a malformed id2label.
 /// Without the override the load fails naming the file and the mode.
@@ -416,6 +475,68 @@ async fn model_toml_overrides_files_the_server_cannot_follow() {
     }
     let mut client = server.inference().await;
     client.embed(embed("overridden", "the king")).await.unwrap();
+}
+
+/// A sentence-transformers pipeline with a Dense projection after pooling (LaBSE's, say): a graph
+/// that only returns per-token states cannot give its embeddings, so it fails to load naming
+/// the module; a graph that returns the pipeline's own pooled output serves it, and a request
+/// cannot pool the states instead.
+#[tokio::test]
+async fn a_dense_module_after_pooling_is_served_only_through_the_pooled_output() {
+    let repository = tempfile::tempdir().unwrap();
+    copy_version("tiny-encoder", "1", repository.path(), "states-only", "1");
+    copy_dir(
+        &fixtures().join("pooled-encoder"),
+        &repository.path().join("pooled"),
+    );
+    for folder in [
+        repository.path().join("states-only/1"),
+        repository.path().join("pooled/1"),
+    ] {
+        std::fs::write(
+            folder.join("modules.json"),
+            r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+                {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
+        )
+        .unwrap();
+        std::fs::create_dir(folder.join("1_Pooling")).unwrap();
+        std::fs::write(
+            folder.join("1_Pooling/config.json"),
+            r#"{"embedding_dimension": 8, "pooling_mode": "mean"}"#,
+        )
+        .unwrap();
+    }
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let models = server.models().await;
+    let states_only = common::first_version(&models, "states-only").await;
+    assert_eq!(states_only.state, LoadState::Failed as i32);
+    for needle in ["modules.json", "2_Dense", "sentence_embedding"] {
+        assert!(
+            states_only.load_error.contains(needle),
+            "{needle:?} not in {}",
+            states_only.load_error
+        );
+    }
+    let pooled = common::first_version(&models, "pooled").await;
+    assert_eq!(
+        pooled.state,
+        LoadState::Ready as i32,
+        "{}",
+        pooled.load_error
+    );
+    let mut client = server.inference().await;
+    client.embed(embed("pooled", "the king")).await.unwrap();
+    let mut pooling_asked = embed("pooled", "the king");
+    pooling_asked.pooling = Pooling::Cls as i32;
+    let status = client.embed(pooling_asked).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("2_Dense"), "{status:?}");
 }
 
 #[tokio::test]

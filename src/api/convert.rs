@@ -47,10 +47,8 @@ fn pooling(value: i32) -> Result<Option<Pooling>> {
 
 fn score_kind(value: i32) -> Result<ScoreKind> {
     match proto::ScoreKind::try_from(value) {
-        // Unset means what SCORE_KIND_PROBABILITY says (inference.proto documents it).
-        Ok(proto::ScoreKind::Unspecified | proto::ScoreKind::Probability) => {
-            Ok(ScoreKind::Probability)
-        }
+        Ok(proto::ScoreKind::Unspecified) => Ok(ScoreKind::ModelDefault),
+        Ok(proto::ScoreKind::Probability) => Ok(ScoreKind::Probability),
         Ok(proto::ScoreKind::Raw) => Ok(ScoreKind::Raw),
         Err(_) => Err(unknown_enum(
             "scores",
@@ -138,8 +136,9 @@ mod tests {
         let none = proto::Truncate::None as i32;
         assert_eq!(truncate(0).unwrap(), truncate(none).unwrap());
         assert_eq!(truncate(0).unwrap(), Truncate::None);
+        // Unset scores mean the model's own kind: probabilities, or a regression head's values.
+        assert_eq!(score_kind(0).unwrap(), ScoreKind::ModelDefault);
         let probability = proto::ScoreKind::Probability as i32;
-        assert_eq!(score_kind(0).unwrap(), score_kind(probability).unwrap());
-        assert_eq!(score_kind(0).unwrap(), ScoreKind::Probability);
+        assert_eq!(score_kind(probability).unwrap(), ScoreKind::Probability);
     }
 }

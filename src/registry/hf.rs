@@ -209,6 +209,10 @@ pub struct SentenceTransformers {
     pub pooling: Option<(Result<Pooling, String>, String)>,
     /// Whether the pipeline ends in a Normalize module.
     pub normalize: bool,
+    /// Modules after the Pooling one that change the vector and that the server does not run
+    /// (a `Dense` projection, a `LayerNorm`), as "path (type)": only a graph that returns the
+    /// pipeline's own `sentence_embedding` gives what the model's authors define.
+    pub after_pooling: Vec<String>,
     /// `sentence_bert_config.json`'s `max_seq_length`.
     pub max_seq_length: Option<usize>,
 }
@@ -236,6 +240,15 @@ struct PoolingConfig {
     pooling_mode_weightedmean_tokens: bool,
     #[serde(default)]
     pooling_mode_lasttoken: bool,
+    /// sentence-transformers 5's form: one mode, or a list of modes to concatenate.
+    pooling_mode: Option<PoolingModes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PoolingModes {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,6 +293,7 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
     };
     let mut pooling = None;
     let mut normalize = false;
+    let mut after_pooling = Vec::new();
     for module in &modules {
         match module.kind.rsplit('.').next().unwrap_or_default() {
             "Pooling" => {
@@ -296,6 +310,11 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
                 pooling = Some((mode, name));
             }
             "Normalize" => normalize = true,
+            // What produces the per-token states the graph computes.
+            "Transformer" => {}
+            _ if pooling.is_some() => {
+                after_pooling.push(format!("{} ({})", module.path, module.kind));
+            }
             _ => {}
         }
     }
@@ -304,11 +323,36 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
     Ok(Some(SentenceTransformers {
         pooling,
         normalize,
+        after_pooling,
         max_seq_length,
     }))
 }
 
+/// The mode a Pooling config names, in either form: sentence-transformers 5's `pooling_mode`,
+/// or the older `pooling_mode_*` switches. Naming none means mean pooling in both.
 fn pooling_mode(config: &PoolingConfig, file: &str) -> anyhow::Result<Pooling> {
+    if let Some(modes) = &config.pooling_mode {
+        let names: Vec<&str> = match modes {
+            PoolingModes::One(name) => vec![name.as_str()],
+            PoolingModes::Many(names) => names.iter().map(String::as_str).collect(),
+        };
+        return match names.as_slice() {
+            [] => Ok(Pooling::Mean),
+            [name] => match *name {
+                "cls" => Ok(Pooling::Cls),
+                "mean" => Ok(Pooling::Mean),
+                "max" => Ok(Pooling::Max),
+                "lasttoken" => Ok(Pooling::Last),
+                other => bail!(
+                    "{file}: pooling mode `{other}` is not supported (cls, mean, max and lasttoken are); set [embed] pooling in model.toml to override"
+                ),
+            },
+            several => bail!(
+                "{file} names several pooling modes ({}), whose concatenation is not supported; set [embed] pooling in model.toml to pick one",
+                several.join(", ")
+            ),
+        };
+    }
     let modes = [
         (
             config.pooling_mode_cls_token,
@@ -347,7 +391,7 @@ fn pooling_mode(config: &PoolingConfig, file: &str) -> anyhow::Result<Pooling> {
         [(_, None, name)] => bail!(
             "{file}: pooling mode `{name}` is not supported (cls, mean, max and last token are); set [embed] pooling in model.toml to override"
         ),
-        [] => bail!("{file} turns on no pooling mode; set [embed] pooling in model.toml"),
+        [] => Ok(Pooling::Mean),
         several => bail!(
             "{file} turns on several pooling modes ({}), whose concatenation is not supported; set [embed] pooling in model.toml to pick one",
             several
@@ -437,6 +481,54 @@ mod tests {
         assert_eq!(tokenizer.pad_token.unwrap().content(), "[PAD]");
         assert_eq!(files.config.unwrap().max_positions(), Some(512));
         assert!(files.generation.is_none());
+    }
+
+    #[test]
+    fn reads_both_forms_of_a_pooling_config_and_no_mode_as_mean() {
+        let mode = |json: &str| {
+            let config: PoolingConfig = serde_json::from_str(json).unwrap();
+            pooling_mode(&config, "1_Pooling/config.json").map_err(|error| error.to_string())
+        };
+        let current =
+            r#"{"embedding_dimension": 384, "pooling_mode": "cls", "include_prompt": true}"#;
+        assert_eq!(mode(current), Ok(Pooling::Cls));
+        assert_eq!(
+            mode(r#"{"pooling_mode": ["lasttoken"]}"#),
+            Ok(Pooling::Last)
+        );
+        assert_eq!(
+            mode(r#"{"word_embedding_dimension": 384}"#),
+            Ok(Pooling::Mean)
+        );
+        let legacy_none = r#"{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": false}"#;
+        assert_eq!(mode(legacy_none), Ok(Pooling::Mean));
+        let several = mode(r#"{"pooling_mode": ["mean", "max"]}"#).unwrap_err();
+        assert!(several.contains("mean, max"), "{several}");
+        let unsupported = mode(r#"{"pooling_mode": "weightedmean"}"#).unwrap_err();
+        assert!(unsupported.contains("`weightedmean`"), "{unsupported}");
+    }
+
+    #[test]
+    fn modules_after_pooling_are_listed_and_normalize_is_not() {
+        let dir = folder(&[
+            (
+                MODULES,
+                r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
+                    {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"},
+                    {"idx":2,"name":"2","path":"2_Dense","type":"sentence_transformers.models.Dense"},
+                    {"idx":3,"name":"3","path":"3_Normalize","type":"sentence_transformers.models.Normalize"}]"#,
+            ),
+            ("1_Pooling/config.json", r#"{"pooling_mode": "cls"}"#),
+        ]);
+        let st = HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap();
+        assert_eq!(
+            st.after_pooling,
+            ["2_Dense (sentence_transformers.models.Dense)"]
+        );
+        assert!(st.normalize);
     }
 
     #[test]

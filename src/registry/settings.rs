@@ -95,6 +95,9 @@ pub struct EmbedSettings {
     pub pooling: Sourced<Pooling>,
     /// Whether Embed uses the graph's own pooled output rather than pooling states itself.
     pub use_pooled_output: bool,
+    /// sentence-transformers modules after pooling that only the pooled output includes
+    /// (`hf::SentenceTransformers::after_pooling`): pooling states here would leave them out.
+    pub after_pooling: Vec<String>,
     pub normalize: Sourced<bool>,
 }
 
@@ -102,6 +105,9 @@ pub struct EmbedSettings {
 pub struct ClassifySettings {
     pub labels: Sourced<Vec<String>>,
     pub multi_label: Sourced<bool>,
+    /// A regression head (config.json's `problem_type`): its values are returned as they are
+    /// unless a request asks for probabilities.
+    pub regression: Sourced<bool>,
 }
 
 /// The model's defaults for a Generate request's unset parameters.
@@ -368,6 +374,7 @@ impl ModelSettings {
                 &classify.labels.source,
             );
             rows.add("classify.multi_label", &classify.multi_label);
+            rows.add("classify.regression", &classify.regression);
         }
         let generation = &self.generation;
         rows.add_optional("generation.max_new_tokens", &generation.max_new_tokens);
@@ -572,6 +579,14 @@ fn embed_settings(
         }
         Some((Err(_), _)) | None => None,
     };
+    let after_pooling = st.map(|st| st.after_pooling.clone()).unwrap_or_default();
+    if !use_pooled_output && !after_pooling.is_empty() {
+        anyhow::bail!(
+            "{} runs {} after pooling, which the server does not; embeddings pooled here from the per-token states would not be the model's. Export the graph with the pipeline's own `sentence_embedding` output (optimum-cli export onnx --library sentence_transformers)",
+            hf::MODULES,
+            after_pooling.join(", ")
+        );
+    }
     let pooling = first([
         section.pooling.map(|v| sourced(v, Source::Manifest)),
         from_file,
@@ -587,6 +602,7 @@ fn embed_settings(
     Ok(EmbedSettings {
         pooling,
         use_pooled_output,
+        after_pooling,
         normalize,
     })
 }
@@ -641,8 +657,21 @@ fn classify_settings(
         }),
     ])
     .unwrap_or(sourced(false, Source::Default));
+    // transformers' pipeline checks for regression before anything else; a model.toml that
+    // says how to score the labels (multi_label) overrides it.
+    let regression = match (
+        &section.multi_label,
+        config.and_then(|c| c.problem_type.as_deref()),
+    ) {
+        (None, Some(kind)) => sourced(
+            kind == "regression",
+            Source::File(Cow::Borrowed(hf::CONFIG)),
+        ),
+        _ => sourced(false, Source::Default),
+    };
     Ok(ClassifySettings {
         labels,
         multi_label,
+        regression,
     })
 }

@@ -12,7 +12,10 @@ use crate::registry::{ModelVersion, Registry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScoreKind {
+    /// What the model's head means: probabilities, or a regression head's values as they are
+    /// (transformers' text-classification pipeline applies no function to those).
     #[default]
+    ModelDefault,
     Probability,
     Raw,
 }
@@ -101,6 +104,7 @@ async fn classify_on(
         .ok_or_else(|| Error::Internal(format!("{} has no classify settings", model.name)))?;
     let labels = &settings.labels.value;
     let multi_label = settings.multi_label.value;
+    let regression = settings.regression.value;
     let outputs = run_encoder(model, params.texts, params.truncate, None, true, deadline).await?;
 
     let top_k = params.top_k.map_or(labels.len(), |k| k as usize);
@@ -122,10 +126,10 @@ async fn classify_on(
                         labels.len()
                     )));
                 }
-                let scores = match (params.scores, multi_label) {
-                    (ScoreKind::Raw, _) => logits,
-                    (ScoreKind::Probability, false) => softmax(&logits),
-                    (ScoreKind::Probability, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
+                let scores = match (params.scores, regression, multi_label) {
+                    (ScoreKind::Raw, ..) | (ScoreKind::ModelDefault, true, _) => logits,
+                    (_, _, false) => softmax(&logits),
+                    (_, _, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
                 };
                 Ok(Classification {
                     labels: rank(&scores, labels, top_k),

@@ -83,6 +83,18 @@ async fn embed_on(
     // A pooling the request names is applied to per-token states, which a graph that only
     // returns pooled vectors does not have.
     let embedding = match params.pooling {
+        Some(pooling) if !settings.after_pooling.is_empty() => {
+            return Err(Error::invalid(
+                "pooling",
+                format!(
+                    "{}@{} runs {} after pooling, which only its graph's pooled output includes, so {} pooling cannot be chosen; leave pooling unset",
+                    model.name,
+                    model.version,
+                    settings.after_pooling.join(", "),
+                    pooling_name(pooling)
+                ),
+            ));
+        }
         Some(pooling) if model.bindings.hidden_states.is_some() => EncoderEmbedding::Pool(pooling),
         Some(pooling) => {
             return Err(Error::invalid(

@@ -160,7 +160,7 @@ pub fn read(
             model: target,
             texts,
             top_k: None,
-            scores: ScoreKind::Probability,
+            scores: ScoreKind::ModelDefault,
             truncate,
         });
         Work::Encode {

@@ -146,7 +146,9 @@ func (Pooling) EnumDescriptor() ([]byte, []int) {
 type ScoreKind int32
 
 const (
-	// Unset: the same as SCORE_KIND_PROBABILITY.
+	// Unset: the model's own kind, as transformers' text-classification pipeline returns it:
+	// SCORE_KIND_PROBABILITY, except for a regression head (config.json's problem_type
+	// "regression"), whose values come as they are.
 	ScoreKind_SCORE_KIND_UNSPECIFIED ScoreKind = 0
 	// The model's raw logits.
 	ScoreKind_SCORE_KIND_RAW ScoreKind = 1
