@@ -7,10 +7,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Router;
 use tower::layer::util::{Identity, Stack};
 
+use super::connection::{ConnectionLimits, accept};
 use crate::api::edge::EdgeLayer;
 use crate::api::observe::ObserveLayer;
 
@@ -28,27 +28,12 @@ pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener
 pub fn spawn(
     router: Router<Layers>,
     listener: TcpListener,
+    limits: ConnectionLimits,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
     tokio::spawn(
-        router.serve_with_incoming_shutdown(incoming(listener), async move {
+        router.serve_with_incoming_shutdown(accept(listener, limits), async move {
             let _ = stop.wait_for(|stop| *stop).await;
         }),
     )
-}
-
-/// Accepted connections with Nagle's algorithm off: a streamed token is a small write that
-/// must leave at once, not wait up to 40 ms for the peer's delayed ACK.
-fn incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    TcpListenerStream::new(listener).map(|connection| {
-        if let Ok(stream) = &connection
-            && let Err(error) = stream.set_nodelay(true)
-        {
-            tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
-        }
-        connection
-    })
 }

@@ -2,12 +2,14 @@
 //! ONNX Runtime, a port already taken, a required GPU that is absent, unreadable TLS files or
 //! API keys); shutdown runs in the order load balancers need (`shutdown`).
 
+mod connection;
 mod health;
 mod listeners;
 mod shutdown;
 mod tls;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -28,6 +30,7 @@ use crate::config::{Config, security};
 use crate::registry::Registry;
 use crate::runtime::library;
 use crate::telemetry;
+use connection::ConnectionLimits;
 use health::Health;
 use listeners::bind;
 use shutdown::Shutdown;
@@ -90,10 +93,24 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
 
     let edge = EdgeLayer::new((!keys.is_empty()).then(|| KeyRing::new(keys)));
     let observe = ObserveLayer::new(config.logging.requests);
+    let transport = &config.server;
+    let handshake_timeout = Duration::from_millis(transport.handshake_timeout_ms.max(1));
+    let limits = ConnectionLimits {
+        max_connections: transport.max_connections,
+        handshake_timeout,
+    };
     let server = || -> anyhow::Result<EdgeServer> {
-        let builder = Server::builder();
+        let keepalive = (transport.keepalive_interval_ms > 0)
+            .then(|| Duration::from_millis(transport.keepalive_interval_ms));
+        let builder = Server::builder()
+            .max_concurrent_streams(transport.max_streams_per_connection.max(1))
+            // hyper's own default, which tonic leaves unset: a client that makes the server
+            // reset its streams over and over (CVE-2023-44487's kin) gets a GOAWAY.
+            .http2_max_local_error_reset_streams(Some(1024))
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
         let builder = match &tls {
-            Some(tls) => builder.tls_config(tls.clone())?,
+            Some(tls) => builder.tls_config(tls.clone().timeout(handshake_timeout))?,
             None => builder,
         };
         // The call's record and log outermost, so refusals at the edge are logged too.
@@ -134,11 +151,17 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     servers.push(listeners::spawn(
         reflection(main_router)?,
         main,
+        limits,
         stopped.clone(),
     ));
     if let Some(admin) = admin {
         let admin_router = server()?.add_service(health_service).add_service(models);
-        servers.push(listeners::spawn(reflection(admin_router)?, admin, stopped));
+        servers.push(listeners::spawn(
+            reflection(admin_router)?,
+            admin,
+            limits,
+            stopped,
+        ));
     }
 
     // Load while the health check says NOT_SERVING, so orchestrators wait for warm models.

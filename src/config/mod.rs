@@ -130,6 +130,18 @@ pub struct ServerConfig {
     /// When the overall health status ("") is SERVING: once every model version loaded, or
     /// once any did. Each model has a status of its own either way.
     pub ready_when: ReadyWhen,
+    /// Most client connections open at once, per listener; more wait in the kernel's backlog
+    /// until one closes.
+    pub max_connections: usize,
+    /// Most calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a
+    /// client's further calls wait on its side.
+    pub max_streams_per_connection: u32,
+    /// A new connection that has not sent its HTTP/2 preface (or finished its TLS handshake)
+    /// within this many milliseconds is closed.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 PING interval on idle connections, in milliseconds; a peer that does not answer
+    /// within 20 s is dropped. 0: no pings.
+    pub keepalive_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -341,6 +353,10 @@ impl Default for ServerConfig {
             drain_delay_ms: 5_000,
             shutdown_grace_ms: 10_000,
             ready_when: ReadyWhen::Any,
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            handshake_timeout_ms: 10_000,
+            keepalive_interval_ms: 60_000,
         }
     }
 }

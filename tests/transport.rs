@@ -1,0 +1,113 @@
+//! The transport limits a careless or hostile client meets: a connection that sends nothing is
+//! closed after the handshake timeout, connections beyond the limit wait until one closes, and
+//! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ServerOptions, TestServer};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A server with no models (the transport is all these tests need) and `env` set.
+async fn start(env: &[(&str, &str)]) -> (TestServer, tempfile::TempDir) {
+    let repository = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        env: env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect(),
+        ready: false,
+        ..Default::default()
+    })
+    .await;
+    (server, repository)
+}
+
+/// One health check on a connection of its own, given `within` to answer.
+async fn health_check(server: &TestServer, within: Duration) -> Result<(), String> {
+    let call = async {
+        let channel = Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|error| error.to_string())?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|status| status.to_string())
+    };
+    tokio::time::timeout(within, call)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_handshake_timeout() {
+    let (server, _repository) = start(&[("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "300")]).await;
+    let mut silent = TcpStream::connect(server.addr.as_str()).await.unwrap();
+    // The server's own SETTINGS come first; then, with nothing from the client, the close.
+    let mut sent = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut sent)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection that sent nothing was still open after 10 s"
+    );
+    // A real client is unaffected.
+    health_check(&server, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    let (server, _repository) = start(&[("LMSERVE_SERVER__MAX_CONNECTIONS", "2")]).await;
+    health_check(&server, Duration::from_secs(5)).await.unwrap();
+    // That client's connection is gone once its channel is; give the server a moment to see it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = [
+        TcpStream::connect(server.addr.as_str()).await.unwrap(),
+        TcpStream::connect(server.addr.as_str()).await.unwrap(),
+    ];
+    let refused = health_check(&server, Duration::from_secs(1)).await;
+    assert!(
+        refused.is_err(),
+        "a third connection was served past a limit of 2"
+    );
+    drop(held);
+    health_check(&server, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_limit_on_calls_per_connection_is_advertised() {
+    let (server, _repository) = start(&[("LMSERVE_SERVER__MAX_STREAMS_PER_CONNECTION", "7")]).await;
+    let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
+    let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // The server's SETTINGS arrive as the connection is driven; a request makes sure of it.
+    let request = http::Request::post(format!(
+        "http://{}/grpc.health.v1.Health/Check",
+        server.addr
+    ))
+    .header("content-type", "application/grpc")
+    .body(())
+    .unwrap();
+    let settled = async {
+        let mut ready = client.clone().ready().await.unwrap();
+        let (response, mut body) = ready.send_request(request, false).unwrap();
+        // An empty HealthCheckRequest: the 5-byte gRPC frame header alone.
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        response.await.unwrap();
+    };
+    tokio::select! {
+        _ = &mut connection => panic!("the connection ended"),
+        _ = tokio::time::timeout(Duration::from_secs(5), settled) => {}
+    }
+    assert_eq!(connection.max_concurrent_send_streams(), 7);
+}
