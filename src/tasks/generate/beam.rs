@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::events::EventSender;
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc::UnboundedSender;
 
 use super::driver::{Event, FinishReason, GeneratedToken, TokenChoice};
 use super::forced::{ForcedTokens, force};
@@ -253,7 +253,7 @@ pub struct BeamDriver {
     n: usize,
     context: Vec<u32>,
     tokenizer: Arc<Tokenizer>,
-    events: UnboundedSender<Event>,
+    events: EventSender,
     spans: SequenceSpans,
 }
 
@@ -263,7 +263,7 @@ impl BeamDriver {
         n: usize,
         context: Vec<u32>,
         tokenizer: Arc<Tokenizer>,
-        events: UnboundedSender<Event>,
+        events: EventSender,
     ) -> Self {
         Self {
             search,
@@ -300,13 +300,13 @@ impl BeamDriver {
                 } else {
                     text.push(&self.tokenizer, token as u32).text
                 };
-                let _ = self.events.send(Event::Token {
+                self.events.send(Event::Token {
                     index,
                     token: generated,
                     text: delta,
                 });
             }
-            let _ = self.events.send(Event::Finished {
+            self.events.send(Event::Finished {
                 index,
                 reason,
                 text: text.finish(&self.tokenizer),
@@ -321,7 +321,7 @@ impl SequenceDriver for BeamDriver {
         self.spans.admitted();
         let at = Instant::now();
         for index in 0..self.n {
-            let _ = self.events.send(Event::Started { index, at });
+            self.events.send(Event::Started { index, at });
         }
     }
 
@@ -335,7 +335,7 @@ impl SequenceDriver for BeamDriver {
     }
 
     fn abandoned(&self) -> bool {
-        self.events.is_closed()
+        self.events.abandoned()
     }
 
     fn stopped(&mut self, cause: StopCause) {
@@ -353,7 +353,7 @@ impl SequenceDriver for BeamDriver {
                     error: Arc::clone(error),
                 },
             };
-            let _ = self.events.send(event);
+            self.events.send(event);
         }
     }
 }

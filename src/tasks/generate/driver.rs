@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::events::EventSender;
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc::UnboundedSender;
 
 use super::forced::{ForcedTokens, force};
 use super::sampling::{Sampler, log_softmax, log_sum_exp, top_n};
@@ -102,7 +102,7 @@ pub struct Driver {
     tokenizer: Arc<Tokenizer>,
     rules: StopRules,
     generated: usize,
-    events: UnboundedSender<Event>,
+    events: EventSender,
     delivery: Delivery,
     /// Token events not yet sent (`Delivery::Collect`).
     held: Vec<Event>,
@@ -116,7 +116,7 @@ impl Driver {
         text: TextStream,
         tokenizer: Arc<Tokenizer>,
         rules: StopRules,
-        events: UnboundedSender<Event>,
+        events: EventSender,
         delivery: Delivery,
     ) -> Self {
         Self {
@@ -150,9 +150,9 @@ impl Driver {
         }
         // A caller that went away is noticed through `abandoned`; nothing to do here.
         for held in self.held.drain(..) {
-            let _ = self.events.send(held);
+            self.events.send(held);
         }
-        let _ = self.events.send(event);
+        self.events.send(event);
     }
 }
 
@@ -271,7 +271,7 @@ impl SequenceDriver for Driver {
     }
 
     fn abandoned(&self) -> bool {
-        self.events.is_closed()
+        self.events.abandoned()
     }
 
     fn stopped(&mut self, cause: StopCause) {
@@ -297,18 +297,18 @@ mod tests {
     fn finished(decision: Decision) -> bool {
         matches!(decision, Decision::Token { finished: true, .. })
     }
+    use crate::tasks::generate::events::EventReceiver;
     use crate::tasks::generate::sampling::SamplingConfig;
-    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
     const VOCAB: usize = 4096;
 
-    fn driver(delivery: Delivery, max_new_tokens: usize) -> (Driver, UnboundedReceiver<Event>) {
+    fn driver(delivery: Delivery, max_new_tokens: usize) -> (Driver, EventReceiver) {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/models/repository/tiny-gpt2/1/tokenizer.json"
         );
         let tokenizer = Arc::new(Tokenizer::from_file(path).unwrap());
-        let (sender, events) = unbounded_channel();
+        let (sender, events) = crate::tasks::generate::events::channel();
         let rules = StopRules {
             max_new_tokens,
             min_new_tokens: 0,
@@ -329,8 +329,8 @@ mod tests {
         logits
     }
 
-    fn drain(events: &mut UnboundedReceiver<Event>) -> Vec<Event> {
-        std::iter::from_fn(|| events.try_recv().ok()).collect()
+    fn drain(events: &mut EventReceiver) -> Vec<Event> {
+        std::iter::from_fn(|| events.try_recv()).collect()
     }
 
     fn token_ids(events: &[Event]) -> Vec<u32> {

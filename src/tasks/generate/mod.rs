@@ -3,6 +3,7 @@
 
 pub mod beam;
 pub mod driver;
+pub mod events;
 pub mod forced;
 pub mod params;
 pub mod sampling;
@@ -12,11 +13,11 @@ pub mod text;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use self::beam::{BeamDriver, BeamSearch};
 use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRules};
+use self::events::EventReceiver;
 use self::forced::ForcedTokens;
 use self::params::{GenerateParams, Prompt};
 use self::sampling::Sampler;
@@ -45,7 +46,7 @@ pub struct GenerationStream {
     pub served_by: ServedBy,
     pub prompt_tokens: usize,
     pub sequences: usize,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: EventReceiver,
     arrived: Instant,
     started: Option<Instant>,
     first_token: Option<Instant>,
@@ -356,7 +357,7 @@ async fn start_on(
         forced,
     };
 
-    let (sender, events) = mpsc::unbounded_channel();
+    let (sender, events) = events::channel();
     let vocab = model.vocab_size;
     let context_u32: Vec<u32> = target_context.iter().map(|&id| id as u32).collect();
     let jobs = match checked.beams {
