@@ -205,7 +205,7 @@ async fn start_with(
     // The request's own values are checked before any model is chosen; the model's defaults
     // for what it left unset join once the route has picked one.
     let routed = check_request(&params, limits.request)
-        .and_then(|()| params.check(config))
+        .and_then(|()| params.check_own(config))
         .and_then(|_| {
             routing::route(
                 registry,

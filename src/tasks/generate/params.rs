@@ -113,9 +113,22 @@ impl GenerateParams {
         self
     }
 
+    /// The request's own values, before a model is chosen: an unset `max_new_tokens` may
+    /// still take a model's default, up to the server's limit, so `min_new_tokens` is held to
+    /// that limit here and to the resolved length by `check`.
+    pub fn check_own(&self, limits: &GenerationConfig) -> Result<Checked> {
+        self.check_with(limits, limits.max_new_tokens)
+    }
+
+    /// Every value, once the model's defaults have joined (`with_model_defaults`).
     pub fn check(&self, limits: &GenerationConfig) -> Result<Checked> {
+        self.check_with(limits, limits.default_max_new_tokens)
+    }
+
+    /// `unset_length`: what an unset `max_new_tokens` stands for.
+    fn check_with(&self, limits: &GenerationConfig, unset_length: usize) -> Result<Checked> {
         let max_new_tokens = match self.max_new_tokens {
-            None => limits.default_max_new_tokens,
+            None => unset_length,
             Some(0) => {
                 return Err(Error::invalid(
                     "parameters.max_new_tokens",
@@ -568,5 +581,33 @@ mod tests {
             .check(&limits)
             .unwrap();
         assert_eq!(checked.beams.map(|b| b.num_beams), Some(2));
+    }
+
+    #[test]
+    fn min_new_tokens_is_held_to_the_length_a_models_default_gives() {
+        use crate::registry::settings::{Source, Sourced};
+        let limits = GenerationConfig::default();
+        let long_default = GenerationDefaults {
+            max_new_tokens: Some(Sourced {
+                value: limits.default_max_new_tokens as u32 * 2,
+                source: Source::Manifest,
+            }),
+            ..Default::default()
+        };
+        let params = GenerateParams {
+            min_new_tokens: limits.default_max_new_tokens as u32 + 1,
+            ..GenerateParams::default()
+        };
+        // Before a model is chosen the request may still get a longer default length.
+        params.check_own(&limits).unwrap();
+        let checked = params
+            .clone()
+            .with_model_defaults(&long_default, &limits)
+            .check(&limits)
+            .unwrap();
+        assert_eq!(checked.min_new_tokens, limits.default_max_new_tokens + 1);
+        // Without that default it is more than the length it gets.
+        let error = params.check(&limits).unwrap_err().to_string();
+        assert!(error.contains("more than max_new_tokens"), "{error}");
     }
 }
