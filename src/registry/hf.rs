@@ -120,6 +120,16 @@ pub struct GenerationConfig {
     #[serde(default)]
     pub forced_eos_token_id: TokenIds,
     pub max_new_tokens: Option<u32>,
+    /// The longest the whole sequence gets (the prompt, or an encoder-decoder's start token,
+    /// included), where `max_new_tokens` is not set.
+    pub max_length: Option<u32>,
+    pub min_new_tokens: Option<u32>,
+    /// The shortest the whole sequence gets, counted as `max_length` is.
+    pub min_length: Option<u32>,
+    pub no_repeat_ngram_size: Option<u32>,
+    pub bad_words_ids: Option<Vec<Vec<u32>>>,
+    pub suppress_tokens: Option<Vec<u32>>,
+    pub begin_suppress_tokens: Option<Vec<u32>>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<u32>,

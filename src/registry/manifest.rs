@@ -125,6 +125,10 @@ pub struct ClassifySection {
 #[serde(deny_unknown_fields)]
 pub struct GenerationSection {
     pub max_new_tokens: Option<u32>,
+    pub max_length: Option<u32>,
+    pub min_new_tokens: Option<u32>,
+    pub min_length: Option<u32>,
+    pub no_repeat_ngram_size: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<u32>,

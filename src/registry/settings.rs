@@ -114,6 +114,16 @@ pub struct ClassifySettings {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationDefaults {
     pub max_new_tokens: Option<Sourced<u32>>,
+    /// The whole sequence's length limit, the prompt (or start token) included; applies where
+    /// neither the request nor `max_new_tokens` sets the length.
+    pub max_length: Option<Sourced<u32>>,
+    pub min_new_tokens: Option<Sourced<u32>>,
+    /// The whole sequence's least length, counted as `max_length` is.
+    pub min_length: Option<Sourced<u32>>,
+    pub no_repeat_ngram_size: Option<Sourced<u32>>,
+    pub bad_words_ids: Option<Sourced<Vec<Vec<u32>>>>,
+    pub suppress_tokens: Option<Sourced<Vec<u32>>>,
+    pub begin_suppress_tokens: Option<Sourced<Vec<u32>>>,
     pub temperature: Option<Sourced<f32>>,
     pub top_p: Option<Sourced<f32>>,
     pub top_k: Option<Sourced<u32>>,
@@ -378,6 +388,31 @@ impl ModelSettings {
         }
         let generation = &self.generation;
         rows.add_optional("generation.max_new_tokens", &generation.max_new_tokens);
+        rows.add_optional("generation.max_length", &generation.max_length);
+        rows.add_optional("generation.min_new_tokens", &generation.min_new_tokens);
+        rows.add_optional("generation.min_length", &generation.min_length);
+        rows.add_optional(
+            "generation.no_repeat_ngram_size",
+            &generation.no_repeat_ngram_size,
+        );
+        for (name, list) in [
+            ("generation.suppress_tokens", &generation.suppress_tokens),
+            (
+                "generation.begin_suppress_tokens",
+                &generation.begin_suppress_tokens,
+            ),
+        ] {
+            if let Some(list) = list {
+                rows.push(name, format!("{:?}", list.value), &list.source);
+            }
+        }
+        if let Some(words) = &generation.bad_words_ids {
+            rows.push(
+                "generation.bad_words_ids",
+                format!("{:?}", words.value),
+                &words.source,
+            );
+        }
         rows.add_optional("generation.temperature", &generation.temperature);
         rows.add_optional("generation.top_p", &generation.top_p);
         rows.add_optional("generation.top_k", &generation.top_k);
@@ -496,6 +531,10 @@ fn generation_defaults(
     let own = manifest.generation.clone().unwrap_or_default();
     let file = file.cloned().unwrap_or_default();
     let positive = |v: f32| v > 0.0 && v.is_finite();
+    let from_file = |list: Option<Vec<u32>>| {
+        list.filter(|list| !list.is_empty())
+            .map(|list| sourced(list, Source::File(Cow::Borrowed(hf::GENERATION_CONFIG))))
+    };
     GenerationDefaults {
         max_new_tokens: pick(
             "max_new_tokens",
@@ -503,6 +542,26 @@ fn generation_defaults(
             file.max_new_tokens,
             |v| v > 0,
         ),
+        max_length: pick("max_length", own.max_length, file.max_length, |v| v > 0),
+        min_new_tokens: pick(
+            "min_new_tokens",
+            own.min_new_tokens,
+            file.min_new_tokens,
+            |_| true,
+        ),
+        min_length: pick("min_length", own.min_length, file.min_length, |_| true),
+        no_repeat_ngram_size: pick(
+            "no_repeat_ngram_size",
+            own.no_repeat_ngram_size,
+            file.no_repeat_ngram_size,
+            |_| true,
+        ),
+        bad_words_ids: file
+            .bad_words_ids
+            .filter(|words| !words.is_empty())
+            .map(|words| sourced(words, Source::File(Cow::Borrowed(hf::GENERATION_CONFIG)))),
+        suppress_tokens: from_file(file.suppress_tokens),
+        begin_suppress_tokens: from_file(file.begin_suppress_tokens),
         temperature: pick("temperature", own.temperature, file.temperature, positive),
         top_p: pick("top_p", own.top_p, file.top_p, |v| v > 0.0 && v <= 1.0),
         top_k: pick("top_k", own.top_k, file.top_k, |_| true),

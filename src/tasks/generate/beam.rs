@@ -13,6 +13,7 @@ use std::time::Instant;
 use super::events::EventSender;
 use tokenizers::Tokenizer;
 
+use super::constraints::Constraints;
 use super::driver::{Event, FinishReason, GeneratedToken, TokenChoice};
 use super::forced::{ForcedTokens, force};
 use super::sampling::log_softmax;
@@ -50,6 +51,10 @@ pub struct BeamSearch {
     min_new_tokens: usize,
     eos_ids: Vec<i64>,
     forced: ForcedTokens,
+    constraints: Constraints,
+    /// What the model continues (the prompt, or an encoder-decoder's start token): with each
+    /// beam's tokens, what the constraints look at.
+    context: Vec<i64>,
     /// Best first; one per batch row.
     running: Vec<Hypothesis>,
     /// Best first, at most `num_beams`.
@@ -77,6 +82,8 @@ impl BeamSearch {
         min_new_tokens: usize,
         eos_ids: Vec<i64>,
         forced: ForcedTokens,
+        constraints: Constraints,
+        context: Vec<i64>,
     ) -> Self {
         Self {
             config,
@@ -84,6 +91,8 @@ impl BeamSearch {
             min_new_tokens,
             eos_ids,
             forced,
+            constraints,
+            context,
             // The prompt: one row, which the first step widens to `num_beams`.
             running: vec![Hypothesis {
                 tokens: Vec::new(),
@@ -114,9 +123,18 @@ impl BeamSearch {
                 force(&mut log_probs, forced);
                 Some(model)
             };
-            if forced.is_empty() && self.generated < self.min_new_tokens {
-                for &eos in &self.eos_ids {
-                    if let Some(value) = log_probs.get_mut(eos as usize) {
+            if forced.is_empty() {
+                let mut banned = Vec::new();
+                if self.generated < self.min_new_tokens {
+                    banned.extend_from_slice(&self.eos_ids);
+                }
+                if !self.constraints.is_empty() {
+                    let mut sequence = self.context.clone();
+                    sequence.extend_from_slice(&self.running[beam].tokens);
+                    self.constraints.ban(&sequence, self.generated, &mut banned);
+                }
+                for token in banned {
+                    if let Some(value) = log_probs.get_mut(token as usize) {
                         *value = f32::NEG_INFINITY;
                     }
                 }
@@ -390,6 +408,8 @@ mod tests {
             0,
             vec![EOS],
             ForcedTokens::default(),
+            Constraints::default(),
+            Vec::new(),
         );
         let mut tokens = Vec::new();
         for row in &table {
@@ -413,6 +433,8 @@ mod tests {
             0,
             vec![EOS],
             ForcedTokens::default(),
+            Constraints::default(),
+            Vec::new(),
         );
         let first = search.step(&[logits(&[0.5, 0.4, 0.025, 0.025, 0.025, 0.025])]);
         assert_eq!(first, vec![(0, 0), (0, 1)]);
@@ -440,6 +462,8 @@ mod tests {
             0,
             vec![EOS],
             ForcedTokens::default(),
+            Constraints::default(),
+            Vec::new(),
         );
         // EOS is the best first token: it finishes; tokens 0 and 1 run.
         let next = search.step(&[logits(&[0.3, 0.2, 0.05, 0.05, 0.0001, 0.3999])]);
@@ -461,6 +485,8 @@ mod tests {
             2,
             vec![EOS],
             ForcedTokens::default(),
+            Constraints::default(),
+            Vec::new(),
         );
         let next = search.step(&[logits(&[0.1, 0.1, 0.1, 0.1, 0.1, 0.5])]);
         assert!(next.iter().all(|&(_, token)| token != EOS), "{next:?}");
@@ -487,6 +513,8 @@ mod tests {
             0,
             vec![EOS],
             forced,
+            Constraints::default(),
+            Vec::new(),
         );
         // Token 2 is the least likely; forced, it is the one beam that goes on, scored 0.
         let first = logits(&[0.3, 0.3, 0.01, 0.19, 0.1, 0.1]);

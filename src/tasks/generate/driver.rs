@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::events::EventSender;
 use tokenizers::Tokenizer;
 
+use super::constraints::Constraints;
 use super::forced::{ForcedTokens, force};
 use super::sampling::{Sampler, log_softmax, log_sum_exp, top_n};
 use super::spans::SequenceSpans;
@@ -93,6 +94,8 @@ pub struct StopRules {
     pub top_logprobs: usize,
     /// Tokens the model's generation config forces at the first and last places.
     pub forced: ForcedTokens,
+    /// Tokens it rules out (repeated n-grams, bad words, suppressed tokens).
+    pub constraints: Constraints,
 }
 
 pub struct Driver {
@@ -106,6 +109,10 @@ pub struct Driver {
     delivery: Delivery,
     /// Token events not yet sent (`Delivery::Collect`).
     held: Vec<Event>,
+    /// What the model continues, then every token generated: what the constraints look at.
+    history: Vec<i64>,
+    /// The tokens ruled out at this step (a buffer kept between steps).
+    banned: Vec<i64>,
     spans: SequenceSpans,
 }
 
@@ -129,8 +136,17 @@ impl Driver {
             events,
             delivery,
             held: Vec::new(),
+            history: Vec::new(),
+            banned: Vec::new(),
             spans: SequenceSpans::enqueued(index),
         }
+    }
+
+    /// Starts the history the constraints look at from what the model continues (the prompt,
+    /// or an encoder-decoder's start token).
+    pub fn continuing(mut self, context: &[i64]) -> Self {
+        self.history = context.to_vec();
+        self
     }
 
     fn choice(&self, id: usize, logprob: f32) -> TokenChoice {
@@ -179,12 +195,16 @@ impl SequenceDriver for Driver {
             processed = scores;
             processed.as_slice()
         };
-        let banned: &[i64] = if self.generated < self.rules.min_new_tokens && forced.is_empty() {
-            &self.rules.stop_ids
-        } else {
-            &[]
-        };
-        let token = self.sampler.choose(logits, banned);
+        self.banned.clear();
+        if forced.is_empty() {
+            if self.generated < self.rules.min_new_tokens {
+                self.banned.extend_from_slice(&self.rules.stop_ids);
+            }
+            let constraints = &self.rules.constraints;
+            constraints.ban(&self.history, self.generated, &mut self.banned);
+        }
+        let token = self.sampler.choose(logits, &self.banned);
+        self.history.push(token);
         self.sampler.observe(token);
         self.generated += 1;
         self.spans.stepped();
@@ -313,6 +333,7 @@ mod tests {
             max_new_tokens,
             min_new_tokens: 0,
             forced: ForcedTokens::default(),
+            constraints: Constraints::default(),
             stop_ids: vec![0],
             top_logprobs: 0,
         };

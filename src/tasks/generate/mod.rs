@@ -2,6 +2,7 @@
 //! continuous scheduler, and follow the events it sends back — as a stream, or collected.
 
 pub mod beam;
+pub mod constraints;
 pub mod driver;
 pub mod events;
 pub mod forced;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use self::beam::{BeamDriver, BeamSearch};
+use self::constraints::Constraints;
 use self::driver::{Delivery, Driver, Event, FinishReason, GeneratedToken, StopRules};
 use self::events::EventReceiver;
 use self::forced::ForcedTokens;
@@ -30,6 +32,7 @@ use super::{RequestMetrics, ServedBy};
 use crate::config::{GenerationConfig, LimitsConfig};
 use crate::engine::continuous::{ContinuousScheduler, GenerationJob};
 use crate::error::{Error, Result, Task};
+use crate::registry::settings::Sourced;
 use crate::registry::{ModelVersion, Registry};
 use crate::runtime::step::RunError;
 use crate::telemetry::metrics;
@@ -312,7 +315,22 @@ async fn start_on(
         .max_length
         .value
         .saturating_sub(target_context.len());
-    let max_new_tokens = checked.max_new_tokens.min(context_left);
+    let defaults = &model.settings.generation;
+    let value = |setting: &Option<Sourced<u32>>| setting.as_ref().map(|s| s.value as usize);
+    // The model's max_length and min_length count the prompt (or start token), as
+    // transformers counts them.
+    let wanted = match value(&defaults.max_length) {
+        Some(max_length) if checked.length_unset => max_length
+            .saturating_sub(target_context.len())
+            .clamp(1, config.max_new_tokens),
+        _ => checked.max_new_tokens,
+    };
+    let max_new_tokens = wanted.min(context_left);
+    let model_min = value(&defaults.min_new_tokens).unwrap_or(0).max(
+        value(&defaults.min_length)
+            .unwrap_or(0)
+            .saturating_sub(target_context.len()),
+    );
     let mut stop_ids: Vec<i64> = checked
         .stop_token_ids
         .iter()
@@ -349,12 +367,34 @@ async fn start_on(
             _ => Vec::new(),
         },
     };
+    let ids = |setting: &Option<Sourced<Vec<u32>>>| -> Vec<i64> {
+        setting
+            .iter()
+            .flat_map(|s| s.value.iter().map(|&id| i64::from(id)))
+            .collect()
+    };
+    let constraints = Constraints {
+        no_repeat_ngram_size: value(&defaults.no_repeat_ngram_size).unwrap_or(0),
+        // transformers leaves out a bad word that is just an end-of-sequence id.
+        bad_words: defaults
+            .bad_words_ids
+            .iter()
+            .flat_map(|words| &words.value)
+            .map(|word| word.iter().map(|&id| i64::from(id)).collect::<Vec<i64>>())
+            .filter(|word| !(word.len() == 1 && stop_ids.contains(&word[0])))
+            .collect(),
+        suppress: ids(&defaults.suppress_tokens),
+        suppress_at_begin: ids(&defaults.begin_suppress_tokens),
+        // After a forced first token, as transformers begins there.
+        begin_at: usize::from(forced.first.is_some()),
+    };
     let rules = StopRules {
         max_new_tokens,
-        min_new_tokens: checked.min_new_tokens.min(max_new_tokens),
+        min_new_tokens: checked.min_new_tokens.max(model_min).min(max_new_tokens),
         stop_ids,
         top_logprobs: checked.top_logprobs,
         forced,
+        constraints,
     };
 
     let (sender, events) = events::channel();
@@ -368,6 +408,8 @@ async fn start_on(
                 rules.min_new_tokens,
                 rules.stop_ids.clone(),
                 rules.forced.clone(),
+                rules.constraints.clone(),
+                target_context.clone(),
             );
             let driver = BeamDriver::new(
                 search,
@@ -398,7 +440,8 @@ async fn start_on(
                     rules.clone(),
                     sender.clone(),
                     delivery,
-                );
+                )
+                .continuing(&target_context);
                 GenerationJob {
                     rows: 1,
                     prompt: prompt.clone(),

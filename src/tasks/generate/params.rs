@@ -50,6 +50,9 @@ pub struct Checked {
     pub sampling: SamplingConfig,
     /// As asked, already within the server's limit; the model's context may lower it.
     pub max_new_tokens: usize,
+    /// Whether `max_new_tokens` is the server's default: neither the request nor the model's
+    /// `max_new_tokens` set it, so a model's `max_length` may.
+    pub length_unset: bool,
     pub min_new_tokens: usize,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
@@ -251,6 +254,7 @@ impl GenerateParams {
             beams,
             sampling,
             max_new_tokens,
+            length_unset: self.max_new_tokens.is_none(),
             min_new_tokens,
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token_ids.clone(),

@@ -1,11 +1,13 @@
-"""Tokens a model's generation config forces, as transformers' generate forces them.
+"""What a model's generation config asks of generate, as transformers' generate does it.
 
 BART and mBART set `forced_bos_token_id` (every target begins with `<s>` or a language code) and
-Marian sets `forced_eos_token_id` (a translation cut by the length limit still ends with EOS).
-The model here is the untrained MarianMT fixture with both set in its generation_config.json;
-the reference is a greedy loop in onnxruntime alone over its first-step graph, recomputing the
-whole target each step, with the two processors' rule applied by hand: the first token is the
-forced BOS, and the last one the length limit allows is the forced EOS.
+Marian sets `forced_eos_token_id` (a translation cut by the length limit still ends with EOS);
+summarizers set `no_repeat_ngram_size`, `min_length` and `max_length`, and opus-mt models
+`bad_words_ids`. The models here are the untrained MarianMT fixture with those set in its
+generation_config.json; the reference is a greedy loop in onnxruntime alone over its first-step
+graph, recomputing the whole target each step, with the processors' rules applied by hand:
+the first token is the forced BOS, the last one the length limit allows is the forced EOS, no
+bigram occurs twice and no bad word is completed.
 """
 
 import json
@@ -26,9 +28,13 @@ START = REFERENCE["special_tokens"]["decoder_start"]
 EOS = REFERENCE["special_tokens"]["eos"]
 FORCED_BOS = 7
 MAX_NEW_TOKENS = 12
+NGRAM = 2
+BAD_WORDS = [[385], [348, 754]]
+# max_length and min_length count the start token, as transformers counts them.
+CONSTRAINED_LENGTH = 16
 
 
-def greedy(source_ids, max_new_tokens, forced_bos=None, forced_eos=None):
+def greedy(source_ids, max_new_tokens, forced_bos=None, forced_eos=None, ngram=0, bad_words=()):
     """Greedy ids from onnxruntime, each step over the whole target so far (no cache), and each
     one's log-probability under the model's own distribution."""
     encoder = onnxruntime.InferenceSession(str(MARIAN / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
@@ -41,7 +47,16 @@ def greedy(source_ids, max_new_tokens, forced_bos=None, forced_eos=None):
     for index in range(max_new_tokens):
         (logits,) = decoder.run(["logits"], {"input_ids": np.array([target], dtype=np.int64),
                                              "encoder_hidden_states": hidden, "encoder_attention_mask": mask})
-        token = int(np.argmax(logits[0, -1]))
+        scores = logits[0, -1].copy()
+        for word in bad_words:
+            if len(word) == 1 or target[-(len(word) - 1):] == word[:-1]:
+                scores[word[-1]] = -np.inf
+        if ngram and len(target) + 1 >= ngram:
+            tail = target[len(target) + 1 - ngram:]
+            for start in range(len(target) - ngram + 1):
+                if target[start:start + ngram - 1] == tail:
+                    scores[target[start + ngram - 1]] = -np.inf
+        token = int(np.argmax(scores))
         if index == max_new_tokens - 1 and forced_eos is not None:
             token = forced_eos
         elif index == 0 and forced_bos is not None:
@@ -63,14 +78,22 @@ def forced_server(tmp_path_factory):
     config = json.loads(path.read_text())
     config.update(forced_bos_token_id=FORCED_BOS, forced_eos_token_id=EOS)
     path.write_text(json.dumps(config))
+    # The untrained model repeats itself: blocking repeated bigrams and a bad word change it.
+    version = repository / "marian-constrained" / "1"
+    shutil.copytree(MARIAN, version)
+    path = version / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.update(no_repeat_ngram_size=NGRAM, bad_words_ids=BAD_WORDS, max_length=CONSTRAINED_LENGTH + 1,
+                  min_length=CONSTRAINED_LENGTH + 1, forced_eos_token_id=None)
+    path.write_text(json.dumps(config))
     yield from serve(["--repository", str(repository)])
 
 
-def generate(channel, source, **parameters):
+def generate(channel, source, model="marian-forced", **parameters):
     stub = inference_pb2_grpc.InferenceStub(channel)
+    parameters.setdefault("max_new_tokens", MAX_NEW_TOKENS)
     request = inference_pb2.GenerateRequest(
-        model="marian-forced", text=source,
-        parameters=inference_pb2.GenerationParameters(max_new_tokens=MAX_NEW_TOKENS, **parameters))
+        model=model, text=source, parameters=inference_pb2.GenerationParameters(**parameters))
     return stub.Generate(request, timeout=60).sequences[0]
 
 
@@ -124,3 +147,26 @@ def test_get_model_shows_the_forced_tokens_and_their_file(forced_server):
     assert settings["forced_bos_token_id"].value == str(FORCED_BOS)
     assert settings["forced_bos_token_id"].source == "generation_config.json"
     assert settings["forced_eos_token_ids"].value == f"[{EOS}]"
+    with grpc.insecure_channel(forced_server) as channel:
+        models = models_pb2_grpc.ModelsStub(channel)
+        version = models.GetModel(models_pb2.GetModelRequest(name="marian-constrained")).versions[0]
+    settings = {setting.name: setting.value for setting in version.settings}
+    assert settings["generation.no_repeat_ngram_size"] == str(NGRAM)
+    assert settings["generation.bad_words_ids"] == str(BAD_WORDS)
+
+
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda case: case["source"][:20])
+def test_repeated_ngrams_bad_words_and_length_limits_from_the_generation_config(forced_server, case):
+    want, _ = greedy(case["source_ids"], CONSTRAINED_LENGTH, ngram=NGRAM, bad_words=BAD_WORDS)
+    plain, _ = greedy(case["source_ids"], CONSTRAINED_LENGTH)
+    assert want != plain, "the constraints must change this case"
+    with grpc.insecure_channel(forced_server) as channel:
+        # No max_new_tokens: max_length gives the length, min_length keeps EOS out till then.
+        sequence = generate(channel, case["source"], model="marian-constrained", max_new_tokens=None)
+        assert [token.id for token in sequence.tokens] == want
+        beams = generate(channel, case["source"], model="marian-constrained", max_new_tokens=None, num_beams=4)
+    ids = [token.id for token in beams.tokens]
+    bigrams = list(zip([START] + ids, ids))
+    assert len(bigrams) == len(set(bigrams)), ids
+    assert 385 not in ids and (348, 754) not in bigrams, ids
+    assert len(ids) == CONSTRAINED_LENGTH
