@@ -318,11 +318,17 @@ async fn start_on(
     let defaults = &model.settings.generation;
     let value = |setting: &Option<Sourced<u32>>| setting.as_ref().map(|s| s.value as usize);
     // The model's max_length and min_length count the prompt (or start token), as
-    // transformers counts them.
+    // transformers counts them. A max_length below the context size is the authors' length
+    // (BART-CNN's 142); many configs set it to the context size, which says nothing of the
+    // length wanted, and the server's default applies.
     let wanted = match value(&defaults.max_length) {
-        Some(max_length) if checked.length_unset => max_length
-            .saturating_sub(target_context.len())
-            .clamp(1, config.max_new_tokens),
+        Some(max_length)
+            if checked.length_unset && max_length < model.settings.max_length.value =>
+        {
+            max_length
+                .saturating_sub(target_context.len())
+                .clamp(1, config.max_new_tokens)
+        }
         _ => checked.max_new_tokens,
     };
     let max_new_tokens = wanted.min(context_left);
