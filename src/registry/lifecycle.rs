@@ -184,9 +184,8 @@ impl Registry {
         let mut failures = Vec::new();
         for dir in found.iter().filter(|dir| versions.contains(&dir.version)) {
             let fresh = Arc::new(Slot::new(dir.model.clone(), dir.version, dir.path.clone()));
-            let loaded = self.load_slot(&fresh).await;
-            // Looked up after the load: an UnloadModel meanwhile may have taken the slot there
-            // was out of the registry, and one filled then would serve no one.
+            // Looked up again after the load: an UnloadModel meanwhile may have taken the slot
+            // there was out of the registry, and one filled then would serve no one.
             let existing = || {
                 self.models
                     .read()
@@ -194,13 +193,14 @@ impl Registry {
                     .get(name)
                     .and_then(|v| v.get(&dir.version).cloned())
             };
+            let was_listed = existing().is_some();
+            let loaded = self.load_slot(&fresh).await;
             match loaded {
                 Ok(()) => {
                     let id = key(name, dir.version);
                     let by_policy = selected.contains(&dir.version);
-                    // UnloadModel saves and removes under the routes lock: held here through
-                    // the save and the install, the two land in one order or the other.
-                    let routes = self.routes.write().expect("routes lock");
+                    let routes = self.routes.read().expect("routes lock");
+                    let _membership = self.membership.lock().expect("membership lock");
                     self.commit(&routes, |persisted| {
                         persisted.unloaded.remove(&id);
                         if !by_policy {
@@ -211,11 +211,15 @@ impl Registry {
                 }
                 Err(failure) => {
                     failures.push(format!("{name}@{}: {}", dir.version, failure.reason));
+                    let _membership = self.membership.lock().expect("membership lock");
                     match existing() {
                         // A working instance keeps serving; the failure is in the answer.
                         Some(slot) if matches!(slot.state(), LoadState::Ready(_)) => {}
                         Some(slot) => slot.set(LoadState::Failed(failure)),
-                        None => self.install(None, fresh),
+                        // Listed as failed where it was not listed before; not where an
+                        // UnloadModel took it out meanwhile.
+                        None if !was_listed => self.install(None, fresh),
+                        None => {}
                     }
                 }
             }
@@ -280,6 +284,7 @@ impl Registry {
                 version.map(|v| format!("@{v}")).unwrap_or_default()
             )));
         }
+        let membership = self.membership.lock().expect("membership lock");
         self.commit(&routes, |persisted| {
             for &version in &versions {
                 persisted.loaded.remove(&key(name, version));
@@ -287,6 +292,7 @@ impl Registry {
             }
         })?;
         self.remove_versions(name, &versions);
+        drop(membership);
         drop(routes);
         self.record_load_states();
         tracing::info!(model = name, ?versions, "unloaded");

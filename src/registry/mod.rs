@@ -149,6 +149,10 @@ pub struct Registry {
     /// Held by each load through the API or a repository scan: one at a time, so a retried
     /// LoadModel waits for the load before it instead of holding a second copy of the model.
     loads: tokio::sync::Mutex<()>,
+    /// Held by LoadModel and UnloadModel from saving a change of the versions served until the
+    /// registry has it (after the routes lock, where both are taken): so the two land in one
+    /// order or the other, without holding up routing while the state file is written.
+    membership: Mutex<()>,
     /// The config file's routes as last read, and the API's saved routes left out at startup
     /// because a target was not ready: tried again after each load, and (the API's) kept in
     /// the state file meanwhile.
@@ -175,6 +179,7 @@ impl Registry {
                 config.routing.shadow_concurrency,
             )),
             loads: tokio::sync::Mutex::new(()),
+            membership: Mutex::new(()),
             waiting_routes: Mutex::new(route_changes::WaitingRoutes {
                 config: config.routes.clone(),
                 api: BTreeMap::new(),

@@ -10,11 +10,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::events::EventSender;
 use tokenizers::Tokenizer;
 
 use super::constraints::Constraints;
 use super::driver::{Event, FinishReason, GeneratedToken, TokenChoice};
+use super::events::EventSender;
 use super::forced::{ForcedTokens, force};
 use super::sampling::log_softmax;
 use super::spans::SequenceSpans;
@@ -353,7 +353,8 @@ impl SequenceDriver for BeamDriver {
     }
 
     fn abandoned(&self) -> bool {
-        self.events.abandoned()
+        // Its sequences go out together at the end, faster than the caller reads them.
+        self.events.gone()
     }
 
     fn stopped(&mut self, cause: StopCause) {

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::events::EventSender;
 use tokenizers::Tokenizer;
 
 use super::constraints::Constraints;
+use super::events::EventSender;
 use super::forced::{ForcedTokens, force};
 use super::sampling::{Sampler, log_softmax, log_sum_exp, top_n};
 use super::spans::SequenceSpans;
@@ -291,7 +291,11 @@ impl SequenceDriver for Driver {
     }
 
     fn abandoned(&self) -> bool {
-        self.events.abandoned()
+        match self.delivery {
+            Delivery::Stream => self.events.abandoned(),
+            // Its tokens go out together at the end, faster than the caller reads them.
+            Delivery::Collect => self.events.gone(),
+        }
     }
 
     fn stopped(&mut self, cause: StopCause) {
@@ -328,7 +332,7 @@ mod tests {
             "/models/repository/tiny-gpt2/1/tokenizer.json"
         );
         let tokenizer = Arc::new(Tokenizer::from_file(path).unwrap());
-        let (sender, events) = crate::tasks::generate::events::channel();
+        let (sender, events) = crate::tasks::generate::events::channel(1);
         let rules = StopRules {
             max_new_tokens,
             min_new_tokens: 0,
@@ -414,5 +418,18 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_streamed_sequence_nobody_reads_is_abandoned_and_a_collected_one_is_not() {
+        let steps = crate::tasks::generate::events::MAX_UNREAD + 10;
+        let (mut streamed, _unread) = driver(Delivery::Stream, steps + 10);
+        let (mut collected, _held) = driver(Delivery::Collect, steps + 10);
+        for _ in 0..steps {
+            streamed.next(&[pointing_at(100)]);
+            collected.next(&[pointing_at(100)]);
+        }
+        assert!(streamed.abandoned());
+        assert!(!collected.abandoned());
     }
 }

@@ -1,8 +1,10 @@
 //! The channel a generation's drivers send its events on, counting what the caller has not
 //! read. A streaming client that stops reading (its HTTP/2 window closed) would otherwise
 //! leave the server generating into an unbounded queue for as long as the connection lives;
-//! past `MAX_UNREAD` waiting events the sequence counts as abandoned, and the scheduler drops
-//! it as it drops one whose caller left.
+//! past `MAX_UNREAD` waiting events a sequence for each of the generation's sequences, a
+//! streamed sequence counts as abandoned, and the scheduler drops it as it drops one whose
+//! caller left. Sequences collected for a unary answer send their tokens in one go when they
+//! finish, so for them only a caller that went away counts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,17 +13,19 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 use super::driver::Event;
 
-/// Events waiting for the caller past which it no longer counts as reading. A client keeping
-/// up is a few events behind; one this far behind has stopped.
+/// Events per sequence waiting for the caller past which it no longer counts as reading. A
+/// client keeping up is a few events behind; one this far behind has stopped.
 pub const MAX_UNREAD: usize = 1024;
 
-pub fn channel() -> (EventSender, EventReceiver) {
+/// The channel of a generation of `sequences` sequences.
+pub fn channel(sequences: usize) -> (EventSender, EventReceiver) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let unread = Arc::new(AtomicUsize::new(0));
     (
         EventSender {
             sender,
             unread: Arc::clone(&unread),
+            limit: MAX_UNREAD * sequences.max(1),
         },
         EventReceiver { receiver, unread },
     )
@@ -31,6 +35,7 @@ pub fn channel() -> (EventSender, EventReceiver) {
 pub struct EventSender {
     sender: UnboundedSender<Event>,
     unread: Arc<AtomicUsize>,
+    limit: usize,
 }
 
 impl EventSender {
@@ -43,9 +48,14 @@ impl EventSender {
         }
     }
 
-    /// The caller went away, or stopped reading.
+    /// The caller went away, or stopped reading what is streamed to it.
     pub fn abandoned(&self) -> bool {
-        self.sender.is_closed() || self.unread.load(Ordering::Relaxed) > MAX_UNREAD
+        self.gone() || self.unread.load(Ordering::Relaxed) > self.limit
+    }
+
+    /// The caller went away.
+    pub fn gone(&self) -> bool {
+        self.sender.is_closed()
     }
 }
 
@@ -87,7 +97,7 @@ mod tests {
 
     #[test]
     fn a_caller_that_stops_reading_counts_as_gone() {
-        let (sender, mut receiver) = channel();
+        let (sender, mut receiver) = channel(1);
         for _ in 0..MAX_UNREAD {
             sender.send(started());
         }

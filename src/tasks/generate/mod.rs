@@ -381,13 +381,15 @@ async fn start_on(
     };
     let constraints = Constraints {
         no_repeat_ngram_size: value(&defaults.no_repeat_ngram_size).unwrap_or(0),
-        // transformers leaves out a bad word that is just an end-of-sequence id.
+        // transformers leaves out a bad word that is just one of the model's EOS ids.
         bad_words: defaults
             .bad_words_ids
             .iter()
             .flat_map(|words| &words.value)
-            .map(|word| word.iter().map(|&id| i64::from(id)).collect::<Vec<i64>>())
-            .filter(|word| !(word.len() == 1 && stop_ids.contains(&word[0])))
+            .filter(|word| {
+                !(word.len() == 1 && model.settings.eos_token_ids.value.contains(&word[0]))
+            })
+            .map(|word| word.iter().map(|&id| i64::from(id)).collect())
             .collect(),
         suppress: ids(&defaults.suppress_tokens),
         suppress_at_begin: ids(&defaults.begin_suppress_tokens),
@@ -403,7 +405,7 @@ async fn start_on(
         constraints,
     };
 
-    let (sender, events) = events::channel();
+    let (sender, events) = events::channel(checked.n);
     let vocab = model.vocab_size;
     let context_u32: Vec<u32> = target_context.iter().map(|&id| id as u32).collect();
     let jobs = match checked.beams {
