@@ -350,13 +350,7 @@ impl ModelSettings {
             rows.add_optional("bos_token_id", &self.bos_token_id);
             rows.add_optional("decoder_start_token_id", &self.decoder_start_token_id);
             rows.add_optional("forced_bos_token_id", &self.forced_bos_token_id);
-            if let Some(forced) = &self.forced_eos_token_ids {
-                rows.push(
-                    "forced_eos_token_ids",
-                    format!("{:?}", forced.value),
-                    &forced.source,
-                );
-            }
+            rows.add_listed("forced_eos_token_ids", &self.forced_eos_token_ids);
             rows.push(
                 "eos_token_ids",
                 format!("{:?}", self.eos_token_ids.value),
@@ -395,24 +389,12 @@ impl ModelSettings {
             "generation.no_repeat_ngram_size",
             &generation.no_repeat_ngram_size,
         );
-        for (name, list) in [
-            ("generation.suppress_tokens", &generation.suppress_tokens),
-            (
-                "generation.begin_suppress_tokens",
-                &generation.begin_suppress_tokens,
-            ),
-        ] {
-            if let Some(list) = list {
-                rows.push(name, format!("{:?}", list.value), &list.source);
-            }
-        }
-        if let Some(words) = &generation.bad_words_ids {
-            rows.push(
-                "generation.bad_words_ids",
-                format!("{:?}", words.value),
-                &words.source,
-            );
-        }
+        rows.add_listed("generation.suppress_tokens", &generation.suppress_tokens);
+        rows.add_listed(
+            "generation.begin_suppress_tokens",
+            &generation.begin_suppress_tokens,
+        );
+        rows.add_listed("generation.bad_words_ids", &generation.bad_words_ids);
         rows.add_optional("generation.temperature", &generation.temperature);
         rows.add_optional("generation.top_p", &generation.top_p);
         rows.add_optional("generation.top_k", &generation.top_k);
@@ -463,6 +445,13 @@ impl Rows {
     fn add_optional<T: fmt::Display>(&mut self, name: &str, setting: &Option<Sourced<T>>) {
         if let Some(setting) = setting {
             self.add(name, setting);
+        }
+    }
+
+    /// A list, written as `[a, b]`.
+    fn add_listed<T: fmt::Debug>(&mut self, name: &str, setting: &Option<Sourced<Vec<T>>>) {
+        if let Some(setting) = setting {
+            self.push(name, format!("{:?}", setting.value), &setting.source);
         }
     }
 }

@@ -388,6 +388,19 @@ mod tests {
         probabilities.iter().map(|p| p.ln()).collect()
     }
 
+    /// A search with nothing forced or ruled out.
+    fn plain(config: BeamConfig, max_new_tokens: usize, min_new_tokens: usize) -> BeamSearch {
+        BeamSearch::new(
+            config,
+            max_new_tokens,
+            min_new_tokens,
+            vec![EOS],
+            ForcedTokens::default(),
+            Constraints::default(),
+            Vec::new(),
+        )
+    }
+
     fn config(num_beams: usize, early_stopping: EarlyStopping) -> BeamConfig {
         BeamConfig {
             num_beams,
@@ -403,15 +416,7 @@ mod tests {
             [0.1, 0.1, 0.1, 0.6, 0.05, 0.05],
             [0.05, 0.05, 0.1, 0.1, 0.1, 0.6],
         ];
-        let mut search = BeamSearch::new(
-            config(1, EarlyStopping::FirstBeams),
-            10,
-            0,
-            vec![EOS],
-            ForcedTokens::default(),
-            Constraints::default(),
-            Vec::new(),
-        );
+        let mut search = plain(config(1, EarlyStopping::FirstBeams), 10, 0);
         let mut tokens = Vec::new();
         for row in &table {
             let next = search.step(&[logits(row)]);
@@ -428,15 +433,7 @@ mod tests {
     #[test]
     fn the_best_sum_wins_over_the_best_first_token() {
         // Greedy takes 0 (0.5) then a flat 0.2; beam search finds 1 (0.4) then 0.9.
-        let mut search = BeamSearch::new(
-            config(2, EarlyStopping::Never),
-            2,
-            0,
-            vec![EOS],
-            ForcedTokens::default(),
-            Constraints::default(),
-            Vec::new(),
-        );
+        let mut search = plain(config(2, EarlyStopping::Never), 2, 0);
         let first = search.step(&[logits(&[0.5, 0.4, 0.025, 0.025, 0.025, 0.025])]);
         assert_eq!(first, vec![(0, 0), (0, 1)]);
         let after_0 = logits(&[0.2, 0.2, 0.2, 0.2, 0.1, 0.1]);
@@ -457,15 +454,7 @@ mod tests {
 
     #[test]
     fn a_beam_that_ends_finishes_and_the_others_run_on() {
-        let mut search = BeamSearch::new(
-            config(2, EarlyStopping::FirstBeams),
-            5,
-            0,
-            vec![EOS],
-            ForcedTokens::default(),
-            Constraints::default(),
-            Vec::new(),
-        );
+        let mut search = plain(config(2, EarlyStopping::FirstBeams), 5, 0);
         // EOS is the best first token: it finishes; tokens 0 and 1 run.
         let next = search.step(&[logits(&[0.3, 0.2, 0.05, 0.05, 0.0001, 0.3999])]);
         assert_eq!(next, vec![(0, 0), (0, 1)]);
@@ -480,15 +469,7 @@ mod tests {
 
     #[test]
     fn no_end_before_the_minimum_length() {
-        let mut search = BeamSearch::new(
-            config(2, EarlyStopping::FirstBeams),
-            5,
-            2,
-            vec![EOS],
-            ForcedTokens::default(),
-            Constraints::default(),
-            Vec::new(),
-        );
+        let mut search = plain(config(2, EarlyStopping::FirstBeams), 5, 2);
         let next = search.step(&[logits(&[0.1, 0.1, 0.1, 0.1, 0.1, 0.5])]);
         assert!(next.iter().all(|&(_, token)| token != EOS), "{next:?}");
         assert!(search.results().is_empty());
