@@ -74,6 +74,15 @@ async fn start(repository: &Path, env: &[(&str, &str)]) -> TestServer {
     .await
 }
 
+/// A server that saves its state to `state`, as a restart of it reads it back.
+async fn start_saving_to(repository: &Path, state: &Path) -> TestServer {
+    start(
+        repository,
+        &[("LMSERVE_STATE__PATH", state.to_str().unwrap())],
+    )
+    .await
+}
+
 /// Sends one keyed Embed per key, 32 at a time, and returns the arm each key got.
 async fn arms_for(server: &TestServer, route: &str, keys: &[String]) -> HashMap<String, String> {
     let client = server.inference().await;
@@ -628,11 +637,7 @@ async fn a_load_racing_an_unload_leaves_serving_and_saved_state_agreeing() {
     let repository = ab_repository();
     let folder = tempfile::tempdir().unwrap();
     let state = folder.path().join("lmserve-state.json");
-    let server = start(
-        repository.path(),
-        &[("LMSERVE_STATE__PATH", state.to_str().unwrap())],
-    )
-    .await;
+    let server = start_saving_to(repository.path(), &state).await;
     let models = server.models().await;
     let mut outcomes = (0, 0);
     for round in 0..8_u64 {
@@ -896,16 +901,15 @@ async fn a_saved_route_waits_for_its_target_and_is_never_dropped_from_the_state(
     let repository = ab_repository();
     let folder = tempfile::tempdir().unwrap();
     let state = folder.path().join("lmserve-state.json");
-    let state_env = state.to_str().unwrap().to_owned();
     let saved = route("saved", proto::Task::Embed, &[("w2v@1", 1.0)], None);
     {
-        let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
+        let server = start_saving_to(repository.path(), &state).await;
         server.models().await.set_route(saved).await.unwrap();
     }
     let graph = repository.path().join("w2v/1/model.onnx");
     let good = std::fs::read(&graph).unwrap();
     std::fs::write(&graph, b"not a graph").unwrap();
-    let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
+    let server = start_saving_to(repository.path(), &state).await;
     let mut models = server.models().await;
     let get = |name: &str| GetRouteRequest { name: name.into() };
     let missing = models.get_route(get("saved")).await.unwrap_err();
@@ -952,7 +956,7 @@ async fn route_and_load_changes_survive_a_restart() {
     let state = folder.path().join("lmserve-state.json");
     let state_env = state.to_str().unwrap().to_owned();
     {
-        let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
+        let server = start_saving_to(repository.path(), &state).await;
         let mut models = server.models().await;
         models
             .set_route(route(
@@ -971,7 +975,7 @@ async fn route_and_load_changes_survive_a_restart() {
             .await
             .unwrap();
     }
-    let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
+    let server = start_saving_to(repository.path(), &state).await;
     let mut models = server.models().await;
     let saved = models
         .get_route(GetRouteRequest { name: "exp".into() })
@@ -1015,7 +1019,7 @@ async fn route_and_load_changes_survive_a_restart() {
         b"{\"routes\": {\"ex",
     )
     .unwrap();
-    let server = start(repository.path(), &[("LMSERVE_STATE__PATH", &state_env)]).await;
+    let server = start_saving_to(repository.path(), &state).await;
     assert!(
         server
             .models()
