@@ -1,18 +1,26 @@
 //! TLS, mutual TLS and API keys on the real server: what is served, what is refused and with
-//! which code; health stays open; reflection can be turned off; the Models service can live on
-//! a listener of its own.
+//! which code; a client silent after its TLS handshake is closed; health stays open;
+//! reflection can be turned off; the Models service can live on a listener of its own.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::{ServerOptions, TestServer};
 use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::models_client::ModelsClient;
 use lmserve::api::proto::{EmbedRequest, ListModelsRequest, LoadModelRequest, UnloadModelRequest};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request};
 use tonic_health::pb::HealthCheckRequest;
@@ -103,7 +111,7 @@ impl Drop for TlsServer {
     }
 }
 
-fn start_tls(pki: &Pki, mutual: bool) -> TlsServer {
+fn start_tls(pki: &Pki, mutual: bool, env: &[(&str, &str)]) -> TlsServer {
     let dir = tempfile::tempdir().unwrap();
     let repository = dir.path().join("repository");
     common::copy_version("tiny-word2vec", "1", &repository, "tiny-word2vec", "1");
@@ -128,6 +136,7 @@ fn start_tls(pki: &Pki, mutual: bool) -> TlsServer {
             "LMSERVE_TLS__KEY_FILE",
             write(dir.path(), "server.key", &pki.server.1),
         )
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if mutual {
@@ -174,7 +183,7 @@ async fn wait_serving(channel: Channel) {
 #[tokio::test]
 async fn tls_serves_trusting_clients_and_refuses_the_rest() {
     let pki = pki();
-    let server = start_tls(&pki, false);
+    let server = start_tls(&pki, false, &[]);
     let channel = tls_channel(&server.addr, &pki.ca, None).await.unwrap();
     wait_serving(channel.clone()).await;
     InferenceClient::new(channel).embed(embed()).await.unwrap();
@@ -202,7 +211,7 @@ async fn tls_serves_trusting_clients_and_refuses_the_rest() {
 #[tokio::test]
 async fn mutual_tls_needs_a_client_certificate() {
     let pki = pki();
-    let server = start_tls(&pki, true);
+    let server = start_tls(&pki, true, &[]);
     let with_cert = tls_channel(&server.addr, &pki.ca, Some(&pki.client))
         .await
         .unwrap();
@@ -217,6 +226,42 @@ async fn mutual_tls_needs_a_client_certificate() {
         Ok(channel) => InferenceClient::new(channel).embed(embed()).await.is_err(),
     };
     assert!(refused, "a client without a certificate got through");
+}
+
+#[tokio::test]
+async fn a_client_silent_after_the_tls_handshake_is_closed_after_the_handshake_timeout() {
+    let pki = pki();
+    let server = start_tls(
+        &pki,
+        false,
+        &[("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "500")],
+    );
+    let channel = tls_channel(&server.addr, &pki.ca, None).await.unwrap();
+    wait_serving(channel.clone()).await;
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
+    let mut silent = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("the TLS handshake completes");
+    // The handshake is done and the client sends nothing more: no HTTP/2 preface. Whether the
+    // server closes with a TLS alert or just the socket, the read ends.
+    let mut sent = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut sent)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection silent after its TLS handshake was still open after 10 s"
+    );
+    // A real client is unaffected.
+    InferenceClient::new(channel).embed(embed()).await.unwrap();
 }
 
 fn bearer<T>(message: T, key: &str) -> Request<T> {

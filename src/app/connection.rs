@@ -1,22 +1,26 @@
 //! Accepted connections under the server's connection limits: at most `max_connections` open
-//! at once per listener, and each closed unless it sends its HTTP/2 connection preface within
-//! the handshake timeout. Without these, a client that opens connections and sends nothing
-//! holds a socket and a task each, for ever.
+//! at once per listener, and each closed unless it finishes its TLS handshake (with TLS) and
+//! sends its HTTP/2 connection preface within the handshake timeout. Without these, a client
+//! that opens connections and sends nothing holds a socket and a task each, for ever.
+//!
+//! TLS is accepted here rather than by tonic so that the preface is counted in plaintext: a
+//! deadline on the TLS handshake alone lets a client finish it and then send nothing.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// The HTTP/2 client connection preface (RFC 9113, 3.4) is 24 bytes; a TLS ClientHello is
-/// longer, and the TLS handshake has its own timeout after these.
+/// The HTTP/2 client connection preface (RFC 9113, 3.4) is 24 bytes.
 const PREFACE_BYTES: usize = 24;
 
 #[derive(Debug, Clone, Copy)]
@@ -25,49 +29,113 @@ pub struct ConnectionLimits {
     pub handshake_timeout: Duration,
 }
 
-/// Connections accepted from `listener`. At the limit no more are accepted until one closes:
-/// the rest wait in the kernel's backlog rather than each costing a task and buffers.
+/// Connections accepted from `listener`, with TLS when `tls` is set. At the limit no more are
+/// accepted until one closes: the rest wait in the kernel's backlog rather than each costing a
+/// task and buffers. The TLS handshake runs on the connection's own task, when tonic first
+/// reads or writes it, so a slow client does not hold up the accepting.
 pub fn accept(
     listener: TcpListener,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
 ) -> impl futures::Stream<Item = io::Result<Connection>> {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    futures::stream::unfold((listener, permits), move |(listener, permits)| async move {
-        let permit = Arc::clone(&permits)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let accepted = listener.accept().await.map(|(stream, _)| {
-            // Nagle's algorithm off: a streamed token is a small write that must leave at
-            // once, not wait up to 40 ms for the peer's delayed ACK.
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
-            }
-            Connection {
-                stream,
-                handshake: Some(Handshake {
-                    deadline: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
-                    bytes_left: PREFACE_BYTES,
-                }),
-                _permit: permit,
-            }
-        });
-        Some((accepted, (listener, permits)))
+    futures::stream::unfold((listener, permits), move |(listener, permits)| {
+        let tls = tls.clone();
+        async move {
+            let permit = Arc::clone(&permits)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let accepted = listener.accept().await.map(|(stream, _)| {
+                // Nagle's algorithm off: a streamed token is a small write that must leave at
+                // once, not wait up to 40 ms for the peer's delayed ACK.
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
+                }
+                let info = stream.connect_info();
+                let io = match tls {
+                    Some(tls) => Io::TlsHandshake(Box::new(tls.accept(stream))),
+                    None => Io::Plain(stream),
+                };
+                Connection {
+                    io,
+                    info,
+                    handshake: Some(Handshake {
+                        deadline: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
+                        bytes_left: PREFACE_BYTES,
+                    }),
+                    _permit: permit,
+                }
+            });
+            Some((accepted, (listener, permits)))
+        }
     })
 }
 
-/// A TCP connection holding its place under the limit until it is dropped.
+/// A connection holding its place under the limit until it is dropped.
 pub struct Connection {
-    stream: TcpStream,
+    io: Io,
+    info: TcpConnectInfo,
     /// Until the preface has arrived.
     handshake: Option<Handshake>,
     _permit: OwnedSemaphorePermit,
+}
+
+enum Io {
+    Plain(TcpStream),
+    TlsHandshake(Box<tokio_rustls::Accept<TcpStream>>),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 struct Handshake {
     deadline: Pin<Box<Sleep>>,
     bytes_left: usize,
 }
+
+impl Handshake {
+    fn expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.deadline.as_mut().poll(cx).map(|()| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client finished no TLS handshake and HTTP/2 preface within \
+                 server.handshake_timeout_ms",
+            )
+        })
+    }
+}
+
+impl Connection {
+    /// Drives a TLS handshake in progress; ready once the stream can carry plaintext.
+    fn poll_tls_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Io::TlsHandshake(accepting) = &mut self.io else {
+            return Poll::Ready(Ok(()));
+        };
+        match Pin::new(accepting.as_mut()).poll(cx) {
+            Poll::Ready(Ok(stream)) => {
+                self.io = Io::Tls(Box::new(stream));
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => match &mut self.handshake {
+                Some(handshake) => handshake.expired(cx).map(Err),
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    /// The stream to read and write once any TLS handshake is done.
+    fn ready_io(&mut self) -> Pin<&mut dyn AsyncReadWrite> {
+        match &mut self.io {
+            Io::Plain(stream) => Pin::new(stream),
+            Io::Tls(stream) => Pin::new(stream.as_mut()),
+            Io::TlsHandshake(_) => unreachable!("polled only after the TLS handshake"),
+        }
+    }
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncReadWrite for T {}
 
 impl AsyncRead for Connection {
     fn poll_read(
@@ -76,8 +144,9 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        ready!(this.poll_tls_handshake(cx))?;
         let before = buf.filled().len();
-        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let polled = this.ready_io().poll_read(cx, buf);
         if let Some(handshake) = &mut this.handshake {
             match &polled {
                 Poll::Ready(Ok(())) => {
@@ -88,13 +157,12 @@ impl AsyncRead for Connection {
                         this.handshake = None;
                     }
                 }
-                Poll::Pending if handshake.deadline.as_mut().poll(cx).is_ready() => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client sent no connection preface within server.handshake_timeout_ms",
-                    )));
+                Poll::Pending => {
+                    if let Poll::Ready(expired) = handshake.expired(cx) {
+                        return Poll::Ready(Err(expired));
+                    }
                 }
-                _ => {}
+                Poll::Ready(Err(_)) => {}
             }
         }
         polled
@@ -107,7 +175,8 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        ready!(self.poll_tls_handshake(cx))?;
+        self.ready_io().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -115,19 +184,29 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        ready!(self.poll_tls_handshake(cx))?;
+        self.ready_io().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.io {
+            Io::Plain(stream) => stream.is_write_vectored(),
+            Io::Tls(stream) => stream.is_write_vectored(),
+            Io::TlsHandshake(_) => false,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        ready!(self.poll_tls_handshake(cx))?;
+        self.ready_io().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        if let Io::TlsHandshake(_) = self.io {
+            // Nothing was said over TLS yet; dropping the connection closes the socket.
+            return Poll::Ready(Ok(()));
+        }
+        self.ready_io().poll_shutdown(cx)
     }
 }
 
@@ -135,6 +214,6 @@ impl Connected for Connection {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Router;
 use tower::layer::util::{Identity, Stack};
 
@@ -29,10 +30,11 @@ pub fn spawn(
     router: Router<Layers>,
     listener: TcpListener,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
     tokio::spawn(
-        router.serve_with_incoming_shutdown(accept(listener, limits), async move {
+        router.serve_with_incoming_shutdown(accept(listener, limits, tls), async move {
             let _ = stop.wait_for(|stop| *stop).await;
         }),
     )

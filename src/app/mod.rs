@@ -42,7 +42,7 @@ type EdgeServer = Server<listeners::Layers>;
 pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let traces = telemetry::logging::init(&config.logging, &config.tracing)?;
     let keys = security::api_keys(&config.auth)?;
-    let tls = tls::server_config(&config.tls)?;
+    let tls = tls::acceptor(&config.tls)?;
     let environment = library::init(&config.ort_library_candidates(), config.shared_threads())?;
     // Before the registry, so what loading records is counted.
     let metrics = match config.server.metrics_addr {
@@ -109,10 +109,6 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
             .http2_max_local_error_reset_streams(Some(1024))
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-        let builder = match &tls {
-            Some(tls) => builder.tls_config(tls.clone().timeout(handshake_timeout))?,
-            None => builder,
-        };
         // The call's record and log outermost, so refusals at the edge are logged too.
         Ok(builder.layer(observe).layer(edge.clone()))
     };
@@ -152,6 +148,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         reflection(main_router)?,
         main,
         limits,
+        tls.clone(),
         stopped.clone(),
     ));
     if let Some(admin) = admin {
@@ -160,6 +157,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
             reflection(admin_router)?,
             admin,
             limits,
+            tls,
             stopped,
         ));
     }

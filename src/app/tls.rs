@@ -1,25 +1,67 @@
-//! `[tls]` to tonic's rustls configuration; a file that is missing or not PEM stops startup.
+//! `[tls]` to a rustls acceptor; a file that is missing or not PEM stops startup.
+//!
+//! The handshake itself runs in `app::connection`, so that one deadline covers it and the
+//! HTTP/2 preface after it.
+
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
 use crate::config::TlsConfig;
 
-pub fn server_config(config: &TlsConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
+/// gRPC runs over HTTP/2 only; a client that cannot negotiate it fails the handshake.
+const ALPN_H2: &[u8] = b"h2";
+
+pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Option<TlsAcceptor>> {
     if !config.enabled() {
         return Ok(None);
     }
     let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
         bail!("TLS needs both tls.cert_file and tls.key_file");
     };
-    let read = |path: &std::path::Path, setting: &str| {
-        std::fs::read(path).with_context(|| format!("reading {setting} {}", path.display()))
+    let chain = certificates(cert, "tls.cert_file")?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key, "tls.key_file")?)
+        .with_context(|| format!("tls.key_file {} holds no PEM private key", key.display()))?;
+    let builder = ServerConfig::builder();
+    let builder = match &config.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            // With a client CA, rustls refuses every client without a certificate it signed.
+            let mut roots = RootCertStore::empty();
+            for certificate in certificates(ca, "tls.client_ca_file")? {
+                roots
+                    .add(certificate)
+                    .with_context(|| format!("tls.client_ca_file {}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .with_context(|| format!("tls.client_ca_file {}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
     };
-    let identity = Identity::from_pem(read(cert, "tls.cert_file")?, read(key, "tls.key_file")?);
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &config.client_ca_file {
-        // With a client CA, rustls refuses every client without a certificate it signed.
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "tls.client_ca_file")?));
+    let mut server = builder
+        .with_single_cert(chain, key)
+        .context("tls.cert_file and tls.key_file do not make a usable identity")?;
+    server.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(server))))
+}
+
+fn read(path: &Path, setting: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {setting} {}", path.display()))
+}
+
+fn certificates(path: &Path, setting: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let chain = CertificateDer::pem_slice_iter(&read(path, setting)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{setting} {} is not PEM", path.display()))?;
+    if chain.is_empty() {
+        bail!("{setting} {} holds no PEM certificate", path.display());
     }
-    Ok(Some(tls))
+    Ok(chain)
 }

@@ -136,8 +136,8 @@ pub struct ServerConfig {
     /// Most calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a
     /// client's further calls wait on its side.
     pub max_streams_per_connection: u32,
-    /// A new connection that has not sent its HTTP/2 preface (with TLS: finished its TLS
-    /// handshake) within this many milliseconds is closed.
+    /// A new connection that has not finished its TLS handshake (with TLS) and sent its HTTP/2
+    /// preface within this many milliseconds is closed.
     pub handshake_timeout_ms: u64,
     /// HTTP/2 PING interval on idle connections, in milliseconds; a peer that does not answer
     /// within 20 s is dropped. 0: no pings.
