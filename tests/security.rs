@@ -1,6 +1,7 @@
 //! TLS, mutual TLS and API keys on the real server: what is served, what is refused and with
-//! which code; a client silent after its TLS handshake is closed; health stays open;
-//! reflection can be turned off; the Models service can live on a listener of its own.
+//! which code; a client silent after its TLS handshake is closed; the server's health stays
+//! open and a model's needs a key; reflection can be turned off; the Models service can live
+//! on a listener of its own.
 
 mod common;
 
@@ -326,11 +327,44 @@ async fn api_keys_gate_every_call_but_health_by_scope() {
         version: None,
     };
     models.load_model(bearer(load, ADMIN)).await.unwrap();
-    // Health needs no key (probes and balancers have none).
+    // The server's health needs no key (probes and balancers have none).
     assert_eq!(
         server.health("").await,
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
+    // A model's health needs one: without it, known and unknown names answer alike.
+    let mut health = HealthClient::new(server.channel().await);
+    let model_health = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    for service in [
+        "model/tiny-word2vec",
+        "model/tiny-word2vec@1",
+        "model/no-such-model",
+    ] {
+        let status = health.check(model_health(service)).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{service}: {status:?}"
+        );
+        let status = health.watch(model_health(service)).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{service}: {status:?}"
+        );
+    }
+    let serving = health
+        .check(bearer(model_health("model/tiny-word2vec"), READER))
+        .await
+        .unwrap();
+    assert_eq!(serving.into_inner().status, 1);
+    let status = health
+        .check(bearer(model_health("model/no-such-model"), READER))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     // Reflection is off.
     let mut reflection =
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(

@@ -1,6 +1,8 @@
 //! API keys: every call but health (grpc.health.v1, and KServe's ServerLive and ServerReady)
-//! needs `authorization: Bearer <key>` with the scope its method needs. `edge` checks every call by its method's path, so no service can forget it: missing or
-//! unknown keys are UNAUTHENTICATED, a key without the scope is PERMISSION_DENIED.
+//! needs `authorization: Bearer <key>` with the scope its method needs. `edge` checks every
+//! call by its method's path, so no service can forget it: missing or unknown keys are
+//! UNAUTHENTICATED, a key without the scope is PERMISSION_DENIED. Health's per-model statuses
+//! name the models, so asking for one needs an inference key too (`api::health`).
 
 use tonic::Status;
 
@@ -26,6 +28,14 @@ pub fn required_scope(path: &str) -> Option<Scope> {
     }
 }
 
+/// The scope a grpc.health.v1 call about `service` needs: the server's own statuses are open
+/// to probes, while `model/...` would tell a caller without a key which models exist.
+pub fn health_scope(service: &str) -> Option<Scope> {
+    service
+        .starts_with(super::health::MODEL_PREFIX)
+        .then_some(Scope::Inference)
+}
+
 /// The configured keys; a key's scope is found by comparing against each in constant time.
 pub struct KeyRing {
     keys: Vec<ApiKey>,
@@ -47,7 +57,16 @@ impl KeyRing {
 
     /// Whether a call to `path` with this `authorization` header may proceed.
     pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<(), Status> {
-        let Some(needed) = required_scope(path) else {
+        self.check_scope(required_scope(path), authorization)
+    }
+
+    /// Whether a call that needs `needed` (`None`: nothing) may proceed with `authorization`.
+    pub fn check_scope(
+        &self,
+        needed: Option<Scope>,
+        authorization: Option<&str>,
+    ) -> Result<(), Status> {
+        let Some(needed) = needed else {
             return Ok(());
         };
         let Some(authorization) = authorization else {
@@ -162,6 +181,11 @@ mod tests {
         );
         assert_eq!(code(load, Some("Bearer adminadminadmin123")), Ok(()));
         assert_eq!(code("/grpc.health.v1.Health/Check", None), Ok(()));
+        assert_eq!(health_scope(""), None);
+        assert_eq!(health_scope("liveness"), None);
+        assert_eq!(health_scope("lmserve.v1.Inference"), None);
+        assert_eq!(health_scope("model/tiny-lstm"), Some(Scope::Inference));
+        assert_eq!(health_scope("model/tiny-lstm@1"), Some(Scope::Inference));
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abcd") && !constant_time_eq(b"abcd", b"abc"));
     }

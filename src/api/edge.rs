@@ -34,10 +34,8 @@ pub struct EdgeLayer {
 
 impl EdgeLayer {
     /// The edge of a server that checks `keys` (`None`: no authentication).
-    pub fn new(keys: Option<KeyRing>) -> Self {
-        Self {
-            keys: keys.map(Arc::new),
-        }
+    pub fn new(keys: Option<Arc<KeyRing>>) -> Self {
+        Self { keys }
     }
 }
 

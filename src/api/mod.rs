@@ -9,6 +9,7 @@ pub mod convert;
 pub mod deadline;
 pub mod edge;
 pub mod generate;
+pub mod health;
 pub mod inference;
 pub mod kserve;
 pub mod models;

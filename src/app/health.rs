@@ -4,7 +4,8 @@
 //!   (`server.ready_when`); what readiness probes ask, and what KServe's ServerReady answers;
 //! - `liveness`: SERVING while the process serves at all, loading and draining included;
 //! - `model/<name>` (any version ready) and `model/<name>@<version>`: SERVING when ready,
-//!   NOT_SERVING while loading or after failing; a model no longer held has no status.
+//!   NOT_SERVING while loading or after failing; a model no longer held has no status. With
+//!   API keys, these need an inference key (`api::health`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::sync::{Mutex, watch};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::api::health::MODEL_PREFIX;
 use crate::config::ReadyWhen;
 use crate::registry::{LoadState, Registry};
 
@@ -109,12 +111,12 @@ impl Health {
             versions += 1;
             ready += usize::from(up);
             *models.entry(slot.model.clone()).or_default() |= up;
-            statuses.push((format!("model/{}@{}", slot.model, slot.version), up));
+            statuses.push((format!("{MODEL_PREFIX}{}@{}", slot.model, slot.version), up));
         }
         statuses.extend(
             models
                 .into_iter()
-                .map(|(name, up)| (format!("model/{name}"), up)),
+                .map(|(name, up)| (format!("{MODEL_PREFIX}{name}"), up)),
         );
         let mut reporter = self.reporter.lock().await;
         if reporter.draining {

@@ -56,7 +56,9 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         Some(addr) => Some(bind(addr, "server.admin_addr").await?),
         None => None,
     };
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let key_ring = (!keys.is_empty()).then(|| Arc::new(KeyRing::new(keys)));
+    let reporter = tonic_health::server::HealthReporter::new();
+    let health_service = crate::api::health::server(&reporter, key_ring.clone());
     let health = Health::new(reporter, config.server.ready_when).await;
     let metrics_addr = match metrics {
         Some((addr, handle)) => {
@@ -70,7 +72,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         admin.as_ref(),
         metrics_addr,
         tls.is_some(),
-        !keys.is_empty(),
+        key_ring.is_some(),
     )?;
     if let Some(decode) = &config.runtime.decode_cpus
         && let Ok(rest) = crate::runtime::placement::allowed_cpus()
@@ -91,7 +93,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let models = ModelsServer::new(ModelsService::new(Arc::clone(&registry)))
         .max_decoding_message_size(limits.max_models_message_bytes);
 
-    let edge = EdgeLayer::new((!keys.is_empty()).then(|| KeyRing::new(keys)));
+    let edge = EdgeLayer::new(key_ring);
     let observe = ObserveLayer::new(config.logging.requests);
     let transport = &config.server;
     let handshake_timeout = Duration::from_millis(transport.handshake_timeout_ms.max(1));
