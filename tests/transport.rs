@@ -1,14 +1,17 @@
 //! The transport limits a careless or hostile client meets: a connection that sends nothing is
 //! closed after the handshake timeout, connections beyond the limit wait until one closes, and
-//! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS.
+//! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS, and a health
+//! call, which needs no key, cannot make the server buffer a large message.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{ServerOptions, TestServer};
+use lmserve::api::kserve::proto::ServerLiveResponse;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -110,4 +113,41 @@ async fn the_limit_on_calls_per_connection_is_advertised() {
         _ = tokio::time::timeout(Duration::from_secs(5), settled) => {}
     }
     assert_eq!(connection.max_concurrent_send_streams(), 7);
+}
+
+#[tokio::test]
+async fn a_health_call_may_send_a_few_kilobytes_at_most() {
+    let (server, _repository) = start(&[]).await;
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let check = |service: String| {
+        let mut health = HealthClient::new(channel.clone());
+        async move { health.check(HealthCheckRequest { service }).await }
+    };
+    // A long name that fits is answered as any unknown service is.
+    let status = check("x".repeat(4000)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = check("x".repeat(5000)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("4096"), "{status:?}");
+    // KServe's ServerLive needs no key either; its request has no fields, so any message's
+    // bytes decode as one.
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<_, ServerLiveResponse, _>(
+            tonic::Request::new(HealthCheckRequest {
+                service: "x".repeat(5000),
+            }),
+            http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ServerLive"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // The connection still serves.
+    check(String::new()).await.unwrap();
 }

@@ -1,5 +1,8 @@
 //! The layer every RPC passes through:
 //! - API keys, when configured (`auth`), checked before anything else;
+//! - a health call, open to callers without a key, may send at most `OPEN_CALL_BODY_BYTES`:
+//!   without the cap such a caller could make the server buffer a message up to the service's
+//!   size limit on each of its streams;
 //! - a call past its `grpc-timeout` ends DEADLINE_EXCEEDED (tonic's own timer says CANCELLED);
 //! - a request message over the service's size limit is RESOURCE_EXHAUSTED, as the gRPC C++ and
 //!   Go servers answer (tonic says OUT_OF_RANGE, a code lmserve's own errors never use, see
@@ -15,15 +18,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use super::auth::KeyRing;
+use super::auth::{KeyRing, required_scope};
 use super::deadline;
 
 /// tonic starts its own timer for `grpc-timeout` a moment before this layer runs; firing this
 /// much earlier makes sure the client hears DEADLINE_EXCEEDED rather than tonic's CANCELLED.
 const DEADLINE_LEAD: Duration = Duration::from_millis(5);
+/// The most a call that needs no key may send: a health check names one service.
+const OPEN_CALL_BODY_BYTES: usize = 4096;
 /// Why a KServe call is UNIMPLEMENTED; a gRPC message header, so printable ASCII without `%`.
 const KSERVE_UNIMPLEMENTED: &str = "lmserve serves ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelStreamInfer of inference.GRPCInferenceService; Triton's model configuration, statistics, repository, shared memory, trace and logging RPCs are not implemented";
 
@@ -58,9 +65,9 @@ pub struct Edge<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Edge<S>
+impl<S, ResBody> Service<Request<Body>> for Edge<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<Body>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResBody: Default + Send + 'static,
@@ -73,7 +80,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let arrived = tokio::time::Instant::now();
         request.extensions_mut().insert(deadline::Arrival(arrived));
         if let Some(keys) = &self.keys {
@@ -84,6 +91,9 @@ where
             if let Err(status) = keys.check(request.uri().path(), authorization) {
                 return Box::pin(async move { Ok(status.into_http()) });
             }
+        }
+        if required_scope(request.uri().path()).is_none() {
+            request = request.map(cap_open_call_body);
         }
         let timeout = request
             .headers()
@@ -120,6 +130,18 @@ where
             })
         })
     }
+}
+
+/// `body`, ending with RESOURCE_EXHAUSTED once it passes `OPEN_CALL_BODY_BYTES`.
+fn cap_open_call_body(body: Body) -> Body {
+    Body::new(Limited::new(body, OPEN_CALL_BODY_BYTES).map_err(|error| {
+        match error.downcast::<LengthLimitError>() {
+            Ok(_) => Status::resource_exhausted(format!(
+                "a health call may send at most {OPEN_CALL_BODY_BYTES} bytes"
+            )),
+            Err(error) => Status::from_error(error),
+        }
+    }))
 }
 
 /// The status for a streamed request message tonic could not read: over the size limit is
