@@ -24,6 +24,7 @@ from lmserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2
 
 MARIAN = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "seq2seq" / "marian-tiny-untrained" / "1"
 REFERENCE = json.loads((MARIAN / "reference.json").read_text())
+TINY_GPT2 = Path(__file__).resolve().parents[2] / "models" / "repository" / "tiny-gpt2" / "1"
 START = REFERENCE["special_tokens"]["decoder_start"]
 EOS = REFERENCE["special_tokens"]["eos"]
 FORCED_BOS = 7
@@ -32,6 +33,7 @@ NGRAM = 2
 BAD_WORDS = [[385], [348, 754]]
 # max_length and min_length count the start token, as transformers counts them.
 CONSTRAINED_LENGTH = 16
+LONG_LENGTH = 100
 
 
 def greedy(source_ids, max_new_tokens, forced_bos=None, forced_eos=None, ngram=0, bad_words=()):
@@ -86,6 +88,18 @@ def forced_server(tmp_path_factory):
     config.update(no_repeat_ngram_size=NGRAM, bad_words_ids=BAD_WORDS, max_length=CONSTRAINED_LENGTH + 1,
                   min_length=CONSTRAINED_LENGTH + 1, forced_eos_token_id=None)
     path.write_text(json.dumps(config))
+    # A max_length longer than the server's default length of 64 and shorter than the context.
+    version = repository / "marian-long" / "1"
+    shutil.copytree(MARIAN, version)
+    path = version / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.update(max_length=LONG_LENGTH + 1)
+    path.write_text(json.dumps(config))
+    # A decoder's max_length counts its prompt.
+    version = repository / "gpt2-long" / "1"
+    shutil.copytree(TINY_GPT2, version)
+    with (version / "model.toml").open("a") as manifest:
+        manifest.write(f"\n[generation]\nmax_length = {LONG_LENGTH}\n")
     yield from serve(["--repository", str(repository)])
 
 
@@ -170,3 +184,42 @@ def test_repeated_ngrams_bad_words_and_length_limits_from_the_generation_config(
     assert len(bigrams) == len(set(bigrams)), ids
     assert 385 not in ids and (348, 754) not in bigrams, ids
     assert len(ids) == CONSTRAINED_LENGTH
+
+
+def test_min_new_tokens_is_held_to_the_length_the_model_s_max_length_gives(forced_server):
+    case = REFERENCE["cases"][0]
+    with grpc.insecure_channel(forced_server) as channel:
+        # Past the server's default length, within the model's own: EOS is held back till then.
+        sequence = generate(channel, case["source"], model="marian-long", max_new_tokens=None,
+                            min_new_tokens=90)
+        assert 90 <= len(sequence.tokens) <= LONG_LENGTH
+        with pytest.raises(grpc.RpcError) as refused:
+            generate(channel, case["source"], model="marian-long", max_new_tokens=None,
+                     min_new_tokens=LONG_LENGTH + 1)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    message = refused.value.details()
+    assert "parameters.min_new_tokens" in message and f"{LONG_LENGTH + 1}" in message, message
+    assert f"the {LONG_LENGTH} new tokens the model's max_length of {LONG_LENGTH + 1}" in message, message
+
+
+def test_a_decoder_s_max_length_counts_its_prompt(forced_server):
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(forced_server))
+
+    def generate_after(prompt, **parameters):
+        request = inference_pb2.GenerateRequest(
+            model="gpt2-long", text=prompt, parameters=inference_pb2.GenerationParameters(**parameters))
+        return stub.Generate(request, timeout=60).sequences[0]
+
+    prompt = "To be, or not to be, that is the question"
+    sequence = generate_after(prompt, ignore_eos=True)
+    prompt_tokens = LONG_LENGTH - len(sequence.tokens)
+    assert prompt_tokens > 1, "the prompt must take more than one token for the case below"
+    # Within what max_length leaves after the prompt; then one more, refused once the prompt
+    # is counted (before tokenizing it still fits the most max_length could leave).
+    assert len(generate_after(prompt, min_new_tokens=LONG_LENGTH - prompt_tokens).tokens) == LONG_LENGTH - prompt_tokens
+    with pytest.raises(grpc.RpcError) as refused:
+        generate_after(prompt, min_new_tokens=LONG_LENGTH - prompt_tokens + 1)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    message = refused.value.details()
+    assert "parameters.min_new_tokens" in message and "after this prompt" in message, message
+    assert f"the {LONG_LENGTH - prompt_tokens} new tokens the model's max_length of {LONG_LENGTH}" in message, message

@@ -254,6 +254,14 @@ async fn start_with(
     }
 }
 
+/// The length the model's authors set in `max_length`, where it is below the context size
+/// (BART-CNN's 142). Many configs set it to the context size, which says nothing of the length
+/// wanted: the server's default applies there.
+fn authors_max_length(model: &ModelVersion) -> Option<usize> {
+    let max_length = model.settings.generation.max_length.as_ref()?.value as usize;
+    (max_length < model.settings.max_length.value).then_some(max_length)
+}
+
 /// Starts generating on one model version.
 async fn start_on(
     model: Arc<ModelVersion>,
@@ -269,11 +277,15 @@ async fn start_on(
         let error = Error::Internal(format!("{} has no scheduler", model.name));
         return Err(finish_early(request, error));
     };
-    let checked = match params
+    let max_length = authors_max_length(&model);
+    let with_defaults = params
         .clone()
-        .with_model_defaults(&model.settings.generation, config)
-        .check(config)
-    {
+        .with_model_defaults(&model.settings.generation, config);
+    let checked = match max_length {
+        Some(max_length) => with_defaults.check_under_max_length(config, max_length),
+        None => with_defaults.check(config),
+    };
+    let checked = match checked {
         Ok(checked) => checked,
         Err(error) => return Err(finish_early(request, error)),
     };
@@ -318,16 +330,24 @@ async fn start_on(
     let defaults = &model.settings.generation;
     let value = |setting: &Option<Sourced<u32>>| setting.as_ref().map(|s| s.value as usize);
     // The model's max_length and min_length count the prompt (or start token), as
-    // transformers counts them. A max_length below the context size is the authors' length
-    // (BART-CNN's 142); many configs set it to the context size, which says nothing of the
-    // length wanted, and the server's default applies.
-    let wanted = match value(&defaults.max_length) {
-        Some(max_length)
-            if checked.length_unset && max_length < model.settings.max_length.value =>
-        {
-            max_length
+    // transformers counts them.
+    let wanted = match max_length {
+        Some(max_length) if checked.length_unset => {
+            let left = max_length
                 .saturating_sub(target_context.len())
-                .clamp(1, config.max_new_tokens)
+                .clamp(1, config.max_new_tokens);
+            if checked.min_new_tokens > left {
+                let error = Error::invalid(
+                    "parameters.min_new_tokens",
+                    format!(
+                        "{} is more than the {left} new tokens the model's max_length of \
+                         {max_length} allows after this prompt; set max_new_tokens to ask for more",
+                        checked.min_new_tokens
+                    ),
+                );
+                return Err(finish_early(request, error));
+            }
+            left
         }
         _ => checked.max_new_tokens,
     };

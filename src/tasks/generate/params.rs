@@ -120,16 +120,38 @@ impl GenerateParams {
     /// still take a model's default, up to the server's limit, so `min_new_tokens` is held to
     /// that limit here and to the resolved length by `check`.
     pub fn check_own(&self, limits: &GenerationConfig) -> Result<Checked> {
-        self.check_with(limits, limits.max_new_tokens)
+        self.check_with(limits, limits.max_new_tokens, "the server's limit")
     }
 
     /// Every value, once the model's defaults have joined (`with_model_defaults`).
     pub fn check(&self, limits: &GenerationConfig) -> Result<Checked> {
-        self.check_with(limits, limits.default_max_new_tokens)
+        self.check_with(
+            limits,
+            limits.default_max_new_tokens,
+            "the server's default length",
+        )
     }
 
-    /// `unset_length`: what an unset `max_new_tokens` stands for.
-    fn check_with(&self, limits: &GenerationConfig, unset_length: usize) -> Result<Checked> {
+    /// As `check`, on a model whose `max_length` gives an unset `max_new_tokens` what it leaves
+    /// after the prompt: before tokenizing, at most `max_length - 1`.
+    pub fn check_under_max_length(
+        &self,
+        limits: &GenerationConfig,
+        max_length: usize,
+    ) -> Result<Checked> {
+        let longest = max_length.saturating_sub(1).clamp(1, limits.max_new_tokens);
+        let origin = format!("the model's max_length of {max_length}");
+        self.check_with(limits, longest, &origin)
+    }
+
+    /// `unset_length`: what an unset `max_new_tokens` stands for, and `unset_origin` where
+    /// that length comes from, for the error that refuses a longer `min_new_tokens`.
+    fn check_with(
+        &self,
+        limits: &GenerationConfig,
+        unset_length: usize,
+        unset_origin: &str,
+    ) -> Result<Checked> {
         let max_new_tokens = match self.max_new_tokens {
             None => unset_length,
             Some(0) => {
@@ -151,10 +173,16 @@ impl GenerateParams {
         };
         let min_new_tokens = self.min_new_tokens as usize;
         if min_new_tokens > max_new_tokens {
-            return Err(Error::invalid(
-                "parameters.min_new_tokens",
-                format!("{min_new_tokens} is more than max_new_tokens ({max_new_tokens})"),
-            ));
+            let why = match self.max_new_tokens {
+                Some(_) => {
+                    format!("{min_new_tokens} is more than max_new_tokens ({max_new_tokens})")
+                }
+                None => format!(
+                    "{min_new_tokens} is more than the {max_new_tokens} new tokens {unset_origin} \
+                     allows; set max_new_tokens to ask for more"
+                ),
+            };
+            return Err(Error::invalid("parameters.min_new_tokens", why));
         }
         let temperature = match self.temperature {
             None => 1.0,
@@ -612,6 +640,9 @@ mod tests {
         assert_eq!(checked.min_new_tokens, limits.default_max_new_tokens + 1);
         // Without that default it is more than the length it gets.
         let error = params.check(&limits).unwrap_err().to_string();
-        assert!(error.contains("more than max_new_tokens"), "{error}");
+        assert!(
+            error.contains("more than the 64 new tokens the server's default length allows"),
+            "{error}"
+        );
     }
 }

@@ -1502,13 +1502,15 @@ func (*GenerateRequest_Messages) isGenerateRequest_Prompt() {}
 type GenerationParameters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Most tokens to generate per sequence. Unset: the model's default (generation_config.json or
-	// its manifest), else the server's. Above the server's limit: INVALID_ARGUMENT. Lowered to what
-	// fits in the model's context after the prompt.
+	// its manifest: max_new_tokens, or what a max_length below the context leaves after the
+	// prompt), else the server's. Above the server's limit: INVALID_ARGUMENT. Lowered to what fits
+	// in the model's context after the prompt.
 	//
 	// Every parameter below that is optional takes the model's own default when unset, as
 	// GetModel's settings show; the sampling ones (temperature, top_k, top_p) only when sampling.
 	MaxNewTokens *uint32 `protobuf:"varint,1,opt,name=max_new_tokens,json=maxNewTokens,proto3,oneof" json:"max_new_tokens,omitempty"`
-	// End-of-sequence and stop tokens are ignored until this many tokens exist.
+	// End-of-sequence and stop tokens are ignored until this many tokens exist. More than
+	// max_new_tokens, set or as the model's default gives it: INVALID_ARGUMENT.
 	MinNewTokens uint32 `protobuf:"varint,2,opt,name=min_new_tokens,json=minNewTokens,proto3" json:"min_new_tokens,omitempty"`
 	// Sample from the distribution; false picks the most likely token (greedy). Unset: the model's
 	// default, else greedy.
