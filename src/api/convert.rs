@@ -65,6 +65,7 @@ pub fn embed_params(request: proto::EmbedRequest) -> Result<EmbedParams> {
         model: request.model,
         texts: request.texts,
         normalize: request.normalize,
+        prompt_name: request.prompt_name,
     })
 }
 

@@ -20,6 +20,7 @@ pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
 pub const MODULES: &str = "modules.json";
 pub const SENTENCE_BERT_CONFIG: &str = "sentence_bert_config.json";
+pub const SENTENCE_TRANSFORMERS_CONFIG: &str = "config_sentence_transformers.json";
 
 /// transformers writes `model_max_length` as 1e30 when a tokenizer has no limit of its own.
 const UNBOUNDED_MODEL_MAX_LENGTH: f64 = 1e12;
@@ -225,6 +226,22 @@ pub struct SentenceTransformers {
     pub after_pooling: Vec<String>,
     /// `sentence_bert_config.json`'s `max_seq_length`.
     pub max_seq_length: Option<usize>,
+    /// Texts put before an input, by name (`config_sentence_transformers.json`), as
+    /// `encode(prompt_name=...)` puts them.
+    pub prompts: BTreeMap<String, String>,
+    /// The prompt `encode` uses when it is given none; always one of `prompts`.
+    pub default_prompt_name: Option<String>,
+    /// Whether pooling counts a prompt's tokens (the Pooling config's `include_prompt`);
+    /// INSTRUCTOR-style models leave them out.
+    pub prompt_in_pooling: bool,
+}
+
+/// sentence-transformers' `config_sentence_transformers.json`, the parts that change a vector.
+#[derive(Debug, Default, Deserialize)]
+struct SentenceTransformersConfig {
+    #[serde(default)]
+    prompts: BTreeMap<String, String>,
+    default_prompt_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +269,8 @@ struct PoolingConfig {
     pooling_mode_lasttoken: bool,
     /// sentence-transformers 5's form: one mode, or a list of modes to concatenate.
     pooling_mode: Option<PoolingModes>,
+    /// Unset: true, as in sentence-transformers.
+    include_prompt: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +321,7 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
         return Ok(None);
     };
     let mut pooling = None;
+    let mut prompt_in_pooling = true;
     let mut normalize = false;
     let mut after_pooling = Vec::new();
     for module in &modules {
@@ -316,6 +336,7 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
                     );
                 }
                 let config: PoolingConfig = read_json(dir, &name)?.unwrap_or_default();
+                prompt_in_pooling = config.include_prompt.unwrap_or(true);
                 let mode = pooling_mode(&config, &name).map_err(|error| error.to_string());
                 pooling = Some((mode, name));
             }
@@ -330,11 +351,30 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
     }
     let max_seq_length = read_json::<SentenceBertConfig>(dir, SENTENCE_BERT_CONFIG)?
         .and_then(|config| config.max_seq_length);
+    let config: SentenceTransformersConfig =
+        read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default();
+    // sentence-transformers refuses to load such a model too.
+    if let Some(name) = &config.default_prompt_name
+        && !config.prompts.contains_key(name)
+    {
+        bail!(
+            "{SENTENCE_TRANSFORMERS_CONFIG}: default_prompt_name `{name}` is not one of its prompts ({})",
+            config
+                .prompts
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(Some(SentenceTransformers {
         pooling,
         normalize,
         after_pooling,
         max_seq_length,
+        prompts: config.prompts,
+        default_prompt_name: config.default_prompt_name,
+        prompt_in_pooling,
     }))
 }
 
@@ -453,6 +493,47 @@ mod tests {
             config(r#"{"n_positions": 1024}"#).max_positions(),
             Some(1024)
         );
+    }
+
+    #[test]
+    fn reads_sentence_transformers_prompts_and_refuses_a_default_it_lacks() {
+        let modules = r#"[{"path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#;
+        let prompts = r#"{"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "query"}"#;
+        let dir = folder(&[
+            (MODULES, modules),
+            (
+                "1_Pooling/config.json",
+                r#"{"pooling_mode": "mean", "include_prompt": false}"#,
+            ),
+            (SENTENCE_TRANSFORMERS_CONFIG, prompts),
+        ]);
+        let st = HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap();
+        assert_eq!(st.prompts["query"], "query: ");
+        assert_eq!(st.default_prompt_name.as_deref(), Some("query"));
+        assert!(!st.prompt_in_pooling);
+
+        let dir = folder(&[
+            (MODULES, modules),
+            (
+                SENTENCE_TRANSFORMERS_CONFIG,
+                r#"{"prompts": {"query": "query: "}, "default_prompt_name": "passage"}"#,
+            ),
+        ]);
+        let error = format!("{:#}", HfFiles::read(dir.path()).unwrap_err());
+        assert!(
+            error.contains("default_prompt_name `passage` is not one of its prompts (query)"),
+            "{error}"
+        );
+        // No config, or one without prompts (all-MiniLM-L6-v2's): none, and pooling counts them.
+        let dir = folder(&[(MODULES, modules)]);
+        let st = HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap();
+        assert!(st.prompts.is_empty() && st.default_prompt_name.is_none() && st.prompt_in_pooling);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! GetModel and `lmserve inspect` can show why the server does what it does.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use anyhow::bail;
@@ -99,6 +100,43 @@ pub struct EmbedSettings {
     /// (`hf::SentenceTransformers::after_pooling`): pooling states here would leave them out.
     pub after_pooling: Vec<String>,
     pub normalize: Sourced<bool>,
+    /// sentence-transformers' prompts by name, put before a text as `encode` puts them.
+    pub prompts: Option<Sourced<BTreeMap<String, String>>>,
+    /// The prompt a request that names none gets.
+    pub default_prompt_name: Option<Sourced<String>>,
+    /// Whether pooling counts a prompt's tokens (the Pooling config's `include_prompt`).
+    pub prompt_in_pooling: bool,
+}
+
+impl EmbedSettings {
+    /// The text put before each input: `name`'s prompt (`""`: none), or the default one.
+    pub fn prompt(&self, name: Option<&str>) -> std::result::Result<Option<&str>, String> {
+        let Some(name) = name.or(self.default_prompt_name.as_ref().map(|d| d.value.as_str()))
+        else {
+            return Ok(None);
+        };
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let prompts = self.prompts.as_ref().map(|p| &p.value);
+        match prompts.and_then(|prompts| prompts.get(name)) {
+            Some(prompt) => Ok(Some(prompt.as_str())),
+            None => Err(match prompts {
+                Some(prompts) => format!(
+                    "no prompt is named `{name}`; the model's are {}",
+                    prompts
+                        .keys()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => format!(
+                    "no prompt is named `{name}`: the model has none ({})",
+                    hf::SENTENCE_TRANSFORMERS_CONFIG
+                ),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -370,6 +408,14 @@ impl ModelSettings {
                 rows.push("embed.pooling", pooling, &embed.pooling.source);
             }
             rows.add("embed.normalize", &embed.normalize);
+            if let Some(prompts) = &embed.prompts {
+                rows.push(
+                    "embed.prompts",
+                    format!("{:?}", prompts.value),
+                    &prompts.source,
+                );
+            }
+            rows.add_optional("embed.default_prompt_name", &embed.default_prompt_name);
         }
         if let Some(classify) = &self.classify {
             rows.push(
@@ -647,11 +693,19 @@ fn embed_settings(
     // A pooled output is returned as it is unless told otherwise; pooled states are normalised,
     // as the server always has.
     .unwrap_or(sourced(!use_pooled_output, Source::Default));
+    let st_config = || Source::File(Cow::Borrowed(hf::SENTENCE_TRANSFORMERS_CONFIG));
     Ok(EmbedSettings {
         pooling,
         use_pooled_output,
         after_pooling,
         normalize,
+        prompts: st
+            .filter(|st| !st.prompts.is_empty())
+            .map(|st| sourced(st.prompts.clone(), st_config())),
+        default_prompt_name: st
+            .and_then(|st| st.default_prompt_name.clone())
+            .map(|name| sourced(name, st_config())),
+        prompt_in_pooling: st.is_none_or(|st| st.prompt_in_pooling),
     })
 }
 

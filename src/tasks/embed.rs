@@ -21,6 +21,8 @@ pub struct EmbedParams {
     /// `None`: the manifest's default.
     pub pooling: Option<Pooling>,
     pub truncate: Truncate,
+    /// The model's prompt to put before each text; `None`: its default, `""`: none.
+    pub prompt_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,10 +113,38 @@ async fn embed_on(
         None => EncoderEmbedding::Pool(settings.pooling.value),
     };
     let normalize = params.normalize.unwrap_or(settings.normalize.value);
+    let prompt = settings
+        .prompt(params.prompt_name.as_deref())
+        .map_err(|reason| {
+            Error::invalid(
+                "prompt_name",
+                format!("{}@{}: {reason}", model.name, model.version),
+            )
+        })?;
+    let texts = match prompt {
+        // Pooling that leaves the prompt's tokens out (INSTRUCTOR-style) is not done here;
+        // counting them would give other vectors than the model's.
+        Some(_) if !settings.prompt_in_pooling => {
+            return Err(Error::invalid(
+                "prompt_name",
+                format!(
+                    "{}@{} pools without its prompt's tokens (include_prompt false in its Pooling config), which this server does not do, so its prompts cannot be used; send prompt_name \"\" to embed without one",
+                    model.name, model.version
+                ),
+            ));
+        }
+        // As sentence-transformers: the prompt and the text as one string.
+        Some(prompt) => params
+            .texts
+            .into_iter()
+            .map(|text| format!("{prompt}{text}"))
+            .collect(),
+        None => params.texts,
+    };
 
     let outputs = run_encoder(
         model,
-        params.texts,
+        texts,
         params.truncate,
         Some(embedding),
         false,

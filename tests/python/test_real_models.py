@@ -11,6 +11,7 @@ references computed without lmserve:
 """
 import json
 import math
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import onnxruntime
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import ROOT, real_models
+from conftest import ROOT, real_models, serve
 from lmserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 import grpc
@@ -83,6 +84,54 @@ def test_minilm_settings_come_from_its_sentence_transformers_files(real_channel)
     stub = inference_pb2_grpc.InferenceStub(real_channel)
     tokens = stub.Tokenize(inference_pb2.TokenizeRequest(model=MINILM, text="Hello there")).tokens
     assert [t.text for t in tokens] == ["[CLS]", "hello", "there", "[SEP]"]
+
+
+@pytest.fixture(scope="module")
+def prompted_minilm(tmp_path_factory):
+    """all-MiniLM-L6-v2 with prompts in its sentence-transformers config, which the real one
+    lacks: each prompt is the start of a reference text, so a prompt and the rest of that text
+    must give sentence-transformers' own vector of the whole (encode(prompt_name=...) embeds
+    the prompt and the text as one string)."""
+    reference = json.loads((REFERENCES / f"{MINILM}.json").read_text())
+    case = next(c for c in reference["cases"] if not c["truncated"] and c["text"].count(" ") >= 3)
+    head, rest = case["text"].split(" ", 1)
+    repository = tmp_path_factory.mktemp("prompted")
+    version = repository / "minilm-prompted" / "1"
+    source = real_models() / MINILM / "1"
+    # Copies: the server refuses files that lead out of the repository.
+    shutil.copytree(source, version)
+    config = json.loads((source / "config_sentence_transformers.json").read_text())
+    config.update(prompts={"head": head + " ", "other": "query: "}, default_prompt_name="head")
+    (version / "config_sentence_transformers.json").write_text(json.dumps(config))
+    for address in serve(["--repository", str(repository)]):
+        with grpc.insecure_channel(address) as channel:
+            yield channel, case, rest
+
+
+def test_a_sentence_transformers_prompt_goes_before_the_text(prompted_minilm):
+    channel, case, rest = prompted_minilm
+    stub = inference_pb2_grpc.InferenceStub(channel)
+
+    def embed(**fields):
+        return stub.Embed(inference_pb2.EmbedRequest(model="minilm-prompted", texts=[rest], **fields)).embeddings[0]
+
+    named = embed(prompt_name="head")
+    assert cosine(named.values, case["embedding"]) >= 0.99999
+    assert named.token_count == case["tokens"]
+    # The model's default_prompt_name, when the request names none.
+    assert cosine(embed().values, case["embedding"]) >= 0.99999
+    # An empty name: no prompt, so another vector with fewer tokens.
+    bare = embed(prompt_name="")
+    assert cosine(bare.values, case["embedding"]) < 0.999 and bare.token_count < case["tokens"]
+    with pytest.raises(grpc.RpcError) as refused:
+        embed(prompt_name="passage")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt_name" in refused.value.details() and "`head`, `other`" in refused.value.details()
+    models = models_pb2_grpc.ModelsStub(channel)
+    version = models.GetModel(models_pb2.GetModelRequest(name="minilm-prompted")).versions[0]
+    settings = {s.name: (s.value, s.source) for s in version.settings}
+    assert settings["embed.default_prompt_name"] == ("head", "config_sentence_transformers.json")
+    assert "query: " in settings["embed.prompts"][0]
 
 
 class OnnxLoop:

@@ -140,11 +140,12 @@ pub fn read(
             true => Some((
                 parameters.bool("normalize")?,
                 parameters::pooling(&mut parameters)?,
+                parameters.string("prompt_name")?,
             )),
             false => None,
         };
         let classifies = tasks.contains(&Task::Classify);
-        let embed = embed_settings.map(|(normalize, pooling)| EmbedParams {
+        let embed = embed_settings.map(|(normalize, pooling, prompt_name)| EmbedParams {
             model: target.clone(),
             // Copied only when classify needs the texts too.
             texts: if classifies {
@@ -155,6 +156,7 @@ pub fn read(
             normalize,
             pooling,
             truncate,
+            prompt_name,
         });
         let classify = classifies.then_some(ClassifyParams {
             model: target,

@@ -402,7 +402,13 @@ type EmbedRequest struct {
 	// Handling of texts over the model's maximum length. Unspecified: TRUNCATE_NONE.
 	Truncate Truncate `protobuf:"varint,5,opt,name=truncate,proto3,enum=lmserve.v1.Truncate" json:"truncate,omitempty"`
 	// Sticky routing key (e.g. a user id) when `model` names a route.
-	RouteKey      string `protobuf:"bytes,6,opt,name=route_key,json=routeKey,proto3" json:"route_key,omitempty"`
+	RouteKey string `protobuf:"bytes,6,opt,name=route_key,json=routeKey,proto3" json:"route_key,omitempty"`
+	// A prompt of the model's sentence-transformers config (config_sentence_transformers.json
+	// `prompts`, shown in GetModel as embed.prompts) to put before each text, as
+	// sentence-transformers' encode(prompt_name=...) does: "query" for a retrieval model's
+	// queries, say. Unset: the model's default_prompt_name, if it has one. Empty: no prompt. A
+	// name the model lacks: INVALID_ARGUMENT. token_count and truncation count the prompt.
+	PromptName    *string `protobuf:"bytes,7,opt,name=prompt_name,json=promptName,proto3,oneof" json:"prompt_name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -475,6 +481,13 @@ func (x *EmbedRequest) GetTruncate() Truncate {
 func (x *EmbedRequest) GetRouteKey() string {
 	if x != nil {
 		return x.RouteKey
+	}
+	return ""
+}
+
+func (x *EmbedRequest) GetPromptName() string {
+	if x != nil && x.PromptName != nil {
+		return *x.PromptName
 	}
 	return ""
 }
@@ -2212,16 +2225,19 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x14\n" +
 	"\x05route\x18\x03 \x01(\tR\x05route\x12\x10\n" +
-	"\x03arm\x18\x04 \x01(\tR\x03arm\"\xe9\x01\n" +
+	"\x03arm\x18\x04 \x01(\tR\x03arm\"\x9f\x02\n" +
 	"\fEmbedRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
 	"\x05texts\x18\x02 \x03(\tR\x05texts\x12!\n" +
 	"\tnormalize\x18\x03 \x01(\bH\x00R\tnormalize\x88\x01\x01\x12-\n" +
 	"\apooling\x18\x04 \x01(\x0e2\x13.lmserve.v1.PoolingR\apooling\x120\n" +
 	"\btruncate\x18\x05 \x01(\x0e2\x14.lmserve.v1.TruncateR\btruncate\x12\x1b\n" +
-	"\troute_key\x18\x06 \x01(\tR\brouteKeyB\f\n" +
+	"\troute_key\x18\x06 \x01(\tR\brouteKey\x12$\n" +
+	"\vprompt_name\x18\a \x01(\tH\x01R\n" +
+	"promptName\x88\x01\x01B\f\n" +
 	"\n" +
-	"_normalize\"b\n" +
+	"_normalizeB\x0e\n" +
+	"\f_prompt_name\"b\n" +
 	"\tEmbedding\x12\x16\n" +
 	"\x06values\x18\x01 \x03(\x02R\x06values\x12\x1f\n" +
 	"\vtoken_count\x18\x02 \x01(\rR\n" +
