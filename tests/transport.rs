@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{ServerOptions, TestServer};
 use lmserve::api::kserve::proto::ServerLiveResponse;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -18,15 +18,19 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// A server with no models (the transport is all these tests need) and `env` set.
 async fn start(env: &[(&str, &str)]) -> (TestServer, tempfile::TempDir) {
+    start_with_args(env, &[]).await
+}
+
+async fn start_with_args(env: &[(&str, &str)], args: &[&str]) -> (TestServer, tempfile::TempDir) {
     let repository = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(ServerOptions {
         repository: repository.path().to_owned(),
+        args: args.iter().map(|arg| arg.to_string()).collect(),
         env: env
             .iter()
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect(),
         ready: false,
-        ..Default::default()
     })
     .await;
     (server, repository)
@@ -150,4 +154,66 @@ async fn a_health_call_may_send_a_few_kilobytes_at_most() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     // The connection still serves.
     check(String::new()).await.unwrap();
+}
+
+/// A GET of `path` on the metrics port on a connection of its own, given `within` to answer.
+async fn metrics_get(addr: &str, path: &str, within: Duration) -> Result<String, String> {
+    let call = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: lmserve\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response)
+    };
+    tokio::time::timeout(within, call)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
+}
+
+#[tokio::test]
+async fn the_metrics_port_has_the_same_connection_limits() {
+    let (server, _repository) = start_with_args(
+        &[
+            ("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "1000"),
+            ("LMSERVE_SERVER__MAX_CONNECTIONS", "2"),
+        ],
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await;
+    let metrics = server.metrics_addr.clone().expect("a metrics port");
+    let live = metrics_get(&metrics, "/health/live", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+
+    // Past the limit a connection waits, and one that sends nothing is closed in time.
+    let mut held = [
+        TcpStream::connect(metrics.as_str()).await.unwrap(),
+        TcpStream::connect(metrics.as_str()).await.unwrap(),
+    ];
+    let waiting = metrics_get(&metrics, "/health/live", Duration::from_millis(300)).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served past a limit of 2"
+    );
+    for silent in &mut held {
+        let mut sent = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut sent)).await;
+        assert!(
+            closed.is_ok(),
+            "a silent metrics connection was still open after 10 s"
+        );
+    }
+    let live = metrics_get(&metrics, "/health/live", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
 }

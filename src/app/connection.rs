@@ -27,6 +27,10 @@ const PREFACE_BYTES: usize = 24;
 pub struct ConnectionLimits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// Closes a connection that sends nothing for this long once its preface is in. For the
+    /// HTTP/1 metrics port, whose server keeps idle connections open for ever; gRPC's have
+    /// HTTP/2 pings instead.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Connections accepted from `listener`, with TLS when `tls` is set. At the limit no more are
@@ -64,6 +68,10 @@ pub fn accept(
                         deadline: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
                         bytes_left: PREFACE_BYTES,
                     }),
+                    idle: limits.idle_timeout.map(|after| Idle {
+                        after,
+                        deadline: Box::pin(tokio::time::sleep(after)),
+                    }),
                     _permit: permit,
                 }
             });
@@ -78,7 +86,14 @@ pub struct Connection {
     info: TcpConnectInfo,
     /// Until the preface has arrived.
     handshake: Option<Handshake>,
+    idle: Option<Idle>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// The deadline a read must beat, moved on by every read that brings bytes.
+struct Idle {
+    after: Duration,
+    deadline: Pin<Box<Sleep>>,
 }
 
 enum Io {
@@ -105,6 +120,10 @@ impl Handshake {
 }
 
 impl Connection {
+    pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.info.remote_addr()
+    }
+
     /// Drives a TLS handshake in progress; ready once the stream can carry plaintext.
     fn poll_tls_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Io::TlsHandshake(accepting) = &mut self.io else {
@@ -147,6 +166,21 @@ impl AsyncRead for Connection {
         ready!(this.poll_tls_handshake(cx))?;
         let before = buf.filled().len();
         let polled = this.ready_io().poll_read(cx, buf);
+        if let Some(idle) = &mut this.idle {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    let next = tokio::time::Instant::now() + idle.after;
+                    idle.deadline.as_mut().reset(next);
+                }
+                Poll::Pending if idle.deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing for the connection's idle timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
         if let Some(handshake) = &mut this.handshake {
             match &polled {
                 Poll::Ready(Ok(())) => {
@@ -215,5 +249,41 @@ impl Connected for Connection {
 
     fn connect_info(&self) -> TcpConnectInfo {
         self.info.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_silent_past_its_idle_timeout_is_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_millis(200)),
+        };
+        let mut connections = Box::pin(accept(listener, limits, None));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut connection = connections.next().await.unwrap().unwrap();
+        let mut read = vec![0; 64];
+        // Each read that brings bytes moves the deadline on.
+        for _ in 0..3 {
+            client
+                .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            assert!(connection.read(&mut read).await.unwrap() > 0);
+            tokio::time::sleep(Duration::from_millis(120)).await;
+        }
+        let started = tokio::time::Instant::now();
+        let error = connection.read(&mut read).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

@@ -1,7 +1,10 @@
-//! The gRPC listeners: bound at startup (a port in use is a clear error), served until the
-//! shutdown stops them.
+//! The listeners: bound at startup (a port in use is a clear error); the gRPC ones served until
+//! the shutdown stops them, the metrics port under the same connection limits.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -11,7 +14,9 @@ use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Router;
 use tower::layer::util::{Identity, Stack};
 
-use super::connection::{ConnectionLimits, accept};
+use futures::{Stream, StreamExt};
+
+use super::connection::{Connection, ConnectionLimits, accept};
 use crate::api::edge::EdgeLayer;
 use crate::api::observe::ObserveLayer;
 
@@ -38,4 +43,45 @@ pub fn spawn(
             let _ = stop.wait_for(|stop| *stop).await;
         }),
     )
+}
+
+/// The metrics port's connections, limited as the gRPC ones are, for axum.
+pub struct HttpListener {
+    connections: Pin<Box<dyn Stream<Item = io::Result<Connection>> + Send>>,
+    local: SocketAddr,
+}
+
+impl HttpListener {
+    pub fn new(listener: TcpListener, limits: ConnectionLimits) -> io::Result<Self> {
+        Ok(Self {
+            local: listener.local_addr()?,
+            connections: Box::pin(accept(listener, limits, None)),
+        })
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = Connection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Connection, SocketAddr) {
+        loop {
+            match self.connections.next().await {
+                Some(Ok(connection)) => {
+                    let peer = connection.remote_addr().unwrap_or(self.local);
+                    return (connection, peer);
+                }
+                Some(Err(error)) => {
+                    // Out of file descriptors, most likely: wait rather than spin, as axum does.
+                    tracing::debug!(%error, "cannot accept a metrics connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
 }

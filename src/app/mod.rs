@@ -37,6 +37,10 @@ use shutdown::Shutdown;
 
 type EdgeServer = Server<listeners::Layers>;
 
+/// How long the metrics port keeps a connection that sends nothing: longer than a scrape or
+/// probe interval, as web servers keep theirs (nginx 75 s, Go's clients 90 s).
+const METRICS_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Runs the server until SIGINT or SIGTERM. `config_file` is the file `config` was read from,
 /// whose routes are reloaded when it changes.
 pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
@@ -60,9 +64,24 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let reporter = tonic_health::server::HealthReporter::new();
     let health_service = crate::api::health::server(&reporter, key_ring.clone());
     let health = Health::new(reporter, config.server.ready_when).await;
+    let connection_limits = ConnectionLimits {
+        max_connections: config.server.max_connections,
+        handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms.max(1)),
+        idle_timeout: None,
+    };
     let metrics_addr = match metrics {
         Some((addr, handle)) => {
-            Some(telemetry::http::serve(addr, handle, health.readiness()).await?)
+            let listener = bind(addr, "server.metrics_addr or --metrics-addr").await?;
+            let limits = ConnectionLimits {
+                idle_timeout: Some(METRICS_IDLE_TIMEOUT),
+                ..connection_limits
+            };
+            let listener = listeners::HttpListener::new(listener, limits)?;
+            Some(telemetry::http::serve(
+                listener,
+                handle,
+                health.readiness(),
+            )?)
         }
         None => None,
     };
@@ -96,11 +115,6 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let edge = EdgeLayer::new(key_ring);
     let observe = ObserveLayer::new(config.logging.requests);
     let transport = &config.server;
-    let handshake_timeout = Duration::from_millis(transport.handshake_timeout_ms.max(1));
-    let limits = ConnectionLimits {
-        max_connections: transport.max_connections,
-        handshake_timeout,
-    };
     let server = || -> anyhow::Result<EdgeServer> {
         let keepalive = (transport.keepalive_interval_ms > 0)
             .then(|| Duration::from_millis(transport.keepalive_interval_ms));
@@ -149,7 +163,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     servers.push(listeners::spawn(
         reflection(main_router)?,
         main,
-        limits,
+        connection_limits,
         tls.clone(),
         stopped.clone(),
     ));
@@ -158,7 +172,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         servers.push(listeners::spawn(
             reflection(admin_router)?,
             admin,
-            limits,
+            connection_limits,
             tls,
             stopped,
         ));

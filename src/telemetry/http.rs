@@ -9,7 +9,6 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::process;
@@ -17,15 +16,16 @@ use super::process;
 /// How often histograms drop samples past their window and the exporter tidies up.
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Binds `addr` now (a port in use stops startup) and serves until the process exits.
-pub async fn serve(
-    addr: SocketAddr,
+/// Serves on `listener`, bound by the caller (a port in use stops startup), until the process
+/// exits.
+pub fn serve<L>(
+    listener: L,
     handle: PrometheusHandle,
     ready: watch::Receiver<bool>,
-) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await.map_err(|error| {
-        anyhow::anyhow!("cannot serve metrics on {addr} ({error}); set server.metrics_addr")
-    })?;
+) -> anyhow::Result<SocketAddr>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
     let bound = listener.local_addr()?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
