@@ -235,7 +235,7 @@ async fn a_client_silent_after_the_tls_handshake_is_closed_after_the_handshake_t
     let server = start_tls(
         &pki,
         false,
-        &[("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "500")],
+        &[("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "2000")],
     );
     let channel = tls_channel(&server.addr, &pki.ca, None).await.unwrap();
     wait_serving(channel.clone()).await;

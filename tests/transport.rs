@@ -181,7 +181,7 @@ async fn metrics_get(addr: &str, path: &str, within: Duration) -> Result<String,
 async fn the_metrics_port_has_the_same_connection_limits() {
     let (server, _repository) = start_with_args(
         &[
-            ("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "1000"),
+            ("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "3000"),
             ("LMSERVE_SERVER__MAX_CONNECTIONS", "2"),
         ],
         &["--metrics-addr", "127.0.0.1:0"],

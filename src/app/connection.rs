@@ -27,9 +27,9 @@ const PREFACE_BYTES: usize = 24;
 pub struct ConnectionLimits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
-    /// Closes a connection that sends nothing for this long once its preface is in. For the
-    /// HTTP/1 metrics port, whose server keeps idle connections open for ever; gRPC's have
-    /// HTTP/2 pings instead.
+    /// Closes a connection that sends nothing for this long (counted from the accept, then
+    /// from each read that brings bytes). For the HTTP/1 metrics port, whose server keeps idle
+    /// connections open for ever; gRPC's have HTTP/2 pings instead.
     pub idle_timeout: Option<Duration>,
 }
 
@@ -100,6 +100,8 @@ enum Io {
     Plain(TcpStream),
     TlsHandshake(Box<tokio_rustls::Accept<TcpStream>>),
     Tls(Box<TlsStream<TcpStream>>),
+    /// The TLS handshake failed; a finished `Accept` must not be polled again.
+    Failed,
 }
 
 struct Handshake {
@@ -112,7 +114,7 @@ impl Handshake {
         self.deadline.as_mut().poll(cx).map(|()| {
             io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the client finished no TLS handshake and HTTP/2 preface within \
+                "the client sent no request (with TLS: finished no handshake) within \
                  server.handshake_timeout_ms",
             )
         })
@@ -126,15 +128,20 @@ impl Connection {
 
     /// Drives a TLS handshake in progress; ready once the stream can carry plaintext.
     fn poll_tls_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Io::TlsHandshake(accepting) = &mut self.io else {
-            return Poll::Ready(Ok(()));
+        let accepting = match &mut self.io {
+            Io::TlsHandshake(accepting) => accepting,
+            Io::Failed => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Io::Plain(_) | Io::Tls(_) => return Poll::Ready(Ok(())),
         };
         match Pin::new(accepting.as_mut()).poll(cx) {
             Poll::Ready(Ok(stream)) => {
                 self.io = Io::Tls(Box::new(stream));
                 Poll::Ready(Ok(()))
             }
-            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Ready(Err(error)) => {
+                self.io = Io::Failed;
+                Poll::Ready(Err(error))
+            }
             Poll::Pending => match &mut self.handshake {
                 Some(handshake) => handshake.expired(cx).map(Err),
                 None => Poll::Pending,
@@ -147,7 +154,9 @@ impl Connection {
         match &mut self.io {
             Io::Plain(stream) => Pin::new(stream),
             Io::Tls(stream) => Pin::new(stream.as_mut()),
-            Io::TlsHandshake(_) => unreachable!("polled only after the TLS handshake"),
+            Io::TlsHandshake(_) | Io::Failed => {
+                unreachable!("polled only after a TLS handshake that succeeded")
+            }
         }
     }
 }
@@ -226,7 +235,9 @@ impl AsyncWrite for Connection {
         match &self.io {
             Io::Plain(stream) => stream.is_write_vectored(),
             Io::Tls(stream) => stream.is_write_vectored(),
-            Io::TlsHandshake(_) => false,
+            // What the stream will be: hyper asks once, before the handshake is done.
+            Io::TlsHandshake(_) => true,
+            Io::Failed => false,
         }
     }
 
@@ -236,8 +247,8 @@ impl AsyncWrite for Connection {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Io::TlsHandshake(_) = self.io {
-            // Nothing was said over TLS yet; dropping the connection closes the socket.
+        if let Io::TlsHandshake(_) | Io::Failed = self.io {
+            // Nothing was said over TLS; dropping the connection closes the socket.
             return Poll::Ready(Ok(()));
         }
         self.ready_io().poll_shutdown(cx)
@@ -265,25 +276,33 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let limits = ConnectionLimits {
             max_connections: 4,
-            handshake_timeout: Duration::from_secs(5),
-            idle_timeout: Some(Duration::from_millis(200)),
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(1)),
         };
         let mut connections = Box::pin(accept(listener, limits, None));
         let mut client = TcpStream::connect(addr).await.unwrap();
         let mut connection = connections.next().await.unwrap().unwrap();
-        let mut read = vec![0; 64];
-        // Each read that brings bytes moves the deadline on.
-        for _ in 0..3 {
+        // The server waits on each read while the client pauses; gaps of 0.4 s add up to well
+        // past the timeout, and each read that brings bytes moves the deadline on.
+        let writer = tokio::spawn(async move {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                client
+                    .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
             client
-                .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-                .await
-                .unwrap();
-            assert!(connection.read(&mut read).await.unwrap() > 0);
-            tokio::time::sleep(Duration::from_millis(120)).await;
+        });
+        let mut read = vec![0; 64];
+        let mut total = 0;
+        while total < 4 * 25 {
+            total += connection.read(&mut read).await.unwrap();
         }
+        let _client = writer.await.unwrap();
         let started = tokio::time::Instant::now();
         let error = connection.read(&mut read).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -15,7 +15,8 @@ use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
 use crate::config::TlsConfig;
 
-/// gRPC runs over HTTP/2 only; a client that cannot negotiate it fails the handshake.
+/// gRPC runs over HTTP/2 only: a client that offers ALPN without h2 fails the handshake (one
+/// that offers none is let through, as tonic lets it).
 const ALPN_H2: &[u8] = b"h2";
 
 pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Option<TlsAcceptor>> {
