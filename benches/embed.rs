@@ -59,6 +59,7 @@ fn in_process(parts: &LoadedParts, texts: &[String], batch: usize, sorted: bool)
             .map(|ids| EncoderRow {
                 ids: ids.clone(),
                 embedding: Some(Embedding::Pool(Pooling::Mean)),
+                pool_from: 0,
                 logits: false,
             })
             .collect();

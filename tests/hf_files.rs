@@ -292,6 +292,7 @@ async fn an_encoder_without_a_mask_never_reads_padding() {
                 .map(|id| id.as_i64().unwrap())
                 .collect(),
             embedding: Some(Embedding::Pool(encoder::Pooling::Mean)),
+            pool_from: 0,
             logits: false,
         })
         .collect();

@@ -26,6 +26,7 @@ async fn a_panicking_run_fails_alone_and_returns_its_session() {
     let row = || EncoderRow {
         ids: vec![2, 5, 3],
         embedding: Some(Embedding::Pooled),
+        pool_from: 0,
         logits: false,
     };
 

@@ -109,8 +109,9 @@ pub struct EmbedSettings {
 }
 
 impl EmbedSettings {
-    /// The text put before each input: `name`'s prompt (`""`: none), or the default one.
-    pub fn prompt(&self, name: Option<&str>) -> std::result::Result<Option<&str>, String> {
+    /// The text put before each input: `name`'s prompt (`""`: none), or the default one. A
+    /// name the model lacks is the request's `prompt_name` error.
+    pub fn prompt(&self, name: Option<&str>) -> crate::error::Result<Option<&str>> {
         let Some(name) = name.or(self.default_prompt_name.as_ref().map(|d| d.value.as_str()))
         else {
             return Ok(None);
@@ -119,23 +120,24 @@ impl EmbedSettings {
             return Ok(None);
         }
         let prompts = self.prompts.as_ref().map(|p| &p.value);
-        match prompts.and_then(|prompts| prompts.get(name)) {
-            Some(prompt) => Ok(Some(prompt.as_str())),
-            None => Err(match prompts {
-                Some(prompts) => format!(
-                    "no prompt is named `{name}`; the model's are {}",
-                    prompts
-                        .keys()
-                        .map(|k| format!("`{k}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                None => format!(
-                    "no prompt is named `{name}`: the model has none ({})",
-                    hf::SENTENCE_TRANSFORMERS_CONFIG
-                ),
-            }),
+        if let Some(prompt) = prompts.and_then(|prompts| prompts.get(name)) {
+            return Ok(Some(prompt.as_str()));
         }
+        let known = match prompts {
+            Some(prompts) => format!(
+                "the model's are {}",
+                prompts
+                    .keys()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => format!("the model has none ({})", hf::SENTENCE_TRANSFORMERS_CONFIG),
+        };
+        Err(crate::error::Error::invalid(
+            "prompt_name",
+            format!("no prompt is named `{name}`; {known}"),
+        ))
     }
 }
 
@@ -776,4 +778,42 @@ fn classify_settings(
         multi_label,
         regression,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_is_the_named_one_the_default_or_none() {
+        let file = || Source::File(Cow::Borrowed(hf::SENTENCE_TRANSFORMERS_CONFIG));
+        let mut embed = EmbedSettings {
+            pooling: sourced(Pooling::Mean, Source::Default),
+            use_pooled_output: false,
+            after_pooling: Vec::new(),
+            normalize: sourced(true, Source::Default),
+            prompts: Some(sourced(
+                BTreeMap::from([
+                    ("query".to_owned(), "query: ".to_owned()),
+                    ("passage".to_owned(), "passage: ".to_owned()),
+                ]),
+                file(),
+            )),
+            default_prompt_name: Some(sourced("query".to_owned(), file())),
+            prompt_in_pooling: true,
+        };
+        assert_eq!(embed.prompt(None).unwrap(), Some("query: "));
+        assert_eq!(embed.prompt(Some("passage")).unwrap(), Some("passage: "));
+        assert_eq!(embed.prompt(Some("")).unwrap(), None);
+        let error = embed.prompt(Some("doc")).unwrap_err().to_string();
+        assert!(
+            error.contains("prompt_name") && error.contains("`passage`, `query`"),
+            "{error}"
+        );
+        embed.default_prompt_name = None;
+        assert_eq!(embed.prompt(None).unwrap(), None);
+        embed.prompts = None;
+        let error = embed.prompt(Some("query")).unwrap_err().to_string();
+        assert!(error.contains("the model has none"), "{error}");
+    }
 }

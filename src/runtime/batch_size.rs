@@ -106,6 +106,7 @@ pub fn measure(
     let row = EncoderRow {
         ids: vec![pad_id; row_tokens],
         embedding,
+        pool_from: 0,
         logits: bindings.logits.is_some(),
     };
     let mut time_run = |size: usize| -> ort::Result<Duration> {

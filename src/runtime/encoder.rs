@@ -23,6 +23,9 @@ pub struct EncoderRow {
     pub ids: Vec<i64>,
     /// `None` when the caller needs no embedding.
     pub embedding: Option<Embedding>,
+    /// Tokens at the start that pooling leaves out: a prompt, for a model whose authors pool
+    /// without it (sentence-transformers' `include_prompt: false`).
+    pub pool_from: usize,
     /// Read this row's class logits.
     pub logits: bool,
 }
@@ -131,7 +134,8 @@ fn run_padded(
         match (row.embedding, &hidden, &pooled) {
             (Some(Embedding::Pool(pooling)), Some((hidden_size, data)), _) => {
                 let states = &data[r * width * hidden_size..(r + 1) * width * hidden_size];
-                result.pooled = Some(pool(states, *hidden_size, row.ids.len(), pooling));
+                let tokens = row.pool_from..row.ids.len();
+                result.pooled = Some(pool(states, *hidden_size, tokens, pooling));
             }
             (Some(Embedding::Pooled), _, Some((dim, data))) => {
                 result.pooled = Some(data[r * dim..(r + 1) * dim].to_vec());
@@ -155,15 +159,26 @@ fn output<'o>(
         .ok_or_else(|| ort::Error::new(format!("the model returned no `{name}` output")))
 }
 
-/// Pools the first `length` token states of one row (`states` is `[T, hidden_size]`, row-major).
-pub fn pool(states: &[f32], hidden_size: usize, length: usize, pooling: Pooling) -> Vec<f32> {
-    let length = length.max(1);
+/// Pools the states of `tokens` of one row (`states` is `[T, hidden_size]`, row-major): its
+/// real tokens, less any it leaves out at the start. CLS pooling takes the first token and
+/// last-token pooling the last whatever `tokens` starts at, as sentence-transformers does.
+pub fn pool(
+    states: &[f32],
+    hidden_size: usize,
+    tokens: std::ops::Range<usize>,
+    pooling: Pooling,
+) -> Vec<f32> {
+    let length = tokens.end.max(1);
+    // At least one token is pooled, should a prompt fill the whole row.
+    let from = tokens.start.min(length - 1);
     match pooling {
         Pooling::Cls => states[..hidden_size].to_vec(),
         Pooling::Last => states[(length - 1) * hidden_size..length * hidden_size].to_vec(),
         Pooling::Max => {
-            let mut max = states[..hidden_size].to_vec();
-            for token in states[hidden_size..length * hidden_size].chunks_exact(hidden_size) {
+            let mut max = states[from * hidden_size..(from + 1) * hidden_size].to_vec();
+            for token in
+                states[(from + 1) * hidden_size..length * hidden_size].chunks_exact(hidden_size)
+            {
                 for (best, &value) in max.iter_mut().zip(token) {
                     *best = best.max(value);
                 }
@@ -172,12 +187,13 @@ pub fn pool(states: &[f32], hidden_size: usize, length: usize, pooling: Pooling)
         }
         Pooling::Mean => {
             let mut sum = vec![0.0_f32; hidden_size];
-            for token in states[..length * hidden_size].chunks_exact(hidden_size) {
+            for token in states[from * hidden_size..length * hidden_size].chunks_exact(hidden_size)
+            {
                 for (total, value) in sum.iter_mut().zip(token) {
                     *total += value;
                 }
             }
-            let scale = 1.0 / length as f32;
+            let scale = 1.0 / (length - from) as f32;
             sum.iter_mut().for_each(|value| *value *= scale);
             sum
         }
@@ -192,12 +208,25 @@ mod tests {
     fn pools_only_real_tokens() {
         // Two real tokens and one pad token of width 2.
         let states = [1.0, 2.0, 3.0, 4.0, 100.0, 100.0];
-        assert_eq!(pool(&states, 2, 2, Pooling::Mean), vec![2.0, 3.0]);
-        assert_eq!(pool(&states, 2, 2, Pooling::Cls), vec![1.0, 2.0]);
-        assert_eq!(pool(&states, 2, 2, Pooling::Last), vec![3.0, 4.0]);
+        assert_eq!(pool(&states, 2, 0..2, Pooling::Mean), vec![2.0, 3.0]);
+        assert_eq!(pool(&states, 2, 0..2, Pooling::Cls), vec![1.0, 2.0]);
+        assert_eq!(pool(&states, 2, 0..2, Pooling::Last), vec![3.0, 4.0]);
         assert_eq!(
-            pool(&[1.0, 5.0, 3.0, 4.0, 100.0, 100.0], 2, 2, Pooling::Max),
+            pool(&[1.0, 5.0, 3.0, 4.0, 100.0, 100.0], 2, 0..2, Pooling::Max),
             vec![3.0, 5.0]
         );
+    }
+
+    #[test]
+    fn leaves_out_the_tokens_before_the_range() {
+        // A prompt's token, two of the text's, a pad.
+        let states = [9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 100.0, 100.0];
+        assert_eq!(pool(&states, 2, 1..3, Pooling::Mean), vec![2.0, 3.0]);
+        assert_eq!(pool(&states, 2, 1..3, Pooling::Max), vec![3.0, 4.0]);
+        // CLS and last-token pooling do not look at the range's start.
+        assert_eq!(pool(&states, 2, 1..3, Pooling::Cls), vec![9.0, 9.0]);
+        assert_eq!(pool(&states, 2, 1..3, Pooling::Last), vec![3.0, 4.0]);
+        // A prompt as long as the row leaves its last token.
+        assert_eq!(pool(&states, 2, 3..3, Pooling::Mean), vec![3.0, 4.0]);
     }
 }

@@ -105,7 +105,16 @@ async fn classify_on(
     let labels = &settings.labels.value;
     let multi_label = settings.multi_label.value;
     let regression = settings.regression.value;
-    let outputs = run_encoder(model, params.texts, params.truncate, None, true, deadline).await?;
+    let outputs = run_encoder(
+        model,
+        params.texts,
+        params.truncate,
+        None,
+        0,
+        true,
+        deadline,
+    )
+    .await?;
 
     let top_k = params.top_k.map_or(labels.len(), |k| k as usize);
     outputs

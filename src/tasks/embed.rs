@@ -113,27 +113,16 @@ async fn embed_on(
         None => EncoderEmbedding::Pool(settings.pooling.value),
     };
     let normalize = params.normalize.unwrap_or(settings.normalize.value);
-    let prompt = settings
-        .prompt(params.prompt_name.as_deref())
-        .map_err(|reason| {
-            Error::invalid(
-                "prompt_name",
-                format!("{}@{}: {reason}", model.name, model.version),
-            )
-        })?;
+    let prompt = settings.prompt(params.prompt_name.as_deref())?;
+    if prompt.is_some() && params.truncate == Truncate::Left {
+        return Err(Error::invalid(
+            "truncate",
+            "TRUNCATE_LEFT would cut off the text's prompt first; truncate right, as \
+             sentence-transformers does, or send prompt_name \"\" for no prompt",
+        ));
+    }
+    // As sentence-transformers: the prompt and the text as one string.
     let texts = match prompt {
-        // Pooling that leaves the prompt's tokens out (INSTRUCTOR-style) is not done here;
-        // counting them would give other vectors than the model's.
-        Some(_) if !settings.prompt_in_pooling => {
-            return Err(Error::invalid(
-                "prompt_name",
-                format!(
-                    "{}@{} pools without its prompt's tokens (include_prompt false in its Pooling config), which this server does not do, so its prompts cannot be used; send prompt_name \"\" to embed without one",
-                    model.name, model.version
-                ),
-            ));
-        }
-        // As sentence-transformers: the prompt and the text as one string.
         Some(prompt) => params
             .texts
             .into_iter()
@@ -141,12 +130,17 @@ async fn embed_on(
             .collect(),
         None => params.texts,
     };
+    let pool_from = match prompt {
+        Some(prompt) if !settings.prompt_in_pooling => prompt_length(model, prompt)?,
+        _ => 0,
+    };
 
     let outputs = run_encoder(
         model,
         texts,
         params.truncate,
         Some(embedding),
+        pool_from,
         false,
         deadline,
     )
@@ -173,6 +167,18 @@ async fn embed_on(
             },
         )
         .collect()
+}
+
+/// The tokens pooling leaves out for a model that pools without its prompt: the prompt's,
+/// tokenized alone with the special tokens, less one, as sentence-transformers counts them
+/// (for BERT, `[CLS]` and the prompt, not the `[SEP]` that ends it alone).
+fn prompt_length(model: &ModelVersion, prompt: &str) -> Result<usize> {
+    let add_special_tokens = model.settings.add_special_tokens.value;
+    let encoding = model
+        .tokenizer
+        .encode(prompt, add_special_tokens)
+        .map_err(|error| Error::Internal(format!("tokenizing the prompt: {error}")))?;
+    Ok(encoding.len().saturating_sub(1))
 }
 
 /// Scales `values` to unit length; a zero vector stays zero.

@@ -170,6 +170,7 @@ pub(crate) async fn run_encoder(
     texts: Vec<String>,
     truncate: text::Truncate,
     embedding: Option<crate::runtime::encoder::Embedding>,
+    pool_from: usize,
     logits: bool,
     deadline: Option<Instant>,
 ) -> Result<Vec<EncodedOutput>> {
@@ -190,6 +191,7 @@ pub(crate) async fn run_encoder(
         .map(|e| crate::runtime::encoder::EncoderRow {
             ids: e.ids,
             embedding,
+            pool_from,
             logits,
         })
         .collect();

@@ -96,13 +96,17 @@ def prompted_minilm(tmp_path_factory):
     case = next(c for c in reference["cases"] if not c["truncated"] and c["text"].count(" ") >= 3)
     head, rest = case["text"].split(" ", 1)
     repository = tmp_path_factory.mktemp("prompted")
-    version = repository / "minilm-prompted" / "1"
     source = real_models() / MINILM / "1"
-    # Copies: the server refuses files that lead out of the repository.
-    shutil.copytree(source, version)
-    config = json.loads((source / "config_sentence_transformers.json").read_text())
-    config.update(prompts={"head": head + " ", "other": "query: "}, default_prompt_name="head")
-    (version / "config_sentence_transformers.json").write_text(json.dumps(config))
+    for name in ("minilm-prompted", "minilm-instructed"):
+        version = repository / name / "1"
+        # Copies: the server refuses files that lead out of the repository.
+        shutil.copytree(source, version)
+        config = json.loads((source / "config_sentence_transformers.json").read_text())
+        config.update(prompts={"head": head + " ", "other": "query: "}, default_prompt_name="head")
+        (version / "config_sentence_transformers.json").write_text(json.dumps(config))
+    # INSTRUCTOR-style: the prompt's tokens are left out of pooling.
+    pooling = repository / "minilm-instructed" / "1" / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps(dict(json.loads(pooling.read_text()), include_prompt=False)))
     for address in serve(["--repository", str(repository)]):
         with grpc.insecure_channel(address) as channel:
             yield channel, case, rest
@@ -127,6 +131,12 @@ def test_a_sentence_transformers_prompt_goes_before_the_text(prompted_minilm):
         embed(prompt_name="passage")
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_name" in refused.value.details() and "`head`, `other`" in refused.value.details()
+    # Keeping the tail would cut the prompt off first.
+    with pytest.raises(grpc.RpcError) as refused:
+        embed(truncate=inference_pb2.TRUNCATE_LEFT)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "truncate" in refused.value.details(), refused.value.details()
+    assert embed(prompt_name="", truncate=inference_pb2.TRUNCATE_LEFT).token_count == bare.token_count
     models = models_pb2_grpc.ModelsStub(channel)
     version = models.GetModel(models_pb2.GetModelRequest(name="minilm-prompted")).versions[0]
     settings = {s.name: (s.value, s.source) for s in version.settings}
@@ -227,3 +237,30 @@ def test_smollm2_stops_at_the_eos_of_generation_config(real_channel, smollm2_cas
     assert settings["eos_token_ids"] == ("[2]", "generation_config.json")
     assert settings["max_length"][0] == "8192"
     assert settings["chat_template"][1] == "tokenizer_config.json"
+
+
+def test_a_model_that_pools_without_its_prompt_leaves_the_prompt_s_tokens_out(prompted_minilm):
+    """sentence-transformers' Pooling with include_prompt false zeroes the attention mask over
+    the prompt's tokens (the prompt tokenized alone, less its last special token) before mean
+    pooling; the reference does the same over onnxruntime's token states of the whole text."""
+    channel, case, rest = prompted_minilm
+    folder = real_models() / MINILM / "1"
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    prompt = case["text"].split(" ", 1)[0] + " "
+    ids = tokenizer.encode(prompt + rest).ids
+    prompt_length = len(tokenizer.encode(prompt).ids) - 1
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+             "token_type_ids": np.zeros((1, len(ids)), np.int64)}
+    states = session.run(None, feeds)[0][0]
+    want = states[prompt_length:].mean(axis=0)
+    want /= np.linalg.norm(want)
+
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    got = stub.Embed(inference_pb2.EmbedRequest(model="minilm-instructed", texts=[rest])).embeddings[0]
+    assert cosine(got.values, want) >= 0.99999
+    assert got.token_count == len(ids)
+    # With the prompt pooled it is another vector.
+    assert cosine(got.values, case["embedding"]) < 0.9999

@@ -616,6 +616,38 @@ mod tests {
     }
 
     #[test]
+    fn a_models_max_length_bounds_an_unset_length_before_tokenizing() {
+        let limits = GenerationConfig::default();
+        let asking = |min_new_tokens: u32| GenerateParams {
+            min_new_tokens,
+            ..GenerateParams::default()
+        };
+        // max_length counts at least one token before the new ones.
+        let checked = asking(100).check_under_max_length(&limits, 101).unwrap();
+        assert_eq!(checked.max_new_tokens, 100);
+        assert!(checked.length_unset);
+        let error = asking(101)
+            .check_under_max_length(&limits, 101)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("101 is more than the 100 new tokens the model's max_length of 101"),
+            "{error}"
+        );
+        // A length the request sets is its own.
+        let set = GenerateParams {
+            max_new_tokens: Some(5),
+            ..asking(3)
+        };
+        assert_eq!(
+            set.check_under_max_length(&limits, 101)
+                .unwrap()
+                .max_new_tokens,
+            5
+        );
+    }
+
+    #[test]
     fn min_new_tokens_is_held_to_the_length_a_models_default_gives() {
         use crate::registry::settings::{Source, Sourced};
         let limits = GenerationConfig::default();
