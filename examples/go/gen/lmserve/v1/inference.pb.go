@@ -407,7 +407,8 @@ type EmbedRequest struct {
 	// `prompts`, shown in GetModel as embed.prompts) to put before each text, as
 	// sentence-transformers' encode(prompt_name=...) does: "query" for a retrieval model's
 	// queries, say. Unset: the model's default_prompt_name, if it has one. Empty: no prompt. A
-	// name the model lacks: INVALID_ARGUMENT. token_count and truncation count the prompt.
+	// name the model lacks: INVALID_ARGUMENT. token_count and truncation count the prompt;
+	// TRUNCATE_LEFT with a prompt is INVALID_ARGUMENT, since it would cut the prompt off first.
 	PromptName    *string `protobuf:"bytes,7,opt,name=prompt_name,json=promptName,proto3,oneof" json:"prompt_name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
