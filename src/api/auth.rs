@@ -55,11 +55,6 @@ impl KeyRing {
             .max()
     }
 
-    /// Whether a call to `path` with this `authorization` header may proceed.
-    pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<(), Status> {
-        self.check_scope(required_scope(path), authorization)
-    }
-
     /// Whether a call that needs `needed` (`None`: nothing) may proceed with `authorization`.
     pub fn check_scope(
         &self,
@@ -162,7 +157,10 @@ mod tests {
         );
         let embed = "/lmserve.v1.Inference/Embed";
         let load = "/lmserve.v1.Models/LoadModel";
-        let code = |path, auth| ring.check(path, auth).map_err(|s| s.code());
+        let code = |path, auth| {
+            ring.check_scope(required_scope(path), auth)
+                .map_err(|s| s.code())
+        };
         assert_eq!(code(embed, None), Err(tonic::Code::Unauthenticated));
         assert_eq!(
             code(embed, Some("Basic x")),

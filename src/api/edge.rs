@@ -83,16 +83,17 @@ where
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let arrived = tokio::time::Instant::now();
         request.extensions_mut().insert(deadline::Arrival(arrived));
+        let scope = required_scope(request.uri().path());
         if let Some(keys) = &self.keys {
             let authorization = request
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|value| value.to_str().ok());
-            if let Err(status) = keys.check(request.uri().path(), authorization) {
+            if let Err(status) = keys.check_scope(scope, authorization) {
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         }
-        if required_scope(request.uri().path()).is_none() {
+        if scope.is_none() {
             request = request.map(cap_open_call_body);
         }
         let timeout = request
