@@ -22,7 +22,7 @@ fn tokenizer() -> Tokenizer {
 
 /// Streams `ids` through a TextStream; returns the shown text and the stop that ended it.
 fn stream(tokenizer: &Tokenizer, ids: &[u32], stops: Vec<String>) -> (String, Option<String>) {
-    let mut text = TextStream::new(&[], stops);
+    let mut text = TextStream::new(&[], stops, false);
     let mut shown = String::new();
     for &id in ids {
         let delta = text.push(tokenizer, id);

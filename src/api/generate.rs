@@ -43,6 +43,7 @@ pub fn params(request: proto::GenerateRequest) -> GenerateParams {
         stop: p.stop,
         stop_token_ids: p.stop_token_ids,
         ignore_eos: p.ignore_eos,
+        keep_special_tokens: p.keep_special_tokens,
         seed: p.seed,
         n: p.n,
         top_logprobs: p.top_logprobs,

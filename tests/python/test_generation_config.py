@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import onnxruntime
 import pytest
+import tokenizers
 
 from conftest import serve
 from lmserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
@@ -28,6 +29,7 @@ TINY_GPT2 = Path(__file__).resolve().parents[2] / "models" / "repository" / "tin
 START = REFERENCE["special_tokens"]["decoder_start"]
 EOS = REFERENCE["special_tokens"]["eos"]
 FORCED_BOS = 7
+SPECIAL_BOS = REFERENCE["special_tokens"]["pad"]
 MAX_NEW_TOKENS = 12
 NGRAM = 2
 BAD_WORDS = [[385], [348, 754]]
@@ -88,6 +90,13 @@ def forced_server(tmp_path_factory):
     config.update(no_repeat_ngram_size=NGRAM, bad_words_ids=BAD_WORDS, max_length=CONSTRAINED_LENGTH + 1,
                   min_length=CONSTRAINED_LENGTH + 1, forced_eos_token_id=None)
     path.write_text(json.dumps(config))
+    # A forced first token that is a special token, as BART's `<s>` and mBART's language codes are.
+    version = repository / "marian-special-bos" / "1"
+    shutil.copytree(MARIAN, version)
+    path = version / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.update(forced_bos_token_id=SPECIAL_BOS)
+    path.write_text(json.dumps(config))
     # A max_length longer than the server's default length of 64 and shorter than the context.
     version = repository / "marian-long" / "1"
     shutil.copytree(MARIAN, version)
@@ -123,6 +132,24 @@ def test_greedy_begins_with_the_forced_bos_and_ends_at_the_limit_with_the_forced
     assert sequence.tokens[0].logprob == pytest.approx(logprobs[0], abs=1e-4)
     assert sequence.tokens[-1].logprob == pytest.approx(logprobs[-1], abs=1e-4)
     assert sequence.finish_reason == inference_pb2.FINISH_REASON_EOS
+
+
+def test_special_tokens_are_left_out_of_the_text_as_transformers_pipelines_leave_them(forced_server):
+    tokenizer = tokenizers.Tokenizer.from_file(str(MARIAN / "tokenizer.json"))
+    assert tokenizer.id_to_token(SPECIAL_BOS) == "<pad>"
+    with grpc.insecure_channel(forced_server) as channel:
+        for case in REFERENCE["cases"]:
+            sequence = generate(channel, case["source"], model="marian-special-bos")
+            ids = [token.id for token in sequence.tokens]
+            assert ids[0] == SPECIAL_BOS, case["source"]
+            # What the summarization and translation pipelines return.
+            assert sequence.text == tokenizer.decode(ids, skip_special_tokens=True), case["source"]
+            assert not sequence.text.startswith("<pad>")
+            kept = generate(channel, case["source"], model="marian-special-bos", keep_special_tokens=True)
+            # The end-of-sequence token that ends the output is never part of its text.
+            shown = ids[:-1] if ids[-1] == EOS else ids
+            assert kept.text == tokenizer.decode(shown, skip_special_tokens=False), case["source"]
+            assert kept.text.startswith("<pad>")
 
 
 def test_a_caller_who_ignores_eos_gets_the_model_s_last_token(forced_server):

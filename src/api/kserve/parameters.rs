@@ -242,6 +242,8 @@ pub fn generation(parameters: &mut Parameters, params: &mut GenerateParams) -> R
         .map(stop_sequences)
         .unwrap_or_default();
     params.ignore_eos = parameters.bool("ignore_eos")?.unwrap_or(false);
+    // vLLM's sampling parameter, and its default.
+    params.keep_special_tokens = !parameters.bool("skip_special_tokens")?.unwrap_or(true);
     params.seed = parameters.unsigned("seed", u64::MAX)?;
     params.truncate_prompt = parameters.bool("truncate_prompt")?.unwrap_or(false);
     Ok(())

@@ -270,6 +270,7 @@ pub struct BeamDriver {
     search: BeamSearch,
     n: usize,
     context: Vec<u32>,
+    keep_special_tokens: bool,
     tokenizer: Arc<Tokenizer>,
     events: EventSender,
     spans: SequenceSpans,
@@ -280,6 +281,7 @@ impl BeamDriver {
         search: BeamSearch,
         n: usize,
         context: Vec<u32>,
+        keep_special_tokens: bool,
         tokenizer: Arc<Tokenizer>,
         events: EventSender,
     ) -> Self {
@@ -287,6 +289,7 @@ impl BeamDriver {
             search,
             n,
             context,
+            keep_special_tokens,
             tokenizer,
             events,
             spans: SequenceSpans::enqueued(0),
@@ -305,7 +308,7 @@ impl BeamDriver {
         };
         let answers = results.iter().chain(std::iter::repeat(last));
         for (index, hypothesis) in answers.take(self.n).enumerate() {
-            let mut text = TextStream::new(&self.context, Vec::new());
+            let mut text = TextStream::new(&self.context, Vec::new(), self.keep_special_tokens);
             let mut reason = FinishReason::Length;
             for (&token, &logprob) in hypothesis.tokens.iter().zip(&hypothesis.logprobs) {
                 let generated = GeneratedToken {

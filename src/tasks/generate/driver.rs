@@ -342,7 +342,7 @@ mod tests {
             top_logprobs: 0,
         };
         let sampler = Sampler::new(SamplingConfig::default(), 0, VOCAB, &[]);
-        let text = TextStream::new(&[], Vec::new());
+        let text = TextStream::new(&[], Vec::new(), false);
         let driver = Driver::new(0, sampler, text, tokenizer, rules, sender, delivery);
         (driver, events)
     }

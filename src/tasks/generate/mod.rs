@@ -443,6 +443,7 @@ async fn start_on(
                 search,
                 checked.n,
                 context_u32,
+                checked.keep_special_tokens,
                 Arc::clone(&model.tokenizer),
                 sender.clone(),
             );
@@ -459,7 +460,11 @@ async fn start_on(
                     .seed
                     .map_or_else(rand::random, |seed| seed.wrapping_add(index as u64));
                 let sampler = Sampler::new(checked.sampling.clone(), seed, vocab, &target_context);
-                let text = TextStream::new(&context_u32, checked.stop.clone());
+                let text = TextStream::new(
+                    &context_u32,
+                    checked.stop.clone(),
+                    checked.keep_special_tokens,
+                );
                 let driver = Driver::new(
                     index,
                     sampler,

@@ -1,5 +1,7 @@
 //! Incremental detokenization: turns generated ids into text deltas that are always whole UTF-8
-//! characters and never show a stop sequence, or any part of one, to the client.
+//! characters and never show a stop sequence, or any part of one, to the client. Special tokens
+//! (a forced BOS, a language code, an end-of-turn marker) are left out of the text unless the
+//! caller keeps them, as transformers' pipelines (`skip_special_tokens=True`) and vLLM do.
 
 use tokenizers::Tokenizer;
 
@@ -16,6 +18,7 @@ pub struct TextStream {
     /// Decoded text held back because it might begin a stop sequence.
     held: String,
     stops: Vec<String>,
+    keep_special_tokens: bool,
 }
 
 /// What one new token adds to the text.
@@ -28,7 +31,7 @@ pub struct TextDelta {
 }
 
 impl TextStream {
-    pub fn new(prompt: &[u32], stops: Vec<String>) -> Self {
+    pub fn new(prompt: &[u32], stops: Vec<String>, keep_special_tokens: bool) -> Self {
         let context = &prompt[prompt.len().saturating_sub(PROMPT_CONTEXT_TOKENS)..];
         Self {
             ids: context.to_vec(),
@@ -36,6 +39,7 @@ impl TextStream {
             read_offset: context.len(),
             held: String::new(),
             stops,
+            keep_special_tokens,
         }
     }
 
@@ -69,10 +73,12 @@ impl TextStream {
     /// bytes of a character the last tokens left incomplete, as U+FFFD (what decoding all the
     /// ids at once gives), rather than dropped.
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> String {
-        let (prefix, full) = self.decode_window(tokenizer);
         let mut text = std::mem::take(&mut self.held);
-        if let Some(tail) = full.get(prefix.len()..) {
-            text.push_str(tail);
+        if self.read_offset < self.ids.len() {
+            let window = self.decode_window(tokenizer);
+            if let Some(tail) = window.unread() {
+                text.push_str(tail);
+            }
         }
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
@@ -81,26 +87,37 @@ impl TextStream {
 
     /// The already-shown context tokens decoded, and the same with the unread tokens after it:
     /// what the unread tokens add is the difference.
-    fn decode_window(&self, tokenizer: &Tokenizer) -> (String, String) {
-        let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
-        (
-            decode(&self.ids[self.prefix_offset..self.read_offset]),
-            decode(&self.ids[self.prefix_offset..]),
-        )
+    fn decode_window(&self, tokenizer: &Tokenizer) -> Window {
+        let skip_special = !self.keep_special_tokens;
+        let decode = |ids: &[u32]| tokenizer.decode(ids, skip_special).unwrap_or_default();
+        let read = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        // A prompt can end inside a character (ids cut from an earlier generation): its bytes
+        // decode to U+FFFD there and to the whole character once the output completes it, so
+        // the difference starts before them, and the character counts as new text.
+        let complete = read.trim_end_matches(REPLACEMENT).len();
+        Window {
+            read_is_whole: complete == read.len(),
+            complete,
+            full: decode(&self.ids[self.prefix_offset..]),
+        }
     }
 
     /// What the unread tokens add, once the characters they end are complete; until then
     /// nothing, and (second) the complete text before the incomplete character, not yet read.
     fn decode_new(&mut self, tokenizer: &Tokenizer) -> (String, String) {
-        let (prefix, full) = self.decode_window(tokenizer);
-        let Some(new) = full.get(prefix.len()..).filter(|new| !new.is_empty()) else {
+        let window = self.decode_window(tokenizer);
+        let Some(new) = window.unread().filter(|new| !new.is_empty()) else {
             return (String::new(), String::new());
         };
         if new.ends_with(REPLACEMENT) {
             return (String::new(), new.trim_end_matches(REPLACEMENT).to_owned());
         }
         let new = new.to_owned();
-        self.prefix_offset = self.read_offset;
+        // The next window starts where this one's read text ended, unless that was inside a
+        // character: decoded from there, the character's last bytes would read as U+FFFD.
+        if window.read_is_whole {
+            self.prefix_offset = self.read_offset;
+        }
         self.read_offset = self.ids.len();
         (new, String::new())
     }
@@ -116,6 +133,22 @@ impl TextStream {
             }
         }
         keep
+    }
+}
+
+/// A window of ids decoded: the text up to the read offset, and with the unread tokens.
+struct Window {
+    /// Bytes of `full` the read tokens account for: their text less any incomplete character.
+    complete: usize,
+    /// Whether the read tokens ended on a character boundary.
+    read_is_whole: bool,
+    full: String,
+}
+
+impl Window {
+    /// The text the unread tokens add.
+    fn unread(&self) -> Option<&str> {
+        self.full.get(self.complete..)
     }
 }
 
@@ -149,7 +182,7 @@ mod tests {
         let tokenizer = byte_tokenizer();
         let text = "so 😀 and 雪";
         let ids = ids(&tokenizer, text);
-        let mut stream = TextStream::new(&[], vec![]);
+        let mut stream = TextStream::new(&[], vec![], false);
         let deltas: Vec<String> = ids
             .iter()
             .map(|&id| stream.push(&tokenizer, id).text)
@@ -168,7 +201,7 @@ mod tests {
     #[test]
     fn stop_sequences_never_leak() {
         let tokenizer = byte_tokenizer();
-        let mut stream = TextStream::new(&[], vec!["END".into()]);
+        let mut stream = TextStream::new(&[], vec!["END".into()], false);
         let mut shown = String::new();
         let mut stopped = None;
         for id in ids(&tokenizer, "abc ENxEND tail") {
@@ -206,13 +239,13 @@ mod tests {
     fn a_stop_ending_in_a_token_that_begins_a_character_is_found_at_that_token() {
         let tokenizer = split_tokenizer();
         assert_eq!(tokenizer.decode(&[0, 3], false).unwrap(), "xEND\u{FFFD}");
-        let mut stream = TextStream::new(&[], vec!["END".into()]);
+        let mut stream = TextStream::new(&[], vec!["END".into()], false);
         assert_eq!(stream.push(&tokenizer, 0).text, "x");
         let delta = stream.push(&tokenizer, 3);
         assert_eq!(delta.stopped_by.as_deref(), Some("END"));
         assert_eq!(delta.text, "");
         // Without a stop, the incomplete character is still held back until the end.
-        let mut stream = TextStream::new(&[], vec!["NOPE".into()]);
+        let mut stream = TextStream::new(&[], vec!["NOPE".into()], false);
         let shown = stream.push(&tokenizer, 0).text + &stream.push(&tokenizer, 3).text;
         assert_eq!(shown, "x");
         assert_eq!(shown + &stream.finish(&tokenizer), "xEND\u{FFFD}");
@@ -221,7 +254,7 @@ mod tests {
     #[test]
     fn finish_releases_held_text() {
         let tokenizer = byte_tokenizer();
-        let mut stream = TextStream::new(&[], vec!["STOP".into()]);
+        let mut stream = TextStream::new(&[], vec!["STOP".into()], false);
         let mut shown = String::new();
         for id in ids(&tokenizer, "go ST") {
             shown.push_str(&stream.push(&tokenizer, id).text);
@@ -237,7 +270,7 @@ mod tests {
         let all = ids(&tokenizer, "ok 😀");
         // Cut inside the emoji's bytes, as max_new_tokens can.
         let cut = &all[..all.len() - 1];
-        let mut stream = TextStream::new(&[], vec![]);
+        let mut stream = TextStream::new(&[], vec![], false);
         let mut shown: String = cut
             .iter()
             .map(|&id| stream.push(&tokenizer, id).text)
@@ -246,5 +279,86 @@ mod tests {
         shown.push_str(&stream.finish(&tokenizer));
         assert_eq!(shown, tokenizer.decode(cut, false).unwrap());
         assert!(shown.ends_with(REPLACEMENT), "{shown:?}");
+    }
+
+    #[test]
+    fn a_prompt_that_ends_inside_a_character_gets_the_character_whole() {
+        let tokenizer = byte_tokenizer();
+        // The ids of an earlier output that the length limit cut inside the emoji.
+        let all = ids(&tokenizer, "I love 😀 Hi");
+        let emoji_end = (1..all.len())
+            .find(|&end| {
+                tokenizer
+                    .decode(&all[..end], false)
+                    .unwrap()
+                    .ends_with('😀')
+            })
+            .unwrap();
+        let cut = emoji_end - 1;
+        assert!(
+            tokenizer
+                .decode(&all[..cut], false)
+                .unwrap()
+                .ends_with(REPLACEMENT),
+            "the prompt must end inside the emoji"
+        );
+        let mut stream = TextStream::new(&all[..cut], vec![], false);
+        let shown: String = all[cut..]
+            .iter()
+            .map(|&id| stream.push(&tokenizer, id).text)
+            .collect();
+        assert_eq!(shown + &stream.finish(&tokenizer), "😀 Hi");
+    }
+
+    #[test]
+    fn nothing_generated_after_such_a_prompt_shows_nothing() {
+        let tokenizer = byte_tokenizer();
+        let all = ids(&tokenizer, "ok 😀");
+        let mut stream = TextStream::new(&all[..all.len() - 1], vec![], false);
+        assert_eq!(stream.finish(&tokenizer), "");
+    }
+
+    #[test]
+    fn special_tokens_are_left_out_of_the_text_unless_kept() {
+        // The translator's start token is `<s>` (1); a forced BOS would be `<s>` again.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/repository/tiny-translator/1/tokenizer.json"
+        );
+        let tokenizer = Tokenizer::from_file(path).unwrap();
+        let words = ids(&tokenizer, "la casa");
+        let generated = [&[1], words.as_slice(), &[2]].concat();
+        for (keep, expected) in [(false, "la casa"), (true, "<s>la casa</s>")] {
+            let mut stream = TextStream::new(&[1], vec![], keep);
+            let shown: String = generated
+                .iter()
+                .map(|&id| stream.push(&tokenizer, id).text)
+                .collect();
+            assert_eq!(shown + &stream.finish(&tokenizer), expected);
+        }
+    }
+
+    /// A SentencePiece-style vocabulary (T5, Marian): a word's space is its `▁` marker, which
+    /// the decoder drops at the start of the text.
+    fn metaspace_tokenizer() -> Tokenizer {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 0, "content": "<pad>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
+                        "split": true},
+            "model": {"type": "WordLevel", "vocab": {"<pad>": 0, "▁Das": 1, "▁Haus": 2},
+                      "unk_token": "<pad>"}}"#;
+        json.parse().unwrap()
+    }
+
+    #[test]
+    fn a_start_token_does_not_give_the_first_word_a_space() {
+        let tokenizer = metaspace_tokenizer();
+        // The decoder starts from `<pad>`, as T5's and Marian's do.
+        let mut stream = TextStream::new(&[0], vec![], false);
+        let first = stream.push(&tokenizer, 1).text;
+        let second = stream.push(&tokenizer, 2).text;
+        assert_eq!((first.as_str(), second.as_str()), ("Das", " Haus"));
     }
 }

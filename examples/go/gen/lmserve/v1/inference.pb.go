@@ -1567,8 +1567,12 @@ type GenerationParameters struct {
 	LengthPenalty *float32 `protobuf:"fixed32,18,opt,name=length_penalty,json=lengthPenalty,proto3,oneof" json:"length_penalty,omitempty"`
 	// Beam search: when the search may end.
 	EarlyStopping EarlyStopping `protobuf:"varint,19,opt,name=early_stopping,json=earlyStopping,proto3,enum=lmserve.v1.EarlyStopping" json:"early_stopping,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Keep special tokens (a forced BOS, a language code, an end-of-turn marker) in the text.
+	// By default they are left out of it, as transformers' pipelines (skip_special_tokens=True)
+	// and vLLM leave them; the token ids always include them.
+	KeepSpecialTokens bool `protobuf:"varint,20,opt,name=keep_special_tokens,json=keepSpecialTokens,proto3" json:"keep_special_tokens,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *GenerationParameters) Reset() {
@@ -1732,6 +1736,13 @@ func (x *GenerationParameters) GetEarlyStopping() EarlyStopping {
 		return x.EarlyStopping
 	}
 	return EarlyStopping_EARLY_STOPPING_UNSPECIFIED
+}
+
+func (x *GenerationParameters) GetKeepSpecialTokens() bool {
+	if x != nil {
+		return x.KeepSpecialTokens
+	}
+	return false
 }
 
 type TokenLogprob struct {
@@ -2311,7 +2322,7 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"parameters\x12'\n" +
 	"\x0ftruncate_prompt\x18\x05 \x01(\bR\x0etruncatePrompt\x12\x1b\n" +
 	"\troute_key\x18\x06 \x01(\tR\brouteKeyB\b\n" +
-	"\x06prompt\"\xc6\x06\n" +
+	"\x06prompt\"\xf6\x06\n" +
 	"\x14GenerationParameters\x12)\n" +
 	"\x0emax_new_tokens\x18\x01 \x01(\rH\x00R\fmaxNewTokens\x88\x01\x01\x12$\n" +
 	"\x0emin_new_tokens\x18\x02 \x01(\rR\fminNewTokens\x12 \n" +
@@ -2333,7 +2344,8 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\ftop_logprobs\x18\x10 \x01(\rR\vtopLogprobs\x12\x1b\n" +
 	"\tnum_beams\x18\x11 \x01(\rR\bnumBeams\x12*\n" +
 	"\x0elength_penalty\x18\x12 \x01(\x02H\bR\rlengthPenalty\x88\x01\x01\x12@\n" +
-	"\x0eearly_stopping\x18\x13 \x01(\x0e2\x19.lmserve.v1.EarlyStoppingR\rearlyStoppingB\x11\n" +
+	"\x0eearly_stopping\x18\x13 \x01(\x0e2\x19.lmserve.v1.EarlyStoppingR\rearlyStopping\x12.\n" +
+	"\x13keep_special_tokens\x18\x14 \x01(\bR\x11keepSpecialTokensB\x11\n" +
 	"\x0f_max_new_tokensB\f\n" +
 	"\n" +
 	"_do_sampleB\x0e\n" +
