@@ -62,6 +62,18 @@ fn infer(model: &str, texts: &[&str], parameters: &[(&str, ParameterChoice)]) ->
     }
 }
 
+/// `request` with a one-BOOL input (`stream`, `exclude_input_in_output`) in its raw layout.
+fn with_flag(mut request: ModelInferRequest, name: &str, value: bool) -> ModelInferRequest {
+    request.inputs.push(InferInputTensor {
+        name: name.into(),
+        datatype: "BOOL".into(),
+        shape: vec![1],
+        ..Default::default()
+    });
+    request.raw_input_contents.push(vec![u8::from(value)]);
+    request
+}
+
 fn outputs(names: &[&str]) -> Vec<InferRequestedOutputTensor> {
     names
         .iter()
@@ -253,7 +265,11 @@ async fn health_metadata_and_unimplemented_rpcs() {
     assert_eq!(gpt2.versions, ["1"]);
     assert_eq!(
         shapes(&gpt2.inputs),
-        ["text_input BYTES [1]", "stream BOOL [1]"]
+        [
+            "text_input BYTES [1]",
+            "stream BOOL [1]",
+            "exclude_input_in_output BOOL [1]"
+        ]
     );
     assert_eq!(shapes(&gpt2.outputs), ["text_output BYTES [-1]"]);
     let encoder = kserve
@@ -298,7 +314,9 @@ async fn model_infer_gives_what_lmserve_v1_gives() {
     let server = TestServer::start().await;
     let mut kserve = client(&server).await;
 
-    let expected = v1_generate(&server, "tiny-gpt2", 16).await;
+    let generated = v1_generate(&server, "tiny-gpt2", 16).await;
+    // As Triton's vLLM backend answers: the prompt, then what was generated.
+    let expected = format!("{PROMPT}{generated}");
     let max_tokens = [("max_tokens", ParameterChoice::Int64Param(16))];
     let raw = kserve
         .model_infer(infer("tiny-gpt2", &[PROMPT], &max_tokens))
@@ -307,6 +325,29 @@ async fn model_infer_gives_what_lmserve_v1_gives() {
         .into_inner();
     assert_eq!(
         texts_of(&raw, "text_output"),
+        std::slice::from_ref(&expected)
+    );
+    let excluded = with_flag(
+        infer("tiny-gpt2", &[PROMPT], &max_tokens),
+        "exclude_input_in_output",
+        true,
+    );
+    let excluded = kserve.model_infer(excluded).await.unwrap().into_inner();
+    assert_eq!(texts_of(&excluded, "text_output"), [generated]);
+
+    // What tritonclient's infer(priority=..., timeout=...) sends is taken.
+    let triton_options = [
+        ("max_tokens", ParameterChoice::Int64Param(16)),
+        ("priority", ParameterChoice::Uint64Param(1)),
+        ("timeout", ParameterChoice::Int64Param(30_000_000)),
+    ];
+    let optioned = kserve
+        .model_infer(infer("tiny-gpt2", &[PROMPT], &triton_options))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        texts_of(&optioned, "text_output"),
         std::slice::from_ref(&expected)
     );
     assert_eq!(output(&raw, "text_output").1, [1]);
@@ -420,11 +461,8 @@ async fn stream_infer_sends_token_deltas_then_a_final_response() {
     let mut kserve = client(&server).await;
     let expected = v1_generate(&server, "tiny-gpt2", 20).await;
 
-    let mut generate = infer(
-        "tiny-gpt2",
-        &[PROMPT],
-        &[("max_tokens", ParameterChoice::Uint64Param(20))],
-    );
+    let twenty = [("max_tokens", ParameterChoice::Uint64Param(20))];
+    let mut generate = with_flag(infer("tiny-gpt2", &[PROMPT], &twenty), "stream", true);
     generate.id = "gen".into();
     let mut bad = infer(
         "tiny-gpt2",
@@ -435,17 +473,13 @@ async fn stream_infer_sends_token_deltas_then_a_final_response() {
     let mut embed = infer("tiny-encoder", &["hello"], &[]);
     embed.id = "emb".into();
     embed.outputs = outputs(&["embedding"]);
-    // Triton's vLLM switch: `stream` false answers with the whole text at once.
-    let mut whole = generate.clone();
+    // As Triton's vLLM backend: without `stream` true, the whole text (the prompt first) at once.
+    let mut whole = infer("tiny-gpt2", &[PROMPT], &twenty);
     whole.id = "whole".into();
-    whole.inputs.push(InferInputTensor {
-        name: "stream".into(),
-        datatype: "BOOL".into(),
-        shape: vec![1],
-        ..Default::default()
-    });
-    whole.raw_input_contents.push(vec![0]);
-    let requests = futures::stream::iter([generate, bad, embed, whole]);
+    // A stream does not repeat the prompt, and may not be asked to.
+    let mut echoing = with_flag(generate.clone(), "exclude_input_in_output", false);
+    echoing.id = "bad".into();
+    let requests = futures::stream::iter([generate, bad, embed, whole, echoing]);
     let mut responses = kserve
         .model_stream_infer(requests)
         .await
@@ -495,13 +529,19 @@ async fn stream_infer_sends_token_deltas_then_a_final_response() {
         "one response per token, then the final one"
     );
     assert_eq!(deltas.concat(), expected);
-    assert_eq!(errors.len(), 1);
+    errors.sort();
+    assert_eq!(errors.len(), 2);
     assert!(
-        errors[0].starts_with("InvalidArgument: parameters.top_p: must be in (0, 1]"),
+        errors[0]
+            .starts_with("InvalidArgument: exclude_input_in_output: false asks for the prompt"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("InvalidArgument: parameters.top_p: must be in (0, 1]"),
         "{errors:?}"
     );
     assert_eq!(embeddings, 1);
-    assert_eq!(wholes, [expected]);
+    assert_eq!(wholes, [format!("{PROMPT}{expected}")]);
 }
 
 #[tokio::test]

@@ -31,6 +31,20 @@ pub fn from_request(metadata: &MetadataMap, extensions: &Extensions) -> Deadline
     Some((arrived.checked_add(timeout)?, timeout))
 }
 
+/// The sooner of `deadline` and a limit the request itself carries (Triton's `timeout`),
+/// counted from now.
+pub fn sooner(deadline: Deadline, limit: Option<Duration>) -> Deadline {
+    let Some(limit) = limit else {
+        return deadline;
+    };
+    let own = Instant::now().checked_add(limit).map(|at| (at, limit));
+    match (deadline, own) {
+        (Some(call), Some(own)) if call.0 <= own.0 => Some(call),
+        (_, Some(own)) => Some(own),
+        (call, None) => call,
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// `stream` until the call's deadline, then DEADLINE_EXCEEDED. Ending the stream drops the work
@@ -79,6 +93,20 @@ pub fn parse(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sooner_of_the_call_s_deadline_and_the_request_s_own_limit_holds() {
+        let second = Duration::from_secs(1);
+        let hour = Duration::from_secs(3600);
+        let call = Some((Instant::now() + second, second));
+        assert_eq!(sooner(call, None), call);
+        assert_eq!(sooner(call, Some(hour)), call);
+        let own = sooner(call, Some(Duration::from_millis(10))).unwrap();
+        assert_eq!(own.1, Duration::from_millis(10));
+        assert!(own.0 < call.unwrap().0);
+        assert_eq!(sooner(None, Some(hour)).unwrap().1, hour);
+        assert_eq!(sooner(None, None), None);
+    }
 
     #[test]
     fn parses_every_unit_and_rejects_the_rest() {

@@ -35,6 +35,12 @@ def text_input(texts):
     return tensor
 
 
+def flag(name, value):
+    tensor = triton.InferInput(name, [1], "BOOL")
+    tensor.set_data_from_numpy(np.array([value], dtype=bool))
+    return tensor
+
+
 def lmserve_generate(channel, max_new_tokens):
     stub = inference_pb2_grpc.InferenceStub(channel)
     request = inference_pb2.GenerateRequest(
@@ -99,18 +105,24 @@ def test_health_and_metadata(client):
         ("labels", "BYTES", ["2"]),
     ]
     metadata = client.get_model_metadata("tiny-gpt2")
-    assert [t.name for t in metadata.inputs] == ["text_input", "stream"]
+    assert [t.name for t in metadata.inputs] == ["text_input", "stream", "exclude_input_in_output"]
     assert [t.name for t in metadata.outputs] == ["text_output"]
 
 
 def test_infer_generate_matches_lmserve_generate(client, channel):
     expected = lmserve_generate(channel, 16)
+    # As Triton's vLLM backend answers: the prompt, then the generated text. tritonclient's own
+    # options (priority, timeout in microseconds) are taken.
     result = client.infer("tiny-gpt2", [text_input([PROMPT])], parameters={"max_tokens": 16},
-                          outputs=[triton.InferRequestedOutput("text_output")], request_id="g1")
-    assert result.as_numpy("text_output").tolist() == [expected.encode()]
+                          outputs=[triton.InferRequestedOutput("text_output")], request_id="g1",
+                          priority=1, timeout=30_000_000)
+    assert result.as_numpy("text_output").tolist() == [(PROMPT + expected).encode()]
     response = result.get_response()
     assert response.id == "g1"
     assert response.parameters["served_by"].string_param == "tiny-gpt2@1"
+    excluded = client.infer("tiny-gpt2", [text_input([PROMPT]), flag("exclude_input_in_output", True)],
+                            parameters={"max_tokens": 16})
+    assert excluded.as_numpy("text_output").tolist() == [expected.encode()]
 
 
 def test_infer_embed_and_classify_match_lmserve(client, channel):
@@ -143,8 +155,9 @@ def test_stream_infer_streams_token_deltas_then_a_final_response(client, channel
     responses = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
-        client.async_stream_infer("tiny-gpt2", [text_input([PROMPT])], request_id="s1",
-                                  parameters={"max_tokens": 20}, enable_empty_final_response=True)
+        client.async_stream_infer("tiny-gpt2", [text_input([PROMPT]), flag("stream", True)],
+                                  request_id="s1", parameters={"max_tokens": 20},
+                                  enable_empty_final_response=True)
         deltas = []
         while True:
             result, error = responses.get(timeout=60)
@@ -157,6 +170,14 @@ def test_stream_infer_streams_token_deltas_then_a_final_response(client, channel
                 break
         assert "".join(deltas) == expected
         assert len(deltas) == generated + 1
+
+        # Without `stream` true, one response with the whole text, as Triton's vLLM backend.
+        client.async_stream_infer("tiny-gpt2", [text_input([PROMPT])], request_id="w1",
+                                  parameters={"max_tokens": 20})
+        result, error = responses.get(timeout=60)
+        assert error is None
+        assert result.get_response().parameters["triton_final_response"].bool_param
+        assert result.as_numpy("text_output").tolist() == [(PROMPT + expected).encode()]
 
         # A failing request answers through the callback; the stream goes on.
         client.async_stream_infer("tiny-gpt2", [text_input([PROMPT])], request_id="bad",

@@ -165,17 +165,18 @@ pub async fn infer(
         reply, work, names, ..
     } = request;
     let answered = match work {
-        Work::Generate {
-            stream: Some(true), ..
-        } => Err(Error::invalid(
+        Work::Generate { stream: true, .. } => Err(Error::invalid(
             "stream",
             "true asks for token streaming, which needs ModelStreamInfer; send false or leave the input out",
         )),
-        Work::Generate { params, shape, .. } => {
-            generation::generate(tasks.registry, tasks.generation_limits(), params, routing)
-                .await
-                .map(|output| generated(&reply, output, shape))
-        }
+        Work::Generate {
+            params,
+            shape,
+            echoed_prompt,
+            ..
+        } => generation::generate(tasks.registry, tasks.generation_limits(), params, routing)
+            .await
+            .map(|output| generated(&reply, output, shape, echoed_prompt)),
         Work::Encode {
             embed,
             classify,
@@ -187,13 +188,22 @@ pub async fn infer(
     answered.map_err(|error| names.apply(error))
 }
 
-fn generated(reply: &Reply, output: GenerateOutput, shape: Vec<i64>) -> ModelInferResponse {
+fn generated(
+    reply: &Reply,
+    output: GenerateOutput,
+    shape: Vec<i64>,
+    echoed_prompt: Option<String>,
+) -> ModelInferResponse {
     let mut parameters = vec![
         ("prompt_tokens", count(output.prompt_tokens)),
         ("generated_tokens", count(output.generated_tokens)),
     ];
     let sequence = output.sequences.into_iter().next();
     let (text, reason) = sequence.map_or((String::new(), None), |s| (s.text, s.finish_reason));
+    let text = match echoed_prompt {
+        Some(prompt) => prompt + &text,
+        None => text,
+    };
     if let Some(reason) = reason {
         parameters.push(("finish_reason", finish_reason(reason)));
     }

@@ -14,6 +14,9 @@ use crate::registry::{LoadState, ModelVersion, Registry, parse_target};
 pub const TEXT_INPUT: &str = "text_input";
 /// Triton's vLLM backend's switch between streamed and whole responses on ModelStreamInfer.
 pub const STREAM_INPUT: &str = "stream";
+/// Whether a generate response leaves the prompt out of `text_output` (Triton's vLLM backend's
+/// input of that name; by default only a stream leaves it out).
+pub const EXCLUDE_INPUT_INPUT: &str = "exclude_input_in_output";
 /// A dimension whose size varies from request to request.
 const DYNAMIC: i64 = -1;
 
@@ -212,6 +215,7 @@ pub fn model_metadata(
     )];
     if generates {
         inputs.push(tensor(STREAM_INPUT, BOOL, &[1]));
+        inputs.push(tensor(EXCLUDE_INPUT_INPUT, BOOL, &[1]));
     }
     let versions = match (model, version.is_empty()) {
         (None, _) => Vec::new(),

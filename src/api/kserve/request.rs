@@ -3,9 +3,10 @@
 //! Sizes are checked against `[limits]` before anything is copied out of the message.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use super::infer::Reply;
-use super::metadata::{self, Output, STREAM_INPUT, Served, TEXT_INPUT};
+use super::metadata::{self, EXCLUDE_INPUT_INPUT, Output, STREAM_INPUT, Served, TEXT_INPUT};
 use super::parameters::{self, Parameters};
 use super::proto::ModelInferRequest;
 use super::proto::model_infer_request::InferInputTensor;
@@ -23,8 +24,11 @@ pub enum Work {
         params: GenerateParams,
         /// The prompt's shape, which `text_output` repeats.
         shape: Vec<i64>,
-        /// The `stream` input, when sent.
-        stream: Option<bool>,
+        /// The `stream` input; unset is false, as in Triton's vLLM backend.
+        stream: bool,
+        /// The prompt, where `text_output` begins with it: as Triton's vLLM backend answers, a
+        /// response that is not streamed repeats it unless `exclude_input_in_output` says not.
+        echoed_prompt: Option<String>,
     },
     Encode {
         embed: Option<EmbedParams>,
@@ -34,9 +38,17 @@ pub enum Work {
     },
 }
 
+/// The longest `timeout` taken, in microseconds: a day, well past any call's deadline, and far
+/// from overflowing an instant.
+const MAX_TIMEOUT_MICROS: u64 = 24 * 3600 * 1_000_000;
+
 pub struct Request {
     pub reply: Reply,
     pub route_key: Option<String>,
+    /// Triton's `timeout`: the request's own time limit, which admission holds it to as it holds
+    /// a call to its `grpc-timeout` (Triton's queue policy likewise rejects a request that would
+    /// time out waiting).
+    pub timeout: Option<Duration>,
     pub work: Work,
     pub names: FieldNames,
 }
@@ -112,26 +124,48 @@ pub fn read(
     })?;
 
     let route_key = parameters.string("route_key")?;
+    // What tritonclient's infer(timeout=..., priority=...) send. lmserve serves requests in the
+    // order they arrive, so a priority is accepted and changes nothing.
+    let timeout = parameters
+        .unsigned("timeout", MAX_TIMEOUT_MICROS)?
+        .filter(|&micros| micros > 0)
+        .map(Duration::from_micros);
+    parameters.unsigned("priority", u64::MAX)?;
     // Every streamed request gets a final response (an empty one when nothing is left to
     // send), so the flag that asks for one changes nothing.
     parameters.bool("triton_enable_empty_final_response")?;
     let work = if generate {
         let shape = text_input.shape.to_vec();
         let texts = generate_prompt(text_input, layout, &request.raw_input_contents)?;
+        let prompt = texts.into_iter().next();
+        let raw = &request.raw_input_contents;
+        let flag = |input: Option<Input<'_>>, name| match input {
+            Some(input) => bool_flag(name, input, layout, raw).map(Some),
+            None => Ok(None),
+        };
+        let stream = flag(inputs.stream, STREAM_INPUT)?.unwrap_or(false);
+        let echoed_prompt = match (stream, flag(inputs.exclude_input, EXCLUDE_INPUT_INPUT)?) {
+            (true, Some(false)) => {
+                return Err(Error::invalid(
+                    EXCLUDE_INPUT_INPUT,
+                    "false asks for the prompt in the output, which a stream does not repeat; \
+                     leave it out or send true",
+                ));
+            }
+            (false, None | Some(false)) => prompt.clone(),
+            _ => None,
+        };
         let mut params = GenerateParams {
             model: target,
-            prompt: texts.into_iter().next().map(Prompt::Text),
+            prompt: prompt.map(Prompt::Text),
             ..Default::default()
         };
         parameters::generation(&mut parameters, &mut params)?;
-        let stream = match inputs.stream {
-            Some(input) => Some(stream_flag(input, layout, &request.raw_input_contents)?),
-            None => None,
-        };
         Work::Generate {
             params,
             shape,
             stream,
+            echoed_prompt,
         }
     } else {
         let mut texts = encoder_texts(text_input, layout, &request.raw_input_contents, limits)?;
@@ -180,6 +214,7 @@ pub fn read(
             layout,
         },
         route_key,
+        timeout,
         work,
         names: FieldNames {
             parameters: parameters.renamed().to_vec(),
@@ -267,6 +302,7 @@ impl Input<'_> {
 struct Inputs<'a> {
     text: Option<Input<'a>>,
     stream: Option<Input<'a>>,
+    exclude_input: Option<Input<'a>>,
 }
 
 impl<'a> Inputs<'a> {
@@ -274,6 +310,7 @@ impl<'a> Inputs<'a> {
         let mut inputs = Inputs {
             text: None,
             stream: None,
+            exclude_input: None,
         };
         let mut seen = HashSet::new();
         for (index, tensor) in request.inputs.iter().enumerate() {
@@ -281,9 +318,12 @@ impl<'a> Inputs<'a> {
             let slot = match name {
                 TEXT_INPUT => &mut inputs.text,
                 STREAM_INPUT if generate => &mut inputs.stream,
+                EXCLUDE_INPUT_INPUT if generate => &mut inputs.exclude_input,
                 _ => {
                     let known = if generate {
-                        format!("{TEXT_INPUT} (BYTES), {STREAM_INPUT} (BOOL)")
+                        format!(
+                            "{TEXT_INPUT} (BYTES), {STREAM_INPUT} (BOOL), {EXCLUDE_INPUT_INPUT} (BOOL)"
+                        )
                     } else {
                         format!("{TEXT_INPUT} (BYTES)")
                     };
@@ -382,16 +422,16 @@ fn encoder_texts(
     tensors::utf8(TEXT_INPUT, elements)
 }
 
-/// The `stream` input: one BOOL.
-fn stream_flag(input: Input<'_>, layout: Layout, raw: &[Vec<u8>]) -> Result<bool> {
+/// A one-BOOL input (`stream`, `exclude_input_in_output`).
+fn bool_flag(name: &str, input: Input<'_>, layout: Layout, raw: &[Vec<u8>]) -> Result<bool> {
     check_datatype(&input, BOOL)?;
     if !matches!(input.shape, [1] | [1, 1]) {
         return Err(Error::invalid(
-            format!("{STREAM_INPUT}.shape"),
+            format!("{name}.shape"),
             format!("must be [1]; got {}", show_shape(input.shape)),
         ));
     }
-    let flags = tensors::bool_elements(STREAM_INPUT, input.source(layout, raw), 1)?;
+    let flags = tensors::bool_elements(name, input.source(layout, raw), 1)?;
     Ok(flags[0])
 }
 

@@ -148,6 +148,7 @@ impl GrpcInferenceService for KserveService {
         let deadline = deadline::from_request(&metadata, &extensions);
         let span = tracing::info_span!("kserve_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
         let request = self.read(request)?;
+        let deadline = deadline::sooner(deadline, request.timeout);
         let routing = self.routing(&metadata, deadline, request.route_key.as_deref())?;
         let response = infer::infer(self.tasks(), request, &routing)
             .instrument(span)

@@ -1,8 +1,8 @@
 //! ModelStreamInfer: every request of the stream answered by its own responses, several in
-//! flight at once, their responses interleaved and told apart by `id`. A generate request
-//! gets one response per generated token (its text delta) and then a last one, marked by the
-//! `triton_final_response` parameter as Triton marks a decoupled model's; any other request
-//! gets one response, marked final too. A request that fails gets an `error_message` response
+//! flight at once, their responses interleaved and told apart by `id`. A generate request whose
+//! `stream` input is true gets one response per generated token (its text delta) and then a
+//! last one, marked by the `triton_final_response` parameter as Triton marks a decoupled
+//! model's; any other request gets one response, marked final too. A request that fails gets an `error_message` response
 //! and the stream goes on, as Triton's does; only a message the stream cannot read ends it.
 
 use crate::error::bounded;
@@ -20,7 +20,7 @@ use super::proto::infer_parameter::ParameterChoice;
 use super::proto::{ModelInferRequest, ModelInferResponse, ModelStreamInferResponse};
 use super::request::Work;
 use super::service::KserveService;
-use crate::api::deadline::Deadline;
+use crate::api::deadline::{self, Deadline};
 use crate::api::edge;
 use crate::error::{Error, Result};
 use crate::tasks::generate::driver::Event;
@@ -88,14 +88,16 @@ async fn start(
     deadline: Deadline,
 ) -> Result<Responses> {
     let request = service.read(request)?;
+    let deadline = deadline::sooner(deadline, request.timeout);
     let routing = service.routing(&metadata, deadline, request.route_key.as_deref())?;
     let tasks = service.tasks();
     match request.work {
-        // Triton's vLLM backend streams unless the `stream` input says false.
+        // As Triton's vLLM backend, only when the `stream` input says so; otherwise one response.
         Work::Generate {
             params,
             shape,
-            stream: None | Some(true),
+            stream: true,
+            ..
         } => {
             let generation =
                 generation::start(tasks.registry, tasks.generation_limits(), params, &routing)
