@@ -173,6 +173,60 @@ async fn replicas_agree_on_every_key_and_follow_the_config_file() {
     );
 }
 
+/// An edit of the routes file that does not fit what is loaded (here an arm on a version not in
+/// the repository yet) must not take the route away from every replica: it serves as it was,
+/// and the new definition takes over once its target loads.
+#[tokio::test]
+async fn a_config_edit_that_does_not_fit_leaves_the_route_serving_until_it_does() {
+    let repository = repository();
+    let folder = tempfile::tempdir().unwrap();
+    let config = folder.path().join("lmserve.toml");
+    std::fs::write(&config, routes_file((50, 50))).unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        args: vec!["--config".into(), config.to_str().unwrap().into()],
+        env: vec![("LMSERVE_REPOSITORY__POLL_INTERVAL_MS".into(), "100".into())],
+        ..Default::default()
+    })
+    .await;
+    let keys: Vec<String> = (0..20).map(|i| format!("user-{i}")).collect();
+    let before = arms(&server, &keys).await;
+
+    let on_three = routes_file((50, 50)).replace("w2v@2", "w2v@3");
+    std::fs::write(&config, &on_three).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server
+        .stderr()
+        .contains("new definition of this route does not fit")
+    {
+        assert!(Instant::now() < deadline, "the edit was never read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(arms(&server, &keys).await, before, "the route changed");
+
+    copy_version("tiny-word2vec", "1", repository.path(), "w2v", "3");
+    let mut models = server.models().await;
+    loop {
+        let route = models
+            .get_route(GetRouteRequest {
+                name: "vectors".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if route.arms.iter().any(|arm| arm.target == "w2v@3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edit never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = arms(&server, &keys).await;
+    assert!(
+        after.values().all(|arm| arm == "w2v@1" || arm == "w2v@3"),
+        "{after:?}"
+    );
+}
+
 #[tokio::test]
 async fn kubernetes_service_variables_do_not_stop_startup() {
     let server = TestServer::start_with(ServerOptions {

@@ -629,6 +629,85 @@ async fn a_route_never_names_a_version_unloaded_beside_it() {
     }
 }
 
+/// Two unloads racing, one of each version a route reaches through the bare model name: one of
+/// them must be refused, or the route would be left with no version to serve.
+#[tokio::test]
+async fn racing_unloads_never_leave_a_route_without_a_version() {
+    let repository = ab_repository();
+    let server = start(repository.path(), &[]).await;
+    let mut models = server.models().await;
+    models
+        .set_route(route("bare", proto::Task::Embed, &[("w2v", 1.0)], None))
+        .await
+        .unwrap();
+    let unload = |version| UnloadModelRequest {
+        name: "w2v".into(),
+        version: Some(version),
+    };
+    for round in 0..12 {
+        let (mut first, mut second) = (models.clone(), models.clone());
+        let (one, two) = tokio::join!(
+            first.unload_model(unload(1)),
+            second.unload_model(unload(2))
+        );
+        assert!(
+            one.is_ok() != two.is_ok(),
+            "round {round}: exactly one unload goes through: {one:?} {two:?}"
+        );
+        let refused = one.err().or(two.err()).unwrap();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("route `bare`"), "{refused:?}");
+        let served = server.inference().await.embed(embed("bare", "k")).await;
+        assert!(served.is_ok(), "round {round}: {served:?}");
+        for version in [1, 2] {
+            models
+                .load_model(LoadModelRequest {
+                    name: "w2v".into(),
+                    version: Some(version),
+                })
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// A version that failed to load cannot serve a route that names the bare model, so it does not
+/// count as what is left when another version goes.
+#[tokio::test]
+async fn a_version_that_failed_to_load_does_not_keep_a_route_served() {
+    let repository = ab_repository();
+    let broken = repository.path().join("w2v/3");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(
+        common::repository().join("tiny-word2vec/1/model.toml"),
+        broken.join("model.toml"),
+    )
+    .unwrap();
+    let server = start(repository.path(), &[]).await;
+    let mut models = server.models().await;
+    models
+        .set_route(route("bare", proto::Task::Embed, &[("w2v", 1.0)], None))
+        .await
+        .unwrap();
+    let unload = |version| UnloadModelRequest {
+        name: "w2v".into(),
+        version: Some(version),
+    };
+    models.unload_model(unload(1)).await.unwrap();
+    let refused = models.unload_model(unload(2)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("the versions left failed to load"),
+        "{refused:?}"
+    );
+    let served = server.inference().await.embed(embed("bare", "k")).await;
+    assert_eq!(served.unwrap().into_inner().served_by.unwrap().version, "2");
+    // The failed version itself may go.
+    models.unload_model(unload(3)).await.unwrap();
+}
+
 /// LoadModel and UnloadModel of one version racing: whichever ends last, what serves and what is
 /// saved agree. A load that outlasts the unload serves the version again, rather than filling
 /// the slot the unload took out of the registry while the state file says it is loaded.

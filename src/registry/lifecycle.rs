@@ -261,6 +261,11 @@ impl Registry {
     /// Unloads `name` (every version, or one). Refused while a route uses what would go.
     pub fn unload_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
         check_model_name(name, &self.config.limits)?;
+        // Both held from reading the versions until they are gone: SetRoute checks its targets
+        // under the routes write lock, and another unload (or a scan that found a folder gone)
+        // waits for membership, so no two removals each leave a route the version the other took.
+        let routes = self.routes.read().expect("routes lock");
+        let membership = self.membership.lock().expect("membership lock");
         let slots = self.model_slots(name).ok_or_else(|| Error::ModelNotFound {
             name: name.to_owned(),
         })?;
@@ -275,16 +280,19 @@ impl Registry {
             }
             None => slots.iter().map(|slot| slot.version).collect(),
         };
-        let leaves_none = versions.len() == slots.len();
-        // Held until the versions are gone: SetRoute checks its targets under the write lock.
-        let routes = self.routes.read().expect("routes lock");
+        let leaves_none = !serves_besides(&slots, &versions);
         if let Some(route) = Self::route_using(&routes, name, &versions, leaves_none) {
+            let failed_rest = leaves_none && slots.len() > versions.len();
             return Err(Error::FailedPrecondition(format!(
-                "route `{route}` uses {name}{}; change or delete the route first",
-                version.map(|v| format!("@{v}")).unwrap_or_default()
+                "route `{route}` uses {name}{}{}; change or delete the route first",
+                version.map(|v| format!("@{v}")).unwrap_or_default(),
+                if failed_rest {
+                    ", and the versions left failed to load"
+                } else {
+                    ""
+                }
             )));
         }
-        let membership = self.membership.lock().expect("membership lock");
         self.commit(&routes, |persisted| {
             for &version in &versions {
                 persisted.loaded.remove(&key(name, version));
@@ -390,9 +398,12 @@ impl Registry {
             if on_disk.contains(&(slot.model.clone(), slot.version)) {
                 continue;
             }
-            let remaining = self.model_slots(&slot.model).map_or(0, |slots| slots.len());
+            // As an unload holds them: the check and the removal in one step.
             let routes = self.routes.read().expect("routes lock");
-            match Self::route_using(&routes, &slot.model, &[slot.version], remaining == 1) {
+            let _membership = self.membership.lock().expect("membership lock");
+            let others = self.model_slots(&slot.model).unwrap_or_default();
+            let leaves_none = !serves_besides(&others, &[slot.version]);
+            match Self::route_using(&routes, &slot.model, &[slot.version], leaves_none) {
                 Some(route) => {
                     tracing::warn!(model = %slot.model, version = slot.version, %route, "version folder removed but a route uses it; keeping it loaded")
                 }
@@ -405,6 +416,15 @@ impl Registry {
         self.record_load_states();
         Ok(())
     }
+}
+
+/// Whether a version of `slots` other than `going` can serve, now or once it loads: what a route
+/// naming the bare model still has after they go. A version that failed to load does not count.
+fn serves_besides(slots: &[Arc<Slot>], going: &[u64]) -> bool {
+    slots
+        .iter()
+        .filter(|slot| !going.contains(&slot.version))
+        .any(|slot| !matches!(slot.state(), LoadState::Failed(_)))
 }
 
 /// A model name from a client must stay inside the repository folder.

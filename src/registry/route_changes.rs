@@ -151,13 +151,7 @@ impl Registry {
     /// replica whose load finished after a route was read would lack it until the next change
     /// of the file, while the replicas beside it had it.
     pub(super) fn retry_routes(&self) {
-        let config = self
-            .waiting_routes
-            .lock()
-            .expect("routes lock")
-            .config
-            .clone();
-        self.reload_config_routes(config);
+        self.reload_config_routes();
         let mut routes = self.routes.write().expect("routes lock");
         let waiting = std::mem::take(&mut self.waiting_routes.lock().expect("routes lock").api);
         if waiting.is_empty() {
@@ -194,17 +188,39 @@ impl Registry {
     }
 
     /// Puts the config file's `routes` in place of the config routes of `table`; they take the
-    /// names of API routes they collide with.
+    /// names of API routes they collide with. A route the file changed in a way that does not
+    /// fit what is loaded (a target not ready yet, a typo) keeps serving as it was, so that a
+    /// bad edit of a ConfigMap takes no route away from every replica; the new definition is
+    /// tried again after each load.
     fn replace_config_routes(&self, table: &mut RouteTable, routes: BTreeMap<String, RouteConfig>) {
-        table.retain(|name, entry| {
-            let shadowed = entry.source == RouteSource::Api && routes.contains_key(name);
-            if shadowed {
-                tracing::warn!(route = %name, "the config file defines this route; its API version is dropped");
-            }
-            entry.source == RouteSource::Api && !shadowed
-        });
+        let before = std::mem::take(table);
+        table.extend(
+            before
+                .iter()
+                .filter(|(name, entry)| {
+                    entry.source == RouteSource::Api && !routes.contains_key(*name)
+                })
+                .map(|(name, entry)| (name.clone(), entry.clone())),
+        );
         for (name, route) in routes {
-            self.admit_route(table, name, route, RouteSource::Config);
+            match (self.check_route(&name, &route), before.get(&name)) {
+                (Ok(()), previous) => {
+                    if previous.is_some_and(|entry| entry.source == RouteSource::Api) {
+                        tracing::warn!(route = %name, "the config file defines this route; its API version is dropped");
+                    }
+                    let source = RouteSource::Config;
+                    table.insert(name, RouteEntry { route, source });
+                }
+                (Err(error), Some(previous)) => {
+                    if previous.route != route {
+                        tracing::error!(route = %name, %error, "the config file's new definition of this route does not fit what is loaded; it serves as before, and the new one is tried again after each load");
+                    }
+                    table.insert(name, previous.clone());
+                }
+                (Err(error), None) => {
+                    tracing::error!(route = %name, %error, "route left out; tried again after each load");
+                }
+            }
         }
     }
 
@@ -250,8 +266,8 @@ impl Registry {
             seen = now;
             match Config::routes_in(&file) {
                 Ok(routes) => {
-                    self.waiting_routes.lock().expect("routes lock").config = routes.clone();
-                    self.reload_config_routes(routes);
+                    self.waiting_routes.lock().expect("routes lock").config = routes;
+                    self.reload_config_routes();
                 }
                 Err(error) => {
                     tracing::warn!(error = %format!("{error:#}"), "the config file changed but does not parse; routes unchanged")
@@ -260,8 +276,16 @@ impl Registry {
         }
     }
 
-    fn reload_config_routes(&self, routes: BTreeMap<String, RouteConfig>) {
+    /// Applies the config file's routes as last read. They are read under the routes lock, so
+    /// that a retry after a load and a change of the file, racing, both end on the newest file.
+    fn reload_config_routes(&self) {
         let mut table = self.routes.write().expect("routes lock");
+        let routes = self
+            .waiting_routes
+            .lock()
+            .expect("routes lock")
+            .config
+            .clone();
         let before = table.clone();
         let mut next = before.clone();
         self.replace_config_routes(&mut next, routes);
