@@ -143,6 +143,58 @@ def test_a_route_change_keeps_the_pods_and_a_setting_change_restarts_them():
     assert rendered("server.logFilter=debug")[0] != checksum
 
 
+def render_with(*sets: str, name: str = "default") -> list:
+    args = [arg for option in sets for arg in ("--set", option)]
+    output = subprocess.run(
+        [helm(), "template", "lmserve", str(CHART), *values_args(name), *args],
+        check=True, capture_output=True, text=True).stdout
+    return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+def test_the_shared_pool_is_sized_from_the_pod_s_cpus_not_the_node_s():
+    """Without a CPU limit the server would count every CPU of the node; the chart passes the
+    pod's own: its limit, else its request, in whole CPUs."""
+    def threads(*sets):
+        line = next(line for line in config_of(render_with(*sets)).splitlines()
+                    if line.strip().startswith("shared_threads"))
+        return int(line.split("=")[1])
+    assert threads() == 2
+    assert threads("resources.requests.cpu=500m") == 1
+    assert threads("resources.requests.cpu=1500m") == 2
+    assert threads("resources.limits.cpu=3.5") == 4
+    assert threads("runtime.sharedThreads=6") == 6
+    assert threads("resources.requests.cpu=8") == 8
+
+
+def test_a_budget_that_could_block_every_drain_is_left_out():
+    assert of_kind(render_with(), "PodDisruptionBudget")
+    assert not of_kind(render_with("replicaCount=1"), "PodDisruptionBudget")
+    assert not of_kind(render_with("replicaCount=2", "podDisruptionBudget.minAvailable=2"),
+                       "PodDisruptionBudget")
+    # With autoscaling, the fewest replicas the autoscaler keeps decide.
+    assert not of_kind(render_with("autoscaling.minReplicas=1", name="hpa"), "PodDisruptionBudget")
+    assert of_kind(render_with(name="hpa"), "PodDisruptionBudget")
+
+
+def test_gpu_rollouts_do_not_wait_for_a_spare_gpu_and_tls_ports_are_not_called_plaintext_grpc():
+    def strategy(docs):
+        [deployment] = of_kind(docs, "Deployment")
+        return deployment["spec"]["strategy"]["rollingUpdate"]
+    assert strategy(render("default")) == {"maxSurge": 1, "maxUnavailable": 0}
+    assert strategy(render("gpu")) == {"maxSurge": 0, "maxUnavailable": 1}
+
+    def app_protocols(docs):
+        return {port.get("appProtocol") for service in of_kind(docs, "Service")
+                for port in service["spec"]["ports"] if port["name"] == "grpc"}
+    assert app_protocols(render("default")) == {"grpc"}
+    assert app_protocols(render("tls-auth")) == {None}
+
+
+def test_a_claim_the_chart_creates_can_be_filled_and_shared_by_every_replica():
+    [claim] = of_kind(render("gpu"), "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
 def config_of(docs: list) -> str:
     [config_map] = of_kind(docs, "ConfigMap")
     return config_map["data"]["lmserve.toml"]

@@ -69,6 +69,12 @@ server reloads its routes in place and only the other settings need a restart.
 {{- if .Values.runtime.requiredProvider }}
 {{- $_ := set $runtime "required_provider" .Values.runtime.requiredProvider }}
 {{- end }}
+{{- $cpus := dig "limits" "cpu" (dig "requests" "cpu" "" .Values.resources) .Values.resources }}
+{{- if gt (int .Values.runtime.sharedThreads) 0 }}
+{{- $_ := set $runtime "shared_threads" (int .Values.runtime.sharedThreads) }}
+{{- else if $cpus }}
+{{- $_ := set $runtime "shared_threads" (include "lmserve.wholeCpus" $cpus | int) }}
+{{- end }}
 {{- $config := dict
     "server" $server
     "runtime" $runtime
@@ -96,3 +102,17 @@ server reloads its routes in place and only the other settings need a restart.
 {{- end }}
 {{- regexReplaceAll "(?m)= (-?[0-9]+)\\.0$" (toToml $merged) "= ${1}" }}
 {{- end }}
+
+{{/*
+A CPU quantity ("2", 2, "1.5", "500m") in whole CPUs, rounded up, at least 1.
+*/}}
+{{- define "lmserve.wholeCpus" -}}
+{{- $cpu := toString . -}}
+{{- $cores := 0.0 -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- $cores = divf (float64 (trimSuffix "m" $cpu)) 1000 -}}
+{{- else -}}
+{{- $cores = float64 $cpu -}}
+{{- end -}}
+{{- max 1 (int (ceil $cores)) -}}
+{{- end -}}
