@@ -444,7 +444,45 @@ impl Config {
         {
             config.state.path = None;
         }
+        config.check_counts().map_err(figment::Error::from)?;
         Ok(config)
+    }
+
+    /// Settings that count what the server may take on at once (a batch, a queue, a request's
+    /// tokens) mean nothing at 0: a queue of none would refuse every request, and a length
+    /// limit of none would have no length to give. Refused at startup, naming the setting.
+    fn check_counts(&self) -> Result<(), String> {
+        let (batching, generation) = (&self.batching, &self.generation);
+        let at_least_one = [
+            ("batching.max_batch_size", batching.max_batch_size),
+            ("batching.max_batch_tokens", batching.max_batch_tokens),
+            ("batching.queue_capacity", batching.queue_capacity),
+            ("generation.max_batch_size", generation.max_batch_size),
+            ("generation.max_total_tokens", generation.max_total_tokens),
+            ("generation.max_prefill_batch", generation.max_prefill_batch),
+            ("generation.queue_capacity", generation.queue_capacity),
+            (
+                "generation.default_max_new_tokens",
+                generation.default_max_new_tokens,
+            ),
+            ("generation.max_new_tokens", generation.max_new_tokens),
+            ("generation.max_sequences", generation.max_sequences),
+            (
+                "runtime.sessions_per_model",
+                self.runtime.sessions_per_model,
+            ),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("{name} must be at least 1; got 0"));
+        }
+        if generation.default_max_new_tokens > generation.max_new_tokens {
+            return Err(format!(
+                "generation.default_max_new_tokens ({}) is over generation.max_new_tokens ({}), \
+                 the most a request may ask for",
+                generation.default_max_new_tokens, generation.max_new_tokens
+            ));
+        }
+        Ok(())
     }
 
     /// The config file `load` reads: `explicit`, else `lmserve.toml` when there is one.
@@ -619,6 +657,31 @@ mod tests {
                 Config::load(Some(&path), Figment::new())?,
                 Config::default()
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn counts_of_none_are_refused_naming_the_setting() {
+        Jail::expect_with(|jail| {
+            for (file, named) in [
+                (
+                    "[generation]\nmax_new_tokens = 0\n",
+                    "generation.max_new_tokens",
+                ),
+                (
+                    "[batching]\nqueue_capacity = 0\n",
+                    "batching.queue_capacity",
+                ),
+                (
+                    "[generation]\ndefault_max_new_tokens = 100\nmax_new_tokens = 50\n",
+                    "generation.default_max_new_tokens (100)",
+                ),
+            ] {
+                jail.create_file(DEFAULT_CONFIG_FILE, file)?;
+                let error = Config::load(None, Figment::new()).unwrap_err().to_string();
+                assert!(error.contains(named), "{file}: {error}");
+            }
             Ok(())
         });
     }
