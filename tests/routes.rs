@@ -544,6 +544,57 @@ async fn a_version_scanned_half_copied_loads_once_complete_and_keeps_the_server_
     assert_eq!(server.health("").await, ServingStatus::Serving);
 }
 
+/// A version folder that is still being written to is not loaded: its optional files (a pooling
+/// config, a chat template) may be the ones yet to arrive, and a version that loaded without
+/// them would serve without them. It loads once its files stop changing.
+#[tokio::test]
+async fn a_version_folder_still_being_written_loads_once_it_settles() {
+    let repository = ab_repository();
+    let server = start(
+        repository.path(),
+        &[
+            ("LMSERVE_REPOSITORY__POLL_INTERVAL_MS", "100"),
+            ("LMSERVE_REPOSITORY__SETTLE_MS", "1000"),
+        ],
+    )
+    .await;
+    let models = server.models().await;
+    let state_of_7 = || {
+        let mut models = models.clone();
+        async move {
+            let info = models
+                .get_model(GetModelRequest { name: "w2v".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            info.versions
+                .iter()
+                .find(|v| v.version == "7")
+                .map(|v| v.state)
+        }
+    };
+    copy_version("tiny-word2vec", "1", repository.path(), "w2v", "7");
+    let still_arriving = repository.path().join("w2v/7/still-arriving.bin");
+    let writing = Instant::now();
+    while writing.elapsed() < Duration::from_millis(2500) {
+        std::fs::write(&still_arriving, writing.elapsed().as_nanos().to_le_bytes()).unwrap();
+        let state = state_of_7().await;
+        assert!(
+            state.is_none_or(|state| state == proto::LoadState::Unloaded as i32),
+            "loaded while being written: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state_of_7().await != Some(proto::LoadState::Ready as i32) {
+        assert!(
+            Instant::now() < deadline,
+            "the settled version never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A LoadModel whose call ends before the load does (its deadline here) still loads the model:
 /// the load is not thrown away with the call.
 #[tokio::test]

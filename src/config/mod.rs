@@ -163,6 +163,11 @@ pub struct RepositoryConfig {
     pub path: PathBuf,
     /// How often to rescan the folder for added and removed versions, in milliseconds; 0: never.
     pub poll_interval_ms: u64,
+    /// A version a rescan finds (or one that failed and changed) loads once no file in it has
+    /// changed for this long, in milliseconds: a folder still being copied in would otherwise
+    /// load without the files yet to arrive (a pooling config, a chat template), which are
+    /// optional, and serve without them.
+    pub settle_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -366,6 +371,7 @@ impl Default for RepositoryConfig {
         Self {
             path: PathBuf::from("models/repository"),
             poll_interval_ms: 0,
+            settle_ms: 2000,
         }
     }
 }

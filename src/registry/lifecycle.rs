@@ -21,7 +21,11 @@ fn key(model: &str, version: u64) -> String {
 
 impl Registry {
     /// Adds a `Loading` slot for every version on disk that policy and state say to serve.
-    pub(super) fn add_wanted_slots(&self) -> anyhow::Result<Vec<Arc<Slot>>> {
+    /// `settle`: a version folder whose files changed more recently is left for a later scan.
+    pub(super) fn add_wanted_slots(
+        &self,
+        settle: Option<Duration>,
+    ) -> anyhow::Result<Vec<Arc<Slot>>> {
         let found = repository::scan(&self.config.repository.path)?;
         let persisted = self.persisted.lock().expect("state lock").clone();
         let mut added = Vec::new();
@@ -46,6 +50,16 @@ impl Registry {
                     .get(name)
                     .is_some_and(|versions| versions.contains_key(&dir.version));
                 if wanted && !present {
+                    if let Some(quiet) = settle
+                        && !repository::Contents::of(&dir.path).settled(quiet)
+                    {
+                        tracing::debug!(
+                            model = name,
+                            version = dir.version,
+                            "version folder still changing; loaded once it settles"
+                        );
+                        continue;
+                    }
                     let slot =
                         Arc::new(Slot::new(dir.model.clone(), dir.version, dir.path.clone()));
                     models
@@ -375,14 +389,15 @@ impl Registry {
     async fn rescan(&self) -> anyhow::Result<()> {
         let _one_at_a_time = self.loads.lock().await;
         let mut loaded = false;
-        for slot in self.add_wanted_slots()? {
+        let settle = Duration::from_millis(self.config.repository.settle_ms);
+        for slot in self.add_wanted_slots(Some(settle))? {
             tracing::info!(model = %slot.model, version = slot.version, "new version in the repository");
             loaded |= self.load_slot(&slot).await.is_ok();
         }
         // A version copied in while a scan ran fails on the half-copied folder; once its files
         // change it is tried again, where a folder left as it was is not reloaded every poll.
         for slot in self.slots() {
-            if slot.failed_and_changed() {
+            if slot.failed_and_changed(settle) {
                 tracing::info!(model = %slot.model, version = slot.version, "loading again a version that failed: its files changed");
                 loaded |= self.load_slot(&slot).await.is_ok();
             }

@@ -110,9 +110,14 @@ impl Slot {
 
     /// Whether the last load failed (not a loaded version whose runs broke since) and the
     /// folder's files changed after it began: worth loading again.
-    pub(crate) fn failed_and_changed(&self) -> bool {
-        matches!(*self.state.read().expect("slot lock"), LoadState::Failed(_))
-            && *self.loaded_from.lock().expect("slot lock") != repository::Contents::of(&self.path)
+    /// Whether the version failed to load and its files changed since, and then stayed as they
+    /// are for `settle`: worth loading again.
+    pub(crate) fn failed_and_changed(&self, settle: std::time::Duration) -> bool {
+        if !matches!(*self.state.read().expect("slot lock"), LoadState::Failed(_)) {
+            return false;
+        }
+        let now = repository::Contents::of(&self.path);
+        *self.loaded_from.lock().expect("slot lock") != now && now.settled(settle)
     }
 
     /// The version's state; a loaded version whose runs keep failing is `Failed`.
@@ -186,7 +191,7 @@ impl Registry {
             }),
             config,
         };
-        registry.add_wanted_slots()?;
+        registry.add_wanted_slots(None)?;
         if registry.slots().is_empty() {
             tracing::warn!(path = %registry.config.repository.path.display(), "the model repository holds no model versions to serve");
         }

@@ -1,7 +1,7 @@
 //! Reads the model repository folder: `<model>/<version>/` with numeric version folders.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 
@@ -42,6 +42,15 @@ impl Contents {
         }
         files.sort();
         Self(files)
+    }
+
+    /// Whether the folder holds files and none changed within `quiet`: it is not being
+    /// written to. A time in the future (another clock's) counts as a change now.
+    pub fn settled(&self, quiet: Duration) -> bool {
+        let newest = self.0.iter().filter_map(|(_, _, modified)| *modified).max();
+        let now = SystemTime::now();
+        !self.0.is_empty()
+            && newest.is_none_or(|newest| now.duration_since(newest).is_ok_and(|age| age >= quiet))
     }
 }
 
@@ -88,6 +97,18 @@ pub fn scan(root: &Path) -> anyhow::Result<Vec<VersionDir>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_is_settled_once_its_files_stop_changing() {
+        let folder = tempfile::tempdir().unwrap();
+        let quiet = Duration::from_millis(300);
+        assert!(!Contents::of(folder.path()).settled(quiet), "empty");
+        std::fs::create_dir(folder.path().join("1_Pooling")).unwrap();
+        std::fs::write(folder.path().join("1_Pooling/config.json"), "{}").unwrap();
+        assert!(!Contents::of(folder.path()).settled(quiet), "just written");
+        std::thread::sleep(quiet + Duration::from_millis(50));
+        assert!(Contents::of(folder.path()).settled(quiet));
+    }
 
     #[test]
     fn finds_numeric_versions_in_order() {
