@@ -355,6 +355,66 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
     assert!(body.contains(r#"lmserve_generated_tokens_total{model="gen",version="1",route="chat",arm="gen@1",task="generate"} 20"#), "{body}");
 }
 
+/// A version that shadows itself (the copies test a setting change, say): with room for every
+/// copy, a copy that finds the version's own requests waiting is dropped rather than queued
+/// ahead of the ones that arrive after it.
+#[tokio::test]
+async fn a_shadow_copy_never_queues_ahead_of_real_requests() {
+    let repository = ab_repository();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        env: vec![("LMSERVE_ROUTING__SHADOW_CONCURRENCY".into(), "64".into())],
+        args: vec!["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")],
+        ..Default::default()
+    })
+    .await;
+    server
+        .models()
+        .await
+        .set_route(route(
+            "echo",
+            proto::Task::Embed,
+            &[("enc@1", 1.0)],
+            Some(("enc@1", 100.0)),
+        ))
+        .await
+        .unwrap();
+    let client = server.inference().await;
+    let answers = join_all((0..64).map(|i| {
+        let mut client = client.clone();
+        let request = EmbedRequest {
+            model: "echo".into(),
+            texts: vec!["a passage for the encoder and its shadow ".repeat(12)],
+            route_key: format!("k{i}"),
+            ..Default::default()
+        };
+        async move { client.embed(request).await }
+    }))
+    .await;
+    for answer in answers {
+        assert_eq!(answer.unwrap().into_inner().served_by.unwrap().model, "enc");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = common::scrape_metrics(metrics_port).await;
+    let count = |outcome: &str| -> u64 {
+        body.lines()
+            .filter(|line| {
+                line.starts_with("lmserve_shadow_requests_total{")
+                    && line.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(count("busy") >= 1, "{body}");
+    assert_eq!(count("dropped"), 0, "{body}");
+    assert_eq!(count("busy") + count("ok"), 64, "{body}");
+}
+
 #[tokio::test]
 async fn reloads_and_unloads_under_load_lose_no_request() {
     let repository = ab_repository();

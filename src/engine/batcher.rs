@@ -102,6 +102,12 @@ impl Batcher {
         Batcher { shared }
     }
 
+    /// Texts queued or admitted and about to queue: work waiting for a run.
+    pub fn waiting(&self) -> usize {
+        let queued = self.shared.state.lock().expect("batch state lock").len();
+        queued + self.shared.reserved.load(Ordering::Acquire)
+    }
+
     /// Whether `texts` more may queue: refused at once (RESOURCE_EXHAUSTED) when the queue is
     /// full, or when they would wait past `deadline` or the configured maximum queue time.
     /// Checked before the texts are tokenized; `submit` checks the capacity again.

@@ -52,6 +52,15 @@ impl Engine {
             Engine::Batcher(_) => None,
         }
     }
+
+    /// Work waiting for this version: texts in the batcher's queue, or sequences in the
+    /// scheduler's.
+    pub fn waiting(&self) -> usize {
+        match self {
+            Engine::Batcher(batcher) => batcher.waiting(),
+            Engine::Generator(scheduler) => scheduler.waiting(),
+        }
+    }
 }
 
 /// The graphs a version's engine runs, as the loader prepared them.

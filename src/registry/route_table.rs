@@ -113,6 +113,12 @@ impl Registry {
             return None;
         };
         match self.resolve(target, Some(task)) {
+            // A copy never takes a place that real requests wait for: where the shadow's
+            // version already has work waiting (it may be a route's arm too), it is dropped.
+            Ok(model) if model.engine.waiting() > 0 => {
+                metrics::shadow_finished(route, target, "busy");
+                None
+            }
             Ok(model) => Some(Shadow {
                 model,
                 route: route.to_owned(),

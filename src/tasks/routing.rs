@@ -1,6 +1,6 @@
 //! Routing a request: pick the model version (directly or through a route's arm), and send a
-//! copy to the route's shadow arm in the background, where it can neither slow nor fail the
-//! request itself.
+//! copy to the route's shadow arm in the background, where it cannot fail the request itself
+//! and never waits in a queue ahead of real requests (`Registry::route` drops it then).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -148,6 +148,12 @@ impl ContinuousScheduler {
     /// Whether `sequences` more may queue: refused at once (RESOURCE_EXHAUSTED) when the queue is
     /// full, or when they would wait past `deadline` or the configured maximum queue time.
     /// Checked before the prompt is tokenized; `submit` checks the capacity again.
+    /// Sequences queued or admitted and about to queue: work waiting for a place in the batch.
+    pub fn waiting(&self) -> usize {
+        let queued = self.shared.queue.lock().expect("queue lock").len();
+        queued + self.shared.reserved.load(Ordering::Acquire)
+    }
+
     pub fn admit(
         &self,
         sequences: usize,
