@@ -213,7 +213,8 @@ impl Registry {
                 Ok(()) => {
                     let id = key(name, dir.version);
                     let by_policy = selected.contains(&dir.version);
-                    let routes = self.routes.read().expect("routes lock");
+                    let _edits = self.route_edits.lock().expect("route edits lock");
+                    let routes = self.routes.read().expect("routes lock").clone();
                     let _membership = self.membership.lock().expect("membership lock");
                     self.commit(&routes, |persisted| {
                         persisted.unloaded.remove(&id);
@@ -276,9 +277,10 @@ impl Registry {
     pub fn unload_model(&self, name: &str, version: Option<u64>) -> Result<Vec<u64>> {
         check_model_name(name, &self.config.limits)?;
         // Both held from reading the versions until they are gone: SetRoute checks its targets
-        // under the routes write lock, and another unload (or a scan that found a folder gone)
-        // waits for membership, so no two removals each leave a route the version the other took.
-        let routes = self.routes.read().expect("routes lock");
+        // under route_edits too, and another unload (or a scan that found a folder gone) waits,
+        // so no two removals each leave a route the version the other took.
+        let edits = self.route_edits.lock().expect("route edits lock");
+        let routes = self.routes.read().expect("routes lock").clone();
         let membership = self.membership.lock().expect("membership lock");
         let slots = self.model_slots(name).ok_or_else(|| Error::ModelNotFound {
             name: name.to_owned(),
@@ -315,7 +317,7 @@ impl Registry {
         })?;
         self.remove_versions(name, &versions);
         drop(membership);
-        drop(routes);
+        drop(edits);
         self.record_load_states();
         tracing::info!(model = name, ?versions, "unloaded");
         Ok(versions)
@@ -414,7 +416,8 @@ impl Registry {
                 continue;
             }
             // As an unload holds them: the check and the removal in one step.
-            let routes = self.routes.read().expect("routes lock");
+            let _edits = self.route_edits.lock().expect("route edits lock");
+            let routes = self.routes.read().expect("routes lock").clone();
             let _membership = self.membership.lock().expect("membership lock");
             let others = self.model_slots(&slot.model).unwrap_or_default();
             let leaves_none = !serves_besides(&others, &[slot.version]);

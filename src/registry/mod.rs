@@ -144,7 +144,14 @@ impl Slot {
 pub struct Registry {
     config: Config,
     models: RwLock<BTreeMap<String, BTreeMap<u64, Arc<Slot>>>>,
+    /// The route table requests read. Held only to read it or to put a new table in place,
+    /// never across a write of the state file: changes are decided under `route_edits`.
     routes: RwLock<RouteTable>,
+    /// Held by whatever changes the routes or the versions a route may use (SetRoute,
+    /// DeleteRoute, a reload of the config file's routes, LoadModel, UnloadModel, a scan), from
+    /// its check until its change is saved and in place: so no route can come to name a version
+    /// going away, while requests go on reading the table.
+    route_edits: Mutex<()>,
     /// What the API changed, as last written to the state file.
     persisted: Mutex<PersistedState>,
     /// Set once the first load starts; later loads (API, watch) reuse it.
@@ -155,7 +162,7 @@ pub struct Registry {
     /// LoadModel waits for the load before it instead of holding a second copy of the model.
     loads: tokio::sync::Mutex<()>,
     /// Held by LoadModel and UnloadModel from saving a change of the versions served until the
-    /// registry has it (after the routes lock, where both are taken): so the two land in one
+    /// registry has it (after `route_edits`, where both are taken): so the two land in one
     /// order or the other, without holding up routing while the state file is written.
     membership: Mutex<()>,
     /// The config file's routes as last read, and the API's saved routes left out at startup
@@ -178,6 +185,7 @@ impl Registry {
         let registry = Self {
             models: RwLock::new(BTreeMap::new()),
             routes: RwLock::new(RouteTable::new()),
+            route_edits: Mutex::new(()),
             persisted: Mutex::new(persisted),
             environment: OnceLock::new(),
             shadow_permits: Arc::new(tokio::sync::Semaphore::new(

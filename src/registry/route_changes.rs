@@ -52,12 +52,12 @@ impl Registry {
     /// Creates or replaces a route through the API, after checking it against what is loaded;
     /// it takes effect once it is saved.
     pub fn set_route(&self, name: &str, route: RouteConfig) -> Result<()> {
-        // Checked under the write lock, which an unload holds (read) from its own check of the
-        // routes until its versions are gone: no route can come to name a version going away.
-        let mut routes = self.routes.write().expect("routes lock");
+        // Checked under route_edits, which an unload holds from its own check of the routes until
+        // its versions are gone: no route can come to name a version going away.
+        let _edits = self.route_edits.lock().expect("route edits lock");
         self.check_route(name, &route)?;
-        refuse_config_route(&routes, name)?;
-        let mut next = routes.clone();
+        let mut next = self.list_routes();
+        refuse_config_route(&next, name)?;
         next.insert(
             name.to_owned(),
             RouteEntry {
@@ -72,15 +72,15 @@ impl Registry {
             .expect("routes lock")
             .api
             .remove(name);
-        *routes = next;
+        *self.routes.write().expect("routes lock") = next;
         tracing::info!(route = name, "route set");
         Ok(())
     }
 
     pub fn delete_route(&self, name: &str) -> Result<()> {
-        let mut routes = self.routes.write().expect("routes lock");
-        refuse_config_route(&routes, name)?;
-        let mut next = routes.clone();
+        let _edits = self.route_edits.lock().expect("route edits lock");
+        let mut next = self.list_routes();
+        refuse_config_route(&next, name)?;
         // Out of the waiting routes for the save, which writes the ones still waiting.
         let waiting = self
             .waiting_routes
@@ -104,7 +104,7 @@ impl Registry {
             }
             return Err(error);
         }
-        *routes = next;
+        *self.routes.write().expect("routes lock") = next;
         tracing::info!(route = name, "route deleted");
         Ok(())
     }
@@ -127,6 +127,7 @@ impl Registry {
     /// Installs the config file's routes and those the API saved in the state file. A route
     /// that does not fit what loaded is left out with an error in the log.
     pub(super) fn install_startup_routes(&self) {
+        let _edits = self.route_edits.lock().expect("route edits lock");
         let saved = self
             .persisted
             .lock()
@@ -151,13 +152,13 @@ impl Registry {
     /// replica whose load finished after a route was read would lack it until the next change
     /// of the file, while the replicas beside it had it.
     pub(super) fn retry_routes(&self) {
-        self.reload_config_routes();
-        let mut routes = self.routes.write().expect("routes lock");
+        let _edits = self.route_edits.lock().expect("route edits lock");
+        self.apply_config_routes();
         let waiting = std::mem::take(&mut self.waiting_routes.lock().expect("routes lock").api);
         if waiting.is_empty() {
             return;
         }
-        let mut next = routes.clone();
+        let mut next = self.list_routes();
         let mut still = BTreeMap::new();
         for (name, route) in waiting.clone() {
             // A config route took the name, or the API set it since: the saved one is gone.
@@ -179,7 +180,7 @@ impl Registry {
         }
         self.waiting_routes.lock().expect("routes lock").api = still;
         match self.commit(&next, |_| {}) {
-            Ok(()) => *routes = next,
+            Ok(()) => *self.routes.write().expect("routes lock") = next,
             Err(error) => {
                 tracing::error!(%error, "saved routes not restored");
                 self.waiting_routes.lock().expect("routes lock").api = waiting;
@@ -276,17 +277,22 @@ impl Registry {
         }
     }
 
-    /// Applies the config file's routes as last read. They are read under the routes lock, so
-    /// that a retry after a load and a change of the file, racing, both end on the newest file.
     fn reload_config_routes(&self) {
-        let mut table = self.routes.write().expect("routes lock");
+        let _edits = self.route_edits.lock().expect("route edits lock");
+        self.apply_config_routes();
+    }
+
+    /// Applies the config file's routes as last read; the caller holds `route_edits`. They are
+    /// read under it, so that a retry after a load and a change of the file, racing, both end
+    /// on the newest file.
+    fn apply_config_routes(&self) {
         let routes = self
             .waiting_routes
             .lock()
             .expect("routes lock")
             .config
             .clone();
-        let before = table.clone();
+        let before = self.list_routes();
         let mut next = before.clone();
         self.replace_config_routes(&mut next, routes);
         if next == before {
@@ -300,7 +306,7 @@ impl Registry {
             return;
         }
         tracing::info!(routes = next.len(), "routes reloaded from the config file");
-        *table = next;
+        *self.routes.write().expect("routes lock") = next;
     }
 
     pub(super) fn check_route(&self, name: &str, route: &RouteConfig) -> Result<()> {

@@ -134,7 +134,7 @@ impl Registry {
     }
 
     /// The first route that uses `model` at one of `versions` (or by bare name, when no version
-    /// of the model would be left). The caller holds the routes lock across the check and the
+    /// of the model would be left). The caller holds `route_edits` across the check and the
     /// removal it allows, so that no route can come to use what goes in between.
     pub(super) fn route_using(
         routes: &RouteTable,
