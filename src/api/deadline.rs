@@ -98,12 +98,13 @@ mod tests {
     fn the_sooner_of_the_call_s_deadline_and_the_request_s_own_limit_holds() {
         let second = Duration::from_secs(1);
         let hour = Duration::from_secs(3600);
-        let call = Some((Instant::now() + second, second));
+        let at = Instant::now() + second;
+        let call = Some((at, second));
         assert_eq!(sooner(call, None), call);
         assert_eq!(sooner(call, Some(hour)), call);
         let own = sooner(call, Some(Duration::from_millis(10))).unwrap();
         assert_eq!(own.1, Duration::from_millis(10));
-        assert!(own.0 < call.unwrap().0);
+        assert!(own.0 < at);
         assert_eq!(sooner(None, Some(hour)).unwrap().1, hour);
         assert_eq!(sooner(None, None), None);
     }
