@@ -20,16 +20,16 @@ fn key(model: &str, version: u64) -> String {
 }
 
 impl Registry {
-    /// Adds a `Loading` slot for every version on disk that policy and state say to serve.
-    /// `settle`: a version folder whose files changed more recently is left for a later scan.
+    /// Adds a `Loading` slot for each version folder the version policy and the saved state
+    /// want and the registry lacks. `settle`: a folder must have stayed unchanged this long
+    /// across scans first (a rescan's; at startup, None).
     pub(super) fn add_wanted_slots(
         &self,
         settle: Option<Duration>,
     ) -> anyhow::Result<Vec<Arc<Slot>>> {
         let found = repository::scan(&self.config.repository.path)?;
         let persisted = self.persisted.lock().expect("state lock").clone();
-        let mut added = Vec::new();
-        let mut models = self.models.write().expect("registry lock");
+        let mut wanted = Vec::new();
         let names: BTreeSet<&str> = found.iter().map(|dir| dir.model.as_str()).collect();
         for name in names {
             let available: Vec<u64> = found
@@ -42,33 +42,42 @@ impl Registry {
                 .version_policy(name)
                 .map_err(anyhow::Error::msg)?;
             let selected = policy.select(&available);
-            for dir in found.iter().filter(|dir| dir.model == name) {
+            wanted.extend(found.iter().filter(|dir| {
                 let id = key(name, dir.version);
-                let wanted = (selected.contains(&dir.version) || persisted.loaded.contains(&id))
-                    && !persisted.unloaded.contains(&id);
-                let present = models
-                    .get(name)
-                    .is_some_and(|versions| versions.contains_key(&dir.version));
-                if wanted && !present {
-                    if let Some(quiet) = settle
-                        && !repository::Contents::of(&dir.path).settled(quiet)
-                    {
-                        tracing::debug!(
-                            model = name,
-                            version = dir.version,
-                            "version folder still changing; loaded once it settles"
-                        );
-                        continue;
-                    }
-                    let slot =
-                        Arc::new(Slot::new(dir.model.clone(), dir.version, dir.path.clone()));
-                    models
-                        .entry(dir.model.clone())
-                        .or_default()
-                        .insert(dir.version, Arc::clone(&slot));
-                    added.push(slot);
+                dir.model == name
+                    && (selected.contains(&dir.version) || persisted.loaded.contains(&id))
+                    && !persisted.unloaded.contains(&id)
+            }));
+        }
+        let present = |dir: &repository::VersionDir| {
+            self.models
+                .read()
+                .expect("registry lock")
+                .get(&dir.model)
+                .is_some_and(|versions| versions.contains_key(&dir.version))
+        };
+        // Folders are read here, outside the registry lock that requests take.
+        let ready: Vec<&repository::VersionDir> = wanted
+            .into_iter()
+            .filter(|dir| !present(dir))
+            .filter(|dir| match settle {
+                Some(quiet) if !self.settling.settled(&dir.path, quiet) => {
+                    tracing::debug!(model = %dir.model, version = dir.version, "version folder still changing; loaded once it settles");
+                    false
                 }
+                _ => true,
+            })
+            .collect();
+        let mut added = Vec::new();
+        let mut models = self.models.write().expect("registry lock");
+        for dir in ready {
+            let versions = models.entry(dir.model.clone()).or_default();
+            if versions.contains_key(&dir.version) {
+                continue;
             }
+            let slot = Arc::new(Slot::new(dir.model.clone(), dir.version, dir.path.clone()));
+            versions.insert(dir.version, Arc::clone(&slot));
+            added.push(slot);
         }
         Ok(added)
     }
@@ -399,7 +408,7 @@ impl Registry {
         // A version copied in while a scan ran fails on the half-copied folder; once its files
         // change it is tried again, where a folder left as it was is not reloaded every poll.
         for slot in self.slots() {
-            if slot.failed_and_changed(settle) {
+            if slot.failed_and_changed() && self.settling.settled(&slot.path, settle) {
                 tracing::info!(model = %slot.model, version = slot.version, "loading again a version that failed: its files changed");
                 loaded |= self.load_slot(&slot).await.is_ok();
             }

@@ -110,14 +110,11 @@ impl Slot {
 
     /// Whether the last load failed (not a loaded version whose runs broke since) and the
     /// folder's files changed after it began: worth loading again.
-    /// Whether the version failed to load and its files changed since, and then stayed as they
-    /// are for `settle`: worth loading again.
-    pub(crate) fn failed_and_changed(&self, settle: std::time::Duration) -> bool {
-        if !matches!(*self.state.read().expect("slot lock"), LoadState::Failed(_)) {
-            return false;
-        }
-        let now = repository::Contents::of(&self.path);
-        *self.loaded_from.lock().expect("slot lock") != now && now.settled(settle)
+    /// Whether the version failed to load and its files changed since: worth loading again (once
+    /// they settle).
+    pub(crate) fn failed_and_changed(&self) -> bool {
+        matches!(*self.state.read().expect("slot lock"), LoadState::Failed(_))
+            && *self.loaded_from.lock().expect("slot lock") != repository::Contents::of(&self.path)
     }
 
     /// The version's state; a loaded version whose runs keep failing is `Failed`.
@@ -165,6 +162,8 @@ pub struct Registry {
     /// registry has it (after `route_edits`, where both are taken): so the two land in one
     /// order or the other, without holding up routing while the state file is written.
     membership: Mutex<()>,
+    /// Version folders a rescan found still changing: loaded once they settle.
+    settling: repository::Settling,
     /// The config file's routes as last read, and the API's saved routes left out at startup
     /// because a target was not ready: tried again after each load, and (the API's) kept in
     /// the state file meanwhile.
@@ -193,6 +192,7 @@ impl Registry {
             )),
             loads: tokio::sync::Mutex::new(()),
             membership: Mutex::new(()),
+            settling: repository::Settling::default(),
             waiting_routes: Mutex::new(route_changes::WaitingRoutes {
                 config: config.routes.clone(),
                 api: BTreeMap::new(),

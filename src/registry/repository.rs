@@ -1,7 +1,9 @@
 //! Reads the model repository folder: `<model>/<version>/` with numeric version folders.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
@@ -30,7 +32,8 @@ impl Contents {
                 continue;
             };
             for entry in entries.flatten() {
-                let Ok(meta) = entry.metadata() else {
+                // Followed: a version may be links to files elsewhere in the repository.
+                let Ok(meta) = std::fs::metadata(entry.path()) else {
                     continue;
                 };
                 if meta.is_dir() && depth < Self::MAX_DEPTH {
@@ -43,14 +46,40 @@ impl Contents {
         files.sort();
         Self(files)
     }
+}
 
-    /// Whether the folder holds files and none changed within `quiet`: it is not being
-    /// written to. A time in the future (another clock's) counts as a change now.
-    pub fn settled(&self, quiet: Duration) -> bool {
-        let newest = self.0.iter().filter_map(|(_, _, modified)| *modified).max();
-        let now = SystemTime::now();
-        !self.0.is_empty()
-            && newest.is_none_or(|newest| now.duration_since(newest).is_ok_and(|age| age >= quiet))
+/// Version folders a rescan found, with what each held when first seen so and since when: a
+/// folder is settled once it has held the same files (names, sizes, modification times) for a
+/// while, as one being copied in does not. Counted by the scans' own clock, so neither another
+/// machine's clock on a shared volume nor a copy that keeps the files' times (`cp -a`, rsync)
+/// can make a folder that is still changing look settled.
+#[derive(Default)]
+pub struct Settling(Mutex<HashMap<PathBuf, (Contents, Instant)>>);
+
+impl Settling {
+    /// Whether `folder` holds files and has held these same ones for at least `quiet` of the
+    /// scans that asked; the first time it is asked about (or after a change), the wait starts.
+    pub fn settled(&self, folder: &Path, quiet: Duration) -> bool {
+        let now = Contents::of(folder);
+        if now.0.is_empty() {
+            return false;
+        }
+        let mut seen = self.0.lock().expect("settling lock");
+        // Folders that went away are forgotten.
+        seen.retain(|path, _| path.exists());
+        match seen.get(folder) {
+            Some((contents, since)) if *contents == now => {
+                let settled = since.elapsed() >= quiet;
+                if settled {
+                    seen.remove(folder);
+                }
+                settled
+            }
+            _ => {
+                seen.insert(folder.to_path_buf(), (now, Instant::now()));
+                quiet.is_zero()
+            }
+        }
     }
 }
 
@@ -99,15 +128,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_folder_is_settled_once_its_files_stop_changing() {
+    fn a_folder_is_settled_once_scans_find_it_unchanged_for_a_while() {
         let folder = tempfile::tempdir().unwrap();
-        let quiet = Duration::from_millis(300);
-        assert!(!Contents::of(folder.path()).settled(quiet), "empty");
+        let settling = Settling::default();
+        let quiet = Duration::from_millis(200);
+        assert!(!settling.settled(folder.path(), quiet), "empty");
         std::fs::create_dir(folder.path().join("1_Pooling")).unwrap();
         std::fs::write(folder.path().join("1_Pooling/config.json"), "{}").unwrap();
-        assert!(!Contents::of(folder.path()).settled(quiet), "just written");
-        std::thread::sleep(quiet + Duration::from_millis(50));
-        assert!(Contents::of(folder.path()).settled(quiet));
+        assert!(!settling.settled(folder.path(), quiet), "first seen");
+        std::thread::sleep(quiet);
+        // A file that arrives restarts the wait, whatever its modification time.
+        std::fs::write(folder.path().join("model.toml"), "").unwrap();
+        let long_ago = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(folder.path().join("model.toml"))
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        assert!(!settling.settled(folder.path(), quiet), "changed");
+        std::thread::sleep(quiet);
+        assert!(settling.settled(folder.path(), quiet));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn linked_files_count_as_the_files_they_link_to() {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::write(folder.path().join("model.onnx"), "graph").unwrap();
+        std::fs::create_dir(folder.path().join("2")).unwrap();
+        std::os::unix::fs::symlink("../model.onnx", folder.path().join("2/model.onnx")).unwrap();
+        let contents = Contents::of(&folder.path().join("2"));
+        assert_eq!(contents.0.len(), 1);
+        assert_eq!(contents.0[0].1, 5);
     }
 
     #[test]
