@@ -163,10 +163,10 @@ pub struct RepositoryConfig {
     pub path: PathBuf,
     /// How often to rescan the folder for added and removed versions, in milliseconds; 0: never.
     pub poll_interval_ms: u64,
-    /// A version a rescan finds (or one that failed and changed) loads once no file in it has
-    /// changed for this long, in milliseconds: a folder still being copied in would otherwise
-    /// load without the files yet to arrive (a pooling config, a chat template), which are
-    /// optional, and serve without them.
+    /// A version a rescan finds (or one that failed and changed) loads once rescans have found
+    /// its files unchanged for this long, in milliseconds: a folder still being copied in would
+    /// otherwise load without the files yet to arrive (a pooling config, a chat template), which
+    /// are optional, and serve without them.
     pub settle_ms: u64,
 }
 
@@ -451,6 +451,12 @@ impl Config {
             config.state.path = None;
         }
         config.check_counts().map_err(figment::Error::from)?;
+        // A limit set below the default length (max_new_tokens = 32 alone) lowers the default
+        // with it: a request that leaves its length unset may not get more than one may ask for.
+        let generation = &mut config.generation;
+        generation.default_max_new_tokens = generation
+            .default_max_new_tokens
+            .min(generation.max_new_tokens);
         Ok(config)
     }
 
@@ -480,13 +486,6 @@ impl Config {
         ];
         if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{name} must be at least 1; got 0"));
-        }
-        if generation.default_max_new_tokens > generation.max_new_tokens {
-            return Err(format!(
-                "generation.default_max_new_tokens ({}) is over generation.max_new_tokens ({}), \
-                 the most a request may ask for",
-                generation.default_max_new_tokens, generation.max_new_tokens
-            ));
         }
         Ok(())
     }
@@ -679,15 +678,18 @@ mod tests {
                     "[batching]\nqueue_capacity = 0\n",
                     "batching.queue_capacity",
                 ),
-                (
-                    "[generation]\ndefault_max_new_tokens = 100\nmax_new_tokens = 50\n",
-                    "generation.default_max_new_tokens (100)",
-                ),
             ] {
                 jail.create_file(DEFAULT_CONFIG_FILE, file)?;
                 let error = Config::load(None, Figment::new()).unwrap_err().to_string();
                 assert!(error.contains(named), "{file}: {error}");
             }
+            // A limit below the default length lowers the default with it.
+            jail.create_file(DEFAULT_CONFIG_FILE, "[generation]\nmax_new_tokens = 32\n")?;
+            let generation = Config::load(None, Figment::new())?.generation;
+            assert_eq!(
+                (generation.max_new_tokens, generation.default_max_new_tokens),
+                (32, 32)
+            );
             Ok(())
         });
     }
