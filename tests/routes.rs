@@ -355,9 +355,9 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
     assert!(body.contains(r#"lmserve_generated_tokens_total{model="gen",version="1",route="chat",arm="gen@1",task="generate"} 20"#), "{body}");
 }
 
-/// A version that shadows itself (the copies test a setting change, say): with room for every
-/// copy, a copy that finds the version's own requests waiting is dropped rather than queued
-/// ahead of the ones that arrive after it.
+/// A version that shadows itself (an arm that is also the shadow): with room for every copy, a
+/// copy that finds the version's own requests waiting is dropped rather than queued ahead of the
+/// ones that arrive after it. A shadow that is no arm sees only copies, and runs every one.
 #[tokio::test]
 async fn a_shadow_copy_never_queues_ahead_of_real_requests() {
     let repository = ab_repository();
@@ -384,35 +384,51 @@ async fn a_shadow_copy_never_queues_ahead_of_real_requests() {
         ))
         .await
         .unwrap();
+    server
+        .models()
+        .await
+        .set_route(route(
+            "candidate",
+            proto::Task::Embed,
+            &[("w2v@1", 1.0)],
+            Some(("enc@1", 100.0)),
+        ))
+        .await
+        .unwrap();
     let client = server.inference().await;
-    let answers = join_all((0..64).map(|i| {
-        let mut client = client.clone();
-        let request = EmbedRequest {
-            model: "echo".into(),
-            texts: vec!["a passage for the encoder and its shadow ".repeat(12)],
-            route_key: format!("k{i}"),
-            ..Default::default()
-        };
-        async move { client.embed(request).await }
-    }))
-    .await;
-    for answer in answers {
-        assert_eq!(answer.unwrap().into_inner().served_by.unwrap().model, "enc");
+    for (route_name, model) in [("echo", "enc"), ("candidate", "w2v")] {
+        let answers = join_all((0..64).map(|i| {
+            let mut client = client.clone();
+            let request = EmbedRequest {
+                model: route_name.into(),
+                texts: vec!["a passage for the encoder and its shadow ".repeat(12)],
+                route_key: format!("k{i}"),
+                ..Default::default()
+            };
+            async move { client.embed(request).await }
+        }))
+        .await;
+        for answer in answers {
+            assert_eq!(answer.unwrap().into_inner().served_by.unwrap().model, model);
+        }
+        // The copies still running finish, and give their places back.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let body = common::scrape_metrics(metrics_port).await;
-    let count = |outcome: &str| -> u64 {
+    let count = |route: &str, outcome: &str| -> u64 {
         body.lines()
             .filter(|line| {
                 line.starts_with("lmserve_shadow_requests_total{")
+                    && line.contains(&format!("route=\"{route}\""))
                     && line.contains(&format!("outcome=\"{outcome}\""))
             })
             .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
-    assert!(count("busy") >= 1, "{body}");
-    assert_eq!(count("dropped"), 0, "{body}");
-    assert_eq!(count("busy") + count("ok"), 64, "{body}");
+    assert!(count("echo", "busy") >= 1, "{body}");
+    assert_eq!(count("echo", "dropped"), 0, "{body}");
+    assert_eq!(count("echo", "busy") + count("echo", "ok"), 64, "{body}");
+    assert_eq!(count("candidate", "ok"), 64, "{body}");
 }
 
 #[tokio::test]

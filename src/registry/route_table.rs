@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{ModelVersion, Registry, RouteTable, parse_target};
+use crate::config::routes::ArmConfig;
 use crate::error::{Error, Result, Task};
 use crate::telemetry::metrics;
 
@@ -93,7 +94,7 @@ impl Registry {
         let model = self.resolve(&arm_target, Some(task))?;
         let shadow = match &route.shadow {
             Some(shadow) if route.shadowed(request.key, rand::random::<f64>()) => {
-                self.shadow_for(&name, &shadow.target, task)
+                self.shadow_for(&name, &shadow.target, &route.arms, task)
             }
             _ => None,
         };
@@ -107,15 +108,23 @@ impl Registry {
         })
     }
 
-    fn shadow_for(&self, route: &str, target: &str, task: Task) -> Option<Shadow> {
+    fn shadow_for(
+        &self,
+        route: &str,
+        target: &str,
+        arms: &[ArmConfig],
+        task: Task,
+    ) -> Option<Shadow> {
         let Ok(permit) = Arc::clone(&self.shadow_permits).try_acquire_owned() else {
             metrics::shadow_finished(route, target, "dropped");
             return None;
         };
         match self.resolve(target, Some(task)) {
-            // A copy never takes a place that real requests wait for: where the shadow's
-            // version already has work waiting (it may be a route's arm too), it is dropped.
-            Ok(model) if model.engine.waiting() > 0 => {
+            // Where the shadow's version is also one of the route's arms (a setting tried on
+            // the version itself), a copy would queue with the route's own requests: it is
+            // dropped while that version has work waiting. A shadow of its own sees only copies
+            // and queues them as they come.
+            Ok(model) if is_an_arm(&model, arms) && model.engine.waiting() > 0 => {
                 metrics::shadow_finished(route, target, "busy");
                 None
             }
@@ -164,4 +173,12 @@ impl Registry {
             None
         })
     }
+}
+
+/// Whether `model` is what one of `arms` names: that version, or the model by its bare name.
+fn is_an_arm(model: &ModelVersion, arms: &[ArmConfig]) -> bool {
+    arms.iter().any(|arm| match parse_target(&arm.target) {
+        Ok((name, version)) => name == model.name && version.is_none_or(|v| v == model.version),
+        Err(_) => false,
+    })
 }
