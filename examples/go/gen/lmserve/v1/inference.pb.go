@@ -1544,7 +1544,9 @@ type GenerationParameters struct {
 	FrequencyPenalty float32 `protobuf:"fixed32,9,opt,name=frequency_penalty,json=frequencyPenalty,proto3" json:"frequency_penalty,omitempty"`
 	// Subtracted from a token's logit once if it was generated at all; in [-2, 2].
 	PresencePenalty float32 `protobuf:"fixed32,10,opt,name=presence_penalty,json=presencePenalty,proto3" json:"presence_penalty,omitempty"`
-	// Generation ends when the text contains one of these; the stop text is not returned.
+	// Generation ends when the text contains one of these; the stop text is not returned. The
+	// text leaves special tokens out (unless keep_special_tokens), so a special token such as
+	// <|im_end|> belongs in stop_token_ids, not here.
 	Stop []string `protobuf:"bytes,11,rep,name=stop,proto3" json:"stop,omitempty"`
 	// Generation ends on any of these token ids (besides the model's end-of-sequence tokens).
 	StopTokenIds []uint32 `protobuf:"varint,12,rep,packed,name=stop_token_ids,json=stopTokenIds,proto3" json:"stop_token_ids,omitempty"`
