@@ -39,6 +39,19 @@ async fn replica(repository: &Path, config: &Path) -> TestServer {
     .await
 }
 
+/// The route `vectors` as `server` has it now.
+async fn vectors_route(server: &TestServer) -> Route {
+    server
+        .models()
+        .await
+        .get_route(GetRouteRequest {
+            name: "vectors".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// The arm each key gets through the route `vectors`.
 async fn arms(server: &TestServer, keys: &[String]) -> HashMap<String, String> {
     let client = server.inference().await;
@@ -126,15 +139,8 @@ async fn replicas_agree_on_every_key_and_follow_the_config_file() {
     std::fs::write(&config, routes_file((80, 20))).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     for server in [&first, &second] {
-        let mut models = server.models().await;
         loop {
-            let route = models
-                .get_route(GetRouteRequest {
-                    name: "vectors".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let route = vectors_route(server).await;
             if route.arms[0].weight == 80.0 {
                 break;
             }
@@ -205,15 +211,8 @@ async fn a_config_edit_that_does_not_fit_leaves_the_route_serving_until_it_does(
     assert_eq!(arms(&server, &keys).await, before, "the route changed");
 
     copy_version("tiny-word2vec", "1", repository.path(), "w2v", "3");
-    let mut models = server.models().await;
     loop {
-        let route = models
-            .get_route(GetRouteRequest {
-                name: "vectors".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let route = vectors_route(&server).await;
         if route.arms.iter().any(|arm| arm.target == "w2v@3") {
             break;
         }

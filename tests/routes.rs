@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use common::{ServerOptions, TestServer, copy_version};
 use futures::future::join_all;
 use lmserve::api::proto::generate_request::Prompt;
+use lmserve::api::proto::models_client::ModelsClient;
 use lmserve::api::proto::{
     self, DeleteRouteRequest, EmbedRequest, GenerateRequest, GenerationParameters, GetModelRequest,
     GetRouteRequest, ListRoutesRequest, LoadModelRequest, Route, RouteArm, SetRouteRequest,
     ShadowArm, UnloadModelRequest,
 };
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 fn route(
@@ -81,6 +83,32 @@ async fn start_saving_to(repository: &Path, state: &Path) -> TestServer {
         &[("LMSERVE_STATE__PATH", state.to_str().unwrap())],
     )
     .await
+}
+
+/// The load state of version `version` of `w2v`, when the server lists it.
+async fn w2v_state(models: &ModelsClient<Channel>, version: &str) -> Option<i32> {
+    let info = models
+        .clone()
+        .get_model(GetModelRequest { name: "w2v".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    info.versions
+        .iter()
+        .find(|v| v.version == version)
+        .map(|v| v.state)
+}
+
+/// The shadow copies of `route` that ended with `outcome`, from a metrics scrape.
+fn shadow_count(body: &str, route: &str, outcome: &str) -> u64 {
+    body.lines()
+        .filter(|line| {
+            line.starts_with("lmserve_shadow_requests_total{")
+                && line.contains(&format!("route=\"{route}\""))
+                && line.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Sends one keyed Embed per key, 32 at a time, and returns the arm each key got.
@@ -336,16 +364,7 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let body = common::scrape_metrics(metrics_port).await;
-    let shadow_count = |route: &str, outcome: &str| -> u64 {
-        body.lines()
-            .filter(|line| {
-                line.starts_with("lmserve_shadow_requests_total{")
-                    && line.contains(&format!("route=\"{route}\""))
-                    && line.contains(&format!("outcome=\"{outcome}\""))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let shadow_count = |route: &str, outcome: &str| shadow_count(&body, route, outcome);
     assert!(shadow_count("chat", "invalid_argument") >= 1, "{body}");
     assert!(shadow_count("vectors", "dropped") >= 1, "{body}");
     assert!(
@@ -361,11 +380,7 @@ async fn shadow_failures_and_slowness_never_reach_the_caller() {
 #[tokio::test]
 async fn a_shadow_copy_never_queues_ahead_of_real_requests() {
     let repository = ab_repository();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = common::free_port();
     let server = TestServer::start_with(ServerOptions {
         repository: repository.path().to_owned(),
         env: vec![("LMSERVE_ROUTING__SHADOW_CONCURRENCY".into(), "64".into())],
@@ -415,16 +430,7 @@ async fn a_shadow_copy_never_queues_ahead_of_real_requests() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let body = common::scrape_metrics(metrics_port).await;
-    let count = |route: &str, outcome: &str| -> u64 {
-        body.lines()
-            .filter(|line| {
-                line.starts_with("lmserve_shadow_requests_total{")
-                    && line.contains(&format!("route=\"{route}\""))
-                    && line.contains(&format!("outcome=\"{outcome}\""))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let count = |route: &str, outcome: &str| shadow_count(&body, route, outcome);
     assert!(count("echo", "busy") >= 1, "{body}");
     assert_eq!(count("echo", "dropped"), 0, "{body}");
     assert_eq!(count("echo", "busy") + count("echo", "ok"), 64, "{body}");
@@ -572,20 +578,7 @@ async fn a_version_scanned_half_copied_loads_once_complete_and_keeps_the_server_
     .await;
     assert_eq!(server.health("").await, ServingStatus::Serving);
     let models = server.models().await;
-    let state_of_6 = || {
-        let mut models = models.clone();
-        async move {
-            let info = models
-                .get_model(GetModelRequest { name: "w2v".into() })
-                .await
-                .unwrap()
-                .into_inner();
-            info.versions
-                .iter()
-                .find(|v| v.version == "6")
-                .map(|v| v.state)
-        }
-    };
+    let state_of_6 = || w2v_state(&models, "6");
     let source = common::repository().join("tiny-word2vec/1");
     let target = repository.path().join("w2v/6");
     std::fs::create_dir_all(&target).unwrap();
@@ -635,20 +628,7 @@ async fn a_version_folder_still_being_written_loads_once_it_settles() {
     )
     .await;
     let models = server.models().await;
-    let state_of_7 = || {
-        let mut models = models.clone();
-        async move {
-            let info = models
-                .get_model(GetModelRequest { name: "w2v".into() })
-                .await
-                .unwrap()
-                .into_inner();
-            info.versions
-                .iter()
-                .find(|v| v.version == "7")
-                .map(|v| v.state)
-        }
-    };
+    let state_of_7 = || w2v_state(&models, "7");
     copy_version("tiny-word2vec", "1", repository.path(), "w2v", "7");
     let still_arriving = repository.path().join("w2v/7/still-arriving.bin");
     let writing = Instant::now();
@@ -824,9 +804,7 @@ async fn a_version_that_failed_to_load_does_not_keep_a_route_served() {
     let refused = models.unload_model(unload(2)).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(
-        refused
-            .message()
-            .contains("the versions left failed to load"),
+        refused.message().contains("no version left is ready"),
         "{refused:?}"
     );
     let served = server.inference().await.embed(embed("bare", "k")).await;

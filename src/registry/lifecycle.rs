@@ -312,7 +312,7 @@ impl Registry {
                 "route `{route}` uses {name}{}{}; change or delete the route first",
                 version.map(|v| format!("@{v}")).unwrap_or_default(),
                 if failed_rest {
-                    ", and the versions left failed to load"
+                    ", and no version left is ready"
                 } else {
                     ""
                 }
@@ -445,13 +445,13 @@ impl Registry {
     }
 }
 
-/// Whether a version of `slots` other than `going` can serve, now or once it loads: what a route
-/// naming the bare model still has after they go. A version that failed to load does not count.
+/// Whether a version of `slots` other than `going` is ready to serve: what a route naming the
+/// bare model still has after they go. One still loading does not count, as it may yet fail.
 fn serves_besides(slots: &[Arc<Slot>], going: &[u64]) -> bool {
     slots
         .iter()
         .filter(|slot| !going.contains(&slot.version))
-        .any(|slot| !matches!(slot.state(), LoadState::Failed(_)))
+        .any(|slot| matches!(slot.state(), LoadState::Ready(_)))
 }
 
 /// A model name from a client must stay inside the repository folder.
