@@ -87,7 +87,8 @@ fn a_dropped_bpe_tokenizer_leaves_no_cached_words_in_its_threads() {
         "a plain tokenizer left {plain} bytes behind; tokenizers may free its cache now"
     );
 
-    let served = held_after_reloads(|| loader::read_tokenizer(&dir, &manifest).unwrap());
+    let files = lmserve::registry::hf::HfFiles::default();
+    let served = held_after_reloads(|| loader::read_tokenizer(&dir, &manifest, &files).unwrap());
     assert!(
         served < 16 << 10,
         "the server's tokenizer left {served} bytes behind after five reloads (a plain one: {plain})"

@@ -20,6 +20,17 @@ pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
 pub const MODULES: &str = "modules.json";
 pub const SENTENCE_BERT_CONFIG: &str = "sentence_bert_config.json";
+/// The Transformer module's config under the names sentence-transformers tries, in its order:
+/// models saved by its early releases name the file after the architecture.
+const TRANSFORMER_CONFIGS: [&str; 7] = [
+    SENTENCE_BERT_CONFIG,
+    "sentence_roberta_config.json",
+    "sentence_distilbert_config.json",
+    "sentence_camembert_config.json",
+    "sentence_albert_config.json",
+    "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+];
 pub const SENTENCE_TRANSFORMERS_CONFIG: &str = "config_sentence_transformers.json";
 
 /// transformers writes `model_max_length` as 1e30 when a tokenizer has no limit of its own.
@@ -218,14 +229,19 @@ pub struct SentenceTransformers {
     /// an error where it names no mode this server pools by, which only matters when
     /// model.toml's `[embed] pooling` does not override it.
     pub pooling: Option<(Result<Pooling, String>, String)>,
-    /// Whether the pipeline ends in a Normalize module.
+    /// Whether the pipeline ends in a Normalize module (one that a later module undoes does
+    /// not count).
     pub normalize: bool,
     /// Modules after the Pooling one that change the vector and that the server does not run
     /// (a `Dense` projection, a `LayerNorm`), as "path (type)": only a graph that returns the
     /// pipeline's own `sentence_embedding` gives what the model's authors define.
     pub after_pooling: Vec<String>,
-    /// `sentence_bert_config.json`'s `max_seq_length`.
-    pub max_seq_length: Option<usize>,
+    /// The Transformer module's `max_seq_length`, with the file it is read from
+    /// (`sentence_bert_config.json` or an older name).
+    pub max_seq_length: Option<(usize, &'static str)>,
+    /// The Transformer module's `do_lower_case`: sentence-transformers then lowercases every
+    /// text ahead of the tokenizer's own normalizer.
+    pub lowercase: bool,
     /// Texts put before an input, by name (`config_sentence_transformers.json`), as
     /// `encode(prompt_name=...)` puts them.
     pub prompts: BTreeMap<String, String>,
@@ -280,9 +296,11 @@ enum PoolingModes {
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct SentenceBertConfig {
     max_seq_length: Option<usize>,
+    #[serde(default)]
+    do_lower_case: bool,
 }
 
 impl HfFiles {
@@ -316,6 +334,19 @@ impl HfFiles {
     }
 }
 
+/// The first of the Transformer module's config files the folder holds, as sentence-transformers
+/// looks for it, and its name.
+fn read_transformer_config(
+    dir: &Path,
+) -> anyhow::Result<(SentenceBertConfig, Option<&'static str>)> {
+    for name in TRANSFORMER_CONFIGS {
+        if let Some(config) = read_json::<SentenceBertConfig>(dir, name)? {
+            return Ok((config, Some(name)));
+        }
+    }
+    Ok((SentenceBertConfig::default(), None))
+}
+
 fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTransformers>> {
     let Some(modules) = read_json::<Vec<Module>>(dir, MODULES)? else {
         return Ok(None);
@@ -340,17 +371,19 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
                 let mode = pooling_mode(&config, &name).map_err(|error| error.to_string());
                 pooling = Some((mode, name));
             }
+            // Only as the last module: a Dense or LayerNorm after it changes the length again.
             "Normalize" => normalize = true,
             // What produces the per-token states the graph computes.
             "Transformer" => {}
             _ if pooling.is_some() => {
+                normalize = false;
                 after_pooling.push(format!("{} ({})", module.path, module.kind));
             }
             _ => {}
         }
     }
-    let max_seq_length = read_json::<SentenceBertConfig>(dir, SENTENCE_BERT_CONFIG)?
-        .and_then(|config| config.max_seq_length);
+    let (transformer, transformer_file) = read_transformer_config(dir)?;
+    let max_seq_length = transformer.max_seq_length.zip(transformer_file);
     let config: SentenceTransformersConfig =
         read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default();
     // sentence-transformers refuses to load such a model too.
@@ -372,6 +405,7 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
         normalize,
         after_pooling,
         max_seq_length,
+        lowercase: transformer.do_lower_case,
         prompts: config.prompts,
         default_prompt_name: config.default_prompt_name,
         prompt_in_pooling,
@@ -566,7 +600,8 @@ mod tests {
         let st = files.sentence_transformers.unwrap();
         assert_eq!(st.pooling.unwrap().0, Ok(Pooling::Mean));
         assert!(st.normalize);
-        assert_eq!(st.max_seq_length, Some(256));
+        assert_eq!(st.max_seq_length, Some((256, SENTENCE_BERT_CONFIG)));
+        assert!(!st.lowercase);
         let tokenizer = files.tokenizer.unwrap();
         assert_eq!(tokenizer.max_length(), Some(512));
         assert_eq!(tokenizer.pad_token.unwrap().content(), "[PAD]");
@@ -620,6 +655,52 @@ mod tests {
             ["2_Dense (sentence_transformers.models.Dense)"]
         );
         assert!(st.normalize);
+
+        // A Dense after the Normalize leaves the vector at another length.
+        let dir = folder(&[(
+            MODULES,
+            r#"[{"path":"1_Pooling","type":"sentence_transformers.models.Pooling"},
+                {"path":"2_Normalize","type":"sentence_transformers.models.Normalize"},
+                {"path":"3_Dense","type":"sentence_transformers.models.Dense"}]"#,
+        )]);
+        let st = HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap();
+        assert!(!st.normalize);
+    }
+
+    #[test]
+    fn reads_the_transformer_config_under_its_older_names_and_its_lowercasing() {
+        let modules = r#"[{"path":"","type":"sentence_transformers.models.Transformer"}]"#;
+        let dir = folder(&[
+            (MODULES, modules),
+            (
+                "sentence_xlm-roberta_config.json",
+                r#"{"max_seq_length": 128, "do_lower_case": true}"#,
+            ),
+        ]);
+        let st = HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap();
+        assert_eq!(
+            st.max_seq_length,
+            Some((128, "sentence_xlm-roberta_config.json"))
+        );
+        assert!(st.lowercase);
+        // The current name wins, as sentence-transformers tries it first.
+        let dir = folder(&[
+            (MODULES, modules),
+            ("sentence_roberta_config.json", r#"{"max_seq_length": 128}"#),
+            (SENTENCE_BERT_CONFIG, r#"{"max_seq_length": 256}"#),
+        ]);
+        let st = HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap();
+        assert_eq!(st.max_seq_length, Some((256, SENTENCE_BERT_CONFIG)));
+        assert!(!st.lowercase);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn inspect(environment: &ort::environment::Environment, dir: &Path) -> anyho
 
     let prepared = manifest.and_then(|manifest| {
         let files = HfFiles::read(dir)?;
-        let tokenizer = loader::read_tokenizer(dir, &manifest)?;
+        let tokenizer = loader::read_tokenizer(dir, &manifest, &files)?;
         Ok(loader::prepare(manifest, files, tokenizer, pool)?.settings)
     });
     finish(text, prepared)
@@ -132,7 +132,7 @@ fn inspect_encoder_decoder(
         write_tensors(&mut text, &format!("{role} outputs"), &graph.outputs);
     }
     let prepared = HfFiles::read(dir).and_then(|files| {
-        let tokenizer = loader::read_tokenizer(dir, &manifest)?;
+        let tokenizer = loader::read_tokenizer(dir, &manifest, &files)?;
         Ok(seq2seq::prepare(&manifest, &files, &tokenizer, pools)?.2)
     });
     finish(text, prepared)

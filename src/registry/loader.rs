@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::bail;
+use tokenizers::normalizers::{Lowercase, NormalizerWrapper, Sequence};
 use tokenizers::{ModelWrapper, Tokenizer};
 
 use super::bindings;
@@ -164,11 +165,15 @@ pub fn open_graph(
 pub fn read_files(dir: &Path) -> anyhow::Result<(Manifest, HfFiles, Tokenizer)> {
     let manifest = Manifest::read(dir)?;
     let files = HfFiles::read(dir)?;
-    let tokenizer = read_tokenizer(dir, &manifest)?;
+    let tokenizer = read_tokenizer(dir, &manifest, &files)?;
     Ok((manifest, files, tokenizer))
 }
 
-pub fn read_tokenizer(dir: &Path, manifest: &Manifest) -> anyhow::Result<Tokenizer> {
+pub fn read_tokenizer(
+    dir: &Path,
+    manifest: &Manifest,
+    files: &HfFiles,
+) -> anyhow::Result<Tokenizer> {
     let name = manifest.tokenizer.display();
     let mut tokenizer = Tokenizer::from_file(dir.join(&manifest.tokenizer))
         .map_err(|error| anyhow::anyhow!("loading the tokenizer {name}: {error}"))?;
@@ -178,7 +183,39 @@ pub fn read_tokenizer(dir: &Path, manifest: &Manifest) -> anyhow::Result<Tokeniz
         .with_truncation(None)
         .map_err(|error| anyhow::anyhow!("clearing truncation of {name}: {error}"))?;
     without_word_cache(&mut tokenizer);
+    if files
+        .sentence_transformers
+        .as_ref()
+        .is_some_and(|st| st.lowercase)
+    {
+        lowercase_first(&mut tokenizer)
+            .map_err(|error| anyhow::anyhow!("lowercasing in {name}: {error}"))?;
+    }
     Ok(tokenizer)
+}
+
+/// sentence-transformers' `do_lower_case`: a Lowercase normalizer ahead of the tokenizer's own,
+/// unless it already has one, as sentence-transformers (6.3) adds it. The Tokenize RPC then
+/// shows the tokens the model is fed.
+fn lowercase_first(tokenizer: &mut Tokenizer) -> tokenizers::Result<()> {
+    let mut normalizers = vec![NormalizerWrapper::Lowercase(Lowercase)];
+    match tokenizer.get_normalizer() {
+        None => {}
+        Some(NormalizerWrapper::Lowercase(_)) => return Ok(()),
+        Some(NormalizerWrapper::Sequence(sequence)) => {
+            if sequence
+                .as_ref()
+                .iter()
+                .any(|normalizer| matches!(normalizer, NormalizerWrapper::Lowercase(_)))
+            {
+                return Ok(());
+            }
+            normalizers.extend(sequence.as_ref().iter().cloned());
+        }
+        Some(other) => normalizers.push(other.clone()),
+    }
+    tokenizer.with_normalizer(Some(Sequence::new(normalizers)))?;
+    Ok(())
 }
 
 /// Turns off a BPE model's cache of tokenized words. tokenizers (0.23) keeps that cache in

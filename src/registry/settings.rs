@@ -203,7 +203,7 @@ impl ModelSettings {
         let max_length = first([
             manifest.max_length.map(|v| sourced(v, Source::Manifest)),
             st.and_then(|st| st.max_seq_length)
-                .map(|v| sourced(v, file(hf::SENTENCE_BERT_CONFIG))),
+                .map(|(v, name)| sourced(v, file(name))),
             smallest(
                 tokenizer_config
                     .and_then(|c| c.max_length())
@@ -661,10 +661,20 @@ fn embed_settings(
 ) -> anyhow::Result<EmbedSettings> {
     let section = manifest.embed.clone().unwrap_or_default();
     let st = files.sentence_transformers.as_ref();
+    // A model whose prompts pooling leaves out (`include_prompt: false`) is pooled here where
+    // the server can follow its Pooling module: an exported graph pools every token it is fed.
+    let pools_prompts_out_here = bindings.hidden_states.is_some()
+        && st.is_some_and(|st| {
+            !st.prompt_in_pooling
+                && !st.prompts.is_empty()
+                && st.after_pooling.is_empty()
+                && matches!(st.pooling, Some((Ok(_), _)))
+        });
     // The graph's pooled output is the authors' own pooling; a manifest that names a pooling
     // mode over per-token states, or a graph with no pooled output, pools here instead.
     let use_pooled_output = bindings.pooled_output.is_some()
-        && (section.pooling.is_none() || bindings.hidden_states.is_none());
+        && (section.pooling.is_none() || bindings.hidden_states.is_none())
+        && !pools_prompts_out_here;
     // A Pooling module this server cannot follow matters only where nothing overrides it.
     let from_file = match st.and_then(|st| st.pooling.as_ref()) {
         Some((Ok(pooling), file)) => {

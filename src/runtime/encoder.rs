@@ -160,8 +160,8 @@ fn output<'o>(
 }
 
 /// Pools the states of `tokens` of one row (`states` is `[T, hidden_size]`, row-major): its
-/// real tokens, less any it leaves out at the start. CLS pooling takes the first token and
-/// last-token pooling the last whatever `tokens` starts at, as sentence-transformers does.
+/// real tokens, less any it leaves out at the start. CLS pooling takes the first token pooled
+/// and last-token pooling the last, as sentence-transformers (6.3) does.
 pub fn pool(
     states: &[f32],
     hidden_size: usize,
@@ -172,7 +172,15 @@ pub fn pool(
     // At least one token is pooled, should a prompt fill the whole row.
     let from = tokens.start.min(length - 1);
     match pooling {
-        Pooling::Cls => states[..hidden_size].to_vec(),
+        // The first token left in the mask; with none left, the first (argmax of all zeros).
+        Pooling::Cls => {
+            let first = if tokens.start < tokens.end {
+                tokens.start
+            } else {
+                0
+            };
+            states[first * hidden_size..(first + 1) * hidden_size].to_vec()
+        }
         Pooling::Last => states[(length - 1) * hidden_size..length * hidden_size].to_vec(),
         Pooling::Max => {
             let mut max = states[from * hidden_size..(from + 1) * hidden_size].to_vec();
@@ -223,9 +231,10 @@ mod tests {
         let states = [9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 100.0, 100.0];
         assert_eq!(pool(&states, 2, 1..3, Pooling::Mean), vec![2.0, 3.0]);
         assert_eq!(pool(&states, 2, 1..3, Pooling::Max), vec![3.0, 4.0]);
-        // CLS and last-token pooling do not look at the range's start.
-        assert_eq!(pool(&states, 2, 1..3, Pooling::Cls), vec![9.0, 9.0]);
+        // CLS pooling takes the first token pooled; last-token pooling the last.
+        assert_eq!(pool(&states, 2, 1..3, Pooling::Cls), vec![1.0, 2.0]);
         assert_eq!(pool(&states, 2, 1..3, Pooling::Last), vec![3.0, 4.0]);
+        assert_eq!(pool(&states, 2, 3..3, Pooling::Cls), vec![9.0, 9.0]);
         // A prompt as long as the row leaves its last token.
         assert_eq!(pool(&states, 2, 3..3, Pooling::Mean), vec![3.0, 4.0]);
     }

@@ -114,6 +114,17 @@ async fn embed_on(
     };
     let normalize = params.normalize.unwrap_or(settings.normalize.value);
     let prompt = settings.prompt(params.prompt_name.as_deref())?;
+    if prompt.is_some() && !settings.prompt_in_pooling && embedding == EncoderEmbedding::Pooled {
+        return Err(Error::invalid(
+            "prompt_name",
+            format!(
+                "{}@{} pools without its prompt's tokens (include_prompt false), which its graph's \
+                 pooled output cannot leave out, and it has no per-token states to pool here; \
+                 send prompt_name \"\" for no prompt",
+                model.name, model.version
+            ),
+        ));
+    }
     if prompt.is_some() && params.truncate == Truncate::Left {
         return Err(Error::invalid(
             "truncate",
@@ -170,15 +181,21 @@ async fn embed_on(
 }
 
 /// The tokens pooling leaves out for a model that pools without its prompt: the prompt's,
-/// tokenized alone with the special tokens, less one, as sentence-transformers counts them
-/// (for BERT, `[CLS]` and the prompt, not the `[SEP]` that ends it alone).
+/// tokenized alone with the special tokens, less the special token that ends it alone, as
+/// sentence-transformers counts them (for BERT, `[CLS]` and the prompt, not the `[SEP]`; for a
+/// tokenizer that adds nothing at the end, every token of the prompt).
 fn prompt_length(model: &ModelVersion, prompt: &str) -> Result<usize> {
     let add_special_tokens = model.settings.add_special_tokens.value;
     let encoding = model
         .tokenizer
         .encode(prompt, add_special_tokens)
         .map_err(|error| Error::Internal(format!("tokenizing the prompt: {error}")))?;
-    Ok(encoding.len().saturating_sub(1))
+    Ok(prompt_tokens(&encoding))
+}
+
+fn prompt_tokens(encoding: &tokenizers::Encoding) -> usize {
+    let ends_special = encoding.get_special_tokens_mask().last() == Some(&1);
+    encoding.len() - usize::from(ends_special)
 }
 
 /// Scales `values` to unit length; a zero vector stays zero.
