@@ -1,14 +1,23 @@
 //! The transport limits a careless or hostile client meets: a connection that sends nothing is
 //! closed after the handshake timeout, connections beyond the limit wait until one closes, and
 //! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS, and a health
-//! call, which needs no key, cannot make the server buffer a large message.
+//! call, which needs no key, cannot make the server buffer a large message, and a client that
+//! stops reading a stream's responses holds none of the queue places its requests took.
 
 mod common;
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use common::{ServerOptions, TestServer};
-use lmserve::api::kserve::proto::ServerLiveResponse;
+use lmserve::api::kserve::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use lmserve::api::kserve::proto::model_infer_request::{
+    InferInputTensor, InferRequestedOutputTensor,
+};
+use lmserve::api::kserve::proto::{ModelInferRequest, ServerLiveResponse};
+use lmserve::api::proto::EmbedRequest;
+use lmserve::api::proto::inference_client::InferenceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
@@ -216,4 +225,126 @@ async fn the_metrics_port_has_the_same_connection_limits() {
         .await
         .unwrap();
     assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+}
+
+/// Texts of about 220 tokens: a request of 100 takes a while to tokenize.
+fn long_text() -> String {
+    "the quick brown fox jumps over the lazy dog ".repeat(14)
+}
+
+fn embed_request(texts: Vec<String>) -> EmbedRequest {
+    EmbedRequest {
+        model: "tiny-encoder".into(),
+        texts,
+        ..Default::default()
+    }
+}
+
+/// A server whose encoder queue holds 450 texts, and a channel to it whose HTTP/2 window is 64
+/// bytes and never widened: a client on it reads nothing.
+async fn stalled_client_setup() -> (TestServer, Channel) {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![("LMSERVE_BATCHING__QUEUE_CAPACITY".into(), "450".into())],
+        ..Default::default()
+    })
+    .await;
+    let stalled = Channel::from_shared(server.url())
+        .unwrap()
+        .initial_stream_window_size(64)
+        .connect()
+        .await
+        .unwrap();
+    (server, stalled)
+}
+
+/// Another client asks for more places than the queue has left while two of the stalled
+/// stream's requests hold theirs. Refusals while those requests run are fine; refusals ever
+/// after are not.
+async fn assert_another_client_is_served(server: &TestServer) {
+    let mut client = server.inference().await;
+    let mut last_refusal = None;
+    let served = async {
+        loop {
+            match client.embed(embed_request(vec![long_text(); 256])).await {
+                Ok(response) => return response.into_inner(),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    last_refusal = Some(status.message().to_owned());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    };
+    let response = tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .unwrap_or_else(|_| panic!("still refused after 30 s: {last_refusal:?}"));
+    assert_eq!(response.embeddings.len(), 256);
+}
+
+/// A client that stops reading an EmbedStream: its HTTP/2 window fills with the answers to
+/// the short requests it sent first, after which the server's response stream is polled no
+/// more (hyper polls a response body until it holds a chunk it has no window to send). The long
+/// requests it had in flight must still run and hand back their queue places, or a few such
+/// streams would hold a model's whole queue and every other client would be refused for as
+/// long as the connection stayed.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_holds_no_queue_places() {
+    let (server, stalled) = stalled_client_setup().await;
+    let mut requests: Vec<_> = (0..4)
+        .map(|_| embed_request(vec!["hello".into()]))
+        .collect();
+    requests.extend((0..4).map(|_| embed_request(vec![long_text(); 100])));
+    let unread = InferenceClient::new(stalled)
+        .embed_stream(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_another_client_is_served(&server).await;
+    drop(unread);
+}
+
+/// The same through KServe's ModelStreamInfer, whose requests run several at once.
+#[tokio::test]
+async fn a_kserve_client_that_stops_reading_a_stream_holds_no_queue_places() {
+    let (server, stalled) = stalled_client_setup().await;
+    let infer = |texts: Vec<String>| {
+        let mut raw = Vec::new();
+        for text in &texts {
+            raw.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            raw.extend_from_slice(text.as_bytes());
+        }
+        ModelInferRequest {
+            model_name: "tiny-encoder".into(),
+            inputs: vec![InferInputTensor {
+                name: "text_input".into(),
+                datatype: "BYTES".into(),
+                shape: vec![texts.len() as i64],
+                ..Default::default()
+            }],
+            outputs: vec![InferRequestedOutputTensor {
+                name: "embedding".into(),
+                ..Default::default()
+            }],
+            raw_input_contents: vec![raw],
+            ..Default::default()
+        }
+    };
+    // Answered as they finish: the first short answer fills the window, and the second, sent
+    // after the long requests, is the chunk the server holds and polls no further for.
+    let mut requests = vec![(0, infer(vec!["hello".into()]))];
+    requests.extend((0..4).map(|i| (if i == 0 { 300 } else { 0 }, infer(vec![long_text(); 100]))));
+    requests.push((0, infer(vec!["hello".into()])));
+    let requests = futures::stream::iter(requests).then(|(pause, request)| async move {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        request
+    });
+    let unread = GrpcInferenceServiceClient::new(stalled)
+        .model_stream_infer(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    // Once every request of the stream has been sent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_another_client_is_served(&server).await;
+    drop(unread);
 }

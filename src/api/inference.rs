@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::closing::{self, Closing};
 use super::convert;
 use super::deadline::{self, Deadline};
+use super::detached;
 use super::edge;
 use super::generate;
 use super::observe;
@@ -113,6 +114,8 @@ impl InferenceService {
 }
 
 /// Answers each message of `requests` with `handle`, in order; the first failure ends the stream.
+/// Each message's work runs on its own task, so a client that stops reading cannot hold the
+/// queue places of the messages in flight (`detached`).
 fn ordered<Req, Resp, F, Fut>(requests: Streaming<Req>, handle: F) -> ResponseStream<Resp>
 where
     Req: Send + 'static,
@@ -122,10 +125,10 @@ where
 {
     let responses = requests
         .map(move |message| {
-            let handled = message.map(&handle);
+            let handled = message.map(|message| detached::spawn(handle(message)));
             async move {
                 match handled {
-                    Ok(future) => future.await,
+                    Ok(work) => work.await.and_then(|answered| answered),
                     // A message the stream could not read: too large, or not protobuf.
                     Err(status) => Err(edge::incoming_status(status)),
                 }

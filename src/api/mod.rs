@@ -7,6 +7,7 @@ pub mod closing;
 pub mod codec;
 pub mod convert;
 pub mod deadline;
+pub mod detached;
 pub mod edge;
 pub mod generate;
 pub mod health;

@@ -21,6 +21,7 @@ use super::proto::{ModelInferRequest, ModelInferResponse, ModelStreamInferRespon
 use super::request::Work;
 use super::service::KserveService;
 use crate::api::deadline::{self, Deadline};
+use crate::api::detached;
 use crate::api::edge;
 use crate::error::{Error, Result};
 use crate::tasks::generate::driver::Event;
@@ -71,11 +72,16 @@ fn answer(
         layout: super::tensors::Layout::Typed,
     };
     let span = tracing::info_span!("kserve_stream_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
-    start(service, request, metadata, deadline)
-        .instrument(span)
+    // On its own task: a client that stops reading cannot hold the queue places it took.
+    detached::spawn(start(service, request, metadata, deadline).instrument(span))
         .map(move |started| match started {
-            Ok(responses) => responses,
-            Err(error) => stream::iter([Ok(failure(&failed, error))]).boxed(),
+            Ok(Ok(responses)) => responses,
+            Ok(Err(error)) => stream::iter([Ok(failure(&failed, error))]).boxed(),
+            // The work panicked: this request fails, as any other failure, and the stream goes on.
+            Err(status) => {
+                let error = Error::Internal(status.message().to_owned());
+                stream::iter([Ok(failure(&failed, error))]).boxed()
+            }
         })
         .flatten_stream()
         .boxed()
