@@ -631,3 +631,128 @@ async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http(
     assert_eq!(http_get(&metrics_addr, "/").await.0, 404);
     assert_eq!(http_get(&metrics_addr, "/metrics/extra").await.0, 404);
 }
+
+/// Calls the server gives up on at their `grpc-timeout` (the edge drops them) are counted
+/// `deadline_exceeded`, embed and generate alike, as many as the client saw cut off.
+#[tokio::test]
+async fn requests_cut_off_by_their_deadline_are_counted() {
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        ..Default::default()
+    })
+    .await;
+    let metrics_addr = server.metrics_addr.clone().expect("metrics port");
+    let mut client = server.inference().await;
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(14);
+    let (mut embeds_cut, mut generates_cut) = (0, 0);
+    // A request the server may also refuse at admission as unable to finish in time, so the
+    // deadlines vary until some are cut off while running.
+    // Over 5 ms: the server answers before tonic's own timer would (`deadline::ANSWER_LEAD`).
+    for millis in [6, 7, 8, 10, 12, 15, 20, 30] {
+        let mut embed = tonic::Request::new(EmbedRequest {
+            model: "tiny-encoder".into(),
+            texts: vec![long.clone(); 256],
+            ..Default::default()
+        });
+        embed.set_timeout(Duration::from_millis(millis));
+        if let Err(status) = client.embed(embed).await
+            && cut_off(&status)
+        {
+            embeds_cut += 1;
+        }
+        let mut generate = tonic::Request::new(GenerateRequest {
+            model: "tiny-gpt2".into(),
+            prompt: Some(Prompt::Text("To be".into())),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(500),
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        generate.set_timeout(Duration::from_millis(millis));
+        if let Err(status) = client.generate(generate).await
+            && cut_off(&status)
+        {
+            generates_cut += 1;
+        }
+    }
+    assert!(
+        embeds_cut > 0 && generates_cut > 0,
+        "no deadline cut a call"
+    );
+    // The handlers' futures are dropped as the deadline passes; their metrics follow at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, metrics) = http_get(&metrics_addr, "/metrics").await;
+    // A cut call that reached its handler, which knows the model, counts once among the
+    // requests: `deadline_exceeded`, or `cancelled` where tonic's own timer, which starts a
+    // moment before the server's, dropped it first. One cut off while still being read (a
+    // 170 KB embed) or waiting for a thread counts only among the calls, below, which count
+    // every call exactly.
+    for (model, task, cut) in [
+        ("tiny-encoder", "embed", embeds_cut),
+        ("tiny-gpt2", "generate", generates_cut),
+    ] {
+        let outcome = |outcome| {
+            sample(
+                &metrics,
+                "lmserve_requests_total",
+                &[("model", model), ("task", task), ("outcome", outcome)],
+            )
+        };
+        let counted = outcome("deadline_exceeded") + outcome("cancelled");
+        assert!(
+            outcome("deadline_exceeded") >= 1.0 && counted <= cut as f64,
+            "{task}: {metrics}"
+        );
+    }
+    let calls = |method, code| {
+        sample(
+            &metrics,
+            "lmserve_grpc_calls_total",
+            &[("method", method), ("code", code)],
+        )
+    };
+    for (method, cut) in [
+        ("/lmserve.v1.Inference/Embed", embeds_cut),
+        ("/lmserve.v1.Inference/Generate", generates_cut),
+    ] {
+        let counted = calls(method, "DEADLINE_EXCEEDED") + calls(method, "CANCELLED");
+        assert_eq!(counted, cut as f64, "{method}: {metrics}");
+    }
+    // A method the server does not serve is one series, whatever the client names.
+    let mut unknown = tonic::client::Grpc::new(server.channel().await);
+    for name in ["/lmserve.v1.Inference/Nope", "/made.up.Service/Call"] {
+        unknown.ready().await.unwrap();
+        let status = unknown
+            .unary::<EmbedRequest, EmbedRequest, _>(
+                tonic::Request::new(EmbedRequest::default()),
+                http::uri::PathAndQuery::from_static(name),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, metrics) = http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "lmserve_grpc_calls_total",
+            &[("method", "other"), ("code", "UNIMPLEMENTED")]
+        ),
+        2.0,
+        "{metrics}"
+    );
+    assert!(!metrics.contains("Nope") && !metrics.contains("made.up"));
+}
+
+/// What a client hears when its deadline passed: DEADLINE_EXCEEDED from the server, or
+/// CANCELLED from tonic's own timer, should it fire first.
+fn cut_off(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
+}

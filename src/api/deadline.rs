@@ -17,10 +17,16 @@ pub const HEADER: &str = "grpc-timeout";
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival(pub Instant);
 
+/// tonic starts its own timer for `grpc-timeout` a moment before `edge` runs; the server gives
+/// up this much earlier, so that the client hears DEADLINE_EXCEEDED rather than tonic's
+/// CANCELLED. A call's deadline inside the server is that earlier instant.
+pub const ANSWER_LEAD: Duration = Duration::from_millis(5);
+
 /// A call's deadline, when it has one: the instant and the timeout the client sent.
 pub type Deadline = Option<(Instant, Duration)>;
 
-/// When the call's `grpc-timeout` runs out, counted from its arrival (or from now, for a call
+/// When the server gives up on the call (`ANSWER_LEAD` before its `grpc-timeout` runs out),
+/// counted from its arrival (or from now, for a call
 /// that did not pass `edge`), with the timeout itself; `None` when the client set none or sent
 /// one that does not parse (as tonic treats it).
 pub fn from_request(metadata: &MetadataMap, extensions: &Extensions) -> Deadline {
@@ -28,7 +34,8 @@ pub fn from_request(metadata: &MetadataMap, extensions: &Extensions) -> Deadline
     let arrived = extensions
         .get::<Arrival>()
         .map_or_else(Instant::now, |arrival| arrival.0);
-    Some((arrived.checked_add(timeout)?, timeout))
+    let budget = timeout.saturating_sub(ANSWER_LEAD);
+    Some((arrived.checked_add(budget)?, timeout))
 }
 
 /// The sooner of `deadline` and a limit the request itself carries (Triton's `timeout`),
@@ -123,7 +130,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_header_from_metadata_counting_from_arrival() {
+    fn reads_the_header_from_metadata_counting_from_arrival_less_the_answer_lead() {
         let mut metadata = MetadataMap::new();
         let mut extensions = Extensions::new();
         assert!(from_request(&metadata, &extensions).is_none());
@@ -134,6 +141,9 @@ mod tests {
         let arrived = Instant::now() - Duration::from_millis(30);
         extensions.insert(Arrival(arrived));
         let (deadline, _) = from_request(&metadata, &extensions).unwrap();
-        assert_eq!(deadline, arrived + timeout);
+        assert_eq!(deadline, arrived + timeout - ANSWER_LEAD);
+        // A timeout shorter than the lead: the server gives up as the call arrives.
+        metadata.insert(HEADER, "2m".parse().unwrap());
+        assert_eq!(from_request(&metadata, &extensions).unwrap().0, arrived);
     }
 }

@@ -15,7 +15,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -26,9 +25,6 @@ use tower::{Layer, Service};
 use super::auth::{KeyRing, required_scope};
 use super::deadline;
 
-/// tonic starts its own timer for `grpc-timeout` a moment before this layer runs; firing this
-/// much earlier makes sure the client hears DEADLINE_EXCEEDED rather than tonic's CANCELLED.
-const DEADLINE_LEAD: Duration = Duration::from_millis(5);
 /// The most a call that needs no key may send: a health check names one service.
 const OPEN_CALL_BODY_BYTES: usize = 4096;
 /// Why a KServe call is UNIMPLEMENTED; a gRPC message header, so printable ASCII without `%`.
@@ -111,7 +107,7 @@ where
         Box::pin(async move {
             let response = match timeout {
                 Some(timeout) => {
-                    let budget = timeout.saturating_sub(DEADLINE_LEAD);
+                    let budget = timeout.saturating_sub(deadline::ANSWER_LEAD);
                     match tokio::time::timeout_at(arrived + budget, response).await {
                         Ok(response) => response?,
                         Err(_) => {

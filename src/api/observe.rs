@@ -6,8 +6,10 @@
 //! The domain fills in what only it knows (model, version, route, arm, queue time, tokens)
 //! through `telemetry::call::CallRecord`, set around the handler.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -16,12 +18,14 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt;
+use prost::Message;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::RequestLog;
 use crate::telemetry::call::CallRecord;
+use crate::telemetry::metrics;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// A client's request id longer than this (or not printable ASCII) is replaced by a new one,
@@ -252,6 +256,73 @@ fn is_infrastructure(method: &str) -> bool {
     method.starts_with("/grpc.health.v1.") || method.starts_with("/grpc.reflection.")
 }
 
+/// The paths of every method the server serves, from the services' own descriptors.
+fn served_methods() -> &'static HashSet<String> {
+    static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let mut methods: HashSet<String> = [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(str::to_owned)
+        .into();
+        for encoded in [
+            super::proto::FILE_DESCRIPTOR_SET,
+            super::kserve::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(encoded)
+                .expect("the descriptors compiled into the server decode");
+            for file in set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        methods
+    })
+}
+
+/// The method label of a call: its path when the server serves it, else "other".
+fn method_label(path: &str) -> &str {
+    if served_methods().contains(path) {
+        path
+    } else {
+        "other"
+    }
+}
+
+/// gRPC's name for a status code, as clients and other servers' metrics spell it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 impl CallEnd {
     fn log(&mut self) {
         if std::mem::replace(&mut self.logged, true) {
@@ -264,6 +335,12 @@ impl CallEnd {
             tonic::Code::Cancelled as i32,
             "the client cancelled".to_owned(),
         ));
+        // Every call, whatever stopped it: refused at the edge, cut off by its deadline before
+        // its handler ran, or answered.
+        metrics::grpc_call(
+            method_label(&self.method),
+            code_name(tonic::Code::from_i32(code)),
+        );
         let code_name = format!("{:?}", tonic::Code::from_i32(code));
         self.span.record("rpc.grpc.status_code", code);
         let ok = code == tonic::Code::Ok as i32;

@@ -58,7 +58,7 @@ pub async fn classify(
     params: ClassifyParams,
     routing: &Routing,
 ) -> Result<ClassifyOutput> {
-    let mut request = RequestMetrics::start(Task::Classify.as_str());
+    let mut request = RequestMetrics::start(Task::Classify.as_str(), routing.deadline);
     request.requested(registry, &params.model);
     let result = async {
         check_name("model", &params.model, limits)?;

@@ -57,10 +57,13 @@ pub(crate) struct RequestMetrics {
     input_tokens: usize,
     generated_tokens: usize,
     call: Option<CallRecord>,
+    /// The caller's deadline: a request dropped after it was cut off by it, not cancelled.
+    deadline: Option<Instant>,
+    recorded: bool,
 }
 
 impl RequestMetrics {
-    pub fn start(task: &'static str) -> Self {
+    pub fn start(task: &'static str, deadline: Option<Instant>) -> Self {
         Self {
             task,
             started: Instant::now(),
@@ -70,6 +73,8 @@ impl RequestMetrics {
             input_tokens: 0,
             generated_tokens: 0,
             call: CallRecord::current(),
+            deadline,
+            recorded: false,
         }
     }
 
@@ -120,13 +125,19 @@ impl RequestMetrics {
         }
     }
 
-    pub fn finish<T>(self, result: Result<T>) -> Result<T> {
+    pub fn finish<T>(mut self, result: Result<T>) -> Result<T> {
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(error) => Outcome::Error(error.kind()),
         };
-        match (&self.labels, &result) {
-            (Some(labels), _) => {
+        self.record_outcome(outcome);
+        result
+    }
+
+    fn record_outcome(&mut self, outcome: Outcome) {
+        self.recorded = true;
+        match &self.labels {
+            Some(labels) => {
                 let route = metrics::RouteLabels {
                     route: &self.route.0,
                     arm: &self.route.1,
@@ -146,14 +157,32 @@ impl RequestMetrics {
                     self.generated_tokens,
                 );
             }
-            (None, Err(error)) => {
-                metrics::request_rejected(&self.requested, self.task, error.kind())
+            None => {
+                if let Outcome::Error(kind) = outcome {
+                    metrics::request_rejected(&self.requested, self.task, kind)
+                }
             }
-            (None, Ok(_)) => {}
         }
-        result
     }
 }
+
+/// A request dropped before it finished still counts: the server's edge drops a call whose
+/// `grpc-timeout` passed, and a client that goes away drops its call too. Both are failures an
+/// error-rate alert must see.
+impl Drop for RequestMetrics {
+    fn drop(&mut self) {
+        if !self.recorded {
+            let kind = match self.deadline {
+                Some(deadline) if Instant::now() >= deadline => DEADLINE_EXCEEDED,
+                _ => Error::Cancelled.kind(),
+            };
+            self.record_outcome(Outcome::Error(kind));
+        }
+    }
+}
+
+/// The outcome of a request its deadline cut off (the edge answers DEADLINE_EXCEEDED).
+pub(crate) const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
 
 /// What the encoder pass returns for one text: how many tokens it had, whether it was cut,
 /// and the model's outputs for it.

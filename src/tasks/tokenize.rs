@@ -79,7 +79,7 @@ pub async fn tokenize(
     input: TokenizeInput,
     add_special_tokens: Option<bool>,
 ) -> Result<TokenizeOutput> {
-    let mut request = RequestMetrics::start("tokenize");
+    let mut request = RequestMetrics::start("tokenize", None);
     request.requested(registry, model);
     let result = async {
         check_name("model", model, limits)?;
@@ -137,7 +137,7 @@ pub async fn detokenize(
     ids: Vec<u32>,
     skip_special_tokens: bool,
 ) -> Result<DetokenizeOutput> {
-    let mut request = RequestMetrics::start("detokenize");
+    let mut request = RequestMetrics::start("detokenize", None);
     request.requested(registry, model);
     let result = async {
         check_name("model", model, limits)?;

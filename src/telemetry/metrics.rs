@@ -32,9 +32,16 @@ pub const INTER_TOKEN_SECONDS: &str = "lmserve_inter_token_latency_seconds";
 pub const REQUEST_INPUT_TOKENS: &str = "lmserve_request_input_tokens";
 pub const REQUEST_OUTPUT_TOKENS: &str = "lmserve_request_output_tokens";
 pub const BUILD_INFO: &str = "lmserve_build_info";
+pub const GRPC_CALLS_TOTAL: &str = "lmserve_grpc_calls_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Whole requests and waits: a generation of a few thousand tokens, or a queue under load,
+/// takes minutes, which the buckets above would all put past 10 s.
+const LONG_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
 ];
 const SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
@@ -75,6 +82,14 @@ impl Outcome {
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        // Full names take precedence over the suffix.
+        .set_buckets_for_metric(Matcher::Full(REQUEST_SECONDS.into()), LONG_SECONDS_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(TIME_TO_FIRST_TOKEN_SECONDS.into()),
+            LONG_SECONDS_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full(QUEUE_SECONDS.into()), LONG_SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(SHADOW_SECONDS.into()), LONG_SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), SIZE_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(DECODE_BATCH_SIZE.into()), SIZE_BUCKETS)?
@@ -191,6 +206,11 @@ fn describe() {
         Unit::Count,
         "Tokens one generate request produced (all its sequences)."
     );
+    describe_counter!(
+        GRPC_CALLS_TOTAL,
+        Unit::Count,
+        "gRPC calls by method and the status code the client got, counted as each call ends."
+    );
     describe_gauge!(
         BUILD_INFO,
         Unit::Count,
@@ -228,6 +248,12 @@ pub fn request_finished(
 
 /// A request that failed before a model version was chosen (unknown model, bad argument).
 /// `requested` is the route or model it named when the server knows that name, else empty.
+/// One gRPC call ended with `code`; `method` is the call's path when the server serves it, else
+/// "other", so that no client can add a series by naming methods.
+pub fn grpc_call(method: &str, code: &'static str) {
+    counter!(GRPC_CALLS_TOTAL, "method" => method.to_owned(), "code" => code).increment(1);
+}
+
 pub fn request_rejected(requested: &str, task: &'static str, kind: &'static str) {
     counter!(REQUESTS_TOTAL, "model" => requested.to_owned(), "version" => "", "route" => "", "arm" => "", "task" => task, "outcome" => kind).increment(1);
 }

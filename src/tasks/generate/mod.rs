@@ -160,9 +160,10 @@ impl GenerationStream {
 
 impl Drop for GenerationStream {
     fn drop(&mut self) {
-        // Dropped before the end: the caller cancelled or went away.
-        if let Some(request) = self.metrics.take() {
-            let _ = request.finish::<()>(Err(Error::Cancelled));
+        // Dropped before the end: the caller cancelled, went away or ran out of time, which
+        // the request's metrics tell apart when they are dropped.
+        if let Some(mut request) = self.metrics.take() {
+            request.tokens(self.prompt_tokens * self.sequences, self.generated_tokens);
         }
     }
 }
@@ -203,7 +204,7 @@ async fn start_with(
     delivery: Delivery,
 ) -> Result<GenerationStream> {
     let config = limits.generation;
-    let mut request = RequestMetrics::start(Task::Generate.as_str());
+    let mut request = RequestMetrics::start(Task::Generate.as_str(), routing.deadline);
     request.requested(registry, &params.model);
     // The request's own values are checked before any model is chosen; the model's defaults
     // for what it left unset join once the route has picked one.
