@@ -31,6 +31,13 @@ fn embed(model: &str, text: &str) -> EmbedRequest {
 }
 
 async fn fixture_server(env: Vec<(String, String)>) -> (TestServer, tempfile::TempDir) {
+    fixture_server_with(env, Vec::new()).await
+}
+
+async fn fixture_server_with(
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+) -> (TestServer, tempfile::TempDir) {
     let repository = tempfile::tempdir().unwrap();
     for name in ["pooled-encoder", "misbound-encoder"] {
         copy_dir(&fixtures().join(name), &repository.path().join(name));
@@ -53,6 +60,7 @@ async fn fixture_server(env: Vec<(String, String)>) -> (TestServer, tempfile::Te
     let server = TestServer::start_with(ServerOptions {
         repository: repository.path().to_owned(),
         env,
+        args,
         ..Default::default()
     })
     .await;
@@ -540,12 +548,26 @@ async fn a_dense_module_after_pooling_is_served_only_through_the_pooled_output()
     assert!(status.message().contains("2_Dense"), "{status:?}");
 }
 
+/// `lmserve_models_loaded{state="failed"}` now.
+async fn failed_versions(metrics_port: u16) -> f64 {
+    let metrics = common::scrape_metrics(metrics_port).await;
+    let line = metrics
+        .lines()
+        .find(|line| line.starts_with(r#"lmserve_models_loaded{state="failed"}"#))
+        .unwrap_or_else(|| panic!("no failed gauge in {metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 #[tokio::test]
 async fn a_failing_run_fails_only_its_callers_and_repeated_failures_mark_the_version_failed() {
-    let (server, _repository) = fixture_server(vec![(
-        "LMSERVE_RUNTIME__MAX_CONSECUTIVE_FAILURES".into(),
-        "3".into(),
-    )])
+    let metrics_port = common::free_port();
+    let (server, _repository) = fixture_server_with(
+        vec![(
+            "LMSERVE_RUNTIME__MAX_CONSECUTIVE_FAILURES".into(),
+            "3".into(),
+        )],
+        vec!["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")],
+    )
     .await;
     let mut client = server.inference().await;
     // "unembeddable" has no row in the embedding table: ONNX Runtime's Gather fails the run.
@@ -570,6 +592,8 @@ async fn a_failing_run_fails_only_its_callers_and_repeated_failures_mark_the_ver
         LoadState::Ready as i32
     );
 
+    let failed_before = failed_versions(metrics_port).await;
+
     // Three failed runs in a row break the version until it is reloaded.
     for _ in 0..3 {
         assert_eq!(
@@ -593,6 +617,17 @@ async fn a_failing_run_fails_only_its_callers_and_repeated_failures_mark_the_ver
         status.message().contains("runs failed in a row"),
         "{status:?}"
     );
+    // The load-state gauge follows within the health refresh (500 ms), as alerts need it to.
+    let failed_after = failed_before + 1.0;
+    let mut failed = failed_before;
+    for _ in 0..30 {
+        failed = failed_versions(metrics_port).await;
+        if failed == failed_after {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(failed, failed_after);
     client
         .embed(embed("tiny-encoder", "the king"))
         .await

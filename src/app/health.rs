@@ -103,6 +103,9 @@ impl Health {
 
     /// Publishes every status from the registry's state now (nothing once draining).
     pub async fn publish(&self, registry: &Registry) {
+        // A version that fails at run time changes state without a load or unload; its gauge
+        // follows here, as its health status does.
+        registry.record_load_states();
         let mut statuses = Vec::new();
         let (mut versions, mut ready) = (0, 0);
         let mut models = std::collections::BTreeMap::<String, bool>::new();

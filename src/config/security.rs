@@ -138,8 +138,10 @@ fn parse_lines(text: &str, path: &Path) -> anyhow::Result<Vec<ApiKey>> {
 }
 
 fn key_of(scope: &str, key: &str, place: &str) -> anyhow::Result<ApiKey> {
-    let scope = Scope::parse(scope)
-        .with_context(|| format!("{place}: unknown scope `{scope}`; scopes: inference, admin"))?;
+    // The scope is not repeated: written the wrong way round, it would be the key, in the log.
+    let scope = Scope::parse(scope).with_context(|| {
+        format!("{place}: the scope, which comes first, is not one of inference, admin")
+    })?;
     if key.chars().count() < MIN_KEY_CHARS || !key.chars().all(|c| c.is_ascii_graphic()) {
         bail!("{place}: a key needs at least {MIN_KEY_CHARS} visible ASCII characters");
     }
@@ -173,7 +175,9 @@ mod tests {
     #[test]
     fn refuses_bad_lines_naming_the_place_not_the_key() {
         for (text, needle) in [
-            ("root 0123456789abcdefXYZ", "unknown scope `root`"),
+            ("root 0123456789abcdefXYZ", "not one of inference, admin"),
+            // The key first: its error must not print it.
+            ("0123456789abcdefXYZ admin", "not one of inference, admin"),
             ("admin short", "at least 16"),
             ("admin a b", "expected `scope key`"),
         ] {
@@ -184,5 +188,10 @@ mod tests {
             );
             assert!(!error.contains("0123456789"), "{error}");
         }
+        let error = format!(
+            "{:#}",
+            api_keys_from_pairs("0123456789abcdefXYZ:admin").unwrap_err()
+        );
+        assert!(!error.contains("0123456789"), "{error}");
     }
 }

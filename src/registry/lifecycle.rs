@@ -155,7 +155,8 @@ impl Registry {
         }
     }
 
-    pub(super) fn record_load_states(&self) {
+    /// Sets `lmserve_models_loaded` from the versions' states now.
+    pub(crate) fn record_load_states(&self) {
         let (mut ready, mut failed, mut loading) = (0, 0, 0);
         for slot in self.slots() {
             match slot.state() {

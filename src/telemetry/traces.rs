@@ -73,3 +73,24 @@ pub fn start(config: &TracingConfig) -> anyhow::Result<Option<Traces>> {
         .build();
     Ok(Some(Traces { provider }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_https_collector_is_accepted_and_other_schemes_are_not() {
+        let config = |endpoint: &str| TracingConfig {
+            otlp_endpoint: Some(endpoint.to_owned()),
+            ..Default::default()
+        };
+        // The exporter connects lazily: building it is what an https URL used to fail.
+        let traces = start(&config("https://otel-collector.example:4317")).unwrap();
+        assert!(traces.is_some());
+        let error = start(&config("otel-collector:4317"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("tracing.otlp_endpoint"), "{error}");
+    }
+}

@@ -87,16 +87,22 @@ impl GenerationStream {
             Some(Event::Token { index, .. }) => {
                 self.generated_tokens += 1;
                 let now = Instant::now();
+                // A shadow copy (no request metrics) has no route of its own to label its
+                // latencies with: they would count among direct traffic's.
+                let counted = self.metrics.is_some();
                 if self.first_token.is_none() {
                     self.first_token = Some(now);
-                    metrics::time_to_first_token(
-                        &self.model.labels,
-                        self.served_by.route_labels(),
-                        now - self.arrived,
-                    );
+                    if counted {
+                        metrics::time_to_first_token(
+                            &self.model.labels,
+                            self.served_by.route_labels(),
+                            now - self.arrived,
+                        );
+                    }
                 }
                 // Only where tokens leave one by one: a collected generation holds them back.
-                if self.delivery == Delivery::Stream
+                if counted
+                    && self.delivery == Delivery::Stream
                     && let Some(last) = self.last_token.get_mut(*index)
                     && let Some(previous) = last.replace(now)
                 {
