@@ -23,6 +23,57 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// The HTTP/2 client connection preface (RFC 9113, 3.4) is 24 bytes.
 const PREFACE_BYTES: usize = 24;
 
+/// Raises the soft limit on open files to the hard one, as the Go runtime does for its servers:
+/// the usual soft limit of 1024 is below what the connection limits allow, and a server out of
+/// descriptors can accept nothing, health probes included. Warns where even the hard limit is
+/// below `wanted`.
+pub fn raise_open_files_limit(wanted: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct passed, nothing else.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let hard = limit.rlim_max;
+        if limit.rlim_cur < hard {
+            limit.rlim_cur = hard;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        } else {
+            true
+        }
+    };
+    let allowed = if raised {
+        limit.rlim_max
+    } else {
+        limit.rlim_cur
+    };
+    if (allowed as u128) < wanted as u128 {
+        tracing::warn!(
+            open_files = allowed,
+            wanted,
+            "the limit on open files is below what server.max_connections allows on every \
+             listener; raise it (ulimit -n) or lower max_connections"
+        );
+    }
+}
+
+/// How long accepting waits after an error of the server's own (no file descriptor left).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// An accept error that one connection caused (its peer reset it before it was accepted): the
+/// next connection may be fine.
+fn is_the_peers(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    )
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
@@ -50,7 +101,16 @@ pub fn accept(
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let accepted = listener.accept().await.map(|(stream, _)| {
+            let accepted = listener.accept().await;
+            if let Err(error) = &accepted
+                && !is_the_peers(error)
+            {
+                // Out of file descriptors, most likely: a retry at once would fail at once, and
+                // the serving loop retries at once. Wait, as hyper and axum do.
+                tracing::warn!(%error, "cannot accept a connection; retrying in 50 ms");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+            let accepted = accepted.map(|(stream, _)| {
                 // Nagle's algorithm off: a streamed token is a small write that must leave at
                 // once, not wait up to 40 ms for the peer's delayed ACK.
                 if let Err(error) = stream.set_nodelay(true) {
@@ -269,6 +329,30 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        raise_open_files_limit(0);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct passed.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+    }
+
+    #[test]
+    fn only_a_peers_reset_is_retried_at_once() {
+        assert!(is_the_peers(&io::Error::from(
+            io::ErrorKind::ConnectionAborted
+        )));
+        // EMFILE: the server's own shortage.
+        assert!(!is_the_peers(&io::Error::from_raw_os_error(libc::EMFILE)));
+    }
 
     #[tokio::test]
     async fn a_connection_silent_past_its_idle_timeout_is_closed() {

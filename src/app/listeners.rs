@@ -4,7 +4,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -71,10 +70,9 @@ impl axum::serve::Listener for HttpListener {
                     let peer = connection.remote_addr().unwrap_or(self.local);
                     return (connection, peer);
                 }
+                // `connection::accept` has waited already where the error was the server's.
                 Some(Err(error)) => {
-                    // Out of file descriptors, most likely: wait rather than spin, as axum does.
                     tracing::debug!(%error, "cannot accept a metrics connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 None => std::future::pending().await,
             }

@@ -54,6 +54,8 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         None => None,
     };
     let registry = Arc::new(Registry::open(config.clone())?);
+    // Up to max_connections on each of three listeners, besides the models' files.
+    connection::raise_open_files_limit(3 * config.server.max_connections + 256);
 
     let main = bind(config.server.grpc_addr, "server.grpc_addr or --grpc-addr").await?;
     let admin = match config.server.admin_addr {

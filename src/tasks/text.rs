@@ -3,9 +3,10 @@
 //! within the model's maximum length counting those tokens. Truncation, only when the caller
 //! asks for it, cuts the text and never the special tokens.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use tokenizers::{Tokenizer, TruncationDirection};
+use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 use crate::registry::ModelVersion;
@@ -64,14 +65,39 @@ pub async fn encode_all(
     .await
 }
 
+/// Tokenizer work that runs at once, over every model and API (Embed, Classify, Generate's
+/// prompts, Tokenize). Each takes a blocking-pool thread: a flood of calls would grow that
+/// pool, which encoder runs use too, to hundreds of threads on a few cores, where more than a
+/// couple per core tokenize no faster. Past this many, work waits for a turn on no thread.
+static TURNS: LazyLock<Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    Semaphore::new(2 * cores)
+});
+
 /// Runs tokenizer work on the blocking pool, never on the async executor's threads: a long
-/// input takes milliseconds of CPU that every other request would otherwise wait behind.
+/// input takes milliseconds of CPU that every other request would otherwise wait behind. It
+/// waits for one of the turns first, and holds it until the work is done (even if the caller
+/// has gone meanwhile).
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(work)
+    in_turn(&TURNS, work).await
+}
+
+async fn in_turn<T: Send + 'static>(
+    turns: &'static Semaphore,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let turn = turns
+        .acquire()
         .await
-        .map_err(|error| Error::Internal(format!("tokenizer worker failed: {error}")))?
+        .map_err(|_| Error::Internal("the tokenizer turns are closed".into()))?;
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        work()
+    })
+    .await
+    .map_err(|error| Error::Internal(format!("tokenizer worker failed: {error}")))?
 }
 
 /// Returns memory freed by a large tokenization to the system.
@@ -170,6 +196,30 @@ fn ids_of(encoding: &tokenizers::Encoding) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_past_its_turns_waits_without_a_thread() {
+        static ONE_TURN: Semaphore = Semaphore::const_new(1);
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        let work = || {
+            let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+            MOST.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let calls: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(in_turn(&ONE_TURN, work)))
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(MOST.load(Ordering::SeqCst), 1);
+    }
+
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
     use tokenizers::processors::template::TemplateProcessing;

@@ -1,8 +1,6 @@
 //! Tokenize and Detokenize with any model's tokenizer.
 
-use std::sync::{Arc, LazyLock};
-
-use tokio::sync::Semaphore;
+use std::sync::Arc;
 
 use super::chat;
 use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
@@ -12,32 +10,6 @@ use crate::config::LimitsConfig;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::registry::chat::ChatMessage;
-
-/// Tokenize and Detokenize calls whose tokenizer work runs at once. These calls have no queue
-/// of their own, and each takes a blocking-pool thread: a flood of them would grow that pool,
-/// which encoder runs and Generate's prompts use, to hundreds of threads on a few cores. Past
-/// this many they wait for a turn, on no thread, until their deadline.
-static TURNS: LazyLock<Semaphore> = LazyLock::new(|| {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    Semaphore::new(2 * cores)
-});
-
-/// Runs `work` on the blocking pool once one of `turns` is free, holding it until the work is
-/// done (even if the caller has gone meanwhile).
-async fn in_turn<T: Send + 'static>(
-    turns: &'static Semaphore,
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let turn = turns
-        .acquire()
-        .await
-        .map_err(|_| Error::Internal("the tokenizer turns are closed".into()))?;
-    blocking(move || {
-        let _turn = turn;
-        work()
-    })
-    .await
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
@@ -90,7 +62,7 @@ pub async fn tokenize(
         let model = registry.resolve(model, None)?;
         request.model(&model);
         let served_by = ServedBy::of(&model);
-        let (tokens, rendered) = in_turn(&TURNS, move || {
+        let (tokens, rendered) = blocking(move || {
             let (text, rendered, special) = match input {
                 TokenizeInput::Text(text) => {
                     let special = model.settings.add_special_tokens.value;
@@ -156,7 +128,7 @@ pub async fn detokenize(
             ));
         }
         let tokenizer = Arc::clone(&model.tokenizer);
-        let text = in_turn(&TURNS, move || {
+        let text = blocking(move || {
             tokenizer
                 .decode(&ids, skip_special_tokens)
                 .map_err(|error| Error::Internal(format!("decoding failed: {error}")))
@@ -169,33 +141,4 @@ pub async fn detokenize(
     }
     .await;
     request.finish(result)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
-
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn work_past_its_turns_waits_without_a_thread() {
-        static ONE_TURN: Semaphore = Semaphore::const_new(1);
-        static RUNNING: AtomicUsize = AtomicUsize::new(0);
-        static MOST: AtomicUsize = AtomicUsize::new(0);
-        let work = || {
-            let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
-            MOST.fetch_max(now, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(20));
-            RUNNING.fetch_sub(1, Ordering::SeqCst);
-            Ok(())
-        };
-        let calls: Vec<_> = (0..6)
-            .map(|_| tokio::spawn(in_turn(&ONE_TURN, work)))
-            .collect();
-        for call in calls {
-            call.await.unwrap().unwrap();
-        }
-        assert_eq!(MOST.load(Ordering::SeqCst), 1);
-    }
 }
