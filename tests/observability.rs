@@ -681,9 +681,15 @@ async fn requests_cut_off_by_their_deadline_are_counted() {
         embeds_cut > 0 && generates_cut > 0,
         "no deadline cut a call"
     );
-    // The handlers' futures are dropped as the deadline passes; their metrics follow at once.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (_, metrics) = http_get(&metrics_addr, "/metrics").await;
+    // Each call is counted as its response body is dropped, a moment after the client heard.
+    let sent = 8.0;
+    let metrics = metrics_when(&metrics_addr, |metrics| {
+        ["Embed", "Generate"].iter().all(|method| {
+            let method = format!("/lmserve.v1.Inference/{method}");
+            sample(metrics, "lmserve_grpc_calls_total", &[("method", &method)]) == sent
+        })
+    })
+    .await;
     // A cut call that reached its handler, which knows the model, counts once among the
     // requests: `deadline_exceeded`, or `cancelled` where tonic's own timer, which starts a
     // moment before the server's, dropped it first. One cut off while still being read (a
@@ -713,12 +719,17 @@ async fn requests_cut_off_by_their_deadline_are_counted() {
             &[("method", method), ("code", code)],
         )
     };
-    for (method, cut) in [
-        ("/lmserve.v1.Inference/Embed", embeds_cut),
-        ("/lmserve.v1.Inference/Generate", generates_cut),
+    // Every call once, with its code (the wait above): the cut ones among them.
+    for method in [
+        "/lmserve.v1.Inference/Embed",
+        "/lmserve.v1.Inference/Generate",
     ] {
-        let counted = calls(method, "DEADLINE_EXCEEDED") + calls(method, "CANCELLED");
-        assert_eq!(counted, cut as f64, "{method}: {metrics}");
+        let every_code = sample(&metrics, "lmserve_grpc_calls_total", &[("method", method)]);
+        assert_eq!(every_code, sent, "{method}: {metrics}");
+        assert!(
+            calls(method, "DEADLINE_EXCEEDED") >= 1.0,
+            "{method}: {metrics}"
+        );
     }
     // A method the server does not serve is one series, whatever the client names.
     let mut unknown = tonic::client::Grpc::new(server.channel().await);
@@ -734,17 +745,15 @@ async fn requests_cut_off_by_their_deadline_are_counted() {
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unimplemented);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (_, metrics) = http_get(&metrics_addr, "/metrics").await;
-    assert_eq!(
+    let other = |metrics: &str| {
         sample(
-            &metrics,
+            metrics,
             "lmserve_grpc_calls_total",
-            &[("method", "other"), ("code", "UNIMPLEMENTED")]
-        ),
-        2.0,
-        "{metrics}"
-    );
+            &[("method", "other"), ("code", "UNIMPLEMENTED")],
+        )
+    };
+    let metrics = metrics_when(&metrics_addr, |metrics| other(metrics) >= 2.0).await;
+    assert_eq!(other(&metrics), 2.0, "{metrics}");
     assert!(!metrics.contains("Nope") && !metrics.contains("made.up"));
 }
 
@@ -755,4 +764,16 @@ fn cut_off(status: &tonic::Status) -> bool {
         status.code(),
         tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
     )
+}
+
+/// The metrics once `ready` holds of them, or after 5 s as they are then.
+async fn metrics_when(addr: &str, ready: impl Fn(&str) -> bool) -> String {
+    let give_up = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = http_get(addr, "/metrics").await;
+        if ready(&metrics) || Instant::now() >= give_up {
+            return metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -239,7 +239,8 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
-        let request = request.into_inner();
+        let (metadata, extensions, request) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions).map(|(at, _)| at.into_std());
         let input = match request.messages {
             None => tokenize::TokenizeInput::Text(request.text),
             Some(_) if !request.text.is_empty() => {
@@ -257,6 +258,7 @@ impl Inference for InferenceService {
             &request.model,
             input,
             request.add_special_tokens,
+            deadline,
         )
         .await?;
         Ok(Response::new(proto::TokenizeResponse {
@@ -279,13 +281,15 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
-        let request = request.into_inner();
+        let (metadata, extensions, request) = request.into_parts();
+        let deadline = deadline::from_request(&metadata, &extensions).map(|(at, _)| at.into_std());
         let output = tokenize::detokenize(
             &self.registry,
             &self.limits,
             &request.model,
             request.ids,
             request.skip_special_tokens,
+            deadline,
         )
         .await?;
         Ok(Response::new(proto::DetokenizeResponse {

@@ -63,14 +63,13 @@ pub fn raise_open_files_limit(wanted: usize) {
 /// How long accepting waits after an error of the server's own (no file descriptor left).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// An accept error that one connection caused (its peer reset it before it was accepted): the
-/// next connection may be fine.
-fn is_the_peers(error: &io::Error) -> bool {
+/// An accept error of the server's own (no descriptor or buffer left), which the next accept
+/// meets too; other errors belong to one connection (its peer reset it, its network went
+/// away), and the next connection may be fine.
+fn is_a_shortage(error: &io::Error) -> bool {
     matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
 }
 
@@ -94,7 +93,8 @@ pub fn accept(
     tls: Option<TlsAcceptor>,
 ) -> impl futures::Stream<Item = io::Result<Connection>> {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    futures::stream::unfold((listener, permits), move |(listener, permits)| {
+    let state = (listener, permits, None::<tokio::time::Instant>);
+    futures::stream::unfold(state, move |(listener, permits, mut last_warned)| {
         let tls = tls.clone();
         async move {
             let permit = Arc::clone(&permits)
@@ -103,11 +103,15 @@ pub fn accept(
                 .expect("the semaphore is never closed");
             let accepted = listener.accept().await;
             if let Err(error) = &accepted
-                && !is_the_peers(error)
+                && is_a_shortage(error)
             {
-                // Out of file descriptors, most likely: a retry at once would fail at once, and
-                // the serving loop retries at once. Wait, as hyper and axum do.
-                tracing::warn!(%error, "cannot accept a connection; retrying in 50 ms");
+                // A retry at once would fail at once, and the serving loop retries at once.
+                // Wait, as hyper and axum do. Logged once a second at most.
+                let now = tokio::time::Instant::now();
+                if last_warned.is_none_or(|at| now - at >= Duration::from_secs(1)) {
+                    last_warned = Some(now);
+                    tracing::warn!(%error, "cannot accept connections; retrying every 50 ms");
+                }
                 tokio::time::sleep(ACCEPT_RETRY).await;
             }
             let accepted = accepted.map(|(stream, _)| {
@@ -135,7 +139,7 @@ pub fn accept(
                     _permit: permit,
                 }
             });
-            Some((accepted, (listener, permits)))
+            Some((accepted, (listener, permits, last_warned)))
         }
     })
 }
@@ -346,12 +350,12 @@ mod tests {
     }
 
     #[test]
-    fn only_a_peers_reset_is_retried_at_once() {
-        assert!(is_the_peers(&io::Error::from(
-            io::ErrorKind::ConnectionAborted
+    fn only_a_shortage_of_the_servers_own_waits() {
+        assert!(is_a_shortage(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(!is_a_shortage(&io::Error::from_raw_os_error(
+            libc::ECONNABORTED
         )));
-        // EMFILE: the server's own shortage.
-        assert!(!is_the_peers(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(!is_a_shortage(&io::Error::from_raw_os_error(libc::EPROTO)));
     }
 
     #[tokio::test]

@@ -55,7 +55,13 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     };
     let registry = Arc::new(Registry::open(config.clone())?);
     // Up to max_connections on each of three listeners, besides the models' files.
-    connection::raise_open_files_limit(3 * config.server.max_connections + 256);
+    connection::raise_open_files_limit(
+        config
+            .server
+            .max_connections
+            .saturating_mul(3)
+            .saturating_add(256),
+    );
 
     let main = bind(config.server.grpc_addr, "server.grpc_addr or --grpc-addr").await?;
     let admin = match config.server.admin_addr {

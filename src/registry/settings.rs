@@ -675,6 +675,17 @@ fn embed_settings(
     let use_pooled_output = bindings.pooled_output.is_some()
         && (section.pooling.is_none() || bindings.hidden_states.is_none())
         && !pools_prompts_out_here;
+    // Every request without a prompt name would be refused: the prompt cannot be left out.
+    if use_pooled_output
+        && let Some(st) = st
+        && !st.prompt_in_pooling
+        && let Some(name) = &st.default_prompt_name
+    {
+        anyhow::bail!(
+            "{}: default_prompt_name `{name}` is pooled without its tokens (include_prompt false), which this graph's pooled output cannot leave out; export the per-token states (token_embeddings) as well, or drop default_prompt_name",
+            hf::SENTENCE_TRANSFORMERS_CONFIG
+        );
+    }
     // A Pooling module this server cannot follow matters only where nothing overrides it.
     let from_file = match st.and_then(|st| st.pooling.as_ref()) {
         Some((Ok(pooling), file)) => {

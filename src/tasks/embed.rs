@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::limits::{check_name, check_texts};
 use super::routing::{self, Routing};
-use super::text::Truncate;
+use super::text::{self, Truncate};
 use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
@@ -142,7 +142,10 @@ async fn embed_on(
         None => params.texts,
     };
     let pool_from = match prompt {
-        Some(prompt) if !settings.prompt_in_pooling => prompt_length(model, prompt)?,
+        Some(prompt) if !settings.prompt_in_pooling => {
+            let (model, prompt) = (Arc::clone(model), prompt.to_owned());
+            text::blocking(move || prompt_length(&model, &prompt)).await?
+        }
         _ => 0,
     };
 

@@ -173,6 +173,8 @@ impl Drop for RequestMetrics {
     fn drop(&mut self) {
         if !self.recorded {
             let kind = match self.deadline {
+                // Unwinding: the work panicked, and its caller hears INTERNAL.
+                _ if std::thread::panicking() => Error::Internal(String::new()).kind(),
                 Some(deadline) if Instant::now() >= deadline => DEADLINE_EXCEEDED,
                 _ => Error::Cancelled.kind(),
             };

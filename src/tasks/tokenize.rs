@@ -50,8 +50,9 @@ pub async fn tokenize(
     model: &str,
     input: TokenizeInput,
     add_special_tokens: Option<bool>,
+    deadline: Option<std::time::Instant>,
 ) -> Result<TokenizeOutput> {
-    let mut request = RequestMetrics::start("tokenize", None);
+    let mut request = RequestMetrics::start("tokenize", deadline);
     request.requested(registry, model);
     let result = async {
         check_name("model", model, limits)?;
@@ -108,8 +109,9 @@ pub async fn detokenize(
     model: &str,
     ids: Vec<u32>,
     skip_special_tokens: bool,
+    deadline: Option<std::time::Instant>,
 ) -> Result<DetokenizeOutput> {
-    let mut request = RequestMetrics::start("detokenize", None);
+    let mut request = RequestMetrics::start("detokenize", deadline);
     request.requested(registry, model);
     let result = async {
         check_name("model", model, limits)?;

@@ -246,14 +246,14 @@ pub fn request_finished(
     .record(elapsed);
 }
 
-/// A request that failed before a model version was chosen (unknown model, bad argument).
-/// `requested` is the route or model it named when the server knows that name, else empty.
 /// One gRPC call ended with `code`; `method` is the call's path when the server serves it, else
 /// "other", so that no client can add a series by naming methods.
 pub fn grpc_call(method: &str, code: &'static str) {
     counter!(GRPC_CALLS_TOTAL, "method" => method.to_owned(), "code" => code).increment(1);
 }
 
+/// A request that failed before a model version was chosen (unknown model, bad argument).
+/// `requested` is the route or model it named when the server knows that name, else empty.
 pub fn request_rejected(requested: &str, task: &'static str, kind: &'static str) {
     counter!(REQUESTS_TOTAL, "model" => requested.to_owned(), "version" => "", "route" => "", "arm" => "", "task" => task, "outcome" => kind).increment(1);
 }

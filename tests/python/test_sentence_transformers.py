@@ -84,6 +84,10 @@ def st_channel(tmp_path_factory):
     del graph.graph.output[:]
     graph.graph.output.extend(kept)
     onnx.save(graph, str(repository / "pooled-only-instructed" / "1" / "model.onnx"))
+    # The same with a default prompt, which every request would use: refused at load.
+    shutil.copytree(repository / "pooled-only-instructed", repository / "pooled-only-defaulted")
+    (repository / "pooled-only-defaulted" / "1" / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "a horse "}, "default_prompt_name": "query"}))
     shutil.copytree(TINY, repository / "tiny-encoder" / "1")
     for address in serve(["--repository", str(repository)]):
         with grpc.insecure_channel(address) as channel:
@@ -161,6 +165,14 @@ def test_a_prompt_left_out_of_pooling_that_only_the_graph_could_pool_is_refused(
     ids = tokenizer(POOLED).encode(TEXT).ids
     got = embed(st_channel, "pooled-only-instructed", prompt_name="")
     np.testing.assert_allclose(got.values, unit(states(POOLED, "sentence_embedding", ids)), atol=1e-5)
+
+
+def test_a_default_prompt_that_only_the_graph_could_pool_fails_the_load(st_channel):
+    version = models_pb2_grpc.ModelsStub(st_channel).GetModel(
+        models_pb2.GetModelRequest(name="pooled-only-defaulted")).versions[0]
+    assert version.state == models_pb2.LOAD_STATE_FAILED
+    for needle in ("default_prompt_name `query`", "include_prompt false", "token_embeddings"):
+        assert needle in version.load_error
 
 
 def test_do_lower_case_lowercases_ahead_of_the_tokenizer(st_channel):
