@@ -461,14 +461,20 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-#[tokio::test]
-async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http() {
+/// The default models on a server with a metrics port, and that port's address.
+async fn start_with_metrics() -> (TestServer, String) {
     let server = TestServer::start_with(ServerOptions {
         args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
         ..Default::default()
     })
     .await;
     let metrics_addr = server.metrics_addr.clone().expect("metrics port");
+    (server, metrics_addr)
+}
+
+#[tokio::test]
+async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http() {
+    let (server, metrics_addr) = start_with_metrics().await;
     let mut client = server.inference().await;
 
     for _ in 0..3 {
@@ -636,12 +642,7 @@ async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http(
 /// `deadline_exceeded`, embed and generate alike, as many as the client saw cut off.
 #[tokio::test]
 async fn requests_cut_off_by_their_deadline_are_counted() {
-    let server = TestServer::start_with(ServerOptions {
-        args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
-        ..Default::default()
-    })
-    .await;
-    let metrics_addr = server.metrics_addr.clone().expect("metrics port");
+    let (server, metrics_addr) = start_with_metrics().await;
     let mut client = server.inference().await;
     let long = "the quick brown fox jumps over the lazy dog ".repeat(14);
     let (mut embeds_cut, mut generates_cut) = (0, 0);
