@@ -99,6 +99,20 @@ async fn w2v_state(models: &ModelsClient<Channel>, version: &str) -> Option<i32>
         .map(|v| v.state)
 }
 
+/// Waits until version `version` of `w2v` is in `state`, failing with `never` past `deadline`.
+async fn wait_for_w2v(
+    models: &ModelsClient<Channel>,
+    version: &str,
+    state: proto::LoadState,
+    deadline: Instant,
+    never: &str,
+) {
+    while w2v_state(models, version).await != Some(state as i32) {
+        assert!(Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The shadow copies of `route` that ended with `outcome`, from a metrics scrape.
 fn shadow_count(body: &str, route: &str, outcome: &str) -> u64 {
     body.lines()
@@ -578,19 +592,20 @@ async fn a_version_scanned_half_copied_loads_once_complete_and_keeps_the_server_
     .await;
     assert_eq!(server.health("").await, ServingStatus::Serving);
     let models = server.models().await;
-    let state_of_6 = || w2v_state(&models, "6");
     let source = common::repository().join("tiny-word2vec/1");
     let target = repository.path().join("w2v/6");
     std::fs::create_dir_all(&target).unwrap();
     std::fs::copy(source.join("model.toml"), target.join("model.toml")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while state_of_6().await != Some(proto::LoadState::Failed as i32) {
-        assert!(
-            Instant::now() < deadline,
-            "the half-copied version never failed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (failed, ready) = (proto::LoadState::Failed, proto::LoadState::Ready);
+    wait_for_w2v(
+        &models,
+        "6",
+        failed,
+        deadline,
+        "the half-copied version never failed",
+    )
+    .await;
     // Health follows the registry every 500 ms.
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(server.health("").await, ServingStatus::Serving);
@@ -603,13 +618,14 @@ async fn a_version_scanned_half_copied_loads_once_complete_and_keeps_the_server_
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
     }
-    while state_of_6().await != Some(proto::LoadState::Ready as i32) {
-        assert!(
-            Instant::now() < deadline,
-            "the completed version never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_w2v(
+        &models,
+        "6",
+        ready,
+        deadline,
+        "the completed version never loaded",
+    )
+    .await;
     assert_eq!(server.health("").await, ServingStatus::Serving);
 }
 
@@ -642,13 +658,15 @@ async fn a_version_folder_still_being_written_loads_once_it_settles() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    while state_of_7().await != Some(proto::LoadState::Ready as i32) {
-        assert!(
-            Instant::now() < deadline,
-            "the settled version never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ready = proto::LoadState::Ready;
+    wait_for_w2v(
+        &models,
+        "7",
+        ready,
+        deadline,
+        "the settled version never loaded",
+    )
+    .await;
 }
 
 /// A LoadModel whose call ends before the load does (its deadline here) still loads the model:
