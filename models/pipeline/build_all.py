@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from . import encoder, gpt2, llama, lstm, reference, transformer_lm, translation, word2vec
+from . import encoder, gpt2, llama, lstm, reference, reranker, transformer_lm, translation, word2vec
 from .common import SEED, TrainLog, seed_everything
 from .data import shakespeare_texts, spam_corpus
 from .export_util import finalize
@@ -196,6 +196,9 @@ def main():
                 _save(summary_path, summary)
     if want("tiny-encoder"):
         build_encoder(args, summary)
+        _save(summary_path, summary)
+    if want(reranker.NAME):
+        reranker.build(args, summary)
         _save(summary_path, summary)
     if want("tiny-word2vec"):
         build_word2vec(args, texts, summary)
