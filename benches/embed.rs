@@ -61,6 +61,7 @@ fn in_process(parts: &LoadedParts, texts: &[String], batch: usize, sorted: bool)
                 embedding: Some(Embedding::Pool(Pooling::Mean)),
                 pool_from: 0,
                 logits: false,
+                ..EncoderRow::default()
             })
             .collect();
         parts

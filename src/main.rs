@@ -35,7 +35,7 @@ enum Command {
     /// Embed texts with a running server (one JSON array per line).
     Embed(TextsArgs),
     /// Classify texts with a running server.
-    Classify(TextsArgs),
+    Classify(ClassifyArgs),
     /// List, describe, load and unload models on a running server.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -236,6 +236,16 @@ struct TextsArgs {
     texts: Vec<String>,
 }
 
+#[derive(clap::Args)]
+struct ClassifyArgs {
+    #[command(flatten)]
+    texts: TextsArgs,
+    /// A second text for each text, in order, which a cross-encoder scores with it (repeat
+    /// once per text).
+    #[arg(long = "pair")]
+    pairs: Vec<String>,
+}
+
 #[derive(clap::Args, Default)]
 struct ServeArgs {
     /// Config file (TOML); default: ./lmserve.toml when present.
@@ -343,9 +353,10 @@ fn main() -> std::process::ExitCode {
             args.texts,
         )),
         Command::Classify(args) => run_client(client::inference::classify(
-            &args.server.target(),
-            args.model,
-            args.texts,
+            &args.texts.server.target(),
+            args.texts.model,
+            args.texts.texts,
+            args.pairs,
         )),
         Command::Models(command) => run_client(models(command)),
         Command::Routes(command) => run_client(routes(command)),

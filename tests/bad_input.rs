@@ -859,6 +859,32 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
         ),
     ));
     cases.push(case(
+        "classify: fewer text_pairs than texts",
+        InvalidArgument,
+        &["text_pairs", "one pair per text (1 texts)", "got 2"],
+        on!(
+            inference(),
+            classify,
+            ClassifyRequest {
+                text_pairs: vec!["a".into(), "b".into()],
+                ..classify("tiny-reranker")
+            }
+        ),
+    ));
+    cases.push(case(
+        "classify: 300 kB text pair",
+        InvalidArgument,
+        &["text_pairs[0]", "300000 bytes"],
+        on!(
+            inference(),
+            classify,
+            ClassifyRequest {
+                text_pairs: vec!["x".repeat(300_000)],
+                ..classify("tiny-reranker")
+            }
+        ),
+    ));
+    cases.push(case(
         "classify: unknown model",
         NotFound,
         &["nope"],

@@ -82,6 +82,25 @@ async fn generate_embed_and_classify_from_the_command_line() {
         output.contains("ham") && output.contains("spam"),
         "{output}"
     );
+    // A reranker scores each text with its --pair.
+    let (ok, output) = run_to_exit(
+        &[
+            "classify",
+            "--addr",
+            &addr,
+            "--model",
+            "tiny-reranker",
+            "--pair",
+            "A horse! a horse! my kingdom for a horse!",
+            "horse kingdom",
+        ],
+        &[],
+    );
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("relevant") && output.contains("\thorse kingdom"),
+        "{output}"
+    );
 
     let (ok, output) = run_to_exit(&["generate", "--addr", &addr, "--model", "nope", "hi"], &[]);
     assert!(!ok);

@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::{ServerOptions, TestServer, floats, max_abs_diff, reference};
+use common::{ServerOptions, TestServer, copy_dir, copy_version, floats, max_abs_diff, reference};
 use futures::future::join_all;
 use lmserve::api::proto::inference_client::InferenceClient;
-use lmserve::api::proto::{self, ClassifyRequest, EmbedRequest, Pooling, ScoreKind};
+use lmserve::api::proto::{self, ClassifyRequest, EmbedRequest, Pooling, ScoreKind, Truncate};
 use tonic::transport::Channel;
 
 const TOLERANCE: f32 = 1e-4;
@@ -159,6 +159,146 @@ async fn class_probabilities_match_the_reference_file() {
     let probabilities = lmserve::tasks::classify::softmax(&logits);
     let expected = floats(&cases[0]["probabilities"]);
     assert!(max_abs_diff(&probabilities, &expected) <= TOLERANCE);
+}
+
+fn pair_request(model: &str, pairs: &[&serde_json::Value]) -> ClassifyRequest {
+    let field = |case: &serde_json::Value, name: &str| case[name].as_str().unwrap().to_owned();
+    ClassifyRequest {
+        model: model.into(),
+        texts: pairs.iter().map(|case| field(case, "text")).collect(),
+        text_pairs: pairs.iter().map(|case| field(case, "text_pair")).collect(),
+        ..Default::default()
+    }
+}
+
+/// Each label's score against the probabilities a reference case lists in label order.
+fn assert_scores(case: &serde_json::Value, classification: &proto::Classification) {
+    let expected = floats(&case["probabilities"]);
+    assert_eq!(classification.labels.len(), expected.len());
+    let mut scores = vec![0.0; expected.len()];
+    for label in &classification.labels {
+        scores[label.index as usize] = label.score;
+    }
+    assert!(
+        max_abs_diff(&scores, &expected) <= TOLERANCE,
+        "{:?} + {:?}: {scores:?} vs {expected:?}",
+        case["text"],
+        case["text_pair"]
+    );
+}
+
+/// A cross-encoder scores each text with its pair as transformers' text-classification
+/// pipeline does for {"text", "text_pair"} (reference.json holds that pipeline's output, from
+/// the PyTorch weights): one input through BERT's pair template, the pair's tokens of type 1.
+/// Over the model's length, the longer of the two is cut first, from either side.
+#[tokio::test]
+async fn text_pairs_score_as_the_transformers_pipeline_does() {
+    let reference = reference("tiny-reranker");
+    let labels: Vec<&str> = reference["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let cases: Vec<&serde_json::Value> = reference["cases"].as_array().unwrap().iter().collect();
+    assert!(cases.len() >= 6);
+    // The truncated cases are cut to a shorter limit than the model's own.
+    let truncated = &reference["truncated"];
+    let cut_to = truncated[0]["max_length"].as_u64().unwrap();
+    let repository = tempfile::tempdir().unwrap();
+    copy_version(
+        "tiny-reranker",
+        "1",
+        repository.path(),
+        "tiny-reranker",
+        "1",
+    );
+    let short = repository.path().join("tiny-reranker-short").join("1");
+    copy_dir(
+        &common::repository().join("tiny-reranker").join("1"),
+        &short,
+    );
+    let manifest = short.join("model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, format!("max_length = {cut_to}\n{text}")).unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+
+    let response = client
+        .classify(pair_request("tiny-reranker", &cases))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.classifications.len(), cases.len());
+    for (case, classification) in cases.iter().zip(&response.classifications) {
+        assert_scores(case, classification);
+        assert_eq!(
+            u64::from(classification.token_count),
+            case["token_count"].as_u64().unwrap()
+        );
+        assert!(!classification.truncated);
+        for label in &classification.labels {
+            assert_eq!(label.label, labels[label.index as usize]);
+        }
+    }
+    // Alone, each pair scores as in the batch; and the pair matters, not only the text.
+    let alone = client
+        .classify(pair_request("tiny-reranker", &cases[1..2]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_scores(cases[1], &alone.classifications[0]);
+    let unpaired = client
+        .classify(ClassifyRequest {
+            model: "tiny-reranker".into(),
+            texts: vec![cases[0]["text"].as_str().unwrap().into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        unpaired.classifications[0].labels[0].score,
+        response.classifications[0].labels[0].score
+    );
+
+    for case in truncated.as_array().unwrap() {
+        let truncate = match case["side"].as_str().unwrap() {
+            "right" => Truncate::Right,
+            _ => Truncate::Left,
+        };
+        let response = client
+            .classify(ClassifyRequest {
+                truncate: truncate as i32,
+                ..pair_request("tiny-reranker-short", &[case])
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let classification = &response.classifications[0];
+        assert_scores(case, classification);
+        assert!(classification.truncated);
+        assert_eq!(
+            u64::from(classification.token_count),
+            case["input_ids"].as_array().unwrap().len() as u64
+        );
+    }
+    // Not asked to cut, the pair is refused with both lengths named.
+    let error = client
+        .classify(pair_request("tiny-reranker-short", &[&truncated[0]]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(
+        error.message().contains("texts[0] with text_pairs[0]")
+            && error.message().contains(&format!("maximum of {cut_to}")),
+        "{}",
+        error.message()
+    );
 }
 
 /// Each text's embedding, one request after another.

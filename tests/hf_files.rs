@@ -302,6 +302,7 @@ async fn an_encoder_without_a_mask_never_reads_padding() {
             embedding: Some(Embedding::Pool(encoder::Pooling::Mean)),
             pool_from: 0,
             logits: false,
+            ..EncoderRow::default()
         })
         .collect();
     assert!(

@@ -277,7 +277,11 @@ async fn health_metadata_and_unimplemented_rpcs() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(shapes(&encoder.inputs), ["text_input BYTES [-1]"]);
+    // A classifier takes a second text per row, for a cross-encoder.
+    assert_eq!(
+        shapes(&encoder.inputs),
+        ["text_input BYTES [-1]", "text_pair BYTES [-1]"]
+    );
     assert_eq!(
         shapes(&encoder.outputs),
         [

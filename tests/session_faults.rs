@@ -28,6 +28,7 @@ async fn a_panicking_run_fails_alone_and_returns_its_session() {
         embedding: Some(Embedding::Pooled),
         pool_from: 0,
         logits: false,
+        ..EncoderRow::default()
     };
 
     for _ in 0..3 {

@@ -75,6 +75,7 @@ pub fn classify_params(request: proto::ClassifyRequest) -> Result<ClassifyParams
         truncate: truncate(request.truncate)?,
         model: request.model,
         texts: request.texts,
+        text_pairs: request.text_pairs,
         top_k: request.top_k,
     })
 }

@@ -70,6 +70,8 @@ pub struct ModelConfig {
     #[serde(default)]
     pub id2label: BTreeMap<String, String>,
     pub problem_type: Option<String>,
+    /// How many token types (segments) the embeddings tell apart: BERT's 2, RoBERTa's 1.
+    pub type_vocab_size: Option<usize>,
     #[serde(default)]
     pub eos_token_id: TokenIds,
     pub bos_token_id: Option<u32>,

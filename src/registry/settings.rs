@@ -85,6 +85,8 @@ pub struct ModelSettings {
     pub generation: GenerationDefaults,
     /// Kept for a chat API: the Jinja template that turns messages into a prompt.
     pub chat_template: Option<Sourced<String>>,
+    /// How many token types the model tells apart (config.json's `type_vocab_size`), where known.
+    pub token_types: Option<usize>,
     /// An encoder's batch limits with the best rate per row here (runtime::batch_size); the
     /// batcher forms no bigger batches, nor bigger than `[batching]` allows.
     pub best_batch: Option<Sourced<BestBatch>>,
@@ -370,6 +372,7 @@ impl ModelSettings {
                 .chat_template
                 .clone()
                 .map(|(template, name)| sourced(template, file(name))),
+            token_types: config.and_then(|c| c.type_vocab_size),
             best_batch: None,
         })
     }

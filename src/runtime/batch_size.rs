@@ -108,6 +108,7 @@ pub fn measure(
         embedding,
         pool_from: 0,
         logits: bindings.logits.is_some(),
+        ..EncoderRow::default()
     };
     let mut time_run = |size: usize| -> ort::Result<Duration> {
         let rows = vec![row.clone(); size];

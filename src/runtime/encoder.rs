@@ -21,6 +21,8 @@ pub enum Embedding {
 #[derive(Debug, Clone, Default)]
 pub struct EncoderRow {
     pub ids: Vec<i64>,
+    /// Token type ids, one per id; empty: all 0.
+    pub type_ids: Vec<i64>,
     /// `None` when the caller needs no embedding.
     pub embedding: Option<Embedding>,
     /// Tokens at the start that pooling leaves out: a prompt, for a model whose authors pool
@@ -71,9 +73,12 @@ fn run_padded(
     let mut ids = vec![pad_id; batch * width];
     let mut mask = vec![0_i64; batch * width];
     let mut positions = vec![0_i64; batch * width];
+    // Padding's type is 0, as transformers' tokenizers pad it.
+    let mut type_ids = vec![0_i64; batch * width];
     for (r, row) in rows.iter().enumerate() {
         let offset = r * width;
         ids[offset..offset + row.ids.len()].copy_from_slice(&row.ids);
+        type_ids[offset..offset + row.type_ids.len()].copy_from_slice(&row.type_ids);
         for t in 0..row.ids.len() {
             mask[offset + t] = 1;
             positions[offset + t] = t as i64;
@@ -82,10 +87,7 @@ fn run_padded(
     let shape = [batch, width];
     let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(4);
     if let Some(name) = &bindings.token_type_ids {
-        inputs.push((
-            name.clone(),
-            Tensor::from_array((shape, vec![0_i64; batch * width]))?.into(),
-        ));
+        inputs.push((name.clone(), Tensor::from_array((shape, type_ids))?.into()));
     }
     if let Some(name) = &bindings.position_ids {
         inputs.push((name.clone(), Tensor::from_array((shape, positions))?.into()));

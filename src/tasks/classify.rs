@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use super::limits::{check_name, check_texts};
+use super::limits::{check_name, check_text_pairs, check_texts};
 use super::routing::{self, Routing};
-use super::text::Truncate;
+use super::text::{EncoderTexts, Truncate};
 use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
@@ -24,6 +24,8 @@ pub enum ScoreKind {
 pub struct ClassifyParams {
     pub model: String,
     pub texts: Vec<String>,
+    /// Empty, or one second text per text: a cross-encoder scores each text with its pair.
+    pub text_pairs: Vec<String>,
     /// `None`: every label.
     pub top_k: Option<u32>,
     pub scores: ScoreKind,
@@ -63,6 +65,7 @@ pub async fn classify(
     let result = async {
         check_name("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;
+        check_text_pairs(&params.text_pairs, params.texts.len(), limits)?;
         if params.top_k == Some(0) {
             return Err(Error::invalid(
                 "top_k",
@@ -105,16 +108,12 @@ async fn classify_on(
     let labels = &settings.labels.value;
     let multi_label = settings.multi_label.value;
     let regression = settings.regression.value;
-    let outputs = run_encoder(
-        model,
-        params.texts,
-        params.truncate,
-        None,
-        0,
-        true,
-        deadline,
-    )
-    .await?;
+    let texts = EncoderTexts {
+        texts: params.texts,
+        pairs: params.text_pairs,
+        truncate: params.truncate,
+    };
+    let outputs = run_encoder(model, texts, None, 0, true, deadline).await?;
 
     let top_k = params.top_k.map_or(labels.len(), |k| k as usize);
     outputs

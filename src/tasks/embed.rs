@@ -151,8 +151,7 @@ async fn embed_on(
 
     let outputs = run_encoder(
         model,
-        texts,
-        params.truncate,
+        text::EncoderTexts::single(texts, params.truncate),
         Some(embedding),
         pool_from,
         false,

@@ -59,6 +59,32 @@ pub fn check_texts(texts: &[String], limits: &LimitsConfig) -> Result<()> {
     Ok(())
 }
 
+/// A Classify request's `text_pairs`: none, or one per text, each within the size of a text.
+pub fn check_text_pairs(pairs: &[String], texts: usize, limits: &LimitsConfig) -> Result<()> {
+    if !pairs.is_empty() && pairs.len() != texts {
+        return Err(Error::invalid(
+            "text_pairs",
+            format!(
+                "must be empty or hold one pair per text ({texts} texts); got {}",
+                pairs.len()
+            ),
+        ));
+    }
+    for (index, pair) in pairs.iter().enumerate() {
+        if pair.len() > limits.max_text_bytes {
+            return Err(Error::invalid(
+                format!("text_pairs[{index}]"),
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    pair.len(),
+                    limits.max_text_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A prompt or Tokenize text, before it is tokenized.
 pub fn check_prompt_text(field: &str, text: &str, limits: &LimitsConfig) -> Result<()> {
     if text.len() > limits.max_prompt_bytes {

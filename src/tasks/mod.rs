@@ -194,12 +194,21 @@ pub(crate) struct EncodedOutput {
     pub output: crate::runtime::encoder::EncoderRowOutput,
 }
 
-/// Tokenizes `texts` and runs them through the model's dynamic batcher, each row asking for
-/// `embedding` and/or its class logits. Outputs keep input order.
+/// A row's token type ids, or none (all 0) where the tokenizer gives a type the model does not
+/// have: a RoBERTa-family model has one type, and transformers does not pass it the ids its
+/// tokenizer makes; an id past the embedding table would fail the whole batch's run.
+fn fitting_type_ids(type_ids: Vec<i64>, token_types: Option<usize>) -> Vec<i64> {
+    match token_types {
+        Some(types) if type_ids.iter().any(|&t| t >= types as i64) => Vec::new(),
+        _ => type_ids,
+    }
+}
+
+/// Tokenizes `texts` (each with its pair, if any) and runs them through the model's dynamic
+/// batcher, each row asking for `embedding` and/or its class logits. Outputs keep input order.
 pub(crate) async fn run_encoder(
     model: &std::sync::Arc<ModelVersion>,
-    texts: Vec<String>,
-    truncate: text::Truncate,
+    texts: text::EncoderTexts,
     embedding: Option<crate::runtime::encoder::Embedding>,
     pool_from: usize,
     logits: bool,
@@ -210,17 +219,19 @@ pub(crate) async fn run_encoder(
         .batcher()
         .ok_or_else(|| Error::Internal(format!("{} has no batcher", model.name)))?;
     // Before tokenizing: a request the queue cannot serve in time costs nothing more.
-    let place = batcher.admit(texts.len(), deadline)?;
+    let place = batcher.admit(texts.texts.len(), deadline)?;
     let started = Instant::now();
-    let encoded = text::encode_all(model, texts, truncate)
+    let encoded = text::encode_all(model, texts)
         .instrument(tracing::info_span!("tokenize"))
         .await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
     let shapes: Vec<(usize, bool)> = encoded.iter().map(|e| (e.ids.len(), e.truncated)).collect();
+    let token_types = model.settings.token_types;
     let rows = encoded
         .into_iter()
         .map(|e| crate::runtime::encoder::EncoderRow {
             ids: e.ids,
+            type_ids: fitting_type_ids(e.type_ids, token_types),
             embedding,
             pool_from,
             logits,
@@ -239,4 +250,17 @@ pub(crate) async fn run_encoder(
             output,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fitting_type_ids;
+
+    #[test]
+    fn type_ids_the_model_lacks_become_zeros() {
+        let pair = vec![0, 0, 0, 1, 1];
+        assert_eq!(fitting_type_ids(pair.clone(), Some(2)), pair);
+        assert_eq!(fitting_type_ids(pair.clone(), None), pair);
+        assert!(fitting_type_ids(pair, Some(1)).is_empty());
+    }
 }

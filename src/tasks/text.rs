@@ -1,11 +1,14 @@
 //! Turns request texts into the token ids the model sees, as its authors tokenize: with the
 //! special tokens the tokenizer's post-processor adds (unless the model's settings say not),
 //! within the model's maximum length counting those tokens. Truncation, only when the caller
-//! asks for it, cuts the text and never the special tokens.
+//! asks for it, cuts the text and never the special tokens. A text with a pair (a
+//! cross-encoder's input) is joined to it by the tokenizer's pair template, and truncation cuts
+//! the longer of the two first, as transformers' fast tokenizers do.
 
 use std::sync::{Arc, LazyLock};
 
-use tokenizers::{Tokenizer, TruncationDirection};
+use tokenizers::utils::truncation::{TruncationParams, TruncationStrategy, truncate_encodings};
+use tokenizers::{EncodeInput, Tokenizer, TruncationDirection};
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
@@ -28,7 +31,48 @@ pub enum Truncate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
     pub ids: Vec<i64>,
+    /// Token type (segment) ids where any is not 0: a pair's second text, or a template that
+    /// gives a special token a type of its own (XLNet's `<cls>`). Empty: all 0.
+    pub type_ids: Vec<i64>,
     pub truncated: bool,
+}
+
+impl Encoded {
+    fn of(encoding: &tokenizers::Encoding, truncated: bool) -> Self {
+        let type_ids = encoding.get_type_ids();
+        Self {
+            ids: encoding.get_ids().iter().map(|&id| i64::from(id)).collect(),
+            type_ids: if type_ids.iter().all(|&t| t == 0) {
+                Vec::new()
+            } else {
+                type_ids.iter().map(|&t| i64::from(t)).collect()
+            },
+            truncated,
+        }
+    }
+}
+
+/// The texts of one request, as an encoder reads them.
+#[derive(Debug, Clone, Default)]
+pub struct EncoderTexts {
+    pub texts: Vec<String>,
+    /// Empty, or one second text per text, tokenized together with it (a cross-encoder's input).
+    pub pairs: Vec<String>,
+    pub truncate: Truncate,
+}
+
+impl EncoderTexts {
+    pub fn single(texts: Vec<String>, truncate: Truncate) -> Self {
+        Self {
+            texts,
+            pairs: Vec::new(),
+            truncate,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.texts.iter().chain(&self.pairs).map(String::len).sum()
+    }
 }
 
 /// Why a text could not become model input.
@@ -45,17 +89,14 @@ pub enum EncodeError {
 /// What a text over the model's limit is told to set; other APIs say it in their own terms.
 pub const TRUNCATE_HINT: &str = "set truncate to TRUNCATE_RIGHT or TRUNCATE_LEFT to cut it";
 
-/// Tokenizes every text; a text over the model's limit is truncated or rejected by `truncate`.
-pub async fn encode_all(
-    model: &Arc<ModelVersion>,
-    texts: Vec<String>,
-    truncate: Truncate,
-) -> Result<Vec<Encoded>> {
+/// Tokenizes every text (with its pair); a text over the model's limit is truncated or rejected
+/// as `texts.truncate` says.
+pub async fn encode_all(model: &Arc<ModelVersion>, texts: EncoderTexts) -> Result<Vec<Encoded>> {
     let model = Arc::clone(model);
-    let bytes: usize = texts.iter().map(String::len).sum();
+    let bytes = texts.bytes();
     // The trim too runs on the blocking thread: it takes every malloc arena's lock in turn.
     blocking(move || {
-        let encoded = encode_texts(&model, &texts, truncate);
+        let encoded = encode_texts(&model, &texts);
         drop(texts);
         if bytes >= TRIM_AFTER_BYTES {
             give_back_memory();
@@ -105,19 +146,24 @@ pub fn give_back_memory() {
     crate::runtime::memory::give_back();
 }
 
-fn encode_texts(
-    model: &ModelVersion,
-    texts: &[String],
-    truncate: Truncate,
-) -> Result<Vec<Encoded>> {
+fn encode_texts(model: &ModelVersion, texts: &EncoderTexts) -> Result<Vec<Encoded>> {
     let limit = model.settings.max_length.value;
     let special = model.settings.add_special_tokens.value;
     texts
+        .texts
         .iter()
         .enumerate()
         .map(|(index, text)| {
-            encode(&model.tokenizer, text, special, limit, truncate)
-                .map_err(|error| text_error(&format!("texts[{index}]"), error, TRUNCATE_HINT))
+            let pair = texts.pairs.get(index).map(String::as_str);
+            encode_pair(&model.tokenizer, text, pair, special, limit, texts.truncate).map_err(
+                |error| {
+                    let field = match pair {
+                        Some(_) => format!("texts[{index}] with text_pairs[{index}]"),
+                        None => format!("texts[{index}]"),
+                    };
+                    text_error(&field, error, TRUNCATE_HINT)
+                },
+            )
         })
         .collect()
 }
@@ -149,18 +195,33 @@ pub fn encode(
     limit: usize,
     truncate: Truncate,
 ) -> Result<Encoded, EncodeError> {
+    encode_pair(tokenizer, text, None, special, limit, truncate)
+}
+
+/// Encodes a text, and its `pair` when there is one, as [`encode`] does one text. The limit
+/// counts both; over it, truncation cuts the longer of the two first (transformers'
+/// `longest_first`, the fast tokenizers' own rule), each from its end (Right) or start (Left).
+pub fn encode_pair(
+    tokenizer: &Tokenizer,
+    text: &str,
+    pair: Option<&str>,
+    special: bool,
+    limit: usize,
+    truncate: Truncate,
+) -> Result<Encoded, EncodeError> {
     let tokenizer_error = |error: tokenizers::Error| EncodeError::Tokenizer(error.to_string());
+    let input = match pair {
+        Some(pair) => EncodeInput::Dual(text.into(), pair.into()),
+        None => EncodeInput::Single(text.into()),
+    };
     let full = tokenizer
-        .encode_fast(text, special)
+        .encode_fast(input, special)
         .map_err(tokenizer_error)?;
     if full.is_empty() {
         return Err(EncodeError::Empty);
     }
     if full.len() <= limit {
-        return Ok(Encoded {
-            ids: ids_of(&full),
-            truncated: false,
-        });
+        return Ok(Encoded::of(&full, false));
     }
     let direction = match truncate {
         Truncate::None => {
@@ -172,25 +233,29 @@ pub fn encode(
         Truncate::Right => TruncationDirection::Right,
         Truncate::Left => TruncationDirection::Left,
     };
-    let mut plain = tokenizer
+    let first = tokenizer
         .encode_fast(text, false)
         .map_err(tokenizer_error)?;
-    let added = full.len().saturating_sub(plain.len());
+    let second = pair
+        .map(|pair| tokenizer.encode_fast(pair, false))
+        .transpose()
+        .map_err(tokenizer_error)?;
+    let plain = first.len() + second.as_ref().map_or(0, tokenizers::Encoding::len);
+    let added = full.len().saturating_sub(plain);
     // The model's settings keep the limit above the special tokens; a text cut to nothing would
     // still not be a text.
     let room = limit.saturating_sub(added).max(1);
-    plain.truncate(room, 0, direction);
+    let cut_to = TruncationParams {
+        direction,
+        max_length: room,
+        strategy: TruncationStrategy::LongestFirst,
+        stride: 0,
+    };
+    let (first, second) = truncate_encodings(first, second, &cut_to).map_err(tokenizer_error)?;
     let cut = tokenizer
-        .post_process(plain, None, special)
+        .post_process(first, second, special)
         .map_err(tokenizer_error)?;
-    Ok(Encoded {
-        ids: ids_of(&cut),
-        truncated: true,
-    })
-}
-
-fn ids_of(encoding: &tokenizers::Encoding) -> Vec<i64> {
-    encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
+    Ok(Encoded::of(&cut, true))
 }
 
 #[cfg(test)]
@@ -224,7 +289,8 @@ mod tests {
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
     use tokenizers::processors::template::TemplateProcessing;
 
-    /// A word-level tokenizer with BERT's `[CLS] text [SEP]` post-processor.
+    /// A word-level tokenizer with BERT's post-processor: `[CLS] text [SEP]`, and for a pair
+    /// `[CLS] text [SEP] pair [SEP]` with the pair's tokens of type 1.
     fn bert_like() -> Tokenizer {
         let vocab = [
             ("[CLS]", 0),
@@ -247,6 +313,8 @@ mod tests {
         tokenizer.with_post_processor(Some(
             TemplateProcessing::builder()
                 .try_single("[CLS] $A [SEP]")
+                .unwrap()
+                .try_pair("[CLS] $A [SEP] $B:1 [SEP]:1")
                 .unwrap()
                 .special_tokens(vec![("[CLS]", 0), ("[SEP]", 1)])
                 .build()
@@ -290,5 +358,59 @@ mod tests {
             encode(&tokenizer, "", false, 5, Truncate::None),
             Err(EncodeError::Empty)
         );
+    }
+
+    #[test]
+    fn a_pair_is_joined_by_the_template_with_its_token_types() {
+        let tokenizer = bert_like();
+        let encoded = encode_pair(&tokenizer, "a b", Some("c"), true, 8, Truncate::None).unwrap();
+        assert_eq!(encoded.ids, vec![0, 2, 3, 1, 4, 1]);
+        assert_eq!(encoded.type_ids, vec![0, 0, 0, 0, 1, 1]);
+        // A single text's types are all 0, and left out.
+        let single = encode(&tokenizer, "a b", true, 8, Truncate::None).unwrap();
+        assert!(single.type_ids.is_empty());
+        assert_eq!(
+            encode_pair(&tokenizer, "a b", Some("c d"), true, 6, Truncate::None),
+            Err(EncodeError::TooLong {
+                tokens: 7,
+                limit: 6
+            })
+        );
+    }
+
+    /// Truncated pairs are what the tokenizer itself gives with transformers' `longest_first`
+    /// truncation to the same length, from either side. From 5: a limit that leaves one token
+    /// for both texts is left out, where the library's `encode` keeps the pair's token and its
+    /// own `truncate_encodings` the text's.
+    #[test]
+    fn a_pair_is_cut_longest_first_as_the_tokenizer_cuts_it() {
+        let texts = ["a", "a b", "a b c", "a b c d", "d c b a d c b a"];
+        for (direction, truncate) in [
+            (TruncationDirection::Right, Truncate::Right),
+            (TruncationDirection::Left, Truncate::Left),
+        ] {
+            for limit in 5..=12 {
+                let mut reference = bert_like();
+                reference
+                    .with_truncation(Some(TruncationParams {
+                        direction,
+                        max_length: limit,
+                        strategy: TruncationStrategy::LongestFirst,
+                        stride: 0,
+                    }))
+                    .unwrap();
+                for first in texts {
+                    for second in texts {
+                        let expected = reference.encode((first, second), true).unwrap();
+                        let whole = bert_like().encode((first, second), true).unwrap();
+                        let ours =
+                            encode_pair(&bert_like(), first, Some(second), true, limit, truncate)
+                                .unwrap();
+                        let case = format!("{first:?} + {second:?}, {limit}, {truncate:?}");
+                        assert_eq!(ours, Encoded::of(&expected, whole.len() > limit), "{case}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,13 +1,17 @@
-"""A Python grpcio client against the real server: Embed, Classify, Tokenize, health, reflection."""
+"""A Python grpcio client against the real server: Embed, Classify (of texts and of text pairs),
+Tokenize, health, reflection."""
 
 import json
 import math
 from pathlib import Path
 
 import grpc
+import numpy as np
+import onnxruntime
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tokenizers import Tokenizer
 
 from lmserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -40,6 +44,40 @@ def test_classify_matches_reference(channel):
         for label in classification.labels:
             assert label.label == ref["labels"][label.index]
             assert abs(label.score - case["probabilities"][label.index]) <= 1e-4
+
+
+def test_classify_text_pairs_as_the_tokenizer_pairs_them(channel):
+    """A reranker's scores: onnxruntime's on the tokenizer's own pair encoding (the pair's tokens
+    of type 1), and transformers' pipeline's on {"text", "text_pair"} (reference.json)."""
+    folder = REPOSITORY / "tiny-reranker" / "1"
+    ref = reference("tiny-reranker")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    cases = ref["cases"]
+    response = stub.Classify(inference_pb2.ClassifyRequest(
+        model="tiny-reranker", texts=[c["text"] for c in cases], text_pairs=[c["text_pair"] for c in cases]))
+    for case, classification in zip(cases, response.classifications, strict=True):
+        encoding = tokenizer.encode(case["text"], case["text_pair"])
+        assert 1 in encoding.type_ids
+        feeds = {"input_ids": [encoding.ids], "attention_mask": [encoding.attention_mask],
+                 "token_type_ids": [encoding.type_ids]}
+        logits = session.run(["logits"], {k: np.array(v, np.int64) for k, v in feeds.items()})[0][0]
+        # One relevance logit, which transformers' pipeline scores with a sigmoid.
+        assert logits.shape == (1,)
+        expected = 1 / (1 + np.exp(-logits))
+        served = np.zeros(len(ref["labels"]))
+        for label in classification.labels:
+            assert label.label == ref["labels"][label.index]
+            served[label.index] = label.score
+        assert np.abs(served - expected).max() <= 1e-5, (case, served, expected)
+        assert np.abs(served - np.array(case["probabilities"])).max() <= 1e-4, (case, served)
+        assert classification.token_count == len(encoding.ids)
+
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(inference_pb2.ClassifyRequest(model="tiny-reranker", texts=["a", "b"], text_pairs=["c"]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "text_pairs" in error.value.details() and "2 texts" in error.value.details()
 
 
 def test_tokenize_round_trip(channel):

@@ -29,10 +29,14 @@ def client(server_address):
         yield client
 
 
-def text_input(texts):
-    tensor = triton.InferInput("text_input", [len(texts)], "BYTES")
+def text_input_named(name, texts):
+    tensor = triton.InferInput(name, [len(texts)], "BYTES")
     tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))
     return tensor
+
+
+def text_input(texts):
+    return text_input_named("text_input", texts)
 
 
 def flag(name, value):
@@ -148,6 +152,29 @@ def test_infer_embed_and_classify_match_lmserve(client, channel):
     assert [o.name for o in only.get_response().outputs] == ["embedding"]
     got = only.as_numpy("embedding").reshape(len(cases), -1)
     assert np.abs(got - np.array([c["embedding"] for c in cases])).max() <= 1e-4
+
+
+def test_infer_classifies_text_pairs_as_lmserve_does(client, channel):
+    reference = json.loads((ROOT / "models/repository/tiny-reranker/1/reference.json").read_text())
+    texts = [c["text"] for c in reference["cases"]]
+    pairs = [c["text_pair"] for c in reference["cases"]]
+    metadata = client.get_model_metadata("tiny-reranker")
+    assert [(t.name, t.datatype) for t in metadata.inputs] == [("text_input", "BYTES"), ("text_pair", "BYTES")]
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    classified = stub.Classify(inference_pb2.ClassifyRequest(model="tiny-reranker", texts=texts, text_pairs=pairs))
+    result = client.infer("tiny-reranker", [text_input(texts), text_input_named("text_pair", pairs)])
+    probabilities = result.as_numpy("probabilities").reshape(len(texts), -1)
+    for row, classification in enumerate(classified.classifications):
+        for label in classification.labels:
+            assert abs(probabilities[row, label.index] - label.score) <= 1e-5
+    assert np.abs(probabilities - np.array([c["probabilities"] for c in reference["cases"]])).max() <= 1e-4
+
+    # One pair per text, and no embedding of a pair.
+    with pytest.raises(InferenceServerException, match=r"text_pair.shape.*\(8 rows\); got 1"):
+        client.infer("tiny-reranker", [text_input(texts), text_input_named("text_pair", pairs[:1])])
+    with pytest.raises(InferenceServerException, match="text_pair: is read for classification only"):
+        client.infer("tiny-encoder", [text_input(texts[:1]), text_input_named("text_pair", pairs[:1])],
+                     outputs=[triton.InferRequestedOutput("embedding")])
 
 
 def test_stream_infer_streams_token_deltas_then_a_final_response(client, channel):

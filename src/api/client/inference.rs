@@ -102,13 +102,20 @@ pub async fn embed(target: &Target, model: String, texts: Vec<String>) -> anyhow
     Ok(())
 }
 
-/// Prints the labels of each text, best first.
-pub async fn classify(target: &Target, model: String, texts: Vec<String>) -> anyhow::Result<()> {
+/// Prints the labels of each text (scored with its pair, when `pairs` has one per text), best
+/// first.
+pub async fn classify(
+    target: &Target,
+    model: String,
+    texts: Vec<String>,
+    pairs: Vec<String>,
+) -> anyhow::Result<()> {
     let mut client = connect(target).await?;
     let response = client
         .classify(proto::ClassifyRequest {
             model,
             texts: texts.clone(),
+            text_pairs: pairs,
             ..Default::default()
         })
         .await

@@ -12,6 +12,9 @@ use crate::registry::manifest::Family;
 use crate::registry::{LoadState, ModelVersion, Registry, parse_target};
 
 pub const TEXT_INPUT: &str = "text_input";
+/// Classify: a second text for each row of `text_input`, which a cross-encoder scores with it
+/// (lmserve.v1's `text_pairs`).
+pub const TEXT_PAIR_INPUT: &str = "text_pair";
 /// Triton's vLLM backend's switch between streamed and whole responses on ModelStreamInfer.
 pub const STREAM_INPUT: &str = "stream";
 /// Whether a generate response leaves the prompt out of `text_output` (Triton's vLLM backend's
@@ -216,6 +219,9 @@ pub fn model_metadata(
     if generates {
         inputs.push(tensor(STREAM_INPUT, BOOL, &[1]));
         inputs.push(tensor(EXCLUDE_INPUT_INPUT, BOOL, &[1]));
+    }
+    if served.tasks.contains(&Task::Classify) {
+        inputs.push(tensor(TEXT_PAIR_INPUT, BYTES, &[DYNAMIC]));
     }
     let versions = match (model, version.is_empty()) {
         (None, _) => Vec::new(),

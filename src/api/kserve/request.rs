@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::infer::Reply;
-use super::metadata::{self, EXCLUDE_INPUT_INPUT, Output, STREAM_INPUT, Served, TEXT_INPUT};
+use super::metadata::{
+    self, EXCLUDE_INPUT_INPUT, Output, STREAM_INPUT, Served, TEXT_INPUT, TEXT_PAIR_INPUT,
+};
 use super::parameters::{self, Parameters};
 use super::proto::ModelInferRequest;
 use super::proto::model_infer_request::InferInputTensor;
@@ -65,7 +67,9 @@ impl FieldNames {
             return error;
         };
         let field = if let Some(rest) = field.strip_prefix("texts") {
-            format!("{TEXT_INPUT}{rest}")
+            format!("{TEXT_INPUT}{rest}").replace("text_pairs", TEXT_PAIR_INPUT)
+        } else if let Some(rest) = field.strip_prefix("text_pairs") {
+            format!("{TEXT_PAIR_INPUT}{rest}")
         } else if field == "prompt" || field == "prompt.text" {
             TEXT_INPUT.to_owned()
         } else if field == "model" {
@@ -169,6 +173,30 @@ pub fn read(
         }
     } else {
         let mut texts = encoder_texts(text_input, layout, &request.raw_input_contents, limits)?;
+        let text_pairs = match inputs.text_pair {
+            Some(_) if tasks.contains(&Task::Embed) => {
+                return Err(Error::invalid(
+                    TEXT_PAIR_INPUT,
+                    "is read for classification only, and an embedding is of one text; ask for \
+                     probabilities (and labels) alone",
+                ));
+            }
+            Some(input) => {
+                let pairs = encoder_texts(input, layout, &request.raw_input_contents, limits)?;
+                if pairs.len() != texts.len() {
+                    return Err(Error::invalid(
+                        format!("{TEXT_PAIR_INPUT}.shape"),
+                        format!(
+                            "must hold one text per row of {TEXT_INPUT} ({} rows); got {}",
+                            texts.len(),
+                            pairs.len()
+                        ),
+                    ));
+                }
+                pairs
+            }
+            None => Vec::new(),
+        };
         let truncate = parameters::truncate(&mut parameters)?;
         let embed_settings = match tasks.contains(&Task::Embed) {
             true => Some((
@@ -195,6 +223,7 @@ pub fn read(
         let classify = classifies.then_some(ClassifyParams {
             model: target,
             texts,
+            text_pairs,
             top_k: None,
             scores: ScoreKind::ModelDefault,
             truncate,
@@ -301,6 +330,7 @@ impl Input<'_> {
 /// The request's inputs by name; any other name, or one sent twice, is refused.
 struct Inputs<'a> {
     text: Option<Input<'a>>,
+    text_pair: Option<Input<'a>>,
     stream: Option<Input<'a>>,
     exclude_input: Option<Input<'a>>,
 }
@@ -309,6 +339,7 @@ impl<'a> Inputs<'a> {
     fn read(request: &'a ModelInferRequest, layout: Layout, generate: bool) -> Result<Self> {
         let mut inputs = Inputs {
             text: None,
+            text_pair: None,
             stream: None,
             exclude_input: None,
         };
@@ -317,6 +348,7 @@ impl<'a> Inputs<'a> {
             let name = tensor.name.as_str();
             let slot = match name {
                 TEXT_INPUT => &mut inputs.text,
+                TEXT_PAIR_INPUT if !generate => &mut inputs.text_pair,
                 STREAM_INPUT if generate => &mut inputs.stream,
                 EXCLUDE_INPUT_INPUT if generate => &mut inputs.exclude_input,
                 _ => {
@@ -325,7 +357,7 @@ impl<'a> Inputs<'a> {
                             "{TEXT_INPUT} (BYTES), {STREAM_INPUT} (BOOL), {EXCLUDE_INPUT_INPUT} (BOOL)"
                         )
                     } else {
-                        format!("{TEXT_INPUT} (BYTES)")
+                        format!("{TEXT_INPUT} (BYTES), {TEXT_PAIR_INPUT} (BYTES, classification)")
                     };
                     return Err(Error::invalid(
                         format!("inputs[{index}].name"),
@@ -399,7 +431,8 @@ fn generate_prompt(input: Input<'_>, layout: Layout, raw: &[Vec<u8>]) -> Result<
     tensors::utf8(TEXT_INPUT, elements)
 }
 
-/// The texts of an embed or classify request: shape `[n]` or `[n, 1]`, n within the limit.
+/// The texts of an embed or classify request (`text_input`, or a classify request's
+/// `text_pair`): shape `[n]` or `[n, 1]`, n within the limit.
 fn encoder_texts(
     input: Input<'_>,
     layout: Layout,
@@ -407,7 +440,8 @@ fn encoder_texts(
     limits: &LimitsConfig,
 ) -> Result<Vec<String>> {
     check_datatype(&input, BYTES)?;
-    let field = format!("{TEXT_INPUT}.shape");
+    let name = input.tensor.name.as_str();
+    let field = format!("{name}.shape");
     if !one_per_row(input.shape) {
         return Err(Error::invalid(
             field,
@@ -418,8 +452,8 @@ fn encoder_texts(
         ));
     }
     let count = tensors::element_count(&field, input.shape, limits.max_texts_per_request)?;
-    let elements = tensors::bytes_elements(TEXT_INPUT, input.source(layout, raw), count)?;
-    tensors::utf8(TEXT_INPUT, elements)
+    let elements = tensors::bytes_elements(name, input.source(layout, raw), count)?;
+    tensors::utf8(name, elements)
 }
 
 /// A one-BOOL input (`stream`, `exclude_input_in_output`).

@@ -623,7 +623,14 @@ type ClassifyRequest struct {
 	// Handling of texts over the model's maximum length. Unspecified: TRUNCATE_NONE.
 	Truncate Truncate `protobuf:"varint,5,opt,name=truncate,proto3,enum=lmserve.v1.Truncate" json:"truncate,omitempty"`
 	// Sticky routing key (e.g. a user id) when `model` names a route.
-	RouteKey      string `protobuf:"bytes,6,opt,name=route_key,json=routeKey,proto3" json:"route_key,omitempty"`
+	RouteKey string `protobuf:"bytes,6,opt,name=route_key,json=routeKey,proto3" json:"route_key,omitempty"`
+	// Second texts, for a model that scores a pair of texts (a cross-encoder: reranking, entailment,
+	// paraphrase): empty, or one per text. A text and its pair are tokenized together as the
+	// tokenizer's pair template joins them (BERT: `[CLS] text [SEP] pair [SEP]`, the pair's tokens
+	// of token type 1), as transformers' text-classification pipeline does for {"text",
+	// "text_pair"}. The model's maximum length counts both; with truncation, the longer of the two
+	// is cut first.
+	TextPairs     []string `protobuf:"bytes,7,rep,name=text_pairs,json=textPairs,proto3" json:"text_pairs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -700,6 +707,13 @@ func (x *ClassifyRequest) GetRouteKey() string {
 	return ""
 }
 
+func (x *ClassifyRequest) GetTextPairs() []string {
+	if x != nil {
+		return x.TextPairs
+	}
+	return nil
+}
+
 type LabelScore struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Label name from the model's manifest.
@@ -767,9 +781,9 @@ type Classification struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Labels ordered by descending score.
 	Labels []*LabelScore `protobuf:"bytes,1,rep,name=labels,proto3" json:"labels,omitempty"`
-	// Tokens the model saw for this text.
+	// Tokens the model saw for this text (and its pair).
 	TokenCount uint32 `protobuf:"varint,2,opt,name=token_count,json=tokenCount,proto3" json:"token_count,omitempty"`
-	// True when the text was truncated to fit.
+	// True when the text (or its pair) was truncated to fit.
 	Truncated bool `protobuf:"varint,3,opt,name=truncated,proto3" json:"truncated,omitempty"`
 	// True when the model scores labels independently (sigmoid) rather than as one softmax.
 	MultiLabel    bool `protobuf:"varint,4,opt,name=multi_label,json=multiLabel,proto3" json:"multi_label,omitempty"`
@@ -2261,14 +2275,16 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\n" +
 	"embeddings\x18\x01 \x03(\v2\x15.lmserve.v1.EmbeddingR\n" +
 	"embeddings\x121\n" +
-	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"\xdf\x01\n" +
+	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"\xfe\x01\n" +
 	"\x0fClassifyRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
 	"\x05texts\x18\x02 \x03(\tR\x05texts\x12\x18\n" +
 	"\x05top_k\x18\x03 \x01(\rH\x00R\x04topK\x88\x01\x01\x12-\n" +
 	"\x06scores\x18\x04 \x01(\x0e2\x15.lmserve.v1.ScoreKindR\x06scores\x120\n" +
 	"\btruncate\x18\x05 \x01(\x0e2\x14.lmserve.v1.TruncateR\btruncate\x12\x1b\n" +
-	"\troute_key\x18\x06 \x01(\tR\brouteKeyB\b\n" +
+	"\troute_key\x18\x06 \x01(\tR\brouteKey\x12\x1d\n" +
+	"\n" +
+	"text_pairs\x18\a \x03(\tR\ttextPairsB\b\n" +
 	"\x06_top_k\"N\n" +
 	"\n" +
 	"LabelScore\x12\x14\n" +
