@@ -859,7 +859,7 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
         ),
     ));
     cases.push(case(
-        "classify: fewer text_pairs than texts",
+        "classify: more text_pairs than texts",
         InvalidArgument,
         &["text_pairs", "one pair per text (1 texts)", "got 2"],
         on!(

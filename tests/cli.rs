@@ -82,7 +82,10 @@ async fn generate_embed_and_classify_from_the_command_line() {
         output.contains("ham") && output.contains("spam"),
         "{output}"
     );
-    // A reranker scores each text with its --pair.
+    // A reranker scores each text with its --pair: the score reference.json holds for this pair.
+    let case = &common::reference("tiny-reranker")["cases"][5];
+    assert_eq!(case["text"], "horse kingdom");
+    let score = case["probabilities"][0].as_f64().unwrap() as f32;
     let (ok, output) = run_to_exit(
         &[
             "classify",
@@ -98,7 +101,7 @@ async fn generate_embed_and_classify_from_the_command_line() {
     );
     assert!(ok, "{output}");
     assert!(
-        output.contains("relevant") && output.contains("\thorse kingdom"),
+        output.contains(&format!("relevant {score:.4}\thorse kingdom")),
         "{output}"
     );
 

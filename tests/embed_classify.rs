@@ -261,9 +261,41 @@ async fn text_pairs_score_as_the_transformers_pipeline_does() {
         .await
         .unwrap()
         .into_inner();
-    assert_ne!(
-        unpaired.classifications[0].labels[0].score,
-        response.classifications[0].labels[0].score
+    assert!(
+        (unpaired.classifications[0].labels[0].score - response.classifications[0].labels[0].score)
+            .abs()
+            > 0.01
+    );
+    // An empty pair leaves its text unpaired, as the pipeline takes an empty text_pair.
+    let empty = client
+        .classify(ClassifyRequest {
+            model: "tiny-reranker".into(),
+            texts: vec![cases[0]["text"].as_str().unwrap().into()],
+            text_pairs: vec![String::new()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(empty.classifications, unpaired.classifications);
+    // GetModel shows how many token types the model has, and where that came from.
+    let model = server
+        .models()
+        .await
+        .get_model(proto::GetModelRequest {
+            name: "tiny-reranker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token_types = model.versions[0]
+        .settings
+        .iter()
+        .find(|setting| setting.name == "token_types")
+        .unwrap();
+    assert_eq!(
+        (token_types.value.as_str(), token_types.source.as_str()),
+        ("2", "config.json")
     );
 
     for case in truncated.as_array().unwrap() {

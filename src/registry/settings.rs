@@ -86,7 +86,7 @@ pub struct ModelSettings {
     /// Kept for a chat API: the Jinja template that turns messages into a prompt.
     pub chat_template: Option<Sourced<String>>,
     /// How many token types the model tells apart (config.json's `type_vocab_size`), where known.
-    pub token_types: Option<usize>,
+    pub token_types: Option<Sourced<usize>>,
     /// An encoder's batch limits with the best rate per row here (runtime::batch_size); the
     /// batcher forms no bigger batches, nor bigger than `[batching]` allows.
     pub best_batch: Option<Sourced<BestBatch>>,
@@ -372,7 +372,9 @@ impl ModelSettings {
                 .chat_template
                 .clone()
                 .map(|(template, name)| sourced(template, file(name))),
-            token_types: config.and_then(|c| c.type_vocab_size),
+            token_types: config
+                .and_then(|c| c.type_vocab_size)
+                .map(|types| sourced(types, file(hf::CONFIG))),
             best_batch: None,
         })
     }
@@ -401,6 +403,9 @@ impl ModelSettings {
             );
         }
         rows.add("pad_token_id", &self.pad_token_id);
+        if !self.generates {
+            rows.add_optional("token_types", &self.token_types);
+        }
         if let Some(embed) = &self.embed {
             if embed.use_pooled_output {
                 rows.push(

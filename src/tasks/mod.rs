@@ -226,7 +226,7 @@ pub(crate) async fn run_encoder(
         .await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
     let shapes: Vec<(usize, bool)> = encoded.iter().map(|e| (e.ids.len(), e.truncated)).collect();
-    let token_types = model.settings.token_types;
+    let token_types = model.settings.token_types.as_ref().map(|types| types.value);
     let rows = encoded
         .into_iter()
         .map(|e| crate::runtime::encoder::EncoderRow {

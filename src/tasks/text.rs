@@ -154,7 +154,12 @@ fn encode_texts(model: &ModelVersion, texts: &EncoderTexts) -> Result<Vec<Encode
         .iter()
         .enumerate()
         .map(|(index, text)| {
-            let pair = texts.pairs.get(index).map(String::as_str);
+            // An empty pair leaves its text alone, as transformers' pipeline takes it.
+            let pair = texts
+                .pairs
+                .get(index)
+                .map(String::as_str)
+                .filter(|pair| !pair.is_empty());
             encode_pair(&model.tokenizer, text, pair, special, limit, texts.truncate).map_err(
                 |error| {
                     let field = match pair {
@@ -237,14 +242,26 @@ pub fn encode_pair(
         .encode_fast(text, false)
         .map_err(tokenizer_error)?;
     let second = pair
-        .map(|pair| tokenizer.encode_fast(pair, false))
+        .map(|pair| {
+            // Of type 1, as the library's own encoding of a pair makes it: a post-processor sets
+            // the types again, but a tokenizer without one keeps them.
+            tokenizer.encode_fast(pair, false).map(|mut second| {
+                second.set_type_ids(vec![1; second.len()]);
+                second
+            })
+        })
         .transpose()
         .map_err(tokenizer_error)?;
     let plain = first.len() + second.as_ref().map_or(0, tokenizers::Encoding::len);
     let added = full.len().saturating_sub(plain);
-    // The model's settings keep the limit above the special tokens; a text cut to nothing would
-    // still not be a text.
-    let room = limit.saturating_sub(added).max(1);
+    // The model's settings keep the limit above one text's special tokens; a pair's may fill it.
+    let room = limit.saturating_sub(added);
+    if room == 0 {
+        return Err(EncodeError::TooLong {
+            tokens: full.len(),
+            limit,
+        });
+    }
     let cut_to = TruncationParams {
         direction,
         max_length: room,
@@ -287,11 +304,37 @@ mod tests {
 
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::bert::BertProcessing;
     use tokenizers::processors::template::TemplateProcessing;
 
     /// A word-level tokenizer with BERT's post-processor: `[CLS] text [SEP]`, and for a pair
     /// `[CLS] text [SEP] pair [SEP]` with the pair's tokens of type 1.
     fn bert_like() -> Tokenizer {
+        let mut tokenizer = word_level();
+        tokenizer.with_post_processor(Some(
+            TemplateProcessing::builder()
+                .try_single("[CLS] $A [SEP]")
+                .unwrap()
+                .try_pair("[CLS] $A [SEP] $B:1 [SEP]:1")
+                .unwrap()
+                .special_tokens(vec![("[CLS]", 0), ("[SEP]", 1)])
+                .build()
+                .unwrap(),
+        ));
+        tokenizer
+    }
+
+    /// The same with BERT's own post-processor, which keeps the type ids it is given.
+    fn bert_processed() -> Tokenizer {
+        let mut tokenizer = word_level();
+        tokenizer.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), 1),
+            ("[CLS]".into(), 0),
+        )));
+        tokenizer
+    }
+
+    fn word_level() -> Tokenizer {
         let vocab = [
             ("[CLS]", 0),
             ("[SEP]", 1),
@@ -310,16 +353,6 @@ mod tests {
             .unwrap();
         let mut tokenizer = Tokenizer::new(model);
         tokenizer.with_pre_tokenizer(Some(Whitespace {}));
-        tokenizer.with_post_processor(Some(
-            TemplateProcessing::builder()
-                .try_single("[CLS] $A [SEP]")
-                .unwrap()
-                .try_pair("[CLS] $A [SEP] $B:1 [SEP]:1")
-                .unwrap()
-                .special_tokens(vec![("[CLS]", 0), ("[SEP]", 1)])
-                .build()
-                .unwrap(),
-        ));
         tokenizer
     }
 
@@ -378,19 +411,56 @@ mod tests {
         );
     }
 
+    /// Without a post-processor the pair's tokens keep the type the library gives them, cut or not.
+    #[test]
+    fn a_pair_without_a_post_processor_is_of_type_1() {
+        let mut reference = word_level();
+        reference
+            .with_truncation(Some(TruncationParams {
+                max_length: 4,
+                ..TruncationParams::default()
+            }))
+            .unwrap();
+        let expected = reference.encode(("a b c", "d c b"), true).unwrap();
+        let ours = encode_pair(
+            &word_level(),
+            "a b c",
+            Some("d c b"),
+            true,
+            4,
+            Truncate::Right,
+        );
+        assert_eq!(ours.unwrap(), Encoded::of(&expected, true));
+        assert_eq!(expected.get_type_ids(), [0, 0, 1, 1]);
+    }
+
     /// Truncated pairs are what the tokenizer itself gives with transformers' `longest_first`
-    /// truncation to the same length, from either side. From 5: a limit that leaves one token
-    /// for both texts is left out, where the library's `encode` keeps the pair's token and its
-    /// own `truncate_encodings` the text's.
+    /// truncation to the same length, from either side, types included, under a template and
+    /// under BERT's own post-processor. A limit the special tokens fill is refused. Left out: a
+    /// limit that leaves one token for both texts (4 here), where the library's `encode` keeps
+    /// the pair's token though its `truncate_encodings`, given the same lengths, keeps the text's.
     #[test]
     fn a_pair_is_cut_longest_first_as_the_tokenizer_cuts_it() {
         let texts = ["a", "a b", "a b c", "a b c d", "d c b a d c b a"];
-        for (direction, truncate) in [
-            (TruncationDirection::Right, Truncate::Right),
-            (TruncationDirection::Left, Truncate::Left),
+        for (direction, truncate, make) in [
+            (
+                TruncationDirection::Right,
+                Truncate::Right,
+                bert_like as fn() -> Tokenizer,
+            ),
+            (TruncationDirection::Left, Truncate::Left, bert_like),
+            (TruncationDirection::Right, Truncate::Right, bert_processed),
+            (TruncationDirection::Left, Truncate::Left, bert_processed),
         ] {
+            assert_eq!(
+                encode_pair(&make(), "a b", Some("c d"), true, 3, truncate),
+                Err(EncodeError::TooLong {
+                    tokens: 7,
+                    limit: 3
+                })
+            );
             for limit in 5..=12 {
-                let mut reference = bert_like();
+                let mut reference = make();
                 reference
                     .with_truncation(Some(TruncationParams {
                         direction,
@@ -402,10 +472,9 @@ mod tests {
                 for first in texts {
                     for second in texts {
                         let expected = reference.encode((first, second), true).unwrap();
-                        let whole = bert_like().encode((first, second), true).unwrap();
-                        let ours =
-                            encode_pair(&bert_like(), first, Some(second), true, limit, truncate)
-                                .unwrap();
+                        let whole = make().encode((first, second), true).unwrap();
+                        let ours = encode_pair(&make(), first, Some(second), true, limit, truncate)
+                            .unwrap();
                         let case = format!("{first:?} + {second:?}, {limit}, {truncate:?}");
                         assert_eq!(ours, Encoded::of(&expected, whole.len() > limit), "{case}");
                     }

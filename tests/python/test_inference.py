@@ -74,6 +74,27 @@ def test_classify_text_pairs_as_the_tokenizer_pairs_them(channel):
         assert np.abs(served - np.array(case["probabilities"])).max() <= 1e-4, (case, served)
         assert classification.token_count == len(encoding.ids)
 
+        # The token types matter: without them the graph scores the pair otherwise.
+        feeds["token_type_ids"] = [[0] * len(encoding.ids)]
+        untyped = session.run(["logits"], {k: np.array(v, np.int64) for k, v in feeds.items()})[0][0]
+        assert abs(1 / (1 + np.exp(-untyped[0])) - expected[0]) > 1e-3
+
+    # Over the model's 128 tokens, both texts are cut, the longer first, from the side asked for:
+    # as the tokenizer cuts them with longest_first truncation to the same length.
+    text = " ".join(["king queen crown throne sword"] * 20)
+    pair = " ".join(["Now is the winter of our discontent"] * 12)
+    for side, truncate in (("right", inference_pb2.TRUNCATE_RIGHT), ("left", inference_pb2.TRUNCATE_LEFT)):
+        tokenizer.enable_truncation(128, strategy="longest_first", direction=side)
+        encoding = tokenizer.encode(text, pair)
+        tokenizer.no_truncation()
+        feeds = {"input_ids": [encoding.ids], "attention_mask": [encoding.attention_mask],
+                 "token_type_ids": [encoding.type_ids]}
+        logits = session.run(["logits"], {k: np.array(v, np.int64) for k, v in feeds.items()})[0][0]
+        served = stub.Classify(inference_pb2.ClassifyRequest(
+            model="tiny-reranker", texts=[text], text_pairs=[pair], truncate=truncate)).classifications[0]
+        assert served.truncated and served.token_count == len(encoding.ids) == 128
+        assert abs(served.labels[0].score - 1 / (1 + np.exp(-logits[0]))) <= 1e-5, side
+
     with pytest.raises(grpc.RpcError) as error:
         stub.Classify(inference_pb2.ClassifyRequest(model="tiny-reranker", texts=["a", "b"], text_pairs=["c"]))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -628,8 +628,8 @@ type ClassifyRequest struct {
 	// paraphrase): empty, or one per text. A text and its pair are tokenized together as the
 	// tokenizer's pair template joins them (BERT: `[CLS] text [SEP] pair [SEP]`, the pair's tokens
 	// of token type 1), as transformers' text-classification pipeline does for {"text",
-	// "text_pair"}. The model's maximum length counts both; with truncation, the longer of the two
-	// is cut first.
+	// "text_pair"}; an empty pair leaves its text unpaired, as the pipeline takes it. The model's
+	// maximum length counts both; with truncation, the longer of the two is cut first.
 	TextPairs     []string `protobuf:"bytes,7,rep,name=text_pairs,json=textPairs,proto3" json:"text_pairs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
