@@ -44,19 +44,7 @@ pub fn check_texts(texts: &[String], limits: &LimitsConfig) -> Result<()> {
             ),
         ));
     }
-    for (index, text) in texts.iter().enumerate() {
-        if text.len() > limits.max_text_bytes {
-            return Err(Error::invalid(
-                format!("texts[{index}]"),
-                format!(
-                    "{} bytes is over the limit of {} bytes",
-                    text.len(),
-                    limits.max_text_bytes
-                ),
-            ));
-        }
-    }
-    Ok(())
+    check_text_bytes("texts", texts, limits)
 }
 
 /// A Classify request's `text_pairs`: none, or one per text, each within the size of a text.
@@ -70,13 +58,18 @@ pub fn check_text_pairs(pairs: &[String], texts: usize, limits: &LimitsConfig) -
             ),
         ));
     }
-    for (index, pair) in pairs.iter().enumerate() {
-        if pair.len() > limits.max_text_bytes {
+    check_text_bytes("text_pairs", pairs, limits)
+}
+
+/// Each of `field`'s texts within `max_text_bytes`.
+fn check_text_bytes(field: &str, texts: &[String], limits: &LimitsConfig) -> Result<()> {
+    for (index, text) in texts.iter().enumerate() {
+        if text.len() > limits.max_text_bytes {
             return Err(Error::invalid(
-                format!("text_pairs[{index}]"),
+                format!("{field}[{index}]"),
                 format!(
                     "{} bytes is over the limit of {} bytes",
-                    pair.len(),
+                    text.len(),
                     limits.max_text_bytes
                 ),
             ));
