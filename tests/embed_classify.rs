@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ServerOptions, TestServer, copy_dir, copy_version, floats, max_abs_diff, reference};
+use common::{ServerOptions, TestServer, copy_version, floats, max_abs_diff, reference, setting};
 use futures::future::join_all;
 use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::{self, ClassifyRequest, EmbedRequest, Pooling, ScoreKind, Truncate};
@@ -213,11 +213,14 @@ async fn text_pairs_score_as_the_transformers_pipeline_does() {
         "tiny-reranker",
         "1",
     );
-    let short = repository.path().join("tiny-reranker-short").join("1");
-    copy_dir(
-        &common::repository().join("tiny-reranker").join("1"),
-        &short,
+    copy_version(
+        "tiny-reranker",
+        "1",
+        repository.path(),
+        "tiny-reranker-short",
+        "1",
     );
+    let short = repository.path().join("tiny-reranker-short").join("1");
     let manifest = short.join("model.toml");
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, format!("max_length = {cut_to}\n{text}")).unwrap();
@@ -288,13 +291,8 @@ async fn text_pairs_score_as_the_transformers_pipeline_does() {
         .await
         .unwrap()
         .into_inner();
-    let token_types = model.versions[0]
-        .settings
-        .iter()
-        .find(|setting| setting.name == "token_types")
-        .unwrap();
     assert_eq!(
-        (token_types.value.as_str(), token_types.source.as_str()),
+        setting(&model.versions[0], "token_types"),
         ("2", "config.json")
     );
 

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{
-    ServerOptions, TestServer, copy_dir, copy_version, fixtures, max_abs_diff, run_to_exit,
+    ServerOptions, TestServer, copy_dir, copy_version, fixtures, max_abs_diff, run_to_exit, setting,
 };
 use lmserve::api::proto::{
     ClassifyRequest, EmbedRequest, GetModelRequest, LoadModelRequest, LoadState, Pooling,
@@ -65,15 +65,6 @@ async fn fixture_server_with(
     })
     .await;
     (server, repository)
-}
-
-fn setting<'a>(version: &'a lmserve::api::proto::ModelVersion, name: &str) -> (&'a str, &'a str) {
-    let found = version
-        .settings
-        .iter()
-        .find(|setting| setting.name == name)
-        .unwrap_or_else(|| panic!("no setting {name} in {:?}", version.settings));
-    (found.value.as_str(), found.source.as_str())
 }
 
 #[tokio::test]

@@ -194,16 +194,6 @@ pub(crate) struct EncodedOutput {
     pub output: crate::runtime::encoder::EncoderRowOutput,
 }
 
-/// A row's token type ids, or none (all 0) where the tokenizer gives a type the model does not
-/// have: a RoBERTa-family model has one type, and transformers does not pass it the ids its
-/// tokenizer makes; an id past the embedding table would fail the whole batch's run.
-fn fitting_type_ids(type_ids: Vec<i64>, token_types: Option<usize>) -> Vec<i64> {
-    match token_types {
-        Some(types) if type_ids.iter().any(|&t| t >= types as i64) => Vec::new(),
-        _ => type_ids,
-    }
-}
-
 /// Tokenizes `texts` (each with its pair, if any) and runs them through the model's dynamic
 /// batcher, each row asking for `embedding` and/or its class logits. Outputs keep input order.
 pub(crate) async fn run_encoder(
@@ -226,12 +216,11 @@ pub(crate) async fn run_encoder(
         .await?;
     metrics::tokenize_time(&model.labels, started.elapsed());
     let shapes: Vec<(usize, bool)> = encoded.iter().map(|e| (e.ids.len(), e.truncated)).collect();
-    let token_types = model.settings.token_types.as_ref().map(|types| types.value);
     let rows = encoded
         .into_iter()
         .map(|e| crate::runtime::encoder::EncoderRow {
             ids: e.ids,
-            type_ids: fitting_type_ids(e.type_ids, token_types),
+            type_ids: e.type_ids,
             embedding,
             pool_from,
             logits,
@@ -250,17 +239,4 @@ pub(crate) async fn run_encoder(
             output,
         })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fitting_type_ids;
-
-    #[test]
-    fn type_ids_the_model_lacks_become_zeros() {
-        let pair = vec![0, 0, 0, 1, 1];
-        assert_eq!(fitting_type_ids(pair.clone(), Some(2)), pair);
-        assert_eq!(fitting_type_ids(pair.clone(), None), pair);
-        assert!(fitting_type_ids(pair, Some(1)).is_empty());
-    }
 }

@@ -50,6 +50,18 @@ impl Encoded {
             truncated,
         }
     }
+
+    /// Without type ids (all 0) where the tokenizer gives a type the model does not have: a
+    /// RoBERTa-family model has one type, and transformers does not pass it the ids its tokenizer
+    /// makes; an id past the embedding table would fail the whole batch's run.
+    fn within(mut self, token_types: Option<usize>) -> Self {
+        if let Some(types) = token_types
+            && self.type_ids.iter().any(|&t| t >= types as i64)
+        {
+            self.type_ids = Vec::new();
+        }
+        self
+    }
 }
 
 /// The texts of one request, as an encoder reads them.
@@ -149,6 +161,7 @@ pub fn give_back_memory() {
 fn encode_texts(model: &ModelVersion, texts: &EncoderTexts) -> Result<Vec<Encoded>> {
     let limit = model.settings.max_length.value;
     let special = model.settings.add_special_tokens.value;
+    let token_types = model.settings.token_types.as_ref().map(|types| types.value);
     texts
         .texts
         .iter()
@@ -160,15 +173,15 @@ fn encode_texts(model: &ModelVersion, texts: &EncoderTexts) -> Result<Vec<Encode
                 .get(index)
                 .map(String::as_str)
                 .filter(|pair| !pair.is_empty());
-            encode_pair(&model.tokenizer, text, pair, special, limit, texts.truncate).map_err(
-                |error| {
+            encode_pair(&model.tokenizer, text, pair, special, limit, texts.truncate)
+                .map(|encoded| encoded.within(token_types))
+                .map_err(|error| {
                     let field = match pair {
                         Some(_) => format!("texts[{index}] with text_pairs[{index}]"),
                         None => format!("texts[{index}]"),
                     };
                     text_error(&field, error, TRUNCATE_HINT)
-                },
-            )
+                })
         })
         .collect()
 }
@@ -409,6 +422,14 @@ mod tests {
                 limit: 6
             })
         );
+    }
+
+    #[test]
+    fn type_ids_the_model_lacks_become_zeros() {
+        let pair = encode_pair(&bert_like(), "a b", Some("c"), true, 8, Truncate::None).unwrap();
+        assert_eq!(pair.clone().within(Some(2)), pair);
+        assert_eq!(pair.clone().within(None), pair);
+        assert!(pair.within(Some(1)).type_ids.is_empty());
     }
 
     /// Without a post-processor the pair's tokens keep the type the library gives them, cut or not.

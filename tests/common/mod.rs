@@ -294,6 +294,19 @@ pub fn reference(model: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A GetModel setting's value and where it came from.
+pub fn setting<'a>(
+    version: &'a lmserve::api::proto::ModelVersion,
+    name: &str,
+) -> (&'a str, &'a str) {
+    let found = version
+        .settings
+        .iter()
+        .find(|setting| setting.name == name)
+        .unwrap_or_else(|| panic!("no setting {name} in {:?}", version.settings));
+    (found.value.as_str(), found.source.as_str())
+}
+
 pub fn floats(value: &serde_json::Value) -> Vec<f32> {
     value
         .as_array()
