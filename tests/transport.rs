@@ -1,5 +1,6 @@
 //! The transport limits a careless or hostile client meets: a connection that sends nothing is
-//! closed after the handshake timeout, connections beyond the limit wait until one closes, and
+//! closed after the handshake timeout, connections beyond the limit wait until one closes, one
+//! client's connections past its own limit are closed while other clients are served, and
 //! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS, and a health
 //! call, which needs no key, cannot make the server buffer a large message, and a client that
 //! stops reading a stream's responses holds none of the queue places its requests took.
@@ -97,6 +98,79 @@ async fn connections_past_the_limit_wait_until_one_closes() {
         "a third connection was served past a limit of 2"
     );
     drop(held);
+    health_check(&server, Duration::from_secs(5)).await.unwrap();
+}
+
+/// A client that keeps its connections alive, as a real HTTP/2 client does: it sends the preface
+/// and its SETTINGS and answers the server's pings until dropped.
+async fn live_connection(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test]
+async fn one_client_cannot_hold_every_connection() {
+    let (server, _repository) = start_with_args(
+        &[
+            ("LMSERVE_SERVER__MAX_CONNECTIONS", "4"),
+            ("LMSERVE_SERVER__MAX_CONNECTIONS_PER_CLIENT", "2"),
+        ],
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(live_connection(&server.addr).await);
+    }
+    // Past its limit, the same client's next connection is closed at once, even one that
+    // would send its preface, rather than waiting for a place.
+    let mut refused = TcpStream::connect(server.addr.as_str()).await.unwrap();
+    let mut sent = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), refused.read_to_end(&mut sent));
+    assert!(
+        closed.await.is_ok(),
+        "a third connection from one client was left open past its limit of 2"
+    );
+    let refused = health_check(&server, Duration::from_secs(2)).await;
+    assert!(
+        refused.is_err(),
+        "a third connection from one client was served past its limit of 2"
+    );
+
+    // Another client, from another address, has the places that one could not take.
+    let other = async {
+        let channel = Channel::from_shared(server.url())
+            .unwrap()
+            .local_address(Some("127.0.0.2".parse().unwrap()))
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+    };
+    tokio::time::timeout(Duration::from_secs(5), other)
+        .await
+        .expect("another client was not answered within 5 s")
+        .unwrap();
+
+    let metrics = server.metrics_addr.clone().expect("a metrics port");
+    let text = metrics_get(&metrics, "/metrics", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let refusals = text
+        .lines()
+        .find_map(|line| line.strip_prefix("lmserve_connections_refused_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    assert!(refusals >= Some(2.0), "{refusals:?} in\n{text}");
+
+    // Its connections closed, the first client is served again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     health_check(&server, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -221,6 +295,74 @@ async fn the_metrics_port_has_the_same_connection_limits() {
             "a silent metrics connection was still open after 10 s"
         );
     }
+    let live = metrics_get(&metrics, "/health/live", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+}
+
+/// Whether `stream` is closed by the server within `within`, while `burst` is sent to it at once
+/// and then `trickle` a byte every 200 ms.
+async fn closed_while_trickling(
+    stream: TcpStream,
+    burst: &[u8],
+    trickle: &[u8],
+    within: Duration,
+) -> bool {
+    let (mut reader, mut writer) = stream.into_split();
+    writer.write_all(burst).await.unwrap();
+    let trickle = trickle.to_vec();
+    let writing = tokio::spawn(async move {
+        for byte in trickle {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if writer.write_all(&[byte]).await.is_err() {
+                break;
+            }
+        }
+        // Held open, silent, once the trickle is spent.
+        std::future::pending::<()>().await;
+    });
+    let mut sent = Vec::new();
+    let closed = tokio::time::timeout(within, reader.read_to_end(&mut sent))
+        .await
+        .is_ok();
+    writing.abort();
+    closed
+}
+
+#[tokio::test]
+async fn the_metrics_port_closes_slow_and_idle_requests_after_the_handshake_timeout() {
+    let (server, _repository) = start_with_args(
+        &[("LMSERVE_SERVER__HANDSHAKE_TIMEOUT_MS", "2000")],
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await;
+    let metrics = server.metrics_addr.clone().expect("a metrics port");
+
+    // A head whose first line comes at once, past the connection's handshake, and whose rest
+    // comes a byte every 200 ms: each byte moves the idle timeout on, but the head as a whole
+    // must arrive within the 2 s.
+    let slow = TcpStream::connect(metrics.as_str()).await.unwrap();
+    let first = b"GET /metrics HTTP/1.1\r\nHost: lmserve\r\n";
+    let rest = b"X-Padding: lmserve\r\n".repeat(8);
+    assert!(
+        closed_while_trickling(slow, first, &rest, Duration::from_secs(8)).await,
+        "a request head trickled a byte every 200 ms was still being read after 8 s"
+    );
+
+    // A kept-alive connection, after its answer, gets the same time for its next request.
+    let mut kept = TcpStream::connect(metrics.as_str()).await.unwrap();
+    kept.write_all(b"GET /health/live HTTP/1.1\r\nHost: lmserve\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0; 256];
+    let read = kept.read(&mut answer).await.unwrap();
+    assert!(answer[..read].starts_with(b"HTTP/1.1 200"));
+    assert!(
+        closed_while_trickling(kept, &[], &[], Duration::from_secs(8)).await,
+        "an idle kept-alive metrics connection was still open after 8 s"
+    );
+
     let live = metrics_get(&metrics, "/health/live", Duration::from_secs(5))
         .await
         .unwrap();

@@ -1,14 +1,19 @@
 //! Accepted connections under the server's connection limits: at most `max_connections` open
-//! at once per listener, and each closed unless it finishes its TLS handshake (with TLS) and
-//! sends its HTTP/2 connection preface within the handshake timeout. Without these, a client
-//! that opens connections and sends nothing holds a socket and a task each, for ever.
+//! at once per listener, at most `max_per_client` of them from one client address, and each
+//! closed unless it finishes its TLS handshake (with TLS) and sends its HTTP/2 connection
+//! preface within the handshake timeout. Without these, a client that opens connections and
+//! sends nothing holds a socket and a task each, for ever, and one that keeps them alive (it
+//! sends the preface and answers pings) holds every place under the limit, leaving none for
+//! anyone else, health probes included.
 //!
 //! TLS is accepted here rather than by tonic so that the preface is counted in plaintext: a
 //! deadline on the TLS handshake alone lets a client finish it and then send nothing.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -76,6 +81,10 @@ fn is_a_shortage(error: &io::Error) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
+    /// Most connections open at once from one client address; 0: no limit but
+    /// `max_connections`. Past it a client's further connections are closed as they are
+    /// accepted, where waiting in the backlog would hold up every other client's too.
+    pub max_per_client: usize,
     pub handshake_timeout: Duration,
     /// Closes a connection that sends nothing for this long (counted from the accept, then
     /// from each read that brings bytes). For the HTTP/1 metrics port, whose server keeps idle
@@ -93,28 +102,48 @@ pub fn accept(
     tls: Option<TlsAcceptor>,
 ) -> impl futures::Stream<Item = io::Result<Connection>> {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let state = (listener, permits, None::<tokio::time::Instant>);
-    futures::stream::unfold(state, move |(listener, permits, mut last_warned)| {
+    let state = Accepting {
+        listener,
+        permits,
+        clients: Arc::new(ClientCounts::default()),
+        last_warned: None,
+        last_refused: None,
+    };
+    futures::stream::unfold(state, move |mut state| {
         let tls = tls.clone();
         async move {
-            let permit = Arc::clone(&permits)
+            let permit = Arc::clone(&state.permits)
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let accepted = listener.accept().await;
-            if let Err(error) = &accepted
-                && is_a_shortage(error)
-            {
-                // A retry at once would fail at once, and the serving loop retries at once.
-                // Wait, as hyper and axum do. Logged once a second at most.
-                let now = tokio::time::Instant::now();
-                if last_warned.is_none_or(|at| now - at >= Duration::from_secs(1)) {
-                    last_warned = Some(now);
-                    tracing::warn!(%error, "cannot accept connections; retrying every 50 ms");
-                }
-                tokio::time::sleep(ACCEPT_RETRY).await;
-            }
-            let accepted = accepted.map(|(stream, _)| {
+            loop {
+                let (stream, peer) = match state.listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        if is_a_shortage(&error) {
+                            // A retry at once would fail at once, and the serving loop retries
+                            // at once. Wait, as hyper and axum do. Logged once a second at most.
+                            if once_a_second(&mut state.last_warned) {
+                                tracing::warn!(%error, "cannot accept connections; retrying every 50 ms");
+                            }
+                            tokio::time::sleep(ACCEPT_RETRY).await;
+                        }
+                        return Some((Err(error), state));
+                    }
+                };
+                let Some(client) = state.clients.admit(peer.ip(), limits.max_per_client) else {
+                    // Dropping the stream closes it; the permit waits for the next client.
+                    crate::telemetry::metrics::connection_refused();
+                    if once_a_second(&mut state.last_refused) {
+                        tracing::warn!(
+                            client = %peer.ip(),
+                            limit = limits.max_per_client,
+                            "a client holds server.max_connections_per_client connections; \
+                             closing its further ones"
+                        );
+                    }
+                    continue;
+                };
                 // Nagle's algorithm off: a streamed token is a small write that must leave at
                 // once, not wait up to 40 ms for the peer's delayed ACK.
                 if let Err(error) = stream.set_nodelay(true) {
@@ -125,23 +154,87 @@ pub fn accept(
                     Some(tls) => Io::TlsHandshake(Box::new(tls.accept(stream))),
                     None => Io::Plain(stream),
                 };
-                Connection {
+                let connection = Connection {
                     io,
                     info,
                     handshake: Some(Handshake {
                         deadline: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
                         bytes_left: PREFACE_BYTES,
                     }),
-                    idle: limits.idle_timeout.map(|after| Idle {
-                        after,
-                        deadline: Box::pin(tokio::time::sleep(after)),
-                    }),
+                    idle: limits.idle_timeout.map(Idle::new),
+                    _client: client,
                     _permit: permit,
-                }
-            });
-            Some((accepted, (listener, permits, last_warned)))
+                };
+                return Some((Ok(connection), state));
+            }
         }
     })
+}
+
+/// What accepting carries from one connection to the next.
+struct Accepting {
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    clients: Arc<ClientCounts>,
+    last_warned: Option<tokio::time::Instant>,
+    last_refused: Option<tokio::time::Instant>,
+}
+
+/// Whether a warning last given at `last` may be given again, and if so notes it as given now.
+fn once_a_second(last: &mut Option<tokio::time::Instant>) -> bool {
+    let now = tokio::time::Instant::now();
+    if last.is_some_and(|at| now - at < Duration::from_secs(1)) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
+/// Open connections by client address, on one listener.
+#[derive(Default)]
+struct ClientCounts(Mutex<HashMap<IpAddr, usize>>);
+
+impl ClientCounts {
+    /// A place for one more connection from `client`, or none where it holds `most` already
+    /// (0: no limit). An IPv4 client that reaches a dual-stack listener counts as itself.
+    fn admit(self: &Arc<Self>, client: IpAddr, most: usize) -> Option<ClientPlace> {
+        let client = client.to_canonical();
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let open = counts.entry(client).or_insert(0);
+        if most > 0 && *open >= most {
+            return None;
+        }
+        *open += 1;
+        Some(ClientPlace {
+            counts: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+/// A connection's place among its client's, given back when the connection is dropped.
+struct ClientPlace {
+    counts: Arc<ClientCounts>,
+    client: IpAddr,
+}
+
+impl Drop for ClientPlace {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(open) = counts.get_mut(&self.client) {
+            *open -= 1;
+            if *open == 0 {
+                counts.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// A connection holding its place under the limit until it is dropped.
@@ -151,13 +244,51 @@ pub struct Connection {
     /// Until the preface has arrived.
     handshake: Option<Handshake>,
     idle: Option<Idle>,
+    _client: ClientPlace,
     _permit: OwnedSemaphorePermit,
 }
 
-/// The deadline a read must beat, moved on by every read that brings bytes.
+/// The deadline a read must beat, moved on by every read that brings bytes, and the one a
+/// write that waits must beat: a client that reads nothing holds a response half written, and
+/// an HTTP/1 server reads nothing more until it is out.
 struct Idle {
     after: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// Set while a write waits for the client to read.
+    write_deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Idle {
+    fn new(after: Duration) -> Self {
+        Self {
+            after,
+            deadline: Box::pin(tokio::time::sleep(after)),
+            write_deadline: None,
+        }
+    }
+
+    /// Passes a write's outcome on, failing one that has waited past the idle timeout.
+    fn watch_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.write_deadline = None;
+            return polled;
+        }
+        let after = self.after;
+        let deadline = self
+            .write_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for the connection's idle timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 enum Io {
@@ -188,6 +319,17 @@ impl Handshake {
 impl Connection {
     pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
         self.info.remote_addr()
+    }
+
+    fn watch_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match &mut self.idle {
+            Some(idle) => idle.watch_write(cx, polled),
+            None => polled,
+        }
     }
 
     /// Drives a TLS handshake in progress; ready once the stream can carry plaintext.
@@ -283,7 +425,8 @@ impl AsyncWrite for Connection {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_tls_handshake(cx))?;
-        self.ready_io().poll_write(cx, buf)
+        let polled = self.ready_io().poll_write(cx, buf);
+        self.watch_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -292,7 +435,8 @@ impl AsyncWrite for Connection {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_tls_handshake(cx))?;
-        self.ready_io().poll_write_vectored(cx, bufs)
+        let polled = self.ready_io().poll_write_vectored(cx, bufs);
+        self.watch_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -307,7 +451,8 @@ impl AsyncWrite for Connection {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_tls_handshake(cx))?;
-        self.ready_io().poll_flush(cx)
+        let polled = self.ready_io().poll_flush(cx);
+        self.watch_write(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -364,6 +509,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let limits = ConnectionLimits {
             max_connections: 4,
+            max_per_client: 0,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Some(Duration::from_secs(1)),
         };
@@ -392,5 +538,71 @@ mod tests {
         let error = connection.read(&mut read).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_write_the_client_reads_nothing_of_fails_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            max_per_client: 0,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(1)),
+        };
+        let mut connections = Box::pin(accept(listener, limits, None));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let mut connection = connections.next().await.unwrap().unwrap();
+        // Writes fill the socket's buffers, then wait on a client that reads nothing.
+        let chunk = vec![0; 64 * 1024];
+        let writing = async {
+            loop {
+                if let Err(error) = connection.write_all(&chunk).await {
+                    break error;
+                }
+            }
+        };
+        let error = tokio::time::timeout(Duration::from_secs(20), writing)
+            .await
+            .expect("a write still waited on the client after 20 s");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_client_past_its_limit_is_closed_and_others_are_accepted() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnectionLimits {
+            max_connections: 8,
+            max_per_client: 2,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+        };
+        let mut connections = Box::pin(accept(listener, limits, None));
+        let from = |client: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind((client, 0).into()).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        let held = [from([127, 0, 0, 1]).await, from([127, 0, 0, 1]).await];
+        let first = connections.next().await.unwrap().unwrap();
+        let _second = connections.next().await.unwrap().unwrap();
+
+        // The third from the same address is closed as accepted; the next one the stream
+        // yields is another client's.
+        let mut third = from([127, 0, 0, 1]).await;
+        let other = from([127, 0, 0, 2]).await;
+        let accepted = connections.next().await.unwrap().unwrap();
+        assert_eq!(accepted.remote_addr().unwrap(), other.local_addr().unwrap());
+        let mut read = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut read));
+        assert!(closed.await.is_ok(), "the third connection was left open");
+
+        // A connection closed gives its client a place again.
+        drop(first);
+        let again = from([127, 0, 0, 1]).await;
+        let accepted = connections.next().await.unwrap().unwrap();
+        assert_eq!(accepted.remote_addr().unwrap(), again.local_addr().unwrap());
+        drop(held);
     }
 }

@@ -74,6 +74,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let health = Health::new(reporter, config.server.ready_when).await;
     let connection_limits = ConnectionLimits {
         max_connections: config.server.max_connections,
+        max_per_client: config.server.max_connections_per_client,
         handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms.max(1)),
         idle_timeout: None,
     };
@@ -89,6 +90,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
                 listener,
                 handle,
                 health.readiness(),
+                connection_limits.handshake_timeout,
             )?)
         }
         None => None,

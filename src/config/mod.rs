@@ -133,6 +133,11 @@ pub struct ServerConfig {
     /// Most client connections open at once, per listener; more wait in the kernel's backlog
     /// until one closes.
     pub max_connections: usize,
+    /// Most connections open at once from one client address, per listener, so that one client
+    /// cannot take every place under `max_connections`; its further ones are closed as they
+    /// are accepted. 0: no limit but `max_connections`. Behind a proxy or a NAT every client
+    /// shares the proxy's address: raise it, or set 0, there.
+    pub max_connections_per_client: usize,
     /// Most calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a
     /// client's further calls wait on its side.
     pub max_streams_per_connection: u32,
@@ -359,6 +364,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             ready_when: ReadyWhen::Any,
             max_connections: 1024,
+            max_connections_per_client: 256,
             max_streams_per_connection: 256,
             handshake_timeout_ms: 10_000,
             keepalive_interval_ms: 60_000,

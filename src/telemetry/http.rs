@@ -1,5 +1,9 @@
 //! The metrics port: Prometheus `/metrics`, and `/health/live` and `/health/ready` for tools that
 //! cannot speak gRPC health (200 when live or ready, 503 when not); any other path is 404.
+//!
+//! Each request's head must arrive within the header timeout of the connection's starting to
+//! wait for it, after the accept or the last response: a client that sends its headers a byte
+//! at a time, or keeps a connection idle, does not hold one of the port's places for long.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,6 +12,8 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
@@ -19,9 +25,10 @@ const UPKEEP: Duration = Duration::from_secs(5);
 /// Serves on `listener`, bound by the caller (a port in use stops startup), until the process
 /// exits.
 pub fn serve<L>(
-    listener: L,
+    mut listener: L,
     handle: PrometheusHandle,
     ready: watch::Receiver<bool>,
+    header_timeout: Duration,
 ) -> anyhow::Result<SocketAddr>
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
@@ -74,9 +81,22 @@ where
             )
                 .into_response()
         });
+    // axum::serve sets no timer, and hyper times no request head without one.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "the metrics port stopped");
+        loop {
+            let (connection, _) = listener.accept().await;
+            let serving = http.serve_connection(
+                TokioIo::new(connection),
+                TowerToHyperService::new(app.clone()),
+            );
+            tokio::spawn(async move {
+                if let Err(error) = serving.await {
+                    tracing::debug!(%error, "a metrics connection ended with an error");
+                }
+            });
         }
     });
     Ok(bound)

@@ -33,6 +33,7 @@ pub const REQUEST_INPUT_TOKENS: &str = "lmserve_request_input_tokens";
 pub const REQUEST_OUTPUT_TOKENS: &str = "lmserve_request_output_tokens";
 pub const BUILD_INFO: &str = "lmserve_build_info";
 pub const GRPC_CALLS_TOTAL: &str = "lmserve_grpc_calls_total";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "lmserve_connections_refused_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -211,6 +212,12 @@ fn describe() {
         Unit::Count,
         "gRPC calls by method and the status code the client got, counted as each call ends."
     );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "Connections closed as they were accepted because their client address held \
+         server.max_connections_per_client already."
+    );
     describe_gauge!(
         BUILD_INFO,
         Unit::Count,
@@ -250,6 +257,11 @@ pub fn request_finished(
 /// "other", so that no client can add a series by naming methods.
 pub fn grpc_call(method: &str, code: &'static str) {
     counter!(GRPC_CALLS_TOTAL, "method" => method.to_owned(), "code" => code).increment(1);
+}
+
+/// A connection closed as it was accepted, its client being at its limit of connections.
+pub fn connection_refused() {
+    counter!(CONNECTIONS_REFUSED_TOTAL).increment(1);
 }
 
 /// A request that failed before a model version was chosen (unknown model, bad argument).
