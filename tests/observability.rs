@@ -631,6 +631,9 @@ async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http(
     ] {
         assert!(sample(&metrics, name, &[]) > 0.0, "{name}");
     }
+    // Typed as Prometheus client libraries type them, so rate() and promtool accept them.
+    assert!(metrics.contains("# TYPE process_cpu_seconds_total counter\n"));
+    assert!(metrics.contains("# TYPE process_resident_memory_bytes gauge\n"));
 
     assert_eq!(http_get(&metrics_addr, "/health/live").await.0, 200);
     assert_eq!(http_get(&metrics_addr, "/health/ready").await.0, 200);

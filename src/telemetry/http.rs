@@ -49,13 +49,15 @@ where
                 let handle = handle.clone();
                 async move {
                     // /proc reads (one entry per open file) stay off the async workers.
-                    let _ = tokio::task::spawn_blocking(process::record).await;
+                    let process = tokio::task::spawn_blocking(process::render)
+                        .await
+                        .unwrap_or_default();
                     (
                         [(
                             header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        handle.render(),
+                        handle.render() + &process,
                     )
                 }
             }),

@@ -99,7 +99,6 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()
         .map_err(|error| anyhow::anyhow!("cannot install the metrics recorder: {error}"))?;
     describe();
-    super::process::describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "ort_api" => ort::MINOR_VERSION.to_string()).set(1.0);
     Ok(handle)
 }
