@@ -91,14 +91,22 @@ impl TextStream {
         let skip_special = !self.keep_special_tokens;
         let decode = |ids: &[u32]| tokenizer.decode(ids, skip_special).unwrap_or_default();
         let read = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = decode(&self.ids[self.prefix_offset..]);
         // A prompt can end inside a character (ids cut from an earlier generation): its bytes
         // decode to U+FFFD there and to the whole character once the output completes it, so
-        // the difference starts before them, and the character counts as new text.
-        let complete = read.trim_end_matches(REPLACEMENT).len();
+        // the difference starts before them, and the character counts as new text. A U+FFFD
+        // the unread tokens leave as it was is the prompt's own (the character itself, or
+        // bytes nothing completes), which the difference starts after.
+        let read_is_whole = !read.ends_with(REPLACEMENT) || full.starts_with(&read);
+        let complete = if read_is_whole {
+            read.len()
+        } else {
+            read.trim_end_matches(REPLACEMENT).len()
+        };
         Window {
-            read_is_whole: complete == read.len(),
+            read_is_whole,
             complete,
-            full: decode(&self.ids[self.prefix_offset..]),
+            full,
         }
     }
 
@@ -308,6 +316,27 @@ mod tests {
             .map(|&id| stream.push(&tokenizer, id).text)
             .collect();
         assert_eq!(shown + &stream.finish(&tokenizer), "😀 Hi");
+    }
+
+    #[test]
+    fn a_replacement_character_ending_the_prompt_is_not_shown_again() {
+        let tokenizer = byte_tokenizer();
+        for (prompt, output) in [
+            ("bad \u{FFFD}", "ok then"),
+            ("\u{FFFD}\u{FFFD}", "\u{FFFD}x"),
+        ] {
+            let prompt = ids(&tokenizer, prompt);
+            let output = ids(&tokenizer, output);
+            let all = [prompt.as_slice(), output.as_slice()].concat();
+            let whole = tokenizer.decode(&all, false).unwrap();
+            let before = tokenizer.decode(&prompt, false).unwrap();
+            let mut stream = TextStream::new(&prompt, vec![], false);
+            let shown: String = output
+                .iter()
+                .map(|&id| stream.push(&tokenizer, id).text)
+                .collect();
+            assert_eq!(shown + &stream.finish(&tokenizer), whole[before.len()..]);
+        }
     }
 
     #[test]
