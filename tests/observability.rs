@@ -20,6 +20,9 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio_stream::StreamExt;
 use tonic::Request;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// An OTLP/gRPC trace collector that keeps every span it receives.
 #[derive(Clone, Default)]
@@ -134,6 +137,7 @@ fn check_tree<'a>(
 
 const EMBED: &str = "lmserve.v1.Inference/Embed";
 const STREAM: &str = "lmserve.v1.Inference/GenerateStream";
+const HEALTH: &str = "grpc.health.v1.Health/Check";
 
 fn traceparent(trace: &[u8; 16], span: &[u8; 8]) -> String {
     format!("00-{}-{}-01", hex(trace), hex(span))
@@ -154,6 +158,19 @@ async fn a_collector_receives_each_calls_span_tree_in_the_clients_trace() {
     })
     .await;
     let mut client = server.inference().await;
+    // A probe like an orchestrator's, untraced, and one whose caller traces it.
+    assert_eq!(server.health("").await, ServingStatus::Serving);
+    let health_trace = [0x55u8; 16];
+    let health_parent = [0x66u8; 8];
+    let mut request = Request::new(HealthCheckRequest::default());
+    request.metadata_mut().insert(
+        "traceparent",
+        traceparent(&health_trace, &health_parent).parse().unwrap(),
+    );
+    HealthClient::new(server.channel().await)
+        .check(request)
+        .await
+        .unwrap();
 
     let embed_trace = [0x11u8; 16];
     let embed_parent = [0x22u8; 8];
@@ -247,6 +264,20 @@ async fn a_collector_receives_each_calls_span_tree_in_the_clients_trace() {
         1,
         "not one span per token"
     );
+
+    // Health probes leave no trace of their own (the server's startup made several, and so
+    // did the test above); the one whose caller traced it is in the caller's trace.
+    let spans = collector.trace(&health_trace, &[HEALTH]).await;
+    check_tree(&spans, HEALTH, &health_parent, &[]);
+    let health_spans = collector
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|span| span.name == HEALTH)
+        .count();
+    assert_eq!(health_spans, 1, "only the traced probe has a span");
+
     let rpc = by_name[STREAM];
     assert_eq!(
         attribute(rpc, "rpc.method"),

@@ -176,7 +176,17 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// The call's span, continuing the caller's trace. Infrastructure calls (health probes every
+/// few seconds from each orchestrator) get none unless their caller traces them: a trace of
+/// each would cost the collector more than every other call does on a quiet server.
 fn rpc_span(method: &str, request_id: &str, headers: &HeaderMap) -> tracing::Span {
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(headers))
+    });
+    let traced_by_caller = parent.span().span_context().is_valid();
+    if is_infrastructure(method) && !traced_by_caller {
+        return tracing::Span::none();
+    }
     let (service, name) = method
         .trim_start_matches('/')
         .split_once('/')
@@ -191,10 +201,7 @@ fn rpc_span(method: &str, request_id: &str, headers: &HeaderMap) -> tracing::Spa
         request_id = %request_id,
         rpc.grpc.status_code = tracing::field::Empty,
     );
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(headers))
-    });
-    if parent.span().span_context().is_valid() {
+    if traced_by_caller {
         // Fails only when no OpenTelemetry layer is installed; then there is nothing to join.
         let _ = span.set_parent(parent);
     }
@@ -250,10 +257,14 @@ struct CallEnd {
     logged: bool,
 }
 
-/// Health probes and reflection arrive every few seconds from orchestrators and tools: they are
-/// logged only when they fail.
+/// Health probes (gRPC's, and KServe's ServerLive and ServerReady) and reflection arrive every
+/// few seconds from orchestrators and tools: they are logged only when they fail, and traced only
+/// when their caller traces them.
 fn is_infrastructure(method: &str) -> bool {
-    method.starts_with("/grpc.health.v1.") || method.starts_with("/grpc.reflection.")
+    method.starts_with("/grpc.health.v1.")
+        || method.starts_with("/grpc.reflection.")
+        || method == "/inference.GRPCInferenceService/ServerLive"
+        || method == "/inference.GRPCInferenceService/ServerReady"
 }
 
 /// The paths of every method the server serves, from the services' own descriptors.
