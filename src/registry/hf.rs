@@ -239,8 +239,9 @@ pub struct SentenceTransformers {
     /// pipeline's own `sentence_embedding` gives what the model's authors define.
     pub after_pooling: Vec<String>,
     /// The Transformer module's `max_seq_length`, with the file it is read from
-    /// (`sentence_bert_config.json` or an older name).
-    pub max_seq_length: Option<(usize, &'static str)>,
+    /// (`sentence_bert_config.json` or an older name, in the module's folder: `0_Transformer/`
+    /// in models saved by early releases).
+    pub max_seq_length: Option<(usize, String)>,
     /// The Transformer module's `do_lower_case`: sentence-transformers then lowercases every
     /// text ahead of the tokenizer's own normalizer.
     pub lowercase: bool,
@@ -336,14 +337,19 @@ impl HfFiles {
     }
 }
 
-/// The first of the Transformer module's config files the folder holds, as sentence-transformers
-/// looks for it, and its name.
+/// The first of the Transformer module's config files its folder (`module`, in `dir`) holds, as
+/// sentence-transformers looks for it, and its path in `dir`.
 fn read_transformer_config(
     dir: &Path,
-) -> anyhow::Result<(SentenceBertConfig, Option<&'static str>)> {
+    module: &str,
+) -> anyhow::Result<(SentenceBertConfig, Option<String>)> {
+    if !stays_inside(Path::new(module)) {
+        bail!("{MODULES}: the Transformer module's path `{module}` leaves the model folder");
+    }
     for name in TRANSFORMER_CONFIGS {
-        if let Some(config) = read_json::<SentenceBertConfig>(dir, name)? {
-            return Ok((config, Some(name)));
+        let file = Path::new(module).join(name).display().to_string();
+        if let Some(config) = read_json::<SentenceBertConfig>(dir, &file)? {
+            return Ok((config, Some(file)));
         }
     }
     Ok((SentenceBertConfig::default(), None))
@@ -357,6 +363,7 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
     let mut prompt_in_pooling = true;
     let mut normalize = false;
     let mut after_pooling = Vec::new();
+    let mut transformer_path = "";
     for module in &modules {
         match module.kind.rsplit('.').next().unwrap_or_default() {
             "Pooling" => {
@@ -375,8 +382,10 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
             }
             // Only as the last module: a Dense or LayerNorm after it changes the length again.
             "Normalize" => normalize = true,
-            // What produces the per-token states the graph computes.
-            "Transformer" => {}
+            // What produces the per-token states the graph computes, under its name in early
+            // releases too, which had a module class per architecture.
+            "Transformer" | "BERT" | "RoBERTa" | "DistilBERT" | "CamemBERT" | "ALBERT"
+            | "XLMRoBERTa" | "XLNet" => transformer_path = &module.path,
             _ if pooling.is_some() => {
                 normalize = false;
                 after_pooling.push(format!("{} ({})", module.path, module.kind));
@@ -384,7 +393,7 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
             _ => {}
         }
     }
-    let (transformer, transformer_file) = read_transformer_config(dir)?;
+    let (transformer, transformer_file) = read_transformer_config(dir, transformer_path)?;
     let max_seq_length = transformer.max_seq_length.zip(transformer_file);
     let config: SentenceTransformersConfig =
         read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default();
@@ -602,7 +611,10 @@ mod tests {
         let st = files.sentence_transformers.unwrap();
         assert_eq!(st.pooling.unwrap().0, Ok(Pooling::Mean));
         assert!(st.normalize);
-        assert_eq!(st.max_seq_length, Some((256, SENTENCE_BERT_CONFIG)));
+        assert_eq!(
+            st.max_seq_length,
+            Some((256, SENTENCE_BERT_CONFIG.to_owned()))
+        );
         assert!(!st.lowercase);
         let tokenizer = files.tokenizer.unwrap();
         assert_eq!(tokenizer.max_length(), Some(512));
@@ -688,7 +700,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             st.max_seq_length,
-            Some((128, "sentence_xlm-roberta_config.json"))
+            Some((128, "sentence_xlm-roberta_config.json".to_owned()))
         );
         assert!(st.lowercase);
         // The current name wins, as sentence-transformers tries it first.
@@ -701,8 +713,46 @@ mod tests {
             .unwrap()
             .sentence_transformers
             .unwrap();
-        assert_eq!(st.max_seq_length, Some((256, SENTENCE_BERT_CONFIG)));
+        assert_eq!(
+            st.max_seq_length,
+            Some((256, SENTENCE_BERT_CONFIG.to_owned()))
+        );
         assert!(!st.lowercase);
+    }
+
+    #[test]
+    fn reads_the_transformer_config_from_the_module_folder_early_releases_saved() {
+        // As sentence-transformers 0.x saved bert-base-nli-mean-tokens: each module in a folder
+        // of its own, the Transformer's config in `0_BERT`.
+        let modules = r#"[{"idx":0,"name":"0","path":"0_BERT","type":"sentence_transformers.models.BERT"},
+            {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#;
+        let dir = folder(&[
+            (MODULES, modules),
+            (
+                "0_BERT/sentence_bert_config.json",
+                r#"{"max_seq_length": 128, "do_lower_case": true}"#,
+            ),
+            (SENTENCE_BERT_CONFIG, r#"{"max_seq_length": 512}"#),
+            (
+                "1_Pooling/config.json",
+                r#"{"pooling_mode_mean_tokens": true}"#,
+            ),
+        ]);
+        let st = HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap();
+        assert_eq!(
+            st.max_seq_length,
+            Some((128, "0_BERT/sentence_bert_config.json".to_owned()))
+        );
+        assert!(st.lowercase);
+
+        let escaping =
+            r#"[{"path":"../elsewhere","type":"sentence_transformers.models.Transformer"}]"#;
+        let dir = folder(&[(MODULES, escaping)]);
+        let error = HfFiles::read(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("leaves the model folder"), "{error}");
     }
 
     #[test]

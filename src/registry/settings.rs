@@ -204,8 +204,8 @@ impl ModelSettings {
 
         let max_length = first([
             manifest.max_length.map(|v| sourced(v, Source::Manifest)),
-            st.and_then(|st| st.max_seq_length)
-                .map(|(v, name)| sourced(v, file(name))),
+            st.and_then(|st| st.max_seq_length.as_ref())
+                .map(|(v, name)| sourced(*v, Source::File(Cow::Owned(name.clone())))),
             smallest(
                 tokenizer_config
                     .and_then(|c| c.max_length())
