@@ -271,6 +271,7 @@ async fn an_encoder_without_a_mask_never_reads_padding() {
         input_ids: "input_ids".into(),
         attention_mask: None,
         position_ids: None,
+        first_position: 0,
         token_type_ids: None,
         logits: None,
         hidden_states: Some("last_hidden_state".into()),
@@ -932,4 +933,56 @@ async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
         .into_inner();
     assert_eq!(gpt2.prompt_tokens as usize, gpt2_ids.tokens.len());
     assert_ne!(gpt2_ids.tokens[0].id, 0);
+}
+
+/// roberta-positions (tests/fixtures/roberta_positions.py): a transformers RobertaModel exported
+/// with `position_ids` as an input, and the embeddings RobertaModel gives when it numbers the
+/// positions itself.
+#[tokio::test]
+async fn a_roberta_graph_that_takes_positions_gets_them_as_roberta_numbers_them() {
+    let repository = tempfile::tempdir().unwrap();
+    copy_dir(
+        &fixtures().join("roberta-positions"),
+        &repository.path().join("roberta-positions"),
+    );
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let text =
+        std::fs::read_to_string(common::root().join("tests/fixtures/roberta_positions.json"))
+            .unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    // All in one request, so the shorter texts run padded beside the longest.
+    let response = server
+        .inference()
+        .await
+        .embed(EmbedRequest {
+            model: "roberta-positions".into(),
+            texts: cases
+                .iter()
+                .map(|case| case["text"].as_str().unwrap().to_owned())
+                .collect(),
+            pooling: Pooling::Mean as i32,
+            normalize: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (case, embedding) in cases.iter().zip(&response.embeddings) {
+        let text = case["text"].as_str().unwrap();
+        let by_transformers = common::floats(&case["mean"]);
+        let diff = max_abs_diff(&embedding.values, &by_transformers);
+        assert!(diff < 1e-4, "{text}: {diff} from RobertaModel's own");
+        // Numbered from 0, the same graph gives other vectors: the numbering is what is tested.
+        let from_zero = common::floats(&case["mean_from_zero"]);
+        assert!(max_abs_diff(&by_transformers, &from_zero) > 0.1, "{text}");
+        assert_eq!(
+            embedding.token_count as usize,
+            case["ids"].as_array().unwrap().len()
+        );
+    }
 }

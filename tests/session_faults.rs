@@ -15,6 +15,7 @@ async fn a_panicking_run_fails_alone_and_returns_its_session() {
         input_ids: "input_ids".into(),
         attention_mask: Some("attention_mask".into()),
         position_ids: None,
+        first_position: 0,
         token_type_ids: Some("token_type_ids".into()),
         logits: None,
         hidden_states: Some("token_embeddings".into()),

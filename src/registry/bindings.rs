@@ -223,6 +223,7 @@ pub fn resolve_feeding(
         input_ids,
         attention_mask,
         position_ids,
+        first_position: 0,
         token_type_ids,
         logits,
         hidden_states,

@@ -89,13 +89,20 @@ impl ModelConfig {
     /// `max_position_embeddings` (514 for 512 tokens): a longer text would read past the table.
     pub fn max_positions(&self) -> Option<usize> {
         let table = self.max_position_embeddings.or(self.n_positions)?;
-        let skipped = match self.model_type.as_deref() {
+        let skipped = usize::try_from(self.first_position()).unwrap_or(0);
+        Some(table.saturating_sub(skipped).max(1))
+    }
+
+    /// The position a text's first token takes: the padding id plus one for the model types
+    /// transformers numbers that way (`create_position_ids_from_input_ids`), else 0. A graph
+    /// that takes `position_ids` as an input must be fed them so.
+    pub fn first_position(&self) -> i64 {
+        match self.model_type.as_deref() {
             Some(kind) if POSITIONS_AFTER_PADDING.contains(&kind) => {
-                self.pad_token_id.map_or(0, |pad| pad as usize + 1)
+                self.pad_token_id.map_or(0, |pad| i64::from(pad) + 1)
             }
             _ => 0,
-        };
-        Some(table.saturating_sub(skipped).max(1))
+        }
     }
 
     /// Labels in class order, when `id2label` names every class from 0 up.

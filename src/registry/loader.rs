@@ -261,7 +261,13 @@ pub fn prepare(
     tokenizer: Tokenizer,
     pool: SessionPool,
 ) -> anyhow::Result<LoadedParts> {
-    let bindings = bindings::resolve(&manifest, pool.graph())?;
+    let mut bindings = bindings::resolve(&manifest, pool.graph())?;
+    if manifest.family == Family::Encoder {
+        bindings.first_position = files
+            .config
+            .as_ref()
+            .map_or(0, |config| config.first_position());
+    }
     if manifest.family == Family::Rnn && !bindings.has_state() {
         bail!("an rnn model must carry state between steps; map it in [state]");
     }

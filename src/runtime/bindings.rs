@@ -12,6 +12,9 @@ pub struct Bindings {
     pub input_ids: String,
     pub attention_mask: Option<String>,
     pub position_ids: Option<String>,
+    /// The position an encoder row's first token takes in `position_ids`: 0, or for RoBERTa
+    /// and the models built like it the padding id plus one, where their position table starts.
+    pub first_position: i64,
     /// Segment ids, fed as zeros.
     pub token_type_ids: Option<String>,
     /// Next-token logits `[B,T,V]` for decoders and RNNs; class logits `[B,C]` for encoders.

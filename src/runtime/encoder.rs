@@ -81,7 +81,7 @@ fn run_padded(
         type_ids[offset..offset + row.type_ids.len()].copy_from_slice(&row.type_ids);
         for t in 0..row.ids.len() {
             mask[offset + t] = 1;
-            positions[offset + t] = t as i64;
+            positions[offset + t] = bindings.first_position + t as i64;
         }
     }
     let shape = [batch, width];

@@ -75,6 +75,7 @@ mod tests {
             input_ids: "input_ids".into(),
             attention_mask: None,
             position_ids: None,
+            first_position: 0,
             token_type_ids: None,
             logits: Some("logits".into()),
             hidden_states: None,
