@@ -151,6 +151,7 @@ fn canary(channel: Channel) -> Arc<Mutex<Duration>> {
                     text: "canary".into(),
                     add_special_tokens: None,
                     messages: None,
+                    text_pair: None,
                 })
                 .await;
             let took = started.elapsed();
@@ -916,6 +917,7 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
         text,
         add_special_tokens: None,
         messages: None,
+        text_pair: None,
     };
     cases.push(case(
         "tokenize: both text and messages",
@@ -955,6 +957,35 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
             inference(),
             tokenize,
             tokenize("tiny-gpt2", "x".repeat(300_000))
+        ),
+    ));
+    cases.push(case(
+        "tokenize: 300 kB text_pair",
+        InvalidArgument,
+        &["text_pair", "300000 bytes", "262144"],
+        on!(
+            inference(),
+            tokenize,
+            TokenizeRequest {
+                text_pair: Some("x".repeat(300_000)),
+                ..tokenize("tiny-reranker", "x".into())
+            }
+        ),
+    ));
+    cases.push(case(
+        "tokenize: text_pair with messages",
+        InvalidArgument,
+        &["text_pair", "messages"],
+        on!(
+            inference(),
+            tokenize,
+            TokenizeRequest {
+                messages: Some(ChatMessages {
+                    messages: vec![turn("user", "hi")]
+                }),
+                text_pair: Some("x".into()),
+                ..tokenize("tiny-llama", String::new())
+            }
         ),
     ));
     cases.push(case(

@@ -281,6 +281,41 @@ async fn text_pairs_score_as_the_transformers_pipeline_does() {
         .unwrap()
         .into_inner();
     assert_eq!(empty.classifications, unpaired.classifications);
+    // Tokenize shows the pair as Classify feeds it: as many tokens, the pair's of type 1 (and
+    // the separator that ends it), the text's and the first separator of type 0.
+    let tokens = client
+        .tokenize(proto::TokenizeRequest {
+            model: "tiny-reranker".into(),
+            text: cases[0]["text"].as_str().unwrap().into(),
+            text_pair: Some(cases[0]["text_pair"].as_str().unwrap().into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(
+        tokens.len() as u64,
+        cases[0]["token_count"].as_u64().unwrap(),
+        "{tokens:?}"
+    );
+    let first_pair = tokens.iter().position(|token| token.in_pair).unwrap();
+    assert_eq!(tokens[first_pair - 1].text, "[SEP]");
+    for (at, token) in tokens.iter().enumerate() {
+        assert_eq!(token.type_id, u32::from(at >= first_pair), "{tokens:?}");
+        assert_eq!(token.in_pair, at >= first_pair && at + 1 < tokens.len());
+    }
+    let pair = cases[0]["text_pair"].as_str().unwrap();
+    let first = &tokens[first_pair];
+    assert_eq!(
+        pair.chars()
+            .skip(first.start as usize)
+            .take((first.end - first.start) as usize)
+            .collect::<String>()
+            .to_lowercase(),
+        first.text
+    );
+
     // GetModel shows how many token types the model has, and where that came from.
     let model = server
         .models()

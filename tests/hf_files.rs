@@ -127,6 +127,7 @@ async fn settings_come_from_the_hugging_face_files_and_the_graph() {
         text: "the king is dead".into(),
         add_special_tokens,
         messages: None,
+        text_pair: None,
     };
     let ids = |response: lmserve::api::proto::TokenizeResponse| {
         response.tokens.iter().map(|t| t.id).collect::<Vec<_>>()
@@ -856,6 +857,7 @@ async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
             text: prompt.into(),
             add_special_tokens: Some(false),
             messages: None,
+            text_pair: None,
         })
         .await
         .unwrap()
@@ -867,6 +869,7 @@ async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
             text: prompt.into(),
             add_special_tokens: None,
             messages: None,
+            text_pair: None,
         })
         .await
         .unwrap()
@@ -927,6 +930,7 @@ async fn a_decoder_gets_a_bos_exactly_when_its_tokenizer_adds_one() {
             text: prompt.into(),
             add_special_tokens: None,
             messages: None,
+            text_pair: None,
         })
         .await
         .unwrap()

@@ -242,7 +242,14 @@ impl Inference for InferenceService {
         let (metadata, extensions, request) = request.into_parts();
         let deadline = deadline::from_request(&metadata, &extensions).map(|(at, _)| at.into_std());
         let input = match request.messages {
-            None => tokenize::TokenizeInput::Text(request.text),
+            None => tokenize::TokenizeInput::Text(request.text, request.text_pair),
+            Some(_) if request.text_pair.is_some() => {
+                return Err(Error::invalid(
+                    "text_pair",
+                    "must be unset when messages is set; a conversation has no pair",
+                )
+                .into());
+            }
             Some(_) if !request.text.is_empty() => {
                 return Err(Error::invalid(
                     "text",
@@ -270,6 +277,8 @@ impl Inference for InferenceService {
                     text: t.text,
                     start: t.start as u32,
                     end: t.end as u32,
+                    type_id: t.type_id,
+                    in_pair: t.in_pair,
                 })
                 .collect(),
             served_by: convert::served_by(output.served_by),

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use tokenizers::EncodeInput;
+
 use super::chat;
 use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
 use super::text::blocking;
@@ -15,15 +17,20 @@ use crate::registry::chat::ChatMessage;
 pub struct Token {
     pub id: u32,
     pub text: String,
-    /// Character (Unicode scalar) offsets into the input.
+    /// Character (Unicode scalar) offsets into the input (the pair, for the pair's tokens).
     pub start: usize,
     pub end: usize,
+    /// The token type id the model is fed with it.
+    pub type_id: u32,
+    /// Whether the token comes from the pair.
+    pub in_pair: bool,
 }
 
 /// What to tokenize.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenizeInput {
-    Text(String),
+    /// A text, and a second one tokenized together with it (a cross-encoder's pair).
+    Text(String, Option<String>),
     /// A conversation, rendered with the model's chat template first.
     Messages(Vec<ChatMessage>),
 }
@@ -57,38 +64,61 @@ pub async fn tokenize(
     let result = async {
         check_name("model", model, limits)?;
         match &input {
-            TokenizeInput::Text(text) => check_prompt_text("text", text, limits)?,
+            TokenizeInput::Text(text, pair) => {
+                check_prompt_text("text", text, limits)?;
+                if let Some(pair) = pair {
+                    check_prompt_text("text_pair", pair, limits)?;
+                }
+            }
             TokenizeInput::Messages(messages) => check_messages("messages", messages, limits)?,
         }
         let model = registry.resolve(model, None)?;
         request.model(&model);
         let served_by = ServedBy::of(&model);
         let (tokens, rendered) = blocking(move || {
-            let (text, rendered, special) = match input {
-                TokenizeInput::Text(text) => {
+            let (text, pair, rendered, special) = match input {
+                TokenizeInput::Text(text, pair) => {
                     let special = model.settings.add_special_tokens.value;
-                    (text, false, add_special_tokens.unwrap_or(special))
+                    (text, pair, false, add_special_tokens.unwrap_or(special))
                 }
                 TokenizeInput::Messages(messages) => {
                     let text = chat::render(&model, "messages", &messages)?;
-                    (text, true, add_special_tokens.unwrap_or(false))
+                    (text, None, true, add_special_tokens.unwrap_or(false))
                 }
+            };
+            let input = match &pair {
+                Some(pair) => EncodeInput::Dual(text.as_str().into(), pair.as_str().into()),
+                None => EncodeInput::Single(text.as_str().into()),
             };
             let encoding = model
                 .tokenizer
-                .encode_char_offsets(text.as_str(), special)
+                .encode_char_offsets(input, special)
                 .map_err(|error| Error::invalid("text", format!("cannot be tokenized: {error}")))?;
+            // As the encoder is fed them: none past the types the model has.
+            let types = model.settings.token_types.as_ref().map(|types| types.value);
+            let fed_types = types.is_none_or(|types| {
+                encoding
+                    .get_type_ids()
+                    .iter()
+                    .all(|&type_id| (type_id as usize) < types)
+            });
             let tokens = encoding
                 .get_ids()
                 .iter()
                 .zip(encoding.get_tokens())
                 .zip(encoding.get_offsets())
-                .map(|((&id, token), &(start, end))| Token {
-                    id,
-                    text: token.clone(),
-                    start,
-                    end,
-                })
+                .zip(encoding.get_type_ids())
+                .zip(encoding.get_sequence_ids())
+                .map(
+                    |((((&id, token), &(start, end)), &type_id), sequence)| Token {
+                        id,
+                        text: token.clone(),
+                        start,
+                        end,
+                        type_id: if fed_types { type_id } else { 0 },
+                        in_pair: pair.is_some() && sequence == Some(1),
+                    },
+                )
                 .collect();
             Ok((tokens, rendered.then_some(text)))
         })

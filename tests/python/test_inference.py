@@ -110,6 +110,29 @@ def test_tokenize_round_trip(channel):
     assert decoded.text == text
 
 
+def test_tokenize_shows_a_text_pair_as_the_tokenizer_pairs_it(channel):
+    """A cross-encoder's input as the model reads it: the tokenizers library's own encoding of
+    the pair, its type ids, and which tokens (and offsets) belong to the pair."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    tokenizer = Tokenizer.from_file(str(REPOSITORY / "tiny-reranker" / "1" / "tokenizer.json"))
+    text, pair = "parting sorrow", "Good night, good night! parting is such sweet sorrow,"
+    encoding = tokenizer.encode(text, pair)
+    tokens = stub.Tokenize(inference_pb2.TokenizeRequest(model="tiny-reranker", text=text, text_pair=pair)).tokens
+    assert [t.id for t in tokens] == encoding.ids
+    assert [t.type_id for t in tokens] == encoding.type_ids and 1 in encoding.type_ids
+    assert [t.in_pair for t in tokens] == [sequence == 1 for sequence in encoding.sequence_ids]
+    # Offsets count the characters of the text each token comes from.
+    assert [(t.start, t.end) for t in tokens] == encoding.offsets
+    assert [pair[t.start:t.end] for t in tokens if t.in_pair][:3] == ["Good", "night", ","]
+
+    # A conversation has no pair.
+    messages = inference_pb2.ChatMessages(messages=[inference_pb2.ChatMessage(role="user", content="hi")])
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Tokenize(inference_pb2.TokenizeRequest(model="tiny-llama", messages=messages, text_pair="x"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "text_pair" in error.value.details()
+
+
 def test_errors_carry_codes(channel):
     stub = inference_pb2_grpc.InferenceStub(channel)
     with pytest.raises(grpc.RpcError) as missing:

@@ -916,7 +916,11 @@ type TokenizeRequest struct {
 	// chat template exactly as a Generate request's `messages` prompt is, then tokenized without
 	// special tokens unless add_special_tokens says otherwise. The tokens' offsets refer to the
 	// rendered text, which the response returns.
-	Messages      *ChatMessages `protobuf:"bytes,4,opt,name=messages,proto3" json:"messages,omitempty"`
+	Messages *ChatMessages `protobuf:"bytes,4,opt,name=messages,proto3" json:"messages,omitempty"`
+	// A second text, tokenized together with `text` as Classify's text_pairs are: joined by the
+	// tokenizer's pair template, as a cross-encoder reads a query and a passage. Not with
+	// `messages`.
+	TextPair      *string `protobuf:"bytes,5,opt,name=text_pair,json=textPair,proto3,oneof" json:"text_pair,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -979,6 +983,13 @@ func (x *TokenizeRequest) GetMessages() *ChatMessages {
 	return nil
 }
 
+func (x *TokenizeRequest) GetTextPair() string {
+	if x != nil && x.TextPair != nil {
+		return *x.TextPair
+	}
+	return ""
+}
+
 type Token struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Vocabulary id.
@@ -988,7 +999,14 @@ type Token struct {
 	// Offset of the first character covered, in Unicode scalar values.
 	Start uint32 `protobuf:"varint,3,opt,name=start,proto3" json:"start,omitempty"`
 	// Offset one past the last character covered, in Unicode scalar values.
-	End           uint32 `protobuf:"varint,4,opt,name=end,proto3" json:"end,omitempty"`
+	End uint32 `protobuf:"varint,4,opt,name=end,proto3" json:"end,omitempty"`
+	// The token type (segment) id the model is fed with it: under BERT's pair template 1 for the
+	// pair's tokens and the separator after them, else 0. All 0 where the tokenizer gives a type
+	// the model does not have (GetModel's token_types).
+	TypeId uint32 `protobuf:"varint,5,opt,name=type_id,json=typeId,proto3" json:"type_id,omitempty"`
+	// Whether the token comes from `text_pair`, whose characters its offsets then count; false
+	// for special tokens and `text`'s tokens.
+	InPair        bool `protobuf:"varint,6,opt,name=in_pair,json=inPair,proto3" json:"in_pair,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1049,6 +1067,20 @@ func (x *Token) GetEnd() uint32 {
 		return x.End
 	}
 	return 0
+}
+
+func (x *Token) GetTypeId() uint32 {
+	if x != nil {
+		return x.TypeId
+	}
+	return 0
+}
+
+func (x *Token) GetInPair() bool {
+	if x != nil {
+		return x.InPair
+	}
+	return false
 }
 
 type TokenizeResponse struct {
@@ -2300,18 +2332,23 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"multiLabel\"\x8b\x01\n" +
 	"\x10ClassifyResponse\x12D\n" +
 	"\x0fclassifications\x18\x01 \x03(\v2\x1a.lmserve.v1.ClassificationR\x0fclassifications\x121\n" +
-	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"\xbb\x01\n" +
+	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\"\xeb\x01\n" +
 	"\x0fTokenizeRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x121\n" +
 	"\x12add_special_tokens\x18\x03 \x01(\bH\x00R\x10addSpecialTokens\x88\x01\x01\x124\n" +
-	"\bmessages\x18\x04 \x01(\v2\x18.lmserve.v1.ChatMessagesR\bmessagesB\x15\n" +
-	"\x13_add_special_tokens\"S\n" +
+	"\bmessages\x18\x04 \x01(\v2\x18.lmserve.v1.ChatMessagesR\bmessages\x12 \n" +
+	"\ttext_pair\x18\x05 \x01(\tH\x01R\btextPair\x88\x01\x01B\x15\n" +
+	"\x13_add_special_tokensB\f\n" +
+	"\n" +
+	"_text_pair\"\x85\x01\n" +
 	"\x05Token\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n" +
 	"\x05start\x18\x03 \x01(\rR\x05start\x12\x10\n" +
-	"\x03end\x18\x04 \x01(\rR\x03end\"\x95\x01\n" +
+	"\x03end\x18\x04 \x01(\rR\x03end\x12\x17\n" +
+	"\atype_id\x18\x05 \x01(\rR\x06typeId\x12\x17\n" +
+	"\ain_pair\x18\x06 \x01(\bR\x06inPair\"\x95\x01\n" +
 	"\x10TokenizeResponse\x12)\n" +
 	"\x06tokens\x18\x01 \x03(\v2\x11.lmserve.v1.TokenR\x06tokens\x121\n" +
 	"\tserved_by\x18\x02 \x01(\v2\x14.lmserve.v1.ServedByR\bservedBy\x12#\n" +
