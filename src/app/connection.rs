@@ -503,17 +503,28 @@ mod tests {
         assert!(!is_a_shortage(&io::Error::from_raw_os_error(libc::EPROTO)));
     }
 
-    #[tokio::test]
-    async fn a_connection_silent_past_its_idle_timeout_is_closed() {
+    /// Connections accepted on a fresh local port under these limits, and the port's address.
+    async fn listening(
+        max_per_client: usize,
+        idle_timeout: Option<Duration>,
+    ) -> (
+        std::net::SocketAddr,
+        Pin<Box<impl futures::Stream<Item = io::Result<Connection>>>>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limits = ConnectionLimits {
-            max_connections: 4,
-            max_per_client: 0,
+            max_connections: 8,
+            max_per_client,
             handshake_timeout: Duration::from_secs(30),
-            idle_timeout: Some(Duration::from_secs(1)),
+            idle_timeout,
         };
-        let mut connections = Box::pin(accept(listener, limits, None));
+        (addr, Box::pin(accept(listener, limits, None)))
+    }
+
+    #[tokio::test]
+    async fn a_connection_silent_past_its_idle_timeout_is_closed() {
+        let (addr, mut connections) = listening(0, Some(Duration::from_secs(1))).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         let mut connection = connections.next().await.unwrap().unwrap();
         // The server waits on each read while the client pauses; gaps of 0.4 s add up to well
@@ -542,15 +553,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_the_client_reads_nothing_of_fails_after_the_idle_timeout() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = ConnectionLimits {
-            max_connections: 4,
-            max_per_client: 0,
-            handshake_timeout: Duration::from_secs(30),
-            idle_timeout: Some(Duration::from_secs(1)),
-        };
-        let mut connections = Box::pin(accept(listener, limits, None));
+        let (addr, mut connections) = listening(0, Some(Duration::from_secs(1))).await;
         let _client = TcpStream::connect(addr).await.unwrap();
         let mut connection = connections.next().await.unwrap().unwrap();
         // Writes fill the socket's buffers, then wait on a client that reads nothing.
@@ -570,15 +573,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_past_its_limit_is_closed_and_others_are_accepted() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = ConnectionLimits {
-            max_connections: 8,
-            max_per_client: 2,
-            handshake_timeout: Duration::from_secs(30),
-            idle_timeout: None,
-        };
-        let mut connections = Box::pin(accept(listener, limits, None));
+        let (addr, mut connections) = listening(2, None).await;
         let from = |client: [u8; 4]| async move {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.bind((client, 0).into()).unwrap();

@@ -521,6 +521,14 @@ fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> anyhow::Result<Opti
 mod tests {
     use super::*;
 
+    /// What the sentence-transformers files in `dir` say, which the test expects them to say.
+    fn sentence_transformers(dir: &tempfile::TempDir) -> SentenceTransformers {
+        HfFiles::read(dir.path())
+            .unwrap()
+            .sentence_transformers
+            .unwrap()
+    }
+
     fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for (name, text) in files {
@@ -559,10 +567,7 @@ mod tests {
             ),
             (SENTENCE_TRANSFORMERS_CONFIG, prompts),
         ]);
-        let st = HfFiles::read(dir.path())
-            .unwrap()
-            .sentence_transformers
-            .unwrap();
+        let st = sentence_transformers(&dir);
         assert_eq!(st.prompts["query"], "query: ");
         assert_eq!(st.default_prompt_name.as_deref(), Some("query"));
         assert!(!st.prompt_in_pooling);
@@ -581,10 +586,7 @@ mod tests {
         );
         // No config, or one without prompts (all-MiniLM-L6-v2's): none, and pooling counts them.
         let dir = folder(&[(MODULES, modules)]);
-        let st = HfFiles::read(dir.path())
-            .unwrap()
-            .sentence_transformers
-            .unwrap();
+        let st = sentence_transformers(&dir);
         assert!(st.prompts.is_empty() && st.default_prompt_name.is_none() && st.prompt_in_pooling);
     }
 
@@ -667,10 +669,7 @@ mod tests {
             ),
             ("1_Pooling/config.json", r#"{"pooling_mode": "cls"}"#),
         ]);
-        let st = HfFiles::read(dir.path())
-            .unwrap()
-            .sentence_transformers
-            .unwrap();
+        let st = sentence_transformers(&dir);
         assert_eq!(
             st.after_pooling,
             ["2_Dense (sentence_transformers.models.Dense)"]
@@ -684,10 +683,7 @@ mod tests {
                 {"path":"2_Normalize","type":"sentence_transformers.models.Normalize"},
                 {"path":"3_Dense","type":"sentence_transformers.models.Dense"}]"#,
         )]);
-        let st = HfFiles::read(dir.path())
-            .unwrap()
-            .sentence_transformers
-            .unwrap();
+        let st = sentence_transformers(&dir);
         assert!(!st.normalize);
     }
 
@@ -701,10 +697,7 @@ mod tests {
                 r#"{"max_seq_length": 128, "do_lower_case": true}"#,
             ),
         ]);
-        let st = HfFiles::read(dir.path())
-            .unwrap()
-            .sentence_transformers
-            .unwrap();
+        let st = sentence_transformers(&dir);
         assert_eq!(
             st.max_seq_length,
             Some((128, "sentence_xlm-roberta_config.json".to_owned()))
@@ -716,10 +709,7 @@ mod tests {
             ("sentence_roberta_config.json", r#"{"max_seq_length": 128}"#),
             (SENTENCE_BERT_CONFIG, r#"{"max_seq_length": 256}"#),
         ]);
-        let st = HfFiles::read(dir.path())
-            .unwrap()
-            .sentence_transformers
-            .unwrap();
+        let st = sentence_transformers(&dir);
         assert_eq!(
             st.max_seq_length,
             Some((256, SENTENCE_BERT_CONFIG.to_owned()))
@@ -745,10 +735,7 @@ mod tests {
                 r#"{"pooling_mode_mean_tokens": true}"#,
             ),
         ]);
-        let st = HfFiles::read(dir.path())
-            .unwrap()
-            .sentence_transformers
-            .unwrap();
+        let st = sentence_transformers(&dir);
         assert_eq!(
             st.max_seq_length,
             Some((128, "0_BERT/sentence_bert_config.json".to_owned()))
