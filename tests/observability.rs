@@ -8,6 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{ServerOptions, TestServer};
+use lmserve::api::kserve::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use lmserve::api::kserve::proto::infer_parameter::ParameterChoice;
+use lmserve::api::kserve::proto::model_infer_request::InferInputTensor;
+use lmserve::api::kserve::proto::{InferParameter, ModelInferRequest};
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::{ClassifyRequest, EmbedRequest, GenerateRequest, GenerationParameters};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -670,6 +674,61 @@ async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http(
     assert_eq!(http_get(&metrics_addr, "/health/ready").await.0, 200);
     assert_eq!(http_get(&metrics_addr, "/").await.0, 404);
     assert_eq!(http_get(&metrics_addr, "/metrics/extra").await.0, 404);
+}
+
+/// A Triton `timeout` bounds a request's admission only; a request that runs past it and is
+/// then dropped by its client was cancelled, not cut off by a deadline.
+#[tokio::test]
+async fn a_triton_timeout_that_passes_while_running_does_not_relabel_a_cancel() {
+    let (server, metrics_addr) = start_with_metrics().await;
+    let prompt = "To be, or not to be";
+    let mut raw = (prompt.len() as u32).to_le_bytes().to_vec();
+    raw.extend_from_slice(prompt.as_bytes());
+    let parameter = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    let request = ModelInferRequest {
+        model_name: "tiny-gpt2".into(),
+        inputs: vec![InferInputTensor {
+            name: "text_input".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw],
+        parameters: [
+            // As many as its 256 positions allow, 249: a quarter of a second or more here.
+            ("max_tokens", ParameterChoice::Int64Param(249)),
+            ("ignore_eos", ParameterChoice::BoolParam(true)),
+            // 10 ms, in microseconds: an idle server admits it at once.
+            ("timeout", ParameterChoice::Int64Param(10_000)),
+        ]
+        .into_iter()
+        .map(|(key, choice)| (key.to_owned(), parameter(choice)))
+        .collect(),
+        ..Default::default()
+    };
+    let mut kserve = GrpcInferenceServiceClient::new(server.channel().await);
+    // The client gives up after the timeout has passed, with the generation still running.
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(80), kserve.model_infer(request)).await;
+    assert!(
+        dropped.is_err(),
+        "the generation ended within 80 ms: {dropped:?}"
+    );
+    let outcome = |metrics: &str, outcome| {
+        sample(
+            metrics,
+            "lmserve_requests_total",
+            &[("model", "tiny-gpt2"), ("outcome", outcome)],
+        )
+    };
+    let metrics = metrics_when(&metrics_addr, |metrics| {
+        outcome(metrics, "cancelled") + outcome(metrics, "deadline_exceeded") >= 1.0
+    })
+    .await;
+    assert_eq!(outcome(&metrics, "cancelled"), 1.0, "{metrics}");
+    assert_eq!(outcome(&metrics, "deadline_exceeded"), 0.0, "{metrics}");
 }
 
 /// Calls the server gives up on at their `grpc-timeout` (the edge drops them) are counted

@@ -36,9 +36,11 @@ pub fn routing(
     if let (Some(key), None) = (&key, route_key.filter(|key| !key.is_empty())) {
         check_name(&format!("the {} header", config.key_header), key, limits)?;
     }
+    let deadline = deadline.map(|(at, _)| at.into_std());
     Ok(Routing {
         key,
         pin: header(&config.pin_header),
-        deadline: deadline.map(|(at, _)| at.into_std()),
+        deadline,
+        call_deadline: deadline,
     })
 }

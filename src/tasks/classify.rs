@@ -60,7 +60,7 @@ pub async fn classify(
     params: ClassifyParams,
     routing: &Routing,
 ) -> Result<ClassifyOutput> {
-    let mut request = RequestMetrics::start(Task::Classify.as_str(), routing.deadline);
+    let mut request = RequestMetrics::start(Task::Classify.as_str(), routing.call_deadline);
     request.requested(registry, &params.model);
     let result = async {
         check_name("model", &params.model, limits)?;

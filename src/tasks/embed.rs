@@ -44,7 +44,7 @@ pub async fn embed(
     params: EmbedParams,
     routing: &Routing,
 ) -> Result<EmbedOutput> {
-    let mut request = RequestMetrics::start(Task::Embed.as_str(), routing.deadline);
+    let mut request = RequestMetrics::start(Task::Embed.as_str(), routing.call_deadline);
     request.requested(registry, &params.model);
     let result = async {
         check_name("model", &params.model, limits)?;

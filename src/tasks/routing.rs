@@ -17,7 +17,13 @@ use crate::telemetry::metrics;
 pub struct Routing {
     pub key: Option<String>,
     pub pin: Option<String>,
+    /// When the request's answer is due: the call's own deadline, or a sooner limit the
+    /// request carries (Triton's `timeout`), which admission by time uses.
     pub deadline: Option<Instant>,
+    /// The call's own deadline (`grpc-timeout`), at which the server drops the call: a request
+    /// dropped after it was cut off by it, where one dropped after only a request's own limit
+    /// passed was cancelled by its client.
+    pub call_deadline: Option<Instant>,
 }
 
 /// Resolves `target` for `task`; when the route shadows this request, starts `shadow` on the

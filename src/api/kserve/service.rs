@@ -69,19 +69,24 @@ impl KserveService {
         })
     }
 
+    /// The call's routing; its answer is due by the sooner of the call's deadline and the
+    /// request's own `timeout`.
     pub(super) fn routing(
         &self,
         metadata: &MetadataMap,
         deadline: Deadline,
+        timeout: Option<std::time::Duration>,
         route_key: Option<&str>,
     ) -> Result<Routing> {
-        routing::routing(
+        let mut routing = routing::routing(
             &self.registry.config().routing,
             &self.limits,
             metadata,
             deadline,
             ("parameters.route_key", route_key),
-        )
+        )?;
+        routing.deadline = deadline::sooner(deadline, timeout).map(|(at, _)| at.into_std());
+        Ok(routing)
     }
 
     /// The target a ModelReady or ModelMetadata call names, checked like a request's model.
@@ -148,8 +153,12 @@ impl GrpcInferenceService for KserveService {
         let deadline = deadline::from_request(&metadata, &extensions);
         let span = tracing::info_span!("kserve_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
         let request = self.read(request)?;
-        let deadline = deadline::sooner(deadline, request.timeout);
-        let routing = self.routing(&metadata, deadline, request.route_key.as_deref())?;
+        let routing = self.routing(
+            &metadata,
+            deadline,
+            request.timeout,
+            request.route_key.as_deref(),
+        )?;
         let response = infer::infer(self.tasks(), request, &routing)
             .instrument(span)
             .await?;

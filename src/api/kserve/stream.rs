@@ -20,7 +20,7 @@ use super::proto::infer_parameter::ParameterChoice;
 use super::proto::{ModelInferRequest, ModelInferResponse, ModelStreamInferResponse};
 use super::request::Work;
 use super::service::KserveService;
-use crate::api::deadline::{self, Deadline};
+use crate::api::deadline::Deadline;
 use crate::api::detached;
 use crate::api::edge;
 use crate::error::{Error, Result};
@@ -94,8 +94,12 @@ async fn start(
     deadline: Deadline,
 ) -> Result<Responses> {
     let request = service.read(request)?;
-    let deadline = deadline::sooner(deadline, request.timeout);
-    let routing = service.routing(&metadata, deadline, request.route_key.as_deref())?;
+    let routing = service.routing(
+        &metadata,
+        deadline,
+        request.timeout,
+        request.route_key.as_deref(),
+    )?;
     let tasks = service.tasks();
     match request.work {
         // As Triton's vLLM backend, only when the `stream` input says so; otherwise one response.

@@ -210,7 +210,7 @@ async fn start_with(
     delivery: Delivery,
 ) -> Result<GenerationStream> {
     let config = limits.generation;
-    let mut request = RequestMetrics::start(Task::Generate.as_str(), routing.deadline);
+    let mut request = RequestMetrics::start(Task::Generate.as_str(), routing.call_deadline);
     request.requested(registry, &params.model);
     // The request's own values are checked before any model is chosen; the model's defaults
     // for what it left unset join once the route has picked one.
