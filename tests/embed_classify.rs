@@ -316,6 +316,25 @@ async fn text_pairs_score_as_the_transformers_pipeline_does() {
         first.text
     );
 
+    // An empty pair is no pair, as Classify takes it.
+    let tokenize = |text_pair: Option<String>| proto::TokenizeRequest {
+        model: "tiny-reranker".into(),
+        text: cases[0]["text"].as_str().unwrap().into(),
+        text_pair,
+        ..Default::default()
+    };
+    let unpaired_tokens = client.tokenize(tokenize(None)).await.unwrap().into_inner();
+    let empty_pair_tokens = client
+        .tokenize(tokenize(Some(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(empty_pair_tokens.tokens, unpaired_tokens.tokens);
+    assert_eq!(
+        unpaired_tokens.tokens.len() as u32,
+        unpaired.classifications[0].token_count
+    );
+
     // GetModel shows how many token types the model has, and where that came from.
     let model = server
         .models()

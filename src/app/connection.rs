@@ -9,11 +9,9 @@
 //! TLS is accepted here rather than by tonic so that the preface is counted in plaintext: a
 //! deadline on the TLS handshake alone lets a client finish it and then send nothing.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -24,6 +22,8 @@ use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use super::clients::{ClientCounts, ClientPlace};
 
 /// The HTTP/2 client connection preface (RFC 9113, 3.4) is 24 bytes.
 const PREFACE_BYTES: usize = 24;
@@ -87,8 +87,9 @@ pub struct ConnectionLimits {
     pub max_per_client: usize,
     pub handshake_timeout: Duration,
     /// Closes a connection that sends nothing for this long (counted from the accept, then
-    /// from each read that brings bytes). For the HTTP/1 metrics port, whose server keeps idle
-    /// connections open for ever; gRPC's have HTTP/2 pings instead.
+    /// from each read that brings bytes), or whose writes wait this long on a client that reads
+    /// nothing. For the HTTP/1 metrics port, whose server reads nothing more while an answer
+    /// waits to be written; gRPC's connections have HTTP/2 pings instead.
     pub idle_timeout: Option<Duration>,
 }
 
@@ -136,7 +137,7 @@ pub fn accept(
                     crate::telemetry::metrics::connection_refused();
                     if once_a_second(&mut state.last_refused) {
                         tracing::warn!(
-                            client = %peer.ip(),
+                            client = %peer.ip().to_canonical(),
                             limit = limits.max_per_client,
                             "a client holds server.max_connections_per_client connections; \
                              closing its further ones"
@@ -188,53 +189,6 @@ fn once_a_second(last: &mut Option<tokio::time::Instant>) -> bool {
     }
     *last = Some(now);
     true
-}
-
-/// Open connections by client address, on one listener.
-#[derive(Default)]
-struct ClientCounts(Mutex<HashMap<IpAddr, usize>>);
-
-impl ClientCounts {
-    /// A place for one more connection from `client`, or none where it holds `most` already
-    /// (0: no limit). An IPv4 client that reaches a dual-stack listener counts as itself.
-    fn admit(self: &Arc<Self>, client: IpAddr, most: usize) -> Option<ClientPlace> {
-        let client = client.to_canonical();
-        let mut counts = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let open = counts.entry(client).or_insert(0);
-        if most > 0 && *open >= most {
-            return None;
-        }
-        *open += 1;
-        Some(ClientPlace {
-            counts: Arc::clone(self),
-            client,
-        })
-    }
-}
-
-/// A connection's place among its client's, given back when the connection is dropped.
-struct ClientPlace {
-    counts: Arc<ClientCounts>,
-    client: IpAddr,
-}
-
-impl Drop for ClientPlace {
-    fn drop(&mut self) {
-        let mut counts = self
-            .counts
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(open) = counts.get_mut(&self.client) {
-            *open -= 1;
-            if *open == 0 {
-                counts.remove(&self.client);
-            }
-        }
-    }
 }
 
 /// A connection holding its place under the limit until it is dropped.

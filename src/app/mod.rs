@@ -2,6 +2,7 @@
 //! ONNX Runtime, a port already taken, a required GPU that is absent, unreadable TLS files or
 //! API keys); shutdown runs in the order load balancers need (`shutdown`).
 
+mod clients;
 mod connection;
 mod health;
 mod listeners;
@@ -37,8 +38,10 @@ use shutdown::Shutdown;
 
 type EdgeServer = Server<listeners::Layers>;
 
-/// How long the metrics port keeps a connection that sends nothing: longer than a scrape or
-/// probe interval, as web servers keep theirs (nginx 75 s, Go's clients 90 s).
+/// How long a metrics connection may go without sending or reading anything in the middle of a
+/// request. Between requests (and while a head arrives) the handshake timeout holds instead,
+/// so a kept-alive connection closes after that; this bounds a client that stops reading an
+/// answer half written.
 const METRICS_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Runs the server until SIGINT or SIGTERM. `config_file` is the file `config` was read from,

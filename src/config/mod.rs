@@ -136,7 +136,8 @@ pub struct ServerConfig {
     /// Most connections open at once from one client address, per listener, so that one client
     /// cannot take every place under `max_connections`; its further ones are closed as they
     /// are accepted. 0: no limit but `max_connections`. Behind a proxy or a NAT every client
-    /// shares the proxy's address: raise it, or set 0, there.
+    /// shares the proxy's address: raise it, or set 0, there. Each IPv6 address counts as a
+    /// client of its own, though one host may hold many.
     pub max_connections_per_client: usize,
     /// Most calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a
     /// client's further calls wait on its side.

@@ -15,7 +15,7 @@ pub struct Bindings {
     /// The position an encoder row's first token takes in `position_ids`: 0, or for RoBERTa
     /// and the models built like it the padding id plus one, where their position table starts.
     pub first_position: i64,
-    /// Segment ids, fed as zeros.
+    /// Segment ids: the tokenizer's token types (a text pair's second text is type 1), or zeros.
     pub token_type_ids: Option<String>,
     /// Next-token logits `[B,T,V]` for decoders and RNNs; class logits `[B,C]` for encoders.
     pub logits: Option<String>,

@@ -79,6 +79,8 @@ pub async fn tokenize(
             let (text, pair, rendered, special) = match input {
                 TokenizeInput::Text(text, pair) => {
                     let special = model.settings.add_special_tokens.value;
+                    // An empty pair leaves its text unpaired, as Classify takes it.
+                    let pair = pair.filter(|pair| !pair.is_empty());
                     (text, pair, false, add_special_tokens.unwrap_or(special))
                 }
                 TokenizeInput::Messages(messages) => {
@@ -94,14 +96,16 @@ pub async fn tokenize(
                 .tokenizer
                 .encode_char_offsets(input, special)
                 .map_err(|error| Error::invalid("text", format!("cannot be tokenized: {error}")))?;
-            // As the encoder is fed them: none past the types the model has.
+            // As the encoder is fed them: none to a graph without the input, and none past the
+            // types the model has.
             let types = model.settings.token_types.as_ref().map(|types| types.value);
-            let fed_types = types.is_none_or(|types| {
-                encoding
-                    .get_type_ids()
-                    .iter()
-                    .all(|&type_id| (type_id as usize) < types)
-            });
+            let fed_types = model.bindings.token_type_ids.is_some()
+                && types.is_none_or(|types| {
+                    encoding
+                        .get_type_ids()
+                        .iter()
+                        .all(|&type_id| (type_id as usize) < types)
+                });
             let tokens = encoding
                 .get_ids()
                 .iter()

@@ -138,6 +138,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn cpu_time_is_a_counter_and_every_family_has_its_type() {
         let text = render();
         assert!(

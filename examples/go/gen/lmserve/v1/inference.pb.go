@@ -918,8 +918,8 @@ type TokenizeRequest struct {
 	// rendered text, which the response returns.
 	Messages *ChatMessages `protobuf:"bytes,4,opt,name=messages,proto3" json:"messages,omitempty"`
 	// A second text, tokenized together with `text` as Classify's text_pairs are: joined by the
-	// tokenizer's pair template, as a cross-encoder reads a query and a passage. Not with
-	// `messages`.
+	// tokenizer's pair template, as a cross-encoder reads a query and a passage; an empty one
+	// leaves `text` unpaired. Not with `messages`.
 	TextPair      *string `protobuf:"bytes,5,opt,name=text_pair,json=textPair,proto3,oneof" json:"text_pair,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1001,8 +1001,9 @@ type Token struct {
 	// Offset one past the last character covered, in Unicode scalar values.
 	End uint32 `protobuf:"varint,4,opt,name=end,proto3" json:"end,omitempty"`
 	// The token type (segment) id the model is fed with it: under BERT's pair template 1 for the
-	// pair's tokens and the separator after them, else 0. All 0 where the tokenizer gives a type
-	// the model does not have (GetModel's token_types).
+	// pair's tokens and the separator after them, else 0. All 0 for a graph without a
+	// token_type_ids input, and where the tokenizer gives a type the model does not have
+	// (GetModel's token_types).
 	TypeId uint32 `protobuf:"varint,5,opt,name=type_id,json=typeId,proto3" json:"type_id,omitempty"`
 	// Whether the token comes from `text_pair`, whose characters its offsets then count; false
 	// for special tokens and `text`'s tokens.
