@@ -97,10 +97,13 @@ impl TextStream {
         // the difference starts before them, and the character counts as new text. A U+FFFD
         // the unread tokens leave as it was is the prompt's own (the character itself, or
         // bytes nothing completes), which the difference starts after.
-        let complete = if read.ends_with(REPLACEMENT) {
-            common_prefix_len(&read, &full)
-        } else {
+        // With byte fallback (SentencePiece), a byte token can also turn characters read whole
+        // into one U+FFFD per byte, as decoding all the ids at once gives: the new text then
+        // starts before them too, rather than inside one of them.
+        let complete = if full.starts_with(&read) {
             read.len()
+        } else {
+            common_prefix_len(&read, &full)
         };
         let read_is_whole = complete == read.len();
         Window {
@@ -329,12 +332,12 @@ mod tests {
     #[test]
     fn a_replacement_character_ending_the_prompt_is_not_shown_again() {
         let tokenizer = byte_tokenizer();
-        let mut cases: Vec<(Vec<u32>, Vec<u32>)> = [
+        let mut cases: Vec<(Vec<u32>, Vec<u32>, &str)> = [
             ("bad \u{FFFD}", "ok then"),
             ("\u{FFFD}\u{FFFD}", "\u{FFFD}x"),
         ]
         .iter()
-        .map(|(prompt, output)| (ids(&tokenizer, prompt), ids(&tokenizer, output)))
+        .map(|&(prompt, output)| (ids(&tokenizer, prompt), ids(&tokenizer, output), output))
         .collect();
         // The character itself, then a character cut inside its bytes: the prompt's text ends
         // in two U+FFFD, and the output completes only the second.
@@ -342,20 +345,53 @@ mod tests {
         let cut = (1..all.len())
             .find(|&end| tokenizer.decode(&all[..end], false).unwrap() == "a \u{FFFD}\u{FFFD}")
             .expect("a cut inside the euro sign");
-        cases.push((all[..cut].to_vec(), all[cut..].to_vec()));
-        for (prompt, output) in cases {
-            let all = [prompt.as_slice(), output.as_slice()].concat();
-            let whole = tokenizer.decode(&all, false).unwrap();
-            let before = tokenizer.decode(&prompt, false).unwrap();
-            // What the output adds: all after the characters the prompt decodes to alike.
-            let added = &whole[common_prefix_len(&before, &whole)..];
+        cases.push((all[..cut].to_vec(), all[cut..].to_vec(), "\u{20AC} ok"));
+        for (prompt, output, added) in cases {
             let mut stream = TextStream::new(&prompt, vec![], false);
             let shown: String = output
                 .iter()
                 .map(|&id| stream.push(&tokenizer, id).text)
                 .collect();
-            assert_eq!(shown + &stream.finish(&tokenizer), added, "{before:?}");
+            assert_eq!(shown + &stream.finish(&tokenizer), added);
         }
+    }
+
+    /// A SentencePiece-style vocabulary with byte fallback, as Llama's: "<0xF0>" ... are bytes.
+    fn byte_fallback_tokenizer() -> Tokenizer {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": true,
+                      "vocab": {"\u2581Hi": 0, "<0xF0>": 1, "<0x9F>": 2, "<0x98>": 3,
+                                "<0x80>": 4, "\u2581there": 5},
+                      "merges": []}}"#;
+        json.parse().unwrap()
+    }
+
+    #[test]
+    fn a_byte_that_undoes_a_shown_character_loses_no_later_text() {
+        // Byte fallback decodes a run of byte tokens with any invalid byte as one U+FFFD per
+        // byte: the fifth byte turns the emoji already shown into five of them.
+        let tokenizer = byte_fallback_tokenizer();
+        let generated = [0, 1, 2, 3, 4, 4, 5];
+        assert_eq!(
+            tokenizer.decode(&generated, false).unwrap(),
+            format!(" Hi{} there", "\u{FFFD}".repeat(5))
+        );
+        let mut stream = TextStream::new(&[], vec![], false);
+        let shown: String = generated
+            .iter()
+            .map(|&id| stream.push(&tokenizer, id).text)
+            .collect();
+        // What was shown stays shown; what decoding gives from there on follows it.
+        assert_eq!(
+            shown + &stream.finish(&tokenizer),
+            format!(" Hi\u{1F600}{} there", "\u{FFFD}".repeat(5))
+        );
     }
 
     #[test]
