@@ -125,3 +125,81 @@ impl fmt::Display for EarlyStopping {
         })
     }
 }
+
+/// The function a classifier's logits pass through by default (model.toml's `[classify]
+/// activation`; a sentence-transformers CrossEncoder's `activation_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// One distribution over the labels.
+    Softmax,
+    /// Each label scored on its own, in 0..1.
+    Sigmoid,
+    /// The logits as they are.
+    Identity,
+    /// Each logit squashed into -1..1.
+    Tanh,
+}
+
+impl Activation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activation::Softmax => "softmax",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Identity => "identity",
+            Activation::Tanh => "tanh",
+        }
+    }
+
+    /// The activation a PyTorch module's dotted path names, as sentence-transformers saves it
+    /// (`torch.nn.modules.linear.Identity`; older releases wrote `torch.nn.Identity`).
+    pub fn from_torch_path(path: &str) -> Option<Self> {
+        let (module, class) = path.rsplit_once('.')?;
+        if module != "torch.nn" && !module.starts_with("torch.nn.modules.") {
+            return None;
+        }
+        match class {
+            "Softmax" => Some(Activation::Softmax),
+            "Sigmoid" => Some(Activation::Sigmoid),
+            "Identity" => Some(Activation::Identity),
+            "Tanh" => Some(Activation::Tanh),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Activation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pytorch_activation_paths_in_both_spellings_and_nothing_else() {
+        for (path, expected) in [
+            (
+                "torch.nn.modules.linear.Identity",
+                Some(Activation::Identity),
+            ),
+            ("torch.nn.Identity", Some(Activation::Identity)),
+            (
+                "torch.nn.modules.activation.Sigmoid",
+                Some(Activation::Sigmoid),
+            ),
+            (
+                "torch.nn.modules.activation.Softmax",
+                Some(Activation::Softmax),
+            ),
+            ("torch.nn.modules.activation.Tanh", Some(Activation::Tanh)),
+            ("torch.nn.modules.activation.ReLU", None),
+            ("my_package.Sigmoid", None),
+            ("Sigmoid", None),
+        ] {
+            assert_eq!(Activation::from_torch_path(path), expected, "{path}");
+        }
+    }
+}

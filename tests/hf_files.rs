@@ -382,8 +382,8 @@ async fn a_regression_head_returns_its_values_as_they_are() {
     let models = server.models().await;
     let described = common::first_version(&models, "scorer").await;
     assert_eq!(
-        setting(&described, "classify.regression"),
-        ("true", "config.json")
+        setting(&described, "classify.activation"),
+        ("identity", "config.json")
     );
     let mut client = server.inference().await;
     for case in fixture_reference()["cases"].as_array().unwrap() {
@@ -416,6 +416,154 @@ async fn a_regression_head_returns_its_values_as_they_are() {
         assert!(
             (asked - probability).abs() < 1e-5,
             "{asked} against {probability}"
+        );
+    }
+}
+
+/// sentence-transformers' CrossEncoders (tests/fixtures/cross_encoders.py): each fixture, with
+/// each way its files name the activation written over the saved ones, as "{fixture}-{variant}".
+fn cross_encoder_repository() -> (tempfile::TempDir, serde_json::Value) {
+    let path = common::root().join("tests/fixtures/cross_encoders.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let repository = tempfile::tempdir().unwrap();
+    for (fixture, model) in reference.as_object().unwrap() {
+        copy_dir(&fixtures().join(fixture), &repository.path().join(fixture));
+        for (variant, case) in model["cases"].as_object().unwrap() {
+            let Some(files) = case["files"].as_object() else {
+                continue;
+            };
+            let folder = repository.path().join(format!("{fixture}-{variant}"));
+            copy_dir(&fixtures().join(fixture), &folder);
+            for (file, content) in files {
+                let path = folder.join("1").join(file);
+                match content {
+                    serde_json::Value::Null => std::fs::remove_file(path).unwrap(),
+                    json => std::fs::write(path, json.to_string()).unwrap(),
+                }
+            }
+        }
+    }
+    (repository, reference)
+}
+
+/// A sentence-transformers CrossEncoder is scored as `CrossEncoder.predict` scores its pairs:
+/// through the activation its files name (version 6's config_sentence_transformers.json, or
+/// config.json as versions 4-5 and earlier wrote it), else a sigmoid for one label and the raw
+/// logits for more; a function outside PyTorch falls back to that default, as
+/// sentence-transformers does without trust_remote_code. transformers' pipeline would have
+/// given a sigmoid and a softmax. A tokenizer whose `model_input_names` leave out
+/// `token_type_ids` feeds the model no type ids. The references are sentence-transformers' own.
+#[tokio::test]
+async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
+    let (repository, reference) = cross_encoder_repository();
+    let unsupported = repository.path().join("ce-relu");
+    copy_dir(&fixtures().join("ce-reranker"), &unsupported);
+    std::fs::write(
+        unsupported.join("1/config_sentence_transformers.json"),
+        r#"{"model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.activation.ReLU"}"#,
+    )
+    .unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let models = server.models().await;
+    let mut client = server.inference().await;
+    let mut checked = 0;
+    for (fixture, model) in reference.as_object().unwrap() {
+        let pairs = model["pairs"].as_array().unwrap();
+        let (texts, text_pairs) = pairs
+            .iter()
+            .map(|pair| {
+                let text = |i: usize| pair[i].as_str().unwrap().to_owned();
+                (text(0), text(1))
+            })
+            .unzip();
+        for (variant, case) in model["cases"].as_object().unwrap() {
+            let (name, expected) = match case["files"].is_object() {
+                true => (format!("{fixture}-{variant}"), &case["scores"]),
+                false => (fixture.clone(), case),
+            };
+            let version = common::first_version(&models, &name).await;
+            assert_eq!(
+                version.state,
+                LoadState::Ready as i32,
+                "{name}: {}",
+                version.load_error
+            );
+            let classified = client
+                .classify(ClassifyRequest {
+                    model: name.clone(),
+                    texts: Vec::clone(&texts),
+                    text_pairs: Vec::clone(&text_pairs),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for (classification, expected) in classified
+                .classifications
+                .iter()
+                .zip(expected.as_array().unwrap())
+            {
+                let mut got = vec![f32::NAN; classification.labels.len()];
+                for label in &classification.labels {
+                    got[label.index as usize] = label.score;
+                }
+                let expected = common::floats(expected);
+                assert!(
+                    max_abs_diff(&got, &expected) < 1e-4,
+                    "{name}: {got:?} against sentence-transformers' {expected:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 5 * 9);
+
+    let activation = |name: &'static str| {
+        let models = models.clone();
+        async move {
+            let version = common::first_version(&models, name).await;
+            let (value, source) = setting(&version, "classify.activation");
+            (value.to_owned(), source.to_owned())
+        }
+    };
+    for (name, value, source) in [
+        (
+            "ce-reranker",
+            "identity",
+            "config_sentence_transformers.json",
+        ),
+        ("ce-reranker-named_none", "sigmoid", "default"),
+        ("ce-reranker-v4_tanh", "tanh", "config.json"),
+        ("ce-nli-v3_softmax", "softmax", "config.json"),
+    ] {
+        assert_eq!(
+            activation(name).await,
+            (value.into(), source.into()),
+            "{name}"
+        );
+    }
+    let without_types = common::first_version(&models, "ce-reranker-without_type_ids").await;
+    assert_eq!(
+        setting(&without_types, "token_types"),
+        ("1", "tokenizer_config.json")
+    );
+
+    let relu = common::first_version(&models, "ce-relu").await;
+    assert_eq!(relu.state, LoadState::Failed as i32);
+    for needle in [
+        "config_sentence_transformers.json",
+        "torch.nn.modules.activation.ReLU",
+        "[classify] activation",
+    ] {
+        assert!(
+            relu.load_error.contains(needle),
+            "{needle:?} not in {}",
+            relu.load_error
         );
     }
 }

@@ -45,6 +45,8 @@ pub struct HfFiles {
     /// The chat template: `chat_template.jinja` when present, else tokenizer_config.json's.
     pub chat_template: Option<(String, &'static str)>,
     pub sentence_transformers: Option<SentenceTransformers>,
+    /// Set when the folder is a sentence-transformers CrossEncoder's.
+    pub cross_encoder: Option<CrossEncoder>,
 }
 
 /// transformers' model types whose position ids start after the padding id
@@ -81,6 +83,15 @@ pub struct ModelConfig {
     pub forced_bos_token_id: Option<u32>,
     #[serde(default)]
     pub forced_eos_token_id: TokenIds,
+    /// sentence-transformers 4 and 5 keep a CrossEncoder's settings here.
+    sentence_transformers: Option<CrossEncoderSection>,
+    /// sentence-transformers before 4: a CrossEncoder's activation function.
+    sbert_ce_default_activation_function: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct CrossEncoderSection {
+    activation_fn: Option<String>,
 }
 
 impl ModelConfig {
@@ -189,6 +200,9 @@ pub struct TokenizerConfig {
     pub eos_token: Option<SpecialToken>,
     pub pad_token: Option<SpecialToken>,
     pub add_bos_token: Option<bool>,
+    /// The inputs transformers' tokenizer returns; without `token_type_ids` it passes the model
+    /// no type ids, whatever its template assigns.
+    pub model_input_names: Option<Vec<String>>,
     chat_template: Option<ChatTemplates>,
 }
 
@@ -198,6 +212,13 @@ impl TokenizerConfig {
         self.model_max_length
             .filter(|length| (1.0..UNBOUNDED_MODEL_MAX_LENGTH).contains(length))
             .map(|length| length as usize)
+    }
+
+    /// Whether the tokenizer says the model takes no token type ids.
+    pub fn omits_token_types(&self) -> bool {
+        self.model_input_names
+            .as_ref()
+            .is_some_and(|names| !names.iter().any(|name| name == "token_type_ids"))
     }
 }
 
@@ -262,12 +283,26 @@ pub struct SentenceTransformers {
     pub prompt_in_pooling: bool,
 }
 
-/// sentence-transformers' `config_sentence_transformers.json`, the parts that change a vector.
+/// A sentence-transformers CrossEncoder: `CrossEncoder.predict` applies its activation
+/// function to the logits, which need not be what transformers' pipeline applies (rerankers
+/// trained on MS MARCO keep the raw logit).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossEncoder {
+    /// The function's dotted path (`torch.nn.modules.linear.Identity`) and the file naming it;
+    /// `None` where no file names one, and the CrossEncoder's default applies.
+    pub activation_fn: Option<(String, &'static str)>,
+}
+
+/// sentence-transformers' `config_sentence_transformers.json`: what changes a vector, and a
+/// CrossEncoder's activation.
 #[derive(Debug, Default, Deserialize)]
 struct SentenceTransformersConfig {
     #[serde(default)]
     prompts: BTreeMap<String, String>,
     default_prompt_name: Option<String>,
+    /// "SentenceTransformer", "CrossEncoder", ... (sentence-transformers 6).
+    model_type: Option<String>,
+    activation_fn: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,14 +369,49 @@ impl HfFiles {
                 return Err(error).with_context(|| format!("reading {CHAT_TEMPLATE}"));
             }
         };
+        let config: Option<ModelConfig> = read_json(dir, CONFIG)?;
+        let st_config: SentenceTransformersConfig =
+            read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default();
+        let cross_encoder = cross_encoder(config.as_ref(), &st_config);
         Ok(Self {
-            config: read_json(dir, CONFIG)?,
+            config,
             generation: read_json(dir, GENERATION_CONFIG)?,
             tokenizer,
             chat_template,
-            sentence_transformers: read_sentence_transformers(dir)?,
+            sentence_transformers: read_sentence_transformers(dir, st_config)?,
+            cross_encoder,
         })
     }
+}
+
+/// The CrossEncoder the files describe, where they describe one. sentence-transformers takes
+/// the activation from `config_sentence_transformers.json` (version 6), else from config.json
+/// (`sentence_transformers.activation_fn` from version 4, `sbert_ce_default_activation_function`
+/// before it).
+fn cross_encoder(
+    config: Option<&ModelConfig>,
+    st_config: &SentenceTransformersConfig,
+) -> Option<CrossEncoder> {
+    let section = config.and_then(|c| c.sentence_transformers.as_ref());
+    let old = config.and_then(|c| c.sbert_ce_default_activation_function.as_ref());
+    let is_cross_encoder = st_config.model_type.as_deref() == Some("CrossEncoder")
+        || st_config.activation_fn.is_some()
+        || section.is_some()
+        || old.is_some();
+    if !is_cross_encoder {
+        return None;
+    }
+    let activation_fn = [
+        (
+            st_config.activation_fn.as_ref(),
+            SENTENCE_TRANSFORMERS_CONFIG,
+        ),
+        (section.and_then(|s| s.activation_fn.as_ref()), CONFIG),
+        (old, CONFIG),
+    ]
+    .into_iter()
+    .find_map(|(path, file)| path.map(|path| (path.clone(), file)));
+    Some(CrossEncoder { activation_fn })
 }
 
 /// The first of the Transformer module's config files its folder (`module`, in `dir`) holds, as
@@ -362,7 +432,10 @@ fn read_transformer_config(
     Ok((SentenceBertConfig::default(), None))
 }
 
-fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTransformers>> {
+fn read_sentence_transformers(
+    dir: &Path,
+    config: SentenceTransformersConfig,
+) -> anyhow::Result<Option<SentenceTransformers>> {
     let Some(modules) = read_json::<Vec<Module>>(dir, MODULES)? else {
         return Ok(None);
     };
@@ -402,8 +475,6 @@ fn read_sentence_transformers(dir: &Path) -> anyhow::Result<Option<SentenceTrans
     }
     let (transformer, transformer_file) = read_transformer_config(dir, transformer_path)?;
     let max_seq_length = transformer.max_seq_length.zip(transformer_file);
-    let config: SentenceTransformersConfig =
-        read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default();
     // sentence-transformers refuses to load such a model too.
     if let Some(name) = &config.default_prompt_name
         && !config.prompts.contains_key(name)
@@ -822,5 +893,65 @@ mod tests {
         )]);
         let error = format!("{:#}", HfFiles::read(dir.path()).unwrap_err());
         assert!(error.contains("leaves the model folder"), "{error}");
+    }
+
+    /// sentence-transformers reads a CrossEncoder's activation from its own config first, then
+    /// from config.json as versions 4-5 and earlier ones wrote it; a plain transformers
+    /// classifier is no CrossEncoder.
+    #[test]
+    fn reads_a_cross_encoders_activation_where_sentence_transformers_does() {
+        let activation = |files: &[(&str, &str)]| {
+            let dir = folder(files);
+            HfFiles::read(dir.path())
+                .unwrap()
+                .cross_encoder
+                .map(|model| model.activation_fn)
+        };
+        let identity = "torch.nn.modules.linear.Identity";
+        let v6 = r#"{"model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.linear.Identity"}"#;
+        let v4 =
+            r#"{"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Tanh"}}"#;
+        let v3 =
+            r#"{"sbert_ce_default_activation_function": "torch.nn.modules.activation.Sigmoid"}"#;
+        assert_eq!(
+            activation(&[(SENTENCE_TRANSFORMERS_CONFIG, v6), (CONFIG, v4)]),
+            Some(Some((identity.into(), SENTENCE_TRANSFORMERS_CONFIG)))
+        );
+        assert_eq!(
+            activation(&[(CONFIG, v4)]),
+            Some(Some(("torch.nn.modules.activation.Tanh".into(), CONFIG)))
+        );
+        assert_eq!(
+            activation(&[(CONFIG, v3)]),
+            Some(Some(("torch.nn.modules.activation.Sigmoid".into(), CONFIG)))
+        );
+        // A CrossEncoder that names none gets its default, chosen by the label count.
+        let unnamed = r#"{"model_type": "CrossEncoder", "activation_fn": null}"#;
+        assert_eq!(
+            activation(&[(SENTENCE_TRANSFORMERS_CONFIG, unnamed)]),
+            Some(None)
+        );
+        assert_eq!(
+            activation(&[(CONFIG, r#"{"problem_type": "regression"}"#)]),
+            None
+        );
+        let embedder = r#"{"model_type": "SentenceTransformer", "prompts": {}}"#;
+        assert_eq!(
+            activation(&[(SENTENCE_TRANSFORMERS_CONFIG, embedder)]),
+            None
+        );
+    }
+
+    #[test]
+    fn a_tokenizer_without_token_type_ids_in_its_inputs_omits_them() {
+        let config = |json: &str| serde_json::from_str::<TokenizerConfig>(json).unwrap();
+        assert!(
+            config(r#"{"model_input_names": ["input_ids", "attention_mask"]}"#).omits_token_types()
+        );
+        assert!(
+            !config(r#"{"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}"#)
+                .omits_token_types()
+        );
+        assert!(!config("{}").omits_token_types());
     }
 }

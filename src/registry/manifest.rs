@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::paths::stays_inside;
 
-pub use crate::kinds::{Family, Pooling, Task};
+pub use crate::kinds::{Activation, Family, Pooling, Task};
 
 pub const MANIFEST_FILE: &str = "model.toml";
 pub const MODEL_FILE: &str = "model.onnx";
@@ -119,6 +119,8 @@ pub struct EmbedSection {
 pub struct ClassifySection {
     pub labels: Option<Vec<String>>,
     pub multi_label: Option<bool>,
+    /// What an unset `scores` returns: the logits through this function.
+    pub activation: Option<Activation>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -10,7 +10,7 @@ use anyhow::bail;
 use tokenizers::Tokenizer;
 
 use super::hf::{self, HfFiles};
-use super::manifest::{Family, Manifest};
+use super::manifest::{Activation, Family, Manifest};
 use crate::error::Task;
 use crate::runtime::GraphIo;
 use crate::runtime::batch_size::BestBatch;
@@ -85,7 +85,8 @@ pub struct ModelSettings {
     pub generation: GenerationDefaults,
     /// Kept for a chat API: the Jinja template that turns messages into a prompt.
     pub chat_template: Option<Sourced<String>>,
-    /// How many token types the model tells apart (config.json's `type_vocab_size`), where known.
+    /// How many token types the model tells apart (config.json's `type_vocab_size`), where known;
+    /// 1 where tokenizer_config.json's `model_input_names` leaves type ids out.
     pub token_types: Option<Sourced<usize>>,
     /// An encoder's batch limits with the best rate per row here (runtime::batch_size); the
     /// batcher forms no bigger batches, nor bigger than `[batching]` allows.
@@ -147,9 +148,10 @@ impl EmbedSettings {
 pub struct ClassifySettings {
     pub labels: Sourced<Vec<String>>,
     pub multi_label: Sourced<bool>,
-    /// A regression head (config.json's `problem_type`): its values are returned as they are
-    /// unless a request asks for probabilities.
-    pub regression: Sourced<bool>,
+    /// What a request that leaves `scores` unset gets: the logits through this function. A
+    /// regression head's values come as they are (config.json's `problem_type`), a
+    /// sentence-transformers CrossEncoder's through its `activation_fn`.
+    pub activation: Sourced<Activation>,
 }
 
 /// The model's defaults for a Generate request's unset parameters.
@@ -372,9 +374,18 @@ impl ModelSettings {
                 .chat_template
                 .clone()
                 .map(|(template, name)| sourced(template, file(name))),
-            token_types: config
-                .and_then(|c| c.type_vocab_size)
-                .map(|types| sourced(types, file(hf::CONFIG))),
+            // One type is as good as none: every id is then fed as 0, as transformers feeds
+            // the model no type ids when its tokenizer leaves them out.
+            token_types: first([
+                files
+                    .tokenizer
+                    .as_ref()
+                    .filter(|tokenizer| tokenizer.omits_token_types())
+                    .map(|_| sourced(1, file(hf::TOKENIZER_CONFIG))),
+                config
+                    .and_then(|c| c.type_vocab_size)
+                    .map(|types| sourced(types, file(hf::CONFIG))),
+            ]),
             best_batch: None,
         })
     }
@@ -434,7 +445,7 @@ impl ModelSettings {
                 &classify.labels.source,
             );
             rows.add("classify.multi_label", &classify.multi_label);
-            rows.add("classify.regression", &classify.regression);
+            rows.add("classify.activation", &classify.activation);
         }
         let generation = &self.generation;
         rows.add_optional("generation.max_new_tokens", &generation.max_new_tokens);
@@ -790,23 +801,84 @@ fn classify_settings(
         }),
     ])
     .unwrap_or(sourced(false, Source::Default));
-    // transformers' pipeline checks for regression before anything else; a model.toml that
-    // says how to score the labels (multi_label) overrides it.
-    let regression = match (
-        &section.multi_label,
-        config.and_then(|c| c.problem_type.as_deref()),
-    ) {
-        (None, Some(kind)) => sourced(
-            kind == "regression",
-            Source::File(Cow::Borrowed(hf::CONFIG)),
-        ),
-        _ => sourced(false, Source::Default),
-    };
+    let activation = first([
+        section.activation.map(|v| sourced(v, Source::Manifest)),
+        // A model.toml that says how to score the labels speaks for the model.
+        section.multi_label.map(|multi| {
+            sourced(
+                if multi {
+                    Activation::Sigmoid
+                } else {
+                    Activation::Softmax
+                },
+                Source::Manifest,
+            )
+        }),
+        files
+            .cross_encoder
+            .as_ref()
+            .map(|model| cross_encoder_activation(model, labels.value.len()))
+            .transpose()?,
+        // transformers' pipeline checks for regression before anything else.
+        config
+            .and_then(|c| c.problem_type.as_deref())
+            .filter(|&kind| kind == "regression")
+            .map(|_| {
+                sourced(
+                    Activation::Identity,
+                    Source::File(Cow::Borrowed(hf::CONFIG)),
+                )
+            }),
+    ])
+    .unwrap_or_else(|| {
+        let function = if multi_label.value {
+            Activation::Sigmoid
+        } else {
+            Activation::Softmax
+        };
+        sourced(function, multi_label.source.clone())
+    });
     Ok(ClassifySettings {
         labels,
         multi_label,
-        regression,
+        activation,
     })
+}
+
+/// What `CrossEncoder.predict` applies to the logits: the activation its files name, else
+/// a sigmoid for one label and the logits as they are for more. sentence-transformers loads
+/// only PyTorch's own functions without `trust_remote_code` and falls back to that default
+/// for another; so does the server. A PyTorch function the server does not apply fails the
+/// load, naming it.
+fn cross_encoder_activation(
+    model: &hf::CrossEncoder,
+    labels: usize,
+) -> anyhow::Result<Sourced<Activation>> {
+    let default = || {
+        let function = if labels == 1 {
+            Activation::Sigmoid
+        } else {
+            Activation::Identity
+        };
+        sourced(function, Source::Default)
+    };
+    let Some((path, file)) = &model.activation_fn else {
+        return Ok(default());
+    };
+    if !path.starts_with("torch.") {
+        tracing::warn!(
+            activation_fn = %path,
+            file,
+            "the CrossEncoder names an activation outside PyTorch, which sentence-transformers loads only with trust_remote_code; scoring with its default instead"
+        );
+        return Ok(default());
+    }
+    match Activation::from_torch_path(path) {
+        Some(function) => Ok(sourced(function, Source::File(Cow::Borrowed(file)))),
+        None => bail!(
+            "{file} names the CrossEncoder activation `{path}`, which the server does not apply (it applies Identity, Sigmoid, Softmax and Tanh); set [classify] activation in model.toml"
+        ),
+    }
 }
 
 #[cfg(test)]

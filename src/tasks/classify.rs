@@ -8,12 +8,14 @@ use super::text::{EncoderTexts, Truncate};
 use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
+use crate::kinds::Activation;
 use crate::registry::{ModelVersion, Registry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScoreKind {
-    /// What the model's head means: probabilities, or a regression head's values as they are
-    /// (transformers' text-classification pipeline applies no function to those).
+    /// What the model's head means: its logits through the model's activation (probabilities
+    /// as transformers' text-classification pipeline gives them, a regression head's values as
+    /// they are, a CrossEncoder's through its `activation_fn`).
     #[default]
     ModelDefault,
     Probability,
@@ -107,7 +109,7 @@ async fn classify_on(
         .ok_or_else(|| Error::Internal(format!("{} has no classify settings", model.name)))?;
     let labels = &settings.labels.value;
     let multi_label = settings.multi_label.value;
-    let regression = settings.regression.value;
+    let activation = settings.activation.value;
     let texts = EncoderTexts {
         texts: params.texts,
         pairs: params.text_pairs,
@@ -134,10 +136,11 @@ async fn classify_on(
                         labels.len()
                     )));
                 }
-                let scores = match (params.scores, regression, multi_label) {
-                    (ScoreKind::Raw, ..) | (ScoreKind::ModelDefault, true, _) => logits,
-                    (_, _, false) => softmax(&logits),
-                    (_, _, true) => logits.iter().map(|&x| sigmoid(x)).collect(),
+                let scores = match params.scores {
+                    ScoreKind::Raw => logits,
+                    ScoreKind::ModelDefault => activate(activation, logits),
+                    ScoreKind::Probability if multi_label => activate(Activation::Sigmoid, logits),
+                    ScoreKind::Probability => activate(Activation::Softmax, logits),
                 };
                 Ok(Classification {
                     labels: rank(&scores, labels, top_k),
@@ -165,6 +168,15 @@ fn rank(scores: &[f32], labels: &[String], top_k: usize) -> Vec<LabelScore> {
     ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
     ranked.truncate(top_k);
     ranked
+}
+
+fn activate(activation: Activation, logits: Vec<f32>) -> Vec<f32> {
+    match activation {
+        Activation::Softmax => softmax(&logits),
+        Activation::Sigmoid => logits.into_iter().map(sigmoid).collect(),
+        Activation::Identity => logits,
+        Activation::Tanh => logits.into_iter().map(f32::tanh).collect(),
+    }
 }
 
 pub fn softmax(logits: &[f32]) -> Vec<f32> {

@@ -148,7 +148,9 @@ type ScoreKind int32
 const (
 	// Unset: the model's own kind, as transformers' text-classification pipeline returns it:
 	// SCORE_KIND_PROBABILITY, except for a regression head (config.json's problem_type
-	// "regression"), whose values come as they are.
+	// "regression"), whose values come as they are. A sentence-transformers CrossEncoder's are
+	// what CrossEncoder.predict returns: the logits through its activation_fn (the raw logit for
+	// rerankers that keep Identity). GetModel's setting classify.activation says which.
 	ScoreKind_SCORE_KIND_UNSPECIFIED ScoreKind = 0
 	// The model's raw logits.
 	ScoreKind_SCORE_KIND_RAW ScoreKind = 1
@@ -618,7 +620,7 @@ type ClassifyRequest struct {
 	Texts []string `protobuf:"bytes,2,rep,name=texts,proto3" json:"texts,omitempty"`
 	// Return only the k best labels per text (at least 1). Unset: all labels.
 	TopK *uint32 `protobuf:"varint,3,opt,name=top_k,json=topK,proto3,oneof" json:"top_k,omitempty"`
-	// Probabilities (default) or raw logits.
+	// Unset: the model's own kind (see ScoreKind); or probabilities, or the raw logits.
 	Scores ScoreKind `protobuf:"varint,4,opt,name=scores,proto3,enum=lmserve.v1.ScoreKind" json:"scores,omitempty"`
 	// Handling of texts over the model's maximum length. Unspecified: TRUNCATE_NONE.
 	Truncate Truncate `protobuf:"varint,5,opt,name=truncate,proto3,enum=lmserve.v1.Truncate" json:"truncate,omitempty"`
