@@ -12,9 +12,9 @@ use futures::future::join_all;
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::models_client::ModelsClient;
 use lmserve::api::proto::{
-    self, DeleteRouteRequest, EmbedRequest, GenerateRequest, GenerationParameters, GetModelRequest,
-    GetRouteRequest, ListRoutesRequest, LoadModelRequest, Route, RouteArm, SetRouteRequest,
-    ShadowArm, UnloadModelRequest,
+    self, ClassifyRequest, DeleteRouteRequest, EmbedRequest, GenerateRequest, GenerationParameters,
+    GetModelRequest, GetRouteRequest, ListRoutesRequest, LoadModelRequest, Route, RouteArm,
+    SetRouteRequest, ShadowArm, UnloadModelRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -829,6 +829,84 @@ async fn a_version_that_failed_to_load_does_not_keep_a_route_served() {
     assert_eq!(served.unwrap().into_inner().served_by.unwrap().version, "2");
     // The failed version itself may go.
     models.unload_model(unload(3)).await.unwrap();
+}
+
+/// A bare name serves each task from the newest ready version that serves it: a newer version
+/// that drops a task leaves the older one serving it, by name and through a route of that task,
+/// and the older one cannot be unloaded from under such a route. Once no version serves the
+/// task, the error names the newest one and what it serves.
+#[tokio::test]
+async fn a_bare_name_serves_each_task_from_the_newest_version_that_serves_it() {
+    let repository = tempfile::tempdir().unwrap();
+    copy_version("tiny-encoder", "1", repository.path(), "enc", "1");
+    copy_version("tiny-encoder", "1", repository.path(), "enc", "2");
+    let manifest = repository.path().join("enc/2/model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let embed_only = text.replace(r#"tasks = ["embed", "classify"]"#, r#"tasks = ["embed"]"#);
+    assert_ne!(embed_only, text);
+    std::fs::write(&manifest, embed_only).unwrap();
+    let server = start(repository.path(), &[]).await;
+    let mut models = server.models().await;
+    let mut client = server.inference().await;
+    let classify = |model: &str| ClassifyRequest {
+        model: model.into(),
+        texts: vec!["win a free prize now".into()],
+        ..Default::default()
+    };
+    let version = |served_by: Option<proto::ServedBy>| served_by.unwrap().version;
+
+    let classified = client.classify(classify("enc")).await.unwrap().into_inner();
+    assert_eq!(version(classified.served_by), "1");
+    let embedded = client.embed(embed("enc", "")).await.unwrap().into_inner();
+    assert_eq!(version(embedded.served_by), "2");
+
+    models
+        .set_route(route("spam", proto::Task::Classify, &[("enc", 1.0)], None))
+        .await
+        .unwrap();
+    let classified = client
+        .classify(classify("spam"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(version(classified.served_by), "1");
+    let unload = |version| UnloadModelRequest {
+        name: "enc".into(),
+        version: Some(version),
+    };
+    let refused = models.unload_model(unload(1)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    for needle in ["route `spam`", "no version left is ready to serve classify"] {
+        assert!(
+            refused.message().contains(needle),
+            "{needle:?}: {refused:?}"
+        );
+    }
+    // Version 2 serves nothing the route needs.
+    models.unload_model(unload(2)).await.unwrap();
+    models
+        .load_model(LoadModelRequest {
+            name: "enc".into(),
+            version: Some(2),
+        })
+        .await
+        .unwrap();
+
+    models
+        .delete_route(DeleteRouteRequest {
+            name: "spam".into(),
+        })
+        .await
+        .unwrap();
+    models.unload_model(unload(1)).await.unwrap();
+    let refused = client.classify(classify("enc")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    for needle in ["enc@2", "does not serve classify", "[embed]"] {
+        assert!(
+            refused.message().contains(needle),
+            "{needle:?}: {refused:?}"
+        );
+    }
 }
 
 /// LoadModel and UnloadModel of one version racing: whichever ends last, what serves and what is

@@ -12,7 +12,7 @@ use super::state::PersistedState;
 use super::{LoadState, ModelVersion, Registry, Slot, loader, repository, state};
 use crate::config::{Config, VersionPolicy};
 use crate::engine::{self, EngineGraphs, FaultTracker};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Task};
 use crate::telemetry::metrics::{self, ModelLabels};
 
 fn key(model: &str, version: u64) -> String {
@@ -306,16 +306,17 @@ impl Registry {
             }
             None => slots.iter().map(|slot| slot.version).collect(),
         };
-        let leaves_none = !serves_besides(&slots, &versions);
-        if let Some(route) = Self::route_using(&routes, name, &versions, leaves_none) {
-            let failed_rest = leaves_none && slots.len() > versions.len();
+        let leaves_none = |task| !serves_besides(&slots, &versions, task);
+        if let Some(using) = Self::route_using(&routes, name, &versions, leaves_none) {
+            let others_left = using.by_bare_name && slots.len() > versions.len();
             return Err(Error::FailedPrecondition(format!(
-                "route `{route}` uses {name}{}{}; change or delete the route first",
+                "route `{}` uses {name}{}{}; change or delete the route first",
+                using.route,
                 version.map(|v| format!("@{v}")).unwrap_or_default(),
-                if failed_rest {
-                    ", and no version left is ready"
+                if others_left {
+                    format!(", and no version left is ready to serve {}", using.task)
                 } else {
-                    ""
+                    String::new()
                 }
             )));
         }
@@ -430,10 +431,10 @@ impl Registry {
             let routes = self.routes.read().expect("routes lock").clone();
             let _membership = self.membership.lock().expect("membership lock");
             let others = self.model_slots(&slot.model).unwrap_or_default();
-            let leaves_none = !serves_besides(&others, &[slot.version]);
+            let leaves_none = |task| !serves_besides(&others, &[slot.version], task);
             match Self::route_using(&routes, &slot.model, &[slot.version], leaves_none) {
-                Some(route) => {
-                    tracing::warn!(model = %slot.model, version = slot.version, %route, "version folder removed but a route uses it; keeping it loaded")
+                Some(using) => {
+                    tracing::warn!(model = %slot.model, version = slot.version, route = %using.route, "version folder removed but a route uses it; keeping it loaded")
                 }
                 None => {
                     tracing::info!(model = %slot.model, version = slot.version, "version folder removed; unloading");
@@ -446,13 +447,15 @@ impl Registry {
     }
 }
 
-/// Whether a version of `slots` other than `going` is ready to serve: what a route naming the
-/// bare model still has after they go. One still loading does not count, as it may yet fail.
-fn serves_besides(slots: &[Arc<Slot>], going: &[u64]) -> bool {
+/// Whether a version of `slots` other than `going` is ready to serve `task`: what a route
+/// naming the bare model still has after they go. One still loading does not count, as it may
+/// yet fail.
+fn serves_besides(slots: &[Arc<Slot>], going: &[u64], task: Task) -> bool {
     slots
         .iter()
         .filter(|slot| !going.contains(&slot.version))
-        .any(|slot| matches!(slot.state(), LoadState::Ready(_)))
+        .filter_map(|slot| slot.ready())
+        .any(|model| model.manifest.serves(task))
 }
 
 /// A model name from a client must stay inside the repository folder.

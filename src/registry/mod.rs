@@ -108,8 +108,6 @@ impl Slot {
         }
     }
 
-    /// Whether the last load failed (not a loaded version whose runs broke since) and the
-    /// folder's files changed after it began: worth loading again.
     /// Whether the version failed to load and its files changed since: worth loading again (once
     /// they settle).
     pub(crate) fn failed_and_changed(&self) -> bool {
@@ -130,6 +128,14 @@ impl Slot {
                 None => state,
             },
             _ => state,
+        }
+    }
+
+    /// The version, when it is ready to serve.
+    pub fn ready(&self) -> Option<Arc<ModelVersion>> {
+        match self.state() {
+            LoadState::Ready(model) => Some(model),
+            _ => None,
         }
     }
 
@@ -277,13 +283,27 @@ impl Registry {
                     })?;
                 ready(slot)?
             }
-            // The newest version that is ready; when none is, the newest one's reason.
-            None => match slots.iter().rev().find_map(|slot| ready(slot).ok()) {
-                Some(model) => model,
-                None => ready(slots.last().ok_or_else(|| Error::ModelNotFound {
-                    name: name.to_owned(),
-                })?)?,
-            },
+            // The newest ready version that serves the task, so that a newer version which
+            // dropped a task does not take the bare name from an older one that serves it.
+            // When none serves it, the newest ready one's tasks say why below; when none is
+            // ready, the newest one's reason.
+            None => {
+                let serves =
+                    |model: &Arc<ModelVersion>| task.is_none_or(|t| model.manifest.serves(t));
+                let newest_ready = |fits: &dyn Fn(&Arc<ModelVersion>) -> bool| {
+                    slots
+                        .iter()
+                        .rev()
+                        .filter_map(|slot| slot.ready())
+                        .find(|m| fits(m))
+                };
+                match newest_ready(&serves).or_else(|| newest_ready(&|_| true)) {
+                    Some(model) => model,
+                    None => ready(slots.last().ok_or_else(|| Error::ModelNotFound {
+                        name: name.to_owned(),
+                    })?)?,
+                }
+            }
         };
         if let Some(task) = task.filter(|task| !model.manifest.serves(*task)) {
             return Err(Error::TaskNotServed {

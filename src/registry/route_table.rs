@@ -142,16 +142,18 @@ impl Registry {
         }
     }
 
-    /// The first route that uses `model` at one of `versions` (or by bare name, when no version
-    /// of the model would be left). The caller holds `route_edits` across the check and the
-    /// removal it allows, so that no route can come to use what goes in between.
+    /// The first route that uses `model` at one of `versions`, or by bare name where no other
+    /// version would be left to serve the route's task (`none_left`). The caller holds
+    /// `route_edits` across the check and the removal it allows, so that no route can come to
+    /// use what goes in between.
     pub(super) fn route_using(
         routes: &RouteTable,
         model: &str,
         versions: &[u64],
-        none_left: bool,
-    ) -> Option<String> {
+        none_left: impl Fn(Task) -> bool,
+    ) -> Option<RouteUse> {
         routes.iter().find_map(|(name, entry)| {
+            let task = entry.route.task;
             let targets = entry
                 .route
                 .arms
@@ -163,16 +165,28 @@ impl Registry {
                     let hit = target_model == model
                         && match target_version {
                             Some(version) => versions.contains(&version),
-                            None => none_left,
+                            None => none_left(task),
                         };
                     if hit {
-                        return Some(name.clone());
+                        return Some(RouteUse {
+                            route: name.clone(),
+                            task,
+                            by_bare_name: target_version.is_none(),
+                        });
                     }
                 }
             }
             None
         })
     }
+}
+
+/// A route that would lose what it serves from.
+pub(super) struct RouteUse {
+    pub route: String,
+    pub task: Task,
+    /// Whether the route names the model without a version.
+    pub by_bare_name: bool,
 }
 
 /// Whether `model` is what one of `arms` names: that version, or the model by its bare name.

@@ -406,7 +406,7 @@ func (x *UnloadModelResponse) GetVersions() []string {
 // One arm of a route: a model version and its share of traffic.
 type RouteArm struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// "model@version" (or "model" for its newest ready version).
+	// "model@version" (or "model" for its newest ready version that serves the route's task).
 	Target string `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
 	// Relative weight, >= 0; at least one arm of a route must be positive.
 	Weight        float64 `protobuf:"fixed64,2,opt,name=weight,proto3" json:"weight,omitempty"`
