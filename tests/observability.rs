@@ -676,18 +676,25 @@ async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http(
     assert_eq!(http_get(&metrics_addr, "/metrics/extra").await.0, 404);
 }
 
-/// A Triton `timeout` bounds a request's admission only; a request that runs past it and is
-/// then dropped by its client was cancelled, not cut off by a deadline.
-#[tokio::test]
-async fn a_triton_timeout_that_passes_while_running_does_not_relabel_a_cancel() {
-    let (server, metrics_addr) = start_with_metrics().await;
+/// A KServe generation of tiny-gpt2 as long as its positions allow (249 tokens), with Triton's
+/// `timeout` parameter where one is given.
+fn long_kserve_generation(triton_timeout: Option<Duration>) -> ModelInferRequest {
     let prompt = "To be, or not to be";
     let mut raw = (prompt.len() as u32).to_le_bytes().to_vec();
     raw.extend_from_slice(prompt.as_bytes());
     let parameter = |choice| InferParameter {
         parameter_choice: Some(choice),
     };
-    let request = ModelInferRequest {
+    let mut parameters = vec![
+        ("max_tokens", ParameterChoice::Int64Param(249)),
+        ("ignore_eos", ParameterChoice::BoolParam(true)),
+    ];
+    if let Some(timeout) = triton_timeout {
+        // In microseconds.
+        let micros = timeout.as_micros() as i64;
+        parameters.push(("timeout", ParameterChoice::Int64Param(micros)));
+    }
+    ModelInferRequest {
         model_name: "tiny-gpt2".into(),
         inputs: vec![InferInputTensor {
             name: "text_input".into(),
@@ -696,21 +703,29 @@ async fn a_triton_timeout_that_passes_while_running_does_not_relabel_a_cancel() 
             ..Default::default()
         }],
         raw_input_contents: vec![raw],
-        parameters: [
-            // As many as its 256 positions allow, 249: longer than the test takes to give up.
-            ("max_tokens", ParameterChoice::Int64Param(249)),
-            ("ignore_eos", ParameterChoice::BoolParam(true)),
-            // 10 ms, in microseconds: an idle server admits it at once.
-            ("timeout", ParameterChoice::Int64Param(10_000)),
-        ]
-        .into_iter()
-        .map(|(key, choice)| (key.to_owned(), parameter(choice)))
-        .collect(),
+        parameters: parameters
+            .into_iter()
+            .map(|(key, choice)| (key.to_owned(), parameter(choice)))
+            .collect(),
         ..Default::default()
-    };
+    }
+}
+
+/// A Triton `timeout` bounds a request's admission only; a request that runs past it and is
+/// then dropped by its client was cancelled, not cut off by a deadline. A KServe call cut off by
+/// its own `grpc-timeout` is.
+#[tokio::test]
+async fn a_triton_timeout_that_passes_while_running_does_not_relabel_a_cancel() {
+    let (server, metrics_addr) = start_with_metrics().await;
+    // 10 ms: an idle server admits it at once; the generation takes longer than the test
+    // takes to give up.
+    let request = long_kserve_generation(Some(Duration::from_millis(10)));
     let mut kserve = GrpcInferenceServiceClient::new(server.channel().await);
     let sent = Instant::now();
-    let call = tokio::spawn(async move { kserve.model_infer(request).await });
+    let call = tokio::spawn({
+        let mut kserve = kserve.clone();
+        async move { kserve.model_infer(request).await }
+    });
     // The client gives up once the request runs (its first token is out) and its timeout has
     // passed, with the generation still going.
     let give_up = sent + Duration::from_secs(10);
@@ -745,6 +760,19 @@ async fn a_triton_timeout_that_passes_while_running_does_not_relabel_a_cancel() 
     .await;
     assert_eq!(outcome(&metrics, "cancelled"), 1.0, "{metrics}");
     assert_eq!(outcome(&metrics, "deadline_exceeded"), 0.0, "{metrics}");
+
+    // The call's own deadline, passing while the generation runs (an idle server admits it:
+    // 249 tokens take far longer than 60 ms to generate, one far less).
+    let mut cut = tonic::Request::new(long_kserve_generation(None));
+    cut.set_timeout(Duration::from_millis(60));
+    let status = kserve.model_infer(cut).await.unwrap_err();
+    assert!(cut_off(&status), "{status:?}");
+    let metrics = metrics_when(&metrics_addr, |metrics| {
+        outcome(metrics, "cancelled") + outcome(metrics, "deadline_exceeded") >= 2.0
+    })
+    .await;
+    assert_eq!(outcome(&metrics, "deadline_exceeded"), 1.0, "{metrics}");
+    assert_eq!(outcome(&metrics, "cancelled"), 1.0, "{metrics}");
 }
 
 /// Calls the server gives up on at their `grpc-timeout` (the edge drops them) are counted
