@@ -13,7 +13,10 @@ use lmserve::api::kserve::proto::infer_parameter::ParameterChoice;
 use lmserve::api::kserve::proto::model_infer_request::InferInputTensor;
 use lmserve::api::kserve::proto::{InferParameter, ModelInferRequest};
 use lmserve::api::proto::generate_request::Prompt;
-use lmserve::api::proto::{ClassifyRequest, EmbedRequest, GenerateRequest, GenerationParameters};
+use lmserve::api::proto::{
+    ClassifyRequest, EmbedRequest, GenerateRequest, GenerationParameters, Route, RouteArm,
+    SetRouteRequest, ShadowArm, Task,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -674,6 +677,131 @@ async fn the_metrics_port_counts_each_request_once_and_answers_health_over_http(
     assert_eq!(http_get(&metrics_addr, "/health/ready").await.0, 200);
     assert_eq!(http_get(&metrics_addr, "/").await.0, 404);
     assert_eq!(http_get(&metrics_addr, "/metrics/extra").await.0, 404);
+}
+
+/// Whether `span` has an ancestor named `name` among `spans`.
+fn under(spans: &[Span], span: &Span, name: &str) -> bool {
+    let mut parent = span.parent_span_id.as_slice();
+    while let Some(found) = spans.iter().find(|s| s.span_id == parent) {
+        if found.name == name {
+            return true;
+        }
+        parent = found.parent_span_id.as_slice();
+    }
+    false
+}
+
+/// A shadow copy sent to the version that serves the request itself (a route trying a setting
+/// on its own version) starts only once the request it copies has run (Embed) or started its
+/// prefill (Generate): its queue span, under the `shadow` span of the request's trace, opens
+/// after the request's batch or prefill began. Before, the copy was started ahead of the
+/// request and could queue in front of it.
+#[tokio::test]
+async fn a_shadow_copy_to_the_requests_own_version_starts_after_the_request() {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![
+            ("LMSERVE_TRACING__OTLP_ENDPOINT".into(), endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ],
+        args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        ..Default::default()
+    })
+    .await;
+    let metrics_addr = server.metrics_addr.clone().expect("metrics port");
+    let mut models = server.models().await;
+    for (name, task, model) in [
+        ("echo-embed", Task::Embed, "tiny-encoder@1"),
+        ("echo-generate", Task::Generate, "tiny-gpt2@1"),
+    ] {
+        models
+            .set_route(SetRouteRequest {
+                route: Some(Route {
+                    name: name.into(),
+                    task: task as i32,
+                    arms: vec![RouteArm {
+                        target: model.into(),
+                        weight: 1.0,
+                    }],
+                    shadow: Some(ShadowArm {
+                        target: model.into(),
+                        percent: 100.0,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    let mut client = server.inference().await;
+    let traced = |round: u8, kind: u8| {
+        let trace = [0x70 + round; 16];
+        let parent = [kind; 8];
+        (trace, traceparent(&trace, &parent).parse().unwrap())
+    };
+    let rounds = 4;
+    let mut traces = Vec::new();
+    for round in 0..rounds {
+        let (trace, header) = traced(round, 1);
+        let mut request = Request::new(EmbedRequest {
+            model: "echo-embed".into(),
+            texts: vec!["a text and its shadow copy".into()],
+            ..Default::default()
+        });
+        request.metadata_mut().insert("traceparent", header);
+        client.embed(request).await.unwrap();
+        traces.push(("batch", trace));
+        let (trace, header) = traced(round + rounds, 2);
+        let mut request = Request::new(GenerateRequest {
+            model: "echo-generate".into(),
+            prompt: Some(Prompt::Text("To be, or not".into())),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(4),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        request.metadata_mut().insert("traceparent", header);
+        client.generate(request).await.unwrap();
+        traces.push(("prefill", trace));
+        // Each copy runs before the next request, which would otherwise find it waiting.
+        let copies = |metrics: &str| {
+            ["echo-embed", "echo-generate"]
+                .iter()
+                .map(|route| {
+                    sample(
+                        metrics,
+                        "lmserve_shadow_requests_total",
+                        &[("route", route), ("outcome", "ok")],
+                    )
+                })
+                .sum::<f64>()
+        };
+        let done = 2.0 * f64::from(round + 1);
+        let metrics = metrics_when(&metrics_addr, |m| copies(m) >= done).await;
+        assert_eq!(copies(&metrics), done, "{metrics}");
+    }
+    for (primary_span, trace) in traces {
+        let spans = collector
+            .trace(&trace, &["shadow", "queue", primary_span])
+            .await;
+        let queues: Vec<&Span> = spans.iter().filter(|s| s.name == "queue").collect();
+        let (copy_queue, own_queue): (Vec<&Span>, Vec<&Span>) =
+            queues.into_iter().partition(|s| under(&spans, s, "shadow"));
+        let primary = spans
+            .iter()
+            .find(|s| s.name == primary_span && !under(&spans, s, "shadow"))
+            .unwrap_or_else(|| panic!("no {primary_span} span of the request itself"));
+        assert_eq!((copy_queue.len(), own_queue.len()), (1, 1), "{spans:?}");
+        // Only once the request itself has left the queue: its batch or prefill has begun.
+        let after = primary.start_time_unix_nano;
+        assert!(
+            copy_queue[0].start_time_unix_nano >= after,
+            "{primary_span}: the copy queued {} ns before",
+            after - copy_queue[0].start_time_unix_nano
+        );
+    }
 }
 
 /// A KServe generation of tiny-gpt2 as long as its positions allow (249 tokens), with Triton's

@@ -35,7 +35,7 @@ use settings::ModelSettings;
 use state::PersistedState;
 
 pub use route_changes::{RouteEntry, RouteSource, RouteTable};
-pub use route_table::{RouteRequest, Routed};
+pub use route_table::{RouteRequest, Routed, Shadow};
 
 /// A loaded, warmed-up model version ready to serve.
 pub struct ModelVersion {

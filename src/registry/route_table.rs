@@ -30,6 +30,9 @@ pub struct Shadow {
     pub route: String,
     pub arm: String,
     pub permit: OwnedSemaphorePermit,
+    /// Whether the shadow's version is also one of the route's arms: its copies queue with
+    /// the route's own requests, so one starts only once the request it copies has queued.
+    pub queues_with_arms: bool,
 }
 
 pub struct Routed {
@@ -129,6 +132,7 @@ impl Registry {
                 None
             }
             Ok(model) => Some(Shadow {
+                queues_with_arms: is_an_arm(&model, arms),
                 model,
                 route: route.to_owned(),
                 arm: target.to_owned(),

@@ -74,7 +74,8 @@ pub async fn classify(
                 "must be at least 1 when set; got 0",
             ));
         }
-        let (model, served_by) = routing::route(
+        // A copy to one of the route's own versions starts once this request has run.
+        let (model, served_by, _shadow) = routing::route(
             registry,
             &params.model,
             Task::Classify,

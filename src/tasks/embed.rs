@@ -49,7 +49,8 @@ pub async fn embed(
     let result = async {
         check_name("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;
-        let (model, served_by) = routing::route(
+        // A copy to one of the route's own versions starts once this request has run.
+        let (model, served_by, _shadow) = routing::route(
             registry,
             &params.model,
             Task::Embed,

@@ -1,6 +1,6 @@
 //! Routing a request: pick the model version (directly or through a route's arm), and send a
 //! copy to the route's shadow arm in the background, where it cannot fail the request itself
-//! and never waits in a queue ahead of real requests (`Registry::route` drops it then).
+//! and never waits in a queue ahead of real requests (`PendingShadow`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::{RequestMetrics, ServedBy};
 use crate::error::{Result, Task};
-use crate::registry::{ModelVersion, Registry, RouteRequest};
+use crate::registry::{ModelVersion, Registry, RouteRequest, Shadow};
 use crate::telemetry::metrics;
 
 /// What the caller sent besides the request itself: a sticky routing key, an optional pinned
@@ -26,8 +26,42 @@ pub struct Routing {
     pub call_deadline: Option<Instant>,
 }
 
+/// A shadow copy waiting for the request it copies. A copy to a version that is also one of
+/// the route's arms queues with the route's own requests, so it starts only once the request
+/// it copies has started running (`start`) or ended (when this is dropped), and not at all
+/// while other requests wait for that version: it never takes a place ahead of real work.
+#[must_use = "dropping it starts the copy; hold it until the request it copies has started"]
+#[derive(Default)]
+pub(crate) struct PendingShadow(Option<Box<dyn FnOnce() + Send>>);
+
+impl PendingShadow {
+    /// Starts the copy now, if it is still waiting.
+    pub fn start(&mut self) {
+        if let Some(start) = self.0.take() {
+            start();
+        }
+    }
+}
+
+impl Drop for PendingShadow {
+    fn drop(&mut self) {
+        self.start();
+    }
+}
+
+impl std::fmt::Debug for PendingShadow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "PendingShadow(waiting)"
+        } else {
+            "PendingShadow(none)"
+        })
+    }
+}
+
 /// Resolves `target` for `task`; when the route shadows this request, starts `shadow` on the
-/// shadow model and forgets it (its outcome goes to metrics and logs only).
+/// shadow model and forgets it (its outcome goes to metrics and logs only). A copy that queues
+/// with the route's own requests is returned waiting instead: see `PendingShadow`.
 pub(crate) fn route<T, F, Fut>(
     registry: &Registry,
     target: &str,
@@ -35,7 +69,7 @@ pub(crate) fn route<T, F, Fut>(
     routing: &Routing,
     request: &mut RequestMetrics,
     shadow: F,
-) -> Result<(Arc<ModelVersion>, ServedBy)>
+) -> Result<(Arc<ModelVersion>, ServedBy, PendingShadow)>
 where
     F: FnOnce(Arc<ModelVersion>) -> Fut,
     Fut: Future<Output = Result<T>> + Send + 'static,
@@ -70,24 +104,41 @@ where
         served_by.route = choice.route;
         served_by.arm = choice.arm;
     }
+    let mut pending = PendingShadow::default();
     if let Some(copy) = routed.shadow {
         let work = shadow(Arc::clone(&copy.model));
         // The copy's spans stay in the request's trace, under a span saying it is a shadow.
         let shadow_span = tracing::info_span!("shadow", route = %copy.route, arm = %copy.arm);
         let work = tracing::Instrument::instrument(work, shadow_span);
-        tokio::spawn(async move {
-            let _permit = copy.permit;
-            let started = Instant::now();
-            let outcome = match work.await {
-                Ok(_) => "ok",
-                Err(error) => {
-                    tracing::info!(route = %copy.route, shadow = %copy.arm, %error, "shadow request failed");
-                    error.kind()
-                }
-            };
-            metrics::shadow_finished(&copy.route, &copy.arm, outcome);
-            metrics::shadow_time(&copy.route, &copy.arm, started.elapsed());
-        });
+        let waits = copy.queues_with_arms;
+        pending = PendingShadow(Some(Box::new(move || spawn_shadow(copy, work))));
+        if !waits {
+            pending.start();
+        }
     }
-    Ok((routed.model, served_by))
+    Ok((routed.model, served_by, pending))
+}
+
+fn spawn_shadow<T, Fut>(copy: Shadow, work: Fut)
+where
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    if copy.queues_with_arms && copy.model.engine.waiting() > 0 {
+        metrics::shadow_finished(&copy.route, &copy.arm, "busy");
+        return;
+    }
+    tokio::spawn(async move {
+        let _permit = copy.permit;
+        let started = Instant::now();
+        let outcome = match work.await {
+            Ok(_) => "ok",
+            Err(error) => {
+                tracing::info!(route = %copy.route, shadow = %copy.arm, %error, "shadow request failed");
+                error.kind()
+            }
+        };
+        metrics::shadow_finished(&copy.route, &copy.arm, outcome);
+        metrics::shadow_time(&copy.route, &copy.arm, started.elapsed());
+    });
 }

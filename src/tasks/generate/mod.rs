@@ -26,6 +26,7 @@ use self::sampling::Sampler;
 use self::text::TextStream;
 use super::chat;
 use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
+use super::routing::PendingShadow;
 use super::routing::{self, Routing};
 use super::text::{self as text_input, EncodeError, Truncate};
 use super::{RequestMetrics, ServedBy};
@@ -64,6 +65,8 @@ pub struct GenerationStream {
     generated_tokens: usize,
     metrics: Option<RequestMetrics>,
     model: Arc<ModelVersion>,
+    /// A copy to one of the route's own versions: it starts once this generation starts.
+    shadow: PendingShadow,
 }
 
 impl GenerationStream {
@@ -77,6 +80,7 @@ impl GenerationStream {
             Some(Event::Started { at, .. }) => {
                 if self.started.is_none() {
                     self.started = Some(*at);
+                    self.shadow.start();
                     let waited = at.saturating_duration_since(self.submitted);
                     metrics::queue_time(&self.model.labels, waited);
                     if let Some(request) = &mut self.metrics {
@@ -244,9 +248,9 @@ async fn start_with(
             )
         });
     match routed {
-        Ok((model, served_by)) => {
+        Ok((model, served_by, shadow)) => {
             let deadline = routing.deadline;
-            start_on(
+            let mut stream = start_on(
                 model,
                 served_by,
                 config,
@@ -255,7 +259,9 @@ async fn start_with(
                 delivery,
                 deadline,
             )
-            .await
+            .await?;
+            stream.shadow = shadow;
+            Ok(stream)
         }
         Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
     }
@@ -514,6 +520,7 @@ async fn start_on(
         generated_tokens: 0,
         metrics: request,
         model,
+        shadow: PendingShadow::default(),
     })
 }
 
