@@ -450,18 +450,30 @@ fn cross_encoder_repository() -> (tempfile::TempDir, serde_json::Value) {
 /// A sentence-transformers CrossEncoder is scored as `CrossEncoder.predict` scores its pairs:
 /// through the activation its files name (version 6's config_sentence_transformers.json, or
 /// config.json as versions 4-5 and earlier wrote it), else a sigmoid for one label and the raw
-/// logits for more; a function outside PyTorch falls back to that default, as
-/// sentence-transformers does without trust_remote_code. transformers' pipeline would have
+/// logits for more; a function outside PyTorch is passed over for the next file's, or that
+/// default, as sentence-transformers does without trust_remote_code. model.toml's
+/// `[classify] activation` overrides them all. transformers' pipeline would have
 /// given a sigmoid and a softmax. A tokenizer whose `model_input_names` leave out
 /// `token_type_ids` feeds the model no type ids. The references are sentence-transformers' own.
 #[tokio::test]
 async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
     let (repository, reference) = cross_encoder_repository();
-    let unsupported = repository.path().join("ce-relu");
-    copy_dir(&fixtures().join("ce-reranker"), &unsupported);
+    // A PyTorch activation the server does not apply: the load fails, unless model.toml says
+    // how to score.
+    for name in ["ce-relu", "ce-relu-overridden"] {
+        let folder = repository.path().join(name);
+        copy_dir(&fixtures().join("ce-reranker"), &folder);
+        std::fs::write(
+            folder.join("1/config_sentence_transformers.json"),
+            r#"{"model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.activation.ReLU"}"#,
+        )
+        .unwrap();
+    }
+    let manifest = repository.path().join("ce-relu-overridden/1/model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(
-        unsupported.join("1/config_sentence_transformers.json"),
-        r#"{"model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.activation.ReLU"}"#,
+        &manifest,
+        text + "\n[classify]\nactivation = \"identity\"\n",
     )
     .unwrap();
     let server = TestServer::start_with(ServerOptions {
@@ -481,11 +493,20 @@ async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
                 (text(0), text(1))
             })
             .unzip();
-        for (variant, case) in model["cases"].as_object().unwrap() {
-            let (name, expected) = match case["files"].is_object() {
+        let mut cases: Vec<(String, &serde_json::Value)> = model["cases"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(variant, case)| match case["files"].is_object() {
                 true => (format!("{fixture}-{variant}"), &case["scores"]),
                 false => (fixture.clone(), case),
-            };
+            })
+            .collect();
+        if fixture == "ce-reranker" {
+            // Scored as model.toml says: the logits, as the saved reranker's own Identity.
+            cases.push(("ce-relu-overridden".into(), &model["cases"]["saved"]));
+        }
+        for (name, expected) in cases {
             let version = common::first_version(&models, &name).await;
             assert_eq!(
                 version.state,
@@ -521,7 +542,7 @@ async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
             }
         }
     }
-    assert_eq!(checked, 5 * 9);
+    assert_eq!(checked, 5 * 12);
 
     let activation = |name: &'static str| {
         let models = models.clone();
@@ -540,6 +561,9 @@ async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
         ("ce-reranker-named_none", "sigmoid", "default"),
         ("ce-reranker-v4_tanh", "tanh", "config.json"),
         ("ce-nli-v3_softmax", "softmax", "config.json"),
+        ("ce-nli-named_none", "identity", "default"),
+        ("ce-reranker-outside_torch_then_v4", "tanh", "config.json"),
+        ("ce-relu-overridden", "identity", "model.toml"),
     ] {
         assert_eq!(
             activation(name).await,

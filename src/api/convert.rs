@@ -138,7 +138,7 @@ mod tests {
         let none = proto::Truncate::None as i32;
         assert_eq!(truncate(0).unwrap(), truncate(none).unwrap());
         assert_eq!(truncate(0).unwrap(), Truncate::None);
-        // Unset scores mean the model's own kind: probabilities, or a regression head's values.
+        // Unset scores mean the model's own kind: its logits through classify.activation.
         assert_eq!(score_kind(0).unwrap(), ScoreKind::ModelDefault);
         let probability = proto::ScoreKind::Probability as i32;
         assert_eq!(score_kind(probability).unwrap(), ScoreKind::Probability);

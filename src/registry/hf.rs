@@ -91,7 +91,17 @@ pub struct ModelConfig {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 struct CrossEncoderSection {
-    activation_fn: Option<String>,
+    /// `Some(None)` where the key is there but null: sentence-transformers then looks no
+    /// further in config.json.
+    #[serde(default, deserialize_with = "present")]
+    activation_fn: Option<Option<String>>,
+}
+
+/// A key that is present, even as null.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Some)
 }
 
 impl ModelConfig {
@@ -288,9 +298,10 @@ pub struct SentenceTransformers {
 /// trained on MS MARCO keep the raw logit).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CrossEncoder {
-    /// The function's dotted path (`torch.nn.modules.linear.Identity`) and the file naming it;
-    /// `None` where no file names one, and the CrossEncoder's default applies.
-    pub activation_fn: Option<(String, &'static str)>,
+    /// The activation paths sentence-transformers tries, in its order, each a dotted path
+    /// (`torch.nn.modules.linear.Identity`) with the file naming it: the first it trusts wins,
+    /// and where none is named or trusted the CrossEncoder's default applies.
+    pub activation_fns: Vec<(String, &'static str)>,
 }
 
 /// sentence-transformers' `config_sentence_transformers.json`: what changes a vector, and a
@@ -385,9 +396,9 @@ impl HfFiles {
 }
 
 /// The CrossEncoder the files describe, where they describe one. sentence-transformers takes
-/// the activation from `config_sentence_transformers.json` (version 6), else from config.json
-/// (`sentence_transformers.activation_fn` from version 4, `sbert_ce_default_activation_function`
-/// before it).
+/// the activation from `config_sentence_transformers.json` (version 6), else from config.json:
+/// `sentence_transformers.activation_fn` where that key is there (version 4 on), else
+/// `sbert_ce_default_activation_function` (before 4).
 fn cross_encoder(
     config: Option<&ModelConfig>,
     st_config: &SentenceTransformersConfig,
@@ -401,17 +412,21 @@ fn cross_encoder(
     if !is_cross_encoder {
         return None;
     }
-    let activation_fn = [
+    let from_config = match section.and_then(|s| s.activation_fn.as_ref()) {
+        Some(named) => named.as_ref(),
+        None => old,
+    };
+    let activation_fns = [
         (
             st_config.activation_fn.as_ref(),
             SENTENCE_TRANSFORMERS_CONFIG,
         ),
-        (section.and_then(|s| s.activation_fn.as_ref()), CONFIG),
-        (old, CONFIG),
+        (from_config, CONFIG),
     ]
     .into_iter()
-    .find_map(|(path, file)| path.map(|path| (path.clone(), file)));
-    Some(CrossEncoder { activation_fn })
+    .filter_map(|(path, file)| path.map(|path| (path.clone(), file)))
+    .collect();
+    Some(CrossEncoder { activation_fns })
 }
 
 /// The first of the Transformer module's config files its folder (`module`, in `dir`) holds, as
@@ -900,44 +915,56 @@ mod tests {
     /// classifier is no CrossEncoder.
     #[test]
     fn reads_a_cross_encoders_activation_where_sentence_transformers_does() {
-        let activation = |files: &[(&str, &str)]| {
+        let activations = |files: &[(&str, &str)]| {
             let dir = folder(files);
             HfFiles::read(dir.path())
                 .unwrap()
                 .cross_encoder
-                .map(|model| model.activation_fn)
+                .map(|model| model.activation_fns)
         };
+        let named = |path: &str, file: &'static str| (path.to_owned(), file);
         let identity = "torch.nn.modules.linear.Identity";
+        let tanh = "torch.nn.modules.activation.Tanh";
+        let sigmoid = "torch.nn.modules.activation.Sigmoid";
         let v6 = r#"{"model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.linear.Identity"}"#;
         let v4 =
             r#"{"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Tanh"}}"#;
         let v3 =
             r#"{"sbert_ce_default_activation_function": "torch.nn.modules.activation.Sigmoid"}"#;
+        // Version 6's file first; config.json's after it, for when the first is not trusted.
         assert_eq!(
-            activation(&[(SENTENCE_TRANSFORMERS_CONFIG, v6), (CONFIG, v4)]),
-            Some(Some((identity.into(), SENTENCE_TRANSFORMERS_CONFIG)))
+            activations(&[(SENTENCE_TRANSFORMERS_CONFIG, v6), (CONFIG, v4)]),
+            Some(vec![
+                named(identity, SENTENCE_TRANSFORMERS_CONFIG),
+                named(tanh, CONFIG)
+            ])
         );
         assert_eq!(
-            activation(&[(CONFIG, v4)]),
-            Some(Some(("torch.nn.modules.activation.Tanh".into(), CONFIG)))
+            activations(&[(CONFIG, v4)]),
+            Some(vec![named(tanh, CONFIG)])
         );
         assert_eq!(
-            activation(&[(CONFIG, v3)]),
-            Some(Some(("torch.nn.modules.activation.Sigmoid".into(), CONFIG)))
+            activations(&[(CONFIG, v3)]),
+            Some(vec![named(sigmoid, CONFIG)])
         );
+        // Version 4's key, there but null, hides the older one, as sentence-transformers'
+        // if/elif does.
+        let both = r#"{"sentence_transformers": {"activation_fn": null},
+                       "sbert_ce_default_activation_function": "torch.nn.modules.activation.Sigmoid"}"#;
+        assert_eq!(activations(&[(CONFIG, both)]), Some(Vec::new()));
         // A CrossEncoder that names none gets its default, chosen by the label count.
         let unnamed = r#"{"model_type": "CrossEncoder", "activation_fn": null}"#;
         assert_eq!(
-            activation(&[(SENTENCE_TRANSFORMERS_CONFIG, unnamed)]),
-            Some(None)
+            activations(&[(SENTENCE_TRANSFORMERS_CONFIG, unnamed)]),
+            Some(Vec::new())
         );
         assert_eq!(
-            activation(&[(CONFIG, r#"{"problem_type": "regression"}"#)]),
+            activations(&[(CONFIG, r#"{"problem_type": "regression"}"#)]),
             None
         );
         let embedder = r#"{"model_type": "SentenceTransformer", "prompts": {}}"#;
         assert_eq!(
-            activation(&[(SENTENCE_TRANSFORMERS_CONFIG, embedder)]),
+            activations(&[(SENTENCE_TRANSFORMERS_CONFIG, embedder)]),
             None
         );
     }

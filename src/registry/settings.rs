@@ -801,24 +801,22 @@ fn classify_settings(
         }),
     ])
     .unwrap_or(sourced(false, Source::Default));
+    // A model.toml that says how to score the labels speaks for the model: the CrossEncoder's
+    // files are then not read, so one naming a function the server lacks still loads.
+    let from_manifest = section.activation.or(section.multi_label.map(|multi| {
+        if multi {
+            Activation::Sigmoid
+        } else {
+            Activation::Softmax
+        }
+    }));
+    let from_cross_encoder = match (&from_manifest, &files.cross_encoder) {
+        (None, Some(model)) => Some(cross_encoder_activation(model, labels.value.len())?),
+        _ => None,
+    };
     let activation = first([
-        section.activation.map(|v| sourced(v, Source::Manifest)),
-        // A model.toml that says how to score the labels speaks for the model.
-        section.multi_label.map(|multi| {
-            sourced(
-                if multi {
-                    Activation::Sigmoid
-                } else {
-                    Activation::Softmax
-                },
-                Source::Manifest,
-            )
-        }),
-        files
-            .cross_encoder
-            .as_ref()
-            .map(|model| cross_encoder_activation(model, labels.value.len()))
-            .transpose()?,
+        from_manifest.map(|v| sourced(v, Source::Manifest)),
+        from_cross_encoder,
         // transformers' pipeline checks for regression before anything else.
         config
             .and_then(|c| c.problem_type.as_deref())
@@ -845,40 +843,36 @@ fn classify_settings(
     })
 }
 
-/// What `CrossEncoder.predict` applies to the logits: the activation its files name, else
-/// a sigmoid for one label and the logits as they are for more. sentence-transformers loads
-/// only PyTorch's own functions without `trust_remote_code` and falls back to that default
-/// for another; so does the server. A PyTorch function the server does not apply fails the
-/// load, naming it.
+/// What `CrossEncoder.predict` applies to the logits: the first activation its files name that
+/// sentence-transformers loads (PyTorch's own, without `trust_remote_code`), else a sigmoid
+/// for one label and the logits as they are for more. A PyTorch function the server does not
+/// apply fails the load, naming it.
 fn cross_encoder_activation(
     model: &hf::CrossEncoder,
     labels: usize,
 ) -> anyhow::Result<Sourced<Activation>> {
-    let default = || {
-        let function = if labels == 1 {
-            Activation::Sigmoid
-        } else {
-            Activation::Identity
+    for (path, file) in &model.activation_fns {
+        if !path.starts_with("torch.") {
+            tracing::warn!(
+                activation_fn = %path,
+                file,
+                "the CrossEncoder names an activation outside PyTorch, which sentence-transformers loads only with trust_remote_code; passing it over"
+            );
+            continue;
+        }
+        return match Activation::from_torch_path(path) {
+            Some(function) => Ok(sourced(function, Source::File(Cow::Borrowed(file)))),
+            None => bail!(
+                "{file} names the CrossEncoder activation `{path}`, which the server does not apply (it applies Identity, Sigmoid, Softmax and Tanh); set [classify] activation in model.toml"
+            ),
         };
-        sourced(function, Source::Default)
-    };
-    let Some((path, file)) = &model.activation_fn else {
-        return Ok(default());
-    };
-    if !path.starts_with("torch.") {
-        tracing::warn!(
-            activation_fn = %path,
-            file,
-            "the CrossEncoder names an activation outside PyTorch, which sentence-transformers loads only with trust_remote_code; scoring with its default instead"
-        );
-        return Ok(default());
     }
-    match Activation::from_torch_path(path) {
-        Some(function) => Ok(sourced(function, Source::File(Cow::Borrowed(file)))),
-        None => bail!(
-            "{file} names the CrossEncoder activation `{path}`, which the server does not apply (it applies Identity, Sigmoid, Softmax and Tanh); set [classify] activation in model.toml"
-        ),
-    }
+    let function = if labels == 1 {
+        Activation::Sigmoid
+    } else {
+        Activation::Identity
+    };
+    Ok(sourced(function, Source::Default))
 }
 
 #[cfg(test)]
