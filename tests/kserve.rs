@@ -459,6 +459,83 @@ async fn model_infer_gives_what_lmserve_v1_gives() {
     assert_eq!(string_parameter(&typed, "route"), "vectors");
 }
 
+/// A bare model name answers each task from the newest ready version that serves it, as
+/// lmserve.v1 does: a newer version that dropped classify leaves the older one answering
+/// `probabilities`, and metadata lists what both serve. A request without `outputs` gets the
+/// newest version's own; one that asks for outputs different versions serve is refused.
+#[tokio::test]
+async fn a_bare_name_answers_each_task_from_the_newest_version_that_serves_it() {
+    let repository = tempfile::tempdir().unwrap();
+    common::copy_version("tiny-encoder", "1", repository.path(), "enc", "1");
+    common::copy_version("tiny-encoder", "1", repository.path(), "enc", "2");
+    let manifest = repository.path().join("enc/2/model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let embed_only = text.replace(r#"tasks = ["embed", "classify"]"#, r#"tasks = ["embed"]"#);
+    assert_ne!(embed_only, text);
+    std::fs::write(&manifest, embed_only).unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut kserve = client(&server).await;
+    let texts = ["win a free prize now"];
+
+    let mut request = infer("enc", &texts, &[]);
+    request.outputs = outputs(&["probabilities", "labels"]);
+    let classified = kserve.model_infer(request).await.unwrap().into_inner();
+    assert_eq!(classified.model_version, "1");
+    assert_eq!(floats_of(&classified, "probabilities").len(), 2);
+
+    let embedded = kserve
+        .model_infer(infer("enc", &texts, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(embedded.model_version, "2");
+    let names: Vec<&str> = embedded.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["embedding"]);
+
+    let mut request = infer("enc", &texts, &[]);
+    request.outputs = outputs(&["embedding", "probabilities"]);
+    let refused = kserve.model_infer(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    for needle in [
+        "outputs",
+        "embed by enc@2",
+        "classify by enc@1",
+        "model_version",
+    ] {
+        assert!(
+            refused.message().contains(needle),
+            "{needle:?}: {refused:?}"
+        );
+    }
+
+    let metadata = kserve
+        .model_metadata(ModelMetadataRequest {
+            name: "enc".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = metadata.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["embedding", "probabilities", "labels"]);
+    let labels = metadata
+        .outputs
+        .iter()
+        .find(|o| o.name == "labels")
+        .unwrap();
+    assert_eq!(labels.shape, [2]);
+    assert!(
+        metadata
+            .inputs
+            .iter()
+            .any(|input| input.name == "text_pair")
+    );
+}
+
 #[tokio::test]
 async fn stream_infer_sends_token_deltas_then_a_final_response() {
     let server = TestServer::start().await;

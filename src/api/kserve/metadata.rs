@@ -69,7 +69,12 @@ impl Output {
 
 /// What a request's model name resolves to.
 pub struct Served {
+    /// Every task the target serves: a bare model name serves each task from the newest ready
+    /// version that has it, so these are all its ready versions' tasks.
     pub tasks: Vec<Task>,
+    /// What a request that lists no outputs gets: the tasks of the version the name resolves
+    /// to (a route's one task), so that one version answers.
+    pub default_tasks: Vec<Task>,
     /// The version a plain model name resolves to now; `None` for a route.
     pub model: Option<Arc<ModelVersion>>,
 }
@@ -77,11 +82,20 @@ pub struct Served {
 impl Served {
     /// The outputs of the tasks served, in `Output::ALL` order.
     pub fn outputs(&self) -> Vec<Output> {
-        Output::ALL
-            .into_iter()
-            .filter(|output| self.tasks.contains(&output.task()))
-            .collect()
+        outputs_of(&self.tasks)
     }
+
+    /// The outputs a request that lists none gets.
+    pub fn default_outputs(&self) -> Vec<Output> {
+        outputs_of(&self.default_tasks)
+    }
+}
+
+fn outputs_of(tasks: &[Task]) -> Vec<Output> {
+    Output::ALL
+        .into_iter()
+        .filter(|output| tasks.contains(&output.task()))
+        .collect()
 }
 
 /// The lmserve target (`name`, `name@version`) of a KServe name and version; `field` names
@@ -107,12 +121,25 @@ pub fn served(registry: &Registry, target: &str) -> Result<Served> {
     if let Ok(entry) = registry.get_route(target.trim()) {
         return Ok(Served {
             tasks: vec![entry.route.task],
+            default_tasks: vec![entry.route.task],
             model: None,
         });
     }
     let model = registry.resolve(target, None)?;
+    let mut tasks = model.manifest.tasks.clone();
+    if parse_target(target)?.1.is_none() {
+        let ready = registry.model_slots(&model.name).unwrap_or_default();
+        for other in ready.iter().filter_map(|slot| slot.ready()) {
+            for task in &other.manifest.tasks {
+                if !tasks.contains(task) {
+                    tasks.push(*task);
+                }
+            }
+        }
+    }
     Ok(Served {
-        tasks: model.manifest.tasks.clone(),
+        default_tasks: model.manifest.tasks.clone(),
+        tasks,
         model: Some(model),
     })
 }
@@ -208,7 +235,8 @@ pub fn model_metadata(
     name: &str,
     version: &str,
 ) -> Result<ModelMetadataResponse> {
-    let served = served(registry, &target(name, version, "version")?)?;
+    let target = target(name, version, "version")?;
+    let served = served(registry, &target)?;
     let model = served.model.as_deref();
     let generates = served.tasks.contains(&Task::Generate);
     let mut inputs = vec![tensor(
@@ -236,7 +264,12 @@ pub fn model_metadata(
         outputs: served
             .outputs()
             .into_iter()
-            .map(|output| output_tensor(output, model))
+            .map(|output| {
+                // The version that serves this output's task under this name.
+                let serving =
+                    model.and_then(|_| registry.resolve(&target, Some(output.task())).ok());
+                output_tensor(output, serving.as_deref().or(model))
+            })
             .collect(),
     })
 }

@@ -111,6 +111,30 @@ pub fn read(
         .into_iter()
         .filter(|task| outputs.iter().any(|output| output.task() == *task))
         .collect();
+    // One response names one version: outputs whose tasks newer and older versions of a bare
+    // name serve apart cannot share it.
+    if served.model.is_some() && tasks.len() > 1 {
+        let versions = tasks
+            .iter()
+            .map(|&task| Ok((task, registry.resolve(&target, Some(task))?)))
+            .collect::<Result<Vec<_>>>()?;
+        if versions
+            .windows(2)
+            .any(|pair| pair[0].1.version != pair[1].1.version)
+        {
+            let by: Vec<String> = versions
+                .iter()
+                .map(|(task, model)| format!("{task} by {}@{}", model.name, model.version))
+                .collect();
+            return Err(Error::invalid(
+                "outputs",
+                format!(
+                    "asks for tasks that different versions serve ({}); ask for one task's outputs, or name a model_version",
+                    by.join(", ")
+                ),
+            ));
+        }
+    }
     let generate = tasks.contains(&Task::Generate);
     if generate && tasks.len() > 1 {
         return Err(Error::invalid(
@@ -255,7 +279,7 @@ pub fn read(
 fn requested_outputs(request: &ModelInferRequest, served: &Served) -> Result<Vec<Output>> {
     let available = served.outputs();
     if request.outputs.is_empty() {
-        return Ok(available);
+        return Ok(served.default_outputs());
     }
     let mut outputs = Vec::with_capacity(available.len());
     for (index, requested) in request.outputs.iter().enumerate() {
