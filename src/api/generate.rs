@@ -145,6 +145,7 @@ pub fn stream(generation: GenerationStream, closing: Closing) -> GenerateEventSt
                         event = generation.next() => event?,
                         () = closing.fired() => {
                             let messages = closing_messages(&generation, &open);
+                            generation.forget_shadow();
                             drop(generation);
                             let ends = messages.into_iter().map(Ok).chain([Err(closing::status())]);
                             return Some((Box::new(ends) as Pending, None));

@@ -41,6 +41,11 @@ impl PendingShadow {
             start();
         }
     }
+
+    /// Drops the copy without starting it, giving its place back.
+    pub fn forget(&mut self) {
+        self.0 = None;
+    }
 }
 
 impl Drop for PendingShadow {

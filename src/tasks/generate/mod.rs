@@ -65,11 +65,18 @@ pub struct GenerationStream {
     generated_tokens: usize,
     metrics: Option<RequestMetrics>,
     model: Arc<ModelVersion>,
-    /// A copy to one of the route's own versions: it starts once this generation starts.
+    /// A copy to one of the route's own versions: it starts once every sequence of this
+    /// generation has started (else it would find this request's own sequences waiting).
     shadow: PendingShadow,
+    sequences_started: usize,
 }
 
 impl GenerationStream {
+    /// Drops a copy still waiting to start: the server is closing, and it would only fail.
+    pub fn forget_shadow(&mut self) {
+        self.shadow.forget();
+    }
+
     /// The next event, or `None` once every sequence has finished.
     pub async fn next(&mut self) -> Option<Event> {
         if self.finished_sequences == self.sequences {
@@ -78,9 +85,12 @@ impl GenerationStream {
         let event = self.events.recv().await;
         match &event {
             Some(Event::Started { at, .. }) => {
+                self.sequences_started += 1;
+                if self.sequences_started == self.sequences {
+                    self.shadow.start();
+                }
                 if self.started.is_none() {
                     self.started = Some(*at);
-                    self.shadow.start();
                     let waited = at.saturating_duration_since(self.submitted);
                     metrics::queue_time(&self.model.labels, waited);
                     if let Some(request) = &mut self.metrics {
@@ -521,6 +531,7 @@ async fn start_on(
         metrics: request,
         model,
         shadow: PendingShadow::default(),
+        sequences_started: 0,
     })
 }
 
