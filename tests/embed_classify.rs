@@ -651,6 +651,107 @@ async fn embed_options_pooling_normalize_and_truncation() {
     }
 }
 
+/// `dimensions` keeps the leading values of each vector, as sentence-transformers'
+/// `encode(truncate_dim=...)` slices its output: after the model's own normalization, so the
+/// cut vector is the full one's first values; with `normalize: true` it is normalized again,
+/// as `normalize_embeddings=True` does after the cut. A model's `truncate_dim`
+/// (config_sentence_transformers.json) is the default, which a request may widen again.
+#[tokio::test]
+async fn dimensions_keep_the_leading_values_as_sentence_transformers_truncate_dim_does() {
+    let repository = tempfile::tempdir().unwrap();
+    copy_version("tiny-encoder", "1", repository.path(), "tiny-encoder", "1");
+    copy_version("tiny-encoder", "1", repository.path(), "matryoshka", "1");
+    let folder = repository.path().join("matryoshka/1");
+    std::fs::write(
+        folder.join("modules.json"),
+        r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
+    )
+    .unwrap();
+    std::fs::create_dir(folder.join("1_Pooling")).unwrap();
+    std::fs::write(
+        folder.join("1_Pooling/config.json"),
+        r#"{"pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("config_sentence_transformers.json"),
+        r#"{"model_type": "SentenceTransformer", "prompts": {}, "truncate_dim": 16}"#,
+    )
+    .unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+    let text = "Shall I compare thee to a summer's day?";
+    let mut embed = async |model: &str, dimensions: Option<u32>, normalize: Option<bool>| {
+        client
+            .embed(EmbedRequest {
+                model: model.into(),
+                texts: vec![text.into()],
+                dimensions,
+                normalize,
+                ..Default::default()
+            })
+            .await
+            .map(|response| response.into_inner().embeddings.remove(0).values)
+    };
+    let full = embed("tiny-encoder", None, None).await.unwrap();
+    let width = full.len();
+    assert!(width > 16, "{width}");
+    let norm = |values: &[f32]| values.iter().map(|v| v * v).sum::<f32>().sqrt();
+
+    // Equal up to the last bits a run on another session may change.
+    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && max_abs_diff(a, b) < 1e-6;
+    let cut = embed("tiny-encoder", Some(16), None).await.unwrap();
+    assert!(same(&cut, &full[..16]), "{cut:?}");
+    assert!(norm(&cut) < 0.999, "{}", norm(&cut));
+    let renormalized = embed("tiny-encoder", Some(16), Some(true)).await.unwrap();
+    let expected: Vec<f32> = full[..16].iter().map(|v| v / norm(&full[..16])).collect();
+    assert!(max_abs_diff(&renormalized, &expected) < 1e-5);
+    assert_eq!(
+        embed("tiny-encoder", Some(width as u32), None)
+            .await
+            .unwrap(),
+        full
+    );
+
+    // The model's own truncate_dim, and a request that asks for every value.
+    let default = embed("matryoshka", None, None).await.unwrap();
+    assert!(same(&default, &full[..16]), "{default:?}");
+    let widened = embed("matryoshka", Some(width as u32), None).await.unwrap();
+    assert!(same(&widened, &full));
+    let models = server.models().await;
+    let described = common::first_version(&models, "matryoshka").await;
+    assert_eq!(
+        setting(&described, "embed.truncate_dim"),
+        ("16", "config_sentence_transformers.json")
+    );
+
+    let over = width as u32 + 1;
+    for (dimensions, needles) in [
+        (0, vec!["dimensions", "at least 1", "got 0"]),
+        (
+            over,
+            vec!["dimensions", &*over.to_string(), &*width.to_string()],
+        ),
+    ] {
+        let refused = embed("tiny-encoder", Some(dimensions), None)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        for needle in needles {
+            assert!(
+                refused.message().contains(needle),
+                "{needle:?}: {refused:?}"
+            );
+        }
+    }
+}
+
 async fn server_max_length(server: &TestServer, model: &str) -> u32 {
     let mut models = server.models().await;
     let info = models

@@ -66,6 +66,7 @@ pub fn embed_params(request: proto::EmbedRequest) -> Result<EmbedParams> {
         texts: request.texts,
         normalize: request.normalize,
         prompt_name: request.prompt_name,
+        dimensions: request.dimensions.map(|d| d as usize),
     })
 }
 

@@ -291,6 +291,9 @@ pub struct SentenceTransformers {
     /// Whether pooling counts a prompt's tokens (the Pooling config's `include_prompt`);
     /// INSTRUCTOR-style models leave them out.
     pub prompt_in_pooling: bool,
+    /// How many leading values of each embedding `encode` keeps (`truncate_dim` in
+    /// `config_sentence_transformers.json`).
+    pub truncate_dim: Option<usize>,
 }
 
 /// A sentence-transformers CrossEncoder: `CrossEncoder.predict` applies its activation
@@ -314,6 +317,8 @@ struct SentenceTransformersConfig {
     /// "SentenceTransformer", "CrossEncoder", ... (sentence-transformers 6).
     model_type: Option<String>,
     activation_fn: Option<String>,
+    /// How many leading values of each embedding `encode` keeps (a Matryoshka model's).
+    truncate_dim: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -513,6 +518,7 @@ fn read_sentence_transformers(
         prompts: config.prompts,
         default_prompt_name: config.default_prompt_name,
         prompt_in_pooling,
+        truncate_dim: config.truncate_dim,
     }))
 }
 

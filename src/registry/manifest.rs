@@ -112,6 +112,8 @@ pub struct EmbedSection {
     pub normalize: Option<bool>,
     /// A graph output that is already one vector per text (`[batch, dim]`), returned as is.
     pub pooled_output: Option<String>,
+    /// How many leading values of each vector an Embed request that names no `dimensions` gets.
+    pub truncate_dim: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

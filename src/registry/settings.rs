@@ -109,6 +109,8 @@ pub struct EmbedSettings {
     pub default_prompt_name: Option<Sourced<String>>,
     /// Whether pooling counts a prompt's tokens (the Pooling config's `include_prompt`).
     pub prompt_in_pooling: bool,
+    /// How many leading values of each vector a request that names no `dimensions` gets.
+    pub truncate_dim: Option<Sourced<usize>>,
 }
 
 impl EmbedSettings {
@@ -437,6 +439,7 @@ impl ModelSettings {
                 );
             }
             rows.add_optional("embed.default_prompt_name", &embed.default_prompt_name);
+            rows.add_optional("embed.truncate_dim", &embed.truncate_dim);
         }
         if let Some(classify) = &self.classify {
             rows.push(
@@ -736,6 +739,14 @@ fn embed_settings(
     // as the server always has.
     .unwrap_or(sourced(!use_pooled_output, Source::Default));
     let st_config = || Source::File(Cow::Borrowed(hf::SENTENCE_TRANSFORMERS_CONFIG));
+    let truncate_dim = first([
+        section.truncate_dim.map(|v| sourced(v, Source::Manifest)),
+        st.and_then(|st| st.truncate_dim)
+            .map(|v| sourced(v, st_config())),
+    ]);
+    if let Some(Sourced { value: 0, source }) = &truncate_dim {
+        anyhow::bail!("{source}: truncate_dim must be at least 1; got 0");
+    }
     Ok(EmbedSettings {
         pooling,
         use_pooled_output,
@@ -748,6 +759,7 @@ fn embed_settings(
             .and_then(|st| st.default_prompt_name.clone())
             .map(|name| sourced(name, st_config())),
         prompt_in_pooling: st.is_none_or(|st| st.prompt_in_pooling),
+        truncate_dim,
     })
 }
 
@@ -896,6 +908,7 @@ mod tests {
             )),
             default_prompt_name: Some(sourced("query".to_owned(), file())),
             prompt_in_pooling: true,
+            truncate_dim: None,
         };
         assert_eq!(embed.prompt(None).unwrap(), Some("query: "));
         assert_eq!(embed.prompt(Some("passage")).unwrap(), Some("passage: "));

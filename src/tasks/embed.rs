@@ -23,6 +23,8 @@ pub struct EmbedParams {
     pub truncate: Truncate,
     /// The model's prompt to put before each text; `None`: its default, `""`: none.
     pub prompt_name: Option<String>,
+    /// How many leading values of each vector to keep; `None`: the model's `truncate_dim`.
+    pub dimensions: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,7 +115,23 @@ async fn embed_on(
         None if settings.use_pooled_output => EncoderEmbedding::Pooled,
         None => EncoderEmbedding::Pool(settings.pooling.value),
     };
-    let normalize = params.normalize.unwrap_or(settings.normalize.value);
+    // As sentence-transformers' encode: the model's own normalization (a Normalize module) runs
+    // before the cut to `truncate_dim`, and `normalize_embeddings=True` after it.
+    let normalize_before_cut = params.normalize.is_none() && settings.normalize.value;
+    let normalize_after_cut = params.normalize == Some(true);
+    let dimensions = match params.dimensions {
+        Some(0) => {
+            return Err(Error::invalid(
+                "dimensions",
+                "must be at least 1 when set; got 0",
+            ));
+        }
+        Some(dimensions) => Some((dimensions, "dimensions")),
+        None => settings
+            .truncate_dim
+            .as_ref()
+            .map(|d| (d.value, "the model's truncate_dim")),
+    };
     let prompt = settings.prompt(params.prompt_name.as_deref())?;
     if prompt.is_some() && !settings.prompt_in_pooling && embedding == EncoderEmbedding::Pooled {
         return Err(Error::invalid(
@@ -170,7 +188,24 @@ async fn embed_on(
                 let mut values = output
                     .pooled
                     .ok_or_else(|| Error::Internal("the batch returned no pooled state".into()))?;
-                if normalize {
+                if normalize_before_cut {
+                    l2_normalize(&mut values);
+                }
+                if let Some((dimensions, named_by)) = dimensions {
+                    if dimensions > values.len() {
+                        return Err(Error::invalid(
+                            "dimensions",
+                            format!(
+                                "{named_by} is {dimensions}, over the {} values {}@{} returns",
+                                values.len(),
+                                model.name,
+                                model.version
+                            ),
+                        ));
+                    }
+                    values.truncate(dimensions);
+                }
+                if normalize_after_cut {
                     l2_normalize(&mut values);
                 }
                 Ok(Embedding {

@@ -34,6 +34,25 @@ def test_embed_matches_reference(channel):
         assert math.isclose(math.sqrt(sum(v * v for v in embedding.values)), 1.0, abs_tol=1e-4)
 
 
+def test_embed_dimensions_keep_the_leading_values(channel):
+    """As sentence-transformers' encode(truncate_dim=...): the normalized vector's first values;
+    with normalize=True, normalized again after the cut."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    text = "Shall I compare thee to a summer's day?"
+    full = stub.Embed(inference_pb2.EmbedRequest(model="tiny-encoder", texts=[text])).embeddings[0].values
+    cut = stub.Embed(inference_pb2.EmbedRequest(model="tiny-encoder", texts=[text], dimensions=8)).embeddings[0].values
+    assert len(cut) == 8 and max(abs(a - b) for a, b in zip(cut, full[:8])) <= 1e-6
+    again = stub.Embed(
+        inference_pb2.EmbedRequest(model="tiny-encoder", texts=[text], dimensions=8, normalize=True)
+    ).embeddings[0].values
+    norm = math.sqrt(sum(v * v for v in full[:8]))
+    assert max(abs(a - b / norm) for a, b in zip(again, full[:8])) <= 1e-5
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Embed(inference_pb2.EmbedRequest(model="tiny-encoder", texts=[text], dimensions=len(full) + 1))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dimensions" in refused.value.details() and str(len(full) + 1) in refused.value.details()
+
+
 def test_classify_matches_reference(channel):
     stub = inference_pb2_grpc.InferenceStub(channel)
     ref = reference("tiny-encoder")["classify"]

@@ -227,23 +227,28 @@ pub fn read(
                 parameters.bool("normalize")?,
                 parameters::pooling(&mut parameters)?,
                 parameters.string("prompt_name")?,
+                parameters.unsigned("dimensions", u64::from(u32::MAX))?,
             )),
             false => None,
         };
         let classifies = tasks.contains(&Task::Classify);
-        let embed = embed_settings.map(|(normalize, pooling, prompt_name)| EmbedParams {
-            model: target.clone(),
-            // Copied only when classify needs the texts too.
-            texts: if classifies {
-                texts.clone()
-            } else {
-                std::mem::take(&mut texts)
-            },
-            normalize,
-            pooling,
-            truncate,
-            prompt_name,
-        });
+        let embed =
+            embed_settings.map(
+                |(normalize, pooling, prompt_name, dimensions)| EmbedParams {
+                    model: target.clone(),
+                    // Copied only when classify needs the texts too.
+                    texts: if classifies {
+                        texts.clone()
+                    } else {
+                        std::mem::take(&mut texts)
+                    },
+                    normalize,
+                    pooling,
+                    truncate,
+                    prompt_name,
+                    dimensions: dimensions.map(|d| d as usize),
+                },
+            );
         let classify = classifies.then_some(ClassifyParams {
             model: target,
             texts,

@@ -411,7 +411,14 @@ type EmbedRequest struct {
 	// queries, say. Unset: the model's default_prompt_name, if it has one. Empty: no prompt. A
 	// name the model lacks: INVALID_ARGUMENT. token_count and truncation count the prompt;
 	// TRUNCATE_LEFT with a prompt is INVALID_ARGUMENT, since it would cut the prompt off first.
-	PromptName    *string `protobuf:"bytes,7,opt,name=prompt_name,json=promptName,proto3,oneof" json:"prompt_name,omitempty"`
+	PromptName *string `protobuf:"bytes,7,opt,name=prompt_name,json=promptName,proto3,oneof" json:"prompt_name,omitempty"`
+	// Keep only the first `dimensions` values of each vector: the smaller embedding of a model
+	// trained for it (Matryoshka), as sentence-transformers' encode(truncate_dim=...) returns it.
+	// The model's own normalization (its Normalize module, the manifest's default) comes before
+	// the cut, so the shorter vector is not of unit length; with `normalize: true` it is
+	// normalized again after the cut. Unset: the model's truncate_dim (GetModel's
+	// embed.truncate_dim), else every value. More than the model's width, or 0: INVALID_ARGUMENT.
+	Dimensions    *uint32 `protobuf:"varint,8,opt,name=dimensions,proto3,oneof" json:"dimensions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -493,6 +500,13 @@ func (x *EmbedRequest) GetPromptName() string {
 		return *x.PromptName
 	}
 	return ""
+}
+
+func (x *EmbedRequest) GetDimensions() uint32 {
+	if x != nil && x.Dimensions != nil {
+		return *x.Dimensions
+	}
+	return 0
 }
 
 type Embedding struct {
@@ -2288,7 +2302,7 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x14\n" +
 	"\x05route\x18\x03 \x01(\tR\x05route\x12\x10\n" +
-	"\x03arm\x18\x04 \x01(\tR\x03arm\"\x9f\x02\n" +
+	"\x03arm\x18\x04 \x01(\tR\x03arm\"\xd3\x02\n" +
 	"\fEmbedRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
 	"\x05texts\x18\x02 \x03(\tR\x05texts\x12!\n" +
@@ -2297,10 +2311,14 @@ const file_lmserve_v1_inference_proto_rawDesc = "" +
 	"\btruncate\x18\x05 \x01(\x0e2\x14.lmserve.v1.TruncateR\btruncate\x12\x1b\n" +
 	"\troute_key\x18\x06 \x01(\tR\brouteKey\x12$\n" +
 	"\vprompt_name\x18\a \x01(\tH\x01R\n" +
-	"promptName\x88\x01\x01B\f\n" +
+	"promptName\x88\x01\x01\x12#\n" +
+	"\n" +
+	"dimensions\x18\b \x01(\rH\x02R\n" +
+	"dimensions\x88\x01\x01B\f\n" +
 	"\n" +
 	"_normalizeB\x0e\n" +
-	"\f_prompt_name\"b\n" +
+	"\f_prompt_nameB\r\n" +
+	"\v_dimensions\"b\n" +
 	"\tEmbedding\x12\x16\n" +
 	"\x06values\x18\x01 \x03(\x02R\x06values\x12\x1f\n" +
 	"\vtoken_count\x18\x02 \x01(\rR\n" +
