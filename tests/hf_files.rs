@@ -453,7 +453,8 @@ fn cross_encoder_repository() -> (tempfile::TempDir, serde_json::Value) {
 /// logits for more; a function outside PyTorch is passed over for the next file's, or that
 /// default, as sentence-transformers does without trust_remote_code. model.toml's
 /// `[classify] activation` overrides them all. transformers' pipeline would have
-/// given a sigmoid and a softmax. A tokenizer whose `model_input_names` leave out
+/// given a sigmoid and a softmax. A default prompt goes before each pair's first text, as
+/// `predict` puts it. A tokenizer whose `model_input_names` leave out
 /// `token_type_ids` feeds the model no type ids. The references are sentence-transformers' own.
 #[tokio::test]
 async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
@@ -542,7 +543,7 @@ async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
             }
         }
     }
-    assert_eq!(checked, 5 * 12);
+    assert_eq!(checked, 5 * 13);
 
     let activation = |name: &'static str| {
         let models = models.clone();
@@ -571,6 +572,11 @@ async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
             "{name}"
         );
     }
+    let prompted = common::first_version(&models, "ce-reranker-default_prompt").await;
+    assert_eq!(
+        setting(&prompted, "classify.prompt"),
+        ("what the queen wants ", "config_sentence_transformers.json")
+    );
     let without_types = common::first_version(&models, "ce-reranker-without_type_ids").await;
     assert_eq!(
         setting(&without_types, "token_types"),

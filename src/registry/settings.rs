@@ -154,6 +154,10 @@ pub struct ClassifySettings {
     /// regression head's values come as they are (config.json's `problem_type`), a
     /// sentence-transformers CrossEncoder's through its `activation_fn`.
     pub activation: Sourced<Activation>,
+    /// A sentence-transformers CrossEncoder's default prompt (`default_prompt_name` in
+    /// config_sentence_transformers.json), put before each text (a pair's first), as
+    /// `CrossEncoder.predict` puts it.
+    pub prompt: Option<Sourced<String>>,
 }
 
 /// The model's defaults for a Generate request's unset parameters.
@@ -449,6 +453,7 @@ impl ModelSettings {
             );
             rows.add("classify.multi_label", &classify.multi_label);
             rows.add("classify.activation", &classify.activation);
+            rows.add_optional("classify.prompt", &classify.prompt);
         }
         let generation = &self.generation;
         rows.add_optional("generation.max_new_tokens", &generation.max_new_tokens);
@@ -852,7 +857,25 @@ fn classify_settings(
         labels,
         multi_label,
         activation,
+        prompt: cross_encoder_prompt(files),
     })
+}
+
+/// The prompt `CrossEncoder.predict` puts before each text when it is given none: its
+/// default prompt's, where it has one that is not empty.
+fn cross_encoder_prompt(files: &HfFiles) -> Option<Sourced<String>> {
+    files.cross_encoder.as_ref()?;
+    let st = files.sentence_transformers.as_ref()?;
+    let name = st.default_prompt_name.as_ref()?;
+    st.prompts
+        .get(name)
+        .filter(|prompt| !prompt.is_empty())
+        .map(|prompt| {
+            sourced(
+                prompt.clone(),
+                Source::File(Cow::Borrowed(hf::SENTENCE_TRANSFORMERS_CONFIG)),
+            )
+        })
 }
 
 /// What `CrossEncoder.predict` applies to the logits: the first activation its files name that

@@ -111,8 +111,26 @@ async fn classify_on(
     let labels = &settings.labels.value;
     let multi_label = settings.multi_label.value;
     let activation = settings.activation.value;
+    if settings.prompt.is_some() && params.truncate == Truncate::Left {
+        return Err(Error::invalid(
+            "truncate",
+            format!(
+                "TRUNCATE_LEFT would cut off the prompt {}@{} puts before each text first; \
+                 truncate right, as sentence-transformers does",
+                model.name, model.version
+            ),
+        ));
+    }
+    let texts = match &settings.prompt {
+        Some(prompt) => params
+            .texts
+            .into_iter()
+            .map(|text| format!("{}{text}", prompt.value))
+            .collect(),
+        None => params.texts,
+    };
     let texts = EncoderTexts {
-        texts: params.texts,
+        texts,
         pairs: params.text_pairs,
         truncate: params.truncate,
     };
