@@ -32,19 +32,21 @@ pub struct Routing {
 /// while other requests wait for that version: it never takes a place ahead of real work.
 #[must_use = "dropping it starts the copy; hold it until the request it copies has started"]
 #[derive(Default)]
-pub(crate) struct PendingShadow(Option<Box<dyn FnOnce() + Send>>);
+pub(crate) struct PendingShadow(Option<Box<dyn FnOnce(bool) + Send>>);
 
 impl PendingShadow {
     /// Starts the copy now, if it is still waiting.
     pub fn start(&mut self) {
         if let Some(start) = self.0.take() {
-            start();
+            start(true);
         }
     }
 
-    /// Drops the copy without starting it, giving its place back.
+    /// Drops the copy without starting it, giving its place back (counted `dropped`).
     pub fn forget(&mut self) {
-        self.0 = None;
+        if let Some(start) = self.0.take() {
+            start(false);
+        }
     }
 }
 
@@ -116,7 +118,10 @@ where
         let shadow_span = tracing::info_span!("shadow", route = %copy.route, arm = %copy.arm);
         let work = tracing::Instrument::instrument(work, shadow_span);
         let waits = copy.queues_with_arms;
-        pending = PendingShadow(Some(Box::new(move || spawn_shadow(copy, work))));
+        pending = PendingShadow(Some(Box::new(move |start| match start {
+            true => spawn_shadow(copy, work),
+            false => metrics::shadow_finished(&copy.route, &copy.arm, "dropped"),
+        })));
         if !waits {
             pending.start();
         }

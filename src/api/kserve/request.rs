@@ -74,8 +74,9 @@ impl FieldNames {
             TEXT_INPUT.to_owned()
         } else if field == "model" {
             "model_name".to_owned()
-        } else if field == "pooling" {
-            "parameters.pooling".to_owned()
+        } else if ["pooling", "dimensions", "prompt_name", "normalize"].contains(&field.as_str()) {
+            // Request fields that are parameters here.
+            format!("parameters.{field}")
         } else {
             self.parameters
                 .iter()
@@ -104,7 +105,8 @@ pub fn read(
     check_name("model_name", &request.model_name, limits)?;
     // The id is echoed in every response, one per generated token when streamed.
     check_name("id", &request.id, limits)?;
-    let target = metadata::target(&request.model_name, &request.model_version, "model_version")?;
+    let mut target =
+        metadata::target(&request.model_name, &request.model_version, "model_version")?;
     let served = metadata::served(registry, &target)?;
     let outputs = requested_outputs(&request, &served)?;
     let tasks: Vec<Task> = [Task::Generate, Task::Embed, Task::Classify]
@@ -134,6 +136,9 @@ pub fn read(
                 ),
             ));
         }
+        // Every task then runs on the version checked, even if another loads meanwhile.
+        let (_, model) = &versions[0];
+        target = format!("{}@{}", model.name, model.version);
     }
     let generate = tasks.contains(&Task::Generate);
     if generate && tasks.len() > 1 {
