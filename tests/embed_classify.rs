@@ -655,31 +655,35 @@ async fn embed_options_pooling_normalize_and_truncation() {
 /// `encode(truncate_dim=...)` slices its output: after the model's own normalization, so the
 /// cut vector is the full one's first values; with `normalize: true` it is normalized again,
 /// as `normalize_embeddings=True` does after the cut. A model's `truncate_dim`
-/// (config_sentence_transformers.json) is the default, which a request may widen again.
+/// (config_sentence_transformers.json) is the default, which a request may widen again; one past
+/// the vector's width keeps it whole, as sentence-transformers' slice does.
 #[tokio::test]
 async fn dimensions_keep_the_leading_values_as_sentence_transformers_truncate_dim_does() {
     let repository = tempfile::tempdir().unwrap();
     copy_version("tiny-encoder", "1", repository.path(), "tiny-encoder", "1");
-    copy_version("tiny-encoder", "1", repository.path(), "matryoshka", "1");
-    let folder = repository.path().join("matryoshka/1");
-    std::fs::write(
-        folder.join("modules.json"),
-        r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
-    )
-    .unwrap();
-    std::fs::create_dir(folder.join("1_Pooling")).unwrap();
-    std::fs::write(
-        folder.join("1_Pooling/config.json"),
-        r#"{"pooling_mode_mean_tokens": true}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        folder.join("config_sentence_transformers.json"),
-        r#"{"model_type": "SentenceTransformer", "prompts": {}, "truncate_dim": 16}"#,
-    )
-    .unwrap();
+    // One cut to 16 values, and one whose truncate_dim is past its width.
+    for (name, truncate_dim) in [("matryoshka", 16), ("wider", 4096)] {
+        copy_version("tiny-encoder", "1", repository.path(), name, "1");
+        let folder = repository.path().join(name).join("1");
+        std::fs::write(
+            folder.join("modules.json"),
+            r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
+        )
+        .unwrap();
+        std::fs::create_dir(folder.join("1_Pooling")).unwrap();
+        std::fs::write(
+            folder.join("1_Pooling/config.json"),
+            r#"{"pooling_mode_mean_tokens": true}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            folder.join("config_sentence_transformers.json"),
+            format!(r#"{{"model_type": "SentenceTransformer", "prompts": {{}}, "truncate_dim": {truncate_dim}}}"#),
+        )
+        .unwrap();
+    }
     let server = TestServer::start_with(ServerOptions {
         repository: repository.path().to_owned(),
         ..Default::default()
@@ -724,6 +728,9 @@ async fn dimensions_keep_the_leading_values_as_sentence_transformers_truncate_di
     assert!(same(&default, &full[..16]), "{default:?}");
     let widened = embed("matryoshka", Some(width as u32), None).await.unwrap();
     assert!(same(&widened, &full));
+    // As sentence-transformers' slice: a truncate_dim past the width keeps every value.
+    let whole = embed("wider", None, None).await.unwrap();
+    assert!(same(&whole, &full));
     let models = server.models().await;
     let described = common::first_version(&models, "matryoshka").await;
     assert_eq!(

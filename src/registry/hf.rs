@@ -32,6 +32,9 @@ const TRANSFORMER_CONFIGS: [&str; 7] = [
     "sentence_xlnet_config.json",
 ];
 pub const SENTENCE_TRANSFORMERS_CONFIG: &str = "config_sentence_transformers.json";
+/// The `model_type`s of sentence-transformers' saves that the server reads.
+const SENTENCE_TRANSFORMER: &str = "SentenceTransformer";
+const CROSS_ENCODER: &str = "CrossEncoder";
 
 /// transformers writes `model_max_length` as 1e30 when a tokenizer has no limit of its own.
 const UNBOUNDED_MODEL_MAX_LENGTH: f64 = 1e12;
@@ -305,6 +308,8 @@ pub struct CrossEncoder {
     /// (`torch.nn.modules.linear.Identity`) with the file naming it: the first it trusts wins,
     /// and where none is named or trusted the CrossEncoder's default applies.
     pub activation_fns: Vec<(String, &'static str)>,
+    /// The prompt `predict` puts before each text when given none (its default prompt's).
+    pub prompt: Option<String>,
 }
 
 /// sentence-transformers' `config_sentence_transformers.json`: what changes a vector, and a
@@ -388,13 +393,27 @@ impl HfFiles {
         let config: Option<ModelConfig> = read_json(dir, CONFIG)?;
         let st_config: SentenceTransformersConfig =
             read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default();
-        let cross_encoder = cross_encoder(config.as_ref(), &st_config);
+        // sentence-transformers reads its config only beside a modules.json, and only into the
+        // class the save was made by (`model_type`, SentenceTransformer where absent): a
+        // reranker's prompts do not reach an embedder, nor an embedder's a reranker.
+        let saved_as: Option<String> = dir.join(MODULES).is_file().then(|| {
+            st_config
+                .model_type
+                .clone()
+                .unwrap_or_else(|| SENTENCE_TRANSFORMER.to_owned())
+        });
+        let (for_embed, for_cross_encoder) = match saved_as.as_deref() {
+            Some(SENTENCE_TRANSFORMER) => (st_config, SentenceTransformersConfig::default()),
+            Some(CROSS_ENCODER) => (SentenceTransformersConfig::default(), st_config),
+            _ => Default::default(),
+        };
+        let cross_encoder = cross_encoder(config.as_ref(), saved_as.as_deref(), &for_cross_encoder);
         Ok(Self {
             config,
             generation: read_json(dir, GENERATION_CONFIG)?,
             tokenizer,
             chat_template,
-            sentence_transformers: read_sentence_transformers(dir, st_config)?,
+            sentence_transformers: read_sentence_transformers(dir, for_embed)?,
             cross_encoder,
         })
     }
@@ -406,14 +425,12 @@ impl HfFiles {
 /// `sbert_ce_default_activation_function` (before 4).
 fn cross_encoder(
     config: Option<&ModelConfig>,
+    saved_as: Option<&str>,
     st_config: &SentenceTransformersConfig,
 ) -> Option<CrossEncoder> {
     let section = config.and_then(|c| c.sentence_transformers.as_ref());
     let old = config.and_then(|c| c.sbert_ce_default_activation_function.as_ref());
-    let is_cross_encoder = st_config.model_type.as_deref() == Some("CrossEncoder")
-        || st_config.activation_fn.is_some()
-        || section.is_some()
-        || old.is_some();
+    let is_cross_encoder = saved_as == Some(CROSS_ENCODER) || section.is_some() || old.is_some();
     if !is_cross_encoder {
         return None;
     }
@@ -431,7 +448,16 @@ fn cross_encoder(
     .into_iter()
     .filter_map(|(path, file)| path.map(|path| (path.clone(), file)))
     .collect();
-    Some(CrossEncoder { activation_fns })
+    let prompt = st_config
+        .default_prompt_name
+        .as_ref()
+        .and_then(|name| st_config.prompts.get(name))
+        .filter(|prompt| !prompt.is_empty())
+        .cloned();
+    Some(CrossEncoder {
+        activation_fns,
+        prompt,
+    })
 }
 
 /// The first of the Transformer module's config files its folder (`module`, in `dir`) holds, as
@@ -921,8 +947,10 @@ mod tests {
     /// classifier is no CrossEncoder.
     #[test]
     fn reads_a_cross_encoders_activation_where_sentence_transformers_does() {
+        // As CrossEncoder.save writes them since version 6: a modules.json beside the config.
+        let transformer = r#"[{"path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}]"#;
         let activations = |files: &[(&str, &str)]| {
-            let dir = folder(files);
+            let dir = folder(&[files, &[(MODULES, transformer)]].concat());
             HfFiles::read(dir.path())
                 .unwrap()
                 .cross_encoder
@@ -973,6 +1001,42 @@ mod tests {
             activations(&[(SENTENCE_TRANSFORMERS_CONFIG, embedder)]),
             None
         );
+        // Without a modules.json sentence-transformers reads no config of its own.
+        let dir = folder(&[(SENTENCE_TRANSFORMERS_CONFIG, v6)]);
+        assert_eq!(HfFiles::read(dir.path()).unwrap().cross_encoder, None);
+    }
+
+    /// Prompts and truncate_dim reach the class the save was made by: a CrossEncoder's prompt
+    /// is its own, an embedder's (model_type absent or SentenceTransformer) Embed's.
+    #[test]
+    fn a_saves_prompts_go_to_the_class_it_was_saved_as() {
+        let modules = r#"[{"path": "", "type": "sentence_transformers.models.Transformer"}]"#;
+        let config = |model_type: &str| {
+            format!(
+                r#"{{{model_type}"prompts": {{"query": "query: "}}, "default_prompt_name": "query", "truncate_dim": 8}}"#
+            )
+        };
+        let read = |st_config: &str| {
+            let dir = folder(&[
+                (MODULES, modules),
+                (SENTENCE_TRANSFORMERS_CONFIG, st_config),
+            ]);
+            HfFiles::read(dir.path()).unwrap()
+        };
+        let reranker = read(&config(r#""model_type": "CrossEncoder", "#));
+        assert_eq!(
+            reranker.cross_encoder.unwrap().prompt.as_deref(),
+            Some("query: ")
+        );
+        let st = reranker.sentence_transformers.unwrap();
+        assert!(st.prompts.is_empty() && st.truncate_dim.is_none(), "{st:?}");
+        for model_type in ["", r#""model_type": "SentenceTransformer", "#] {
+            let embedder = read(&config(model_type));
+            assert_eq!(embedder.cross_encoder, None);
+            let st = embedder.sentence_transformers.unwrap();
+            assert_eq!(st.default_prompt_name.as_deref(), Some("query"));
+            assert_eq!(st.truncate_dim, Some(8));
+        }
     }
 
     #[test]

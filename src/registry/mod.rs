@@ -63,6 +63,21 @@ pub struct ModelVersion {
     pub faults: Arc<FaultTracker>,
 }
 
+impl ModelVersion {
+    /// The width of the vectors its graph returns for Embed, where the graph declares it.
+    pub fn embedding_width(&self) -> Option<usize> {
+        let settings = self.settings.embed.as_ref()?;
+        let name = if settings.use_pooled_output {
+            self.bindings.pooled_output.as_ref()
+        } else {
+            self.bindings.hidden_states.as_ref()
+        }?;
+        let output = self.pool.graph().outputs.iter().find(|o| &o.name == name)?;
+        let width = *output.shape.last()?;
+        usize::try_from(width).ok().filter(|&width| width > 0)
+    }
+}
+
 #[derive(Clone)]
 pub enum LoadState {
     Loading,

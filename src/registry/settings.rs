@@ -861,21 +861,13 @@ fn classify_settings(
     })
 }
 
-/// The prompt `CrossEncoder.predict` puts before each text when it is given none: its
-/// default prompt's, where it has one that is not empty.
+/// The prompt `CrossEncoder.predict` puts before each text when it is given none.
 fn cross_encoder_prompt(files: &HfFiles) -> Option<Sourced<String>> {
-    files.cross_encoder.as_ref()?;
-    let st = files.sentence_transformers.as_ref()?;
-    let name = st.default_prompt_name.as_ref()?;
-    st.prompts
-        .get(name)
-        .filter(|prompt| !prompt.is_empty())
-        .map(|prompt| {
-            sourced(
-                prompt.clone(),
-                Source::File(Cow::Borrowed(hf::SENTENCE_TRANSFORMERS_CONFIG)),
-            )
-        })
+    let prompt = files.cross_encoder.as_ref()?.prompt.clone()?;
+    Some(sourced(
+        prompt,
+        Source::File(Cow::Borrowed(hf::SENTENCE_TRANSFORMERS_CONFIG)),
+    ))
 }
 
 /// What `CrossEncoder.predict` applies to the logits: the first activation its files name that

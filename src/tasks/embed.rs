@@ -8,7 +8,7 @@ use super::text::{self, Truncate};
 use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result, Task};
-use crate::registry::settings::pooling_name;
+use crate::registry::settings::{Source, pooling_name};
 use crate::registry::{ModelVersion, Registry};
 use crate::runtime::encoder::{Embedding as EncoderEmbedding, Pooling};
 
@@ -115,10 +115,16 @@ async fn embed_on(
         None if settings.use_pooled_output => EncoderEmbedding::Pooled,
         None => EncoderEmbedding::Pool(settings.pooling.value),
     };
-    // As sentence-transformers' encode: the model's own normalization (a Normalize module) runs
-    // before the cut to `truncate_dim`, and `normalize_embeddings=True` after it.
-    let normalize_before_cut = params.normalize.is_none() && settings.normalize.value;
-    let normalize_after_cut = params.normalize == Some(true);
+    // As sentence-transformers' encode: the model's own normalization (a Normalize module, or
+    // model.toml's) runs before the cut to `truncate_dim`, and `normalize_embeddings=True`
+    // after it. The server's own default (a model that says nothing) normalizes what it
+    // returns, after the cut, as a client of such a server expects unit vectors.
+    let model_default = params.normalize.is_none() && settings.normalize.value;
+    let the_models_own = settings.normalize.source != Source::Default;
+    let normalize_before_cut = model_default && the_models_own;
+    let normalize_after_cut = params.normalize == Some(true) || (model_default && !the_models_own);
+    // A model's truncate_dim past its width keeps every value, as sentence-transformers' slice
+    // does; a request's must fit.
     let dimensions = match params.dimensions {
         Some(0) => {
             return Err(Error::invalid(
@@ -126,11 +132,15 @@ async fn embed_on(
                 "must be at least 1 when set; got 0",
             ));
         }
-        Some(dimensions) => Some((dimensions, "dimensions")),
-        None => settings
-            .truncate_dim
-            .as_ref()
-            .map(|d| (d.value, "the model's truncate_dim")),
+        Some(dimensions) => {
+            if let Some(width) = model.embedding_width()
+                && dimensions > width
+            {
+                return Err(too_wide(model, dimensions, width));
+            }
+            Some(dimensions)
+        }
+        None => None,
     };
     let prompt = settings.prompt(params.prompt_name.as_deref())?;
     if prompt.is_some() && !settings.prompt_in_pooling && embedding == EncoderEmbedding::Pooled {
@@ -191,19 +201,14 @@ async fn embed_on(
                 if normalize_before_cut {
                     l2_normalize(&mut values);
                 }
-                if let Some((dimensions, named_by)) = dimensions {
+                // Checked here too for a graph that does not declare its width.
+                if let Some(dimensions) = dimensions {
                     if dimensions > values.len() {
-                        return Err(Error::invalid(
-                            "dimensions",
-                            format!(
-                                "{named_by} is {dimensions}, over the {} values {}@{} returns",
-                                values.len(),
-                                model.name,
-                                model.version
-                            ),
-                        ));
+                        return Err(too_wide(model, dimensions, values.len()));
                     }
                     values.truncate(dimensions);
+                } else if let Some(truncate_dim) = &settings.truncate_dim {
+                    values.truncate(truncate_dim.value);
                 }
                 if normalize_after_cut {
                     l2_normalize(&mut values);
@@ -234,6 +239,16 @@ fn prompt_length(model: &ModelVersion, prompt: &str) -> Result<usize> {
 fn prompt_tokens(encoding: &tokenizers::Encoding) -> usize {
     let ends_special = encoding.get_special_tokens_mask().last() == Some(&1);
     encoding.len() - usize::from(ends_special)
+}
+
+fn too_wide(model: &ModelVersion, dimensions: usize, width: usize) -> Error {
+    Error::invalid(
+        "dimensions",
+        format!(
+            "is {dimensions}, over the {width} values {}@{} returns",
+            model.name, model.version
+        ),
+    )
 }
 
 /// Scales `values` to unit length; a zero vector stays zero.

@@ -167,22 +167,13 @@ fn tensor(name: &str, datatype: &str, shape: &[i64]) -> TensorMetadata {
     }
 }
 
-/// The width of `model`'s embeddings, as its graph declares it.
+/// The width of `model`'s embeddings as a request without `dimensions` gets them: the graph's,
+/// or the model's `truncate_dim` where that is narrower (a request's `dimensions` changes it).
 fn embedding_width(model: &ModelVersion) -> Option<i64> {
-    let settings = model.settings.embed.as_ref()?;
-    let bindings = &model.bindings;
-    let name = if settings.use_pooled_output {
-        bindings.pooled_output.as_ref()
-    } else {
-        bindings.hidden_states.as_ref()
-    }?;
-    let output = model
-        .pool
-        .graph()
-        .outputs
-        .iter()
-        .find(|o| &o.name == name)?;
-    output.shape.last().copied().filter(|width| *width > 0)
+    let width = model.embedding_width()?;
+    let truncate_dim = model.settings.embed.as_ref()?.truncate_dim.as_ref();
+    let width = truncate_dim.map_or(width, |dim| dim.value.min(width));
+    i64::try_from(width).ok()
 }
 
 fn label_count(model: &ModelVersion) -> Option<i64> {

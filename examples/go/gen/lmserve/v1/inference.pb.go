@@ -630,7 +630,10 @@ type ClassifyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Target model: "name" or "name@version".
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
-	// Texts to classify; at least one.
+	// Texts to classify; at least one. A sentence-transformers CrossEncoder with a default prompt
+	// (GetModel's classify.prompt) gets it before each text, as CrossEncoder.predict puts it: it
+	// counts in token_count and the length limit, and TRUNCATE_LEFT, which would cut it off
+	// first, is INVALID_ARGUMENT. Tokenize does not add it.
 	Texts []string `protobuf:"bytes,2,rep,name=texts,proto3" json:"texts,omitempty"`
 	// Return only the k best labels per text (at least 1). Unset: all labels.
 	TopK *uint32 `protobuf:"varint,3,opt,name=top_k,json=topK,proto3,oneof" json:"top_k,omitempty"`
