@@ -22,6 +22,18 @@ fn fixture_reference() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// `version` failed to load, its reason naming each of `needles`.
+fn assert_failed_naming(version: &lmserve::api::proto::ModelVersion, needles: &[&str]) {
+    assert_eq!(version.state, LoadState::Failed as i32);
+    for needle in needles {
+        assert!(
+            version.load_error.contains(needle),
+            "{needle:?} not in {}",
+            version.load_error
+        );
+    }
+}
+
 fn embed(model: &str, text: &str) -> EmbedRequest {
     EmbedRequest {
         model: model.into(),
@@ -219,20 +231,16 @@ async fn a_pooled_output_bound_as_hidden_states_fails_at_load_with_the_graph_and
         .unwrap()
         .into_inner();
     let version = &info.versions[0];
-    assert_eq!(version.state, LoadState::Failed as i32);
-    for needle in [
-        "sentence_embedding float32 [?, 8]",
-        "[tensors].hidden_states",
-        "[embed].pooled_output",
-        "graph inputs: input_ids int64 [?, ?]",
-        "graph outputs: token_embeddings float32 [?, ?, 8]",
-    ] {
-        assert!(
-            version.load_error.contains(needle),
-            "{needle:?} not in {}",
-            version.load_error
-        );
-    }
+    assert_failed_naming(
+        version,
+        &[
+            "sentence_embedding float32 [?, 8]",
+            "[tensors].hidden_states",
+            "[embed].pooled_output",
+            "graph inputs: input_ids int64 [?, ?]",
+            "graph outputs: token_embeddings float32 [?, ?, 8]",
+        ],
+    );
     // The graph is described for the failed version too.
     let outputs: Vec<&str> = version.outputs.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(
@@ -584,18 +592,14 @@ async fn a_cross_encoder_scores_pairs_as_sentence_transformers_does() {
     );
 
     let relu = common::first_version(&models, "ce-relu").await;
-    assert_eq!(relu.state, LoadState::Failed as i32);
-    for needle in [
-        "config_sentence_transformers.json",
-        "torch.nn.modules.activation.ReLU",
-        "[classify] activation",
-    ] {
-        assert!(
-            relu.load_error.contains(needle),
-            "{needle:?} not in {}",
-            relu.load_error
-        );
-    }
+    assert_failed_naming(
+        &relu,
+        &[
+            "config_sentence_transformers.json",
+            "torch.nn.modules.activation.ReLU",
+            "[classify] activation",
+        ],
+    );
 }
 
 /// What model.toml sets overrides Hugging Face files this server cannot follow: a
@@ -642,18 +646,14 @@ async fn model_toml_overrides_files_the_server_cannot_follow() {
         ("mean", "model.toml")
     );
     let failed = common::first_version(&models, "not-overridden").await;
-    assert_eq!(failed.state, LoadState::Failed as i32);
-    for needle in [
-        "1_Pooling/config.json",
-        "weightedmean_tokens",
-        "[embed] pooling",
-    ] {
-        assert!(
-            failed.load_error.contains(needle),
-            "{needle:?} not in {}",
-            failed.load_error
-        );
-    }
+    assert_failed_naming(
+        &failed,
+        &[
+            "1_Pooling/config.json",
+            "weightedmean_tokens",
+            "[embed] pooling",
+        ],
+    );
     let mut client = server.inference().await;
     client.embed(embed("overridden", "the king")).await.unwrap();
 }
@@ -696,14 +696,10 @@ async fn a_dense_module_after_pooling_is_served_only_through_the_pooled_output()
     .await;
     let models = server.models().await;
     let states_only = common::first_version(&models, "states-only").await;
-    assert_eq!(states_only.state, LoadState::Failed as i32);
-    for needle in ["modules.json", "2_Dense", "sentence_embedding"] {
-        assert!(
-            states_only.load_error.contains(needle),
-            "{needle:?} not in {}",
-            states_only.load_error
-        );
-    }
+    assert_failed_naming(
+        &states_only,
+        &["modules.json", "2_Dense", "sentence_embedding"],
+    );
     let pooled = common::first_version(&models, "pooled").await;
     assert_eq!(
         pooled.state,
