@@ -407,6 +407,8 @@ impl HfFiles {
             Some(CROSS_ENCODER) => (SentenceTransformersConfig::default(), st_config),
             _ => Default::default(),
         };
+        check_default_prompt(&for_embed)?;
+        check_default_prompt(&for_cross_encoder)?;
         let cross_encoder = cross_encoder(config.as_ref(), saved_as.as_deref(), &for_cross_encoder);
         Ok(Self {
             config,
@@ -458,6 +460,25 @@ fn cross_encoder(
         activation_fns,
         prompt,
     })
+}
+
+/// sentence-transformers refuses to load a save whose default prompt is not one of its prompts
+/// (`_validate_prompts`), whichever class it was saved by.
+fn check_default_prompt(config: &SentenceTransformersConfig) -> anyhow::Result<()> {
+    if let Some(name) = &config.default_prompt_name
+        && !config.prompts.contains_key(name)
+    {
+        bail!(
+            "{SENTENCE_TRANSFORMERS_CONFIG}: default_prompt_name `{name}` is not one of its prompts ({})",
+            config
+                .prompts
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The first of the Transformer module's config files its folder (`module`, in `dir`) holds, as
@@ -521,20 +542,6 @@ fn read_sentence_transformers(
     }
     let (transformer, transformer_file) = read_transformer_config(dir, transformer_path)?;
     let max_seq_length = transformer.max_seq_length.zip(transformer_file);
-    // sentence-transformers refuses to load such a model too.
-    if let Some(name) = &config.default_prompt_name
-        && !config.prompts.contains_key(name)
-    {
-        bail!(
-            "{SENTENCE_TRANSFORMERS_CONFIG}: default_prompt_name `{name}` is not one of its prompts ({})",
-            config
-                .prompts
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
     Ok(Some(SentenceTransformers {
         pooling,
         normalize,
@@ -1030,6 +1037,12 @@ mod tests {
         );
         let st = reranker.sentence_transformers.unwrap();
         assert!(st.prompts.is_empty() && st.truncate_dim.is_none(), "{st:?}");
+        // A default prompt the CrossEncoder lacks fails the load, as in sentence-transformers.
+        let lacking =
+            r#"{"model_type": "CrossEncoder", "prompts": {}, "default_prompt_name": "query"}"#;
+        let dir = folder(&[(MODULES, modules), (SENTENCE_TRANSFORMERS_CONFIG, lacking)]);
+        let error = HfFiles::read(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("default_prompt_name `query`"), "{error}");
         for model_type in ["", r#""model_type": "SentenceTransformer", "#] {
             let embedder = read(&config(model_type));
             assert_eq!(embedder.cross_encoder, None);

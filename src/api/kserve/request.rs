@@ -74,7 +74,15 @@ impl FieldNames {
             TEXT_INPUT.to_owned()
         } else if field == "model" {
             "model_name".to_owned()
-        } else if ["pooling", "dimensions", "prompt_name", "normalize"].contains(&field.as_str()) {
+        } else if [
+            "pooling",
+            "dimensions",
+            "prompt_name",
+            "normalize",
+            "truncate",
+        ]
+        .contains(&field.as_str())
+        {
             // Request fields that are parameters here.
             format!("parameters.{field}")
         } else {

@@ -414,9 +414,10 @@ type EmbedRequest struct {
 	PromptName *string `protobuf:"bytes,7,opt,name=prompt_name,json=promptName,proto3,oneof" json:"prompt_name,omitempty"`
 	// Keep only the first `dimensions` values of each vector: the smaller embedding of a model
 	// trained for it (Matryoshka), as sentence-transformers' encode(truncate_dim=...) returns it.
-	// The model's own normalization (its Normalize module, the manifest's default) comes before
-	// the cut, so the shorter vector is not of unit length; with `normalize: true` it is
-	// normalized again after the cut. Unset: the model's truncate_dim (GetModel's
+	// The model's own normalization (its Normalize module, or model.toml's [embed] normalize)
+	// comes before the cut, so the shorter vector is not of unit length; with `normalize: true`
+	// it is normalized again after the cut, as is a model that says nothing of normalization
+	// (the server's default). Unset: the model's truncate_dim (GetModel's
 	// embed.truncate_dim), else every value. More than the model's width, or 0: INVALID_ARGUMENT.
 	Dimensions    *uint32 `protobuf:"varint,8,opt,name=dimensions,proto3,oneof" json:"dimensions,omitempty"`
 	unknownFields protoimpl.UnknownFields
