@@ -75,17 +75,16 @@ impl KserveService {
         &self,
         metadata: &MetadataMap,
         deadline: Deadline,
-        timeout: Option<std::time::Duration>,
-        route_key: Option<&str>,
+        request: &request::Request,
     ) -> Result<Routing> {
         let mut routing = routing::routing(
             &self.registry.config().routing,
             &self.limits,
             metadata,
             deadline,
-            ("parameters.route_key", route_key),
+            ("parameters.route_key", request.route_key.as_deref()),
         )?;
-        routing.deadline = deadline::sooner(deadline, timeout).map(|(at, _)| at.into_std());
+        routing.deadline = deadline::sooner(deadline, request.timeout).map(|(at, _)| at.into_std());
         Ok(routing)
     }
 
@@ -153,12 +152,7 @@ impl GrpcInferenceService for KserveService {
         let deadline = deadline::from_request(&metadata, &extensions);
         let span = tracing::info_span!("kserve_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
         let request = self.read(request)?;
-        let routing = self.routing(
-            &metadata,
-            deadline,
-            request.timeout,
-            request.route_key.as_deref(),
-        )?;
+        let routing = self.routing(&metadata, deadline, &request)?;
         let response = infer::infer(self.tasks(), request, &routing)
             .instrument(span)
             .await?;

@@ -94,12 +94,7 @@ async fn start(
     deadline: Deadline,
 ) -> Result<Responses> {
     let request = service.read(request)?;
-    let routing = service.routing(
-        &metadata,
-        deadline,
-        request.timeout,
-        request.route_key.as_deref(),
-    )?;
+    let routing = service.routing(&metadata, deadline, &request)?;
     let tasks = service.tasks();
     match request.work {
         // As Triton's vLLM backend, only when the `stream` input says so; otherwise one response.
