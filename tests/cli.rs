@@ -283,14 +283,16 @@ async fn chat_from_the_command_line_keeps_the_history() {
 async fn a_client_piped_into_a_closed_reader_ends_without_a_panic() {
     use std::os::unix::process::ExitStatusExt;
     let server = TestServer::start().await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lmserve"))
+    // The reader is closed before the child starts: closing it after `spawn` raced the
+    // child, which on a loaded machine could print its answer into the pipe first and exit 0.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lmserve"))
         .args(["models", "get", "--addr", &server.url(), "tiny-gpt2@1"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    drop(child.stdout.take());
-    let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
