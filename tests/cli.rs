@@ -110,6 +110,61 @@ async fn generate_embed_and_classify_from_the_command_line() {
     assert!(output.contains("NotFound"), "{output}");
 }
 
+/// A continuation is printed after its prompt; a translation stands alone. Which one a stream is
+/// comes from the version that served it, so a route to an encoder-decoder counts as one too.
+#[tokio::test]
+async fn a_translation_is_printed_without_its_prompt_also_through_a_route() {
+    let server = TestServer::start().await;
+    let addr = server.url();
+    let source = "I like to read books.";
+    let expected = server
+        .inference()
+        .await
+        .generate(GenerateRequest {
+            model: "tiny-translator".into(),
+            prompt: Some(Prompt::Text(source.into())),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(12),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sequences[0]
+        .text
+        .clone();
+    let (ok, output) = run_to_exit(
+        &["routes", "set", "mt", "--task", "generate", "--addr", &addr]
+            .into_iter()
+            .chain(["--arm", "tiny-translator=1"])
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(ok, "{output}");
+    for model in ["tiny-translator", "tiny-translator@1", "mt"] {
+        let (ok, output) = run_to_exit(
+            &[
+                "generate",
+                "--addr",
+                &addr,
+                "--model",
+                model,
+                "--max-new-tokens",
+                "12",
+                source,
+            ],
+            &[],
+        );
+        assert!(ok, "{output}");
+        assert!(
+            output.starts_with(&format!("{expected}\n")),
+            "{model}: {output}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn models_and_routes_from_the_command_line_with_a_host_port_address() {
     let server = TestServer::start_with(common::ServerOptions {

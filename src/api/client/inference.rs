@@ -21,8 +21,6 @@ pub async fn generate(
     prompt: String,
     parameters: GenerationParameters,
 ) -> anyhow::Result<()> {
-    // A continuation follows its prompt on screen; a translation stands on its own.
-    let echo_prompt = !is_encoder_decoder(target, &model).await;
     let mut client = connect(target).await?;
     let request = proto::GenerateRequest {
         model,
@@ -37,13 +35,18 @@ pub async fn generate(
         .map_err(status)?
         .into_inner();
     let mut stdout = std::io::stdout().lock();
-    if echo_prompt {
-        write!(stdout, "{prompt}")?;
-        stdout.flush()?;
-    }
     let mut summary = None;
+    let mut first = true;
     while let Some(message) = stream.next().await {
         let message = message.map_err(status)?;
+        if std::mem::take(&mut first) {
+            // A continuation follows its prompt on screen; a translation stands on its own.
+            // The first message names the version serving the stream, whatever route or
+            // bare name led to it.
+            if !is_encoder_decoder(target, message.served_by.as_ref()).await {
+                write!(stdout, "{prompt}")?;
+            }
+        }
         write!(stdout, "{}", message.text)?;
         stdout.flush()?;
         if message.timings.is_some() {
@@ -65,23 +68,25 @@ pub async fn generate(
     Ok(())
 }
 
-/// Whether `model` names an encoder-decoder (its newest version's family). A route, or a
-/// server that will not say, counts as not.
-async fn is_encoder_decoder(target: &Target, model: &str) -> bool {
+/// Whether the version serving a stream is an encoder-decoder. A server that will not say (no
+/// `served_by`, or Models not open to this caller) counts as not.
+async fn is_encoder_decoder(target: &Target, served_by: Option<&proto::ServedBy>) -> bool {
+    let Some(served_by) = served_by else {
+        return false;
+    };
     let Ok(connection) = target.connect().await else {
         return false;
     };
-    let name = model.split('@').next().unwrap_or(model).to_owned();
-    let Ok(info) = ModelsClient::new(connection)
-        .get_model(proto::GetModelRequest { name })
-        .await
-    else {
+    let request = proto::GetModelRequest {
+        name: served_by.model.clone(),
+    };
+    let Ok(info) = ModelsClient::new(connection).get_model(request).await else {
         return false;
     };
-    info.into_inner()
-        .versions
-        .last()
-        .is_some_and(|version| version.family == proto::Family::EncoderDecoder as i32)
+    info.into_inner().versions.iter().any(|version| {
+        version.version == served_by.version
+            && version.family == proto::Family::EncoderDecoder as i32
+    })
 }
 
 /// Prints one embedding per text, as JSON lines.
