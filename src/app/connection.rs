@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use super::clients::{ClientCounts, ClientPlace};
+use super::clients::{Client, ClientCounts, ClientPlace};
 
 /// The HTTP/2 client connection preface (RFC 9113, 3.4) is 24 bytes.
 const PREFACE_BYTES: usize = 24;
@@ -81,10 +81,12 @@ fn is_a_shortage(error: &io::Error) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
-    /// Most connections open at once from one client address; 0: no limit but
+    /// Most connections open at once from one client (`Client::of`); 0: no limit but
     /// `max_connections`. Past it a client's further connections are closed as they are
     /// accepted, where waiting in the backlog would hold up every other client's too.
     pub max_per_client: usize,
+    /// The leading bits of an IPv6 address that name its client (`Client::of`).
+    pub ipv6_client_prefix: u8,
     pub handshake_timeout: Duration,
     /// Closes a connection that sends nothing for this long (counted from the accept, then
     /// from each read that brings bytes), or whose writes wait this long on a client that reads
@@ -132,12 +134,13 @@ pub fn accept(
                         return Some((Err(error), state));
                     }
                 };
-                let Some(client) = state.clients.admit(peer.ip(), limits.max_per_client) else {
+                let client = Client::of(peer.ip(), limits.ipv6_client_prefix);
+                let Some(place) = state.clients.admit(client, limits.max_per_client) else {
                     // Dropping the stream closes it; the permit waits for the next client.
                     crate::telemetry::metrics::connection_refused();
                     if once_a_second(&mut state.last_refused) {
                         tracing::warn!(
-                            client = %peer.ip().to_canonical(),
+                            %client,
                             limit = limits.max_per_client,
                             "a client holds server.max_connections_per_client connections; \
                              closing its further ones"
@@ -163,7 +166,7 @@ pub fn accept(
                         bytes_left: PREFACE_BYTES,
                     }),
                     idle: limits.idle_timeout.map(Idle::new),
-                    _client: client,
+                    _client: place,
                     _permit: permit,
                 };
                 return Some((Ok(connection), state));
@@ -470,6 +473,7 @@ mod tests {
         let limits = ConnectionLimits {
             max_connections: 8,
             max_per_client,
+            ipv6_client_prefix: 128,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout,
         };

@@ -78,6 +78,7 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let connection_limits = ConnectionLimits {
         max_connections: config.server.max_connections,
         max_per_client: config.server.max_connections_per_client,
+        ipv6_client_prefix: config.server.ipv6_client_prefix,
         handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms.max(1)),
         idle_timeout: None,
     };

@@ -136,9 +136,14 @@ pub struct ServerConfig {
     /// Most connections open at once from one client address, per listener, so that one client
     /// cannot take every place under `max_connections`; its further ones are closed as they
     /// are accepted. 0: no limit but `max_connections`. Behind a proxy or a NAT every client
-    /// shares the proxy's address: raise it, or set 0, there. Each IPv6 address counts as a
-    /// client of its own, though one host may hold many.
+    /// shares the proxy's address: raise it, or set 0, there.
     pub max_connections_per_client: usize,
+    /// How many leading bits of an IPv6 address name one client for
+    /// `max_connections_per_client`. 128 (the default): each address is a client, as inside a
+    /// cluster, where a node's pods share one /64. 64 on a listener open to the internet, where
+    /// one subscriber holds a whole /64 and could otherwise open 256 connections from each of
+    /// its addresses.
+    pub ipv6_client_prefix: u8,
     /// Most calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a
     /// client's further calls wait on its side.
     pub max_streams_per_connection: u32,
@@ -366,6 +371,7 @@ impl Default for ServerConfig {
             ready_when: ReadyWhen::Any,
             max_connections: 1024,
             max_connections_per_client: 256,
+            ipv6_client_prefix: 128,
             max_streams_per_connection: 256,
             handshake_timeout_ms: 10_000,
             keepalive_interval_ms: 60_000,
@@ -493,6 +499,12 @@ impl Config {
         ];
         if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{name} must be at least 1; got 0"));
+        }
+        let prefix = self.server.ipv6_client_prefix;
+        if !(1..=128).contains(&prefix) {
+            return Err(format!(
+                "server.ipv6_client_prefix must be between 1 and 128 bits; got {prefix}"
+            ));
         }
         Ok(())
     }
@@ -696,6 +708,31 @@ mod tests {
             assert_eq!(
                 (generation.max_new_tokens, generation.default_max_new_tokens),
                 (32, 32)
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_ipv6_client_prefix_outside_an_address_is_refused() {
+        Jail::expect_with(|jail| {
+            for prefix in [0, 129, 255] {
+                jail.create_file(
+                    DEFAULT_CONFIG_FILE,
+                    &format!("[server]\nipv6_client_prefix = {prefix}\n"),
+                )?;
+                let error = Config::load(None, Figment::new()).unwrap_err().to_string();
+                let expected = format!(
+                    "server.ipv6_client_prefix must be between 1 and 128 bits; got {prefix}"
+                );
+                assert!(error.contains(&expected), "{error}");
+            }
+            jail.set_env("LMSERVE_SERVER__IPV6_CLIENT_PREFIX", "64");
+            assert_eq!(
+                Config::load(None, Figment::new())?
+                    .server
+                    .ipv6_client_prefix,
+                64
             );
             Ok(())
         });
