@@ -391,12 +391,16 @@ impl HfFiles {
             }
         };
         let config: Option<ModelConfig> = read_json(dir, CONFIG)?;
-        let st_config: SentenceTransformersConfig =
-            read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default();
-        // sentence-transformers reads its config only beside a modules.json, and only into the
-        // class the save was made by (`model_type`, SentenceTransformer where absent): a
-        // reranker's prompts do not reach an embedder, nor an embedder's a reranker.
-        let saved_as: Option<String> = dir.join(MODULES).is_file().then(|| {
+        // sentence-transformers reads its config only beside a modules.json (so a broken one
+        // elsewhere is not read, here either), and only into the class the save was made by
+        // (`model_type`, SentenceTransformer where absent): a reranker's prompts do not reach
+        // an embedder, nor an embedder's a reranker.
+        let has_modules = dir.join(MODULES).is_file();
+        let st_config: SentenceTransformersConfig = match has_modules {
+            true => read_json(dir, SENTENCE_TRANSFORMERS_CONFIG)?.unwrap_or_default(),
+            false => SentenceTransformersConfig::default(),
+        };
+        let saved_as: Option<String> = has_modules.then(|| {
             st_config
                 .model_type
                 .clone()
@@ -1008,9 +1012,19 @@ mod tests {
             activations(&[(SENTENCE_TRANSFORMERS_CONFIG, embedder)]),
             None
         );
-        // Without a modules.json sentence-transformers reads no config of its own.
+        // Without a modules.json sentence-transformers reads no config of its own, so one it
+        // could not parse does not fail the load either.
         let dir = folder(&[(SENTENCE_TRANSFORMERS_CONFIG, v6)]);
         assert_eq!(HfFiles::read(dir.path()).unwrap().cross_encoder, None);
+        let dir = folder(&[(SENTENCE_TRANSFORMERS_CONFIG, "{not json")]);
+        assert!(HfFiles::read(dir.path()).is_ok());
+        let modules = r#"[{"path": "", "type": "sentence_transformers.models.Transformer"}]"#;
+        let dir = folder(&[
+            (MODULES, modules),
+            (SENTENCE_TRANSFORMERS_CONFIG, "{not json"),
+        ]);
+        let error = format!("{:#}", HfFiles::read(dir.path()).unwrap_err());
+        assert!(error.contains(SENTENCE_TRANSFORMERS_CONFIG), "{error}");
     }
 
     /// Prompts and truncate_dim reach the class the save was made by: a CrossEncoder's prompt
