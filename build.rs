@@ -10,7 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("lmserve_descriptor.bin"))
         // Undecodable requests are the client's doing: INVALID_ARGUMENT, not tonic's INTERNAL.
         .codec_path("crate::api::codec::StrictCodec")
-        .compile_protos(
+        .compile_with_config(
+            named_types(),
             &[
                 "proto/lmserve/v1/inference.proto",
                 "proto/lmserve/v1/models.proto",
@@ -21,7 +22,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("kserve_descriptor.bin"))
         .codec_path("crate::api::codec::StrictCodec")
-        .compile_protos(&["proto/inference/grpc_service.proto"], &["proto"])?;
+        .compile_with_config(
+            named_types(),
+            &["proto/inference/grpc_service.proto"],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
+}
+
+/// Messages that know their protobuf name (`prost::Name`): the codec looks a request's fields
+/// up in the descriptors by it before decoding (`api::wire`).
+fn named_types() -> prost_build::Config {
+    let mut config = prost_build::Config::new();
+    config.enable_type_names();
+    config
 }

@@ -1339,6 +1339,40 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
             raw(&channel, path, bytes),
         ));
     }
+    // Lists of empty elements: two bytes each on the wire, up to 312 decoded. They are counted
+    // before decoding, so a message within the size limit cannot decode into gigabytes.
+    let empty_elements = |tag: u8, count: usize| [tag, 0x00].repeat(count);
+    // A conversation (field 7) of 100,000 empty messages (its field 1).
+    let mut conversation = vec![0x3a];
+    prost::encoding::encode_varint(200_000, &mut conversation);
+    conversation.extend(empty_elements(0x0a, 100_000));
+    for (path, bytes, what, needle) in [
+        (
+            "/inference.GRPCInferenceService/ModelInfer",
+            empty_elements(0x2a, 4_000_000),
+            "kserve: four million empty inputs",
+            "inputs: the request holds more than 65536 list elements",
+        ),
+        (
+            "/lmserve.v1.Inference/Embed",
+            empty_elements(0x12, 100_000),
+            "embed: a hundred thousand empty texts",
+            "texts: the request holds more than 65536 list elements",
+        ),
+        (
+            "/lmserve.v1.Inference/Generate",
+            conversation,
+            "generate: a hundred thousand empty messages",
+            "messages.messages: the request holds more than 65536 list elements",
+        ),
+    ] {
+        cases.push(case(
+            what,
+            InvalidArgument,
+            &[needle],
+            raw(&channel, path, bytes),
+        ));
+    }
     let over_a_mebibyte = prost::Message::encode_to_vec(&GetModelRequest {
         name: "m".repeat(1_100_000),
     });

@@ -1,11 +1,12 @@
 //! The protobuf codec of lmserve's services: prost's, except that a message which does not
 //! decode (invalid UTF-8 in a string, a truncated field, a wrong wire type) is the client's
 //! doing and answered INVALID_ARGUMENT, where tonic's default says INTERNAL. The reason is
-//! bounded, as every echoed value is.
+//! bounded, as every echoed value is. Before decoding, the request's lists are counted on the
+//! wire (`api::wire`), so that no message decodes into more memory than its checks allow.
 
 use std::marker::PhantomData;
 
-use prost::Message;
+use prost::{Message, Name};
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -24,7 +25,7 @@ impl<T, U> Default for StrictCodec<T, U> {
 impl<T, U> Codec for StrictCodec<T, U>
 where
     T: Message + Send + 'static,
-    U: Message + Default + Send + 'static,
+    U: Message + Name + Default + Send + 'static,
 {
     type Encode = T;
     type Decode = U;
@@ -57,11 +58,23 @@ impl<T: Message> Encoder for StrictEncoder<T> {
 #[derive(Debug)]
 pub struct StrictDecoder<U>(PhantomData<U>);
 
-impl<U: Message + Default> Decoder for StrictDecoder<U> {
+impl<U: Message + Name + Default> Decoder for StrictDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        use prost::bytes::Buf;
+        // tonic hands over the whole message in one buffer.
+        let bytes = buf.chunk();
+        if bytes.len() == buf.remaining() {
+            super::wire::check_list_elements(&U::full_name(), bytes).map_err(|field| {
+                let limit = super::wire::MAX_LIST_ELEMENTS;
+                Status::invalid_argument(format!(
+                    "{field}: the request holds more than {limit} list elements (repeated \
+                     fields and map entries, counted together); the limit is {limit}"
+                ))
+            })?;
+        }
         U::decode(buf).map(Some).map_err(|error| {
             let reason = error.to_string();
             let reason = crate::error::bounded(&reason, MAX_REASON_BYTES);

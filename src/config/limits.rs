@@ -3,6 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most `max_texts_per_request` and `max_messages_per_request` may be: a request's lists
+/// are counted on the wire before it is decoded, four times this many elements at most
+/// (`api::wire`), and a request within those limits must fit.
+pub const MOST_TEXTS_OR_MESSAGES: usize = 16_384;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -23,7 +28,8 @@ pub struct LimitsConfig {
     /// Most arms in one route.
     pub max_route_arms: usize,
     /// Largest request message of the Inference service, in bytes; larger ones are refused with
-    /// RESOURCE_EXHAUSTED before they are read.
+    /// RESOURCE_EXHAUSTED before they are read. Any request's lists (repeated fields and map
+    /// entries, together) hold 65,536 elements at most, counted before decoding (`api::wire`).
     pub max_inference_message_bytes: usize,
     /// Largest request message of the Models service, in bytes.
     pub max_models_message_bytes: usize,

@@ -500,6 +500,21 @@ impl Config {
         if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{name} must be at least 1; got 0"));
         }
+        let most = limits::MOST_TEXTS_OR_MESSAGES;
+        for (name, value) in [
+            (
+                "limits.max_texts_per_request",
+                self.limits.max_texts_per_request,
+            ),
+            (
+                "limits.max_messages_per_request",
+                self.limits.max_messages_per_request,
+            ),
+        ] {
+            if value > most {
+                return Err(format!("{name} must be at most {most}; got {value}"));
+            }
+        }
         let prefix = self.server.ipv6_client_prefix;
         if !(1..=128).contains(&prefix) {
             return Err(format!(
@@ -708,6 +723,22 @@ mod tests {
             assert_eq!(
                 (generation.max_new_tokens, generation.default_max_new_tokens),
                 (32, 32)
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn list_limits_past_what_the_wire_check_admits_are_refused() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                DEFAULT_CONFIG_FILE,
+                "[limits]\nmax_texts_per_request = 20000\n",
+            )?;
+            let error = Config::load(None, Figment::new()).unwrap_err().to_string();
+            assert!(
+                error.contains("limits.max_texts_per_request must be at most 16384; got 20000"),
+                "{error}"
             );
             Ok(())
         });
