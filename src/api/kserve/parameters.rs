@@ -188,14 +188,59 @@ pub fn pooling(parameters: &mut Parameters) -> Result<Option<Pooling>> {
     }
 }
 
+/// Most stop sequences a `stop` array is read to: far past `generation.max_stop_sequences`,
+/// which refuses the request later, naming its own limit. Reading stops here, so that an array
+/// of millions of empty strings in one parameter costs no memory beyond this many.
+const MOST_LISTED_STOP_SEQUENCES: usize = 1024;
+
 /// `stop` as one stop sequence, or as a JSON array of them (`["\n\n", "END"]`).
-fn stop_sequences(value: String) -> Vec<String> {
-    if value.starts_with('[')
-        && let Ok(list) = serde_json::from_str::<Vec<String>>(&value)
-    {
-        return list;
+fn stop_sequences(value: String) -> Result<Vec<String>> {
+    if !value.starts_with('[') {
+        return Ok(vec![value]);
     }
-    vec![value]
+    match serde_json::from_str::<Listed>(&value) {
+        Ok(Listed(Some(list))) => Ok(list),
+        Ok(Listed(None)) => Err(Error::invalid(
+            field("stop"),
+            format!(
+                "lists more than {MOST_LISTED_STOP_SEQUENCES} stop sequences ({} bytes)",
+                value.len()
+            ),
+        )),
+        // Not a JSON array of strings: one stop sequence that starts with `[`.
+        Err(_) => Ok(vec![value]),
+    }
+}
+
+/// A JSON array of strings, or `None` where it holds more than `MOST_LISTED_STOP_SEQUENCES`
+/// (the rest is skipped over, not kept).
+struct Listed(Option<Vec<String>>);
+
+impl<'de> serde::Deserialize<'de> for Listed {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Strings;
+        impl<'de> serde::de::Visitor<'de> for Strings {
+            type Value = Listed;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of strings")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Listed, A::Error> {
+                let mut list = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    if list.len() == MOST_LISTED_STOP_SEQUENCES {
+                        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                        return Ok(Listed(None));
+                    }
+                    list.push(item);
+                }
+                Ok(Listed(Some(list)))
+            }
+        }
+        deserializer.deserialize_seq(Strings)
+    }
 }
 
 /// The generation settings among `parameters`, into `params`. Triton's convention that a
@@ -237,10 +282,10 @@ pub fn generation(parameters: &mut Parameters, params: &mut GenerateParams) -> R
     params.repetition_penalty = parameters.number("repetition_penalty")?;
     params.frequency_penalty = parameters.number("frequency_penalty")?.unwrap_or(0.0);
     params.presence_penalty = parameters.number("presence_penalty")?.unwrap_or(0.0);
-    params.stop = parameters
-        .string("stop")?
-        .map(stop_sequences)
-        .unwrap_or_default();
+    params.stop = match parameters.string("stop")? {
+        Some(value) => stop_sequences(value)?,
+        None => Vec::new(),
+    };
     params.ignore_eos = parameters.bool("ignore_eos")?.unwrap_or(false);
     // vLLM's sampling parameter, and its default.
     params.keep_special_tokens = !parameters.bool("skip_special_tokens")?.unwrap_or(true);
@@ -351,8 +396,23 @@ mod tests {
 
     #[test]
     fn a_plain_stop_string_is_one_sequence() {
-        assert_eq!(stop_sequences("\n".into()), ["\n"]);
-        assert_eq!(stop_sequences("[not json".into()), ["[not json"]);
+        assert_eq!(stop_sequences("\n".into()).unwrap(), ["\n"]);
+        assert_eq!(stop_sequences("[not json".into()).unwrap(), ["[not json"]);
+        assert_eq!(stop_sequences(r#"["a", "b"]"#.into()).unwrap(), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_stop_array_is_read_no_further_than_its_limit() {
+        let listed = |n: usize| format!("[{}]", vec![r#""""#; n].join(","));
+        let most = MOST_LISTED_STOP_SEQUENCES;
+        assert_eq!(stop_sequences(listed(most)).unwrap().len(), most);
+        let long = listed(2_000_000);
+        let error = stop_sequences(long.clone()).unwrap_err().to_string();
+        let expected = format!(
+            "parameters.stop: lists more than {most} stop sequences ({} bytes)",
+            long.len()
+        );
+        assert_eq!(error, expected);
     }
 
     #[test]
