@@ -560,7 +560,10 @@ async fn stream_infer_sends_token_deltas_then_a_final_response() {
     // A stream does not repeat the prompt, and may not be asked to.
     let mut echoing = with_flag(generate.clone(), "exclude_input_in_output", false);
     echoing.id = "bad".into();
-    let requests = futures::stream::iter([generate, bad, embed, whole, echoing]);
+    // Refused for its id, whose failure carries that id cut to the limit, not sent back whole.
+    let mut long_id = infer("tiny-gpt2", &[PROMPT], &twenty);
+    long_id.id = "L".repeat(1 << 20);
+    let requests = futures::stream::iter([generate, bad, embed, whole, echoing, long_id]);
     let mut responses = kserve
         .model_stream_infer(requests)
         .await
@@ -568,7 +571,7 @@ async fn stream_infer_sends_token_deltas_then_a_final_response() {
         .into_inner();
 
     let (mut deltas, mut finals, mut errors, mut embeddings) = (Vec::new(), 0, Vec::new(), 0);
-    let (mut generated_tokens, mut wholes) = (0, Vec::new());
+    let (mut generated_tokens, mut wholes, mut long_ids) = (0, Vec::new(), 0);
     while let Some(message) = responses.next().await {
         let message = message.unwrap();
         let response = message.infer_response.unwrap();
@@ -600,10 +603,21 @@ async fn stream_infer_sends_token_deltas_then_a_final_response() {
                 assert!(last && message.error_message.is_empty());
                 wholes.extend(texts_of(&response, "text_output"));
             }
+            long if long.starts_with(&"L".repeat(128)) => {
+                assert!(last && long.len() < 200, "{} bytes of id", long.len());
+                assert!(
+                    message
+                        .error_message
+                        .starts_with("InvalidArgument: id: 1048576 bytes is over the limit"),
+                    "{}",
+                    message.error_message
+                );
+                long_ids += 1;
+            }
             other => panic!("unexpected id {other}"),
         }
     }
-    assert_eq!(finals, 1);
+    assert_eq!((finals, long_ids), (1, 1));
     assert_eq!(
         deltas.len(),
         generated_tokens + 1,

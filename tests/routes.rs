@@ -1148,6 +1148,16 @@ async fn management_errors_name_what_is_wrong() {
         Code::InvalidArgument,
         "x-lmserve-route-arm",
     );
+    // A pin is bounded like the arm it names, before anything echoes it.
+    let mut pinned = tonic::Request::new(embed("r", ""));
+    pinned
+        .metadata_mut()
+        .insert("x-lmserve-route-arm", "a".repeat(4096).parse().unwrap());
+    check(
+        client.embed(pinned).await,
+        Code::InvalidArgument,
+        "the x-lmserve-route-arm header: 4096 bytes is over the limit of 128 bytes",
+    );
 
     // Deleting the route releases the versions.
     assert_eq!(

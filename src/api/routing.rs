@@ -36,10 +36,15 @@ pub fn routing(
     if let (Some(key), None) = (&key, route_key.filter(|key| !key.is_empty())) {
         check_name(&format!("the {} header", config.key_header), key, limits)?;
     }
+    // An arm is named like a model, and a pin the route lacks is echoed in the refusal.
+    let pin = header(&config.pin_header);
+    if let Some(pin) = &pin {
+        check_name(&format!("the {} header", config.pin_header), pin, limits)?;
+    }
     let deadline = deadline.map(|(at, _)| at.into_std());
     Ok(Routing {
         key,
-        pin: header(&config.pin_header),
+        pin,
         deadline,
         call_deadline: deadline,
     })

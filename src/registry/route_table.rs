@@ -88,7 +88,10 @@ impl Registry {
                 let arms: Vec<&str> = route.arms.iter().map(|arm| arm.target.as_str()).collect();
                 Error::invalid(
                     &self.config.routing.pin_header,
-                    format!("`{pin}` is not an arm of route `{name}`; arms: {arms:?}"),
+                    format!(
+                        "{} is not an arm of route `{name}`; arms: {arms:?}",
+                        crate::error::echo(pin)
+                    ),
                 )
             })?,
             None => route.pick(request.key, rand::random::<f64>()),

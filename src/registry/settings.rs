@@ -141,7 +141,7 @@ impl EmbedSettings {
         };
         Err(crate::error::Error::invalid(
             "prompt_name",
-            format!("no prompt is named `{name}`; {known}"),
+            format!("no prompt is named {}; {known}", crate::error::echo(name)),
         ))
     }
 }

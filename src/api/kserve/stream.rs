@@ -66,9 +66,12 @@ fn answer(
     metadata: Arc<MetadataMap>,
     deadline: Deadline,
 ) -> Responses {
+    // A failure carries the id and name too, so the client can tell which request failed;
+    // bounded, as one refused for too long an id must not have it sent back whole.
+    let most = service.tasks().limits.max_name_bytes;
     let failed = Reply {
-        id: request.id.clone(),
-        model_name: request.model_name.clone(),
+        id: bounded(&request.id, most).into_owned(),
+        model_name: bounded(&request.model_name, most).into_owned(),
         layout: super::tensors::Layout::Typed,
     };
     let span = tracing::info_span!("kserve_stream_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
