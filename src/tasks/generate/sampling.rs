@@ -147,16 +147,31 @@ impl Sampler {
             (candidates, probabilities) =
                 typical_filter(candidates, probabilities, self.config.typical_p);
         }
-        let draw: f32 = self.rng.random();
-        let mut total = 0.0;
-        for (i, p) in probabilities.iter().enumerate() {
-            total += p;
-            if draw < total {
-                return candidates[i].0 as i64;
-            }
-        }
-        candidates.last().map_or(0, |c| c.0 as i64)
+        draw(&candidates, &probabilities, self.rng.random())
     }
+}
+
+/// The candidate whose share of the cumulative distribution holds `draw` (in [0, 1)). Summed in
+/// f64 and scaled to the total, so that rounding neither skips the rarest tokens nor leaves the
+/// draw past the end, where it would fall on the least likely candidate.
+fn draw(candidates: &[(usize, f32)], probabilities: &[f32], draw: f32) -> i64 {
+    let sum: f64 = probabilities.iter().map(|&p| f64::from(p)).sum();
+    let target = f64::from(draw) * sum;
+    let mut total = 0.0f64;
+    for (candidate, &p) in candidates.iter().zip(probabilities) {
+        total += f64::from(p);
+        if target < total {
+            return candidate.0 as i64;
+        }
+    }
+    // Only where `draw` rounds to the very end: the last candidate with any probability.
+    candidates
+        .iter()
+        .zip(probabilities)
+        .rev()
+        .find(|(_, p)| **p > 0.0)
+        .or(candidates.iter().zip(probabilities).next())
+        .map_or(0, |(candidate, _)| candidate.0 as i64)
 }
 
 fn apply_penalties(scores: &mut [f32], config: &SamplingConfig, counts: &[u32], seen: &[bool]) {
@@ -317,6 +332,20 @@ pub fn top_n(log_probs: &[f32], n: usize) -> Vec<(usize, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_draw_at_the_end_of_the_distribution_takes_the_last_possible_token() {
+        let candidates = [(4, 0.0), (9, -1.0), (2, -40.0), (7, f32::NEG_INFINITY)];
+        // f32 probabilities as softmax gives them: the third is below what an f32 running total
+        // near 1 can add, and the fourth is none.
+        let probabilities = [0.7310586, 0.26894143, 4.2e-18, 0.0];
+        assert_eq!(draw(&candidates, &probabilities, 0.0), 4);
+        assert_eq!(draw(&candidates, &probabilities, 0.75), 9);
+        // A draw at the very end (rounding) falls on the last token with any probability,
+        // never on one with none, as the least likely candidate was before.
+        assert_eq!(draw(&candidates, &probabilities, 1.0), 2);
+        assert_eq!(draw(&candidates, &[0.5, 0.5, 0.0, 0.0], 1.0), 9);
+    }
 
     fn sampler(config: SamplingConfig) -> Sampler {
         Sampler::new(config, 7, 5, &[])
