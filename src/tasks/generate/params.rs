@@ -99,9 +99,11 @@ impl GenerateParams {
         defaults: &GenerationDefaults,
         limits: &GenerationConfig,
     ) -> Self {
-        self.do_sample = self.do_sample.or(value(&defaults.do_sample));
-        // A beam search asked for takes no penalties, the model's default one included.
+        // A beam search asked for takes neither the model's sampling nor its penalty: beams
+        // here choose the most likely tokens, and a model whose generation_config.json samples
+        // (as most chat models' do) must still give the beams a request asks for.
         if self.num_beams <= 1 {
+            self.do_sample = self.do_sample.or(value(&defaults.do_sample));
             self.repetition_penalty = self
                 .repetition_penalty
                 .or(value(&defaults.repetition_penalty));
@@ -190,6 +192,8 @@ impl GenerateParams {
         let temperature = match self.temperature {
             None => 1.0,
             Some(t) if t > 0.0 && t.is_finite() => t,
+            // Greedy decoding reads no temperature, and 0 is how many clients say "greedy".
+            Some(0.0) if self.do_sample != Some(true) => 1.0,
             Some(t) => {
                 return Err(Error::invalid(
                     "parameters.temperature",
@@ -360,6 +364,16 @@ impl GenerateParams {
         };
         let num_beams = self.num_beams as usize;
         if num_beams <= 1 {
+            // As transformers refuses num_return_sequences > 1 without sampling or beams.
+            if n > 1 && !sampling.do_sample {
+                return Err(Error::invalid(
+                    "parameters.n",
+                    format!(
+                        "{n} sequences by greedy decoding would all be the same; set do_sample \
+                         to sample them, or num_beams to at least {n} for the best {n} beams"
+                    ),
+                ));
+            }
             return Ok(None);
         }
         let beam = |field: &str, message: String| Err(Error::invalid(field, message));
@@ -465,10 +479,25 @@ mod tests {
             ),
             (
                 GenerateParams {
+                    do_sample: Some(true),
                     temperature: Some(0.0),
                     ..base.clone()
                 },
                 "parameters.temperature: must be > 0; got 0",
+            ),
+            (
+                GenerateParams {
+                    temperature: Some(-1.0),
+                    ..base.clone()
+                },
+                "parameters.temperature: must be > 0; got -1",
+            ),
+            (
+                GenerateParams {
+                    n: 3,
+                    ..base.clone()
+                },
+                "parameters.n: 3 sequences by greedy decoding would all be the same",
             ),
             (
                 GenerateParams {
@@ -548,6 +577,22 @@ mod tests {
     }
 
     #[test]
+    fn greedy_decoding_takes_a_temperature_of_0_and_sampling_takes_n() {
+        let limits = GenerationConfig::default();
+        let greedy = GenerateParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        assert!(!greedy.check(&limits).unwrap().sampling.do_sample);
+        let sampled = GenerateParams {
+            do_sample: Some(true),
+            n: 3,
+            ..Default::default()
+        };
+        assert_eq!(sampled.check(&limits).unwrap().n, 3);
+    }
+
+    #[test]
     fn a_models_beam_search_applies_where_the_request_allows_it() {
         use crate::registry::settings::{Source, Sourced};
         fn model<T>(value: T) -> Option<Sourced<T>> {
@@ -596,13 +641,20 @@ mod tests {
                 num_beams: 1,
                 ..Default::default()
             },
-            GenerateParams {
-                n: 5,
-                ..Default::default()
-            },
         ] {
             assert_eq!(beams(params.clone()), None, "{params:?}");
         }
+        // More sequences than the model's beams, without sampling: greedy copies, refused.
+        let more = GenerateParams {
+            n: 5,
+            ..Default::default()
+        };
+        let error = more
+            .with_model_defaults(&defaults, &limits)
+            .check(&limits)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("num_beams to at least 5"), "{error}");
         // A penalty the model sets by default gives way to beams the request asks for.
         let penalising = GenerationDefaults {
             repetition_penalty: model(1.2),
@@ -613,10 +665,23 @@ mod tests {
             ..Default::default()
         };
         let checked = asked
+            .clone()
             .with_model_defaults(&penalising, &limits)
             .check(&limits)
             .unwrap();
         assert_eq!(checked.beams.map(|b| b.num_beams), Some(2));
+        // So does sampling the model does by default (a chat model's generation_config.json).
+        let sampling = GenerationDefaults {
+            do_sample: model(true),
+            temperature: model(0.7),
+            ..Default::default()
+        };
+        let checked = asked
+            .with_model_defaults(&sampling, &limits)
+            .check(&limits)
+            .unwrap();
+        assert_eq!(checked.beams.map(|b| b.num_beams), Some(2));
+        assert!(!checked.sampling.do_sample);
     }
 
     #[test]

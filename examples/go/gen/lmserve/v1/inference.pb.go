@@ -1594,9 +1594,10 @@ type GenerationParameters struct {
 	// max_new_tokens, set or as the model's default gives it: INVALID_ARGUMENT.
 	MinNewTokens uint32 `protobuf:"varint,2,opt,name=min_new_tokens,json=minNewTokens,proto3" json:"min_new_tokens,omitempty"`
 	// Sample from the distribution; false picks the most likely token (greedy). Unset: the model's
-	// default, else greedy.
+	// default (not with num_beams > 1, whose beams are greedy), else greedy.
 	DoSample *bool `protobuf:"varint,3,opt,name=do_sample,json=doSample,proto3,oneof" json:"do_sample,omitempty"`
-	// Divides the logits before sampling; must be > 0. Unset: 1.0.
+	// Divides the logits before sampling; must be > 0 when sampling. Unset: 1.0. Greedy decoding
+	// reads none, and takes 0 as well.
 	Temperature *float32 `protobuf:"fixed32,4,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`
 	// Sample only among the k most likely tokens; 0: no limit. Unset: the model's default, else no
 	// limit.
@@ -1622,13 +1623,16 @@ type GenerationParameters struct {
 	// Seed for sampling: the same seed and input give the same output. Unset: random.
 	Seed *uint64 `protobuf:"varint,14,opt,name=seed,proto3,oneof" json:"seed,omitempty"`
 	// Independent sequences to generate for the prompt (transformers' num_return_sequences);
-	// 0 or unset: 1. Sequence i samples with seed + i.
+	// 0 or unset: 1. Sequence i samples with seed + i. More than 1 needs do_sample (or num_beams
+	// of at least n): greedy sequences would all be the same, and are refused as transformers
+	// refuses them.
 	N uint32 `protobuf:"varint,15,opt,name=n,proto3" json:"n,omitempty"`
 	// Also return this many most likely alternatives, with log-probabilities, per token.
 	TopLogprobs uint32 `protobuf:"varint,16,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
 	// Beam search, as transformers' generate does it: keep the num_beams most likely candidate
 	// sequences at every step and return the best n of them. 0 or 1: no beam search. Needs
-	// do_sample false; top_logprobs, stop sequences and the penalties are not available with it.
+	// do_sample false (a model's default do_sample gives way); top_logprobs, stop sequences and
+	// the penalties are not available with it.
 	// The sequences arrive whole when the search ends, on GenerateStream too.
 	NumBeams uint32 `protobuf:"varint,17,opt,name=num_beams,json=numBeams,proto3" json:"num_beams,omitempty"`
 	// Beam search: a finished candidate scores its summed token log-probabilities divided by
