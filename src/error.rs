@@ -38,6 +38,11 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("model `{model}` queue is full ({capacity} texts waiting); retry later")]
     QueueFull { model: String, capacity: usize },
+    /// Tokenize and Detokenize calls waiting or running are at their bound (`text::aside`).
+    #[error(
+        "the tokenizers are busy: {waiting} Tokenize and Detokenize calls are waiting or running, the most at once; retry later"
+    )]
+    TokenizerBusy { waiting: usize },
     /// The request would wait in the queue past its deadline or the server's maximum queue time.
     #[error(
         "model `{model}` is busy: a new request would wait about {estimated_ms} ms in its queue, over the {allowed_ms} ms it may wait (its deadline, or the server's maximum queue time); retry in {retry_after_ms} ms"
@@ -106,6 +111,7 @@ impl Error {
             Error::TaskNotServed { .. } => "task_not_served",
             Error::ModelUnavailable { .. } => "unavailable",
             Error::QueueFull { .. } => "queue_full",
+            Error::TokenizerBusy { .. } => "tokenizer_busy",
             Error::Overloaded { .. } => "overloaded",
             Error::ShuttingDown => "shutting_down",
             Error::Cancelled => "cancelled",

@@ -820,7 +820,11 @@ async fn a_full_generation_queue_is_resource_exhausted() {
         .generate(request(
             "tiny-gpt2",
             "Hello",
-            GenerationParameters { n: 3, do_sample: Some(true), ..greedy(3) },
+            GenerationParameters {
+                n: 3,
+                do_sample: Some(true),
+                ..greedy(3)
+            },
         ))
         .await
         .unwrap_err();
@@ -834,7 +838,11 @@ async fn a_full_generation_queue_is_resource_exhausted() {
         .generate(request(
             "tiny-gpt2",
             "Hello",
-            GenerationParameters { n: 2, do_sample: Some(true), ..greedy(3) },
+            GenerationParameters {
+                n: 2,
+                do_sample: Some(true),
+                ..greedy(3)
+            },
         ))
         .await
         .unwrap()

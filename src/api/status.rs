@@ -21,7 +21,9 @@ impl From<Error> for Status {
             | Error::RouteNotFound { .. } => Code::NotFound,
             Error::TaskNotServed { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ModelUnavailable { .. } | Error::ShuttingDown => Code::Unavailable,
-            Error::QueueFull { .. } | Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::QueueFull { .. } | Error::Overloaded { .. } | Error::TokenizerBusy { .. } => {
+                Code::ResourceExhausted
+            }
             Error::Run(run) if matches!(**run, RunError::CacheMemory { .. }) => {
                 Code::ResourceExhausted
             }

@@ -122,10 +122,11 @@ pub async fn encode_all(model: &Arc<ModelVersion>, texts: EncoderTexts) -> Resul
 /// prompts, Tokenize). Each takes a blocking-pool thread: a flood of calls would grow that
 /// pool, which encoder runs use too, to hundreds of threads on a few cores, where more than a
 /// couple per core tokenize no faster. Past this many, work waits for a turn on no thread.
-static TURNS: LazyLock<Semaphore> = LazyLock::new(|| {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    Semaphore::new(2 * cores)
-});
+static TURNS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(turns()));
+
+fn turns() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, usize::from)
+}
 
 /// Runs tokenizer work on the blocking pool, never on the async executor's threads: a long
 /// input takes milliseconds of CPU that every other request would otherwise wait behind. It
@@ -135,6 +136,35 @@ pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     in_turn(&TURNS, work).await
+}
+
+/// Calls that only tokenize (Tokenize, Detokenize) waiting for a turn or running, at most. They
+/// have no model queue to bound them, and they wait for the same turns as inference: a flood
+/// of them would put every Embed and Generate behind it, holding the queue places those took.
+/// Past this many they are refused (RESOURCE_EXHAUSTED) rather than queued.
+static ASIDE: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(aside_places()));
+
+fn aside_places() -> usize {
+    2 * turns()
+}
+
+/// As `blocking`, for a call that only tokenizes: refused at once when `ASIDE` is full.
+pub async fn aside<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    aside_in(&ASIDE, aside_places(), &TURNS, work).await
+}
+
+async fn aside_in<T: Send + 'static>(
+    places: &'static Semaphore,
+    most: usize,
+    turns: &'static Semaphore,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let _place = places
+        .try_acquire()
+        .map_err(|_| Error::TokenizerBusy { waiting: most })?;
+    in_turn(turns, work).await
 }
 
 async fn in_turn<T: Send + 'static>(
@@ -313,6 +343,32 @@ mod tests {
             call.await.unwrap().unwrap();
         }
         assert_eq!(MOST.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokenize_only_calls_past_their_places_are_refused_not_queued() {
+        static ONE_TURN: Semaphore = Semaphore::const_new(1);
+        static TWO_PLACES: Semaphore = Semaphore::const_new(2);
+        let slow = || {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(())
+        };
+        let running: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(aside_in(&TWO_PLACES, 2, &ONE_TURN, slow)))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refused = aside_in(&TWO_PLACES, 2, &ONE_TURN, || Ok(())).await;
+        assert!(
+            matches!(refused, Err(Error::TokenizerBusy { waiting: 2 })),
+            "{refused:?}"
+        );
+        for call in running {
+            call.await.unwrap().unwrap();
+        }
+        // Places given back: the next call runs.
+        aside_in(&TWO_PLACES, 2, &ONE_TURN, || Ok(()))
+            .await
+            .unwrap();
     }
 
     use tokenizers::models::wordlevel::WordLevel;

@@ -6,7 +6,7 @@ use tokenizers::EncodeInput;
 
 use super::chat;
 use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
-use super::text::blocking;
+use super::text::aside;
 use super::{RequestMetrics, ServedBy};
 use crate::config::LimitsConfig;
 use crate::error::{Error, Result};
@@ -75,7 +75,7 @@ pub async fn tokenize(
         let model = registry.resolve(model, None)?;
         request.model(&model);
         let served_by = ServedBy::of(&model);
-        let (tokens, rendered) = blocking(move || {
+        let (tokens, rendered) = aside(move || {
             let (text, pair, rendered, special) = match input {
                 TokenizeInput::Text(text, pair) => {
                     let special = model.settings.add_special_tokens.value;
@@ -164,7 +164,7 @@ pub async fn detokenize(
             ));
         }
         let tokenizer = Arc::clone(&model.tokenizer);
-        let text = blocking(move || {
+        let text = aside(move || {
             tokenizer
                 .decode(&ids, skip_special_tokens)
                 .map_err(|error| Error::Internal(format!("decoding failed: {error}")))
