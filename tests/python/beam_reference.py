@@ -8,9 +8,12 @@ transformers' generate) checks this one against transformers.
 
 The rules, step by step (transformers' helper in brackets):
 
-1. Every running beam's next-token log-probabilities are the log-softmax of its logits, in float32
-   (no logits processors: no minimum length, penalties or forced tokens). A candidate continuation
-   scores the beam's running score plus the token's log-probability.
+1. Every running beam's next-token log-probabilities are the log-softmax of its logits, in float32.
+   The one logits processor written out is repetition_penalty [RepetitionPenaltyLogitsProcessor]:
+   the log-probability of every token in the context (the prompt, or an encoder-decoder's start
+   token) or in the beam, each once, is multiplied by the penalty where negative, else divided
+   by it. (No minimum length or forced tokens.) A candidate continuation scores the beam's running
+   score plus the token's processed log-probability; the model's own is what is reported.
 2. The best K = max(2, 1 + len(eos_ids)) * num_beams candidates over beams x vocabulary are kept,
    best first [_get_top_k_continuations]. The search starts from one copy of the prompt (transformers
    starts num_beams copies, all but the first at -1e9, which no top-K ever reaches). Ties go to the
@@ -102,6 +105,8 @@ def beam_search(
     eos_ids: Sequence[int],
     length_penalty: float = 1.0,
     early_stopping: bool | str = HEURISTIC,
+    repetition_penalty: float = 1.0,
+    context: Sequence[int] = (),
     trace: list[Step] | None = None,
 ) -> list[Hypothesis]:
     """Runs the search; `next_logits(generated_tokens)` gives the logits of the next token after
@@ -117,7 +122,14 @@ def beam_search(
 
     for generated in range(1, max_new_tokens + 1):
         # 1. every continuation of every running beam
-        log_probs = np.stack([log_softmax(next_logits(tuple(beam.tokens))) for beam in running])
+        model_log_probs = np.stack([log_softmax(next_logits(tuple(beam.tokens))) for beam in running])
+        log_probs = model_log_probs.copy()
+        if repetition_penalty != 1.0:
+            for row, beam in enumerate(running):
+                seen = sorted(set(int(t) for t in context) | set(beam.tokens))
+                values = log_probs[row, seen]
+                log_probs[row, seen] = np.where(values < 0, values * np.float32(repetition_penalty),
+                                                values / np.float32(repetition_penalty))
         vocab = log_probs.shape[1]
         scores = (log_probs + np.array([b.score for b in running], dtype=np.float32)[:, None]).astype(np.float32)
 
@@ -128,7 +140,7 @@ def beam_search(
             beam, token = divmod(int(flat), vocab)
             # 3. which end
             ends = token in eos_ids or generated >= max_new_tokens
-            candidates.append(Candidate(beam, token, log_probs[beam, token], scores[beam, token], ends))
+            candidates.append(Candidate(beam, token, model_log_probs[beam, token], scores[beam, token], ends))
 
         def extend(c: Candidate, score) -> Hypothesis:
             parent = running[c.beam]

@@ -190,6 +190,32 @@ def test_stream_with_beams_matches_unary(stub, model):
     check_case(unary, model, "ROMEO.", "heuristic", "eos")
 
 
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_a_repetition_penalty_applies_to_every_beam_as_transformers_applies_it(stub, model):
+    """Its scores rank the beams; the log-probabilities reported stay the model's own."""
+    lm = decoder(model)
+    penalty, max_new_tokens = 1.8, 16
+    for prompt in PROMPTS:
+        prompt_ids = lm.encode(prompt)
+        search = dict(num_beams=3, max_new_tokens=max_new_tokens, eos_ids=lm.eos_ids,
+                      length_penalty=1.0, early_stopping=ref.HEURISTIC,
+                      repetition_penalty=penalty, context=prompt_ids)
+        want = ref.beam_search(lm.for_prompt(prompt_ids), **search)
+        plain = ref.beam_search(lm.for_prompt(prompt_ids), **dict(search, repetition_penalty=1.0))
+        response = stub.Generate(inference_pb2.GenerateRequest(
+            model=model, text=prompt, parameters=inference_pb2.GenerationParameters(
+                max_new_tokens=max_new_tokens, num_beams=3, n=2, repetition_penalty=penalty)))
+        for sequence, expected in zip(response.sequences, want[:2]):
+            ids = [t.id for t in sequence.tokens]
+            assert ids == expected.tokens, (
+                f"{prompt!r}: server {ids} != reference {expected.tokens}\n"
+                + explain(lm.for_prompt(prompt_ids), search, ids, expected.tokens))
+            for got, wanted in zip([t.logprob for t in sequence.tokens], expected.logprobs):
+                assert abs(got - wanted) <= TOLERANCE
+        # The penalty changes what the search finds, or this would test nothing.
+        assert want[0].tokens != plain[0].tokens, prompt
+
+
 @pytest.mark.parametrize("parameters, field", [
     (dict(num_beams=3, do_sample=True), "parameters.do_sample"),
     (dict(num_beams=3, n=5), "parameters.n"),

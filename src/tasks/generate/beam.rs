@@ -3,6 +3,9 @@
 //! continuations, finishes those among the top `num_beams` that end (an end-of-sequence id, or
 //! the length limit) with their score divided by `generated ** length_penalty`, and runs on with
 //! the best `num_beams` that did not end. `early_stopping` decides when the search may stop.
+//! The logits processors apply to each beam's log-probabilities before that, as transformers
+//! applies them: forced tokens, the minimum length, the model's constraints and
+//! `repetition_penalty` (over the prompt, or an encoder-decoder's start token, and the beam).
 //!
 //! `BeamSearch` is the arithmetic alone; `BeamDriver` runs it as one sequence of the continuous
 //! scheduler, whose rows are its beams, and sends the best `n` results when it ends.
@@ -32,6 +35,8 @@ pub struct BeamConfig {
     pub num_beams: usize,
     pub length_penalty: f32,
     pub early_stopping: EarlyStopping,
+    /// transformers' `RepetitionPenaltyLogitsProcessor` on the log-probabilities; 1.0 is off.
+    pub repetition_penalty: f32,
 }
 
 /// A candidate sequence: its tokens, each token's log-probability, and its score.
@@ -116,13 +121,16 @@ impl BeamSearch {
         for (beam, row) in logits.iter().enumerate() {
             let mut log_probs = log_softmax(row);
             let forced = self.forced.at(self.generated, self.max_new_tokens);
-            let model_log_probs = if forced.is_empty() {
-                None
-            } else {
-                let model = log_probs.clone();
+            let penalised = forced.is_empty() && self.config.repetition_penalty != 1.0;
+            // The model's own, for the log-probabilities reported, where a processor changes it.
+            let model_log_probs = (!forced.is_empty() || penalised).then(|| log_probs.clone());
+            if !forced.is_empty() {
                 force(&mut log_probs, forced);
-                Some(model)
-            };
+            }
+            if penalised {
+                let seen = self.context.iter().chain(&self.running[beam].tokens);
+                penalise_repetition(&mut log_probs, seen, self.config.repetition_penalty);
+            }
             if forced.is_empty() {
                 let mut banned = Vec::new();
                 if self.generated < self.min_new_tokens {
@@ -253,6 +261,27 @@ impl BeamSearch {
 }
 
 /// The `count` largest values with their indices, largest first (lower index first on ties).
+/// transformers' `RepetitionPenaltyLogitsProcessor`: every token seen, once however often, has
+/// its score multiplied by `penalty` where negative (every log-probability but a certain one),
+/// else divided by it.
+fn penalise_repetition<'a>(scores: &mut [f32], seen: impl Iterator<Item = &'a i64>, penalty: f32) {
+    let mut done = vec![false; scores.len()];
+    for &token in seen {
+        let Some(index) = usize::try_from(token).ok().filter(|&i| i < scores.len()) else {
+            continue;
+        };
+        if std::mem::replace(&mut done[index], true) {
+            continue;
+        }
+        let score = &mut scores[index];
+        *score = if *score < 0.0 {
+            *score * penalty
+        } else {
+            *score / penalty
+        };
+    }
+}
+
 fn best(values: &[f32], count: usize) -> Vec<(usize, f32)> {
     let mut indexed: Vec<(usize, f32)> = values.iter().copied().enumerate().collect();
     let count = count.min(indexed.len());
@@ -409,6 +438,7 @@ mod tests {
             num_beams,
             length_penalty: 1.0,
             early_stopping,
+            repetition_penalty: 1.0,
         }
     }
 
@@ -431,6 +461,35 @@ mod tests {
         }
         assert_eq!(tokens, vec![1, 3]);
         assert_eq!(search.results()[0].tokens, vec![1, 3, EOS]);
+    }
+
+    #[test]
+    fn a_repetition_penalty_scales_seen_log_probabilities_and_reports_the_models_own() {
+        let mut scores = [-1.0, 0.5, -2.0, -3.0];
+        // Seen twice counts once; an id past the vocabulary is passed over.
+        penalise_repetition(&mut scores, [1, 0, 0, 9].iter(), 2.0);
+        assert_eq!(scores, [-2.0, 0.25, -2.0, -3.0]);
+
+        // The prompt holds token 1, the most likely; halved twice over in log space it loses
+        // to token 2, whose log-probability is reported as the model gives it.
+        let penalty = BeamConfig {
+            repetition_penalty: 2.0,
+            ..config(1, EarlyStopping::FirstBeams)
+        };
+        let mut search = BeamSearch::new(
+            penalty,
+            1,
+            0,
+            vec![EOS],
+            ForcedTokens::default(),
+            Constraints::default(),
+            vec![1],
+        );
+        let row = [0.05, 0.45, 0.4, 0.05, 0.025, 0.025];
+        assert!(search.step(&[logits(&row)]).is_empty());
+        let best = &search.results()[0];
+        assert_eq!(best.tokens, vec![2]);
+        assert!((best.logprobs[0] - 0.4f32.ln()).abs() < 1e-6);
     }
 
     #[test]

@@ -99,15 +99,15 @@ impl GenerateParams {
         defaults: &GenerationDefaults,
         limits: &GenerationConfig,
     ) -> Self {
-        // A beam search asked for takes neither the model's sampling nor its penalty: beams
-        // here choose the most likely tokens, and a model whose generation_config.json samples
-        // (as most chat models' do) must still give the beams a request asks for.
+        // A beam search asked for does not take the model's sampling: beams here choose the
+        // most likely tokens, and a model whose generation_config.json samples (as most chat
+        // models' do) must still give the beams a request asks for.
         if self.num_beams <= 1 {
             self.do_sample = self.do_sample.or(value(&defaults.do_sample));
-            self.repetition_penalty = self
-                .repetition_penalty
-                .or(value(&defaults.repetition_penalty));
         }
+        self.repetition_penalty = self
+            .repetition_penalty
+            .or(value(&defaults.repetition_penalty));
         self.apply_beam_defaults(defaults);
         let limit = u32::try_from(limits.max_new_tokens).unwrap_or(u32::MAX);
         self.max_new_tokens = self
@@ -325,7 +325,6 @@ impl GenerateParams {
         let beam_compatible = self.do_sample != Some(true)
             && self.top_logprobs == 0
             && self.stop.is_empty()
-            && self.repetition_penalty.is_none_or(|p| p == 1.0)
             && self.frequency_penalty == 0.0
             && self.presence_penalty == 0.0
             && self.n <= beams;
@@ -401,10 +400,6 @@ impl GenerateParams {
             ("parameters.top_logprobs", self.top_logprobs != 0),
             ("parameters.stop", !self.stop.is_empty()),
             (
-                "parameters.repetition_penalty",
-                sampling.repetition_penalty != 1.0,
-            ),
-            (
                 "parameters.frequency_penalty",
                 sampling.frequency_penalty != 0.0,
             ),
@@ -423,6 +418,7 @@ impl GenerateParams {
             num_beams,
             length_penalty,
             early_stopping,
+            repetition_penalty: sampling.repetition_penalty,
         }))
     }
 }
@@ -621,6 +617,7 @@ mod tests {
                 num_beams: 4,
                 length_penalty: 0.5,
                 early_stopping: EarlyStopping::FirstBeams,
+                repetition_penalty: 1.0,
             })
         );
         // What beams cannot give keeps the request on one row, as it asked.
@@ -655,21 +652,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("num_beams to at least 5"), "{error}");
-        // A penalty the model sets by default gives way to beams the request asks for.
+        // A repetition penalty the model sets by default applies to its beams, as in
+        // transformers, and to beams the request asks for.
         let penalising = GenerationDefaults {
             repetition_penalty: model(1.2),
-            ..Default::default()
+            ..defaults.clone()
         };
+        let beams_of = |params: GenerateParams| {
+            let checked = params
+                .with_model_defaults(&penalising, &limits)
+                .check(&limits);
+            checked.unwrap().beams.unwrap()
+        };
+        let own = beams_of(GenerateParams::default());
+        assert_eq!((own.num_beams, own.repetition_penalty), (4, 1.2));
         let asked = GenerateParams {
             num_beams: 2,
             ..Default::default()
         };
-        let checked = asked
-            .clone()
-            .with_model_defaults(&penalising, &limits)
-            .check(&limits)
-            .unwrap();
-        assert_eq!(checked.beams.map(|b| b.num_beams), Some(2));
+        let requested = beams_of(asked.clone());
+        assert_eq!(
+            (requested.num_beams, requested.repetition_penalty),
+            (2, 1.2)
+        );
         // So does sampling the model does by default (a chat model's generation_config.json).
         let sampling = GenerationDefaults {
             do_sample: model(true),

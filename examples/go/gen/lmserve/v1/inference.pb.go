@@ -1607,6 +1607,7 @@ type GenerationParameters struct {
 	// Typical sampling mass, in (0, 1].
 	TypicalP *float32 `protobuf:"fixed32,7,opt,name=typical_p,json=typicalP,proto3,oneof" json:"typical_p,omitempty"`
 	// Penalises every token already seen (prompt and output) as in transformers; > 0, 1.0 is off.
+	// With beam search, each beam's log-probabilities, as transformers' beam search applies it.
 	RepetitionPenalty *float32 `protobuf:"fixed32,8,opt,name=repetition_penalty,json=repetitionPenalty,proto3,oneof" json:"repetition_penalty,omitempty"`
 	// Subtracted from a token's logit once per time it was generated; in [-2, 2].
 	FrequencyPenalty float32 `protobuf:"fixed32,9,opt,name=frequency_penalty,json=frequencyPenalty,proto3" json:"frequency_penalty,omitempty"`
@@ -1632,7 +1633,7 @@ type GenerationParameters struct {
 	// Beam search, as transformers' generate does it: keep the num_beams most likely candidate
 	// sequences at every step and return the best n of them. 0 or 1: no beam search. Needs
 	// do_sample false (a model's default do_sample gives way); top_logprobs, stop sequences and
-	// the penalties are not available with it.
+	// the frequency and presence penalties are not available with it.
 	// The sequences arrive whole when the search ends, on GenerateStream too.
 	NumBeams uint32 `protobuf:"varint,17,opt,name=num_beams,json=numBeams,proto3" json:"num_beams,omitempty"`
 	// Beam search: a finished candidate scores its summed token log-probabilities divided by
