@@ -109,15 +109,17 @@ impl Models for ModelsService {
         &self,
         _: Request<proto::ListModelsRequest>,
     ) -> Result<Response<proto::ListModelsResponse>, Status> {
-        let models = self
-            .registry
-            .catalogue()?
-            .into_iter()
-            .map(|(name, versions)| proto::ModelInfo {
-                name,
-                versions: versions.iter().map(describe).collect(),
-            })
-            .collect();
+        let models = reading_the_repository(&self.registry, |registry| {
+            Ok(registry
+                .catalogue()?
+                .into_iter()
+                .map(|(name, versions)| proto::ModelInfo {
+                    name,
+                    versions: versions.iter().map(describe).collect(),
+                })
+                .collect())
+        })
+        .await?;
         Ok(Response::new(proto::ListModelsResponse { models }))
     }
 
@@ -131,15 +133,20 @@ impl Models for ModelsService {
             Error::InvalidArgument { message, .. } => Error::invalid("name", message),
             other => other,
         })?;
-        let mut catalogue = self.registry.catalogue()?;
-        let listed = catalogue.remove(name).ok_or_else(|| Error::ModelNotFound {
-            name: name.to_owned(),
-        })?;
-        let versions: Vec<proto::ModelVersion> = listed
-            .iter()
-            .filter(|listed| version.is_none_or(|v| v == listed.version()))
-            .map(describe)
-            .collect();
+        let wanted = name.to_owned();
+        let (listed, versions) = reading_the_repository(&self.registry, move |registry| {
+            let mut catalogue = registry.catalogue()?;
+            let listed = catalogue
+                .remove(&wanted)
+                .ok_or(Error::ModelNotFound { name: wanted })?;
+            let versions: Vec<proto::ModelVersion> = listed
+                .iter()
+                .filter(|listed| version.is_none_or(|v| v == listed.version()))
+                .map(describe)
+                .collect();
+            Ok((listed, versions))
+        })
+        .await?;
         if versions.is_empty() {
             let version = version.map(|v| v.to_string()).unwrap_or_default();
             return Err(Error::version_not_found(
@@ -153,6 +160,20 @@ impl Models for ModelsService {
             name: name.to_owned(),
             versions,
         }))
+    }
+}
+
+/// `work` over the catalogue on the blocking pool: it scans the repository and reads the
+/// manifests of versions not loaded, which on network storage take as long as the storage does,
+/// and an async worker waiting for that would hold up every call it serves.
+async fn reading_the_repository<T: Send + 'static>(
+    registry: &Arc<Registry>,
+    work: impl FnOnce(&Registry) -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    let registry = Arc::clone(registry);
+    match tokio::task::spawn_blocking(move || work(&registry)).await {
+        Ok(result) => result.map_err(Status::from),
+        Err(error) => Err(Error::Internal(format!("reading the repository: {error}")).into()),
     }
 }
 

@@ -1,8 +1,8 @@
 //! Reads the model repository folder: `<model>/<version>/` with numeric version folders.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -84,7 +84,8 @@ impl Settling {
 }
 
 /// Lists every `<model>/<version>/` under `root`, ordered by model name then version.
-/// Folders whose name is not a number are not versions and are skipped with a log line.
+/// Folders whose name is not a number are not versions and are skipped with a log line, once
+/// each: the repository is scanned at every poll and every ListModels or GetModel call.
 pub fn scan(root: &Path) -> anyhow::Result<Vec<VersionDir>> {
     let mut found = Vec::new();
     let entries = std::fs::read_dir(root)
@@ -95,7 +96,10 @@ pub fn scan(root: &Path) -> anyhow::Result<Vec<VersionDir>> {
             continue;
         }
         let Some(model) = model_entry.file_name().to_str().map(str::to_owned) else {
-            tracing::warn!(path = %model_entry.path().display(), "skipping a model folder whose name is not UTF-8");
+            skipping(
+                &model_entry.path(),
+                "skipping a model folder whose name is not UTF-8",
+            );
             continue;
         };
         if model.starts_with('.') {
@@ -113,14 +117,26 @@ pub fn scan(root: &Path) -> anyhow::Result<Vec<VersionDir>> {
                     version,
                     path: version_entry.path(),
                 }),
-                None => {
-                    tracing::warn!(path = %version_entry.path().display(), "skipping a folder that is not a numeric version")
-                }
+                None => skipping(
+                    &version_entry.path(),
+                    "skipping a folder that is not a numeric version",
+                ),
             }
         }
     }
     found.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
     Ok(found)
+}
+
+/// Logs `why` a folder is skipped, the first time it is.
+fn skipping(path: &Path, why: &str) {
+    static REPORTED: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+    let mut reported = REPORTED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if reported.insert(path.to_path_buf()) {
+        tracing::warn!(path = %path.display(), "{why}");
+    }
 }
 
 #[cfg(test)]
