@@ -279,6 +279,15 @@ pub fn generation(parameters: &mut Parameters, params: &mut GenerateParams) -> R
     params.top_k = narrow(parameters.unsigned("top_k", count)?);
     params.top_p = parameters.number("top_p")?;
     params.typical_p = parameters.number("typical_p")?;
+    // A filter that narrows sampling asks for sampling, as Triton's TensorRT-LLM backend reads
+    // top_k above 1 or top_p below 1: with neither do_sample nor a temperature it would
+    // otherwise be ignored on a model that decodes greedily. A temperature of 0 stays greedy.
+    let narrows = params.top_k.is_some_and(|k| k > 1)
+        || params.top_p.is_some_and(|p| p < 1.0)
+        || params.typical_p.is_some_and(|p| p < 1.0);
+    if narrows && params.do_sample.is_none() {
+        params.do_sample = Some(true);
+    }
     params.repetition_penalty = parameters.number("repetition_penalty")?;
     params.frequency_penalty = parameters.number("frequency_penalty")?.unwrap_or(0.0);
     params.presence_penalty = parameters.number("presence_penalty")?.unwrap_or(0.0);
@@ -341,6 +350,39 @@ mod tests {
         assert_eq!((params.top_k, params.seed), (Some(5), Some(7)));
         assert_eq!(params.stop, ["a", "b"]);
         assert_eq!(parameters.renamed(), [("max_new_tokens", "max_tokens")]);
+    }
+
+    #[test]
+    fn a_narrowing_filter_asks_for_sampling_unless_greedy_is_asked_for() {
+        let sampled = |pairs: &[(&str, ParameterChoice)]| {
+            let mut params = GenerateParams::default();
+            generation(&mut values(pairs), &mut params).unwrap();
+            params.do_sample
+        };
+        assert_eq!(
+            sampled(&[("top_k", ParameterChoice::Int64Param(40))]),
+            Some(true)
+        );
+        assert_eq!(
+            sampled(&[("top_p", ParameterChoice::DoubleParam(0.9))]),
+            Some(true)
+        );
+        // No narrowing: the model's default decides.
+        assert_eq!(sampled(&[("top_k", ParameterChoice::Int64Param(1))]), None);
+        assert_eq!(
+            sampled(&[("top_p", ParameterChoice::DoubleParam(1.0))]),
+            None
+        );
+        let greedy = [
+            ("top_k", ParameterChoice::Int64Param(40)),
+            ("temperature", ParameterChoice::DoubleParam(0.0)),
+        ];
+        assert_eq!(sampled(&greedy), Some(false));
+        let told = [
+            ("top_p", ParameterChoice::DoubleParam(0.9)),
+            ("do_sample", ParameterChoice::BoolParam(false)),
+        ];
+        assert_eq!(sampled(&told), Some(false));
     }
 
     #[test]
