@@ -67,13 +67,8 @@ impl<U: Message + Name + Default> Decoder for StrictDecoder<U> {
         // tonic hands over the whole message in one buffer.
         let bytes = buf.chunk();
         if bytes.len() == buf.remaining() {
-            super::wire::check_list_elements(&U::full_name(), bytes).map_err(|field| {
-                let limit = super::wire::MAX_LIST_ELEMENTS;
-                Status::invalid_argument(format!(
-                    "{field}: the request holds more than {limit} list elements (repeated \
-                     fields and map entries, counted together); the limit is {limit}"
-                ))
-            })?;
+            super::wire::check_list_elements(&U::full_name(), bytes)
+                .map_err(|refusal| Status::invalid_argument(refusal.to_string()))?;
         }
         U::decode(buf).map(Some).map_err(|error| {
             let reason = error.to_string();

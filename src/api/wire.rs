@@ -8,7 +8,9 @@
 //! input tensor takes 312), so a message within the size limit could decode into gigabytes
 //! before any check of the request's own counts ran. Scalars are not counted: packed or not,
 //! each decodes to at most eight bytes for every byte sent. A message this pass cannot follow
-//! (malformed, or of a type the descriptors lack) is left to prost, which refuses it.
+//! (malformed, or of a type the descriptors lack) is left to prost, which refuses it. Groups are
+//! refused here: no message of the services has one, and prost would skip one in an unknown
+//! field and decode what follows it, which this pass would then not have counted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
@@ -102,11 +104,36 @@ fn add(
     messages.insert(name, fields);
 }
 
+/// Why a request is refused before it is decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Past `MAX_LIST_ELEMENTS`, at this field's element: its dotted path, e.g.
+    /// `inputs.contents.bytes_contents`.
+    TooManyElements(String),
+    /// A group (the proto2 wire types 3 and 4), under this field number.
+    Group(u64),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let limit = MAX_LIST_ELEMENTS;
+        match self {
+            Refusal::TooManyElements(field) => write!(
+                f,
+                "{field}: the request holds more than {limit} list elements (repeated fields and \
+                 map entries, counted together); the limit is {limit}"
+            ),
+            Refusal::Group(number) => write!(
+                f,
+                "field {number} is a protobuf group, which no message of this API has"
+            ),
+        }
+    }
+}
+
 /// Counts the list elements of `bytes` as the message `name` (package-qualified, as
-/// `prost::Name::full_name` gives it), where a method takes that message. Past the limit, the
-/// error is the dotted path of the field whose element went over, e.g.
-/// `inputs.contents.bytes_contents`.
-pub fn check_list_elements(name: &str, bytes: &[u8]) -> Result<(), String> {
+/// `prost::Name::full_name` gives it), where a method takes that message.
+pub fn check_list_elements(name: &str, bytes: &[u8]) -> Result<(), Refusal> {
     let schema = schema();
     if !schema.requests.contains(name) {
         return Ok(());
@@ -121,7 +148,7 @@ fn count(
     mut bytes: &[u8],
     depth: usize,
     left: &mut usize,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let Some(fields) = schema.messages.get(name) else {
         return Ok(());
     };
@@ -137,6 +164,7 @@ fn count(
             1 => skip(&mut bytes, 8).map(|()| None),
             2 => delimited(&mut bytes).map(Some),
             5 => skip(&mut bytes, 4).map(|()| None),
+            3 | 4 => return Err(Refusal::Group(tag >> 3)),
             _ => None,
         };
         let Some(payload) = payload else {
@@ -147,13 +175,17 @@ fn count(
         };
         if field.list && !matches!(field.kind, Kind::Scalar) {
             if *left == 0 {
-                return Err(field.name.clone());
+                return Err(Refusal::TooManyElements(field.name.clone()));
             }
             *left -= 1;
         }
         if let (Kind::Message(inner), Some(payload)) = (&field.kind, payload) {
-            count(schema, inner, payload, depth + 1, left)
-                .map_err(|path| format!("{}.{path}", field.name))?;
+            count(schema, inner, payload, depth + 1, left).map_err(|refusal| match refusal {
+                Refusal::TooManyElements(path) => {
+                    Refusal::TooManyElements(format!("{}.{path}", field.name))
+                }
+                group => group,
+            })?;
         }
     }
     Ok(())
@@ -191,7 +223,7 @@ mod tests {
     use crate::api::proto::{EmbedRequest, TokenizeResponse};
     use prost::Name;
 
-    fn check<M: Message + Name>(message: &M) -> Result<(), String> {
+    fn check<M: Message + Name>(message: &M) -> Result<(), Refusal> {
         check_list_elements(&M::full_name(), &message.encode_to_vec())
     }
 
@@ -203,7 +235,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check(&texts(MAX_LIST_ELEMENTS)), Ok(()));
-        assert_eq!(check(&texts(MAX_LIST_ELEMENTS + 1)), Err("texts".into()));
+        assert_eq!(
+            check(&texts(MAX_LIST_ELEMENTS + 1)),
+            Err(Refusal::TooManyElements("texts".into()))
+        );
 
         let input = |contents: usize| InferInputTensor {
             name: "text_input".into(),
@@ -225,10 +260,15 @@ mod tests {
         assert_eq!(check(&request(vec![input(MAX_LIST_ELEMENTS - 1)])), Ok(()));
         assert_eq!(
             check(&request(vec![input(MAX_LIST_ELEMENTS)])),
-            Err("inputs.contents.bytes_contents".into())
+            Err(Refusal::TooManyElements(
+                "inputs.contents.bytes_contents".into()
+            ))
         );
         let many = vec![InferInputTensor::default(); MAX_LIST_ELEMENTS + 1];
-        assert_eq!(check(&request(many)), Err("inputs".into()));
+        assert_eq!(
+            check(&request(many)),
+            Err(Refusal::TooManyElements("inputs".into()))
+        );
         // Map entries count as elements too.
         let mut parameters = HashMap::new();
         for i in 0..=MAX_LIST_ELEMENTS {
@@ -238,7 +278,10 @@ mod tests {
             parameters,
             ..Default::default()
         };
-        assert_eq!(check(&mapped), Err("parameters".into()));
+        assert_eq!(
+            check(&mapped),
+            Err(Refusal::TooManyElements("parameters".into()))
+        );
     }
 
     #[test]
@@ -248,13 +291,34 @@ mod tests {
             &[0x12][..],         // a tag, then nothing
             &[0x12, 0x05, 0x01], // a length past the end
             &[0xff; 11],         // a varint of 11 bytes
-            &[0x13, 0x00],       // a group start
         ] {
             assert_eq!(check_list_elements(&name, bytes), Ok(()));
         }
         assert_eq!(
             check_list_elements("no.such.Message", &[0x12, 0x00]),
             Ok(())
+        );
+    }
+
+    /// prost skips a group in an unknown field and decodes what follows it, so a group ahead
+    /// of a flood of elements would hide them from the count: groups are refused, at any depth.
+    #[test]
+    fn a_group_is_refused_wherever_it_is() {
+        let many_inputs = [0x2a, 0x00].repeat(MAX_LIST_ELEMENTS + 1);
+        // Field 100, a group start (wire type 3) and its end (4), then the inputs.
+        let mut hiding = vec![0xa3, 0x06, 0xa4, 0x06];
+        hiding.extend_from_slice(&many_inputs);
+        let name = ModelInferRequest::full_name();
+        assert_eq!(
+            check_list_elements(&name, &hiding),
+            Err(Refusal::Group(100))
+        );
+        // Inside an input (field 5, 4 bytes long): field 9 as a group.
+        let nested = [0x2a, 0x04, 0x4b, 0x00, 0x4c, 0x00];
+        assert_eq!(check_list_elements(&name, &nested), Err(Refusal::Group(9)));
+        assert_eq!(
+            Refusal::Group(9).to_string(),
+            "field 9 is a protobuf group, which no message of this API has"
         );
     }
 
