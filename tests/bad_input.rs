@@ -683,7 +683,7 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
         ),
     ));
     cases.push(case(
-        "stream: temperature 0",
+        "stream: temperature 0 when sampling",
         InvalidArgument,
         &["temperature"],
         stream_on!(
@@ -692,6 +692,7 @@ async fn every_bad_request_gets_its_code_and_disturbs_nobody() {
             g(
                 "tiny-gpt2",
                 GenerationParameters {
+                    do_sample: Some(true),
                     temperature: Some(0.0),
                     ..params()
                 }

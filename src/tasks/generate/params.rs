@@ -99,6 +99,11 @@ impl GenerateParams {
         defaults: &GenerationDefaults,
         limits: &GenerationConfig,
     ) -> Self {
+        // A temperature of 0 is how many clients say "greedy": the model's sampling does not
+        // apply to it.
+        if self.temperature == Some(0.0) && self.do_sample.is_none() {
+            self.do_sample = Some(false);
+        }
         // A beam search asked for does not take the model's sampling: beams here choose the
         // most likely tokens, and a model whose generation_config.json samples (as most chat
         // models' do) must still give the beams a request asks for.
@@ -125,7 +130,7 @@ impl GenerateParams {
     /// still take a model's default, up to the server's limit, so `min_new_tokens` is held to
     /// that limit here and to the resolved length by `check`.
     pub fn check_own(&self, limits: &GenerationConfig) -> Result<Checked> {
-        self.check_with(limits, limits.max_new_tokens, "the server's limit")
+        self.check_with(limits, limits.max_new_tokens, "the server's limit", false)
     }
 
     /// Every value, once the model's defaults have joined (`with_model_defaults`).
@@ -134,6 +139,7 @@ impl GenerateParams {
             limits,
             limits.default_max_new_tokens,
             "the server's default length",
+            true,
         )
     }
 
@@ -146,16 +152,19 @@ impl GenerateParams {
     ) -> Result<Checked> {
         let longest = max_length.saturating_sub(1).clamp(1, limits.max_new_tokens);
         let origin = format!("the model's max_length of {max_length}");
-        self.check_with(limits, longest, &origin)
+        self.check_with(limits, longest, &origin, true)
     }
 
     /// `unset_length`: what an unset `max_new_tokens` stands for, and `unset_origin` where
     /// that length comes from, for the error that refuses a longer `min_new_tokens`.
+    /// `with_defaults`: the model's defaults have joined, so whether the request samples or
+    /// searches beams is known.
     fn check_with(
         &self,
         limits: &GenerationConfig,
         unset_length: usize,
         unset_origin: &str,
+        with_defaults: bool,
     ) -> Result<Checked> {
         let max_new_tokens = match self.max_new_tokens {
             None => unset_length,
@@ -284,7 +293,7 @@ impl GenerateParams {
             )?,
             presence_penalty: check_penalty("parameters.presence_penalty", self.presence_penalty)?,
         };
-        let beams = self.check_beams(&sampling, n, limits)?;
+        let beams = self.check_beams(&sampling, n, limits, with_defaults)?;
         Ok(Checked {
             beams,
             sampling,
@@ -339,6 +348,7 @@ impl GenerateParams {
         sampling: &SamplingConfig,
         n: usize,
         limits: &GenerationConfig,
+        with_defaults: bool,
     ) -> Result<Option<BeamConfig>> {
         let early_stopping = match self.early_stopping {
             0 | 2 => EarlyStopping::Heuristic,
@@ -363,8 +373,9 @@ impl GenerateParams {
         };
         let num_beams = self.num_beams as usize;
         if num_beams <= 1 {
-            // As transformers refuses num_return_sequences > 1 without sampling or beams.
-            if n > 1 && !sampling.do_sample {
+            // As transformers refuses num_return_sequences > 1 without sampling or beams (which
+            // the model's defaults may still bring).
+            if n > 1 && !sampling.do_sample && with_defaults {
                 return Err(Error::invalid(
                     "parameters.n",
                     format!(
@@ -586,6 +597,48 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(sampled.check(&limits).unwrap().n, 3);
+    }
+
+    /// Before the model is chosen, whether a request samples or searches beams is not known:
+    /// its defaults decide that, and a temperature of 0 overrides a default that samples.
+    #[test]
+    fn n_and_temperature_are_judged_with_the_models_defaults() {
+        use crate::registry::settings::{Source, Sourced};
+        fn model<T>(value: T) -> Option<Sourced<T>> {
+            Some(Sourced {
+                value,
+                source: Source::Manifest,
+            })
+        }
+        let limits = GenerationConfig::default();
+        let checked = |params: &GenerateParams, defaults: &GenerationDefaults| {
+            params.check_own(&limits)?;
+            params
+                .clone()
+                .with_model_defaults(defaults, &limits)
+                .check(&limits)
+        };
+        let sampling = GenerationDefaults {
+            do_sample: model(true),
+            ..Default::default()
+        };
+        let beams = GenerationDefaults {
+            num_beams: model(4),
+            ..Default::default()
+        };
+        let three = GenerateParams {
+            n: 3,
+            ..Default::default()
+        };
+        assert!(checked(&three, &sampling).unwrap().sampling.do_sample);
+        assert_eq!(checked(&three, &beams).unwrap().beams.unwrap().num_beams, 4);
+        let error = checked(&three, &GenerationDefaults::default()).unwrap_err();
+        assert!(error.to_string().contains("parameters.n"), "{error}");
+        let greedy = GenerateParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        assert!(!checked(&greedy, &sampling).unwrap().sampling.do_sample);
     }
 
     #[test]
