@@ -339,3 +339,48 @@ async fn reports_the_kv_cache_budget_and_its_use() {
         assert!(row.value.parse::<usize>().unwrap() >= 1, "{row:?}");
     }
 }
+
+/// Tokenize and Detokenize have no model queue: past four calls a core waiting for the
+/// tokenizers they are refused at once, rather than queued ahead of inference, which still runs.
+#[tokio::test]
+async fn a_flood_of_tokenize_calls_is_refused_past_its_bound_and_inference_goes_on() {
+    let server = TestServer::start().await;
+    let client = server.inference().await;
+    let text = "To be, or not to be, that is the question: whether 'tis nobler in the mind \
+                to suffer the slings and arrows of outrageous fortune. "
+        .repeat(1500);
+    let calls = (0..48).map(|_| {
+        let mut client = client.clone();
+        let text = text.clone();
+        async move {
+            client
+                .tokenize(TokenizeRequest {
+                    model: "tiny-gpt2".into(),
+                    text,
+                    ..Default::default()
+                })
+                .await
+        }
+    });
+    let mut embedding = client.clone();
+    let embed = embedding.embed(proto::EmbedRequest {
+        model: "tiny-encoder".into(),
+        texts: vec!["still served".into()],
+        ..Default::default()
+    });
+    let (outcomes, embedded) = tokio::join!(futures::future::join_all(calls), embed);
+    assert_eq!(embedded.unwrap().into_inner().embeddings.len(), 1);
+    let refused = outcomes.iter().filter(|outcome| outcome.is_err()).count();
+    for outcome in &outcomes {
+        if let Err(status) = outcome {
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+            assert!(
+                status.message().contains("the tokenizers are busy"),
+                "{}",
+                status.message()
+            );
+        }
+    }
+    assert!(refused > 0, "all 48 were tokenized at once");
+    assert!(refused < 48, "none was tokenized");
+}
