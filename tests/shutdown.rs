@@ -24,6 +24,8 @@ fn generate(model: &str, tokens: u32, n: u32) -> GenerateRequest {
             max_new_tokens: Some(tokens),
             ignore_eos: true,
             n,
+            // Several greedy sequences would be copies, which the server refuses.
+            do_sample: Some(n > 1),
             ..Default::default()
         }),
         ..Default::default()
