@@ -567,6 +567,9 @@ fn forced_tokens(
     (bos, eos)
 }
 
+/// `GenerationConfig.top_k` in transformers when generation_config.json leaves it out.
+const TRANSFORMERS_TOP_K: u32 = 50;
+
 /// The manifest's `[generation]` over generation_config.json. A file's value outside the range
 /// a request may use (temperature 0, say) is left out with a warning rather than failing every
 /// request that does not set it.
@@ -593,6 +596,7 @@ fn generation_defaults(
         ])
     }
     let own = manifest.generation.clone().unwrap_or_default();
+    let has_file = file.is_some();
     let file = file.cloned().unwrap_or_default();
     let positive = |v: f32| v > 0.0 && v.is_finite();
     let from_file = |list: Option<Vec<u32>>| {
@@ -628,7 +632,11 @@ fn generation_defaults(
         begin_suppress_tokens: from_file(file.begin_suppress_tokens),
         temperature: pick("temperature", own.temperature, file.temperature, positive),
         top_p: pick("top_p", own.top_p, file.top_p, |v| v > 0.0 && v <= 1.0),
-        top_k: pick("top_k", own.top_k, file.top_k, |_| true),
+        // transformers' GenerationConfig samples among the 50 most likely tokens where the file
+        // names no top_k (its class default), so a model described by that file samples so here
+        // too; one without the file has no limit.
+        top_k: pick("top_k", own.top_k, file.top_k, |_| true)
+            .or_else(|| has_file.then(|| sourced(TRANSFORMERS_TOP_K, Source::Default))),
         repetition_penalty: pick(
             "repetition_penalty",
             own.repetition_penalty,

@@ -188,6 +188,8 @@ def test_get_model_shows_the_forced_tokens_and_their_file(forced_server):
     assert settings["forced_bos_token_id"].value == str(FORCED_BOS)
     assert settings["forced_bos_token_id"].source == "generation_config.json"
     assert settings["forced_eos_token_ids"].value == f"[{EOS}]"
+    # The file names no top_k: sampling takes transformers' GenerationConfig default of 50.
+    assert (settings["generation.top_k"].value, settings["generation.top_k"].source) == ("50", "default")
     with grpc.insecure_channel(forced_server) as channel:
         models = models_pb2_grpc.ModelsStub(channel)
         version = models.GetModel(models_pb2.GetModelRequest(name="marian-constrained")).versions[0]

@@ -1599,8 +1599,9 @@ type GenerationParameters struct {
 	// Divides the logits before sampling; must be > 0 when sampling. Unset: 1.0. Greedy decoding
 	// reads none, and takes 0 as well.
 	Temperature *float32 `protobuf:"fixed32,4,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`
-	// Sample only among the k most likely tokens; 0: no limit. Unset: the model's default, else no
-	// limit.
+	// Sample only among the k most likely tokens; 0: no limit. Unset: the model's default (50 for a
+	// model with a generation_config.json that names none, as transformers reads that file), else
+	// no limit.
 	TopK *uint32 `protobuf:"varint,5,opt,name=top_k,json=topK,proto3,oneof" json:"top_k,omitempty"`
 	// Nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1].
 	TopP *float32 `protobuf:"fixed32,6,opt,name=top_p,json=topP,proto3,oneof" json:"top_p,omitempty"`
