@@ -3,7 +3,8 @@
 //! client's connections past its own limit are closed while other clients are served, and
 //! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS, and a health
 //! call, which needs no key, cannot make the server buffer a large message, and a client that
-//! stops reading a stream's responses holds none of the queue places its requests took.
+//! stops reading a stream's responses holds none of the queue places its requests took, and a
+//! connection that idles gives its place back at its maximum age.
 
 mod common;
 
@@ -108,6 +109,31 @@ async fn live_connection(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     client
+}
+
+/// Connections live `server.max_connection_age_ms` at most: one that opens no call and answers
+/// every ping, which nothing else closes, gives its place back then.
+#[tokio::test]
+async fn idle_connections_give_their_places_back_at_their_maximum_age() {
+    let (server, _repository) = start(&[
+        ("LMSERVE_SERVER__MAX_CONNECTIONS", "2"),
+        ("LMSERVE_SERVER__MAX_CONNECTION_AGE_MS", "1500"),
+        ("LMSERVE_SERVER__MAX_CONNECTION_AGE_GRACE_MS", "500"),
+    ])
+    .await;
+    let held = [
+        live_connection(&server.addr).await,
+        live_connection(&server.addr).await,
+    ];
+    let waiting = health_check(&server, Duration::from_millis(700)).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served past a limit of 2"
+    );
+    health_check(&server, Duration::from_secs(10))
+        .await
+        .unwrap();
+    drop(held);
 }
 
 #[tokio::test]

@@ -132,13 +132,20 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let server = || -> anyhow::Result<EdgeServer> {
         let keepalive = (transport.keepalive_interval_ms > 0)
             .then(|| Duration::from_millis(transport.keepalive_interval_ms));
-        let builder = Server::builder()
+        let mut builder = Server::builder()
             .max_concurrent_streams(transport.max_streams_per_connection.max(1))
             // hyper's own default, which tonic leaves unset: a client that makes the server
             // reset its streams over and over (CVE-2023-44487's kin) gets a GOAWAY.
             .http2_max_local_error_reset_streams(Some(1024))
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if transport.max_connection_age_ms > 0 {
+            builder = builder
+                .max_connection_age(Duration::from_millis(transport.max_connection_age_ms))
+                .max_connection_age_grace(Duration::from_millis(
+                    transport.max_connection_age_grace_ms,
+                ));
+        }
         // The call's record and log outermost, so refusals at the edge are logged too.
         Ok(builder.layer(observe).layer(edge.clone()))
     };

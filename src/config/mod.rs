@@ -153,6 +153,14 @@ pub struct ServerConfig {
     /// HTTP/2 PING interval on idle connections, in milliseconds; a peer that does not answer
     /// within 20 s is dropped. 0: no pings.
     pub keepalive_interval_ms: u64,
+    /// A connection older than this many milliseconds is asked to close (HTTP/2 GOAWAY): its
+    /// calls in flight go on, its client opens a new one for the next. gRPC's
+    /// MAX_CONNECTION_AGE: it spreads long-lived clients over pods added since they connected,
+    /// and no connection, idle or stalled, holds its place for ever. 0: no limit.
+    pub max_connection_age_ms: u64,
+    /// After that, how long its calls in flight may take to finish before the connection is
+    /// closed under them.
+    pub max_connection_age_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -375,6 +383,8 @@ impl Default for ServerConfig {
             max_streams_per_connection: 256,
             handshake_timeout_ms: 10_000,
             keepalive_interval_ms: 60_000,
+            max_connection_age_ms: 30 * 60 * 1000,
+            max_connection_age_grace_ms: 5 * 60 * 1000,
         }
     }
 }
