@@ -111,16 +111,19 @@ async fn live_connection(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
     client
 }
 
-/// Connections live `server.max_connection_age_ms` at most: one that opens no call and answers
-/// every ping, which nothing else closes, gives its place back then.
+/// Connections live `server.max_connection_age_ms`: then a GOAWAY asks the client to reconnect
+/// for its next call, one with no call in flight closes at once, and calls in flight keep the
+/// grace to finish before the connection is closed under them. (A tonic client's next call on
+/// that connection waits for the close instead of reconnecting, so a new connection asks here.)
 #[tokio::test]
-async fn idle_connections_give_their_places_back_at_their_maximum_age() {
+async fn connections_are_asked_to_close_at_their_maximum_age_and_cut_after_its_grace() {
     let (server, _repository) = start(&[
         ("LMSERVE_SERVER__MAX_CONNECTIONS", "2"),
         ("LMSERVE_SERVER__MAX_CONNECTION_AGE_MS", "1500"),
-        ("LMSERVE_SERVER__MAX_CONNECTION_AGE_GRACE_MS", "500"),
+        ("LMSERVE_SERVER__MAX_CONNECTION_AGE_GRACE_MS", "2500"),
     ])
     .await;
+    // Two that open no call and answer every ping, which nothing else closes, hold both places.
     let held = [
         live_connection(&server.addr).await,
         live_connection(&server.addr).await,
@@ -134,6 +137,35 @@ async fn idle_connections_give_their_places_back_at_their_maximum_age() {
         .await
         .unwrap();
     drop(held);
+
+    // A call in flight at the age: a health Watch, open until the server ends it.
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let watch_request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut watch = HealthClient::new(channel)
+        .watch(watch_request)
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("the first status");
+    // A second past the age, inside the grace: still open, and the server takes new connections.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    match tokio::time::timeout(Duration::from_millis(10), watch.message()).await {
+        Err(_) | Ok(Ok(Some(_))) => {}
+        ended => panic!("the call in flight ended inside the grace: {ended:?}"),
+    }
+    health_check(&server, Duration::from_secs(5)).await.unwrap();
+    // At the end of the grace the connection is closed under it.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = watch.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the call was still open 10 s past the grace");
 }
 
 #[tokio::test]

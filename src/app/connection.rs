@@ -88,6 +88,10 @@ pub struct ConnectionLimits {
     /// The leading bits of an IPv6 address that name its client (`Client::of`).
     pub ipv6_client_prefix: u8,
     pub handshake_timeout: Duration,
+    /// How long a connection may live at most: its maximum age, when tonic asks it to close
+    /// (GOAWAY), plus the grace its calls in flight get. At the end its reads fail, which
+    /// closes it under any call still running. tonic's own grace skips the GOAWAY.
+    pub lifetime: Option<Duration>,
     /// Closes a connection that sends nothing for this long (counted from the accept, then
     /// from each read that brings bytes), or whose writes wait this long on a client that reads
     /// nothing. For the HTTP/1 metrics port, whose server reads nothing more while an answer
@@ -166,6 +170,9 @@ pub fn accept(
                         bytes_left: PREFACE_BYTES,
                     }),
                     idle: limits.idle_timeout.map(Idle::new),
+                    end_of_life: limits
+                        .lifetime
+                        .map(|lifetime| Box::pin(tokio::time::sleep(lifetime))),
                     _client: place,
                     _permit: permit,
                 };
@@ -201,6 +208,8 @@ pub struct Connection {
     /// Until the preface has arrived.
     handshake: Option<Handshake>,
     idle: Option<Idle>,
+    /// When the connection's `ConnectionLimits::lifetime` runs out.
+    end_of_life: Option<Pin<Box<Sleep>>>,
     _client: ClientPlace,
     _permit: OwnedSemaphorePermit,
 }
@@ -335,6 +344,14 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(end) = &mut this.end_of_life
+            && end.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection outlived server.max_connection_age_ms and its grace",
+            )));
+        }
         ready!(this.poll_tls_handshake(cx))?;
         let before = buf.filled().len();
         let polled = this.ready_io().poll_read(cx, buf);
@@ -475,6 +492,7 @@ mod tests {
             max_per_client,
             ipv6_client_prefix: 128,
             handshake_timeout: Duration::from_secs(30),
+            lifetime: None,
             idle_timeout,
         };
         (addr, Box::pin(accept(listener, limits, None)))

@@ -80,6 +80,14 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
         max_per_client: config.server.max_connections_per_client,
         ipv6_client_prefix: config.server.ipv6_client_prefix,
         handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms.max(1)),
+        lifetime: (config.server.max_connection_age_ms > 0).then(|| {
+            let server = &config.server;
+            Duration::from_millis(
+                server
+                    .max_connection_age_ms
+                    .saturating_add(server.max_connection_age_grace_ms),
+            )
+        }),
         idle_timeout: None,
     };
     let metrics_addr = match metrics {
@@ -139,12 +147,11 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
             .http2_max_local_error_reset_streams(Some(1024))
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        // The GOAWAY at the age; the grace after it is the connection's own lifetime
+        // (`ConnectionLimits`), as tonic's grace would replace the GOAWAY with a cut.
         if transport.max_connection_age_ms > 0 {
-            builder = builder
-                .max_connection_age(Duration::from_millis(transport.max_connection_age_ms))
-                .max_connection_age_grace(Duration::from_millis(
-                    transport.max_connection_age_grace_ms,
-                ));
+            builder =
+                builder.max_connection_age(Duration::from_millis(transport.max_connection_age_ms));
         }
         // The call's record and log outermost, so refusals at the edge are logged too.
         Ok(builder.layer(observe).layer(edge.clone()))

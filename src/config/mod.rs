@@ -156,7 +156,9 @@ pub struct ServerConfig {
     /// A connection older than this many milliseconds is asked to close (HTTP/2 GOAWAY): its
     /// calls in flight go on, its client opens a new one for the next. gRPC's
     /// MAX_CONNECTION_AGE: it spreads long-lived clients over pods added since they connected,
-    /// and no connection, idle or stalled, holds its place for ever. 0: no limit.
+    /// and no connection, idle or stalled, holds its place for ever. 0 (the default): no limit,
+    /// because a tonic (Rust) client does not reconnect on the GOAWAY while a call of its is
+    /// still open on the connection: its next calls wait for the close, up to the grace.
     pub max_connection_age_ms: u64,
     /// After that, how long its calls in flight may take to finish before the connection is
     /// closed under them.
@@ -383,7 +385,7 @@ impl Default for ServerConfig {
             max_streams_per_connection: 256,
             handshake_timeout_ms: 10_000,
             keepalive_interval_ms: 60_000,
-            max_connection_age_ms: 30 * 60 * 1000,
+            max_connection_age_ms: 0,
             max_connection_age_grace_ms: 5 * 60 * 1000,
         }
     }
