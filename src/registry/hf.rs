@@ -101,10 +101,10 @@ struct CrossEncoderSection {
 }
 
 /// A key that is present, even as null.
-fn present<'de, D: serde::Deserializer<'de>>(
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,
-) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(deserializer).map(Some)
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl ModelConfig {
@@ -177,7 +177,10 @@ pub struct GenerationConfig {
     pub begin_suppress_tokens: Option<Vec<u32>>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
-    pub top_k: Option<u32>,
+    /// `Some(None)` where the key is there but null: transformers then samples with no top-k
+    /// limit, where an absent key gives its default of 50.
+    #[serde(default, deserialize_with = "present")]
+    pub top_k: Option<Option<u32>>,
     pub repetition_penalty: Option<f32>,
     pub do_sample: Option<bool>,
     pub num_beams: Option<u32>,
@@ -1064,6 +1067,18 @@ mod tests {
             assert_eq!(st.default_prompt_name.as_deref(), Some("query"));
             assert_eq!(st.truncate_dim, Some(8));
         }
+    }
+
+    #[test]
+    fn a_null_top_k_is_told_apart_from_an_absent_one() {
+        let top_k = |json: &str| {
+            serde_json::from_str::<GenerationConfig>(json)
+                .unwrap()
+                .top_k
+        };
+        assert_eq!(top_k("{}"), None);
+        assert_eq!(top_k(r#"{"top_k": null}"#), Some(None));
+        assert_eq!(top_k(r#"{"top_k": 5}"#), Some(Some(5)));
     }
 
     #[test]

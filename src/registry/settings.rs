@@ -634,9 +634,10 @@ fn generation_defaults(
         top_p: pick("top_p", own.top_p, file.top_p, |v| v > 0.0 && v <= 1.0),
         // transformers' GenerationConfig samples among the 50 most likely tokens where the file
         // names no top_k (its class default), so a model described by that file samples so here
-        // too; one without the file has no limit.
-        top_k: pick("top_k", own.top_k, file.top_k, |_| true)
-            .or_else(|| has_file.then(|| sourced(TRANSFORMERS_TOP_K, Source::Default))),
+        // too; one without the file, or whose file sets it null, has no limit.
+        top_k: pick("top_k", own.top_k, file.top_k.flatten(), |_| true).or_else(|| {
+            (has_file && file.top_k.is_none()).then(|| sourced(TRANSFORMERS_TOP_K, Source::Default))
+        }),
         repetition_penalty: pick(
             "repetition_penalty",
             own.repetition_penalty,
