@@ -260,7 +260,7 @@ async fn start_with(
     match routed {
         Ok((model, served_by, shadow)) => {
             let deadline = routing.deadline;
-            let mut stream = start_on(
+            let started = start_on(
                 model,
                 served_by,
                 config,
@@ -269,9 +269,21 @@ async fn start_with(
                 delivery,
                 deadline,
             )
-            .await?;
-            stream.shadow = shadow;
-            Ok(stream)
+            .await;
+            let mut shadow = shadow;
+            match started {
+                Ok(mut stream) => {
+                    stream.shadow = shadow;
+                    Ok(stream)
+                }
+                // Refused once the model's defaults joined (greedy n > 1, say): a copy would
+                // only cost the shadow model work for a request that was refused.
+                Err(error @ Error::InvalidArgument { .. }) => {
+                    shadow.forget();
+                    Err(error)
+                }
+                Err(error) => Err(error),
+            }
         }
         Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
     }
