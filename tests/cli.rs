@@ -6,26 +6,6 @@ use common::{TestServer, run_to_exit};
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::{GenerateRequest, GenerationParameters};
 
-/// What a unary Generate of `prompt` returns as its text: what the command line must print.
-async fn unary_text(server: &TestServer, model: &str, prompt: &str, max_new_tokens: u32) -> String {
-    let response = server
-        .inference()
-        .await
-        .generate(GenerateRequest {
-            model: model.into(),
-            prompt: Some(Prompt::Text(prompt.into())),
-            parameters: Some(GenerationParameters {
-                max_new_tokens: Some(max_new_tokens),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    response.sequences[0].text.clone()
-}
-
 #[tokio::test]
 async fn generate_embed_and_classify_from_the_command_line() {
     let server = TestServer::start().await;
@@ -45,7 +25,7 @@ async fn generate_embed_and_classify_from_the_command_line() {
         &[],
     );
     assert!(ok, "{output}");
-    let expected = unary_text(&server, "tiny-gpt2", "To be, or not", 12).await;
+    let expected = server.unary_text("tiny-gpt2", "To be, or not", 12).await;
     assert!(
         output.starts_with(&format!("To be, or not{expected}")),
         "{output}"
@@ -123,7 +103,7 @@ async fn a_translation_is_printed_without_its_prompt_also_through_a_route() {
     let server = TestServer::start().await;
     let addr = server.url();
     let source = "I like to read books.";
-    let expected = unary_text(&server, "tiny-translator", source, 12).await;
+    let expected = server.unary_text("tiny-translator", source, 12).await;
     let (ok, output) = run_to_exit(
         &[
             "routes",

@@ -153,25 +153,6 @@ fn is_final(response: &ModelInferResponse) -> bool {
 
 const PROMPT: &str = "ROMEO:";
 
-async fn v1_generate(server: &TestServer, model: &str, max_new_tokens: u32) -> String {
-    let response = server
-        .inference()
-        .await
-        .generate(v1::GenerateRequest {
-            model: model.into(),
-            prompt: Some(v1::generate_request::Prompt::Text(PROMPT.into())),
-            parameters: Some(v1::GenerationParameters {
-                max_new_tokens: Some(max_new_tokens),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    response.sequences[0].text.clone()
-}
-
 async fn set_route(server: &TestServer, name: &str, task: v1::Task, target: &str) {
     server
         .models()
@@ -318,7 +299,7 @@ async fn model_infer_gives_what_lmserve_v1_gives() {
     let server = TestServer::start().await;
     let mut kserve = client(&server).await;
 
-    let generated = v1_generate(&server, "tiny-gpt2", 16).await;
+    let generated = server.unary_text("tiny-gpt2", PROMPT, 16).await;
     // As Triton's vLLM backend answers: the prompt, then what was generated.
     let expected = format!("{PROMPT}{generated}");
     let max_tokens = [("max_tokens", ParameterChoice::Int64Param(16))];
@@ -540,7 +521,7 @@ async fn a_bare_name_answers_each_task_from_the_newest_version_that_serves_it() 
 async fn stream_infer_sends_token_deltas_then_a_final_response() {
     let server = TestServer::start().await;
     let mut kserve = client(&server).await;
-    let expected = v1_generate(&server, "tiny-gpt2", 20).await;
+    let expected = server.unary_text("tiny-gpt2", PROMPT, 20).await;
 
     let twenty = [("max_tokens", ParameterChoice::Uint64Param(20))];
     let mut generate = with_flag(infer("tiny-gpt2", &[PROMPT], &twenty), "stream", true);

@@ -176,6 +176,28 @@ impl TestServer {
         InferenceClient::new(self.channel().await).max_decoding_message_size(64 << 20)
     }
 
+    /// The text of a unary Generate of `prompt` with the model's defaults and at most
+    /// `max_new_tokens`: what other ways of asking must give.
+    pub async fn unary_text(&self, model: &str, prompt: &str, max_new_tokens: u32) -> String {
+        use lmserve::api::proto::{GenerateRequest, GenerationParameters, generate_request};
+        let response = self
+            .inference()
+            .await
+            .generate(GenerateRequest {
+                model: model.into(),
+                prompt: Some(generate_request::Prompt::Text(prompt.into())),
+                parameters: Some(GenerationParameters {
+                    max_new_tokens: Some(max_new_tokens),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        response.sequences[0].text.clone()
+    }
+
     pub async fn models(&self) -> ModelsClient<Channel> {
         ModelsClient::new(self.channel().await)
     }
