@@ -271,19 +271,14 @@ async fn start_with(
             )
             .await;
             let mut shadow = shadow;
-            match started {
-                Ok(mut stream) => {
-                    stream.shadow = shadow;
-                    Ok(stream)
-                }
-                // Refused once the model's defaults joined (greedy n > 1, say): a copy would
-                // only cost the shadow model work for a request that was refused.
-                Err(error @ Error::InvalidArgument { .. }) => {
-                    shadow.forget();
-                    Err(error)
-                }
-                Err(error) => Err(error),
+            // Refused once the model's defaults joined (greedy n > 1, say): a copy would only
+            // cost the shadow model work for a request that was refused.
+            if let Err(Error::InvalidArgument { .. }) = &started {
+                shadow.forget();
             }
+            let mut stream = started?;
+            stream.shadow = shadow;
+            Ok(stream)
         }
         Err(error) => Err(request.finish::<()>(Err(error)).unwrap_err()),
     }
