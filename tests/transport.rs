@@ -3,14 +3,16 @@
 //! client's connections past its own limit are closed while other clients are served, and
 //! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS, and a health
 //! call, which needs no key, cannot make the server buffer a large message, and a client that
-//! stops reading a stream's responses holds none of the queue places its requests took, and a
-//! connection that idles gives its place back at its maximum age.
+//! stops reading a stream's responses holds none of the queue places its requests took, a
+//! connection that idles gives its place back at its maximum age, and an answer its client reads
+//! none of is dropped after the stall timeout.
 
 mod common;
 
 use std::time::Duration;
 
 use futures::StreamExt;
+use prost::Message;
 
 use common::{ServerOptions, TestServer};
 use lmserve::api::kserve::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -554,4 +556,127 @@ async fn a_kserve_client_that_stops_reading_a_stream_holds_no_queue_places() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_another_client_is_served(&server).await;
     drop(unread);
+}
+
+/// An Embed of 256 texts sent on a raw HTTP/2 connection whose window is 64 bytes and widens
+/// only as `read_answer` reads: the response's head, and the body left unread.
+async fn embed_unread(server: &TestServer) -> h2::RecvStream {
+    let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(64)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/lmserve.v1.Inference/Embed", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let message = embed_request(vec!["hello".into(); 256]).encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let (response, mut body) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from(framed), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("no response head within 10 s")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body()
+}
+
+/// Reads the body to its end, widening the window as it goes: the bytes, and the stream's error
+/// if it was reset.
+async fn read_answer(mut body: h2::RecvStream) -> (Vec<u8>, Option<h2::Error>) {
+    let mut answer = Vec::new();
+    let read = async {
+        while let Some(chunk) = body.data().await {
+            match chunk {
+                Ok(chunk) => {
+                    body.flow_control().release_capacity(chunk.len()).unwrap();
+                    answer.extend_from_slice(&chunk);
+                }
+                Err(error) => return Some(error),
+            }
+        }
+        None
+    };
+    let error = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the answer did not end within 10 s of reading");
+    (answer, error)
+}
+
+/// A client that reads none of an answer the server has ready: after
+/// `server.response_stall_timeout_ms` the server drops the answer (so such a client cannot make
+/// it hold answers for as long as its connection lives) and resets the stream when the client
+/// reads again. A client that reads within the timeout gets its whole answer, however little
+/// of it its window let through at a time.
+#[tokio::test]
+async fn an_answer_its_client_does_not_read_is_dropped_after_the_stall_timeout() {
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        env: vec![(
+            "LMSERVE_SERVER__RESPONSE_STALL_TIMEOUT_MS".into(),
+            "1000".into(),
+        )],
+        ..Default::default()
+    })
+    .await;
+
+    let read_in_time = embed_unread(&server).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (answer, error) = read_answer(read_in_time).await;
+    assert!(error.is_none(), "an answer read in time failed: {error:?}");
+    let whole = answer.len();
+    let message = lmserve::api::proto::EmbedResponse::decode(&answer[5..]).unwrap();
+    assert_eq!(message.embeddings.len(), 256);
+    assert!(
+        whole > 64 * 1024,
+        "the answer is {whole} bytes, too small to test with"
+    );
+
+    let unread = embed_unread(&server).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (answer, error) = read_answer(unread).await;
+    let error = error.unwrap_or_else(|| {
+        panic!(
+            "an answer unread for 2.5 s was sent whole ({} bytes)",
+            answer.len()
+        )
+    });
+    assert!(error.is_reset(), "{error:?}");
+    assert!(
+        answer.len() <= lmserve::api::unread::CHUNK_BYTES,
+        "{} of the {whole} bytes came after the stall",
+        answer.len()
+    );
+
+    let port = server
+        .metrics_addr
+        .as_deref()
+        .and_then(|addr| addr.rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+        .expect("a metrics port");
+    let metrics = common::scrape_metrics(port).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "lmserve_responses_unread_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        server
+            .stderr()
+            .contains("dropped a response its client read none of"),
+        "{}",
+        server.stderr()
+    );
 }

@@ -17,6 +17,7 @@ pub mod models;
 pub mod observe;
 pub mod routing;
 pub mod status;
+pub mod unread;
 pub mod wire;
 
 /// Code generated from `proto/lmserve/v1` by build.rs.

@@ -18,9 +18,10 @@ use futures::{Stream, StreamExt};
 use super::connection::{Connection, ConnectionLimits, accept};
 use crate::api::edge::EdgeLayer;
 use crate::api::observe::ObserveLayer;
+use crate::api::unread::UnreadLayer;
 
 /// The layers around every service: `observe` outermost, then `edge`.
-pub type Layers = Stack<EdgeLayer, Stack<ObserveLayer, Identity>>;
+pub type Layers = Stack<EdgeLayer, Stack<ObserveLayer, Stack<UnreadLayer, Identity>>>;
 
 pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {

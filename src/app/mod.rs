@@ -27,6 +27,7 @@ use crate::api::observe::ObserveLayer;
 use crate::api::proto::inference_server::InferenceServer;
 use crate::api::proto::models_server::ModelsServer;
 use crate::api::proto::{self};
+use crate::api::unread::UnreadLayer;
 use crate::config::{Config, security};
 use crate::registry::Registry;
 use crate::runtime::library;
@@ -136,6 +137,9 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
 
     let edge = EdgeLayer::new(key_ring);
     let observe = ObserveLayer::new(config.logging.requests);
+    let unread = UnreadLayer::new(Duration::from_millis(
+        config.server.response_stall_timeout_ms,
+    ));
     let transport = &config.server;
     let server = || -> anyhow::Result<EdgeServer> {
         let keepalive = (transport.keepalive_interval_ms > 0)
@@ -153,8 +157,12 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
             builder =
                 builder.max_connection_age(Duration::from_millis(transport.max_connection_age_ms));
         }
-        // The call's record and log outermost, so refusals at the edge are logged too.
-        Ok(builder.layer(observe).layer(edge.clone()))
+        // Chunking and dropping unread answers outermost, where hyper polls; then the call's
+        // record and log, so refusals at the edge are logged too.
+        Ok(builder
+            .layer(unread.clone())
+            .layer(observe)
+            .layer(edge.clone()))
     };
     let reflection = |router: Router<listeners::Layers>| -> anyhow::Result<_> {
         if !config.server.reflection {

@@ -163,6 +163,11 @@ pub struct ServerConfig {
     /// After that, how long its calls in flight may take to finish before the connection is
     /// closed under them.
     pub max_connection_age_grace_ms: u64,
+    /// A response whose client has read none of what the server has ready for this long is
+    /// dropped (its stream reset), so a client that stops widening its HTTP/2 window cannot
+    /// make the server hold its answers, or the work feeding its streams, for as long as the
+    /// connection lives. 0: never.
+    pub response_stall_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -387,6 +392,7 @@ impl Default for ServerConfig {
             keepalive_interval_ms: 60_000,
             max_connection_age_ms: 0,
             max_connection_age_grace_ms: 5 * 60 * 1000,
+            response_stall_timeout_ms: 30_000,
         }
     }
 }

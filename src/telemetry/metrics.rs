@@ -34,6 +34,7 @@ pub const REQUEST_OUTPUT_TOKENS: &str = "lmserve_request_output_tokens";
 pub const BUILD_INFO: &str = "lmserve_build_info";
 pub const GRPC_CALLS_TOTAL: &str = "lmserve_grpc_calls_total";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "lmserve_connections_refused_total";
+pub const RESPONSES_UNREAD_TOTAL: &str = "lmserve_responses_unread_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -217,6 +218,12 @@ fn describe() {
         "Connections closed as they were accepted because their client address held \
          server.max_connections_per_client already."
     );
+    describe_counter!(
+        RESPONSES_UNREAD_TOTAL,
+        Unit::Count,
+        "Responses dropped unsent because their client read none of them for \
+         server.response_stall_timeout_ms."
+    );
     describe_gauge!(
         BUILD_INFO,
         Unit::Count,
@@ -261,6 +268,11 @@ pub fn grpc_call(method: &str, code: &'static str) {
 /// A connection closed as it was accepted, its client being at its limit of connections.
 pub fn connection_refused() {
     counter!(CONNECTIONS_REFUSED_TOTAL).increment(1);
+}
+
+/// A response dropped unsent, its client having read none of it for the stall timeout.
+pub fn response_unread() {
+    counter!(RESPONSES_UNREAD_TOTAL).increment(1);
 }
 
 /// A request that failed before a model version was chosen (unknown model, bad argument).
