@@ -3,7 +3,8 @@
 //! all-MiniLM-L6-v2's embeddings against sentence-transformers'. The references are committed in
 //! models/real/reference/; tests/python/test_real_models.py checks the rest. SmolLM2's chat
 //! template is checked against transformers' apply_chat_template (reference/smollm2-chat.json).
-//! SmolLM2's float16 graph (the one for GPUs) is held to the same greedy tokens.
+//! SmolLM2's float16 graph (the one for GPUs) is held to the same greedy tokens. SmolLM2's beam
+//! search with a repetition penalty is held to transformers' sequences.
 
 mod common;
 
@@ -12,8 +13,8 @@ use futures::StreamExt;
 use lmserve::api::proto::generate_request::Prompt;
 use lmserve::api::proto::inference_client::InferenceClient;
 use lmserve::api::proto::{
-    ChatMessage, ChatMessages, EmbedRequest, FinishReason, GenerateRequest, GenerationParameters,
-    GetModelRequest, TokenizeRequest, Truncate,
+    ChatMessage, ChatMessages, EarlyStopping, EmbedRequest, FinishReason, GenerateRequest,
+    GenerationParameters, GetModelRequest, TokenIds, TokenizeRequest, Truncate,
 };
 use tonic::transport::Channel;
 
@@ -45,6 +46,7 @@ async fn real_models_match_their_own_libraries() {
     let server = real_server().await;
     let mut client = server.inference().await;
     greedy_as_transformers(&mut client).await;
+    beams_as_transformers(&mut client).await;
 
     let minilm = reference("all-minilm-l6-v2");
     let cases: Vec<&serde_json::Value> = minilm["cases"]
@@ -144,6 +146,46 @@ async fn greedy_as_transformers(client: &mut InferenceClient<Channel>) {
             FinishReason::Length
         };
         assert_eq!(finish, reason as i32, "{}", case["prompt"]);
+    }
+}
+
+/// SmolLM2's beam search with a repetition penalty returns transformers' sequences, best first
+/// (reference cases computed by transformers' own generate).
+async fn beams_as_transformers(client: &mut InferenceClient<Channel>) {
+    let beams = reference("smollm2-135m-instruct-beams");
+    let settings = &beams["settings"];
+    assert_eq!(settings["early_stopping"], false);
+    for case in beams["cases"].as_array().unwrap() {
+        let request = GenerateRequest {
+            model: "smollm2-135m-instruct".into(),
+            prompt: Some(Prompt::TokenIds(TokenIds {
+                ids: ids(&case["prompt_ids"]),
+            })),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(settings["max_new_tokens"].as_u64().unwrap() as u32),
+                do_sample: Some(false),
+                num_beams: settings["num_beams"].as_u64().unwrap() as u32,
+                n: settings["num_return_sequences"].as_u64().unwrap() as u32,
+                repetition_penalty: Some(settings["repetition_penalty"].as_f64().unwrap() as f32),
+                length_penalty: Some(settings["length_penalty"].as_f64().unwrap() as f32),
+                early_stopping: EarlyStopping::Heuristic as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let response = client.generate(request).await.unwrap().into_inner();
+        let sequences: Vec<Vec<u32>> = response
+            .sequences
+            .iter()
+            .map(|sequence| sequence.tokens.iter().map(|token| token.id).collect())
+            .collect();
+        let expected: Vec<Vec<u32>> = case["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        assert_eq!(sequences, expected, "{}", case["prompt"]);
     }
 }
 

