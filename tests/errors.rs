@@ -289,3 +289,32 @@ async fn a_model_that_failed_to_load_is_unavailable_and_the_others_serve() {
         );
     }
 }
+
+/// A name is held to `limits.max_name_bytes`, and a version pin comes on top: a model whose
+/// name is at the limit serves by name and pinned to a version, and one byte more is refused.
+#[tokio::test]
+async fn a_model_named_at_the_limit_can_be_pinned_to_a_version() {
+    let repository = tempfile::tempdir().unwrap();
+    let longest = format!("tiny-encoder-{}", "x".repeat(128 - "tiny-encoder-".len()));
+    copy_version("tiny-encoder", "1", repository.path(), &longest, "1");
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.inference().await;
+    for target in [longest.clone(), format!("{longest}@1")] {
+        let response = client
+            .embed(embed(&target, vec!["hello".into()]))
+            .await
+            .unwrap_or_else(|status| panic!("{target}: {status:?}"));
+        assert_eq!(response.into_inner().embeddings.len(), 1);
+    }
+    assert_status(
+        client
+            .embed(embed(&format!("{longest}x@1"), vec!["hello".into()]))
+            .await,
+        Code::InvalidArgument,
+        &["model", "129 bytes is over the limit of 128 bytes"],
+    );
+}

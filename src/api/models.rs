@@ -12,7 +12,7 @@ use crate::error::{Error, Task};
 use crate::registry::manifest::{Family, Manifest};
 use crate::registry::{Listed, LoadState, Registry, RouteEntry, RouteSource, Slot, parse_target};
 use crate::runtime::{GraphIo, TensorSpec};
-use crate::tasks::limits::check_name;
+use crate::tasks::limits::{check_name, check_target};
 
 pub struct ModelsService {
     registry: Arc<Registry>,
@@ -128,7 +128,7 @@ impl Models for ModelsService {
         request: Request<proto::GetModelRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         let target = request.into_inner().name;
-        check_name("name", &target, &self.registry.config().limits)?;
+        check_target("name", &target, &self.registry.config().limits)?;
         let (name, version) = parse_target(&target).map_err(|error| match error {
             Error::InvalidArgument { message, .. } => Error::invalid("name", message),
             other => other,
@@ -313,10 +313,10 @@ fn route_config(
         ));
     }
     for (index, arm) in route.arms.iter().enumerate() {
-        check_name(&format!("route.arms[{index}].target"), &arm.target, limits)?;
+        check_target(&format!("route.arms[{index}].target"), &arm.target, limits)?;
     }
     if let Some(shadow) = &route.shadow {
-        check_name("route.shadow.target", &shadow.target, limits)?;
+        check_target("route.shadow.target", &shadow.target, limits)?;
     }
     let config = RouteConfig {
         task: task_from_proto(route.task)?,

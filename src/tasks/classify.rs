@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::limits::{check_name, check_text_pairs, check_texts};
+use super::limits::{check_target, check_text_pairs, check_texts};
 use super::routing::{self, Routing};
 use super::text::{EncoderTexts, Truncate};
 use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
@@ -65,7 +65,7 @@ pub async fn classify(
     let mut request = RequestMetrics::start(Task::Classify.as_str(), routing.call_deadline);
     request.requested(registry, &params.model);
     let result = async {
-        check_name("model", &params.model, limits)?;
+        check_target("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;
         check_text_pairs(&params.text_pairs, params.texts.len(), limits)?;
         if params.top_k == Some(0) {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::limits::{check_name, check_texts};
+use super::limits::{check_target, check_texts};
 use super::routing::{self, Routing};
 use super::text::{self, Truncate};
 use super::{EncodedOutput, RequestMetrics, ServedBy, run_encoder};
@@ -49,7 +49,7 @@ pub async fn embed(
     let mut request = RequestMetrics::start(Task::Embed.as_str(), routing.call_deadline);
     request.requested(registry, &params.model);
     let result = async {
-        check_name("model", &params.model, limits)?;
+        check_target("model", &params.model, limits)?;
         check_texts(&params.texts, limits)?;
         // A copy to one of the route's own versions starts once this request has run.
         let (model, served_by, _shadow) = routing::route(

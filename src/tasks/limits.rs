@@ -26,6 +26,24 @@ pub fn check_name(field: &str, value: &str, limits: &LimitsConfig) -> Result<()>
     Ok(())
 }
 
+/// Most bytes a version pin adds to a name: `@` and the 20 digits of the largest version.
+const MOST_PIN_BYTES: usize = 21;
+
+/// A target, "name" or "name@version": the name is held to `check_name`, so that a model whose
+/// name is at the limit can still be pinned to one of its versions.
+pub fn check_target(field: &str, value: &str, limits: &LimitsConfig) -> Result<()> {
+    let name = match value.rsplit_once('@') {
+        Some((name, version))
+            if (1..MOST_PIN_BYTES).contains(&version.len())
+                && version.bytes().all(|byte| byte.is_ascii_digit()) =>
+        {
+            name
+        }
+        _ => value,
+    };
+    check_name(field, name, limits)
+}
+
 /// The texts of an Embed or Classify request.
 pub fn check_texts(texts: &[String], limits: &LimitsConfig) -> Result<()> {
     if texts.is_empty() {
@@ -171,6 +189,20 @@ mod tests {
         );
         assert!(message(check_name("model", "a\u{0}b", &limits)).contains("control characters"));
         assert!(check_name("model", "tiny-gpt2@1", &limits).is_ok());
+        let longest = "m".repeat(limits.max_name_bytes);
+        assert!(check_target("model", &format!("{longest}@18446744073709551615"), &limits).is_ok());
+        assert_eq!(
+            message(check_target("model", &format!("{longest}m@1"), &limits)),
+            "model: 129 bytes is over the limit of 128 bytes"
+        );
+        assert_eq!(
+            message(check_target(
+                "model",
+                &format!("{longest}@123456789012345678901"),
+                &limits
+            )),
+            "model: 150 bytes is over the limit of 128 bytes"
+        );
         assert_eq!(
             message(check_prompt_text(
                 "prompt.text",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokenizers::EncodeInput;
 
 use super::chat;
-use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
+use super::limits::{check_messages, check_prompt_text, check_target, check_token_ids};
 use super::text::aside;
 use super::{RequestMetrics, ServedBy};
 use crate::config::LimitsConfig;
@@ -62,7 +62,7 @@ pub async fn tokenize(
     let mut request = RequestMetrics::start("tokenize", deadline);
     request.requested(registry, model);
     let result = async {
-        check_name("model", model, limits)?;
+        check_target("model", model, limits)?;
         match &input {
             TokenizeInput::Text(text, pair) => {
                 check_prompt_text("text", text, limits)?;
@@ -148,7 +148,7 @@ pub async fn detokenize(
     let mut request = RequestMetrics::start("detokenize", deadline);
     request.requested(registry, model);
     let result = async {
-        check_name("model", model, limits)?;
+        check_target("model", model, limits)?;
         check_token_ids("ids", ids.len(), limits)?;
         let model = registry.resolve(model, None)?;
         request.model(&model);

@@ -19,7 +19,7 @@ use crate::registry::Registry;
 use crate::tasks::classify::{ClassifyParams, ScoreKind};
 use crate::tasks::embed::EmbedParams;
 use crate::tasks::generate::params::{GenerateParams, Prompt};
-use crate::tasks::limits::check_name;
+use crate::tasks::limits::{check_name, check_target};
 
 pub enum Work {
     Generate {
@@ -110,7 +110,7 @@ pub fn read(
     mut request: ModelInferRequest,
 ) -> Result<Request> {
     let mut parameters = Parameters::new(std::mem::take(&mut request.parameters));
-    check_name("model_name", &request.model_name, limits)?;
+    check_target("model_name", &request.model_name, limits)?;
     // The id is echoed in every response, one per generated token when streamed.
     check_name("id", &request.id, limits)?;
     let mut target =

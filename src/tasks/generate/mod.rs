@@ -25,7 +25,7 @@ use self::params::{GenerateParams, Prompt};
 use self::sampling::Sampler;
 use self::text::TextStream;
 use super::chat;
-use super::limits::{check_messages, check_name, check_prompt_text, check_token_ids};
+use super::limits::{check_messages, check_prompt_text, check_target, check_token_ids};
 use super::routing::PendingShadow;
 use super::routing::{self, Routing};
 use super::text::{self as text_input, EncodeError, Truncate};
@@ -207,7 +207,7 @@ pub async fn start(
 
 /// The request's own sizes, before anything is looked up or tokenized.
 fn check_request(params: &GenerateParams, limits: &LimitsConfig) -> Result<()> {
-    check_name("model", &params.model, limits)?;
+    check_target("model", &params.model, limits)?;
     match &params.prompt {
         Some(Prompt::Text(text)) => check_prompt_text("prompt.text", text, limits),
         Some(Prompt::Ids(ids)) => check_token_ids("prompt.token_ids", ids.len(), limits),
