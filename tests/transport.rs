@@ -4,8 +4,9 @@
 //! the server advertises its limit on calls per connection in its HTTP/2 SETTINGS, and a health
 //! call, which needs no key, cannot make the server buffer a large message, and a client that
 //! stops reading a stream's responses holds none of the queue places its requests took, a
-//! connection that idles gives its place back at its maximum age, and an answer its client reads
-//! none of is dropped after the stall timeout.
+//! connection that idles gives its place back at its maximum age, an answer its client reads
+//! none of is dropped after the stall timeout, and a call whose client stops sending halfway
+//! ends after the request stall timeout.
 
 mod common;
 
@@ -679,4 +680,145 @@ async fn an_answer_its_client_does_not_read_is_dropped_after_the_stall_timeout()
         "{}",
         server.stderr()
     );
+}
+
+/// Sends `pieces` of an Embed call's body on a connection of its own, `pause` apart, the last
+/// one ending the stream if `end_stream`, and returns the call's gRPC status once it comes (None: none within 10 s).
+async fn embed_in_pieces(
+    server: &TestServer,
+    pieces: Vec<Vec<u8>>,
+    pause: Duration,
+    end_stream: bool,
+) -> Option<(Code, String)> {
+    let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/lmserve.v1.Inference/Embed", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    let answered = async {
+        let response = response.await.unwrap();
+        let status_of = |headers: &http::HeaderMap| {
+            let code = headers
+                .get("grpc-status")?
+                .to_str()
+                .ok()?
+                .parse::<i32>()
+                .ok()?;
+            let message = headers
+                .get("grpc-message")
+                .map(|value| percent_decoded(value.to_str().unwrap_or_default()))
+                .unwrap_or_default();
+            Some((Code::from_i32(code), message))
+        };
+        if let Some(status) = status_of(response.headers()) {
+            return status;
+        }
+        let mut rest = response.into_body();
+        while rest.data().await.is_some() {}
+        let trailers = rest.trailers().await.unwrap().expect("trailers");
+        status_of(&trailers).expect("a grpc-status")
+    };
+    let sending = async {
+        let count = pieces.len();
+        for (index, piece) in pieces.into_iter().enumerate() {
+            let last = index + 1 == count;
+            body.send_data(bytes::Bytes::from(piece), last && end_stream)
+                .unwrap();
+            tokio::time::sleep(pause).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            status = answered => status,
+            () = sending => unreachable!(),
+        }
+    })
+    .await
+    .ok()
+}
+
+/// gRPC's percent-encoding of `grpc-message` undone.
+fn percent_decoded(text: &str) -> String {
+    let mut bytes = Vec::new();
+    let mut rest = text.as_bytes();
+    while let Some((&byte, after)) = rest.split_first() {
+        let escaped = (byte == b'%')
+            .then(|| after.get(..2))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escaped {
+            Some(decoded) => {
+                bytes.push(decoded);
+                rest = &after[2..];
+            }
+            None => {
+                bytes.push(byte);
+                rest = after;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A client that sends part of a message and then nothing, or a unary call's whole message but
+/// not the end of its stream: after `server.request_stall_timeout_ms` the call ends
+/// DEADLINE_EXCEEDED, so such a client cannot make the server hold what it sent for as long as
+/// its connection lives. A client that sends a message in pieces, each within the timeout of
+/// the last, is read to the end.
+#[tokio::test]
+async fn a_message_its_client_stops_sending_halfway_ends_the_call() {
+    let (server, _repository) =
+        start(&[("LMSERVE_SERVER__REQUEST_STALL_TIMEOUT_MS", "1000")]).await;
+    let framed = |message: &[u8]| {
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(message);
+        framed
+    };
+
+    let message = embed_request(vec!["x".repeat(20_000); 3]).encode_to_vec();
+    let whole = framed(&message);
+    let half = whole[..whole.len() / 2].to_vec();
+    let started = std::time::Instant::now();
+    let (code, text) = embed_in_pieces(&server, vec![half], Duration::from_millis(10), false)
+        .await
+        .expect("no answer within 10 s to a call whose message stopped halfway");
+    assert_eq!(code, Code::DeadlineExceeded, "{text}");
+    assert!(text.contains("server.request_stall_timeout_ms"), "{text}");
+    assert!(
+        text.contains("bytes of a message were still to come"),
+        "{text}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+
+    let (code, text) = embed_in_pieces(&server, vec![whole.clone()], Duration::ZERO, false)
+        .await
+        .expect("no answer within 10 s to a unary call whose stream did not end");
+    assert_eq!(code, Code::DeadlineExceeded, "{text}");
+    assert!(
+        text.contains("the end of its stream was still to come"),
+        "{text}"
+    );
+
+    // Four pieces 600 ms apart: 1.8 s in all, each within the 1 s timeout. No model is loaded,
+    // so a message read whole is refused for its model.
+    let pieces: Vec<Vec<u8>> = whole
+        .chunks(whole.len() / 4 + 1)
+        .map(<[u8]>::to_vec)
+        .collect();
+    assert_eq!(pieces.len(), 4);
+    let (code, text) = embed_in_pieces(&server, pieces, Duration::from_millis(600), true)
+        .await
+        .expect("no answer within 10 s to a message sent whole");
+    assert_eq!(code, Code::NotFound, "{text}");
 }

@@ -1,5 +1,6 @@
 //! The layer every RPC passes through:
 //! - API keys, when configured (`auth`), checked before anything else;
+//! - a client that stops sending halfway through a message is cut off (`half_sent`);
 //! - a health call, open to callers without a key, may send at most `OPEN_CALL_BODY_BYTES`:
 //!   without the cap such a caller could make the server buffer a message up to the service's
 //!   size limit on each of its streams;
@@ -15,6 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -23,7 +25,7 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use super::auth::{KeyRing, required_scope};
-use super::deadline;
+use super::{deadline, half_sent};
 
 /// The most a call that needs no key may send: a health check names one service.
 const OPEN_CALL_BODY_BYTES: usize = 4096;
@@ -33,12 +35,17 @@ const KSERVE_UNIMPLEMENTED: &str = "lmserve serves ServerLive, ServerReady, Mode
 #[derive(Clone, Default)]
 pub struct EdgeLayer {
     keys: Option<Arc<KeyRing>>,
+    request_stall_timeout: Duration,
 }
 
 impl EdgeLayer {
-    /// The edge of a server that checks `keys` (`None`: no authentication).
-    pub fn new(keys: Option<Arc<KeyRing>>) -> Self {
-        Self { keys }
+    /// The edge of a server that checks `keys` (`None`: no authentication) and ends calls
+    /// whose client stops sending mid-message for `request_stall_timeout` (zero: never).
+    pub fn new(keys: Option<Arc<KeyRing>>, request_stall_timeout: Duration) -> Self {
+        Self {
+            keys,
+            request_stall_timeout,
+        }
     }
 }
 
@@ -49,6 +56,7 @@ impl<S> Layer<S> for EdgeLayer {
         Edge {
             inner,
             keys: self.keys.clone(),
+            request_stall_timeout: self.request_stall_timeout,
         }
     }
 }
@@ -57,6 +65,7 @@ impl<S> Layer<S> for EdgeLayer {
 pub struct Edge<S> {
     inner: S,
     keys: Option<Arc<KeyRing>>,
+    request_stall_timeout: Duration,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -92,6 +101,9 @@ where
         if scope.is_none() {
             request = request.map(cap_open_call_body);
         }
+        let (parts, body) = request.into_parts();
+        let body = half_sent::guard(parts.uri.path(), body, self.request_stall_timeout);
+        request = Request::from_parts(parts, body);
         let timeout = request
             .headers()
             .get(deadline::HEADER)

@@ -10,6 +10,7 @@ pub mod deadline;
 pub mod detached;
 pub mod edge;
 pub mod generate;
+pub mod half_sent;
 pub mod health;
 pub mod inference;
 pub mod kserve;

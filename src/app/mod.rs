@@ -135,7 +135,10 @@ pub async fn serve(config: Config, config_file: Option<std::path::PathBuf>) -> a
     let models = ModelsServer::new(ModelsService::new(Arc::clone(&registry)))
         .max_decoding_message_size(limits.max_models_message_bytes);
 
-    let edge = EdgeLayer::new(key_ring);
+    let edge = EdgeLayer::new(
+        key_ring,
+        Duration::from_millis(config.server.request_stall_timeout_ms),
+    );
     let observe = ObserveLayer::new(config.logging.requests);
     let unread = UnreadLayer::new(Duration::from_millis(
         config.server.response_stall_timeout_ms,

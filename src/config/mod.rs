@@ -168,6 +168,11 @@ pub struct ServerConfig {
     /// make the server hold its answers, or the work feeding its streams, for as long as the
     /// connection lives. 0: never.
     pub response_stall_timeout_ms: u64,
+    /// A call whose client sends nothing more of a message it has begun for this long ends
+    /// DEADLINE_EXCEEDED, so a client cannot make the server hold part-sent messages (up to
+    /// the message limit each) for as long as the connection lives. A stream idle between
+    /// messages is not stalled. 0: never.
+    pub request_stall_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -393,6 +398,7 @@ impl Default for ServerConfig {
             max_connection_age_ms: 0,
             max_connection_age_grace_ms: 5 * 60 * 1000,
             response_stall_timeout_ms: 30_000,
+            request_stall_timeout_ms: 30_000,
         }
     }
 }

@@ -1,0 +1,234 @@
+//! Requests a client stops sending halfway through a message. The server buffers a gRPC
+//! message until it is whole and widens the client's HTTP/2 window as it buffers, so a client
+//! that sends most of a message and then nothing more would have the server hold up to the
+//! service's message limit (17 MiB for inference) on each of its streams for as long as the
+//! connection lives. A request body that has been in the middle of a message, with nothing new,
+//! for `server.request_stall_timeout_ms` ends the call DEADLINE_EXCEEDED and frees what was
+//! buffered. A unary call's client owes its one message and the end of its stream from the
+//! start (tonic waits for that end before the handler runs), so any wait on it counts; a
+//! stream of requests idle between messages is not stalled: its client has nothing to send.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use prost::Message;
+use tokio::time::{Instant, Sleep};
+use tonic::Status;
+
+/// The bytes of a gRPC message header: a compression flag and a 4-byte length.
+const HEADER_BYTES: usize = 5;
+
+/// `body`, the request of a call to `path`, failing once it has kept the call waiting for
+/// `timeout` (zero: never).
+pub fn guard(path: &str, body: tonic::body::Body, timeout: Duration) -> tonic::body::Body {
+    if timeout.is_zero() {
+        return body;
+    }
+    tonic::body::Body::new(HalfSent {
+        inner: body,
+        timeout,
+        unary: !streaming_requests().contains(path),
+        framing: Framing::default(),
+        stalled: None,
+        armed: false,
+    })
+}
+
+/// The paths of the methods whose client sends a stream of requests, from the services' own
+/// descriptors.
+fn streaming_requests() -> &'static HashSet<String> {
+    static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let mut methods: HashSet<String> = [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(str::to_owned)
+        .into();
+        for encoded in [
+            super::proto::FILE_DESCRIPTOR_SET,
+            super::kserve::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(encoded)
+                .expect("the descriptors compiled into the server decode");
+            for file in &set.file {
+                for service in &file.service {
+                    for method in service.method.iter().filter(|m| m.client_streaming()) {
+                        methods.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        methods
+    })
+}
+
+struct HalfSent<B> {
+    inner: B,
+    timeout: Duration,
+    /// One request message: every wait is on the client.
+    unary: bool,
+    framing: Framing,
+    /// Made the first time the body waits mid-message, then reset for each later wait.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Whether `stalled` counts the current wait.
+    armed: bool,
+}
+
+impl<B> Body for HalfSent<B>
+where
+    B: Body<Data = Bytes, Error = Status> + Unpin,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.framing.feed(data);
+                }
+                this.armed = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending if this.unary || this.framing.mid_message() => {
+                let deadline = Instant::now() + this.timeout;
+                let stalled = this
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !std::mem::replace(&mut this.armed, true) {
+                    stalled.as_mut().reset(deadline);
+                }
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "the client sent nothing more of its request for {} ms \
+                         (server.request_stall_timeout_ms); {}",
+                        this.timeout.as_millis(),
+                        match this.framing.still_to_come() {
+                            0 => "the end of its stream was still to come".to_owned(),
+                            left => format!("{left} bytes of a message were still to come"),
+                        }
+                    ))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where a body is in gRPC's framing: within a message's header, within its payload, or
+/// between messages.
+#[derive(Debug, Default)]
+struct Framing {
+    header: [u8; HEADER_BYTES],
+    header_read: usize,
+    payload_left: u64,
+}
+
+impl Framing {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let taken = data.len().min(self.payload_left as usize);
+                self.payload_left -= taken as u64;
+                data = &data[taken..];
+                continue;
+            }
+            let taken = data.len().min(HEADER_BYTES - self.header_read);
+            self.header[self.header_read..self.header_read + taken].copy_from_slice(&data[..taken]);
+            self.header_read += taken;
+            data = &data[taken..];
+            if self.header_read == HEADER_BYTES {
+                let length = &self.header[1..];
+                self.payload_left =
+                    u32::from_be_bytes([length[0], length[1], length[2], length[3]]).into();
+                self.header_read = 0;
+            }
+        }
+    }
+
+    fn mid_message(&self) -> bool {
+        self.header_read > 0 || self.payload_left > 0
+    }
+
+    fn still_to_come(&self) -> u64 {
+        match self.header_read {
+            0 => self.payload_left,
+            read => (HEADER_BYTES - read) as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(payload: &[u8]) -> Vec<u8> {
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        framed.extend_from_slice(payload);
+        framed
+    }
+
+    #[test]
+    fn streams_of_requests_are_known_from_the_descriptors() {
+        let streams = streaming_requests();
+        assert!(streams.contains("/lmserve.v1.Inference/EmbedStream"));
+        assert!(streams.contains("/inference.GRPCInferenceService/ModelStreamInfer"));
+        // A server stream whose client sends one request.
+        assert!(!streams.contains("/lmserve.v1.Inference/GenerateStream"));
+        assert!(!streams.contains("/lmserve.v1.Inference/Embed"));
+    }
+
+    #[test]
+    fn framing_knows_when_a_message_is_whole_however_the_bytes_arrive() {
+        let two = [message(b"hello"), message(b""), message(&[9; 300])].concat();
+        for piece in [1, 2, 4, 5, 6, 7, 64, two.len()] {
+            let mut framing = Framing::default();
+            let mut ends = Vec::new();
+            for chunk in two.chunks(piece) {
+                framing.feed(chunk);
+                ends.push(framing.mid_message());
+            }
+            assert!(!framing.mid_message(), "pieces of {piece}");
+            if piece == 1 {
+                // Mid-message after the first byte, and whole after the tenth (5 + "hello").
+                assert!(ends[0]);
+                assert!(!ends[9]);
+            }
+        }
+        let mut framing = Framing::default();
+        framing.feed(&message(&[1; 100])[..40]);
+        assert_eq!(framing.still_to_come(), 65);
+        framing.feed(&[0, 0]);
+        assert_eq!(framing.still_to_come(), 63);
+        let mut framing = Framing::default();
+        framing.feed(&[0, 0]);
+        assert_eq!(framing.still_to_come(), 3);
+    }
+}
