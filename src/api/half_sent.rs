@@ -7,6 +7,10 @@
 //! buffered. A unary call's client owes its one message and the end of its stream from the
 //! start (tonic waits for that end before the handler runs), so any wait on it counts; a
 //! stream of requests idle between messages is not stalled: its client has nothing to send.
+//!
+//! A request can also wait on the connection's receive window, which a stream whose requests
+//! are not being read (EmbedStream holds 8 in flight) may have filled; that wait ends with the
+//! stream's next read, long before the timeout unless the server is stuck.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -117,13 +121,10 @@ where
                 }
                 match stalled.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                        "the client sent nothing more of its request for {} ms \
-                         (server.request_stall_timeout_ms); {}",
+                        "nothing more of the request arrived for {} ms \
+                         (server.request_stall_timeout_ms); {} was still to come",
                         this.timeout.as_millis(),
-                        match this.framing.still_to_come() {
-                            0 => "the end of its stream was still to come".to_owned(),
-                            left => format!("{left} bytes of a message were still to come"),
-                        }
+                        this.framing.still_to_come()
                     ))))),
                     Poll::Pending => Poll::Pending,
                 }
@@ -148,6 +149,8 @@ struct Framing {
     header: [u8; HEADER_BYTES],
     header_read: usize,
     payload_left: u64,
+    /// Whole messages so far.
+    messages: u64,
 }
 
 impl Framing {
@@ -157,6 +160,9 @@ impl Framing {
                 let taken = data.len().min(self.payload_left as usize);
                 self.payload_left -= taken as u64;
                 data = &data[taken..];
+                if self.payload_left == 0 {
+                    self.messages += 1;
+                }
                 continue;
             }
             let taken = data.len().min(HEADER_BYTES - self.header_read);
@@ -168,6 +174,9 @@ impl Framing {
                 self.payload_left =
                     u32::from_be_bytes([length[0], length[1], length[2], length[3]]).into();
                 self.header_read = 0;
+                if self.payload_left == 0 {
+                    self.messages += 1;
+                }
             }
         }
     }
@@ -176,10 +185,16 @@ impl Framing {
         self.header_read > 0 || self.payload_left > 0
     }
 
-    fn still_to_come(&self) -> u64 {
-        match self.header_read {
-            0 => self.payload_left,
-            read => (HEADER_BYTES - read) as u64,
+    /// What the body owes, for a call stalled waiting on it.
+    fn still_to_come(&self) -> String {
+        if self.payload_left > 0 {
+            format!("{} bytes of a message", self.payload_left)
+        } else if self.header_read > 0 {
+            "the rest of a message's 5-byte header".to_owned()
+        } else if self.messages == 0 {
+            "its message".to_owned()
+        } else {
+            "the end of its stream".to_owned()
         }
     }
 }
@@ -223,12 +238,15 @@ mod tests {
             }
         }
         let mut framing = Framing::default();
+        assert_eq!(framing.still_to_come(), "its message");
         framing.feed(&message(&[1; 100])[..40]);
-        assert_eq!(framing.still_to_come(), 65);
+        assert_eq!(framing.still_to_come(), "65 bytes of a message");
+        framing.feed(&[0; 65]);
+        assert_eq!(framing.still_to_come(), "the end of its stream");
         framing.feed(&[0, 0]);
-        assert_eq!(framing.still_to_come(), 63);
-        let mut framing = Framing::default();
-        framing.feed(&[0, 0]);
-        assert_eq!(framing.still_to_come(), 3);
+        assert_eq!(
+            framing.still_to_come(),
+            "the rest of a message's 5-byte header"
+        );
     }
 }

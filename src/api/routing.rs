@@ -7,7 +7,7 @@ use tonic::metadata::MetadataMap;
 use super::deadline::Deadline;
 use crate::config::{LimitsConfig, RoutingConfig};
 use crate::error::Result;
-use crate::tasks::limits::check_name;
+use crate::tasks::limits::{check_name, check_target};
 use crate::tasks::routing::Routing;
 
 /// The routing of a call; `route_key` is the request's own key, when it sent one, which
@@ -39,7 +39,7 @@ pub fn routing(
     // An arm is named like a model, and a pin the route lacks is echoed in the refusal.
     let pin = header(&config.pin_header);
     if let Some(pin) = &pin {
-        check_name(&format!("the {} header", config.pin_header), pin, limits)?;
+        check_target(&format!("the {} header", config.pin_header), pin, limits)?;
     }
     let deadline = deadline.map(|(at, _)| at.into_std());
     Ok(Routing {

@@ -3,20 +3,22 @@
 //! widens its window would have the server hold every answer whole for as long as the
 //! connection lives (an Embed of 16,384 texts is megabytes, and a connection has 256 streams).
 //!
-//! So bodies reach hyper in chunks of at most `CHUNK_BYTES`, and a body whose last chunk hyper
-//! has not come back from within `server.response_stall_timeout_ms` is dropped by a sweep: the
-//! rest of its answer, and whatever still feeds it (a stream's requests in flight, a
-//! generation), are freed, and the stream is reset if the client reads again. A body waiting
-//! on the server (a stream between tokens, a health Watch) is not stalled: hyper is waiting
-//! on it, not on the client.
+//! So an answer reaches hyper in copied chunks of at most `CHUNK_BYTES` (a slice would keep the
+//! whole encoded message alive), and a body whose last chunk hyper has not come back from
+//! within `server.response_stall_timeout_ms` is dropped by a sweep: the rest of its answer, and
+//! whatever still feeds it (a stream's requests in flight, a generation), are freed, and the
+//! stream is reset if the client reads again. hyper comes back once the client's window has
+//! taken the chunk before, so a client taking less than a chunk per timeout is dropped too. A
+//! body waiting on the server (a stream between tokens, a health Watch) is not stalled: hyper
+//! is waiting on it, not on the client.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame};
 use tower::{Layer, Service};
@@ -24,8 +26,9 @@ use tower::{Layer, Service};
 use super::observe::REQUEST_ID_HEADER;
 use crate::telemetry::metrics;
 
-/// The most of an answer handed to hyper at a time, and so the most it holds for a client that
-/// reads nothing: one HTTP/2 frame at its default size.
+/// The most of an answer handed to hyper at a time: one HTTP/2 frame at its default size. For a
+/// client that reads nothing, hyper holds one chunk and its connection what is left of the one
+/// before, so a dropped answer leaves at most twice this behind.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -197,7 +200,12 @@ where
 {
     fn drop_if_stalled(&self, now: Instant, timeout: Duration) -> bool {
         let dropped = {
-            let mut state = lock(&self.state);
+            let mut state = match self.state.try_lock() {
+                Ok(state) => state,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                // Held: hyper is polling the body right now, so it is not stalled.
+                Err(TryLockError::WouldBlock) => return false,
+            };
             if state.body.is_none() {
                 return true;
             }
@@ -221,7 +229,7 @@ where
                 .and_then(|id| id.to_str().ok())
                 .unwrap_or_default(),
             timeout_ms = timeout.as_millis() as u64,
-            "dropped a response its client read none of for server.response_stall_timeout_ms"
+            "dropped a response its client took nothing more of for server.response_stall_timeout_ms"
         );
         true
     }
@@ -246,6 +254,8 @@ where
             state.handed_out = Some(Instant::now());
             return Poll::Ready(Some(Ok(Frame::data(next_chunk(&mut state.rest)))));
         }
+        // Freed with the last chunk copied out of it.
+        state.rest = Bytes::new();
         let Some(body) = state.body.as_mut() else {
             return Poll::Ready(Some(Err(
                 "the client read none of the response for server.response_stall_timeout_ms".into(),
@@ -253,10 +263,10 @@ where
         };
         let polled = match body.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(mut data) => {
-                    let chunk = next_chunk(&mut data);
+                Ok(data) if data.len() <= CHUNK_BYTES => Frame::data(data),
+                Ok(data) => {
                     state.rest = data;
-                    Frame::data(chunk)
+                    Frame::data(next_chunk(&mut state.rest))
                 }
                 Err(frame) => frame,
             },
@@ -277,9 +287,12 @@ where
     }
 }
 
-/// The first `CHUNK_BYTES` of `data`, leaving the rest in it.
+/// A copy of the first `CHUNK_BYTES` of `data`, leaving the rest in it.
 fn next_chunk(data: &mut Bytes) -> Bytes {
-    data.split_to(data.len().min(CHUNK_BYTES))
+    let length = data.len().min(CHUNK_BYTES);
+    let chunk = Bytes::copy_from_slice(&data[..length]);
+    data.advance(length);
+    chunk
 }
 
 /// A lock that outlives a panic in another holder: the state stays consistent between steps.
@@ -310,6 +323,9 @@ mod tests {
         let sizes: Vec<usize> = chunks.iter().map(Bytes::len).collect();
         assert_eq!(sizes, [CHUNK_BYTES, CHUNK_BYTES, 40_000 - 2 * CHUNK_BYTES]);
         assert_eq!(chunks.concat(), answer);
+        // Copies, so that a chunk left with hyper does not keep the whole answer alive.
+        let whole = answer.as_ptr_range();
+        assert!(chunks.iter().all(|chunk| !whole.contains(&chunk.as_ptr())));
     }
 
     #[tokio::test]

@@ -20,7 +20,8 @@ use crate::api::edge::EdgeLayer;
 use crate::api::observe::ObserveLayer;
 use crate::api::unread::UnreadLayer;
 
-/// The layers around every service: `observe` outermost, then `edge`.
+/// The layers around every service: `unread` outermost (where hyper polls), then `observe`,
+/// then `edge`.
 pub type Layers = Stack<EdgeLayer, Stack<ObserveLayer, Stack<UnreadLayer, Identity>>>;
 
 pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {

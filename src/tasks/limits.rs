@@ -27,7 +27,7 @@ pub fn check_name(field: &str, value: &str, limits: &LimitsConfig) -> Result<()>
 }
 
 /// Most bytes a version pin adds to a name: `@` and the 20 digits of the largest version.
-const MOST_PIN_BYTES: usize = 21;
+pub const MOST_PIN_BYTES: usize = 21;
 
 /// A target, "name" or "name@version": the name is held to `check_name`, so that a model whose
 /// name is at the limit can still be pinned to one of its versions.

@@ -221,8 +221,8 @@ fn describe() {
     describe_counter!(
         RESPONSES_UNREAD_TOTAL,
         Unit::Count,
-        "Responses dropped unsent because their client read none of them for \
-         server.response_stall_timeout_ms."
+        "Responses dropped before they were sent whole, because their client took nothing \
+         more of them for server.response_stall_timeout_ms."
     );
     describe_gauge!(
         BUILD_INFO,
@@ -270,7 +270,8 @@ pub fn connection_refused() {
     counter!(CONNECTIONS_REFUSED_TOTAL).increment(1);
 }
 
-/// A response dropped unsent, its client having read none of it for the stall timeout.
+/// A response dropped before it was sent whole, its client having taken nothing more of it
+/// for the stall timeout.
 pub fn response_unread() {
     counter!(RESPONSES_UNREAD_TOTAL).increment(1);
 }

@@ -6,6 +6,7 @@
 //! and the stream goes on, as Triton's does; only a message the stream cannot read ends it.
 
 use crate::error::bounded;
+use crate::tasks::limits::MOST_PIN_BYTES;
 use crate::telemetry::traces::MAX_SPAN_TEXT;
 use std::sync::Arc;
 
@@ -71,7 +72,8 @@ fn answer(
     let most = service.tasks().limits.max_name_bytes;
     let failed = Reply {
         id: bounded(&request.id, most).into_owned(),
-        model_name: bounded(&request.model_name, most).into_owned(),
+        // A name at the limit may carry a version pin past it.
+        model_name: bounded(&request.model_name, most + MOST_PIN_BYTES).into_owned(),
         layout: super::tensors::Layout::Typed,
     };
     let span = tracing::info_span!("kserve_stream_infer", model = %bounded(&request.model_name, MAX_SPAN_TEXT));
