@@ -1,6 +1,6 @@
 //! The layer every RPC passes through:
 //! - API keys, when configured (`auth`), checked before anything else;
-//! - a client that stops sending halfway through a message is cut off (`half_sent`);
+//! - a call left waiting for the rest of its request is ended (`half_sent`);
 //! - a health call, open to callers without a key, may send at most `OPEN_CALL_BODY_BYTES`:
 //!   without the cap such a caller could make the server buffer a message up to the service's
 //!   size limit on each of its streams;

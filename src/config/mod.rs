@@ -163,15 +163,16 @@ pub struct ServerConfig {
     /// After that, how long its calls in flight may take to finish before the connection is
     /// closed under them.
     pub max_connection_age_grace_ms: u64,
-    /// A response whose client has read none of what the server has ready for this long is
-    /// dropped (its stream reset), so a client that stops widening its HTTP/2 window cannot
-    /// make the server hold its answers, or the work feeding its streams, for as long as the
-    /// connection lives. 0: never.
+    /// A response whose client has taken nothing more of it for this long (its HTTP/2 window
+    /// closed) is dropped and its stream reset, so a client that stops widening its window
+    /// cannot make the server hold its answers, or the work feeding its streams, for as long
+    /// as the connection lives. 0: never.
     pub response_stall_timeout_ms: u64,
-    /// A call whose client sends nothing more of a message it has begun for this long ends
-    /// DEADLINE_EXCEEDED, so a client cannot make the server hold part-sent messages (up to
-    /// the message limit each) for as long as the connection lives. A stream idle between
-    /// messages is not stalled. 0: never.
+    /// A call that has waited this long for more of its request (the rest of a message, or a
+    /// unary call's message and the end of its stream) ends DEADLINE_EXCEEDED, so a client
+    /// cannot make the server hold part-sent messages (up to the message limit each) for as
+    /// long as the connection lives. A stream of requests idle between messages is not
+    /// stalled. 0: never.
     pub request_stall_timeout_ms: u64,
 }
 
