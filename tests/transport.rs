@@ -559,25 +559,37 @@ async fn a_kserve_client_that_stops_reading_a_stream_holds_no_queue_places() {
     drop(unread);
 }
 
-/// An Embed of 256 texts sent on a raw HTTP/2 connection whose window is 64 bytes and widens
-/// only as `read_answer` reads: the response's head, and the body left unread.
-async fn embed_unread(server: &TestServer) -> h2::RecvStream {
+/// A raw HTTP/2 connection made with `builder`, and the head of an Embed call to send on it.
+async fn raw_embed_call(
+    server: &TestServer,
+    builder: h2::client::Builder,
+) -> (h2::client::SendRequest<bytes::Bytes>, http::Request<()>) {
     let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(64)
-        .handshake(tcp)
-        .await
-        .unwrap();
+    let (client, connection) = builder.handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     let request = http::Request::post(format!("http://{}/lmserve.v1.Inference/Embed", server.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .unwrap();
-    let message = embed_request(vec!["hello".into(); 256]).encode_to_vec();
+    (client, request)
+}
+
+/// `message` as gRPC frames it: uncompressed, after its 4-byte length.
+fn grpc_framed(message: &[u8]) -> Vec<u8> {
     let mut framed = vec![0];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// An Embed of 256 texts sent on a raw HTTP/2 connection whose window is 64 bytes and widens
+/// only as `read_answer` reads: the response's head, and the body left unread.
+async fn embed_unread(server: &TestServer) -> h2::RecvStream {
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(64);
+    let (client, request) = raw_embed_call(server, builder).await;
+    let framed = grpc_framed(&embed_request(vec!["hello".into(); 256]).encode_to_vec());
     let (response, mut body) = client
         .ready()
         .await
@@ -691,14 +703,7 @@ async fn embed_in_pieces(
     pause: Duration,
     end_stream: bool,
 ) -> Option<(Code, String)> {
-    let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post(format!("http://{}/lmserve.v1.Inference/Embed", server.addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let (client, request) = raw_embed_call(server, h2::client::Builder::new()).await;
     let (response, mut body) = client
         .ready()
         .await
@@ -780,15 +785,8 @@ fn percent_decoded(text: &str) -> String {
 async fn a_message_its_client_stops_sending_halfway_ends_the_call() {
     let (server, _repository) =
         start(&[("LMSERVE_SERVER__REQUEST_STALL_TIMEOUT_MS", "1000")]).await;
-    let framed = |message: &[u8]| {
-        let mut framed = vec![0];
-        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        framed.extend_from_slice(message);
-        framed
-    };
-
     let message = embed_request(vec!["x".repeat(20_000); 3]).encode_to_vec();
-    let whole = framed(&message);
+    let whole = grpc_framed(&message);
     let half = whole[..whole.len() / 2].to_vec();
     let started = std::time::Instant::now();
     let (code, text) = embed_in_pieces(&server, vec![half], Duration::from_millis(10), false)

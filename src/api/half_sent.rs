@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use prost::Message;
 use tokio::time::{Instant, Sleep};
 use tonic::Status;
 
@@ -44,38 +43,14 @@ pub fn guard(path: &str, body: tonic::body::Body, timeout: Duration) -> tonic::b
     })
 }
 
-/// The paths of the methods whose client sends a stream of requests, from the services' own
-/// descriptors.
+/// The paths of the methods whose client sends a stream of requests.
 fn streaming_requests() -> &'static HashSet<String> {
     static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
     METHODS.get_or_init(|| {
-        let mut methods: HashSet<String> = [
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        ]
-        .map(str::to_owned)
-        .into();
-        for encoded in [
-            super::proto::FILE_DESCRIPTOR_SET,
-            super::kserve::proto::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ] {
-            let set = prost_types::FileDescriptorSet::decode(encoded)
-                .expect("the descriptors compiled into the server decode");
-            for file in &set.file {
-                for service in &file.service {
-                    for method in service.method.iter().filter(|m| m.client_streaming()) {
-                        methods.insert(format!(
-                            "/{}.{}/{}",
-                            file.package(),
-                            service.name(),
-                            method.name()
-                        ));
-                    }
-                }
-            }
-        }
-        methods
+        super::declared_methods()
+            .into_iter()
+            .filter_map(|(path, streaming)| streaming.then_some(path))
+            .collect()
     })
 }
 

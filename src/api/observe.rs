@@ -18,7 +18,6 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt;
-use prost::Message;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -267,37 +266,14 @@ fn is_infrastructure(method: &str) -> bool {
         || method == "/inference.GRPCInferenceService/ServerReady"
 }
 
-/// The paths of every method the server serves, from the services' own descriptors.
+/// The paths of every method the server serves.
 fn served_methods() -> &'static HashSet<String> {
     static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
     METHODS.get_or_init(|| {
-        let mut methods: HashSet<String> = [
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        ]
-        .map(str::to_owned)
-        .into();
-        for encoded in [
-            super::proto::FILE_DESCRIPTOR_SET,
-            super::kserve::proto::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ] {
-            let set = prost_types::FileDescriptorSet::decode(encoded)
-                .expect("the descriptors compiled into the server decode");
-            for file in set.file {
-                for service in &file.service {
-                    for method in &service.method {
-                        methods.insert(format!(
-                            "/{}.{}/{}",
-                            file.package(),
-                            service.name(),
-                            method.name()
-                        ));
-                    }
-                }
-            }
-        }
-        methods
+        super::declared_methods()
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect()
     })
 }
 
