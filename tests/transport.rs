@@ -559,11 +559,12 @@ async fn a_kserve_client_that_stops_reading_a_stream_holds_no_queue_places() {
     drop(unread);
 }
 
-/// A raw HTTP/2 connection made with `builder`, and the head of an Embed call to send on it.
+/// An Embed call begun on a raw HTTP/2 connection made with `builder`: its response to come, and
+/// its body to send.
 async fn raw_embed_call(
     server: &TestServer,
     builder: h2::client::Builder,
-) -> (h2::client::SendRequest<bytes::Bytes>, http::Request<()>) {
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
     let (client, connection) = builder.handshake(tcp).await.unwrap();
     tokio::spawn(connection);
@@ -572,7 +573,12 @@ async fn raw_embed_call(
         .header("te", "trailers")
         .body(())
         .unwrap();
-    (client, request)
+    client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap()
 }
 
 /// `message` as gRPC frames it: uncompressed, after its 4-byte length.
@@ -588,14 +594,8 @@ fn grpc_framed(message: &[u8]) -> Vec<u8> {
 async fn embed_unread(server: &TestServer) -> h2::RecvStream {
     let mut builder = h2::client::Builder::new();
     builder.initial_window_size(64);
-    let (client, request) = raw_embed_call(server, builder).await;
+    let (response, mut body) = raw_embed_call(server, builder).await;
     let framed = grpc_framed(&embed_request(vec!["hello".into(); 256]).encode_to_vec());
-    let (response, mut body) = client
-        .ready()
-        .await
-        .unwrap()
-        .send_request(request, false)
-        .unwrap();
     body.send_data(bytes::Bytes::from(framed), true).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
@@ -703,13 +703,7 @@ async fn embed_in_pieces(
     pause: Duration,
     end_stream: bool,
 ) -> Option<(Code, String)> {
-    let (client, request) = raw_embed_call(server, h2::client::Builder::new()).await;
-    let (response, mut body) = client
-        .ready()
-        .await
-        .unwrap()
-        .send_request(request, false)
-        .unwrap();
+    let (response, mut body) = raw_embed_call(server, h2::client::Builder::new()).await;
     let answered = async {
         let response = response.await.unwrap();
         let status_of = |headers: &http::HeaderMap| {
