@@ -559,20 +559,24 @@ async fn a_kserve_client_that_stops_reading_a_stream_holds_no_queue_places() {
     drop(unread);
 }
 
-/// An Embed call begun on a raw HTTP/2 connection made with `builder`: its response to come, and
-/// its body to send.
-async fn raw_embed_call(
+/// A call to lmserve.v1.Inference's `method` begun on a raw HTTP/2 connection made with
+/// `builder`: its response to come, and its body to send.
+async fn raw_call(
     server: &TestServer,
     builder: h2::client::Builder,
+    method: &str,
 ) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let tcp = TcpStream::connect(server.addr.as_str()).await.unwrap();
     let (client, connection) = builder.handshake(tcp).await.unwrap();
     tokio::spawn(connection);
-    let request = http::Request::post(format!("http://{}/lmserve.v1.Inference/Embed", server.addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let request = http::Request::post(format!(
+        "http://{}/lmserve.v1.Inference/{method}",
+        server.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
     client
         .ready()
         .await
@@ -594,7 +598,7 @@ fn grpc_framed(message: &[u8]) -> Vec<u8> {
 async fn embed_unread(server: &TestServer) -> h2::RecvStream {
     let mut builder = h2::client::Builder::new();
     builder.initial_window_size(64);
-    let (response, mut body) = raw_embed_call(server, builder).await;
+    let (response, mut body) = raw_call(server, builder, "Embed").await;
     let framed = grpc_framed(&embed_request(vec!["hello".into(); 256]).encode_to_vec());
     body.send_data(bytes::Bytes::from(framed), true).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), response)
@@ -638,7 +642,7 @@ async fn an_answer_its_client_does_not_read_is_dropped_after_the_stall_timeout()
         args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
         env: vec![(
             "LMSERVE_SERVER__RESPONSE_STALL_TIMEOUT_MS".into(),
-            "1000".into(),
+            "2000".into(),
         )],
         ..Default::default()
     })
@@ -657,11 +661,11 @@ async fn an_answer_its_client_does_not_read_is_dropped_after_the_stall_timeout()
     );
 
     let unread = embed_unread(&server).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let (answer, error) = read_answer(unread).await;
     let error = error.unwrap_or_else(|| {
         panic!(
-            "an answer unread for 2.5 s was sent whole ({} bytes)",
+            "an answer unread for 4.5 s was sent whole ({} bytes)",
             answer.len()
         )
     });
@@ -703,29 +707,16 @@ async fn embed_in_pieces(
     pause: Duration,
     end_stream: bool,
 ) -> Option<(Code, String)> {
-    let (response, mut body) = raw_embed_call(server, h2::client::Builder::new()).await;
+    let (response, mut body) = raw_call(server, h2::client::Builder::new(), "Embed").await;
     let answered = async {
         let response = response.await.unwrap();
-        let status_of = |headers: &http::HeaderMap| {
-            let code = headers
-                .get("grpc-status")?
-                .to_str()
-                .ok()?
-                .parse::<i32>()
-                .ok()?;
-            let message = headers
-                .get("grpc-message")
-                .map(|value| percent_decoded(value.to_str().unwrap_or_default()))
-                .unwrap_or_default();
-            Some((Code::from_i32(code), message))
-        };
-        if let Some(status) = status_of(response.headers()) {
+        if let Some(status) = grpc_status(response.headers()) {
             return status;
         }
         let mut rest = response.into_body();
         while rest.data().await.is_some() {}
         let trailers = rest.trailers().await.unwrap().expect("trailers");
-        status_of(&trailers).expect("a grpc-status")
+        grpc_status(&trailers).expect("a grpc-status")
     };
     let sending = async {
         let count = pieces.len();
@@ -745,6 +736,21 @@ async fn embed_in_pieces(
     })
     .await
     .ok()
+}
+
+/// The gRPC status in `headers` (a trailers-only response's, or trailers), its message decoded.
+fn grpc_status(headers: &http::HeaderMap) -> Option<(Code, String)> {
+    let code = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    let message = headers
+        .get("grpc-message")
+        .map(|value| percent_decoded(value.to_str().unwrap_or_default()))
+        .unwrap_or_default();
+    Some((Code::from_i32(code), message))
 }
 
 /// gRPC's percent-encoding of `grpc-message` undone.
@@ -820,4 +826,63 @@ async fn a_message_its_client_stops_sending_halfway_ends_the_call() {
         .await
         .expect("no answer within 10 s to a message sent whole");
     assert_eq!(code, Code::NotFound, "{text}");
+}
+
+/// A stream of requests may idle between messages for longer than
+/// `server.request_stall_timeout_ms`; stalled halfway through one, it ends DEADLINE_EXCEEDED
+/// after the answers to the messages it sent whole.
+#[tokio::test]
+async fn a_request_stream_may_idle_between_messages_but_not_within_one() {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![(
+            "LMSERVE_SERVER__REQUEST_STALL_TIMEOUT_MS".into(),
+            "1000".into(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let (response, mut body) = raw_call(&server, h2::client::Builder::new(), "EmbedStream").await;
+    let whole = grpc_framed(&embed_request(vec!["hello".into()]).encode_to_vec());
+    body.send_data(bytes::Bytes::from(whole.clone()), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    body.send_data(bytes::Bytes::from(whole.clone()), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from(whole[..whole.len() / 2].to_vec()), false)
+        .unwrap();
+
+    let ended = async {
+        let mut received = response.await.unwrap().into_body();
+        let mut answers = Vec::new();
+        while let Some(chunk) = received.data().await {
+            let chunk = chunk.unwrap();
+            received
+                .flow_control()
+                .release_capacity(chunk.len())
+                .unwrap();
+            answers.extend_from_slice(&chunk);
+        }
+        let trailers = received.trailers().await.unwrap().expect("trailers");
+        (answers, grpc_status(&trailers).expect("a grpc-status"))
+    };
+    let (answers, (code, text)) = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the stream did not end within 10 s");
+    assert_eq!(code, Code::DeadlineExceeded, "{text}");
+    assert!(
+        text.contains("bytes of a message was still to come"),
+        "{text}"
+    );
+    // The two whole messages were answered, the one before the idle spell among them.
+    let mut rest = answers.as_slice();
+    let mut count = 0;
+    while rest.len() >= 5 {
+        let length = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let response = lmserve::api::proto::EmbedResponse::decode(&rest[5..5 + length]).unwrap();
+        assert_eq!(response.embeddings.len(), 1);
+        rest = &rest[5 + length..];
+        count += 1;
+    }
+    assert_eq!(count, 2);
+    drop(body);
 }

@@ -39,8 +39,8 @@ pub struct EdgeLayer {
 }
 
 impl EdgeLayer {
-    /// The edge of a server that checks `keys` (`None`: no authentication) and ends calls
-    /// whose client stops sending mid-message for `request_stall_timeout` (zero: never).
+    /// The edge of a server that checks `keys` (`None`: no authentication) and ends calls left
+    /// waiting for more of their request for `request_stall_timeout` (zero: never).
     pub fn new(keys: Option<Arc<KeyRing>>, request_stall_timeout: Duration) -> Self {
         Self {
             keys,

@@ -7,7 +7,8 @@
 //! whole encoded message alive), and a body whose last chunk hyper has not come back from
 //! within `server.response_stall_timeout_ms` is dropped by a sweep: the rest of its answer, and
 //! whatever still feeds it (a stream's requests in flight, a generation), are freed, and the
-//! stream is reset if the client reads again. hyper comes back once the client's window has
+//! stream is reset if the client reads again (until then it holds one of the connection's
+//! stream places). hyper comes back once the client's window has
 //! taken the chunk before, so a client taking less than a chunk per timeout is dropped too. A
 //! body waiting on the server (a stream between tokens, a health Watch) is not stalled: hyper
 //! is waiting on it, not on the client.
@@ -27,8 +28,10 @@ use super::observe::REQUEST_ID_HEADER;
 use crate::telemetry::metrics;
 
 /// The most of an answer handed to hyper at a time: one HTTP/2 frame at its default size. For a
-/// client that reads nothing, hyper holds one chunk and its connection what is left of the one
-/// before, so a dropped answer leaves at most twice this behind.
+/// client whose window is closed, hyper holds one chunk and its connection what is left of the
+/// one before, so a dropped answer leaves about twice this behind. (A client that advertises a
+/// wide window and then reads nothing from its socket is held to hyper's send buffer, 400 KiB
+/// a stream, until the keepalive drops the connection.)
 pub const CHUNK_BYTES: usize = 16 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -254,16 +257,15 @@ where
             state.handed_out = Some(Instant::now());
             return Poll::Ready(Some(Ok(Frame::data(next_chunk(&mut state.rest)))));
         }
-        // Freed with the last chunk copied out of it.
-        state.rest = Bytes::new();
         let Some(body) = state.body.as_mut() else {
             return Poll::Ready(Some(Err(
                 "the client read none of the response for server.response_stall_timeout_ms".into(),
             )));
         };
         let polled = match body.as_mut().poll_frame(cx) {
+            // Copied even when small: tonic writes a stream's messages into one reused buffer,
+            // which one large answer grows to its size.
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) if data.len() <= CHUNK_BYTES => Frame::data(data),
                 Ok(data) => {
                     state.rest = data;
                     Frame::data(next_chunk(&mut state.rest))
@@ -287,11 +289,15 @@ where
     }
 }
 
-/// A copy of the first `CHUNK_BYTES` of `data`, leaving the rest in it.
+/// A copy of the first `CHUNK_BYTES` of `data`, leaving the rest in it; the answer's buffer is
+/// let go with its last chunk.
 fn next_chunk(data: &mut Bytes) -> Bytes {
     let length = data.len().min(CHUNK_BYTES);
     let chunk = Bytes::copy_from_slice(&data[..length]);
     data.advance(length);
+    if data.is_empty() {
+        *data = Bytes::new();
+    }
     chunk
 }
 
@@ -329,9 +335,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_small_answer_is_copied_too() {
+        let answer = Bytes::from(vec![3u8; 100]);
+        let mut body = UnreadBody::new(Full::new(answer.clone()), call(), None);
+        let chunk = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(chunk, answer);
+        assert!(!answer.as_ptr_range().contains(&chunk.as_ptr()));
+    }
+
+    #[tokio::test]
     async fn a_body_whose_chunk_is_not_taken_is_dropped_and_then_fails() {
         let watch = Watch {
-            timeout: Duration::from_millis(50),
+            timeout: Duration::from_secs(60),
             bodies: Mutex::new(Vec::new()),
         };
         let answer = Bytes::from(vec![7u8; 3 * CHUNK_BYTES]);
@@ -340,7 +355,7 @@ mod tests {
         assert_eq!(first.len(), CHUNK_BYTES);
         let registered = lock(&watch.bodies).pop().unwrap().upgrade().unwrap();
         assert!(!registered.drop_if_stalled(Instant::now(), watch.timeout));
-        let later = Instant::now() + Duration::from_millis(60);
+        let later = Instant::now() + Duration::from_secs(61);
         assert!(registered.drop_if_stalled(later, watch.timeout));
         let next = body.frame().await.unwrap();
         assert!(next.is_err(), "a dropped body went on: {next:?}");

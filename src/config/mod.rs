@@ -164,7 +164,8 @@ pub struct ServerConfig {
     /// closed under them.
     pub max_connection_age_grace_ms: u64,
     /// A response whose client has taken nothing more of it for this long (its HTTP/2 window
-    /// closed) is dropped and its stream reset, so a client that stops widening its window
+    /// closed) is dropped, and its stream reset if the client reads again, so a client that
+    /// stops widening its window
     /// cannot make the server hold its answers, or the work feeding its streams, for as long
     /// as the connection lives. 0: never.
     pub response_stall_timeout_ms: u64,

@@ -23,7 +23,7 @@ use crate::api::routing;
 use crate::config::{GenerationConfig, LimitsConfig};
 use crate::error::Result;
 use crate::registry::Registry;
-use crate::tasks::limits::check_name;
+use crate::tasks::limits::check_target;
 use crate::tasks::routing::Routing;
 
 const SERVER_NAME: &str = "lmserve";
@@ -90,7 +90,7 @@ impl KserveService {
 
     /// The target a ModelReady or ModelMetadata call names, checked like a request's model.
     fn checked_target(&self, name: &str, version: &str) -> Result<String> {
-        check_name("name", name, &self.limits)?;
+        check_target("name", name, &self.limits)?;
         metadata::target(name, version, "version")
     }
 }
@@ -139,7 +139,7 @@ impl GrpcInferenceService for KserveService {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let request = request.into_inner();
-        check_name("name", &request.name, &self.limits)?;
+        check_target("name", &request.name, &self.limits)?;
         let response = metadata::model_metadata(&self.registry, &request.name, &request.version)?;
         Ok(Response::new(response))
     }
