@@ -609,9 +609,9 @@ async fn embed_unread(server: &TestServer) -> h2::RecvStream {
     response.into_body()
 }
 
-/// Reads the body to its end, widening the window as it goes: the bytes, and the stream's error
-/// if it was reset.
-async fn read_answer(mut body: h2::RecvStream) -> (Vec<u8>, Option<h2::Error>) {
+/// Reads the body's data to its end, widening the window as it goes: the bytes, and the stream's
+/// error if it was reset. Its trailers are left to read.
+async fn read_answer(body: &mut h2::RecvStream) -> (Vec<u8>, Option<h2::Error>) {
     let mut answer = Vec::new();
     let read = async {
         while let Some(chunk) = body.data().await {
@@ -648,9 +648,9 @@ async fn an_answer_its_client_does_not_read_is_dropped_after_the_stall_timeout()
     })
     .await;
 
-    let read_in_time = embed_unread(&server).await;
+    let mut read_in_time = embed_unread(&server).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (answer, error) = read_answer(read_in_time).await;
+    let (answer, error) = read_answer(&mut read_in_time).await;
     assert!(error.is_none(), "an answer read in time failed: {error:?}");
     let whole = answer.len();
     let message = lmserve::api::proto::EmbedResponse::decode(&answer[5..]).unwrap();
@@ -660,9 +660,9 @@ async fn an_answer_its_client_does_not_read_is_dropped_after_the_stall_timeout()
         "the answer is {whole} bytes, too small to test with"
     );
 
-    let unread = embed_unread(&server).await;
+    let mut unread = embed_unread(&server).await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    let (answer, error) = read_answer(unread).await;
+    let (answer, error) = read_answer(&mut unread).await;
     let error = error.unwrap_or_else(|| {
         panic!(
             "an answer unread for 4.5 s was sent whole ({} bytes)",
@@ -853,15 +853,8 @@ async fn a_request_stream_may_idle_between_messages_but_not_within_one() {
 
     let ended = async {
         let mut received = response.await.unwrap().into_body();
-        let mut answers = Vec::new();
-        while let Some(chunk) = received.data().await {
-            let chunk = chunk.unwrap();
-            received
-                .flow_control()
-                .release_capacity(chunk.len())
-                .unwrap();
-            answers.extend_from_slice(&chunk);
-        }
+        let (answers, error) = read_answer(&mut received).await;
+        assert!(error.is_none(), "{error:?}");
         let trailers = received.trailers().await.unwrap().expect("trailers");
         (answers, grpc_status(&trailers).expect("a grpc-status"))
     };
