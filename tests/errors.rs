@@ -4,7 +4,9 @@
 mod common;
 
 use common::{ServerOptions, TestServer, copy_version};
-use lmserve::api::proto::{ClassifyRequest, DetokenizeRequest, EmbedRequest, TokenizeRequest};
+use lmserve::api::proto::{
+    ClassifyRequest, DetokenizeRequest, EmbedRequest, ListModelsRequest, LoadState, TokenizeRequest,
+};
 use tonic::Code;
 
 fn embed(model: &str, texts: Vec<String>) -> EmbedRequest {
@@ -292,11 +294,15 @@ async fn a_model_that_failed_to_load_is_unavailable_and_the_others_serve() {
 
 /// A name is held to `limits.max_name_bytes`, and a version pin comes on top: a model whose
 /// name is at the limit serves by name and pinned to a version, and one byte more is refused.
+/// A model folder whose name is over the limit is reported as failed, not served unreachable.
 #[tokio::test]
 async fn a_model_named_at_the_limit_can_be_pinned_to_a_version() {
     let repository = tempfile::tempdir().unwrap();
     let longest = format!("tiny-encoder-{}", "x".repeat(128 - "tiny-encoder-".len()));
     copy_version("tiny-encoder", "1", repository.path(), &longest, "1");
+    // A folder name one byte longer: the file system allows it, no request could name it.
+    let too_long = format!("{longest}x");
+    copy_version("tiny-encoder", "1", repository.path(), &too_long, "1");
     let server = TestServer::start_with(ServerOptions {
         repository: repository.path().to_owned(),
         ..Default::default()
@@ -317,4 +323,32 @@ async fn a_model_named_at_the_limit_can_be_pinned_to_a_version() {
         Code::InvalidArgument,
         &["model", "129 bytes is over the limit of 128 bytes"],
     );
+
+    // The folder no request could name is reported as failed, with what to do about it.
+    let list = server
+        .models()
+        .await
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let unnameable = list
+        .models
+        .iter()
+        .find(|model| model.name == too_long)
+        .expect("the folder is listed");
+    let version = &unnameable.versions[0];
+    assert_eq!(version.state, LoadState::Failed as i32);
+    for expected in [
+        "no request could name this model",
+        "129 bytes is over the limit of 128 bytes",
+        "rename the folder",
+        "limits.max_name_bytes",
+    ] {
+        assert!(
+            version.load_error.contains(expected),
+            "{}",
+            version.load_error
+        );
+    }
 }

@@ -119,24 +119,32 @@ impl Registry {
             .environment
             .get()
             .ok_or_else(|| failure("the runtime is not initialised yet".into()))?;
-        let runtime = self.config.model_runtime(&slot.model);
         *slot.loaded_from.lock().expect("slot lock") = repository::Contents::of(&slot.path);
-        let path = slot.path.clone();
-        let config = self.config.clone();
-        let (model, version) = (slot.model.clone(), slot.version);
-        // Starting the engine runs the load-time rehearsal (a decoder's prefill and steps): on
-        // the blocking thread too, not on an async worker that gRPC calls are waiting for.
-        let served = tokio::task::spawn_blocking(move || {
-            let parts = loader::load(environment, &config.repository.path, &path, &runtime)?;
-            let graph = parts.pool.graph().clone();
-            serve(&config, &model, version, parts).map_err(|error| LoadFailure {
-                reason: format!("{error:#}. The {graph}"),
-                graph: Some(graph),
+        let served = if let Some(reason) = unnameable(&slot.model, &self.config.limits) {
+            Err(LoadFailure {
+                reason,
+                graph: None,
                 fatal: false,
             })
-        })
-        .await
-        .map_err(|error| failure(format!("loader failed: {error}")))?;
+        } else {
+            let runtime = self.config.model_runtime(&slot.model);
+            let path = slot.path.clone();
+            let config = self.config.clone();
+            let (model, version) = (slot.model.clone(), slot.version);
+            // Starting the engine runs the load-time rehearsal (a decoder's prefill and steps):
+            // on the blocking thread too, not on an async worker that gRPC calls are waiting for.
+            tokio::task::spawn_blocking(move || {
+                let parts = loader::load(environment, &config.repository.path, &path, &runtime)?;
+                let graph = parts.pool.graph().clone();
+                serve(&config, &model, version, parts).map_err(|error| LoadFailure {
+                    reason: format!("{error:#}. The {graph}"),
+                    graph: Some(graph),
+                    fatal: false,
+                })
+            })
+            .await
+            .map_err(|error| failure(format!("loader failed: {error}")))?
+        };
         match served {
             Ok(model) => {
                 tracing::info!(model = %slot.model, version = slot.version, provider = %model.pool.provider(), sessions = model.pool.size(), narrow_lanes = model.pool.narrow().map_or(0, |lanes| lanes.size()), "model ready");
@@ -459,6 +467,21 @@ fn serves_besides(slots: &[Arc<Slot>], going: &[u64], task: Task) -> bool {
 }
 
 /// A model name from a client must stay inside the repository folder.
+/// Why no request could name the model in folder `name`, when none could: requests are held to
+/// `limits.max_name_bytes` and may not carry control characters, and a file system allows
+/// longer names than the default limit. Such a folder is reported as failed rather than loaded
+/// and held in memory for nothing.
+fn unnameable(name: &str, limits: &crate::config::LimitsConfig) -> Option<String> {
+    crate::tasks::limits::check_name("its folder name", name, limits)
+        .err()
+        .map(|error| {
+            format!(
+                "no request could name this model ({error}); rename the folder, or raise \
+                 limits.max_name_bytes if the name is too long"
+            )
+        })
+}
+
 fn check_model_name(name: &str, limits: &crate::config::LimitsConfig) -> Result<()> {
     crate::tasks::limits::check_name("name", name, limits)?;
     if name.is_empty() {
