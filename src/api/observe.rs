@@ -22,6 +22,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::unread::DroppedUnread;
 use crate::config::RequestLog;
 use crate::telemetry::call::CallRecord;
 use crate::telemetry::metrics;
@@ -31,7 +32,7 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// so a log line's size stays bounded whatever the client sends.
 const MAX_REQUEST_ID_BYTES: usize = 128;
 /// Longest method path kept for spans and logs.
-const MAX_METHOD_BYTES: usize = 128;
+pub(super) const MAX_METHOD_BYTES: usize = 128;
 
 #[derive(Clone, Copy)]
 pub struct ObserveLayer {
@@ -83,6 +84,7 @@ where
         // Bounded: the path of an unknown method is whatever the client sent.
         let method = crate::error::bounded(request.uri().path(), MAX_METHOD_BYTES).into_owned();
         let request_id = request_id(request.headers());
+        let dropped_unread = request.extensions().get::<DroppedUnread>().cloned();
         let client_trace_id = client_trace_id(request.headers());
         let span = rpc_span(&method, &request_id, request.headers());
         let record = CallRecord::default();
@@ -102,6 +104,7 @@ where
             span,
             requests: self.requests,
             status: None,
+            dropped_unread,
             logged: false,
         };
         Box::pin(async move {
@@ -253,6 +256,8 @@ struct CallEnd {
     span: tracing::Span,
     requests: RequestLog,
     status: Option<(i32, String)>,
+    /// Set when the server dropped the answer because its client stopped reading it.
+    dropped_unread: Option<DroppedUnread>,
     logged: bool,
 }
 
@@ -317,11 +322,21 @@ impl CallEnd {
         }
         // Entered last now: the OpenTelemetry span's end time is when the call really ended.
         drop(self.span.enter());
-        // No status: the body was dropped before its trailers, the client went away.
-        let (code, message) = self.status.take().unwrap_or((
-            tonic::Code::Cancelled as i32,
-            "the client cancelled".to_owned(),
-        ));
+        // No status: the body was dropped before its trailers. The client went away, or the
+        // server stopped answering a client that read nothing more (`unread`).
+        let dropped_unread = self
+            .dropped_unread
+            .as_ref()
+            .is_some_and(DroppedUnread::is_set);
+        let (code, message) = self.status.take().unwrap_or_else(|| {
+            let why = if dropped_unread {
+                "the server dropped the answer: its client took nothing more of it for \
+                 server.response_stall_timeout_ms"
+            } else {
+                "the client cancelled"
+            };
+            (tonic::Code::Cancelled as i32, why.to_owned())
+        });
         // Every call, whatever stopped it: refused at the edge, cut off by its deadline before
         // its handler ran, or answered.
         metrics::grpc_call(

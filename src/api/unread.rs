@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame};
 use tower::{Layer, Service};
 
-use super::observe::REQUEST_ID_HEADER;
+use super::observe::{MAX_METHOD_BYTES, REQUEST_ID_HEADER};
 use crate::telemetry::metrics;
 
 /// The most of an answer handed to hyper at a time: one HTTP/2 frame at its default size. For a
@@ -91,15 +92,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let uri = request.uri().clone();
         let watch = self.watch.clone();
+        let dropped = DroppedUnread::default();
+        request.extensions_mut().insert(dropped.clone());
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
             let call = Call {
                 uri,
                 request_id: response.headers().get(REQUEST_ID_HEADER).cloned(),
+                dropped,
             };
             Ok(response.map(|body| UnreadBody::new(body, call, watch.as_deref())))
         })
@@ -143,6 +147,19 @@ async fn sweep(watch: Weak<Watch>) {
 struct Call {
     uri: Uri,
     request_id: Option<HeaderValue>,
+    dropped: DroppedUnread,
+}
+
+/// In a request's extensions: set when the sweep drops the call's answer, before the layers
+/// inside see their response body dropped, so the request log says the server ended the call
+/// rather than that its client left.
+#[derive(Clone, Default)]
+pub struct DroppedUnread(Arc<AtomicBool>);
+
+impl DroppedUnread {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 trait Stallable: Send + Sync {
@@ -220,11 +237,12 @@ where
                 _ => return false,
             }
         };
+        self.call.dropped.0.store(true, Ordering::Release);
         // Dropped outside the lock: dropping a stream's body stops the work feeding it.
         drop(dropped);
         metrics::response_unread();
         tracing::warn!(
-            method = %crate::error::bounded(self.call.uri.path(), 128),
+            method = %crate::error::bounded(self.call.uri.path(), MAX_METHOD_BYTES),
             request_id = self
                 .call
                 .request_id
@@ -259,7 +277,8 @@ where
         }
         let Some(body) = state.body.as_mut() else {
             return Poll::Ready(Some(Err(
-                "the client read none of the response for server.response_stall_timeout_ms".into(),
+                "the client took nothing more of the response for server.response_stall_timeout_ms"
+                    .into(),
             )));
         };
         let polled = match body.as_mut().poll_frame(cx) {
@@ -315,6 +334,7 @@ mod tests {
         Call {
             uri: Uri::from_static("/lmserve.v1.Inference/Embed"),
             request_id: None,
+            dropped: DroppedUnread::default(),
         }
     }
 
@@ -350,13 +370,17 @@ mod tests {
             bodies: Mutex::new(Vec::new()),
         };
         let answer = Bytes::from(vec![7u8; 3 * CHUNK_BYTES]);
-        let mut body = UnreadBody::new(Full::new(answer), call(), Some(&watch));
+        let call = call();
+        let dropped = call.dropped.clone();
+        let mut body = UnreadBody::new(Full::new(answer), call, Some(&watch));
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first.len(), CHUNK_BYTES);
         let registered = lock(&watch.bodies).pop().unwrap().upgrade().unwrap();
         assert!(!registered.drop_if_stalled(Instant::now(), watch.timeout));
+        assert!(!dropped.is_set());
         let later = Instant::now() + Duration::from_secs(61);
         assert!(registered.drop_if_stalled(later, watch.timeout));
+        assert!(dropped.is_set(), "the request log would blame the client");
         let next = body.frame().await.unwrap();
         assert!(next.is_err(), "a dropped body went on: {next:?}");
     }
