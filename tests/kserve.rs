@@ -517,6 +517,76 @@ async fn a_bare_name_answers_each_task_from_the_newest_version_that_serves_it() 
     );
 }
 
+/// A name whose versions mix generation (the newer) and encoder tasks (the older): its
+/// metadata takes a batch of texts, as the encoder version does, and lists both tasks' inputs
+/// and outputs; each request is answered by the version serving the outputs it asks for.
+#[tokio::test]
+async fn metadata_of_a_name_mixing_generation_and_encoder_versions_takes_a_batch() {
+    let repository = tempfile::tempdir().unwrap();
+    common::copy_version("tiny-encoder", "1", repository.path(), "mixed", "1");
+    common::copy_version("tiny-gpt2", "1", repository.path(), "mixed", "2");
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let mut kserve = client(&server).await;
+    let metadata = |version: &str| ModelMetadataRequest {
+        name: "mixed".into(),
+        version: version.into(),
+    };
+    let shapes = |tensors: &[model_metadata_response::TensorMetadata]| -> Vec<String> {
+        tensors
+            .iter()
+            .map(|t| format!("{} {:?}", t.name, t.shape))
+            .collect()
+    };
+    let both = kserve
+        .model_metadata(metadata(""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shapes(&both.inputs),
+        [
+            "text_input [-1]",
+            "stream [1]",
+            "exclude_input_in_output [1]",
+            "text_pair [-1]"
+        ]
+    );
+    let outputs_named: Vec<&str> = both.outputs.iter().map(|o| o.name.as_str()).collect();
+    for name in ["text_output", "embedding", "probabilities"] {
+        assert!(outputs_named.contains(&name), "{outputs_named:?}");
+    }
+    let generator = kserve
+        .model_metadata(metadata("2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shapes(&generator.inputs),
+        [
+            "text_input [1]",
+            "stream [1]",
+            "exclude_input_in_output [1]"
+        ]
+    );
+
+    // A batch of two texts, as the metadata allows, answered by the encoder version.
+    let mut request = infer("mixed", &["hello", "a second text"], &[]);
+    request.outputs = outputs(&["embedding"]);
+    let embedded = kserve.model_infer(request).await.unwrap().into_inner();
+    assert_eq!(embedded.model_version, "1");
+    assert_eq!(floats_of(&embedded, "embedding").len(), 2 * 128);
+    let generated = kserve
+        .model_infer(infer("mixed", &[PROMPT], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(generated.model_version, "2");
+}
+
 #[tokio::test]
 async fn stream_infer_sends_token_deltas_then_a_final_response() {
     let server = TestServer::start().await;

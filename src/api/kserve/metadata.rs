@@ -230,10 +230,13 @@ pub fn model_metadata(
     let served = served(registry, &target)?;
     let model = served.model.as_deref();
     let generates = served.tasks.contains(&Task::Generate);
+    // One prompt a request when the name serves generation alone; a name whose versions also
+    // embed or classify takes a batch of texts for those, so its shape is dynamic.
+    let one_prompt = served.tasks.iter().all(|task| *task == Task::Generate);
     let mut inputs = vec![tensor(
         TEXT_INPUT,
         BYTES,
-        if generates { &[1] } else { &[DYNAMIC] },
+        if one_prompt { &[1] } else { &[DYNAMIC] },
     )];
     if generates {
         inputs.push(tensor(STREAM_INPUT, BOOL, &[1]));
