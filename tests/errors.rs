@@ -294,15 +294,11 @@ async fn a_model_that_failed_to_load_is_unavailable_and_the_others_serve() {
 
 /// A name is held to `limits.max_name_bytes`, and a version pin comes on top: a model whose
 /// name is at the limit serves by name and pinned to a version, and one byte more is refused.
-/// A model folder whose name is over the limit is reported as failed, not served unreachable.
 #[tokio::test]
 async fn a_model_named_at_the_limit_can_be_pinned_to_a_version() {
     let repository = tempfile::tempdir().unwrap();
     let longest = format!("tiny-encoder-{}", "x".repeat(128 - "tiny-encoder-".len()));
     copy_version("tiny-encoder", "1", repository.path(), &longest, "1");
-    // A folder name one byte longer: the file system allows it, no request could name it.
-    let too_long = format!("{longest}x");
-    copy_version("tiny-encoder", "1", repository.path(), &too_long, "1");
     let server = TestServer::start_with(ServerOptions {
         repository: repository.path().to_owned(),
         ..Default::default()
@@ -323,8 +319,35 @@ async fn a_model_named_at_the_limit_can_be_pinned_to_a_version() {
         Code::InvalidArgument,
         &["model", "129 bytes is over the limit of 128 bytes"],
     );
+}
 
-    // The folder no request could name is reported as failed, with what to do about it.
+/// A file system allows folder names no request could send: longer than
+/// `limits.max_name_bytes`, with control characters, with `@` (a request reads what follows as a
+/// version) or a space at either end (a request is trimmed). Such a folder is reported as failed
+/// with what to change, rather than loaded and held in memory for nothing; the others serve.
+#[tokio::test]
+async fn a_model_folder_no_request_could_name_is_reported_failed() {
+    let repository = tempfile::tempdir().unwrap();
+    let too_long = format!("tiny-encoder-{}", "x".repeat(129 - "tiny-encoder-".len()));
+    let unnameable = [
+        (
+            too_long.as_str(),
+            "129 bytes is over the limit of 128 bytes",
+        ),
+        ("bell\u{7}", "holds control characters"),
+        ("enc@1", "holds `@`"),
+        ("enc@v", "holds `@`"),
+        (" enc", "starts or ends with a space"),
+    ];
+    copy_version("tiny-encoder", "1", repository.path(), "enc", "1");
+    for (name, _) in unnameable {
+        copy_version("tiny-encoder", "1", repository.path(), name, "1");
+    }
+    let server = TestServer::start_with(ServerOptions {
+        repository: repository.path().to_owned(),
+        ..Default::default()
+    })
+    .await;
     let list = server
         .models()
         .await
@@ -332,23 +355,28 @@ async fn a_model_named_at_the_limit_can_be_pinned_to_a_version() {
         .await
         .unwrap()
         .into_inner();
-    let unnameable = list
-        .models
-        .iter()
-        .find(|model| model.name == too_long)
-        .expect("the folder is listed");
-    let version = &unnameable.versions[0];
-    assert_eq!(version.state, LoadState::Failed as i32);
-    for expected in [
-        "no request could name this model",
-        "129 bytes is over the limit of 128 bytes",
-        "rename the folder",
-        "limits.max_name_bytes",
-    ] {
-        assert!(
-            version.load_error.contains(expected),
-            "{}",
-            version.load_error
-        );
+    for (name, why) in unnameable {
+        let listed = list
+            .models
+            .iter()
+            .find(|model| model.name == name)
+            .unwrap_or_else(|| panic!("{name:?} is not listed"));
+        let version = &listed.versions[0];
+        assert_eq!(version.state, LoadState::Failed as i32, "{name:?}");
+        for expected in ["no request could name this model", why, "rename the folder"] {
+            assert!(
+                version.load_error.contains(expected),
+                "{name:?}: {}",
+                version.load_error
+            );
+        }
     }
+    // "enc@1" names version 1 of `enc`, which serves.
+    let response = server
+        .inference()
+        .await
+        .embed(embed("enc@1", vec!["hello".into()]))
+        .await
+        .unwrap();
+    assert_eq!(response.into_inner().served_by.unwrap().model, "enc");
 }

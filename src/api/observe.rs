@@ -1,7 +1,8 @@
 //! What every call leaves behind: a request id (the client's `x-request-id`, else a new one,
 //! returned in the response headers), an `rpc` span that continues the caller's W3C trace
 //! (`traceparent`) and parents every span the call creates, and one request-log line when the
-//! call ends, with its gRPC status read from the trailers (or CANCELLED when the client left).
+//! call ends, with its gRPC status read from the trailers (or CANCELLED when the client left, or
+//! when the server dropped an answer its client stopped reading: `unread`).
 //!
 //! The domain fills in what only it knows (model, version, route, arm, queue time, tokens)
 //! through `telemetry::call::CallRecord`, set around the handler.
@@ -246,7 +247,8 @@ fn percent_decode(text: &str) -> String {
 }
 
 /// Everything needed to write the call's log line once its status is known. Writes it when
-/// finished, or when dropped unfinished (the client went away: CANCELLED).
+/// finished, or when dropped unfinished (CANCELLED: the client went away, or the server dropped
+/// the answer because its client stopped reading it).
 struct CallEnd {
     method: String,
     request_id: String,

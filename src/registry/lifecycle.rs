@@ -466,22 +466,29 @@ fn serves_besides(slots: &[Arc<Slot>], going: &[u64], task: Task) -> bool {
         .any(|model| model.manifest.serves(task))
 }
 
-/// A model name from a client must stay inside the repository folder.
-/// Why no request could name the model in folder `name`, when none could: requests are held to
-/// `limits.max_name_bytes` and may not carry control characters, and a file system allows
-/// longer names than the default limit. Such a folder is reported as failed rather than loaded
-/// and held in memory for nothing.
+/// The reason no request could name the model in folder `name`, or None when one can. A
+/// request's target is held to `limits.max_name_bytes`, may not carry control characters, is
+/// trimmed, and splits at `@` into a name and a version; a file system allows all of these in a
+/// folder name, and names longer than the default limit. Such a folder is reported as failed
+/// rather than loaded and held in memory for nothing.
 fn unnameable(name: &str, limits: &crate::config::LimitsConfig) -> Option<String> {
-    crate::tasks::limits::check_name("its folder name", name, limits)
-        .err()
-        .map(|error| {
+    let reason = match crate::tasks::limits::check_name("its folder name", name, limits) {
+        Err(error) => format!(
+            "{error}; rename the folder, or raise limits.max_name_bytes if the name is too long"
+        ),
+        Ok(()) if !matches!(super::parse_target(name), Ok((parsed, None)) if parsed == name) => {
             format!(
-                "no request could name this model ({error}); rename the folder, or raise \
-                 limits.max_name_bytes if the name is too long"
+                "its folder name {} holds `@` (a request reads what follows as a version) or \
+                 starts or ends with a space (a request is trimmed); rename the folder",
+                crate::error::echo(name)
             )
-        })
+        }
+        Ok(()) => return None,
+    };
+    Some(format!("no request could name this model: {reason}"))
 }
 
+/// A model name from a client must stay inside the repository folder.
 fn check_model_name(name: &str, limits: &crate::config::LimitsConfig) -> Result<()> {
     crate::tasks::limits::check_name("name", name, limits)?;
     if name.is_empty() {
