@@ -87,13 +87,15 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending if this.unary || this.framing.mid_message() => {
-                let deadline = Instant::now() + this.timeout;
-                let stalled = this
-                    .stalled
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                // The clock is read once a wait, not at every poll within it.
                 if !std::mem::replace(&mut this.armed, true) {
-                    stalled.as_mut().reset(deadline);
+                    let deadline = Instant::now() + this.timeout;
+                    match &mut this.stalled {
+                        Some(stalled) => stalled.as_mut().reset(deadline),
+                        None => this.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                 }
+                let stalled = this.stalled.as_mut().expect("armed above");
                 match stalled.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
                         "nothing more of the request arrived for {} ms \
